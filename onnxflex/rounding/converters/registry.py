@@ -1,0 +1,84 @@
+"""Registry of ONNX → torch op converters, keyed by (op_type, since_version).
+
+A converter is a pure function ``fn(node: OpNode, inputs: list[Tensor | None]) -> tuple[Tensor, ...]``:
+it receives the node's inputs in ONNX order (``None`` for an omitted optional input) and returns
+its outputs in ONNX order. It never looks up weights itself: the block interpreter passes every
+input, initializers included, so a rounder can stand in for a weight under the weight's own name.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxflex.errors import RegistryError
+
+Converter = Callable[["OpNode", Sequence[Any]], tuple]
+
+
+@dataclass(frozen=True)
+class OpNode:
+    """What a converter may know about a node: its type, name, tensor names, decoded attributes, opset."""
+
+    op_type: str
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    opset: int
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    domain: str = ""
+
+    @classmethod
+    def from_proto(cls, node: onnx.NodeProto, opset: int) -> "OpNode":
+        attrs = {}
+        for a in node.attribute:
+            value = helper.get_attribute_value(a)
+            if isinstance(value, bytes):
+                value = value.decode()
+            elif isinstance(value, onnx.TensorProto):
+                value = numpy_helper.to_array(value)
+            elif isinstance(value, list) and value and isinstance(value[0], bytes):
+                value = [v.decode() for v in value]
+            attrs[a.name] = value
+        return cls(node.op_type, node.name, tuple(node.input), tuple(node.output), opset, attrs, node.domain)
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return self.attrs.get(name, default)
+
+
+_CONVERTERS: dict[str, list[tuple[int, Converter]]] = {}
+
+
+def converter(op_type: str, since: int = 1) -> Callable[[Converter], Converter]:
+    """Register ``fn`` for ``op_type`` from opset ``since`` until the next registered version."""
+
+    def decorate(fn: Converter) -> Converter:
+        versions = _CONVERTERS.setdefault(op_type, [])
+        if any(v == since for v, _ in versions):
+            raise RegistryError(f"converter ({op_type!r}, since {since}) is registered twice")
+        bisect.insort(versions, (since, fn), key=lambda item: item[0])
+        return fn
+
+    return decorate
+
+
+def find_converter(op_type: str, opset: int, domain: str = "") -> Converter | None:
+    """The converter for ``op_type`` in a model of default-domain ``opset``, or None."""
+    if domain not in ("", "ai.onnx"):
+        return None
+    versions = _CONVERTERS.get(op_type, [])
+    usable = [fn for since, fn in versions if since <= opset]
+    return usable[-1] if usable else None
+
+
+def supported_ops() -> list[str]:
+    return sorted(_CONVERTERS)
+
+
+def numpy_value(t: Any) -> np.ndarray:
+    """A constant input (shape, axes, pads…) as a numpy array, for converters that need Python values."""
+    return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
