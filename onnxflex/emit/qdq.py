@@ -1,0 +1,143 @@
+"""Emit a QDQ model: integer weight initializers with DequantizeLinear, int32 biases, and
+QuantizeLinear/DequantizeLinear pairs on activation quant points, for the target's placement rules.
+
+Each stage takes (model, params, target) and returns the model; stages mutate the copy ``emit`` makes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxflex.graph import NameScope, consumers, default_opset, set_default_opset
+from onnxflex.qparams import QuantParams
+from onnxflex.registry import Registry
+from onnxflex.runtimes.base import Target
+
+Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
+STAGES: Registry[Stage] = Registry("emitter stage")
+ORDER = ("weights", "biases", "activations", "versions")
+NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
+
+
+def emit(model: onnx.ModelProto, params: QuantParams, target: Target) -> onnx.ModelProto:
+    """A new QDQ model from the canonical float ``model``; ``model`` itself is left unchanged."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for name in ORDER:
+        out = STAGES.get(name)(out, params, target)
+    return out
+
+
+def _dq_node(model, scope, base: str, ints: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+             axis: int | None) -> str:
+    """Adds integer/scale/zero-point initializers and a DequantizeLinear; returns its output name."""
+    g = model.graph
+    q_name, s_name, z_name = (scope.unique_name(f"{base}_{s}") for s in ("quantized", "scale", "zero_point"))
+    g.initializer.extend([numpy_helper.from_array(ints, q_name), numpy_helper.from_array(scale, s_name),
+                          numpy_helper.from_array(zero_point, z_name)])
+    out = scope.unique_name(f"{base}_dequantized")
+    attrs = {"axis": axis} if axis is not None else {}
+    g.node.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
+                                   name=scope.unique_name(f"{base}_DequantizeLinear"), **attrs))
+    return out
+
+
+def _replace_initializer_uses(model, old: str, new: str) -> None:
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == old and node.op_type != "DequantizeLinear":
+                node.input[i] = new
+    keep = [t for t in model.graph.initializer if t.name != old]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+@STAGES.register("weights")
+def quantize_weights(model, params, target):
+    """Each quantized weight becomes int8 integers + per-channel DequantizeLinear (symmetric, zp 0)."""
+    scope = NameScope.of(model)
+    for name, qw in params.weights.items():
+        out = _dq_node(model, scope, name, qw.ints.astype(np.int8), qw.scale.astype(np.float32),
+                       qw.zero_point.astype(np.int8), qw.axis)
+        _replace_initializer_uses(model, name, out)
+    return _sorted(model)
+
+
+@STAGES.register("biases")
+def quantize_biases(model, params, target):
+    """Biases of layers with quantized inputs become int32 + DequantizeLinear (scale s_x·s_w, axis 0)."""
+    if not target.int32_bias:
+        return model
+    scope = NameScope.of(model)
+    for name, qb in params.biases.items():
+        out = _dq_node(model, scope, name, qb.ints.astype(np.int32), qb.scale.astype(np.float32),
+                       np.zeros(qb.ints.shape, np.int32), 0)
+        _replace_initializer_uses(model, name, out)
+    return _sorted(model)
+
+
+@STAGES.register("activations")
+def quantize_activations(model, params, target):
+    """A QuantizeLinear → DequantizeLinear pair on each act point; every consumer reads the DQ output.
+    A graph output keeps its name: its producer writes a renamed float tensor instead."""
+    g = model.graph
+    scope = NameScope.of(model)
+    graph_outputs = {o.name for o in g.output}
+    for tensor, act in params.acts.items():
+        source = tensor
+        if tensor in graph_outputs:
+            source = scope.unique_name(f"{tensor}_float")
+            for node in g.node:
+                node.output[:] = [source if o == tensor else o for o in node.output]
+                node.input[:] = [source if i == tensor else i for i in node.input]
+        users = consumers(model).get(source, [])
+        s_name, z_name = scope.unique_name(f"{tensor}_scale"), scope.unique_name(f"{tensor}_zero_point")
+        g.initializer.extend([numpy_helper.from_array(np.array(act.scale, np.float32), s_name),
+                              numpy_helper.from_array(np.array(act.zero_point, NP_OF[act.dtype]), z_name)])
+        q_out = scope.unique_name(f"{tensor}_quantized")
+        dq_out = tensor if tensor in graph_outputs else scope.unique_name(f"{tensor}_dequantized")
+        g.node.extend([
+            helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_out],
+                             name=scope.unique_name(f"{tensor}_QuantizeLinear")),
+            helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
+                             name=scope.unique_name(f"{tensor}_DequantizeLinear"))])
+        for node in users:
+            node.input[:] = [dq_out if i == source else i for i in node.input]
+    return _sorted(model)
+
+
+@STAGES.register("versions")
+def set_versions(model, params, target):
+    """Opset at least the target's minimum; the lowest IR version those opsets need, which every
+    onnxruntime that knows the opsets loads (onnx writes its newest IR by default)."""
+    if default_opset(model) < target.min_opset:
+        set_default_opset(model, target.min_opset)
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    return model
+
+
+def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Nodes in topological order (new Q/DQ nodes were appended at the end)."""
+    g = model.graph
+    produced_by = {o: n for n in g.node for o in n.output if o}
+    done: set[int] = set()
+    order: list[onnx.NodeProto] = []
+    for node in g.node:
+        stack = [(node, False)]
+        while stack:
+            current, expanded = stack.pop()
+            if id(current) in done:
+                continue
+            if expanded:
+                done.add(id(current))
+                order.append(current)
+                continue
+            stack.append((current, True))
+            stack.extend((produced_by[i], False) for i in current.input if i in produced_by
+                         and id(produced_by[i]) not in done)
+    del g.node[:]
+    g.node.extend(order)
+    return model

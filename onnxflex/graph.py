@@ -1,0 +1,127 @@
+"""Model I/O and small graph queries shared by passes, capture and the emitter."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxflex.errors import ModelLoadError
+
+MIN_OPSET = 11
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Load a model from a path (external data resolved beside it) or return a copy of a ModelProto."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        return model
+    path = Path(source)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {str(path)!r} does not exist or is not a file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise ModelLoadError(f"{str(path)!r} is not a readable ONNX model: {exc}") from exc
+    if not model.graph.node:
+        raise ModelLoadError(f"{str(path)!r} has no graph nodes; is it an ONNX model?")
+    return model
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` through a temporary file in the same folder, so no half model is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise ModelLoadError("model imports no default-domain opset; it is not a standard ONNX model")
+
+
+def set_default_opset(model: onnx.ModelProto, version: int) -> None:
+    """Mutates ``model``: sets the default-domain opset import to ``version``."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = version
+            return
+    model.opset_import.add(domain="", version=version)
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)
+
+
+def graph_input_names(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs that are fed at run time (initializers listed as inputs excluded)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name:
+                out.setdefault(name, []).append(node)
+    return out
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: node for node in model.graph.node for o in node.output if o}
+
+
+class NameScope:
+    """Hands out tensor/node names that do not collide with any name already in a graph."""
+
+    def __init__(self, taken: Iterable[str]) -> None:
+        self._taken = set(taken)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "NameScope":
+        g = model.graph
+        names = {n.name for n in g.node} | {t.name for t in g.initializer}
+        names |= {o for n in g.node for o in n.output} | {i.name for i in g.input} | {o.name for o in g.output}
+        names |= {v.name for v in g.value_info}
+        return cls(names)
+
+    def unique_name(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._taken:
+            name = f"{base}_{k}"
+            k += 1
+        self._taken.add(name)
+        return name

@@ -1,0 +1,64 @@
+"""Exported quantization parameters: plain numpy records shared by the torch side and the emitter."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def channel_shape(rank: int, axis: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector along ``axis`` of a rank-``rank`` tensor."""
+    return tuple(-1 if d == axis else 1 for d in range(rank))
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight as the emitter writes it: ``w ≈ (ints - zero_point) * scale`` along ``axis``.
+
+    ints: int8 array with the weight's shape (values within ``bits``); scale: float32 [channels];
+    zero_point: int8 [channels] (zeros for symmetric weights).
+    """
+
+    ints: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+    bits: int
+
+    def dequantize(self) -> np.ndarray:
+        shape = channel_shape(self.ints.ndim, self.axis)
+        zp = self.zero_point.astype(np.float32).reshape(shape)
+        return ((self.ints.astype(np.float32) - zp) * self.scale.reshape(shape)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class QuantizedBias:
+    """An int32 bias with per-channel step ``scale`` = input step × weight step (zero point 0)."""
+
+    ints: np.ndarray
+    scale: np.ndarray
+
+
+@dataclass(frozen=True)
+class ActParams:
+    scale: float
+    zero_point: int
+    dtype: int  # onnx.TensorProto.UINT8 or INT8
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Everything the emitter needs, keyed by ONNX names (weight initializer, bias initializer, tensor)."""
+
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    biases: dict[str, QuantizedBias] = field(default_factory=dict)
+    acts: dict[str, ActParams] = field(default_factory=dict)
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference`` in dB (inf when equal)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    noise = float(np.sum((ref - np.asarray(test, dtype=np.float64)) ** 2))
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * float(np.log10(max(float(np.sum(ref ** 2)), 1e-30) / noise))

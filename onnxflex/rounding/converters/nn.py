@@ -1,0 +1,412 @@
+"""Neural-network layer converters: convolutions, matrix products, pools, normalizations, Resize, Pad.
+
+Spatial ops take N×C×D1×…×Dn inputs with n = 1, 2 or 3. Pads that torch cannot express (asymmetric,
+or wider than half a window) are applied with ``F.pad`` first, so every ONNX padding works.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from onnxflex.rounding.converters.registry import OpNode, converter, numpy_value
+
+Tensor = torch.Tensor
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _unsupported(node: OpNode, what: str) -> NotImplementedError:
+    # Kept per module until registry.py offers a shared helper.
+    return NotImplementedError(f"{node.op_type} node {node.name!r} (opset {node.opset}): {what} is not supported")
+
+
+def _ints(t: Tensor | Sequence[int] | None) -> list[int] | None:
+    """A constant int input or attribute as Python ints (numpy scalars overflow torch's int args)."""
+    return None if t is None else [int(v) for v in numpy_value(t).reshape(-1)]
+
+
+def _optional(inputs: Sequence[Tensor | None], i: int) -> Tensor | None:
+    """Input ``i``, or None when the node omits it."""
+    return inputs[i] if len(inputs) > i else None
+
+
+def _spatial_rank(node: OpNode, x: Tensor) -> int:
+    if x.dim() - 2 not in _CONV:
+        raise _unsupported(node, f"input of rank {x.dim()} (only 1-D, 2-D and 3-D spatial)")
+    return x.dim() - 2
+
+
+# --- window geometry -----------------------------------------------------------------------------
+
+
+def _flat_pads(begins: Sequence[int], ends: Sequence[int]) -> list[int]:
+    """Per-axis (begin, end) pads in F.pad's order: last axis first."""
+    return [p for b, e in reversed(list(zip(begins, ends))) for p in (b, e)]
+
+
+def _same_pads(node: OpNode, size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """(begin, end) pads making the output ceil(size / stride) long; SAME_UPPER puts the odd pad at the end."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    small, big = total // 2, total - total // 2
+    return (small, big) if node.attr("auto_pad") == "SAME_UPPER" else (big, small)
+
+
+def _window(node: OpNode, x: Tensor, kernel: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """strides, dilations, pad begins and pad ends of a Conv or pool window, auto_pad resolved."""
+    n = len(kernel)
+    strides = _ints(node.attr("strides")) or [1] * n
+    dilations = _ints(node.attr("dilations")) or [1] * n
+    auto_pad = node.attr("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pairs = [_same_pads(node, *args) for args in zip(x.shape[2:], kernel, strides, dilations)]
+        return strides, dilations, [b for b, _ in pairs], [e for _, e in pairs]
+    if auto_pad == "VALID":
+        return strides, dilations, [0] * n, [0] * n
+    if auto_pad != "NOTSET":
+        raise _unsupported(node, f"auto_pad={auto_pad!r}")
+    pads = _ints(node.attr("pads")) or [0] * (2 * n)
+    return strides, dilations, pads[:n], pads[n:]
+
+
+def _torch_pads(kernel: Sequence[int], dilations: Sequence[int], begins: Sequence[int],
+                ends: Sequence[int]) -> bool:
+    """Whether torch's own symmetric padding (at most half the dilated window) can express the pads."""
+    return begins == ends and all(2 * p <= (k - 1) * d + 1 for p, k, d in zip(begins, kernel, dilations))
+
+
+# --- convolutions and matrix products ------------------------------------------------------------
+
+
+@converter("Conv", since=1)
+def conv(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """N-D convolution of X (N×C×…) by W (M×C/group×k…) plus optional B (M); all pad forms."""
+    x, w, b = inputs[0], inputs[1], _optional(inputs, 2)
+    n = _spatial_rank(node, x)
+    strides, dilations, begins, ends = _window(node, x, w.shape[2:])
+    padding: list[int] | int = begins
+    if begins != ends:
+        x, padding = F.pad(x, _flat_pads(begins, ends)), 0
+    return (_CONV[n](x, w, b, strides, padding, dilations, int(node.attr("group", 1))),)
+
+
+def _transpose_pads(node: OpNode, x: Tensor, kernel: Sequence[int], strides: Sequence[int],
+                    dilations: Sequence[int], output_padding: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Pad begins and ends of a ConvTranspose, derived from output_shape or auto_pad SAME when given."""
+    n, auto_pad = len(kernel), node.attr("auto_pad", "NOTSET")
+    output_shape = _ints(node.attr("output_shape"))
+    if output_shape is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        output_shape = [size * s for size, s in zip(x.shape[2:], strides)]
+    if output_shape is None:
+        if auto_pad == "VALID":
+            return [0] * n, [0] * n
+        pads = _ints(node.attr("pads")) or [0] * (2 * n)
+        return pads[:n], pads[n:]
+    full = [s * (size - 1) + op + (k - 1) * d + 1
+            for size, s, op, k, d in zip(x.shape[2:], strides, output_padding, kernel, dilations)]
+    totals = [f - o for f, o in zip(full, output_shape[-n:])]
+    # As the spec and onnxruntime do: the odd pad goes at the end for SAME_UPPER, else at the start.
+    if auto_pad == "SAME_UPPER":
+        return [t // 2 for t in totals], [t - t // 2 for t in totals]
+    return [t - t // 2 for t in totals], [t // 2 for t in totals]
+
+
+@converter("ConvTranspose", since=1)
+def conv_transpose(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """N-D transposed convolution; W is C×M/group×k…; pads crop the full output, output_shape honoured."""
+    x, w, b = inputs[0], inputs[1], _optional(inputs, 2)
+    n = _spatial_rank(node, x)
+    kernel = list(w.shape[2:])
+    strides = _ints(node.attr("strides")) or [1] * n
+    dilations = _ints(node.attr("dilations")) or [1] * n
+    output_padding = _ints(node.attr("output_padding")) or [0] * n
+    begins, ends = _transpose_pads(node, x, kernel, strides, dilations, output_padding)
+    y = _CONV_TRANSPOSE[n](x, w, None, strides, 0, output_padding, int(node.attr("group", 1)), dilations)
+    # Negative F.pad crops; a positive one (output_shape beyond the full output) grows with zeros.
+    y = F.pad(y, _flat_pads([-p for p in begins], [-p for p in ends]))
+    return (y if b is None else y + b.reshape([1, -1] + [1] * n),)
+
+
+@converter("Gemm", since=1)
+def gemm(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """alpha * A' @ B' + beta * C with A', B' optionally transposed (2-D) and C broadcast and optional."""
+    a, b, c = inputs[0], inputs[1], _optional(inputs, 2)
+    alpha, beta = float(node.attr("alpha", 1.0)), float(node.attr("beta", 1.0))
+    a = a.t() if node.attr("transA", 0) else a
+    b = b.t() if node.attr("transB", 0) else b
+    y = a @ b if alpha == 1.0 else alpha * (a @ b)
+    if c is not None:
+        y = y + (c if beta == 1.0 else beta * c)
+    return (y,)
+
+
+@converter("MatMul", since=1)
+def matmul(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """numpy.matmul: 1-D operands promoted and squeezed, batch dims broadcast."""
+    return (torch.matmul(inputs[0], inputs[1]),)
+
+
+# --- pools ---------------------------------------------------------------------------------------
+
+
+@converter("MaxPool", since=1)
+def max_pool(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Max pool with kernel_shape, strides, pads/auto_pad, dilations, ceil_mode; the Indices output is unsupported."""
+    if len(node.outputs) > 1 and node.outputs[1]:
+        raise _unsupported(node, "output 1 (Indices)")
+    x = inputs[0]
+    n = _spatial_rank(node, x)
+    kernel = _ints(node.attr("kernel_shape"))
+    strides, dilations, begins, ends = _window(node, x, kernel)
+    ceil_mode = bool(node.attr("ceil_mode", 0))
+    if _torch_pads(kernel, dilations, begins, ends):
+        return (_MAX_POOL[n](x, kernel, strides, begins, dilations, ceil_mode),)
+    x = F.pad(x, _flat_pads(begins, ends), value=float("-inf"))
+    return (_MAX_POOL[n](x, kernel, strides, 0, dilations, ceil_mode),)
+
+
+@converter("AveragePool", since=1)
+def average_pool(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Average pool with kernel_shape, strides, pads/auto_pad, ceil_mode, count_include_pad (default 0).
+
+    Dilations other than 1 (opset 19) are unsupported.
+    """
+    x = inputs[0]
+    n = _spatial_rank(node, x)
+    kernel = _ints(node.attr("kernel_shape"))
+    strides, dilations, begins, ends = _window(node, x, kernel)
+    if any(d != 1 for d in dilations):
+        raise _unsupported(node, f"dilations={dilations}")
+    ceil_mode, include_pad = bool(node.attr("ceil_mode", 0)), bool(node.attr("count_include_pad", 0))
+    pool = _AVG_POOL[n]
+    if _torch_pads(kernel, dilations, begins, ends):
+        return (pool(x, kernel, strides, begins, ceil_mode, include_pad),)
+    flat = _flat_pads(begins, ends)
+    y = pool(F.pad(x, flat), kernel, strides, 0, ceil_mode)
+    if include_pad:
+        return (y,)
+    # Both pools divide by the same window size, so the ratio is sum(x) / count(real elements).
+    ones = F.pad(torch.ones_like(x[:1, :1]), flat)
+    return (y / pool(ones, kernel, strides, 0, ceil_mode),)
+
+
+@converter("GlobalAveragePool", since=1)
+def global_average_pool(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Mean over all spatial axes, kept as size 1."""
+    x = inputs[0]
+    return (x.mean(dim=tuple(range(2, x.dim())), keepdim=True),)
+
+
+@converter("GlobalMaxPool", since=1)
+def global_max_pool(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Max over all spatial axes, kept as size 1."""
+    x = inputs[0]
+    return (x.amax(dim=tuple(range(2, x.dim())), keepdim=True),)
+
+
+# --- softmax -------------------------------------------------------------------------------------
+
+
+def _coerced_2d(x: Tensor, axis: int, fn: Callable[..., Tensor]) -> Tensor:
+    """``fn`` over x viewed as 2-D (prod(shape[:axis]), prod(shape[axis:])), as opsets < 13 define it."""
+    axis = axis + x.dim() if axis < 0 else axis
+    flat = x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+    return fn(flat, dim=1).reshape(x.shape)
+
+
+@converter("Softmax", since=1)
+def softmax_2d(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Softmax over all axes from ``axis`` (default 1) together (opsets 1–12)."""
+    return (_coerced_2d(inputs[0], int(node.attr("axis", 1)), F.softmax),)
+
+
+@converter("Softmax", since=13)
+def softmax(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Softmax along ``axis`` (default -1)."""
+    return (F.softmax(inputs[0], dim=int(node.attr("axis", -1))),)
+
+
+@converter("LogSoftmax", since=1)
+def log_softmax_2d(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """LogSoftmax over all axes from ``axis`` (default 1) together (opsets 1–12)."""
+    return (_coerced_2d(inputs[0], int(node.attr("axis", 1)), F.log_softmax),)
+
+
+@converter("LogSoftmax", since=13)
+def log_softmax(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """LogSoftmax along ``axis`` (default -1)."""
+    return (F.log_softmax(inputs[0], dim=int(node.attr("axis", -1))),)
+
+
+# --- normalizations ------------------------------------------------------------------------------
+
+
+@converter("BatchNormalization", since=1)
+def batch_normalization(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Inference form: scale * (X - mean) / sqrt(var + epsilon) + B per channel (axis 1); output Y only."""
+    if node.attr("training_mode", 0) or any(node.outputs[1:]):
+        raise _unsupported(node, "training mode (outputs beyond Y)")
+    x, scale, bias, mean, var = inputs[:5]
+    eps = float(node.attr("epsilon", 1e-5))
+    return (F.batch_norm(x, mean, var, scale, bias, training=False, eps=eps),)
+
+
+@converter("LayerNormalization", since=17)
+def layer_normalization(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Normalize over axes [axis, rank) (axis default -1), then * Scale + B (broadcast).
+
+    Returns Y, Mean and InvStdDev (keepdims) as far as the node lists outputs.
+    """
+    x, scale, bias = inputs[0], inputs[1], _optional(inputs, 2)
+    axis = int(node.attr("axis", -1)) % x.dim()
+    dims = tuple(range(axis, x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    centered = x - mean
+    inv_std = torch.rsqrt(centered.square().mean(dim=dims, keepdim=True) + float(node.attr("epsilon", 1e-5)))
+    y = centered * inv_std * scale
+    y = y if bias is None else y + bias
+    return (y, mean, inv_std)[: max(len(node.outputs), 1)]
+
+
+# --- Resize --------------------------------------------------------------------------------------
+
+_NEAREST = {
+    "round_prefer_floor": lambda c: np.ceil(c - 0.5),
+    "round_prefer_ceil": lambda c: np.floor(c + 0.5),
+    "floor": np.floor,
+    "ceil": np.ceil,
+}
+
+
+def _source_coords(mode: str, out_len: int, in_len: int, scale: np.float32) -> np.ndarray | None:
+    """Input coordinate (float32, like onnxruntime) of each output index; None for an unknown mode."""
+    x = np.arange(out_len, dtype=np.float32)
+    if mode == "asymmetric":
+        return x / scale
+    if mode == "half_pixel":
+        return (x + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (x + 0.5) / scale - 0.5 if out_len > 1 else np.zeros_like(x)
+    if mode == "align_corners":
+        return x * np.float32(in_len - 1) / np.float32(out_len - 1) if out_len > 1 else np.zeros_like(x)
+    if mode == "tf_half_pixel_for_nn":
+        return (x + 0.5) / scale
+    return None
+
+
+def _resize_axis(x: Tensor, axis: int, coords: np.ndarray, mode: str, nearest_mode: str) -> Tensor:
+    """Sample x along ``axis`` at ``coords``: nearest index, or linear between the two neighbours."""
+    in_len = x.shape[axis]
+    if mode == "nearest":
+        index = np.clip(_NEAREST[nearest_mode](coords), 0, in_len - 1).astype(np.int64)
+        if np.array_equal(index, np.arange(in_len)):
+            return x
+        return x.index_select(axis, torch.from_numpy(index))
+    coords = np.clip(coords, 0, in_len - 1)
+    if np.array_equal(coords, np.arange(in_len)):
+        return x
+    low = np.floor(coords).astype(np.int64)
+    high = np.minimum(low + 1, in_len - 1)
+    shape = [-1 if d == axis else 1 for d in range(x.dim())]
+    w = torch.from_numpy(coords - low).to(x.dtype).reshape(shape)
+    return x.index_select(axis, torch.from_numpy(low)) * (1 - w) + x.index_select(axis, torch.from_numpy(high)) * w
+
+
+def _resize_check(node: OpNode) -> tuple[str, str, str]:
+    """(mode, coordinate_transformation_mode, nearest_mode), or NotImplementedError naming what is not."""
+    mode = node.attr("mode", "nearest")
+    coord_mode = node.attr("coordinate_transformation_mode", "half_pixel")
+    nearest_mode = node.attr("nearest_mode", "round_prefer_floor")
+    if mode not in ("nearest", "linear"):
+        raise _unsupported(node, f"mode={mode!r} (only nearest and linear)")
+    if _source_coords(coord_mode, 1, 1, np.float32(1)) is None:
+        raise _unsupported(node, f"coordinate_transformation_mode={coord_mode!r}")
+    if mode == "nearest" and nearest_mode not in _NEAREST:
+        raise _unsupported(node, f"nearest_mode={nearest_mode!r}")
+    if node.attr("antialias", 0):
+        raise _unsupported(node, "antialias=1")
+    if node.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise _unsupported(node, f"keep_aspect_ratio_policy={node.attr('keep_aspect_ratio_policy')!r}")
+    return mode, coord_mode, nearest_mode
+
+
+@converter("Resize", since=11)
+def resize(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Resize X by ``scales`` (out = floor(in * scale)) or to ``sizes``, over ``axes`` (opset 18) or all.
+
+    Modes nearest and linear (per-axis, so bilinear on NCHW) with coordinate modes asymmetric,
+    half_pixel, pytorch_half_pixel, align_corners, tf_half_pixel_for_nn. Cubic, tf_crop_and_resize,
+    antialias and keep_aspect_ratio_policy are unsupported.
+    """
+    mode, coord_mode, nearest_mode = _resize_check(node)
+    x, scales, sizes = inputs[0], _optional(inputs, 2), _optional(inputs, 3)
+    axes = [a % x.dim() for a in node.attr("axes") or range(x.dim())]
+    in_lens = [x.shape[a] for a in axes]
+    if sizes is not None and sizes.numel():
+        out_lens = _ints(sizes)
+        factors = [np.float32(o) / np.float32(i) for o, i in zip(out_lens, in_lens)]
+    else:
+        factors = [np.float32(s) for s in numpy_value(scales).reshape(-1)]
+        out_lens = [int(np.floor(np.float32(i) * f)) for i, f in zip(in_lens, factors)]
+    for axis, in_len, out_len, factor in zip(axes, in_lens, out_lens, factors):
+        coords = _source_coords(coord_mode, out_len, in_len, factor)
+        x = _resize_axis(x, axis, coords, mode, nearest_mode)
+    return (x,)
+
+
+# --- Pad -----------------------------------------------------------------------------------------
+
+
+def _reflect(index: np.ndarray, size: int) -> np.ndarray:
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    folded = np.mod(index, period)
+    return np.where(folded >= size, period - folded, folded)
+
+
+# mode → source index along an axis of ``size`` for each (possibly out-of-range) output position.
+_PAD_INDEX: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+    "reflect": _reflect,
+    "edge": lambda index, size: np.clip(index, 0, size - 1),
+    "wrap": lambda index, size: np.mod(index, size),
+}
+
+
+def _pad(node: OpNode, x: Tensor, pads: list[int], value: float | int, axes: list[int] | None) -> Tensor:
+    """Pad x by ``pads`` = [begins…, ends…] over ``axes`` (all when None); negative pads crop."""
+    mode = node.attr("mode", "constant")
+    axes = [a % x.dim() for a in axes] if axes else list(range(x.dim()))
+    begins, ends = [0] * x.dim(), [0] * x.dim()
+    for axis, begin, end in zip(axes, pads[: len(axes)], pads[len(axes):]):
+        begins[axis], ends[axis] = begin, end
+    if mode == "constant":
+        return F.pad(x, _flat_pads(begins, ends), value=value)
+    if mode not in _PAD_INDEX:
+        raise _unsupported(node, f"mode={mode!r}")
+    for axis, (begin, end) in enumerate(zip(begins, ends)):
+        if begin or end:
+            index = _PAD_INDEX[mode](np.arange(-begin, x.shape[axis] + end), x.shape[axis])
+            x = x.index_select(axis, torch.from_numpy(index.astype(np.int64)))
+    return x
+
+
+@converter("Pad", since=2)
+def pad_attrs(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Pad with attributes pads, mode and value (opsets 2–10)."""
+    return (_pad(node, inputs[0], _ints(node.attr("pads")), float(node.attr("value", 0.0)), None),)
+
+
+@converter("Pad", since=11)
+def pad(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Pad with inputs pads, optional constant_value and (opset 18) axes; modes constant, reflect, edge, wrap."""
+    value = _optional(inputs, 2)
+    value = 0 if value is None else numpy_value(value).reshape(-1)[0].item()
+    return (_pad(node, inputs[0], _ints(inputs[1]), value, _ints(_optional(inputs, 3))),)

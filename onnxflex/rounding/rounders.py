@@ -1,0 +1,128 @@
+"""Weight rounders: round-to-nearest and FlexRound, behind one interface.
+
+Every rounder holds one float weight and its quantization grid (signed ``bits``, symmetric, one step
+per output channel along ``axis``), and offers:
+  fake_quant() -> Tensor   the quantized-then-dequantized weight, differentiable (straight-through);
+  param_groups()           [(parameters, learning-rate name)] for the reconstruction optimiser;
+  export() -> QuantizedWeight   the integers and scales that reproduce fake_quant() exactly.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+
+from onnxflex.registry import Registry
+from onnxflex.qparams import QuantizedWeight, channel_shape
+from onnxflex.rounding.quant import round_ste, signed_range
+
+ROUNDERS: Registry[type] = Registry("rounding method")
+
+GRID = torch.linspace(0.5, 1.0, 21)
+
+
+def init_weight_scale(w: torch.Tensor, axis: int, bits: int, search: str) -> torch.Tensor:
+    """Per-channel step [C]: max|w|/qmax, or the clip ratio on a grid that minimises squared error."""
+    qmin, qmax = signed_range(bits)
+    dims = [d for d in range(w.ndim) if d != axis]
+    absmax = w.abs().amax(dim=dims).clamp_min(1e-12) if dims else w.abs().clamp_min(1e-12)
+    if search == "minmax":
+        return absmax / qmax
+    shape = channel_shape(w.ndim, axis)
+    best_err, best = None, absmax / qmax
+    for ratio in GRID.tolist():
+        s = (absmax * ratio / qmax).reshape(shape)
+        err = ((torch.clamp(torch.round(w / s), qmin, qmax) * s - w) ** 2).sum(dim=dims) if dims else \
+            (torch.clamp(torch.round(w / s), qmin, qmax) * s - w) ** 2
+        if best_err is None:
+            best_err, best = err, s.reshape(-1).clone()
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, s.reshape(-1), best)
+    return best
+
+
+class Rounder(torch.nn.Module):
+    """Shared state: the float weight (a buffer, never trained), bits, axis and the integer range."""
+
+    def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse") -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().float().clone())
+        self.axis, self.bits = axis, bits
+        self.qmin, self.qmax = signed_range(bits)
+        self.shape = channel_shape(weight.ndim, axis)
+        self.register_buffer("init_scale", init_weight_scale(self.weight, axis, bits, scale_search))
+
+    def param_groups(self) -> list[tuple[list[torch.nn.Parameter], str]]:
+        return []
+
+    def scale(self) -> torch.Tensor:
+        return self.init_scale
+
+    def integers(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fake_quant(self) -> torch.Tensor:
+        return self.integers() * self.scale().reshape(self.shape)
+
+    @torch.no_grad()
+    def export(self) -> QuantizedWeight:
+        ints = torch.round(self.integers()).to(torch.int8).cpu().numpy()
+        scale = self.scale().detach().float().cpu().numpy().astype(np.float32)
+        return QuantizedWeight(ints, scale, np.zeros_like(scale, dtype=np.int8), self.axis, self.bits)
+
+
+@ROUNDERS.register("rtn")
+class RTNRounder(Rounder):
+    """q = clamp(round(W / s)), s from min/max or the MSE grid; nothing is learned."""
+
+    def integers(self) -> torch.Tensor:
+        return torch.clamp(torch.round(self.weight / self.init_scale.reshape(self.shape)), self.qmin, self.qmax)
+
+
+@ROUNDERS.register("flexround")
+class FlexRounder(Rounder):
+    """FlexRound: Ŵ = s1 · clamp(round_STE(W / exp(δ1 + δ2 + δ3 + δ4))), s1 = exp(δ1).
+
+    δ1 [C] starts at log of the RTN step; δ2 (weight-shaped), δ3 (per output channel) and δ4 (per
+    input channel, Conv weights only) start at 0, so the first forward equals RTN. Dividing by a
+    learned element-wise scale makes the update of δ2 proportional to |W| (the reciprocal rule).
+    """
+
+    def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse") -> None:
+        super().__init__(weight, axis, bits, scale_search)
+        self.delta1 = torch.nn.Parameter(torch.log(self.init_scale.clone()))
+        self.delta2 = torch.nn.Parameter(torch.zeros_like(self.weight))
+        self.delta3 = torch.nn.Parameter(torch.zeros([weight.shape[axis] if d == axis else 1
+                                                      for d in range(weight.ndim)]))
+        self.has_delta4 = weight.ndim > 2 and axis == 0
+        in_shape = [weight.shape[1] if d == 1 else 1 for d in range(weight.ndim)]
+        self.delta4 = torch.nn.Parameter(torch.zeros(in_shape), requires_grad=self.has_delta4)
+
+    def param_groups(self):
+        deltas = [self.delta2, self.delta3] + ([self.delta4] if self.has_delta4 else [])
+        return [([self.delta1], "scale_lr"), (deltas, "lr")]
+
+    def scale(self) -> torch.Tensor:
+        return torch.exp(self.delta1)
+
+    def divisor(self) -> torch.Tensor:
+        exponent = self.delta1.reshape(self.shape) + self.delta2 + self.delta3
+        if self.has_delta4:
+            exponent = exponent + self.delta4
+        return torch.exp(exponent)
+
+    def integers(self) -> torch.Tensor:
+        return torch.clamp(round_ste(self.weight / self.divisor()), self.qmin, self.qmax)
+
+
+def make_rounder(method: str, weight: torch.Tensor, axis: int, bits: int, scale_search: str) -> Rounder:
+    return ROUNDERS.get(method)(weight, axis, bits, scale_search)
+
+
+def bits_fit(q: np.ndarray, bits: int) -> bool:
+    lo, hi = signed_range(bits)
+    return bool(q.min() >= lo and q.max() <= hi) if q.size else True
+
+

@@ -1,0 +1,220 @@
+"""canonicalize: one predictable graph shape for every later pass.
+
+Upgrades opsets below 13 (per-channel DequantizeLinear needs 13), names every node uniquely, turns
+Constant nodes into initializers, drops Identity/Dropout, folds nodes whose inputs are all constant
+(weights fed through Transpose/Cast/Reshape become plain initializers), folds Shape of static shapes,
+gives each weighted node its own copy of a shared weight, sorts topologically and infers shapes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper, shape_inference, version_converter
+from onnx.reference import ReferenceEvaluator
+
+from onnxflex.errors import UnsupportedModelError
+from onnxflex.graph import MIN_OPSET, NameScope, default_opset
+from onnxflex.passes.pipeline import PASSES, PassContext
+
+QDQ_MIN_OPSET = 13
+NOT_FOLDED = {"QuantizeLinear", "DequantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike",
+              "RandomUniformLike", "Multinomial", "If", "Loop", "Scan", "Bernoulli"}
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+FOLD_LIMIT_BYTES = 256 << 20
+
+
+@PASSES.register("canonicalize")
+def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    model = _upgrade_opset(model, ctx)
+    _name_nodes(model)
+    _drop_initializer_inputs(model)
+    _constants_to_initializers(model)
+    _remove_identities(model)
+    model = _infer(model)
+    _fold_constants(model)
+    _untie_shared_weights(model)
+    model = _cleanup_and_sort(model)
+    return _infer(model)
+
+
+def _upgrade_opset(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    opset = default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"model opset {opset} is below {MIN_OPSET}, the oldest onnxflex accepts; re-export it with "
+            f"opset >= {QDQ_MIN_OPSET} or convert it with onnx.version_converter.convert_version(model, 13)")
+    if opset > newest:
+        raise UnsupportedModelError(
+            f"model opset {opset} is newer than the installed onnx knows ({newest}); upgrade the onnx package")
+    if opset >= QDQ_MIN_OPSET:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, QDQ_MIN_OPSET)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"model opset {opset} must be upgraded to {QDQ_MIN_OPSET} for per-channel DequantizeLinear, "
+            f"and onnx's version converter failed: {exc}; re-export the model with opset >= 13") from exc
+    ctx.warnings.append(f"upgraded the model from opset {opset} to {QDQ_MIN_OPSET} (per-channel Q/DQ needs 13)")
+    return upgraded
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Mutates: empty or repeated node names become unique names derived from the op type."""
+    scope = NameScope(n.name for n in model.graph.node if n.name)
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if not node.name or node.name in seen:
+            node.name = scope.unique_name(node.op_type)
+        seen.add(node.name)
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Mutates: initializers listed as graph inputs (old IR style) are treated as constants."""
+    inits = {t.name for t in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> None:
+    g = model.graph
+    keep = []
+    for node in g.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            value = _constant_value(node)
+            if value is not None:
+                g.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                continue
+        keep.append(node)
+    del g.node[:]
+    g.node.extend(keep)
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    attr = node.attribute[0]
+    if attr.name in ("sparse_value",):
+        return None
+    return ReferenceEvaluator(node).run(None, {})[0]
+
+
+def _remove_identities(model: onnx.ModelProto) -> None:
+    """Mutates: Identity and inference-mode Dropout nodes are bypassed and removed."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    for node in [n for n in g.node if n.op_type in ("Identity", "Dropout")]:
+        if node.op_type == "Dropout" and (len(node.output) > 1 and node.output[1]):
+            continue  # the mask is consumed; leave it to the converter
+        src, dst = node.input[0], node.output[0]
+        if dst in outputs:
+            if src in outputs or src in {i.name for i in g.input} or src in {t.name for t in g.initializer}:
+                continue
+            _rename_tensor(g, src, dst)
+        else:
+            _rename_tensor(g, dst, src)
+        g.node.remove(node)
+
+
+def _rename_tensor(g: onnx.GraphProto, old: str, new: str) -> None:
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference is a convenience; a model it cannot handle still quantizes
+        return model
+
+
+def _fold_constants(model: onnx.ModelProto) -> None:
+    """Mutates: evaluates nodes whose inputs are all constant (and Shape of static shapes) once."""
+    g = model.graph
+    consts = {t.name: t for t in g.initializer}
+    static = _static_shapes(model)
+    keep = []
+    for node in g.node:
+        values = _try_fold(node, consts, static)
+        if values is None:
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, values):
+            tensor = numpy_helper.from_array(np.asarray(value), name)
+            g.initializer.append(tensor)
+            consts[name] = tensor
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    unused = [t for t in g.initializer if t.name not in used]
+    for t in unused:
+        g.initializer.remove(t)
+
+
+def _try_fold(node, consts, static) -> list[np.ndarray] | None:
+    if node.op_type in NOT_FOLDED or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Shape" and node.input[0] in static:
+        shape = np.array(static[node.input[0]], dtype=np.int64)
+        attrs = {a.name: a.i for a in node.attribute}
+        return [shape[attrs.get("start", 0):attrs.get("end", len(shape))]]
+    names = [i for i in node.input if i]
+    if not names or not all(i in consts for i in names):
+        return None
+    feeds = {i: numpy_helper.to_array(consts[i]) for i in names}
+    if sum(v.nbytes for v in feeds.values()) > FOLD_LIMIT_BYTES:
+        return None
+    try:
+        return list(ReferenceEvaluator(node).run(None, feeds))
+    except Exception:
+        return None
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    shapes = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            shapes[vi.name] = [d.dim_value for d in t.shape.dim]
+    return shapes
+
+
+def _untie_shared_weights(model: onnx.ModelProto) -> None:
+    """Mutates: a weight initializer read by several weighted nodes gets one copy per node."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    scope = NameScope.of(model)
+    seen: set[str] = set()
+    for node in g.node:
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        name = node.input[1]
+        if name in seen or _read_elsewhere(g, name, node):
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[name])
+            copy.name = scope.unique_name(f"{name}_{node.name}")
+            g.initializer.append(copy)
+            node.input[1] = copy.name
+        seen.add(node.input[1])
+
+
+def _read_elsewhere(g: onnx.GraphProto, name: str, node: onnx.NodeProto) -> bool:
+    return any(name in n.input for n in g.node if n is not node and n.op_type not in WEIGHTED_OPS)
+
+
+def _cleanup_and_sort(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    return out

@@ -1,0 +1,83 @@
+"""select: which weighted nodes get quantized weights and which tensors get activation Q/DQ."""
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from onnxflex.blocks import QuantLayer
+from onnxflex.config import QuantConfig
+from onnxflex.graph import consumers, graph_input_names
+from onnxflex.runtimes.base import Target
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def select_layers(model: onnx.ModelProto, target: Target, config: QuantConfig) -> tuple[QuantLayer, ...]:
+    """The weighted nodes with a constant weight that the config does not exclude, in graph order."""
+    inits = {t.name: t for t in model.graph.initializer}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in target.weighted_ops or node.name in config.exclude_nodes:
+            continue
+        if node.op_type in config.exclude_op_types or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        if weight.data_type not in FLOAT_TYPES:
+            continue
+        axis = _channel_axis(node, len(weight.dims))
+        if axis is None:
+            continue
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        layers.append(QuantLayer(node.name, node.op_type, weight.name, axis, node.input[0], bias))
+    return tuple(layers)
+
+
+def _channel_axis(node: onnx.NodeProto, rank: int) -> int | None:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    if node.op_type == "MatMul" and rank == 2:
+        return 1
+    return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], target: Target,
+                      config: QuantConfig) -> tuple[str, ...]:
+    """Tensors that get Q/DQ: every layer's activation input and, for fusing targets, its output
+    (taken after a single following activation in ``target.absorb``). Empty for weight-only runs."""
+    if config.abits == 0:
+        return ()
+    users = consumers(model)
+    outputs = {o.name for o in model.graph.output}
+    float_tensors = _float_tensors(model)
+    by_name = {n.name: n for n in model.graph.node}
+    points: list[str] = []
+    for layer in layers:
+        node = by_name[layer.node]
+        candidates = [layer.input]
+        if target.quantize_outputs:
+            out = node.output[0]
+            follow = users.get(out, [])
+            if out not in outputs and len(follow) == 1 and follow[0].op_type in target.absorb:
+                out = follow[0].output[0]
+            candidates.append(out)
+        points += [t for t in candidates if t in float_tensors and t not in points]
+    return tuple(points)
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors known to be float (from inputs and inferred value_info); unknown types count as float."""
+    g = model.graph
+    typed = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    names = set(graph_input_names(model)) | {o for n in g.node for o in n.output}
+    return {n for n in names if typed.get(n, onnx.TensorProto.FLOAT) in FLOAT_TYPES}

@@ -1,0 +1,14 @@
+"""onnxruntime target (CPU and CUDA execution providers).
+
+Weights int8 symmetric per output channel, activations uint8 per tensor, Q/DQ around every weighted op
+and an int32 bias through DequantizeLinear, so that the QDQ optimizer of onnxruntime fuses
+DQ → Conv/Gemm/MatMul → Q into QLinearConv / QGemm / QLinearMatMul.
+"""
+from __future__ import annotations
+
+from onnxflex.runtimes.base import TARGETS, Target
+
+ONNXRUNTIME = TARGETS.register("onnxruntime")(Target(name="onnxruntime"))
+
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulNBits",
+                   "DynamicQuantizeMatMul", "QLinearAdd")
