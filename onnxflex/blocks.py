@@ -30,7 +30,7 @@ class Block:
 
     inputs: run-time tensors read from outside the block; outputs: tensors later blocks or the graph need.
     act_points: activation tensors this block quantizes (produced here, or graph inputs first read here).
-    unsupported: op types with no torch converter; the block then runs through onnxruntime.
+    unsupported: 'OpType (node name)' of nodes with no torch converter; the block then runs in onnxruntime.
     """
 
     name: str

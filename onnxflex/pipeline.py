@@ -69,7 +69,7 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         t = time.perf_counter()
         state = QuantState()
         results, modules = reconstruct(plan, cache, state, target, config, torch.device(device.torch_device),
-                                       progress)
+                                       progress, device.providers)
         timings["reconstruct"] = _lap(t)
     finally:
         cache.close()

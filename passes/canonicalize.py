@@ -14,7 +14,7 @@ from onnx import numpy_helper, shape_inference, version_converter
 from onnx.reference import ReferenceEvaluator
 
 from onnxflex.errors import UnsupportedModelError
-from onnxflex.graph import MIN_OPSET, NameScope, default_opset
+from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers
 from onnxflex.passes.pipeline import PASSES, PassContext
 
 QDQ_MIN_OPSET = 13
@@ -150,10 +150,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
             consts[name] = tensor
     del g.node[:]
     g.node.extend(keep)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    unused = [t for t in g.initializer if t.name not in used]
-    for t in unused:
-        g.initializer.remove(t)
+    drop_unused_initializers(model)
 
 
 def _try_fold(node, consts, static) -> list[np.ndarray] | None:

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxflex.graph import NameScope, consumers
+from onnxflex.graph import NameScope, consumers, drop_unused_initializers
 from onnxflex.passes.pipeline import PASSES, PassContext
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -53,15 +53,8 @@ def _fold_following(model, op_types, affine_of) -> onnx.ModelProto:
             g.node.remove(follow[0])
             changed = True
             break
-    _drop_unused_initializers(g)
+    drop_unused_initializers(model)
     return model
-
-
-def _drop_unused_initializers(g: onnx.GraphProto) -> None:
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
 
 
 def _out_channels(node: onnx.NodeProto, w: np.ndarray) -> int:

@@ -38,7 +38,8 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
         later = {i for s in segments[k + 1:] for n in s for i in n.input} | {o.name for o in model.graph.output}
         outputs = tuple(o for n in seg for o in n.output if o and o in later)
         points = tuple(p for p in act_points if p in produced or first_reader.get(p) == k)
-        unsupported = tuple(sorted({n.op_type for n in seg if not is_supported(n.op_type, opset, n.domain)}))
+        unsupported = tuple(f"{n.op_type} (node {n.name!r})" for n in seg
+                            if not is_supported(n.op_type, opset, n.domain))
         blocks.append(Block(f"block{k}", tuple(names), inputs, outputs,
                             tuple(layer_of[n] for n in names if n in layer_of), points, unsupported))
     return BlockPlan(model, tuple(blocks), act_points, warnings)

@@ -6,6 +6,7 @@ to produce the next blocks' quantized inputs.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,9 +21,12 @@ from onnxflex.config import QuantConfig
 from onnxflex.graph import default_opset
 from onnxflex.progress import Progress
 from onnxflex.rounding.activation import ActQuantizer, sample_values
+from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.rounders import make_rounder
 from onnxflex.rounding.torchify import BlockModule, QuantState
 from onnxflex.runtimes.base import Target
+
+log = logging.getLogger("onnxflex")
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
 
 
 @torch.no_grad()
-def calibrate_activations(module: BlockModule, data: BlockData, config: QuantConfig, seed: int) -> None:
+def calibrate_activations(module, data: BlockData, config: QuantConfig, seed: int) -> None:
     """Initialise each act point's step from the FP block run on FP inputs."""
     points = [p for p in module.block.act_points if p in module.state.acts]
     if not points:
@@ -100,7 +104,7 @@ def block_loss(out: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) ->
 
 
 @torch.no_grad()
-def evaluate(module: BlockModule, data: BlockData, batch: int) -> float:
+def evaluate(module, data: BlockData, batch: int) -> float:
     total = 0.0
     for start in range(0, data.num_samples, batch):
         inputs = {k: v[start:start + batch] for k, v in data.q_inputs.items()}
@@ -132,7 +136,7 @@ def train(module: BlockModule, data: BlockData, config: QuantConfig, seed: int, 
 
 
 @torch.no_grad()
-def store_quantized_outputs(module: BlockModule, data: BlockData, cache: TensorCache, batch: int) -> None:
+def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: int) -> None:
     """Run the frozen block on the quantized path and keep its outputs (and quantized graph inputs)."""
     outs: dict[str, list[np.ndarray]] = {n: [] for n in module.block.outputs}
     for start in range(0, data.num_samples, batch):
@@ -146,35 +150,54 @@ def store_quantized_outputs(module: BlockModule, data: BlockData, cache: TensorC
 
 
 def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: QuantConfig,
-                device: torch.device, progress: Progress) -> tuple[list[BlockResult], list[BlockModule]]:
+                device: torch.device, progress: Progress, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+                ) -> tuple[list[BlockResult], list]:
     """The block loop. Mutates ``state`` (adds and trains quantizers) and ``cache`` (adds q: tensors);
-    returns each block's result and its frozen module."""
-    opset = default_opset(plan.model)
+    returns each block's result and its frozen module (a BlockModule, or an OrtBlock for blocks with
+    ops the torch side cannot express)."""
     results, modules = [], []
     for k, block in enumerate(plan.blocks):
         t0 = time.perf_counter()
-        method = config.method if not block.unsupported else "rtn"
-        add_block_quantizers(block, plan.model, state, target, config, method, device)
         data = BlockData(block, cache, device)
-        module = BlockModule(block, plan.model, opset, state, device)
         seed = config.seed * 1000 + k
-        calibrate_activations(module, data, config, seed)
+        module = _block_runner(block, plan, state, target, config, data, seed, device, providers)
+        learns = isinstance(module, BlockModule) and config.method != "rtn"
         before = evaluate(module, data, config.batch_size)
-        progress.start(config.iters if method != "rtn" else 0, f"{block.name} ({k + 1}/{len(plan.blocks)})")
-        if method != "rtn":
+        progress.start(config.iters if learns else 0, f"{block.name} ({k + 1}/{len(plan.blocks)})")
+        if learns:
             train(module, data, config, seed, progress)
         after = evaluate(module, data, config.batch_size)
         store_quantized_outputs(module, data, cache, config.batch_size)
-        result = BlockResult(block.name, before, after, config.iters if method != "rtn" else 0,
-                             time.perf_counter() - t0)
+        runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
+        results.append(BlockResult(block.name, before, after, config.iters if learns else 0,
+                                   time.perf_counter() - t0, runtime))
         progress.finish(f"{block.name}: loss {before:.4g} -> {after:.4g}")
-        results.append(result)
         modules.append(module)
     return results, modules
 
 
+def _block_runner(block, plan, state, target, config, data, seed, device, providers):
+    """A calibrated BlockModule, or an OrtBlock with RTN weights when a node has no torch converter
+    (or its converter rejects an attribute)."""
+    problem = f"no torch converter for {', '.join(block.unsupported)}" if block.unsupported else ""
+    if not problem:
+        add_block_quantizers(block, plan.model, state, target, config, config.method, device)
+        module = BlockModule(block, plan.model, default_opset(plan.model), state, device)
+        try:
+            calibrate_activations(module, data, config, seed)
+            return module
+        except NotImplementedError as exc:
+            problem = str(exc)
+    log.warning("%s: %s; its weights fall back to round-to-nearest and the block runs in onnxruntime — "
+                "exclude its nodes with --exclude-node to keep them in float instead", block.name, problem)
+    add_block_quantizers(block, plan.model, state, target, config, "rtn", device)
+    module = OrtBlock(block, plan.model, state, target, providers, device)
+    calibrate_activations(module, data, config, seed)
+    return module
+
+
 @torch.no_grad()
-def simulate(modules: list[BlockModule], plan: BlockPlan, feeds: dict[str, np.ndarray], device: torch.device,
+def simulate(modules: list, plan: BlockPlan, feeds: dict[str, np.ndarray], device: torch.device,
              batch: int) -> dict[str, np.ndarray]:
     """The quantized model as onnxflex simulates it: every frozen block in order on ``feeds``."""
     n = len(next(iter(feeds.values())))

@@ -51,22 +51,32 @@ def _flat_pads(begins: Sequence[int], ends: Sequence[int]) -> list[int]:
     return [p for b, e in reversed(list(zip(begins, ends))) for p in (b, e)]
 
 
+def _split_pad(total: int, upper: bool) -> tuple[int, int]:
+    """(begin, end) halves of a total pad: the odd one at the end if ``upper`` (SAME_UPPER), else the start."""
+    small, big = total // 2, total - total // 2
+    return (small, big) if upper else (big, small)
+
+
 def _same_pads(node: OpNode, size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
-    """(begin, end) pads making the output ceil(size / stride) long; SAME_UPPER puts the odd pad at the end."""
+    """(begin, end) pads making a Conv or pool output ceil(size / stride) long."""
     out = math.ceil(size / stride)
     total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-    small, big = total // 2, total - total // 2
-    return (small, big) if node.attr("auto_pad") == "SAME_UPPER" else (big, small)
+    return _split_pad(total, node.attr("auto_pad") == "SAME_UPPER")
 
 
-def _window(node: OpNode, x: Tensor, kernel: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int]]:
-    """strides, dilations, pad begins and pad ends of a Conv or pool window, auto_pad resolved."""
+def _window(node: OpNode, x: Tensor, kernel: Sequence[int],
+            same_dilated: bool = True) -> tuple[list[int], list[int], list[int], list[int]]:
+    """strides, dilations, pad begins and pad ends of a Conv or pool window, auto_pad resolved.
+
+    ``same_dilated=False`` sizes SAME pads from the undilated kernel, as onnxruntime does for pools.
+    """
     n = len(kernel)
     strides = _ints(node.attr("strides")) or [1] * n
     dilations = _ints(node.attr("dilations")) or [1] * n
     auto_pad = node.attr("auto_pad", "NOTSET")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pairs = [_same_pads(node, *args) for args in zip(x.shape[2:], kernel, strides, dilations)]
+        same_dilations = dilations if same_dilated else [1] * n
+        pairs = [_same_pads(node, *args) for args in zip(x.shape[2:], kernel, strides, same_dilations)]
         return strides, dilations, [b for b, _ in pairs], [e for _, e in pairs]
     if auto_pad == "VALID":
         return strides, dilations, [0] * n, [0] * n
@@ -76,10 +86,30 @@ def _window(node: OpNode, x: Tensor, kernel: Sequence[int]) -> tuple[list[int], 
     return strides, dilations, pads[:n], pads[n:]
 
 
-def _torch_pads(kernel: Sequence[int], dilations: Sequence[int], begins: Sequence[int],
-                ends: Sequence[int]) -> bool:
-    """Whether torch's own symmetric padding (at most half the dilated window) can express the pads."""
-    return begins == ends and all(2 * p <= (k - 1) * d + 1 for p, k, d in zip(begins, kernel, dilations))
+def _torch_pads(kernel: Sequence[int], begins: Sequence[int], ends: Sequence[int]) -> bool:
+    """Whether torch's own pool padding (symmetric, at most half the kernel) can express the pads."""
+    return begins == ends and all(2 * p <= k for p, k in zip(begins, kernel))
+
+
+def _pool_lens(x: Tensor, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+               begins: Sequence[int], ends: Sequence[int], ceil_mode: bool) -> list[int]:
+    """Output lengths of a pool; with ceil_mode a last window must start before the end pad."""
+    lens = []
+    for size, k, s, d, b, e in zip(x.shape[2:], kernel, strides, dilations, begins, ends):
+        span = size + b + e - (k - 1) * d - 1
+        out = (-(-span // s) if ceil_mode else span // s) + 1
+        lens.append(out - 1 if ceil_mode and (out - 1) * s >= size + b else out)
+    return lens
+
+
+def _padded_pool(pool: Callable[..., Tensor], x: Tensor, flat_pads: list[int], lens: Sequence[int],
+                 value: float, *args) -> Tensor:
+    """``pool`` (called with padding 0) over x padded with ``value``, cut to the ONNX output ``lens``.
+
+    torch sees the pads as data, so in ceil mode it may keep a last window starting in the end pad.
+    """
+    y = pool(F.pad(x, flat_pads, value=value), *args)
+    return y[(..., *(slice(0, n) for n in lens))]
 
 
 # --- convolutions and matrix products ------------------------------------------------------------
@@ -99,23 +129,25 @@ def conv(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
 
 def _transpose_pads(node: OpNode, x: Tensor, kernel: Sequence[int], strides: Sequence[int],
                     dilations: Sequence[int], output_padding: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Pad begins and ends of a ConvTranspose, derived from output_shape or auto_pad SAME when given."""
+    """Pad begins and ends cropping the full transposed output, from pads, output_shape or auto_pad SAME.
+
+    A negative end (output_shape past the full output) grows the output there, as onnxruntime does.
+    """
     n, auto_pad = len(kernel), node.attr("auto_pad", "NOTSET")
     output_shape = _ints(node.attr("output_shape"))
-    if output_shape is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        output_shape = [size * s for size, s in zip(x.shape[2:], strides)]
-    if output_shape is None:
+    if output_shape is None and auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
         if auto_pad == "VALID":
             return [0] * n, [0] * n
         pads = _ints(node.attr("pads")) or [0] * (2 * n)
         return pads[:n], pads[n:]
     full = [s * (size - 1) + op + (k - 1) * d + 1
             for size, s, op, k, d in zip(x.shape[2:], strides, output_padding, kernel, dilations)]
-    totals = [f - o for f, o in zip(full, output_shape[-n:])]
-    # As the spec and onnxruntime do: the odd pad goes at the end for SAME_UPPER, else at the start.
-    if auto_pad == "SAME_UPPER":
-        return [t // 2 for t in totals], [t - t // 2 for t in totals]
-    return [t - t // 2 for t in totals], [t // 2 for t in totals]
+    if output_shape is None:  # SAME aims at size * stride but, in onnxruntime, never grows
+        totals = [max(f - size * s, 0) for f, size, s in zip(full, x.shape[2:], strides)]
+    else:
+        totals = [f - o for f, o in zip(full, output_shape[-n:])]
+    pairs = [(0, t) if t < 0 else _split_pad(t, auto_pad == "SAME_UPPER") for t in totals]
+    return [b for b, _ in pairs], [e for _, e in pairs]
 
 
 @converter("ConvTranspose", since=1)
@@ -164,12 +196,13 @@ def max_pool(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...
     x = inputs[0]
     n = _spatial_rank(node, x)
     kernel = _ints(node.attr("kernel_shape"))
-    strides, dilations, begins, ends = _window(node, x, kernel)
+    strides, dilations, begins, ends = _window(node, x, kernel, same_dilated=False)
     ceil_mode = bool(node.attr("ceil_mode", 0))
-    if _torch_pads(kernel, dilations, begins, ends):
+    if _torch_pads(kernel, begins, ends):
         return (_MAX_POOL[n](x, kernel, strides, begins, dilations, ceil_mode),)
-    x = F.pad(x, _flat_pads(begins, ends), value=float("-inf"))
-    return (_MAX_POOL[n](x, kernel, strides, 0, dilations, ceil_mode),)
+    lens = _pool_lens(x, kernel, strides, dilations, begins, ends, ceil_mode)
+    return (_padded_pool(_MAX_POOL[n], x, _flat_pads(begins, ends), lens, float("-inf"),
+                         kernel, strides, 0, dilations, ceil_mode),)
 
 
 @converter("AveragePool", since=1)
@@ -181,20 +214,20 @@ def average_pool(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor,
     x = inputs[0]
     n = _spatial_rank(node, x)
     kernel = _ints(node.attr("kernel_shape"))
-    strides, dilations, begins, ends = _window(node, x, kernel)
+    strides, dilations, begins, ends = _window(node, x, kernel, same_dilated=False)
     if any(d != 1 for d in dilations):
         raise _unsupported(node, f"dilations={dilations}")
     ceil_mode, include_pad = bool(node.attr("ceil_mode", 0)), bool(node.attr("count_include_pad", 0))
     pool = _AVG_POOL[n]
-    if _torch_pads(kernel, dilations, begins, ends):
+    if _torch_pads(kernel, begins, ends):
         return (pool(x, kernel, strides, begins, ceil_mode, include_pad),)
-    flat = _flat_pads(begins, ends)
-    y = pool(F.pad(x, flat), kernel, strides, 0, ceil_mode)
+    flat, lens = _flat_pads(begins, ends), _pool_lens(x, kernel, strides, dilations, begins, ends, ceil_mode)
+    y = _padded_pool(pool, x, flat, lens, 0.0, kernel, strides, 0, ceil_mode)
     if include_pad:
         return (y,)
     # Both pools divide by the same window size, so the ratio is sum(x) / count(real elements).
-    ones = F.pad(torch.ones_like(x[:1, :1]), flat)
-    return (y / pool(ones, kernel, strides, 0, ceil_mode),)
+    count = _padded_pool(pool, torch.ones_like(x[:1, :1]), flat, lens, 0.0, kernel, strides, 0, ceil_mode)
+    return (y / count,)
 
 
 @converter("GlobalAveragePool", since=1)
@@ -306,12 +339,8 @@ def _resize_axis(x: Tensor, axis: int, coords: np.ndarray, mode: str, nearest_mo
     in_len = x.shape[axis]
     if mode == "nearest":
         index = np.clip(_NEAREST[nearest_mode](coords), 0, in_len - 1).astype(np.int64)
-        if np.array_equal(index, np.arange(in_len)):
-            return x
         return x.index_select(axis, torch.from_numpy(index))
     coords = np.clip(coords, 0, in_len - 1)
-    if np.array_equal(coords, np.arange(in_len)):
-        return x
     low = np.floor(coords).astype(np.int64)
     high = np.minimum(low + 1, in_len - 1)
     shape = [-1 if d == axis else 1 for d in range(x.dim())]
@@ -356,6 +385,8 @@ def resize(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
         factors = [np.float32(s) for s in numpy_value(scales).reshape(-1)]
         out_lens = [int(np.floor(np.float32(i) * f)) for i, f in zip(in_lens, factors)]
     for axis, in_len, out_len, factor in zip(axes, in_lens, out_lens, factors):
+        if out_len == in_len and factor == 1:  # onnxruntime copies such axes whatever the coordinate mode
+            continue
         coords = _source_coords(coord_mode, out_len, in_len, factor)
         x = _resize_axis(x, axis, coords, mode, nearest_mode)
     return (x,)

@@ -14,6 +14,7 @@ import torch
 from onnxflex.rounding.converters.registry import OpNode, converter, numpy_value
 
 Tensor = torch.Tensor
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 def _unsupported(node: OpNode, what: str) -> NotImplementedError:
@@ -149,6 +150,8 @@ def split(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
 def _slice_axis(x: Tensor, axis: int, start: int, end: int, step: int) -> Tensor:
     """x[start:end:step] along ``axis`` with ONNX clamping; negative steps go through index_select."""
     dim = x.shape[axis]
+    if step < 0 and end == _INT64_MAX:  # onnxruntime reads it as "through the first element", not as dim - 1
+        end = -dim - 1
     start = start + dim if start < 0 else start
     end = end + dim if end < 0 else end
     if step > 0:
@@ -157,7 +160,8 @@ def _slice_axis(x: Tensor, axis: int, start: int, end: int, step: int) -> Tensor
         return x[tuple(index)]
     # torch slicing rejects negative steps; clamp as ONNX does for them and gather explicitly.
     start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
-    return x.index_select(axis, torch.arange(start, end, step, dtype=torch.long, device=x.device))
+    index = torch.tensor(range(start, end, step), dtype=torch.long, device=x.device)  # empty when end >= start
+    return x.index_select(axis, index)
 
 
 def _slice(node: OpNode, x: Tensor, starts: list[int], ends: list[int],

@@ -1,0 +1,167 @@
+"""W8A8 quantization of models shaped like other frameworks' exports (tests/graphs.py).
+
+Each model is quantized with RTN and must: pass the full onnx checker, load in onnxruntime, agree with
+onnxflex's own simulation (≥ 30 dB), keep ≥ 20 dB of output SQNR against FP32 on fresh inputs, read
+every Conv/Gemm/MatMul weight through an int8 per-channel DequantizeLinear, lose the affine nodes the
+passes fold, and run as integer kernels in onnxruntime's optimized graph.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxflex
+from onnxflex.qparams import sqnr_db
+from onnxflex.verify import optimized_op_counts
+
+
+def _load_graphs():
+    """tests/graphs.py by path (pytest runs with --import-mode=importlib, tests/ is not a package)."""
+    if "foreign_graphs" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("foreign_graphs", Path(__file__).with_name("graphs.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["foreign_graphs"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["foreign_graphs"]
+
+
+graphs = _load_graphs()
+
+CALIB_SAMPLES, EVAL_SAMPLES = 128, 64
+WEIGHTED = ("Conv", "Gemm", "MatMul")
+# op → integer kernel onnxruntime's CPU QDQ fusion must turn it into
+INTEGER_KERNEL = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "QLinearMatMul"}
+# op types the passes must fold away (BatchNorm, Mul/Add constant chains, bias Adds after Conv/Gemm)
+FOLDED = {
+    "conv_bias_add": {"Add"},
+    "conv_mul_add_bn": {"Mul", "Add"},
+    "conv_batchnorm": {"BatchNormalization"},
+    "mobilenet_clip6": {"BatchNormalization"},
+    "weights_through_ops": {"Identity", "Transpose", "Cast"},
+}
+
+
+def rtn_config(**changes) -> onnxflex.QuantConfig:
+    return onnxflex.QuantConfig(method="rtn", wbits=8, abits=8, **changes)
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The model's first output on ``feeds``, one sample at a time when the model fixes batch 1."""
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    fixed = sess.get_inputs()[0].shape[0] == 1
+    n = len(next(iter(feeds.values())))
+    step = 1 if fixed else n
+    chunks = [sess.run(None, {k: v[i:i + step] for k, v in feeds.items()})[0] for i in range(0, n, step)]
+    return np.concatenate(chunks)
+
+
+def unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose node names are unique, so that onnxruntime loads it as the FP32 reference."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for k, node in enumerate(out.graph.node):
+        node.name = f"{node.name or node.op_type}_{k}"
+    return out
+
+
+def weight_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of a weighted node's weight (Conv 0, Gemm by transB, MatMul 1)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 1
+
+
+def check_weight_dq(model: onnx.ModelProto, name: str) -> None:
+    """Every Conv/Gemm/MatMul reads its weight (input 1) and activation (input 0) through a
+    DequantizeLinear: weight int8 per channel along the op's output-channel axis, activation uint8."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    weighted = [n for n in model.graph.node if n.op_type in WEIGHTED]
+    assert weighted, f"no weighted node left in the quantized {name}"
+    for node in weighted:
+        dq = producers.get(node.input[1])
+        assert dq is not None and dq.op_type == "DequantizeLinear", \
+            f"{name}: weight of {node.name} ({node.op_type}) is not read through DequantizeLinear"
+        ints, scale = inits[dq.input[0]], numpy_helper.to_array(inits[dq.input[1]])
+        axis = weight_axis(node)
+        dq_axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        assert ints.data_type == TensorProto.INT8, f"{name}: {node.name} weight is {ints.data_type}, not int8"
+        assert dq_axis == axis, f"{name}: {node.name} weight DequantizeLinear axis {dq_axis}, expected {axis}"
+        assert scale.shape == (ints.dims[axis],), \
+            f"{name}: {node.name} weight scale shape {scale.shape}, expected ({ints.dims[axis]},)"
+        act = producers.get(node.input[0])
+        assert act is not None and act.op_type == "DequantizeLinear", \
+            f"{name}: activation input of {node.name} is not read through DequantizeLinear"
+        assert inits[act.input[2]].data_type == TensorProto.UINT8, f"{name}: {node.name} activation is not uint8"
+
+
+def check_integer_kernels(fp_model: onnx.ModelProto, qmodel: onnx.ModelProto, name: str) -> None:
+    """No float Conv/Gemm/MatMul survives onnxruntime's QDQ fusion; each became its integer kernel."""
+    counts = optimized_op_counts(qmodel)
+    for op in {n.op_type for n in fp_model.graph.node if n.op_type in WEIGHTED}:
+        assert op not in counts, f"{name}: {counts.get(op)} float {op} left in onnxruntime's optimized graph {counts}"
+        assert INTEGER_KERNEL[op] in counts, f"{name}: no {INTEGER_KERNEL[op]} in optimized graph {counts}"
+
+
+def check_accuracy(result, fp_model: onnx.ModelProto, name: str, min_sqnr: float = 20.0) -> float:
+    """Returns the output SQNR of the quantized model against FP32 on fresh inputs."""
+    sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]
+    assert sim, f"{name}: the report has no verification"
+    for out, db in sim.items():
+        assert db >= 30.0, f"onnxruntime vs simulation SQNR {db:.1f} dB < 30 dB on {name} output {out}"
+    feeds = graphs.random_calibration(fp_model, EVAL_SAMPLES, seed=1234)
+    sqnr = sqnr_db(run_ort(unique_node_names(fp_model), feeds), run_ort(result.model, feeds))
+    assert sqnr >= min_sqnr, f"SQNR {sqnr:.1f} dB < {min_sqnr:.0f} dB on {name}"
+    return sqnr
+
+
+@pytest.mark.parametrize("name", list(graphs.BUILDERS))
+def test_rtn_w8a8(name):
+    model = graphs.BUILDERS[name](0)
+    calib = graphs.random_calibration(model, CALIB_SAMPLES, seed=0)
+    result = onnxflex.quantize(model, calib, rtn_config(), progress=False)
+    qmodel = result.model
+
+    onnx.checker.check_model(qmodel, full_check=True)
+    ort.InferenceSession(qmodel.SerializeToString(), providers=["CPUExecutionProvider"])
+    check_accuracy(result, model, name)
+    check_weight_dq(qmodel, name)
+    ops = {n.op_type for n in qmodel.graph.node}
+    left = FOLDED.get(name, set()) & ops
+    assert not left, f"{name}: {sorted(left)} should have been folded away, the emitted graph has {sorted(ops)}"
+    check_integer_kernels(model, qmodel, name)
+
+
+def test_rtn_keeps_non_affine_mul_and_add():
+    """The squeeze-excite gate Mul and a residual Add read two run-time tensors: never folded."""
+    for name, op, count in (("hardswish_se", "Mul", 2), ("shared_weights", "Add", 1)):
+        model = graphs.BUILDERS[name](0)
+        result = onnxflex.quantize(model, graphs.random_calibration(model, 64, 0), rtn_config(), progress=False)
+        got = sum(n.op_type == op for n in result.model.graph.node)
+        assert got == count, f"{name}: {got} {op} nodes in the emitted graph, expected {count}"
+
+
+def test_flexround_smoke():
+    name = "conv_mul_add_bn"
+    model = graphs.BUILDERS[name](0)
+    calib = graphs.random_calibration(model, CALIB_SAMPLES, seed=0)
+    config = onnxflex.QuantConfig(method="flexround", wbits=8, abits=8, iters=20, batch_size=16)
+    result = onnxflex.quantize(model, calib, config, progress=False)
+    onnx.checker.check_model(result.model, full_check=True)
+    check_accuracy(result, model, name)
+    check_weight_dq(result.model, name)
+    blocks = result.report["blocks"]
+    assert blocks and all(b["iters"] == 20 for b in blocks), f"blocks did not train 20 iterations: {blocks}"
+    for b in blocks:
+        assert b["loss_after"] <= b["loss_before"] * 1.05, \
+            f"{name} {b['name']}: loss {b['loss_before']:.4g} -> {b['loss_after']:.4g} got worse"
