@@ -172,7 +172,6 @@ ELEMENTWISE_CASES = [
     case("ReduceMax", f32(2, 3, 4), id="attr-axes", axes=[1]),
     case("ReduceMin", f32(2, 3, 4), i64(-1), id="input-axes", keepdims=0, opset=18),
     case("ReduceProd", f32(2, 3, 4), id="attr-axes", axes=[0, 2]),
-    case("ReduceSumSquare", f32(2, 3, 4), i64(1), id="input-axes", opset=18),
 ]
 
 SHAPE_CASES = [

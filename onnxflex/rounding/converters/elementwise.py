@@ -316,7 +316,6 @@ _REDUCTIONS: dict[str, tuple[Callable[..., Tensor], int]] = {
     "ReduceMax": (torch.amax, 18),
     "ReduceMin": (torch.amin, 18),
     "ReduceProd": (_prod, 18),
-    "ReduceSumSquare": (lambda x, dim, keepdim: torch.sum(x * x, dim=dim, keepdim=keepdim), 18),
 }
 
 
