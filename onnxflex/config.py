@@ -47,7 +47,7 @@ class QuantConfig:
     batch_size: int = 32
     lr: float = 3e-3
     scale_lr: float = 1e-3
-    act_lr: float = 1e-3
+    act_lr: float = 2e-4
     weight_scale: str = "mse"
     act_scale: str = "mse"
     seed: int = 0

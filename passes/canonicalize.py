@@ -182,22 +182,27 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 
 def _untie_shared_weights(model: onnx.ModelProto) -> None:
-    """Mutates: a weight initializer read by several weighted nodes gets one copy per node."""
+    """Mutates: a weight or bias initializer read by several weighted nodes, or by a weighted node and
+    another node, gets one copy per weighted node (each layer quantizes it with its own scales: a
+    shared int32 bias would carry one layer's input step × weight step into the other)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     scope = NameScope.of(model)
     seen: set[str] = set()
     for node in g.node:
-        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or node.input[1] not in inits:
+        if node.op_type not in WEIGHTED_OPS:
             continue
-        name = node.input[1]
-        if name in seen or _read_elsewhere(g, name, node):
-            copy = onnx.TensorProto()
-            copy.CopyFrom(inits[name])
-            copy.name = scope.unique_name(f"{name}_{node.name}")
-            g.initializer.append(copy)
-            node.input[1] = copy.name
-        seen.add(node.input[1])
+        for slot in (1, 2):
+            name = node.input[slot] if len(node.input) > slot else ""
+            if name not in inits:
+                continue
+            if name in seen or _read_elsewhere(g, name, node):
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = scope.unique_name(f"{name}_{node.name}")
+                g.initializer.append(copy)
+                node.input[slot] = copy.name
+            seen.add(node.input[slot])
 
 
 def _read_elsewhere(g: onnx.GraphProto, name: str, node: onnx.NodeProto) -> bool:

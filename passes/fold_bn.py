@@ -43,8 +43,9 @@ def _fold_following(model, op_types, affine_of) -> onnx.ModelProto:
             follow = users.get(out, [])
             if out in graph_outputs or len(follow) != 1 or follow[0].op_type not in op_types:
                 continue
-            channels = _out_channels(node, numpy_helper.to_array(inits[node.input[1]]))
-            affine = affine_of(follow[0], out, inits, channels)
+            w = numpy_helper.to_array(inits[node.input[1]])
+            channels = _out_channels(node, w)
+            affine = affine_of(follow[0], out, inits, channels, _out_rank(node, w))
             bias = _current_bias(node, inits, channels)
             if affine is None or bias is None:
                 continue
@@ -65,6 +66,11 @@ def _out_channels(node: onnx.NodeProto, w: np.ndarray) -> int:
     return w.shape[0] if _attr(node, "transB", 0) else w.shape[1]
 
 
+def _out_rank(node: onnx.NodeProto, w: np.ndarray) -> int:
+    """Rank of the node's output [N, C, ...]: a Conv's output has its weight's rank, a Gemm's is 2."""
+    return 2 if node.op_type == "Gemm" else w.ndim
+
+
 def _attr(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:
@@ -72,7 +78,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _bn_affine(bn, x_name, inits, channels):
+def _bn_affine(bn, x_name, inits, channels, rank):
     """y = scale * x + shift for an inference BatchNormalization, or None when its params are not constant."""
     if bn.input[0] != x_name or not all(i in inits for i in bn.input[1:5]) or len([o for o in bn.output if o]) > 1:
         return None
@@ -81,12 +87,12 @@ def _bn_affine(bn, x_name, inits, channels):
     return scale, beta - mean * scale
 
 
-def _mul_add_affine(node, x_name, inits, channels):
+def _mul_add_affine(node, x_name, inits, channels, rank):
     other = [i for i in node.input if i != x_name]
     if len(other) != 1 or other[0] not in inits or list(node.input).count(x_name) != 1:
         return None
     c = numpy_helper.to_array(inits[other[0]]).astype(np.float64)
-    vec = _per_channel(c, channels)
+    vec = _per_channel(c, channels, rank)
     if vec is None:
         return None
     if node.op_type == "Mul":
@@ -94,18 +100,19 @@ def _mul_add_affine(node, x_name, inits, channels):
     return np.ones(channels), vec
 
 
-def _per_channel(c: np.ndarray, channels: int) -> np.ndarray | None:
-    """``c`` as a [channels] vector when it broadcasts along the channel axis only (NCHW or [.., N])."""
+def _per_channel(c: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """``c`` as a [channels] vector when, broadcast against the weighted node's output [N, C, ...] of
+    rank ``rank``, it varies along the channel axis 1 only: [C,1,1] or [1,C,1,1] after a 2-D conv,
+    [C] or [1,C] after a Gemm, or a single value. None when it would vary along another axis (a [C]
+    constant after a conv broadcasts along the width) or raise the output's rank."""
+    if c.ndim > rank:
+        return None
     if c.size == 1:
         return np.full(channels, c.reshape(()).item())
-    squeezed = c.reshape([d for d in c.shape if d != 1]) if c.ndim else c
-    if squeezed.shape != (channels,):
+    aligned = (1,) * (rank - c.ndim) + c.shape  # broadcasting aligns trailing axes
+    if aligned != tuple(channels if axis == 1 else 1 for axis in range(rank)):
         return None
-    nonunit = [i for i, d in enumerate(c.shape) if d != 1]
-    # a per-channel constant of a conv is laid out [C,1,1] or [1,C,1,1]; of a Gemm, [C] or [1,C]
-    if c.ndim >= 3 and c.ndim - nonunit[0] < 3:
-        return None
-    return squeezed
+    return c.reshape(channels)
 
 
 def _apply_affine(model, node, inits, bias, scale, shift) -> None:
@@ -144,10 +151,10 @@ def _current_bias(node, inits, channels) -> np.ndarray | None:
     if node.input[2] not in inits:
         return None
     b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-    if b.size not in (1, channels) or b.ndim > 2:
-        return None
-    b = np.broadcast_to(b.reshape(-1), (channels,))
-    return b * _attr(node, "beta", 1.0) if node.op_type == "Gemm" else b
+    if node.op_type != "Gemm":
+        return b if b.shape == (channels,) else None
+    b = _per_channel(b, channels, 2)  # Gemm's C broadcasts: [C], [1,C] or one value, not [C,1] nor [M,C]
+    return None if b is None else b * _attr(node, "beta", 1.0)
 
 
 def _set_gemm_beta_one(node: onnx.NodeProto) -> None:

@@ -88,7 +88,7 @@ def conv_bias_add(seed: int = 0) -> onnx.ModelProto:
 
 
 def conv_mul_add_bn(seed: int = 0) -> onnx.ModelProto:
-    """BatchNorm already folded into per-channel Mul/Add constant chains; opset 12, fixed batch 1."""
+    """BatchNorm already folded into per-channel Mul/Add constant chains ([1,C,1,1] and [C,1,1]); opset 12."""
     b = _Builder(seed)
     b.node("Conv", ["x", b.conv_weight("w1", 8, 3, 3), b.small("b1", (8,))], ["c1"], pads=[1, 1, 1, 1])
     b.node("Mul", ["c1", b.const("s1", b.rng.uniform(0.5, 1.5, (1, 8, 1, 1)).astype(np.float32))], ["m1"])
@@ -98,7 +98,7 @@ def conv_mul_add_bn(seed: int = 0) -> onnx.ModelProto:
     b.node("Mul", ["c2", b.const("s2", b.rng.uniform(0.5, 1.5, (8, 1, 1)).astype(np.float32))], ["m2"])
     b.node("Add", ["m2", b.small("t2", (8, 1, 1))], ["a2"])
     b.node("Relu", ["a2"], ["y"])
-    return b.model("conv_mul_add_bn", [_image(batch=1)], [_out(1, 8, 16, 16)], opset=12)
+    return b.model("conv_mul_add_bn", [_image()], [_out(N, 8, 16, 16)], opset=12)
 
 
 def conv_batchnorm(seed: int = 0) -> onnx.ModelProto:
@@ -192,7 +192,7 @@ def shared_weights(seed: int = 0) -> onnx.ModelProto:
 
 
 def messy_names(seed: int = 0) -> onnx.ModelProto:
-    """Empty node names and initializers also listed as graph inputs (old IR style); fixed batch 1."""
+    """Empty node names and initializers also listed as graph inputs (old IR style)."""
     b = _Builder(seed)
     b.node("Conv", ["x", b.conv_weight("w1", 8, 3, 3), b.small("b1", (8,))], ["t0"], name="", pads=[1, 1, 1, 1])
     b.node("Relu", ["t0"], ["t1"], name="")
@@ -201,10 +201,10 @@ def messy_names(seed: int = 0) -> onnx.ModelProto:
     b.node("GlobalAveragePool", ["t3"], ["t4"], name="")
     b.node("Flatten", ["t4"], ["t5"], name="")
     b.node("Gemm", ["t5", b.he("w3", (10, 8), 8), b.small("b3", (10,))], ["y"], name="", transB=1)
-    return b.model("messy_names", [_image(batch=1)], [_out(1, 10)], opset=13, initializers_as_inputs=True)
+    return b.model("messy_names", [_image()], [_out(N, 10)], opset=13, initializers_as_inputs=True)
 
 
-def duplicate_names(seed: int = 0) -> onnx.ModelProto:
+def duplicate_names(seed: int = 0, opset: int = 13) -> onnx.ModelProto:
     """Several nodes named alike: onnx.checker accepts it, onnxruntime refuses to load the model."""
     b = _Builder(seed)
     b.node("Conv", ["x", b.conv_weight("w1", 8, 3, 3), b.small("b1", (8,))], ["t0"], name="conv",
@@ -213,16 +213,45 @@ def duplicate_names(seed: int = 0) -> onnx.ModelProto:
     b.node("Conv", ["t1", b.conv_weight("w2", 8, 8, 3), b.small("b2", (8,))], ["t2"], name="conv",
            pads=[1, 1, 1, 1])
     b.node("Relu", ["t2"], ["y"], name="relu")
-    return b.model("duplicate_names", [_image()], [_out(N, 8, 16, 16)], opset=13)
+    return b.model(f"duplicate_names_opset{opset}", [_image()], [_out(N, 8, 16, 16)], opset=opset)
+
+
+def duplicate_names_opset11(seed: int = 0) -> onnx.ModelProto:
+    """duplicate_names at opset 11, which canonicalize upgrades through onnx's version converter."""
+    return duplicate_names(seed, opset=11)
+
+
+def fixed_batch_reshape(seed: int = 0) -> onnx.ModelProto:
+    """Batch fixed to 1 in the input and in a Reshape target shape [1, -1], as fixed-shape converters
+    (TF, TFLite) write heads."""
+    b = _Builder(seed)
+    b.node("Conv", ["x", b.conv_weight("w1", 8, 3, 3), b.small("b1", (8,))], ["c1"], pads=[1, 1, 1, 1],
+           strides=[2, 2])
+    b.node("Relu", ["c1"], ["r1"])
+    b.node("Reshape", ["r1", b.const("flat_shape", np.array([1, -1], np.int64))], ["flat"])
+    b.node("Gemm", ["flat", b.he("w2", (10, 512), 512), b.small("b2", (10,))], ["y"], transB=1)
+    return b.model("fixed_batch_reshape", [_image(batch=1)], [_out(1, 10)], opset=13)
+
+
+def conv_add_along_width(seed: int = 0) -> onnx.ModelProto:
+    """A [16] constant added to a Conv output [N,16,16,16]: it broadcasts along the width, not the
+    channels, so it is no bias and must not be folded into the Conv."""
+    b = _Builder(seed)
+    b.node("Conv", ["x", b.conv_weight("w1", 16, 3, 3), b.small("b1", (16,))], ["c1"], pads=[1, 1, 1, 1])
+    b.node("Add", ["c1", b.const("ramp", np.linspace(-1, 1, 16).astype(np.float32))], ["a1"])
+    b.node("Relu", ["a1"], ["r1"])
+    b.node("Conv", ["r1", b.conv_weight("w2", 8, 16, 3)], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])
+    return b.model("conv_add_along_width", [_image()], [_out(N, 8, 8, 8)], opset=13)
 
 
 def gemm_mlp(seed: int = 0) -> onnx.ModelProto:
-    """Gemm with transB=1, transB=0 and a [1, C] bias; opset 17, dynamic batch."""
+    """Gemm with transB=1, transB=0 and a [1, C] bias, a BatchNormalization after a Gemm; opset 17."""
     b = _Builder(seed)
     b.node("Gemm", ["x", b.he("w1", (64, 32), 32), b.small("b1", (64,))], ["g1"], transB=1)
     b.node("Relu", ["g1"], ["r1"])
     b.node("Gemm", ["r1", b.he("w2", (64, 32), 64), b.small("b2", (1, 32))], ["g2"], transB=0)
-    b.node("Relu", ["g2"], ["r2"])
+    b.node("BatchNormalization", ["g2"] + b.bn_params("bn2", 32), ["n2"])
+    b.node("Relu", ["n2"], ["r2"])
     b.node("Gemm", ["r2", b.he("w3", (10, 32), 32), b.small("b3", (10,))], ["y"], transB=1)
     return b.model("gemm_mlp", [_vector()], [_out(N, 10)], opset=17)
 
@@ -253,11 +282,10 @@ def mobilenet_clip6(seed: int = 0) -> onnx.ModelProto:
     return b.model("mobilenet_clip6", [_image()], [_out(N, 8, 8, 8)], opset=12)
 
 
-BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
-    fn.__name__: fn for fn in (conv_bias_add, conv_mul_add_bn, conv_batchnorm, hardswish_se, reshape_transpose_head,
-                               weights_through_ops, shared_weights, messy_names, duplicate_names, gemm_mlp, matmul_bias_mlp,
-                               mobilenet_clip6)
-}
+BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {fn.__name__: fn for fn in (
+    conv_bias_add, conv_mul_add_bn, conv_batchnorm, mobilenet_clip6, hardswish_se, reshape_transpose_head,
+    weights_through_ops, shared_weights, messy_names, duplicate_names, duplicate_names_opset11,
+    fixed_batch_reshape, conv_add_along_width, gemm_mlp, matmul_bias_mlp)}
 
 
 def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

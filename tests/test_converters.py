@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxflex.errors import RegistryError
-from onnxflex.rounding.converters import OpNode, converter, find_converter
+from onnxflex.rounding.converters import OpNode, converter, find_converter, supported_ops
 
 RNG = np.random.default_rng(0)
 INT64_MAX, INT64_MIN = np.iinfo(np.int64).max, np.iinfo(np.int64).min
@@ -48,7 +48,8 @@ def case(op: str, *inputs: np.ndarray | None, opset: int = 13, outputs: int = 1,
 
 NN_CASES = [
     case("Conv", f32(1, 4, 8, 8), f32(6, 4, 3, 3), f32(6), id="pads1-bias", pads=[1, 1, 1, 1]),
-    case("Conv", f32(2, 4, 9, 9), f32(6, 2, 3, 3), id="stride2-dil2-group2", strides=[2, 2], dilations=[2, 2], group=2),
+    case("Conv", f32(2, 4, 9, 9), f32(6, 2, 3, 3), id="stride2-dil2-group2", strides=[2, 2], dilations=[2, 2],
+         group=2),
     case("Conv", f32(1, 3, 7, 6), f32(5, 3, 3, 2), f32(5), id="asym-pads", pads=[0, 1, 2, 0]),
     case("Conv", f32(1, 3, 9, 8), f32(4, 3, 3, 3), id="same-upper-stride2", auto_pad="SAME_UPPER", strides=[2, 2]),
     case("Conv", f32(1, 3, 6, 6), f32(4, 3, 2, 2), id="same-lower", auto_pad="SAME_LOWER"),
@@ -64,6 +65,10 @@ NN_CASES = [
     case("ConvTranspose", f32(1, 2, 4, 5), f32(2, 3, 4, 3), id="same-upper", strides=[2, 2], auto_pad="SAME_UPPER"),
     case("ConvTranspose", f32(1, 2, 4, 5), f32(2, 3, 4, 3), id="same-lower", strides=[2, 2], auto_pad="SAME_LOWER"),
     case("ConvTranspose", f32(2, 3, 6), f32(3, 2, 4), f32(2), id="1d", strides=[3], pads=[1, 2]),
+    case("ConvTranspose", f32(1, 2, 3, 3), f32(2, 2, 1, 1), f32(2), id="output-shape-past-full", strides=[3, 3],
+         output_shape=[8, 9]),
+    case("ConvTranspose", f32(1, 2, 4, 4), f32(2, 2, 1, 1), id="same-never-grows", strides=[2, 2],
+         auto_pad="SAME_LOWER"),
     case("Gemm", f32(3, 5), f32(4, 5), f32(4), id="transB-bias", transB=1),
     case("Gemm", f32(5, 3), f32(5, 4), f32(1, 4), id="alpha-beta-transA", alpha=0.5, beta=2.0, transA=1),
     case("Gemm", f32(3, 5), f32(5, 4), None, id="no-C", opset=11),
@@ -71,17 +76,28 @@ NN_CASES = [
     case("MatMul", f32(2, 1, 3, 4), f32(3, 4, 5), id="batch-broadcast"),
     case("MatMul", f32(4), f32(2, 4, 3), id="1d"),
     case("MaxPool", f32(1, 3, 8, 8), id="k2s2", kernel_shape=[2, 2], strides=[2, 2]),
-    case("MaxPool", f32(1, 3, 9, 9), id="pads-ceil", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1),
+    case("MaxPool", f32(1, 3, 9, 9), id="pads-ceil", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+         ceil_mode=1),
     case("MaxPool", f32(1, 2, 9, 8), id="asym-pads-dil", kernel_shape=[3, 2], pads=[0, 1, 2, 0], dilations=[2, 1]),
     case("MaxPool", f32(1, 2, 7, 7), id="same-upper", kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
     case("MaxPool", f32(2, 3, 11), id="1d", kernel_shape=[3], strides=[2]),
+    # onnxruntime drops a last ceil-mode window that would start in the end pad.
+    case("MaxPool", f32(1, 2, 8, 7), id="ceil-asym-pads", kernel_shape=[3, 3], strides=[3, 3], pads=[1, 1, 2, 0],
+         ceil_mode=1),
+    # onnxruntime sizes SAME pads of pools from the undilated kernel.
+    case("MaxPool", f32(1, 2, 6, 9), id="same-dilated", kernel_shape=[3, 2], strides=[2, 2], dilations=[2, 1],
+         auto_pad="SAME_UPPER"),
     case("AveragePool", f32(1, 3, 8, 8), id="pads-exclude", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
     case("AveragePool", f32(1, 3, 8, 8), id="pads-include", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
          count_include_pad=1),
     case("AveragePool", f32(1, 2, 9, 9), id="ceil", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
     case("AveragePool", f32(1, 2, 7, 8), id="asym-exclude", kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 2, 1]),
-    case("AveragePool", f32(1, 2, 7, 8), id="asym-include", kernel_shape=[3, 3], pads=[0, 1, 2, 1], count_include_pad=1),
+    case("AveragePool", f32(1, 2, 7, 8), id="asym-include", kernel_shape=[3, 3], pads=[0, 1, 2, 1],
+         count_include_pad=1),
     case("AveragePool", f32(1, 2, 7, 7), id="same-lower", kernel_shape=[2, 2], auto_pad="SAME_LOWER"),
+    case("AveragePool", f32(1, 2, 5, 5), id="ceil-asym-include", kernel_shape=[3, 3], strides=[3, 3],
+         pads=[2, 0, 0, 2], ceil_mode=1, count_include_pad=1, opset=19),
+    case("AveragePool", f32(2, 3, 9), id="1d-asym-ceil", kernel_shape=[2], strides=[2], pads=[1, 0], ceil_mode=1),
     case("GlobalAveragePool", f32(2, 3, 5, 4)),
     case("GlobalMaxPool", f32(2, 3, 5, 4)),
     case("Softmax", f32(2, 3, 4, 5), id="default-axis", opset=11),
@@ -101,7 +117,7 @@ NN_CASES = [
          mode="nearest", coordinate_transformation_mode="align_corners", nearest_mode="round_prefer_ceil"),
     case("Resize", f32(1, 2, 4, 5), None, np.array([1, 1, 3, 1.5], np.float32), id="nearest-pytorch-ceil",
          mode="nearest", coordinate_transformation_mode="pytorch_half_pixel", nearest_mode="ceil"),
-    case("Resize", f32(1, 2, 4, 5), "", np.array([1, 1, 2, 2], np.float32), id="linear-half-pixel",
+    case("Resize", f32(1, 2, 4, 5), None, np.array([1, 1, 2, 2], np.float32), id="linear-half-pixel",
          mode="linear", tol=1e-4),
     case("Resize", f32(1, 2, 4, 5), None, None, i64(1, 2, 7, 3), id="linear-align-corners",
          mode="linear", coordinate_transformation_mode="align_corners", tol=1e-4),
@@ -109,9 +125,16 @@ NN_CASES = [
          mode="linear", coordinate_transformation_mode="asymmetric", tol=1e-4),
     case("Resize", f32(1, 2, 8, 9), None, None, i64(1, 2, 1, 4), id="linear-pytorch-half-pixel-down",
          mode="linear", coordinate_transformation_mode="pytorch_half_pixel", tol=1e-4),
+    case("Resize", f32(1, 2, 4, 5), np.zeros(0, np.float32), np.array([1, 1, 0.5, 2], np.float32),
+         id="roi-input", mode="linear", opset=11, tol=1e-4),
+    # Axes with scale 1 are copied even where the coordinate mode would shift them.
+    case("Resize", f32(1, 3, 4, 5), None, np.array([1, 1, 2, 1.5], np.float32), id="tf-half-pixel-ceil",
+         coordinate_transformation_mode="tf_half_pixel_for_nn", nearest_mode="ceil"),
+    case("Resize", f32(1, 2, 4, 5), None, np.array([3, 0.5], np.float32), id="axes", axes=[3, 2], opset=18),
     case("Pad", f32(1, 2, 3, 4), i64(0, 0, 1, 2, 0, 0, 2, 1), np.array(1.5, np.float32), id="constant", opset=11),
     case("Pad", f32(1, 2, 4, 5), i64(0, 0, 2, 1, 0, 0, 1, 3), id="reflect", mode="reflect", opset=13),
     case("Pad", f32(2, 4, 5), i64(1, 0, 2, 0, 3, 1), id="edge-all-axes", mode="edge", opset=13),
+    case("Pad", f32(3, 4, 5), i64(2, 1, 0, 1, 3, 4), id="reflect-all-axes", mode="reflect"),
     case("Pad", f32(1, 2, 3, 4), i64(0, -1, 2, -1), None, i64(1, -1), id="axes-crop", opset=18),
     case("Pad", f32(1, 2, 3, 4), i64(0, 0, 2, 5, 0, 0, 1, 3), id="wrap", mode="wrap", opset=19),
     case("Pad", f32(1, 2, 3), id="attrs", pads=[0, 1, 1, 0, 0, 2], value=-2.0, opset=10),
@@ -190,6 +213,9 @@ SHAPE_CASES = [
     case("Slice", f32(4, 5, 6), i64(1, 0), i64(3, -1), id="basic", opset=10),
     case("Slice", f32(4, 5, 6), i64(-1, 4), i64(INT64_MIN, 0), i64(0, -1), i64(-1, -2), id="negative-steps"),
     case("Slice", f32(4, 5, 6), i64(1, 0), i64(INT64_MAX, 100), i64(-2, 0), i64(2, 3), id="steps-int64-max"),
+    # onnxruntime reads an INT64_MAX end with a negative step as "through the first element".
+    case("Slice", f32(4, 5), i64(-2, 3), i64(INT64_MAX, 1), None, i64(-1, -1), id="negative-step-int64-max"),
+    case("Slice", f32(4, 5), i64(1, 3), i64(0, 4), i64(0, 1), i64(-1, -1), id="negative-step-empty"),
     case("Slice", f32(4, 5), id="attrs", starts=[1], ends=[-1], axes=[1], opset=9),
     case("Squeeze", f32(1, 3, 1, 4), id="attr", axes=[0], opset=11),
     case("Squeeze", f32(1, 3, 1, 4), i64(-2), id="input"),
@@ -216,6 +242,11 @@ SHAPE_CASES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    torch.manual_seed(0)
+
+
 def _onnxruntime(node, feeds: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
     value_infos = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
                    for name, a in feeds.items()]
@@ -229,7 +260,7 @@ def _onnxruntime(node, feeds: dict[str, np.ndarray], opset: int) -> list[np.ndar
 
 @pytest.mark.parametrize("op, inputs, attrs, opset, n_outputs, tol", NN_CASES + ELEMENTWISE_CASES + SHAPE_CASES)
 def test_converter_matches_onnxruntime(op, inputs, attrs, opset, n_outputs, tol):
-    names = ["" if a is None or isinstance(a, str) else f"x{i}" for i, a in enumerate(inputs)]
+    names = ["" if a is None else f"x{i}" for i, a in enumerate(inputs)]
     while names and not names[-1]:  # onnxruntime 1.31 crashes on a trailing "" in LayerNormalization
         names, inputs = names[:-1], inputs[:-1]
     node = helper.make_node(op, names, [f"y{i}" for i in range(n_outputs)], name=f"{op.lower()}_0", **attrs)
@@ -251,6 +282,12 @@ def test_converter_matches_onnxruntime(op, inputs, attrs, opset, n_outputs, tol)
             np.testing.assert_array_equal(g, e, err_msg=f"output {i}")
 
 
+def test_every_registered_op_has_a_case():
+    covered = {p.values[0] for p in NN_CASES + ELEMENTWISE_CASES + SHAPE_CASES}
+    missing = sorted(set(supported_ops()) - covered)
+    assert not missing, f"converters without an onnxruntime case: {missing}"
+
+
 def test_inputs_are_not_modified():
     x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
     before = x.clone()
@@ -265,6 +302,23 @@ def test_gradient_reaches_conv_weight():
     (y,) = find_converter("Conv", 13)(node, [x, w])
     y.square().sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0, "no gradient reached the Conv weight"
+
+
+@pytest.mark.parametrize("op, attrs, shapes, wrt", [
+    ("Gemm", {"transB": 1}, [(3, 5), (4, 5), (4,)], 1),
+    ("MaxPool", {"kernel_shape": [3, 3], "pads": [0, 1, 2, 0], "ceil_mode": 1}, [(1, 2, 6, 6)], 0),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [0, 1, 2, 0]}, [(1, 2, 6, 6)], 0),
+    ("Resize", {"mode": "linear"}, [(1, 2, 3, 4), None, torch.tensor([1.0, 1.0, 2.0, 1.5])], 0),
+    ("Pad", {"mode": "reflect"}, [(2, 5), torch.tensor([1, 2, 0, 3])], 0),
+    ("Slice", {}, [(4, 5), torch.tensor([-1]), torch.tensor([-5]), torch.tensor([1]), torch.tensor([-2])], 0),
+])
+def test_gradient_reaches_data_input(op, attrs, shapes, wrt):
+    inputs = [torch.randn(s, requires_grad=True) if isinstance(s, tuple) else s for s in shapes]
+    node = OpNode.from_proto(helper.make_node(op, [f"x{i}" for i in range(len(inputs))], ["y"], **attrs), 13)
+    (y,) = find_converter(op, 13)(node, inputs)
+    y.square().sum().backward()
+    grad = inputs[wrt].grad
+    assert grad is not None and grad.abs().sum() > 0, f"no gradient reached input {wrt} of {op}"
 
 
 def test_duplicate_registration_raises():
@@ -287,18 +341,17 @@ def test_find_converter_unknown_op_or_domain():
     assert find_converter("Gelu", 19) is None, "Gelu exists from opset 20 only"
 
 
-@pytest.mark.parametrize("op, attrs, opset", [
-    ("Resize", {"mode": "cubic"}, 13),
-    ("Resize", {"coordinate_transformation_mode": "tf_crop_and_resize"}, 13),
-    ("Pad", {"mode": "mirror"}, 13),
-    ("Cast", {"to": TensorProto.STRING}, 13),
-    ("AveragePool", {"kernel_shape": [2, 2], "dilations": [2, 2]}, 19),
+@pytest.mark.parametrize("op, attrs, opset, inputs, names", [
+    ("Resize", {"mode": "cubic"}, 13, [torch.zeros(1, 1, 2, 2), None, torch.ones(4)], "'cubic'"),
+    ("Resize", {"coordinate_transformation_mode": "tf_crop_and_resize"}, 13,
+     [torch.zeros(1, 1, 2, 2), None, torch.ones(4)], "'tf_crop_and_resize'"),
+    ("Pad", {"mode": "mirror"}, 13, [torch.zeros(2, 2), torch.tensor([1, 1, 1, 1])], "'mirror'"),
+    ("Cast", {"to": TensorProto.STRING}, 13, [torch.zeros(2)], "STRING"),
+    ("AveragePool", {"kernel_shape": [2, 2], "dilations": [2, 2]}, 19, [torch.zeros(1, 1, 4, 4)], "[2, 2]"),
+    ("Dropout", {}, 13, [torch.zeros(2), None, torch.tensor(True)], "training_mode"),
 ])
-def test_unsupported_attribute_names_op_node_and_value(op, attrs, opset):
-    node = OpNode.from_proto(helper.make_node(op, ["x", "", "", ""], ["y"], name="bad_node", **attrs), opset)
-    x = torch.zeros(1, 1, 4, 4)
-    inputs = [x, None, None, torch.tensor([1, 1, 8, 8])] if op == "Resize" else [x, torch.tensor([0] * 8)]
-    with pytest.raises(NotImplementedError, match=rf"{op} node 'bad_node'") as raised:
+def test_unsupported_attribute_names_op_node_and_value(op, attrs, opset, inputs, names):
+    node = OpNode.from_proto(helper.make_node(op, ["x"] * len(inputs), ["y"], name="bad_node", **attrs), opset)
+    with pytest.raises(NotImplementedError, match=rf"^{op} node 'bad_node' \(opset {opset}\)") as raised:
         find_converter(op, opset)(node, inputs)
-    value = next(iter(attrs.values())) if op != "Cast" else "STRING"
-    assert str(value if op != "AveragePool" else attrs["dilations"]) in str(raised.value)
+    assert names in str(raised.value), f"{str(raised.value)!r} does not name {names}"

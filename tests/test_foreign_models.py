@@ -45,6 +45,24 @@ FOLDED = {
     "conv_batchnorm": {"BatchNormalization"},
     "mobilenet_clip6": {"BatchNormalization"},
     "weights_through_ops": {"Identity", "Transpose", "Cast"},
+    "gemm_mlp": {"BatchNormalization"},
+}
+# op counts the emitted graph must keep: affine ops of run-time tensors, or that are not per channel
+KEPT = {
+    "hardswish_se": {"Mul": 2},  # the squeeze-excite gate and x * HardSigmoid(x)
+    "shared_weights": {"Add": 1},  # the residual
+    "conv_add_along_width": {"Add": 1},  # a [C] constant after a conv broadcasts along the width
+    "reshape_transpose_head": {"Add": 1},  # MatMul biases stay Adds (only Conv/Gemm absorb them)
+    "matmul_bias_mlp": {"Add": 2},
+}
+FIXED_BATCH_BUG = ("onnxflex/verify.py run() feeds 64-sample batches to a model whose input fixes batch 1, "
+                   "so verification of every fixed-batch model fails in onnxruntime")
+XFAIL = {
+    "matmul_bias_mlp": FIXED_BATCH_BUG,
+    "fixed_batch_reshape": FIXED_BATCH_BUG + "; the torch simulation also runs batch_size samples through "
+                           "Reshape [1, -1] (rounding/reconstruct.py ignores the fixed batch)",
+    "duplicate_names_opset11": "verify() runs the user's model as the FP32 reference; onnxruntime refuses its "
+                               "duplicate node names (at opset >= 13 canonicalize happens to rename them in place)",
 }
 
 
@@ -125,7 +143,13 @@ def check_accuracy(result, fp_model: onnx.ModelProto, name: str, min_sqnr: float
     return sqnr
 
 
-@pytest.mark.parametrize("name", list(graphs.BUILDERS))
+def _cases():
+    for name in graphs.BUILDERS:
+        marks = [pytest.mark.xfail(strict=True, reason=XFAIL[name])] if name in XFAIL else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", _cases())
 def test_rtn_w8a8(name):
     model = graphs.BUILDERS[name](0)
     calib = graphs.random_calibration(model, CALIB_SAMPLES, seed=0)
@@ -139,16 +163,10 @@ def test_rtn_w8a8(name):
     ops = {n.op_type for n in qmodel.graph.node}
     left = FOLDED.get(name, set()) & ops
     assert not left, f"{name}: {sorted(left)} should have been folded away, the emitted graph has {sorted(ops)}"
-    check_integer_kernels(model, qmodel, name)
-
-
-def test_rtn_keeps_non_affine_mul_and_add():
-    """The squeeze-excite gate Mul and a residual Add read two run-time tensors: never folded."""
-    for name, op, count in (("hardswish_se", "Mul", 2), ("shared_weights", "Add", 1)):
-        model = graphs.BUILDERS[name](0)
-        result = onnxflex.quantize(model, graphs.random_calibration(model, 64, 0), rtn_config(), progress=False)
-        got = sum(n.op_type == op for n in result.model.graph.node)
+    for op, count in KEPT.get(name, {}).items():
+        got = sum(n.op_type == op for n in qmodel.graph.node)
         assert got == count, f"{name}: {got} {op} nodes in the emitted graph, expected {count}"
+    check_integer_kernels(model, qmodel, name)
 
 
 def test_flexround_smoke():

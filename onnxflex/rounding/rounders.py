@@ -83,16 +83,17 @@ class RTNRounder(Rounder):
 
 @ROUNDERS.register("flexround")
 class FlexRounder(Rounder):
-    """FlexRound: Ŵ = s1 · clamp(round_STE(W / exp(δ1 + δ2 + δ3 + δ4))), s1 = exp(δ1).
+    """FlexRound: Ŵ = s1 · clamp(round_STE(W / (s1 · exp(δ2 + δ3 + δ4)))), s1 = s0 · exp(δ1).
 
-    δ1 [C] starts at log of the RTN step; δ2 (weight-shaped), δ3 (per output channel) and δ4 (per
-    input channel, Conv weights only) start at 0, so the first forward equals RTN. Dividing by a
-    learned element-wise scale makes the update of δ2 proportional to |W| (the reciprocal rule).
+    s0 [C] is the RTN step (grid search); δ1 [C], δ2 (weight-shaped), δ3 (per output channel) and
+    δ4 (per input channel, Conv weights only) start at 0, so the first forward equals RTN bit for bit
+    (exp(0) = 1 exactly; storing log s0 instead would not round-trip). Dividing by a learned
+    element-wise scale makes the update of δ2 proportional to |W| (the reciprocal rule).
     """
 
     def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse") -> None:
         super().__init__(weight, axis, bits, scale_search)
-        self.delta1 = torch.nn.Parameter(torch.log(self.init_scale.clone()))
+        self.delta1 = torch.nn.Parameter(torch.zeros_like(self.init_scale))
         self.delta2 = torch.nn.Parameter(torch.zeros_like(self.weight))
         self.delta3 = torch.nn.Parameter(torch.zeros([weight.shape[axis] if d == axis else 1
                                                       for d in range(weight.ndim)]))
@@ -105,13 +106,13 @@ class FlexRounder(Rounder):
         return [([self.delta1], "scale_lr"), (deltas, "lr")]
 
     def scale(self) -> torch.Tensor:
-        return torch.exp(self.delta1)
+        return self.init_scale * torch.exp(self.delta1)
 
     def divisor(self) -> torch.Tensor:
-        exponent = self.delta1.reshape(self.shape) + self.delta2 + self.delta3
+        exponent = self.delta2 + self.delta3
         if self.has_delta4:
             exponent = exponent + self.delta4
-        return torch.exp(exponent)
+        return self.scale().reshape(self.shape) * torch.exp(exponent)
 
     def integers(self) -> torch.Tensor:
         return torch.clamp(round_ste(self.weight / self.divisor()), self.qmin, self.qmax)

@@ -2,6 +2,8 @@
 
 Spatial ops take N×C×D1×…×Dn inputs with n = 1, 2 or 3. Pads that torch cannot express (asymmetric,
 or wider than half a window) are applied with ``F.pad`` first, so every ONNX padding works.
+Where onnxruntime departs from the ONNX text (pool ceil_mode and SAME pads, ConvTranspose
+output_shape, Resize axes of scale 1), these converters follow onnxruntime and say so.
 """
 from __future__ import annotations
 
@@ -190,7 +192,7 @@ def matmul(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
 
 @converter("MaxPool", since=1)
 def max_pool(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
-    """Max pool with kernel_shape, strides, pads/auto_pad, dilations, ceil_mode; the Indices output is unsupported."""
+    """Max pool with kernel_shape, strides, pads/auto_pad, dilations, ceil_mode; output Indices unsupported."""
     if len(node.outputs) > 1 and node.outputs[1]:
         raise _unsupported(node, "output 1 (Indices)")
     x = inputs[0]
@@ -286,6 +288,8 @@ def batch_normalization(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[
     """Inference form: scale * (X - mean) / sqrt(var + epsilon) + B per channel (axis 1); output Y only."""
     if node.attr("training_mode", 0) or any(node.outputs[1:]):
         raise _unsupported(node, "training mode (outputs beyond Y)")
+    if not node.attr("spatial", 1):
+        raise _unsupported(node, "spatial=0")
     x, scale, bias, mean, var = inputs[:5]
     eps = float(node.attr("epsilon", 1e-5))
     return (F.batch_norm(x, mean, var, scale, bias, training=False, eps=eps),)
@@ -318,20 +322,16 @@ _NEAREST = {
 }
 
 
-def _source_coords(mode: str, out_len: int, in_len: int, scale: np.float32) -> np.ndarray | None:
-    """Input coordinate (float32, like onnxruntime) of each output index; None for an unknown mode."""
-    x = np.arange(out_len, dtype=np.float32)
-    if mode == "asymmetric":
-        return x / scale
-    if mode == "half_pixel":
-        return (x + 0.5) / scale - 0.5
-    if mode == "pytorch_half_pixel":
-        return (x + 0.5) / scale - 0.5 if out_len > 1 else np.zeros_like(x)
-    if mode == "align_corners":
-        return x * np.float32(in_len - 1) / np.float32(out_len - 1) if out_len > 1 else np.zeros_like(x)
-    if mode == "tf_half_pixel_for_nn":
-        return (x + 0.5) / scale
-    return None
+# coordinate_transformation_mode → input coordinate of each output index x, in float32 like onnxruntime.
+# half_pixel_symmetric (opset 19) is left out: onnxruntime's float rounding of it could not be matched.
+_COORDINATES: dict[str, Callable[[np.ndarray, np.float32, int, int], np.ndarray]] = {
+    "asymmetric": lambda x, scale, in_len, out_len: x / scale,
+    "half_pixel": lambda x, scale, in_len, out_len: (x + 0.5) / scale - 0.5,
+    "pytorch_half_pixel": lambda x, scale, in_len, out_len: (x + 0.5) / scale - 0.5 if out_len > 1 else 0 * x,
+    "align_corners": lambda x, scale, in_len, out_len: (
+        x * np.float32(in_len - 1) / np.float32(out_len - 1) if out_len > 1 else 0 * x),
+    "tf_half_pixel_for_nn": lambda x, scale, in_len, out_len: (x + 0.5) / scale,
+}
 
 
 def _resize_axis(x: Tensor, axis: int, coords: np.ndarray, mode: str, nearest_mode: str) -> Tensor:
@@ -339,13 +339,14 @@ def _resize_axis(x: Tensor, axis: int, coords: np.ndarray, mode: str, nearest_mo
     in_len = x.shape[axis]
     if mode == "nearest":
         index = np.clip(_NEAREST[nearest_mode](coords), 0, in_len - 1).astype(np.int64)
-        return x.index_select(axis, torch.from_numpy(index))
+        return x.index_select(axis, torch.as_tensor(index, device=x.device))
     coords = np.clip(coords, 0, in_len - 1)
     low = np.floor(coords).astype(np.int64)
     high = np.minimum(low + 1, in_len - 1)
-    shape = [-1 if d == axis else 1 for d in range(x.dim())]
-    w = torch.from_numpy(coords - low).to(x.dtype).reshape(shape)
-    return x.index_select(axis, torch.from_numpy(low)) * (1 - w) + x.index_select(axis, torch.from_numpy(high)) * w
+    w = torch.as_tensor(coords - low, dtype=x.dtype, device=x.device)
+    w = w.reshape([-1 if d == axis else 1 for d in range(x.dim())])
+    below, above = (x.index_select(axis, torch.as_tensor(i, device=x.device)) for i in (low, high))
+    return below * (1 - w) + above * w
 
 
 def _resize_check(node: OpNode) -> tuple[str, str, str]:
@@ -355,7 +356,7 @@ def _resize_check(node: OpNode) -> tuple[str, str, str]:
     nearest_mode = node.attr("nearest_mode", "round_prefer_floor")
     if mode not in ("nearest", "linear"):
         raise _unsupported(node, f"mode={mode!r} (only nearest and linear)")
-    if _source_coords(coord_mode, 1, 1, np.float32(1)) is None:
+    if coord_mode not in _COORDINATES:
         raise _unsupported(node, f"coordinate_transformation_mode={coord_mode!r}")
     if mode == "nearest" and nearest_mode not in _NEAREST:
         raise _unsupported(node, f"nearest_mode={nearest_mode!r}")
@@ -370,9 +371,8 @@ def _resize_check(node: OpNode) -> tuple[str, str, str]:
 def resize(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Resize X by ``scales`` (out = floor(in * scale)) or to ``sizes``, over ``axes`` (opset 18) or all.
 
-    Modes nearest and linear (per-axis, so bilinear on NCHW) with coordinate modes asymmetric,
-    half_pixel, pytorch_half_pixel, align_corners, tf_half_pixel_for_nn. Cubic, tf_crop_and_resize,
-    antialias and keep_aspect_ratio_policy are unsupported.
+    Modes nearest and linear (per axis, so bilinear on NCHW) with the coordinate modes of
+    ``_COORDINATES``; cubic, tf_crop_and_resize, antialias and keep_aspect_ratio_policy are unsupported.
     """
     mode, coord_mode, nearest_mode = _resize_check(node)
     x, scales, sizes = inputs[0], _optional(inputs, 2), _optional(inputs, 3)
@@ -387,7 +387,7 @@ def resize(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     for axis, in_len, out_len, factor in zip(axes, in_lens, out_lens, factors):
         if out_len == in_len and factor == 1:  # onnxruntime copies such axes whatever the coordinate mode
             continue
-        coords = _source_coords(coord_mode, out_len, in_len, factor)
+        coords = _COORDINATES[coord_mode](np.arange(out_len, dtype=np.float32), factor, in_len, out_len)
         x = _resize_axis(x, axis, coords, mode, nearest_mode)
     return (x,)
 
@@ -425,7 +425,7 @@ def _pad(node: OpNode, x: Tensor, pads: list[int], value: float | int, axes: lis
     for axis, (begin, end) in enumerate(zip(begins, ends)):
         if begin or end:
             index = _PAD_INDEX[mode](np.arange(-begin, x.shape[axis] + end), x.shape[axis])
-            x = x.index_select(axis, torch.from_numpy(index.astype(np.int64)))
+            x = x.index_select(axis, torch.as_tensor(index, dtype=torch.long, device=x.device))
     return x
 
 

@@ -195,7 +195,7 @@ def gather(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
 
     Output shape: x.shape[:axis] + indices.shape + x.shape[axis + 1:].
     """
-    x, indices = inputs[0], inputs[1].long()
+    x, indices = inputs[0], inputs[1].to(device=inputs[0].device, dtype=torch.long)
     axis = int(node.attr("axis", 0)) % x.dim()
     indices = torch.where(indices < 0, indices + x.shape[axis], indices)
     picked = x.index_select(axis, indices.reshape(-1))
@@ -207,16 +207,16 @@ def gather(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
 
 @converter("Shape", since=1)
 def shape(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
-    """x's shape as 1-D int64, restricted to [start, end) (opset 15 attributes; clamped, may be negative)."""
+    """x's shape as 1-D int64 on x's device, restricted to [start, end) (opset 15; clamped, may be negative)."""
     start, end = node.attr("start", 0), node.attr("end")
     dims = list(inputs[0].shape)[int(start):None if end is None else int(end)]
-    return (torch.tensor(dims, dtype=torch.int64),)
+    return (torch.tensor(dims, dtype=torch.int64, device=inputs[0].device),)
 
 
 @converter("Size", since=1)
 def size(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
-    """Number of elements of x as a 0-d int64 tensor."""
-    return (torch.tensor(inputs[0].numel(), dtype=torch.int64),)
+    """Number of elements of x as a 0-d int64 tensor on x's device."""
+    return (torch.tensor(inputs[0].numel(), dtype=torch.int64, device=inputs[0].device),)
 
 
 # --- constants -----------------------------------------------------------------------------------
@@ -224,7 +224,10 @@ def size(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
 
 @converter("Constant", since=1)
 def constant(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
-    """The tensor given by value, value_float(s) or value_int(s); sparse and string values unsupported."""
+    """The tensor given by value, value_float(s) or value_int(s); sparse and string values unsupported.
+
+    With no input to take a device from, the result is on the CPU.
+    """
     if "value" in node.attrs:
         return (torch.tensor(np.array(node.attr("value"))),)
     if "value_float" in node.attrs:
@@ -243,7 +246,8 @@ def constant_of_shape(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Te
     """A tensor of the ``shape`` input filled with the 1-element ``value`` attribute (default float32 0)."""
     value = node.attr("value")
     value = np.zeros(1, np.float32) if value is None else np.asarray(value)
-    return (torch.tensor(np.full(_ints(inputs[0]), value.reshape(-1)[0], dtype=value.dtype)),)
+    filled = np.full(_ints(inputs[0]), value.reshape(-1)[0], dtype=value.dtype)
+    return (torch.as_tensor(filled, device=inputs[0].device),)
 
 
 @converter("Range", since=11)
@@ -252,4 +256,5 @@ def range_(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     start, limit, delta = inputs
     first, last, step = (numpy_value(t).item() for t in (start, limit, delta))
     count = max(math.ceil((last - first) / step), 0)
-    return (start.reshape(()) + torch.arange(count, dtype=start.dtype) * delta.reshape(()),)
+    steps = torch.arange(count, dtype=start.dtype, device=start.device)
+    return (start.reshape(()) + steps * delta.reshape(()),)

@@ -1,0 +1,102 @@
+"""CLI behaviour: exit codes, error messages naming the problem, atomic output, inspect, quiet."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import CNN
+from onnxflex.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_lists_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "quantize" in result.output and "inspect" in result.output
+
+
+def test_missing_model_is_exit_1_with_the_path(tmp_path):
+    result = invoke("quantize", tmp_path / "nope.onnx", "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 1
+    assert "nope.onnx" in result.output and "does not exist" in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_not_an_onnx_file_is_exit_1(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf")
+    result = invoke("quantize", bad, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 1
+    assert "bad.onnx" in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_bad_option_value_is_a_config_error(tmp_path):
+    result = invoke("quantize", CNN, "--wbits", "9", "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 1
+    assert "wbits=9" in result.output and "[2, 8]" in result.output
+
+
+def test_usage_error_keeps_exit_2():
+    assert invoke("quantize", CNN, "--method", "magic").exit_code == 2
+
+
+def test_calibration_missing_input_names_it(tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, pixels=np.zeros((8, 1, 16, 16), np.float32))
+    result = invoke("quantize", CNN, "--calib", calib, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 1
+    assert "no data for model input(s) input" in result.output and "pixels" in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_calibration_wrong_shape_names_input_and_shape(tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.zeros((8, 1, 8, 8), np.float32))
+    result = invoke("quantize", CNN, "--calib", calib, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 1
+    assert "'input'" in result.output and "[?, 1, 16, 16]" in result.output
+
+
+def test_calibration_nan_is_refused(tmp_path):
+    calib = tmp_path / "calib.npz"
+    x = np.zeros((8, 1, 16, 16), np.float32)
+    x[3, 0, 0, 0] = np.nan
+    np.savez(calib, input=x)
+    result = invoke("quantize", CNN, "--calib", calib, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 1 and "NaN" in result.output
+
+
+def test_quiet_rtn_run_writes_model_and_report(tmp_path):
+    out = tmp_path / "sub" / "q.onnx"
+    result = invoke("quantize", CNN, "--method", "rtn", "--quiet", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert result.output == ""
+    report = json.loads((tmp_path / "sub" / "q.onnx.report.json").read_text())
+    assert report["config"]["method"] == "rtn" and report["seed"] == 0
+    assert set(report["versions"]) >= {"onnxflex", "onnx", "onnxruntime", "torch"}
+    assert [b["name"] for b in report["blocks"]] == [f"block{k}" for k in range(5)]
+    assert len(report["layers"]) == 9 and all(l["int_min"] >= -128 for l in report["layers"])
+    assert not [p for p in (tmp_path / "sub").iterdir() if p.name.startswith(".")], "temporary files left"
+
+
+def test_inspect_shows_the_block_plan():
+    result = invoke("inspect", CNN)
+    assert result.exit_code == 0
+    assert result.output.startswith("5 blocks, 9 quantizable layers")
+    layer = invoke("inspect", CNN, "--granularity", "layer")
+    assert layer.output.startswith("9 blocks, 9 quantizable layers")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path):
+    result = invoke("quantize", CNN, "--device", "cuda", "--method", "rtn", "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 1
+    assert "--device cuda" in result.output and "--device cpu" in result.output

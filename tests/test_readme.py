@@ -1,0 +1,65 @@
+"""The README's commands run as written (paths under /tmp redirected to a temporary folder)."""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from helpers import MODELS, ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def code_blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def commands(program: str) -> list[str]:
+    return [line.strip() for block in code_blocks("sh") for line in block.splitlines()
+            if line.strip().startswith(program + " ")]
+
+
+def run_cli(args: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxflex.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """The repo's models plus the README's placeholder files model.onnx and calib.npz."""
+    shutil.copytree(MODELS, tmp_path / "models")
+    shutil.copy(MODELS / "digits_cnn.onnx", tmp_path / "model.onnx")
+    shutil.copy(MODELS / "digits_cnn.calib.npz", tmp_path / "calib.npz")
+    return tmp_path
+
+
+def test_readme_has_the_commands_this_suite_runs():
+    assert len(commands("onnxflex")) >= 3, commands("onnxflex")
+    assert "pytest" in [line.strip() for block in code_blocks("sh") for line in block.splitlines()]
+
+
+@pytest.mark.parametrize("command", commands("onnxflex"))
+def test_readme_cli_command(command, workdir):
+    args = shlex.split(command.replace("/tmp/", f"{workdir}/"))[1:]
+    result = run_cli(args, workdir)
+    assert result.returncode == 0, f"{command!r} failed:\n{result.stdout}\n{result.stderr}"
+    if args[0] == "quantize":
+        out = workdir / args[args.index("-o") + 1]
+        onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+        assert (workdir / f"{out}.report.json").is_file()
+        assert "SQNR vs FP32" in result.stdout
+    else:
+        assert "blocks" in result.stdout
+
+
+def test_readme_python_example(workdir):
+    code = code_blocks("python")[0].replace("/tmp/", f"{workdir}/")
+    result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (workdir / "digits_cnn.w4a8.onnx").is_file()
+    assert "logits" in result.stdout
