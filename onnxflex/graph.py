@@ -91,6 +91,16 @@ def graph_input_names(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
+def name_nodes_uniquely(model: onnx.ModelProto) -> None:
+    """Mutates: empty or repeated node names become unique names derived from the op type."""
+    scope = NameScope(n.name for n in model.graph.node if n.name)
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if not node.name or node.name in seen:
+            node.name = scope.unique_name(node.op_type)
+        seen.add(node.name)
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Mutates: removes initializers no node reads and no graph output names."""
     g = model.graph

@@ -7,11 +7,12 @@ import time
 import onnx
 
 from onnxflex.blocks import BlockPlan
-from onnxflex.calib import CalibrationSet
+from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.capture import TensorCache, capture
 from onnxflex.config import QuantConfig
 from onnxflex.device import resolve_device
 from onnxflex.emit import emit
+from onnxflex.graph import load_model, name_nodes_uniquely
 from onnxflex.passes.partition import partition
 from onnxflex.passes.pipeline import PassContext, run_passes
 from onnxflex.passes.select import activation_points, select_layers
@@ -27,7 +28,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
 
     target = get_target(config.target)
     ctx = PassContext(config)
-    canonical = run_passes(model, ctx)
+    canonical = run_passes(load_model(model), ctx)  # a copy: passes may mutate their input
     layers = select_layers(canonical, target, config)
     points = activation_points(canonical, layers, target, config)
 
@@ -54,6 +55,10 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
     plan = build_plan(original, config)
     for warning in plan.warnings:
         log.warning(warning)
+    fixed = fixed_batch(plan.model)
+    if fixed and fixed != config.batch_size:
+        log.info("the model's inputs fix the batch at %d; reconstruction uses batches of %d", fixed, fixed)
+        config = config.replace(batch_size=fixed)
     timings["passes"] = _lap(t)
 
     t = time.perf_counter()
@@ -83,7 +88,9 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
     verification = None
     if held.num_samples:
         simulated = simulate(modules, plan, held.arrays, torch.device(device.torch_device), config.batch_size)
-        verification = verify(qmodel, original, held.arrays, simulated, device.providers,
+        reference = load_model(original)
+        name_nodes_uniquely(reference)  # onnxruntime refuses repeated node names
+        verification = verify(qmodel, reference, held.arrays, simulated, device.providers,
                               config.verify_tolerance_db)
     timings["verify"] = _lap(t)
 

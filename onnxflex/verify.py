@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxflex.calib import fixed_batch
 from onnxflex.capture import session
 from onnxflex.errors import VerificationError
 from onnxflex.qparams import sqnr_db
@@ -35,6 +36,8 @@ def check_model(model: onnx.ModelProto) -> None:
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], providers, batch: int = 64) -> dict[str, np.ndarray]:
+    """All outputs of ``model`` over ``feeds``, run in batches (of the model's fixed batch, if it has one)."""
+    batch = fixed_batch(model) or batch
     sess = session(model, list(providers))
     names = [o.name for o in sess.get_outputs()]
     n = len(next(iter(feeds.values())))

@@ -3,7 +3,7 @@
 Upgrades opsets below 13 (per-channel DequantizeLinear needs 13), names every node uniquely, turns
 Constant nodes into initializers, drops Identity/Dropout, folds nodes whose inputs are all constant
 (weights fed through Transpose/Cast/Reshape become plain initializers), folds Shape of static shapes,
-gives each weighted node its own copy of a shared weight, sorts topologically and infers shapes.
+gives each weighted node its own copy of a shared weight or bias, sorts topologically and infers shapes.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from onnx import numpy_helper, shape_inference, version_converter
 from onnx.reference import ReferenceEvaluator
 
 from onnxflex.errors import UnsupportedModelError
-from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers
+from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
 from onnxflex.passes.pipeline import PASSES, PassContext
 
 QDQ_MIN_OPSET = 13
@@ -26,8 +26,11 @@ FOLD_LIMIT_BYTES = 256 << 20
 
 @PASSES.register("canonicalize")
 def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Returns the canonical model. May mutate ``model`` on the way: when no opset upgrade copies it,
+    node names, initializer graph inputs, Constant and Identity/Dropout nodes are rewritten in place
+    (and constants folded too if shape inference fails); pass a copy to keep the original."""
     model = _upgrade_opset(model, ctx)
-    _name_nodes(model)
+    name_nodes_uniquely(model)
     _drop_initializer_inputs(model)
     _constants_to_initializers(model)
     _remove_identities(model)
@@ -58,16 +61,6 @@ def _upgrade_opset(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
             f"and onnx's version converter failed: {exc}; re-export the model with opset >= 13") from exc
     ctx.warnings.append(f"upgraded the model from opset {opset} to {QDQ_MIN_OPSET} (per-channel Q/DQ needs 13)")
     return upgraded
-
-
-def _name_nodes(model: onnx.ModelProto) -> None:
-    """Mutates: empty or repeated node names become unique names derived from the op type."""
-    scope = NameScope(n.name for n in model.graph.node if n.name)
-    seen: set[str] = set()
-    for node in model.graph.node:
-        if not node.name or node.name in seen:
-            node.name = scope.unique_name(node.op_type)
-        seen.add(node.name)
 
 
 def _drop_initializer_inputs(model: onnx.ModelProto) -> None:

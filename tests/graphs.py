@@ -282,6 +282,22 @@ def mobilenet_clip6(seed: int = 0) -> onnx.ModelProto:
     return b.model("mobilenet_clip6", [_image()], [_out(N, 8, 8, 8)], opset=12)
 
 
+def affine_after(op: str, shape: tuple[int, ...], affine: str = "Add", seed: int = 0) -> onnx.ModelProto:
+    """``op`` (a 1x1 Conv on [N,3,8,8] or a Gemm on [N,3]) with 8 output channels, then ``affine``
+    (Add or Mul) with a constant of ``shape``: per channel or not, depending on how it broadcasts."""
+    b = _Builder(seed)
+    if op == "Conv":
+        x = _image(channels=3, size=8)
+        b.node("Conv", ["x", b.conv_weight("w", 8, 3, 1), b.small("b", (8,))], ["z"])
+    else:
+        x = _vector(features=3)
+        b.node("Gemm", ["x", b.he("w", (8, 3), 3), b.small("b", (8,))], ["z"], transB=1)
+    b.node(affine, ["z", b.const("c", b.rng.uniform(0.5, 1.5, shape).astype(np.float32))], ["y"])
+    rank = max(len(x.type.tensor_type.shape.dim), len(shape))
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(rank)])
+    return b.model(f"{op}_{affine}_{'x'.join(map(str, shape))}", [x], [out], opset=13)
+
+
 BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {fn.__name__: fn for fn in (
     conv_bias_add, conv_mul_add_bn, conv_batchnorm, mobilenet_clip6, hardswish_se, reshape_transpose_head,
     weights_through_ops, shared_weights, messy_names, duplicate_names, duplicate_names_opset11,

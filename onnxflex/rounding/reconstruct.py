@@ -165,8 +165,14 @@ def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: 
         before = evaluate(module, data, config.batch_size)
         progress.start(config.iters if learns else 0, f"{block.name} ({k + 1}/{len(plan.blocks)})")
         if learns:
+            start = [p.detach().clone() for params, _ in module.learnable() for p in params]
             train(module, data, config, seed, progress)
         after = evaluate(module, data, config.batch_size)
+        if learns and after > before:
+            _restore(module, start)
+            log.info("%s: learning ended at a higher loss (%.4g > %.4g); kept the round-to-nearest start",
+                     block.name, after, before)
+            after = evaluate(module, data, config.batch_size)
         store_quantized_outputs(module, data, cache, config.batch_size)
         runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
         results.append(BlockResult(block.name, before, after, config.iters if learns else 0,
@@ -174,6 +180,13 @@ def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: 
         progress.finish(f"{block.name}: loss {before:.4g} -> {after:.4g}")
         modules.append(module)
     return results, modules
+
+
+@torch.no_grad()
+def _restore(module: BlockModule, values: list[torch.Tensor]) -> None:
+    params = [p for group, _ in module.learnable() for p in group]
+    for p, v in zip(params, values, strict=True):
+        p.copy_(v)
 
 
 def _block_runner(block, plan, state, target, config, data, seed, device, providers):
