@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
-from onnxflex.rounding.converters.registry import OpNode, converter, numpy_value
+from onnxflex.rounding.converters.registry import OpNode, converter, numpy_value, optional_input, unsupported
 
 Tensor = torch.Tensor
 
@@ -31,14 +31,6 @@ _TORCH_DTYPES = {
 }
 
 
-def _unsupported(node: OpNode, what: str) -> NotImplementedError:
-    # Kept per module until registry.py offers a shared helper.
-    return NotImplementedError(f"{node.op_type} node {node.name!r} (opset {node.opset}): {what} is not supported")
-
-
-def _optional(inputs: Sequence[Tensor | None], i: int) -> Tensor | None:
-    """Input ``i``, or None when the node omits it."""
-    return inputs[i] if len(inputs) > i else None
 
 
 # --- arithmetic -------------------------------------------------------------------------------
@@ -179,7 +171,7 @@ def gelu(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """GELU with approximate 'none' (erf) or 'tanh'."""
     approximate = node.attr("approximate", "none")
     if approximate not in ("none", "tanh"):
-        raise _unsupported(node, f"approximate={approximate!r}")
+        raise unsupported(node, f"approximate={approximate!r}")
     return (F.gelu(inputs[0], approximate=approximate),)
 
 
@@ -193,7 +185,7 @@ def clip_attrs(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, .
 @converter("Clip", since=11)
 def clip(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """clamp(x, min, max) with optional 0-d inputs min and max; an omitted bound does not clip."""
-    low, high = _optional(inputs, 1), _optional(inputs, 2)
+    low, high = optional_input(inputs, 1), optional_input(inputs, 2)
     if low is None and high is None:
         return (inputs[0],)
     return (torch.clamp(inputs[0], low, high),)
@@ -238,7 +230,7 @@ def where(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
 
 def _torch_dtype(node: OpNode, onnx_type: int) -> torch.dtype:
     if onnx_type not in _TORCH_DTYPES:
-        raise _unsupported(node, f"target type {TensorProto.DataType.Name(onnx_type)}")
+        raise unsupported(node, f"target type {TensorProto.DataType.Name(onnx_type)}")
     return _TORCH_DTYPES[onnx_type]
 
 
@@ -260,9 +252,9 @@ def dropout(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]
 
     training_mode=true (opset 12+) is not supported: it would need a random mask.
     """
-    x, training = inputs[0], _optional(inputs, 2)
+    x, training = inputs[0], optional_input(inputs, 2)
     if training is not None and bool(numpy_value(training)):
-        raise _unsupported(node, "training_mode=true")
+        raise unsupported(node, "training_mode=true")
     if len(node.outputs) < 2 or not node.outputs[1]:
         return (x,)
     # The mask is bool from opset 10; before that it had the input's type.
@@ -290,7 +282,7 @@ def _reduce(node: OpNode, x: Tensor, axes: Sequence[int] | None,
 def _reduction(op_type: str, fn: Callable[..., Tensor], axes_from_input: bool):
     def convert(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
         if axes_from_input:
-            given = _optional(inputs, 1)
+            given = optional_input(inputs, 1)
             axes = None if given is None else [int(a) for a in numpy_value(given).reshape(-1)]
         else:
             axes = node.attr("axes")

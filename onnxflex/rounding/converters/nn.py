@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from onnxflex.rounding.converters.registry import OpNode, converter, numpy_value
+from onnxflex.rounding.converters.registry import (OpNode, const_ints, converter, numpy_value, optional_input,
+                                                    unsupported)
 
 Tensor = torch.Tensor
 
@@ -24,24 +25,12 @@ _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
-def _unsupported(node: OpNode, what: str) -> NotImplementedError:
-    # Kept per module until registry.py offers a shared helper.
-    return NotImplementedError(f"{node.op_type} node {node.name!r} (opset {node.opset}): {what} is not supported")
 
-
-def _ints(t: Tensor | Sequence[int] | None) -> list[int] | None:
-    """A constant int input or attribute as Python ints (numpy scalars overflow torch's int args)."""
-    return None if t is None else [int(v) for v in numpy_value(t).reshape(-1)]
-
-
-def _optional(inputs: Sequence[Tensor | None], i: int) -> Tensor | None:
-    """Input ``i``, or None when the node omits it."""
-    return inputs[i] if len(inputs) > i else None
 
 
 def _spatial_rank(node: OpNode, x: Tensor) -> int:
     if x.dim() - 2 not in _CONV:
-        raise _unsupported(node, f"input of rank {x.dim()} (only 1-D, 2-D and 3-D spatial)")
+        raise unsupported(node, f"input of rank {x.dim()} (only 1-D, 2-D and 3-D spatial)")
     return x.dim() - 2
 
 
@@ -73,8 +62,8 @@ def _window(node: OpNode, x: Tensor, kernel: Sequence[int],
     ``same_dilated=False`` sizes SAME pads from the undilated kernel, as onnxruntime does for pools.
     """
     n = len(kernel)
-    strides = _ints(node.attr("strides")) or [1] * n
-    dilations = _ints(node.attr("dilations")) or [1] * n
+    strides = const_ints(node.attr("strides")) or [1] * n
+    dilations = const_ints(node.attr("dilations")) or [1] * n
     auto_pad = node.attr("auto_pad", "NOTSET")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         same_dilations = dilations if same_dilated else [1] * n
@@ -83,8 +72,8 @@ def _window(node: OpNode, x: Tensor, kernel: Sequence[int],
     if auto_pad == "VALID":
         return strides, dilations, [0] * n, [0] * n
     if auto_pad != "NOTSET":
-        raise _unsupported(node, f"auto_pad={auto_pad!r}")
-    pads = _ints(node.attr("pads")) or [0] * (2 * n)
+        raise unsupported(node, f"auto_pad={auto_pad!r}")
+    pads = const_ints(node.attr("pads")) or [0] * (2 * n)
     return strides, dilations, pads[:n], pads[n:]
 
 
@@ -120,7 +109,7 @@ def _padded_pool(pool: Callable[..., Tensor], x: Tensor, flat_pads: list[int], l
 @converter("Conv", since=1)
 def conv(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """N-D convolution of X (N×C×…) by W (M×C/group×k…) plus optional B (M); all pad forms."""
-    x, w, b = inputs[0], inputs[1], _optional(inputs, 2)
+    x, w, b = inputs[0], inputs[1], optional_input(inputs, 2)
     n = _spatial_rank(node, x)
     strides, dilations, begins, ends = _window(node, x, w.shape[2:])
     padding: list[int] | int = begins
@@ -136,11 +125,11 @@ def _transpose_pads(node: OpNode, x: Tensor, kernel: Sequence[int], strides: Seq
     A negative end (output_shape past the full output) grows the output there, as onnxruntime does.
     """
     n, auto_pad = len(kernel), node.attr("auto_pad", "NOTSET")
-    output_shape = _ints(node.attr("output_shape"))
+    output_shape = const_ints(node.attr("output_shape"))
     if output_shape is None and auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
         if auto_pad == "VALID":
             return [0] * n, [0] * n
-        pads = _ints(node.attr("pads")) or [0] * (2 * n)
+        pads = const_ints(node.attr("pads")) or [0] * (2 * n)
         return pads[:n], pads[n:]
     full = [s * (size - 1) + op + (k - 1) * d + 1
             for size, s, op, k, d in zip(x.shape[2:], strides, output_padding, kernel, dilations)]
@@ -155,12 +144,12 @@ def _transpose_pads(node: OpNode, x: Tensor, kernel: Sequence[int], strides: Seq
 @converter("ConvTranspose", since=1)
 def conv_transpose(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """N-D transposed convolution; W is C×M/group×k…; pads crop the full output, output_shape honoured."""
-    x, w, b = inputs[0], inputs[1], _optional(inputs, 2)
+    x, w, b = inputs[0], inputs[1], optional_input(inputs, 2)
     n = _spatial_rank(node, x)
     kernel = list(w.shape[2:])
-    strides = _ints(node.attr("strides")) or [1] * n
-    dilations = _ints(node.attr("dilations")) or [1] * n
-    output_padding = _ints(node.attr("output_padding")) or [0] * n
+    strides = const_ints(node.attr("strides")) or [1] * n
+    dilations = const_ints(node.attr("dilations")) or [1] * n
+    output_padding = const_ints(node.attr("output_padding")) or [0] * n
     begins, ends = _transpose_pads(node, x, kernel, strides, dilations, output_padding)
     y = _CONV_TRANSPOSE[n](x, w, None, strides, 0, output_padding, int(node.attr("group", 1)), dilations)
     # Negative F.pad crops; a positive one (output_shape beyond the full output) grows with zeros.
@@ -171,7 +160,7 @@ def conv_transpose(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tenso
 @converter("Gemm", since=1)
 def gemm(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """alpha * A' @ B' + beta * C with A', B' optionally transposed (2-D) and C broadcast and optional."""
-    a, b, c = inputs[0], inputs[1], _optional(inputs, 2)
+    a, b, c = inputs[0], inputs[1], optional_input(inputs, 2)
     alpha, beta = float(node.attr("alpha", 1.0)), float(node.attr("beta", 1.0))
     a = a.t() if node.attr("transA", 0) else a
     b = b.t() if node.attr("transB", 0) else b
@@ -194,10 +183,10 @@ def matmul(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
 def max_pool(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Max pool with kernel_shape, strides, pads/auto_pad, dilations, ceil_mode; output Indices unsupported."""
     if len(node.outputs) > 1 and node.outputs[1]:
-        raise _unsupported(node, "output 1 (Indices)")
+        raise unsupported(node, "output 1 (Indices)")
     x = inputs[0]
     n = _spatial_rank(node, x)
-    kernel = _ints(node.attr("kernel_shape"))
+    kernel = const_ints(node.attr("kernel_shape"))
     strides, dilations, begins, ends = _window(node, x, kernel, same_dilated=False)
     ceil_mode = bool(node.attr("ceil_mode", 0))
     if _torch_pads(kernel, begins, ends):
@@ -215,10 +204,10 @@ def average_pool(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor,
     """
     x = inputs[0]
     n = _spatial_rank(node, x)
-    kernel = _ints(node.attr("kernel_shape"))
+    kernel = const_ints(node.attr("kernel_shape"))
     strides, dilations, begins, ends = _window(node, x, kernel, same_dilated=False)
     if any(d != 1 for d in dilations):
-        raise _unsupported(node, f"dilations={dilations}")
+        raise unsupported(node, f"dilations={dilations}")
     ceil_mode, include_pad = bool(node.attr("ceil_mode", 0)), bool(node.attr("count_include_pad", 0))
     pool = _AVG_POOL[n]
     if _torch_pads(kernel, begins, ends):
@@ -287,9 +276,9 @@ def log_softmax(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, 
 def batch_normalization(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Inference form: scale * (X - mean) / sqrt(var + epsilon) + B per channel (axis 1); output Y only."""
     if node.attr("training_mode", 0) or any(node.outputs[1:]):
-        raise _unsupported(node, "training mode (outputs beyond Y)")
+        raise unsupported(node, "training mode (outputs beyond Y)")
     if not node.attr("spatial", 1):
-        raise _unsupported(node, "spatial=0")
+        raise unsupported(node, "spatial=0")
     x, scale, bias, mean, var = inputs[:5]
     eps = float(node.attr("epsilon", 1e-5))
     return (F.batch_norm(x, mean, var, scale, bias, training=False, eps=eps),)
@@ -301,7 +290,7 @@ def layer_normalization(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[
 
     Returns Y, Mean and InvStdDev (keepdims) as far as the node lists outputs.
     """
-    x, scale, bias = inputs[0], inputs[1], _optional(inputs, 2)
+    x, scale, bias = inputs[0], inputs[1], optional_input(inputs, 2)
     axis = int(node.attr("axis", -1)) % x.dim()
     dims = tuple(range(axis, x.dim()))
     mean = x.mean(dim=dims, keepdim=True)
@@ -355,15 +344,15 @@ def _resize_check(node: OpNode) -> tuple[str, str, str]:
     coord_mode = node.attr("coordinate_transformation_mode", "half_pixel")
     nearest_mode = node.attr("nearest_mode", "round_prefer_floor")
     if mode not in ("nearest", "linear"):
-        raise _unsupported(node, f"mode={mode!r} (only nearest and linear)")
+        raise unsupported(node, f"mode={mode!r} (only nearest and linear)")
     if coord_mode not in _COORDINATES:
-        raise _unsupported(node, f"coordinate_transformation_mode={coord_mode!r}")
+        raise unsupported(node, f"coordinate_transformation_mode={coord_mode!r}")
     if mode == "nearest" and nearest_mode not in _NEAREST:
-        raise _unsupported(node, f"nearest_mode={nearest_mode!r}")
+        raise unsupported(node, f"nearest_mode={nearest_mode!r}")
     if node.attr("antialias", 0):
-        raise _unsupported(node, "antialias=1")
+        raise unsupported(node, "antialias=1")
     if node.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
-        raise _unsupported(node, f"keep_aspect_ratio_policy={node.attr('keep_aspect_ratio_policy')!r}")
+        raise unsupported(node, f"keep_aspect_ratio_policy={node.attr('keep_aspect_ratio_policy')!r}")
     return mode, coord_mode, nearest_mode
 
 
@@ -375,11 +364,11 @@ def resize(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     ``_COORDINATES``; cubic, tf_crop_and_resize, antialias and keep_aspect_ratio_policy are unsupported.
     """
     mode, coord_mode, nearest_mode = _resize_check(node)
-    x, scales, sizes = inputs[0], _optional(inputs, 2), _optional(inputs, 3)
+    x, scales, sizes = inputs[0], optional_input(inputs, 2), optional_input(inputs, 3)
     axes = [a % x.dim() for a in node.attr("axes") or range(x.dim())]
     in_lens = [x.shape[a] for a in axes]
     if sizes is not None and sizes.numel():
-        out_lens = _ints(sizes)
+        out_lens = const_ints(sizes)
         factors = [np.float32(o) / np.float32(i) for o, i in zip(out_lens, in_lens)]
     else:
         factors = [np.float32(s) for s in numpy_value(scales).reshape(-1)]
@@ -421,7 +410,7 @@ def _pad(node: OpNode, x: Tensor, pads: list[int], value: float | int, axes: lis
     if mode == "constant":
         return F.pad(x, _flat_pads(begins, ends), value=value)
     if mode not in _PAD_INDEX:
-        raise _unsupported(node, f"mode={mode!r}")
+        raise unsupported(node, f"mode={mode!r}")
     for axis, (begin, end) in enumerate(zip(begins, ends)):
         if begin or end:
             index = _PAD_INDEX[mode](np.arange(-begin, x.shape[axis] + end), x.shape[axis])
@@ -432,12 +421,12 @@ def _pad(node: OpNode, x: Tensor, pads: list[int], value: float | int, axes: lis
 @converter("Pad", since=2)
 def pad_attrs(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Pad with attributes pads, mode and value (opsets 2–10)."""
-    return (_pad(node, inputs[0], _ints(node.attr("pads")), float(node.attr("value", 0.0)), None),)
+    return (_pad(node, inputs[0], const_ints(node.attr("pads")), float(node.attr("value", 0.0)), None),)
 
 
 @converter("Pad", since=11)
 def pad(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Pad with inputs pads, optional constant_value and (opset 18) axes; modes constant, reflect, edge, wrap."""
-    value = _optional(inputs, 2)
+    value = optional_input(inputs, 2)
     value = 0 if value is None else numpy_value(value).reshape(-1)[0].item()
-    return (_pad(node, inputs[0], _ints(inputs[1]), value, _ints(_optional(inputs, 3))),)
+    return (_pad(node, inputs[0], const_ints(inputs[1]), value, const_ints(optional_input(inputs, 3))),)

@@ -82,3 +82,19 @@ def supported_ops() -> list[str]:
 def numpy_value(t: Any) -> np.ndarray:
     """A constant input (shape, axes, pads…) as a numpy array, for converters that need Python values."""
     return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+def unsupported(node: OpNode, what: str) -> NotImplementedError:
+    """The error a converter raises for an attribute value it cannot express; the block then runs in
+    onnxruntime instead of torch."""
+    return NotImplementedError(f"{node.op_type} node {node.name!r} (opset {node.opset}): {what} is not supported")
+
+
+def const_ints(t: Any) -> list[int] | None:
+    """A constant int input or attribute as Python ints (numpy scalars overflow torch's int args)."""
+    return None if t is None else [int(v) for v in numpy_value(t).reshape(-1)]
+
+
+def optional_input(inputs: Sequence[Any], i: int) -> Any:
+    """Input ``i``, or None when the node omits it."""
+    return inputs[i] if len(inputs) > i else None

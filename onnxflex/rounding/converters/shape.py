@@ -11,25 +11,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from onnxflex.rounding.converters.registry import OpNode, converter, numpy_value
+from onnxflex.rounding.converters.registry import (OpNode, const_ints, converter, numpy_value, optional_input,
+                                                    unsupported)
 
 Tensor = torch.Tensor
 _INT64_MAX = np.iinfo(np.int64).max
 
 
-def _unsupported(node: OpNode, what: str) -> NotImplementedError:
-    # Kept per module until registry.py offers a shared helper.
-    return NotImplementedError(f"{node.op_type} node {node.name!r} (opset {node.opset}): {what} is not supported")
 
-
-def _ints(t: Tensor | Sequence[int] | None) -> list[int] | None:
-    """A constant int input or attribute as Python ints (numpy scalars overflow torch's int args)."""
-    return None if t is None else [int(v) for v in numpy_value(t).reshape(-1)]
-
-
-def _optional(inputs: Sequence[Tensor | None], i: int) -> Tensor | None:
-    """Input ``i``, or None when the node omits it."""
-    return inputs[i] if len(inputs) > i else None
 
 
 # --- reshaping -----------------------------------------------------------------------------------
@@ -47,7 +36,7 @@ def flatten(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]
 @converter("Reshape", since=5)
 def reshape(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Reshape to the ``shape`` input: -1 is inferred; 0 copies the input dim unless allowzero=1."""
-    x, shape = inputs[0], _ints(inputs[1])
+    x, shape = inputs[0], const_ints(inputs[1])
     if not node.attr("allowzero", 0):
         shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
     return (x.reshape(shape),)
@@ -80,39 +69,39 @@ def _unsqueeze(x: Tensor, axes: list[int]) -> Tensor:
 @converter("Squeeze", since=1)
 def squeeze_attr(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Squeeze with axes as attribute (opsets 1–12)."""
-    return (_squeeze(inputs[0], _ints(node.attr("axes"))),)
+    return (_squeeze(inputs[0], const_ints(node.attr("axes"))),)
 
 
 @converter("Squeeze", since=13)
 def squeeze(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Squeeze with axes as optional input (opset 13+)."""
-    return (_squeeze(inputs[0], _ints(_optional(inputs, 1))),)
+    return (_squeeze(inputs[0], const_ints(optional_input(inputs, 1))),)
 
 
 @converter("Unsqueeze", since=1)
 def unsqueeze_attr(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Unsqueeze with axes as attribute (opsets 1–12)."""
-    return (_unsqueeze(inputs[0], _ints(node.attr("axes"))),)
+    return (_unsqueeze(inputs[0], const_ints(node.attr("axes"))),)
 
 
 @converter("Unsqueeze", since=13)
 def unsqueeze(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Unsqueeze with axes as input (opset 13+)."""
-    return (_unsqueeze(inputs[0], _ints(inputs[1])),)
+    return (_unsqueeze(inputs[0], const_ints(inputs[1])),)
 
 
 @converter("Expand", since=8)
 def expand(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Broadcast x against ``shape`` in both directions (the result may be larger than ``shape``)."""
     x = inputs[0]
-    out = np.broadcast_shapes(tuple(x.shape), tuple(_ints(inputs[1])))
+    out = np.broadcast_shapes(tuple(x.shape), tuple(const_ints(inputs[1])))
     return (x.expand(out),)
 
 
 @converter("Tile", since=6)
 def tile(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Repeat x ``repeats[i]`` times along axis i."""
-    return (inputs[0].repeat(_ints(inputs[1])),)
+    return (inputs[0].repeat(const_ints(inputs[1])),)
 
 
 # --- joining and splitting -----------------------------------------------------------------------
@@ -134,14 +123,14 @@ def _split(x: Tensor, axis: int, sizes: list[int] | None, n_outputs: int) -> tup
 @converter("Split", since=2)
 def split_attr(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Split with sizes as attribute ``split`` (opsets 2–12); one tensor per node output."""
-    return _split(inputs[0], int(node.attr("axis", 0)), _ints(node.attr("split")), len(node.outputs))
+    return _split(inputs[0], int(node.attr("axis", 0)), const_ints(node.attr("split")), len(node.outputs))
 
 
 @converter("Split", since=13)
 def split(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Split with sizes as optional input ``split``, or num_outputs (opset 18) pieces."""
     n_outputs = int(node.attr("num_outputs", len(node.outputs)))
-    return _split(inputs[0], int(node.attr("axis", 0)), _ints(_optional(inputs, 1)), n_outputs)
+    return _split(inputs[0], int(node.attr("axis", 0)), const_ints(optional_input(inputs, 1)), n_outputs)
 
 
 # --- indexing ------------------------------------------------------------------------------------
@@ -169,7 +158,7 @@ def _slice(node: OpNode, x: Tensor, starts: list[int], ends: list[int],
     axes = axes or list(range(len(starts)))
     steps = steps or [1] * len(starts)
     if 0 in steps:
-        raise _unsupported(node, "step 0")
+        raise unsupported(node, "step 0")
     for axis, start, end, step in zip(axes, starts, ends, steps):
         x = _slice_axis(x, axis % x.dim(), start, end, step)
     return (x,)
@@ -178,15 +167,15 @@ def _slice(node: OpNode, x: Tensor, starts: list[int], ends: list[int],
 @converter("Slice", since=1)
 def slice_attrs(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Slice with starts, ends, axes as attributes (opsets 1–9); steps are 1."""
-    return _slice(node, inputs[0], _ints(node.attr("starts")), _ints(node.attr("ends")),
-                  _ints(node.attr("axes")), None)
+    return _slice(node, inputs[0], const_ints(node.attr("starts")), const_ints(node.attr("ends")),
+                  const_ints(node.attr("axes")), None)
 
 
 @converter("Slice", since=10)
 def slice_(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Slice with inputs starts, ends, optional axes and steps; negative steps and INT64 bounds work."""
-    return _slice(node, inputs[0], _ints(inputs[1]), _ints(inputs[2]),
-                  _ints(_optional(inputs, 3)), _ints(_optional(inputs, 4)))
+    return _slice(node, inputs[0], const_ints(inputs[1]), const_ints(inputs[2]),
+                  const_ints(optional_input(inputs, 3)), const_ints(optional_input(inputs, 4)))
 
 
 @converter("Gather", since=1)
@@ -237,8 +226,8 @@ def constant(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...
     if "value_int" in node.attrs:
         return (torch.tensor(int(node.attr("value_int")), dtype=torch.int64),)
     if "value_ints" in node.attrs:
-        return (torch.tensor(_ints(node.attr("value_ints")), dtype=torch.int64),)
-    raise _unsupported(node, f"attribute {sorted(node.attrs)}")
+        return (torch.tensor(const_ints(node.attr("value_ints")), dtype=torch.int64),)
+    raise unsupported(node, f"attribute {sorted(node.attrs)}")
 
 
 @converter("ConstantOfShape", since=9)
@@ -246,7 +235,7 @@ def constant_of_shape(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Te
     """A tensor of the ``shape`` input filled with the 1-element ``value`` attribute (default float32 0)."""
     value = node.attr("value")
     value = np.zeros(1, np.float32) if value is None else np.asarray(value)
-    filled = np.full(_ints(inputs[0]), value.reshape(-1)[0], dtype=value.dtype)
+    filled = np.full(const_ints(inputs[0]), value.reshape(-1)[0], dtype=value.dtype)
     return (torch.as_tensor(filled, device=inputs[0].device),)
 
 
