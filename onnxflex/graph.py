@@ -6,9 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxflex.errors import ModelLoadError
 
@@ -74,17 +72,6 @@ def set_default_opset(model: onnx.ModelProto, version: int) -> None:
     model.opset_import.add(domain="", version=version)
 
 
-def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
-
-
-def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    for t in model.graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    raise KeyError(name)
-
-
 def graph_input_names(model: onnx.ModelProto) -> list[str]:
     """Graph inputs that are fed at run time (initializers listed as inputs excluded)."""
     inits = {t.name for t in model.graph.initializer}
@@ -117,10 +104,6 @@ def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
             if name:
                 out.setdefault(name, []).append(node)
     return out
-
-
-def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {o: node for node in model.graph.node for o in node.output if o}
 
 
 class NameScope:

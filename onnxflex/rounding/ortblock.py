@@ -82,8 +82,3 @@ class OrtBlock:
                            {k: v for k, v in full.biases.items() if k in biases},
                            {k: v for k, v in full.acts.items() if k in self.block.act_points})
 
-    def learnable(self):
-        return []
-
-    def eval(self):
-        return self

@@ -121,9 +121,3 @@ class FlexRounder(Rounder):
 def make_rounder(method: str, weight: torch.Tensor, axis: int, bits: int, scale_search: str) -> Rounder:
     return ROUNDERS.get(method)(weight, axis, bits, scale_search)
 
-
-def bits_fit(q: np.ndarray, bits: int) -> bool:
-    lo, hi = signed_range(bits)
-    return bool(q.min() >= lo and q.max() <= hi) if q.size else True
-
-
