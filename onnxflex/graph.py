@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import onnx
+from onnx import helper
 
 from onnxflex.errors import ModelLoadError
 
@@ -31,14 +32,15 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path`` through a temporary file in the same folder, so no half model is left."""
+def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``; on any
+    failure the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        onnx.save(model, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -46,14 +48,21 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return path
 
 
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` so that no half-written model is ever left there."""
+    return _write_atomic(path, lambda tmp: onnx.save(model, tmp))
+
+
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return _write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def node_attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The decoded value of ``node``'s attribute ``name``, or ``default`` when it is absent."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from onnxflex.graph import NameScope, consumers, drop_unused_initializers
+from onnxflex.graph import NameScope, consumers, drop_unused_initializers, node_attr
 from onnxflex.passes.pipeline import PASSES, PassContext
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -62,8 +62,8 @@ def _out_channels(node: onnx.NodeProto, w: np.ndarray) -> int:
     if node.op_type == "Conv":
         return w.shape[0]
     if node.op_type == "ConvTranspose":
-        return w.shape[1] * _attr(node, "group", 1)
-    return w.shape[0] if _attr(node, "transB", 0) else w.shape[1]
+        return w.shape[1] * node_attr(node, "group", 1)
+    return w.shape[0] if node_attr(node, "transB", 0) else w.shape[1]
 
 
 def _out_rank(node: onnx.NodeProto, w: np.ndarray) -> int:
@@ -71,19 +71,12 @@ def _out_rank(node: onnx.NodeProto, w: np.ndarray) -> int:
     return 2 if node.op_type == "Gemm" else w.ndim
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _bn_affine(bn, x_name, inits, channels, rank):
     """y = scale * x + shift for an inference BatchNormalization, or None when its params are not constant."""
     if bn.input[0] != x_name or not all(i in inits for i in bn.input[1:5]) or len([o for o in bn.output if o]) > 1:
         return None
     gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
-    scale = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+    scale = gamma / np.sqrt(var + node_attr(bn, "epsilon", 1e-5))
     return scale, beta - mean * scale
 
 
@@ -123,12 +116,12 @@ def _apply_affine(model, node, inits, bias, scale, shift) -> None:
     if node.op_type == "Conv":
         w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
     elif node.op_type == "ConvTranspose":
-        group = _attr(node, "group", 1)
+        group = node_attr(node, "group", 1)
         grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
         grouped = grouped * scale.reshape((group, 1, -1) + (1,) * (w.ndim - 2))
         w = grouped.reshape(w.shape)
     else:
-        w = w * (scale[:, None] if _attr(node, "transB", 0) else scale[None, :])
+        w = w * (scale[:, None] if node_attr(node, "transB", 0) else scale[None, :])
     w_t.CopyFrom(numpy_helper.from_array(w.astype(np.float32), w_t.name))
     new_bias = (bias * scale + shift).astype(np.float32)
     if len(node.input) > 2 and node.input[2]:
@@ -154,7 +147,7 @@ def _current_bias(node, inits, channels) -> np.ndarray | None:
     if node.op_type != "Gemm":
         return b if b.shape == (channels,) else None
     b = _per_channel(b, channels, 2)  # Gemm's C broadcasts: [C], [1,C] or one value, not [C,1] nor [M,C]
-    return None if b is None else b * _attr(node, "beta", 1.0)
+    return None if b is None else b * node_attr(node, "beta", 1.0)
 
 
 def _set_gemm_beta_one(node: onnx.NodeProto) -> None:

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
 from onnxflex.blocks import QuantLayer
 from onnxflex.config import QuantConfig
-from onnxflex.graph import consumers, graph_input_names
+from onnxflex.graph import consumers, graph_input_names, node_attr
 from onnxflex.runtimes.base import Target
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -38,17 +37,10 @@ def _channel_axis(node: onnx.NodeProto, rank: int) -> int | None:
     if node.op_type == "ConvTranspose":
         return 1
     if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if node_attr(node, "transB", 0) else 1
     if node.op_type == "MatMul" and rank == 2:
         return 1
     return None
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], target: Target,

@@ -48,29 +48,30 @@ def test_usage_error_keeps_exit_2():
     assert invoke("quantize", CNN, "--method", "magic").exit_code == 2
 
 
-def test_calibration_missing_input_names_it(tmp_path):
+def quantize_with_calibration(tmp_path, **arrays):
+    """Runs quantize on the bundled CNN with an .npz holding ``arrays``."""
     calib = tmp_path / "calib.npz"
-    np.savez(calib, pixels=np.zeros((8, 1, 16, 16), np.float32))
-    result = invoke("quantize", CNN, "--calib", calib, "-o", tmp_path / "out.onnx")
+    np.savez(calib, **arrays)
+    return invoke("quantize", CNN, "--calib", calib, "-o", tmp_path / "out.onnx")
+
+
+def test_calibration_missing_input_names_it(tmp_path):
+    result = quantize_with_calibration(tmp_path, pixels=np.zeros((8, 1, 16, 16), np.float32))
     assert result.exit_code == 1
     assert "no data for model input(s) input" in result.output and "pixels" in result.output
     assert not (tmp_path / "out.onnx").exists()
 
 
 def test_calibration_wrong_shape_names_input_and_shape(tmp_path):
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, input=np.zeros((8, 1, 8, 8), np.float32))
-    result = invoke("quantize", CNN, "--calib", calib, "-o", tmp_path / "out.onnx")
+    result = quantize_with_calibration(tmp_path, input=np.zeros((8, 1, 8, 8), np.float32))
     assert result.exit_code == 1
     assert "'input'" in result.output and "[?, 1, 16, 16]" in result.output
 
 
 def test_calibration_nan_is_refused(tmp_path):
-    calib = tmp_path / "calib.npz"
     x = np.zeros((8, 1, 16, 16), np.float32)
     x[3, 0, 0, 0] = np.nan
-    np.savez(calib, input=x)
-    result = invoke("quantize", CNN, "--calib", calib, "-o", tmp_path / "out.onnx")
+    result = quantize_with_calibration(tmp_path, input=x)
     assert result.exit_code == 1 and "NaN" in result.output
 
 
