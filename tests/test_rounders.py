@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from onnxflex.rounding.activation import ActQuantizer
-from onnxflex.rounding.rounders import FlexRounder, RTNRounder, make_rounder
+from onnxflex.config import METHODS, QuantConfig
+from onnxflex.rounding.adaround import AdaRounder
+from onnxflex.rounding.rounders import ROUNDERS, FlexRounder, RTNRounder, make_policy, make_rounder
+from onnxflex.rounding.signround import SignedDescent, SignRounder
 from onnxflex.rounding.quant import signed_range
 
 
@@ -25,19 +28,37 @@ def test_rtn_minmax_error_is_within_half_a_step(bits, shape, axis):
     assert r.scale().shape == (shape[axis],)
 
 
-@pytest.mark.parametrize("method", ["rtn", "flexround"])
-@pytest.mark.parametrize("bits", [3, 4, 8])
-def test_export_reproduces_fake_quant_exactly(method, bits):
-    r = make_rounder(method, weight(), 0, bits, "mse")
-    if method == "flexround":
-        with torch.no_grad():
-            for p in (r.delta2, r.delta3, r.delta4):
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+def perturb(r, seed=1):
+    """Move a learned rounder's parameters off their start, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if isinstance(r, FlexRounder):
+            for p in (r.delta1, r.delta2, r.delta3, r.delta4):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        elif isinstance(r, AdaRounder):
+            r.v.add_(torch.randn(r.v.shape, generator=gen) * 2.0)
+        elif isinstance(r, SignRounder):
+            r.v.copy_(torch.rand(r.v.shape, generator=gen) - 0.5)
+            r.alpha.copy_(0.5 + 0.5 * torch.rand(r.alpha.shape, generator=gen))
+
+
+def test_every_config_method_has_a_rounder():
+    assert sorted(METHODS) == ROUNDERS.names()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape,axis", [((8, 4, 3, 3), 0), ((16, 8), 1)])
+def test_export_is_in_range_and_reproduces_fake_quant_exactly(method, bits, shape, axis):
+    r = make_rounder(method, weight(shape), axis, bits, "mse")
+    perturb(r)
     q = r.export()
     lo, hi = signed_range(bits)
-    assert q.ints.dtype == np.int8 and q.ints.min() >= lo and q.ints.max() <= hi
+    assert q.ints.dtype == np.int8 and q.ints.shape == shape and q.scale.shape == (shape[axis],)
+    assert lo <= q.ints.min() and q.ints.max() <= hi, f"{method} W{bits}: ints in [{q.ints.min()}, {q.ints.max()}]"
+    assert not r.training, "rounders start in eval mode"
     np.testing.assert_array_equal(q.dequantize(), r.fake_quant().detach().numpy())
-    assert not q.zero_point.any()
+    assert not q.zero_point.any() and q.axis == axis and q.bits == bits
 
 
 def test_mse_scale_error_not_above_minmax():
@@ -75,7 +96,7 @@ def test_activation_quantizer_after_relu_clips_at_zero_and_learns_its_step():
     act.calibrate(0.0, 6.0, x, "minmax")
     assert int(act.zero_point) == 0
     assert act.export()[0] == pytest.approx(6.0 / 255, rel=1e-6)
-    y = act(torch.tensor([-1.0, 0.0, 3.0, 100.0]))
+    y = act(torch.tensor([-1.0, 0.0, 3.0, 100.0])).detach()
     assert float(y[0]) == 0.0 and float(y[3]) == pytest.approx(255 * 6.0 / 255, rel=1e-5)
     act(x).sum().backward()
     assert act.log_scale.grad is not None and float(act.log_scale.grad) != 0.0
@@ -88,3 +109,120 @@ def test_activation_mse_search_clips_gaussian_tails_at_4_bits():
     mse.calibrate(float(x.min()), float(x.max()), x, "mse")
     assert float(mse.scale()) < float(minmax.scale())
     assert float(((mse(x) - x) ** 2).mean()) < float(((minmax(x) - x) ** 2).mean())
+
+
+def layer_problem(seed=0, rows=512):
+    """A Gemm-like layer y = x Wᵀ with correlated inputs (where rounding to nearest is not optimal)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, 32, generator=gen) * 0.1
+    x = torch.randn(rows, 32, generator=gen) @ torch.randn(32, 32, generator=gen) + torch.randn(32, generator=gen)
+    return w, x, x @ w.t()
+
+
+def fit(r, x, y, config, on_step=None, policy=None):
+    """The reconstruction loop's steps on one layer; returns the policy."""
+    policy = policy or make_policy(config.method, [r], r.param_groups(), config)
+    gen = torch.Generator().manual_seed(1)
+    r.train()
+    for it in range(config.iters):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = ((x[idx] @ r.fake_quant().t() - y[idx]) ** 2).mean()
+        policy.zero_grad()
+        (loss + policy.penalty(it)).backward()
+        if on_step:
+            on_step(it, r)
+        policy.step(it, loss.item())
+    policy.finish()
+    r.eval()
+    return policy
+
+
+@torch.no_grad()
+def layer_error(r, x, y):
+    return float(((x @ r.fake_quant().t() - y) ** 2).mean())
+
+
+@pytest.mark.parametrize("method", ["adaround", "signround"])
+def test_learned_rounders_start_at_round_to_nearest(method):
+    w = weight()
+    assert torch.equal(make_rounder(method, w, 0, 4, "minmax").fake_quant(), RTNRounder(w, 0, 4, "minmax").fake_quant())
+    if method == "adaround":  # the step is RTN's own; the signround step is α · max|W| / qmax, equal up to an ulp
+        assert torch.equal(make_rounder(method, w, 0, 4, "mse").fake_quant(), RTNRounder(w, 0, 4, "mse").fake_quant())
+
+
+def test_adaround_rounds_softly_only_while_training():
+    w = weight((16, 8))
+    r = AdaRounder(w, 0, 4, "minmax")
+    r.train()
+    assert torch.allclose(r.fake_quant(), w, atol=1e-6), "h(V) starts at the fractional part: soft Ŵ = W"
+    r.eval()
+    assert torch.equal(r.fake_quant(), RTNRounder(w, 0, 4, "minmax").fake_quant())
+
+
+def test_adaround_annealed_regulariser_drives_h_to_zero_or_one():
+    w, x, y = layer_problem()
+    r = AdaRounder(w, 0, 4, "mse")
+    config = QuantConfig(method="adaround", iters=200)
+    undecided = []
+
+    def record(it, rounder):
+        if it % 50 == 0 or it == config.iters - 1:
+            h = rounder.h().detach()
+            undecided.append(float(((h > 0.01) & (h < 0.99)).float().mean()))
+
+    rtn = layer_error(RTNRounder(w, 0, 4, "mse"), x, y)
+    fit(r, x, y, config, record)
+    print(f"AdaRound share of h in (0.01, 0.99) every 50 steps: {undecided}")
+    assert undecided[0] > 0.9 and undecided[-1] < 0.1, f"h did not converge to 0/1: {undecided}"
+    assert undecided[-1] < undecided[2] < undecided[1], f"not shrinking after the warm-up: {undecided}"
+    ada = layer_error(r, x, y)
+    assert ada < 0.9 * rtn, f"AdaRound layer error {ada:.4g} vs RTN {rtn:.4g}"
+    assert r.beta(0.1) is None and r.beta(0.2) == 20.0 and r.beta(1.0) == pytest.approx(2.0)
+
+
+def test_signround_steps_follow_the_linear_schedule_and_stay_in_range():
+    w, x, y = layer_problem()
+    r = SignRounder(w, 0, 4, "minmax")
+    config = QuantConfig(method="signround", iters=50)
+    assert config.lr == pytest.approx(1 / 50)
+    moves = []
+    previous = {}
+
+    def record(it, rounder):
+        if previous:
+            moves.append(float((rounder.v - previous["v"]).abs().max()))
+        previous["v"] = rounder.v.detach().clone()
+
+    policy = SignedDescent([r], r.param_groups(), config)
+    assert [policy.step_size(t) for t in (0, 25, 49)] == pytest.approx([0.02, 0.01, 0.02 / 50])
+    policy.keep_best = False  # judge the last state, not a restored one
+    fit(r, x, y, config, record, policy)
+    # the offset moved by at most the step size; while it is far from its bound, by exactly it
+    expected = [policy.step_size(t) for t in range(len(moves))]
+    assert all(m <= e + 1e-6 for m, e in zip(moves, expected)), (moves, expected)
+    assert moves[0] == pytest.approx(expected[0], rel=1e-5)
+    assert float(r.v.abs().max()) <= 0.5 and 0.5 <= float(r.alpha.min()) and float(r.alpha.max()) <= 1.0
+
+
+def test_best_loss_restore_returns_the_best_state():
+    r = SignRounder(weight((4, 8)), 0, 4, "minmax")
+    policy = SignedDescent([r], r.param_groups(), QuantConfig(method="signround", iters=5))
+    states = []
+    for it, loss in enumerate([3.0, 2.0, 0.5, 1.0, 4.0]):
+        states.append((r.v.detach().clone(), r.alpha.detach().clone()))
+        policy.zero_grad()
+        (r.fake_quant() * torch.randn(r.weight.shape, generator=torch.Generator().manual_seed(it))).sum().backward()
+        policy.step(it, loss)
+    assert not torch.equal(r.v, states[2][0])
+    policy.finish()
+    assert policy.best_iter == 2 and policy.best_loss == 0.5
+    assert torch.equal(r.v, states[2][0]) and torch.equal(r.alpha, states[2][1])
+
+
+def test_method_defaults_resolve_in_the_config():
+    assert (QuantConfig(method="signround").iters, QuantConfig(method="signround").lr) == (200, 1 / 200)
+    assert QuantConfig(method="signround", iters=400).lr == 1 / 400
+    assert QuantConfig(method="signround", iters=50, lr=0.01).lr == 0.01
+    assert (QuantConfig(method="flexround").iters, QuantConfig(method="flexround").lr) == (400, 3e-3)
+    assert QuantConfig(method="adaround").lr == 0.1
+    assert QuantConfig.from_toml is not None and "iters = 200" in QuantConfig(method="signround").to_toml()

@@ -1,20 +1,33 @@
-"""Weight rounders: round-to-nearest and FlexRound, behind one interface.
+"""Weight rounders behind one interface, and the step policies that train them.
 
 Every rounder holds one float weight and its quantization grid (signed ``bits``, symmetric, one step
-per output channel along ``axis``), and offers:
+per output channel along ``axis``, zero point 0), and offers:
   fake_quant() -> Tensor   the quantized-then-dequantized weight, differentiable (straight-through);
+                           in training mode a rounder may round softly (AdaRound), in eval mode
+                           (the default outside reconstruction) it is exactly what export() writes;
   param_groups()           [(parameters, learning-rate name)] for the reconstruction optimiser;
+  regularizer(progress)    an extra loss term at ``progress`` = iteration / iterations, or None;
   export() -> QuantizedWeight   the integers and scales that reproduce fake_quant() exactly.
+
+A rounder class names its ``policy``: the StepPolicy that updates a block's parameters (Adam with
+cosine decay by default; SignRound's signed gradient descent in signround.py). RTN and FlexRound
+live here; AdaRound and SignRound in their own modules, imported at the end so that ROUNDERS is
+complete whichever module is imported first.
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from onnxflex.config import QuantConfig
 from onnxflex.registry import Registry
 from onnxflex.qparams import QuantizedWeight, channel_shape
 from onnxflex.rounding.quant import round_ste, signed_range
+
+ParamGroups = Sequence[tuple[Sequence[torch.nn.Parameter], str]]
 
 ROUNDERS: Registry[type] = Registry("rounding method")
 
@@ -43,8 +56,82 @@ def init_weight_scale(w: torch.Tensor, axis: int, bits: int, search: str) -> tor
     return best
 
 
+class StepPolicy:
+    """How reconstruction updates one block's parameters; the loop runs, per iteration,
+
+        loss = block loss;  zero_grad();  (loss + penalty(it)).backward();  step(it, loss.item())
+
+    and calls finish() once after the last iteration. ``groups`` are the block's learnable
+    [(parameters, lr kind)] with kinds 'lr', 'scale_lr' (rounders) and 'act_lr' (activation steps).
+    With ``keep_best``, step() first remembers the parameters that produced the lowest loss seen and
+    finish() restores them (best-loss restore); the loss is the minibatch's, before the update.
+    """
+
+    keep_best = False
+
+    def __init__(self, rounders: Sequence["Rounder"], groups: ParamGroups, config: QuantConfig) -> None:
+        self.rounders = list({id(r): r for r in rounders}.values())
+        self.params = list({id(p): p for params, _ in groups for p in params}.values())
+        self.iters = config.iters
+        self.best_loss, self.best_state, self.best_iter = math.inf, None, -1
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def penalty(self, it: int) -> torch.Tensor | float:
+        """The sum of the rounders' regularizers at iteration ``it`` (0.0 when none has one)."""
+        terms = [t for r in self.rounders if (t := r.regularizer(it / max(self.iters, 1))) is not None]
+        return torch.stack(terms).sum() if terms else 0.0
+
+    @torch.no_grad()
+    def step(self, it: int, loss: float) -> None:
+        if self.keep_best and loss < self.best_loss:
+            self.best_loss, self.best_iter = loss, it
+            self.best_state = [p.detach().clone() for p in self.params]
+        self.update(it)
+
+    def update(self, it: int) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        if self.keep_best and self.best_state is not None:
+            for p, value in zip(self.params, self.best_state, strict=True):
+                p.copy_(value)
+
+
+class AdamCosine(StepPolicy):
+    """Adam over the groups with their configured learning rates, each decayed to 0 on a cosine
+    except the kinds in ``constant_kinds``, which keep their rate."""
+
+    constant_kinds: frozenset[str] = frozenset()
+
+    def __init__(self, rounders: Sequence["Rounder"], groups: ParamGroups, config: QuantConfig) -> None:
+        super().__init__(rounders, groups, config)
+        lrs = {"lr": config.lr, "scale_lr": config.scale_lr, "act_lr": config.act_lr}
+        groups = [(list(params), kind) for params, kind in groups if params]
+        self.opt = torch.optim.Adam([{"params": params, "lr": lrs[kind]} for params, kind in groups])
+        span = max(config.iters, 1)
+
+        def cosine(it: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(it, span) / span))
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, [(lambda it: 1.0) if kind in self.constant_kinds else cosine for _, kind in groups])
+
+    def update(self, it: int) -> None:
+        self.opt.step()
+        self.sched.step()
+
+
 class Rounder(torch.nn.Module):
-    """Shared state: the float weight (a buffer, never trained), bits, axis and the integer range."""
+    """Shared state: the float weight (a buffer, never trained), bits, axis and the integer range.
+
+    A rounder starts in eval mode; reconstruction switches it to training mode while it learns.
+    """
+
+    policy: type[StepPolicy] = AdamCosine
 
     def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse") -> None:
         super().__init__()
@@ -53,9 +140,14 @@ class Rounder(torch.nn.Module):
         self.qmin, self.qmax = signed_range(bits)
         self.shape = channel_shape(weight.ndim, axis)
         self.register_buffer("init_scale", init_weight_scale(self.weight, axis, bits, scale_search))
+        self.train(False)
 
     def param_groups(self) -> list[tuple[list[torch.nn.Parameter], str]]:
         return []
+
+    def regularizer(self, progress: float) -> torch.Tensor | None:
+        """Extra loss at ``progress`` in [0, 1) of the iterations; None when the method has none."""
+        return None
 
     def scale(self) -> torch.Tensor:
         return self.init_scale
@@ -120,4 +212,15 @@ class FlexRounder(Rounder):
 
 def make_rounder(method: str, weight: torch.Tensor, axis: int, bits: int, scale_search: str) -> Rounder:
     return ROUNDERS.get(method)(weight, axis, bits, scale_search)
+
+
+def make_policy(method: str, rounders: Sequence[Rounder], groups: ParamGroups, config: QuantConfig
+                ) -> StepPolicy | None:
+    """The step policy of ``method`` for one block, or None when there is nothing to learn."""
+    if config.iters == 0 or not any(params for params, _ in groups):
+        return None
+    return ROUNDERS.get(method).policy(rounders, groups, config)
+
+
+from onnxflex.rounding import adaround, signround  # noqa: E402,F401  (they register themselves)
 

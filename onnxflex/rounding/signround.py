@@ -1,0 +1,88 @@
+"""SignRound (AutoRound, arXiv 2309.05516): rounding offsets and clip factors learned by signed
+gradient descent with a linearly decaying step, keeping the best state seen.
+
+    Ŵ = s · clamp(round_STE(W / s + v), qmin, qmax),   s = α · max|W| / qmax   (per output channel)
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from onnxflex.config import QuantConfig
+from onnxflex.rounding.quant import round_ste
+from onnxflex.rounding.rounders import ROUNDERS, AdamCosine, ParamGroups, Rounder, StepPolicy
+
+V_BOUND = 0.5
+CLIP_BOUNDS = (0.5, 1.0)
+
+
+class SignedDescent(StepPolicy):
+    """p ← p − lr_t · sign(∂L/∂p) for the rounders' offsets and clip factors, lr_t = lr · (1 − t / T)
+    at iteration t of T. The config's lr defaults to 1/T for SignRound (5e-3 at its default 200
+    iterations): the steps then sum to about 0.5, so an offset can just cross its [−0.5, 0.5] range
+    and a clip factor its [0.5, 1]. Parameters are clamped to their ranges after every step.
+    Activation step sizes keep Adam with cosine decay (act_lr) as in the other methods. The state
+    that gave the lowest minibatch loss is restored at the end (best-loss restore, as AutoRound).
+    """
+
+    keep_best = True
+
+    def __init__(self, rounders: Sequence[Rounder], groups: ParamGroups, config: QuantConfig) -> None:
+        super().__init__(rounders, groups, config)
+        self.lr = config.lr
+        self.signed = [p for params, kind in groups if kind != "act_lr" for p in params]
+        acts = [(params, kind) for params, kind in groups if kind == "act_lr" and params]
+        self.acts = AdamCosine(rounders, acts, config) if acts else None
+
+    def step_size(self, it: int) -> float:
+        return self.lr * (1.0 - it / self.iters)
+
+    def update(self, it: int) -> None:
+        lr = self.step_size(it)
+        for p in self.signed:
+            if p.grad is not None:
+                p.sub_(lr * torch.sign(p.grad))
+        for r in self.rounders:
+            if isinstance(r, SignRounder):
+                r.clamp_()
+        if self.acts is not None:
+            self.acts.update(it)
+
+
+@ROUNDERS.register("signround")
+class SignRounder(Rounder):
+    """SignRound on a symmetric grid: a per-weight offset v in [−0.5, 0.5] added before rounding and
+    a per-channel clip factor α in [0.5, 1] on max|W|.
+
+    AutoRound learns two factors, on the maximum and the minimum of an asymmetric grid; onnxflex
+    emits symmetric per-channel weights with zero point 0 (what onnxruntime's integer kernels and
+    TensorRT take), so its min/max clip factors become one symmetric clip of max|W| per channel.
+    v starts at 0 and α at the ratio the configured scale search chose (1 for min/max), so the
+    first forward is round-to-nearest on that grid. Export writes the clamped integers and s.
+    """
+
+    policy = SignedDescent
+
+    def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse") -> None:
+        super().__init__(weight, axis, bits, scale_search)
+        dims = [d for d in range(weight.ndim) if d != axis]
+        absmax = self.weight.abs().amax(dim=dims) if dims else self.weight.abs()
+        self.register_buffer("absmax", absmax.clamp_min(1e-12))
+        self.v = torch.nn.Parameter(torch.zeros_like(self.weight))
+        self.alpha = torch.nn.Parameter((self.init_scale * self.qmax / self.absmax).clamp(*CLIP_BOUNDS))
+
+    def param_groups(self):
+        return [([self.v], "lr"), ([self.alpha], "scale_lr")]
+
+    def scale(self) -> torch.Tensor:
+        return self.alpha * self.absmax / self.qmax
+
+    def integers(self) -> torch.Tensor:
+        return torch.clamp(round_ste(self.weight / self.scale().reshape(self.shape) + self.v), self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep v and α inside their ranges (after a step of the policy)."""
+        self.v.clamp_(-V_BOUND, V_BOUND)
+        self.alpha.clamp_(*CLIP_BOUNDS)
