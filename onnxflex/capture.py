@@ -1,11 +1,15 @@
 """Capture: run the FP32 model in onnxruntime with block boundary tensors as extra outputs.
 
 Captured tensors go into a TensorCache whose RAM use is bounded: beyond ``max_bytes`` new tensors
-are memory-mapped files in a temporary folder. The probe map (output name → tensor name) is explicit.
+are files in a temporary folder, read and written by rows (DiskArray). The probe map (output name →
+tensor name) is explicit.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +17,11 @@ import onnx
 import onnxruntime as ort
 
 from onnxflex.calib import CalibrationSet, fixed_batch
+from onnxflex.extdata import needs_file, weights_dir, write_model
 
 
 class TensorCache:
-    """Named arrays with samples on dim 0, in RAM up to ``max_bytes`` and memory-mapped beyond."""
+    """Named arrays with samples on dim 0, in RAM up to ``max_bytes`` and DiskArray files beyond."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -33,7 +38,10 @@ class TensorCache:
             if self._dir is None:
                 self._dir = tempfile.TemporaryDirectory(prefix="onnxflex-cache-")
             path = Path(self._dir.name) / f"{len(self._arrays)}.bin"
-            array = np.memmap(path, dtype=dtype, mode="w+", shape=shape)
+            array = DiskArray(path, shape, dtype)
+        old = self._arrays.get(key)
+        if isinstance(old, DiskArray):
+            old.close()
         self._arrays[key] = array
         return array
 
@@ -51,10 +59,83 @@ class TensorCache:
         return self._dir is not None
 
     def close(self) -> None:
+        for array in self._arrays.values():
+            if isinstance(array, DiskArray):
+                array.close()
         self._arrays.clear()
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+
+class DiskArray:
+    """A spilled cache entry: an array with samples on dim 0 in a file, read and written by rows with
+    plain file I/O. Nothing is memory-mapped, so what a read returns is the only copy the process
+    holds, and a run's resident memory does not grow with the number of samples spilled.
+
+    Indexing on dim 0 only: ``a[i:j]`` (step 1), ``a[int]``, ``a[index array]`` return new arrays;
+    ``a[i:j] = value`` writes rows.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype) -> None:
+        self.path, self.shape, self.dtype = Path(path), tuple(int(d) for d in shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self._fd, self.shape[0] * self.row_bytes)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[0:self.shape[0]]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.shape[0])
+            if step == 1:
+                out = np.empty((max(stop - start, 0),) + self.shape[1:], self.dtype)
+                self._read(out, start)
+                return out
+            index = np.arange(start, stop, step)
+        if isinstance(index, (int, np.integer)):
+            return self[int(index):int(index) + 1][0]
+        rows = np.asarray(index).reshape(-1).astype(np.int64) % max(self.shape[0], 1)
+        out = np.empty((len(rows),) + self.shape[1:], self.dtype)
+        for i, row in enumerate(rows.tolist()):
+            self._read(out[i:i + 1], row)
+        return out
+
+    def __setitem__(self, index: slice, value) -> None:
+        start, stop, step = index.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("DiskArray writes take contiguous row ranges")
+        data = np.ascontiguousarray(value, dtype=self.dtype).reshape((stop - start,) + self.shape[1:])
+        view, offset = memoryview(data).cast("B"), start * self.row_bytes
+        while len(view):
+            written = os.pwrite(self._fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def _read(self, out: np.ndarray, row: int) -> None:
+        view, offset = memoryview(out).cast("B"), row * self.row_bytes
+        while len(view):
+            got = os.preadv(self._fd, [view], offset)
+            if got <= 0:
+                raise OSError(f"short read from the capture cache file {self.path}")
+            view, offset = view[got:], offset + got
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def with_probes(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
@@ -82,7 +163,36 @@ def session(model: onnx.ModelProto, providers: list[str], threads: int = 0) -> o
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    if not needs_file(model):
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    # A large model goes by path, its weights as external data that onnxruntime maps from disk;
+    # prepacking would keep a second, packed copy of every weight.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    path = runtime_file(model)
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception:
+        remove_runtime_file(path)
+        raise
+    weakref.finalize(sess, remove_runtime_file, path)
+    return sess
+
+
+def runtime_file(model: onnx.ModelProto) -> Path:
+    """``model`` written for onnxruntime or onnx.checker: in its working folder when it has one (its
+    external tensors are referenced, not copied), else in a new temporary folder."""
+    folder = weights_dir(model) or tempfile.mkdtemp(prefix="onnxflex-model-")
+    fd, name = tempfile.mkstemp(prefix=".runtime-", suffix=".onnx", dir=folder)
+    os.close(fd)
+    return write_model(model, name)
+
+
+def remove_runtime_file(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".data")):
+        if p.exists():
+            p.unlink()
+    if path.parent.name.startswith("onnxflex-model-"):
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def capture(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, cache: TensorCache,

@@ -10,6 +10,7 @@ import onnx
 from onnx import helper
 
 from onnxflex.errors import ModelLoadError
+from onnxflex.extdata import load_offloaded, needs_file, weights_dir, write_model
 
 MIN_OPSET = 11
 
@@ -24,11 +25,17 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist or is not a file")
     try:
-        model = onnx.load(str(path))
+        model = load_offloaded(path)  # large external tensors stay on disk (onnxflex.extdata)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # protobuf raises several unrelated types
-        raise ModelLoadError(f"{str(path)!r} is not a readable ONNX model: {exc}") from exc
+        raise ModelLoadError(f"{str(path)!r} is not a readable ONNX model: {exc}; the file is truncated or "
+                             "not ONNX: export or copy it again") from exc
     if not model.graph.node:
         raise ModelLoadError(f"{str(path)!r} has no graph nodes; is it an ONNX model?")
+    if not model.opset_import:  # a cut that happens to end between two fields still parses
+        raise ModelLoadError(f"{str(path)!r} imports no opset; the file is truncated or not ONNX: "
+                             "export or copy it again")
     return model
 
 
@@ -49,8 +56,16 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path`` so that no half-written model is ever left there."""
-    return _write_atomic(path, lambda tmp: onnx.save(model, tmp))
+    """Write ``model`` to ``path`` so that no half-written model is ever left there. A model loaded from
+    external data, or too large for one protobuf, is written with its tensors in ``<path>.data``: a
+    file of its own, never the input's."""
+    if weights_dir(model) is None and not needs_file(model):
+        return _write_atomic(path, lambda tmp: onnx.save(model, tmp))
+    path = Path(path)
+    location = f"{path.name}.data"
+    data = path.parent / location
+    return _write_atomic(path, lambda tmp: _write_atomic(data, lambda tmp_data: write_model(
+        model, tmp, location=location, data_path=tmp_data)))
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:

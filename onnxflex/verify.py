@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 
 from onnxflex.calib import fixed_batch
-from onnxflex.capture import session
+from onnxflex.capture import remove_runtime_file, runtime_file, session
+from onnxflex.extdata import needs_file
 from onnxflex.errors import VerificationError
 from onnxflex.qparams import sqnr_db
 
@@ -30,7 +31,14 @@ class Verification:
 
 def check_model(model: onnx.ModelProto) -> None:
     try:
-        onnx.checker.check_model(model, full_check=True)
+        if needs_file(model):  # the checker takes a path for models whose weights are external data
+            path = runtime_file(model)
+            try:
+                onnx.checker.check_model(str(path), full_check=True)
+            finally:
+                remove_runtime_file(path)
+        else:
+            onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
         raise VerificationError(f"the emitted model fails onnx.checker: {exc}") from exc
 
@@ -54,20 +62,31 @@ def optimized_op_counts(model: onnx.ModelProto, providers=("CPUExecutionProvider
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.optimized_model_filepath = path
-        ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
-        optimized = onnx.load(path)
+        if needs_file(model):
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                          "optimized.onnx.data")
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+            source = runtime_file(model)
+            try:
+                ort.InferenceSession(str(source), opts, providers=list(providers))
+            finally:
+                remove_runtime_file(source)
+        else:
+            ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        optimized = onnx.load(path, load_external_data=False)
     return dict(sorted(collections.Counter(n.op_type for n in optimized.graph.node).items()))
 
 
-def verify(qmodel: onnx.ModelProto, fp_model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+def verify(qmodel: onnx.ModelProto, fp_model: onnx.ModelProto | dict[str, np.ndarray], feeds: dict[str, np.ndarray],
            simulated: dict[str, np.ndarray], providers, min_sim_sqnr_db: float) -> Verification:
-    """Raises VerificationError when the checker fails or onnxruntime disagrees with the simulation."""
+    """Raises VerificationError when the checker fails or onnxruntime disagrees with the simulation.
+    ``fp_model`` is the FP32 model, or its outputs on ``feeds`` computed beforehand."""
     check_model(qmodel)
     try:
         quantized = run(qmodel, feeds, providers)
     except Exception as exc:
         raise VerificationError(f"onnxruntime cannot run the emitted model: {exc}") from exc
-    reference = run(fp_model, feeds, providers)
+    reference = fp_model if isinstance(fp_model, dict) else run(fp_model, feeds, providers)
     sim = {k: sqnr_db(quantized[k], simulated[k]) for k in quantized if k in simulated}
     bad = {k: v for k, v in sim.items() if v < min_sim_sqnr_db}
     if bad:

@@ -1,0 +1,164 @@
+"""Peak memory and time of quantize runs, each measured in a child process.
+
+    python bench/bench_memory.py big   [--dir /tmp/onnxflex-big]     # a >2 GB model with external data
+    python bench/bench_memory.py samples [--dir /tmp/onnxflex-samples] [--counts 128 512 2048]
+
+``big`` builds (bench/make_big_model.py) a stack of 10 MatMul layers of 8192x8192 float32 (2.5 GiB,
+external data) and quantizes it W8A8 with round-to-nearest on 16 samples. ``samples`` builds a conv net
+on 3x32x32 images whose activations are large next to its weights and quantizes it with FlexRound and
+--max-cache-mb 32 (so the capture spills to disk) for each sample count. Peak RSS is the child's
+ru_maxrss (from os.wait4). Both print a table and write it into BENCHMARKS.md under "## Memory and scale".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+CHILD = """
+import json, sys, time
+import onnxflex
+from onnxflex.config import QuantConfig
+model, calib, out, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+t0 = time.perf_counter()
+result = onnxflex.quantize(model, calib, QuantConfig(**options), progress=False)
+result.save(out)
+print(json.dumps({"seconds": time.perf_counter() - t0, "timings": result.report["timings"],
+                  "verification": result.report["verification"].get("quantized_vs_fp32_sqnr_db")}))
+"""
+
+
+def measure(model: Path, calib: Path, out: Path, options: dict) -> dict:
+    """Runs one quantize in a fresh child process; returns its report figures and the child's own
+    peak RSS in MiB (os.wait4 gives that child's rusage alone)."""
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(model), str(calib), str(out), json.dumps(options)],
+                                stdout=subprocess.PIPE, stderr=errors, text=True)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        errors.seek(0)
+        stderr = errors.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"quantize failed:\n{stderr[-4000:]}")
+    figures = json.loads(stdout.strip().splitlines()[-1])
+    figures["peak_rss_mib"] = usage.ru_maxrss / 1024
+    return figures
+
+
+def machine() -> str:
+    import onnx
+    import onnxruntime
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal"))
+    return (f"{cpu}, {os.cpu_count()} cores, {mem / 2**20:.0f} GiB RAM; Python {platform.python_version()}, "
+            f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
+            f"numpy {np.__version__}")
+
+
+def bench_big(folder: Path) -> str:
+    from make_big_model import build
+
+    model = folder / "big.onnx"
+    if not model.exists():
+        build(folder, layers=10, width=8192, samples=16)
+    size = sum(p.stat().st_size for p in folder.glob("big.onnx*"))
+    options = {"method": "rtn", "wbits": 8, "abits": 8, "verify_samples": 4}
+    r = measure(model, folder / "big.calib.npz", folder / "out" / "big.q.onnx", options)
+    out_size = sum(p.stat().st_size for p in (folder / "out").glob("big.q.onnx*"))
+    ratio = r["peak_rss_mib"] * 2**20 / size
+    rows = [
+        "| model | size on disk | output size | peak RSS | peak RSS / model size | wall time |",
+        "|---|---|---|---|---|---|",
+        f"| 10 x MatMul 8192x8192 fp32, external data | {size / 2**30:.2f} GiB | {out_size / 2**30:.2f} GiB | "
+        f"{r['peak_rss_mib'] / 1024:.2f} GiB | {ratio:.2f} | {r['seconds']:.0f} s |",
+    ]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["timings"].items() if k != "total")
+    text = ("### A model over 2 GB (external data)\n\n"
+            "`python bench/bench_memory.py big`: W8A8 round-to-nearest, 16 calibration samples (4 held out), "
+            "output written with external data.\n\n" + "\n".join(rows) +
+            f"\n\nStages: {stages}. SQNR vs FP32 on the held-out samples: "
+            f"{', '.join(f'{v:.1f} dB' for v in (r['verification'] or {}).values())}.\n")
+    print(text)
+    return text
+
+
+def bench_samples(folder: Path, counts: list[int]) -> str:
+    from make_conv_model import CAPTURED_BYTES_PER_SAMPLE, build_conv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_conv(folder / "conv.onnx")
+    rng = np.random.default_rng(0)
+    options = {"method": "flexround", "iters": 20, "batch_size": 32, "max_cache_mb": 32, "verify_samples": 32}
+    rows = ["| calibration samples | captured tensors | peak RSS | wall time |", "|---|---|---|---|"]
+    peaks = []
+    for n in counts:
+        calib = folder / f"calib{n}.npz"
+        np.savez(calib, x=rng.standard_normal((n, 3, 32, 32), dtype=np.float32))
+        r = measure(model, calib, folder / f"conv{n}.q.onnx", options)
+        peaks.append(r["peak_rss_mib"])
+        captured = n * CAPTURED_BYTES_PER_SAMPLE / 2**20
+        rows.append(f"| {n} | {captured:.0f} MiB | {r['peak_rss_mib']:.0f} MiB | {r['seconds']:.0f} s |")
+        print(rows[-1], flush=True)
+    spread = (max(peaks) - min(peaks)) / min(peaks) * 100
+    text = ("### Peak memory against the number of calibration samples\n\n"
+            f"`python bench/bench_memory.py samples`: a 6-conv net on 3x32x32 inputs (bench/make_conv_model.py), "
+            f"FlexRound {options['iters']} iterations per block, `--max-cache-mb {options['max_cache_mb']}`, "
+            f"{options['verify_samples']} samples held out.\n\n" + "\n".join(rows) +
+            f"\n\nLargest peak is {spread:.1f} % above the smallest.\n")
+    print(text)
+    return text
+
+
+def write_section(key: str, text: str) -> None:
+    """Replaces this benchmark's subsection of '## Memory and scale' in BENCHMARKS.md (creating both)."""
+    path = ROOT / "BENCHMARKS.md"
+    doc = path.read_text() if path.exists() else "# onnxflex benchmarks\n"
+    header = "## Memory and scale"
+    if header not in doc:
+        doc = doc.rstrip("\n") + f"\n\n{header}\n\nMachine: {machine()}.\n"
+    start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in doc:
+        doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+    else:
+        section_end = doc.find("\n## ", doc.index(header) + len(header))
+        insert = len(doc) if section_end < 0 else section_end
+        doc = doc[:insert].rstrip("\n") + "\n\n" + block + "\n" + doc[insert:]
+    doc = re.sub(r"Machine: .*?\.\n", lambda _: f"Machine: {machine()}.\n", doc, count=1)
+    path.write_text(doc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=["big", "samples"])
+    parser.add_argument("--dir", type=Path)
+    parser.add_argument("--counts", type=int, nargs="+", default=[128, 512, 2048])
+    args = parser.parse_args()
+    started = time.perf_counter()
+    if args.which == "big":
+        text = bench_big(args.dir or Path("/tmp/onnxflex-big"))
+    else:
+        text = bench_samples(args.dir or Path("/tmp/onnxflex-samples"), args.counts)
+    write_section(args.which, text)
+    print(f"done in {time.perf_counter() - started:.0f} s; results in BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()

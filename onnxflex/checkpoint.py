@@ -1,0 +1,173 @@
+"""Resumable reconstruction: each finished block's learned state, saved atomically in ``checkpoint_dir``.
+
+The folder holds ``fingerprint.json`` (hashes of the canonical model, the config and the calibration
+data) and one ``blockNNNN.pt`` per finished block: its exported weight integers and scales, its
+activation quantizers' state and its BlockResult. A run restarted with the same arguments restores the
+finished blocks (recomputing their quantized outputs for the next block) and continues at the first
+missing one; a folder written for another model, config or data set is refused.
+
+A finished block's rounders are replaced by ``FrozenRounder`` in the uninterrupted run as well, so
+that both runs compute every later block from the same integers and write the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+import torch
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from onnxflex.errors import ConfigError
+from onnxflex.extdata import WEIGHTS_DIR_KEY, weights_dir
+from onnxflex.graph import _write_atomic
+from onnxflex.qparams import QuantizedWeight, channel_shape
+
+FINGERPRINT = "fingerprint.json"
+_CHUNK = 16 << 20
+
+
+class FrozenRounder(torch.nn.Module):
+    """A finished layer's weight as exported integers and steps: fake_quant() = (ints − z) · s, the
+    values the emitted DequantizeLinear computes. Holds no float weight and learns nothing."""
+
+    def __init__(self, weight: QuantizedWeight, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.quantized = weight
+        self.axis, self.bits = weight.axis, weight.bits
+        self.shape = channel_shape(weight.ints.ndim, weight.axis)
+        self.register_buffer("ints", torch.from_numpy(np.ascontiguousarray(weight.ints)).to(device))
+        self.register_buffer("step", torch.from_numpy(np.ascontiguousarray(weight.scale)).to(device))
+        self.register_buffer("zero_point", torch.from_numpy(np.ascontiguousarray(weight.zero_point)).to(device))
+        self.train(False)
+
+    def param_groups(self) -> list:
+        return []
+
+    def regularizer(self, progress: float) -> None:
+        return None
+
+    def scale(self) -> torch.Tensor:
+        return self.step
+
+    def integers(self) -> torch.Tensor:
+        return self.ints.float() - self.zero_point.float().reshape(self.shape)
+
+    def fake_quant(self) -> torch.Tensor:
+        return self.integers() * self.step.reshape(self.shape)
+
+    def export(self) -> QuantizedWeight:
+        return self.quantized
+
+
+class Checkpoint:
+    """The block files of one run in ``folder``; opening checks (or writes) the run's fingerprint."""
+
+    def __init__(self, folder: str | Path, fingerprint: dict[str, str]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = self.folder / FINGERPRINT
+        if meta.is_file():
+            saved = json.loads(meta.read_text())
+            differs = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+            if differs:
+                raise ConfigError(
+                    f"checkpoint_dir={str(self.folder)!r} holds a checkpoint of a different run (its "
+                    f"{', '.join(differs)} differ{'s' if len(differs) == 1 else ''}); resume with the same model, "
+                    "options and calibration data, or pass an empty --checkpoint-dir")
+        else:
+            _write_atomic(meta, lambda tmp: Path(tmp).write_text(json.dumps(fingerprint, indent=2) + "\n"))
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"block{index:04d}.pt"
+
+    def load(self, index: int, block_name: str) -> dict[str, Any] | None:
+        """The saved state of block ``index``, or None when it has not finished yet."""
+        path = self.path(index)
+        if not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["block"] != block_name:
+            raise ConfigError(f"checkpoint file {str(path)!r} belongs to block {saved['block']!r}, not "
+                              f"{block_name!r}; pass an empty --checkpoint-dir")
+        saved["weights"] = {name: QuantizedWeight(w["ints"].numpy(), w["scale"].numpy(), w["zero_point"].numpy(),
+                                                  int(w["axis"]), int(w["bits"]))
+                            for name, w in saved["weights"].items()}
+        return saved
+
+    def save(self, index: int, block_name: str, result: Any, weights: dict[str, QuantizedWeight],
+             acts: dict[str, torch.nn.Module]) -> None:
+        """Writes block ``index``'s file atomically: its result, weights and activation quantizers."""
+        state = {
+            "block": block_name,
+            "result": asdict(result),
+            "weights": {name: {"ints": torch.from_numpy(np.ascontiguousarray(w.ints)),
+                               "scale": torch.from_numpy(np.ascontiguousarray(w.scale)),
+                               "zero_point": torch.from_numpy(np.ascontiguousarray(w.zero_point)),
+                               "axis": int(w.axis), "bits": int(w.bits)} for name, w in weights.items()},
+            "acts": {name: {"state": {k: v.detach().cpu() for k, v in act.state_dict().items()},
+                            "enabled": bool(getattr(act, "enabled", True))} for name, act in acts.items()},
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write_atomic(self.path(index), lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+
+
+def fingerprint(model: onnx.ModelProto, config_values: dict[str, Any], datasets: Iterable[Any]) -> dict[str, str]:
+    """Hashes of what decides a run's result: the model (graph and every weight byte), the config
+    (``checkpoint_dir`` itself excluded) and the calibration arrays (names, shapes, dtypes, values)."""
+    values = {k: v for k, v in config_values.items() if k != "checkpoint_dir"}
+    return {"model": _model_hash(model),
+            "config": hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest(),
+            "calibration data": _data_hash(datasets)}
+
+
+def _model_hash(model: onnx.ModelProto) -> str:
+    h = hashlib.sha256()
+    for prop in model.metadata_props:
+        if prop.key != WEIGHTS_DIR_KEY:
+            h.update(prop.SerializeToString())
+    for opset in model.opset_import:
+        h.update(opset.SerializeToString())
+    g = model.graph
+    for part in (g.node, g.input, g.output):
+        for item in part:
+            h.update(item.SerializeToString())
+    folder = weights_dir(model)
+    for tensor in g.initializer:
+        if not uses_external_data(tensor):
+            h.update(tensor.SerializeToString())
+            continue
+        h.update(tensor.name.encode() + repr(list(tensor.dims)).encode())
+        info = ExternalDataInfo(tensor)
+        with open(Path(folder) / info.location, "rb") as f:
+            f.seek(info.offset or 0)
+            remaining = info.length or None
+            while remaining is None or remaining > 0:
+                chunk = f.read(_CHUNK if remaining is None else min(_CHUNK, remaining))
+                if not chunk:
+                    break
+                h.update(chunk)
+                if remaining is not None:
+                    remaining -= len(chunk)
+    return h.hexdigest()
+
+
+def _data_hash(datasets: Iterable[Any]) -> str:
+    h = hashlib.sha256()
+    for arrays in datasets:
+        for name in sorted(arrays):
+            array = arrays[name]
+            h.update(f"{name}:{tuple(array.shape)}:{np.dtype(array.dtype).str}".encode())
+            rows = max(1, _CHUNK // max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize))
+            for start in range(0, array.shape[0], rows):
+                h.update(np.ascontiguousarray(array[start:start + rows]).tobytes())
+    return h.hexdigest()
+
+
+__all__ = ["Checkpoint", "FrozenRounder", "fingerprint"]
