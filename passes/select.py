@@ -16,9 +16,9 @@ def select_layers(model: onnx.ModelProto, target: Target, config: QuantConfig) -
     inits = {t.name: t for t in model.graph.initializer}
     layers = []
     for node in model.graph.node:
-        if node.op_type not in target.weighted_ops or node.name in config.exclude_nodes:
+        if node.op_type not in target.weighted_ops or config.keeps_float(node.name, node.op_type):
             continue
-        if node.op_type in config.exclude_op_types or len(node.input) < 2 or node.input[1] not in inits:
+        if len(node.input) < 2 or node.input[1] not in inits:
             continue
         weight = inits[node.input[1]]
         if weight.data_type not in FLOAT_TYPES:
@@ -27,7 +27,8 @@ def select_layers(model: onnx.ModelProto, target: Target, config: QuantConfig) -
         if axis is None:
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
-        layers.append(QuantLayer(node.name, node.op_type, weight.name, axis, node.input[0], bias))
+        layers.append(QuantLayer(node.name, node.op_type, weight.name, axis, node.input[0], bias,
+                                 config.bits_for(node.name)))
     return tuple(layers)
 
 
@@ -45,8 +46,9 @@ def _channel_axis(node: onnx.NodeProto, rank: int) -> int | None:
 
 def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], target: Target,
                       config: QuantConfig) -> tuple[str, ...]:
-    """Tensors that get Q/DQ: every layer's activation input and, for fusing targets, its output
-    (taken after a single following activation in ``target.absorb``). Empty for weight-only runs."""
+    """Tensors that get Q/DQ: every layer's activation input; for fusing targets its output (taken
+    after a single following activation in ``target.absorb``); for targets that fuse residual Adds the
+    skip input of each such Add. Empty for weight-only runs."""
     if config.abits == 0:
         return ()
     users = consumers(model)
@@ -64,7 +66,37 @@ def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], ta
                 out = follow[0].output[0]
             candidates.append(out)
         points += [t for t in candidates if t in float_tensors and t not in points]
+    if target.quantize_residual_add:
+        points += [t for t in residual_inputs(model, layers) if t in float_tensors and t not in points]
     return tuple(points)
+
+
+def residual_inputs(model: onnx.ModelProto, layers: tuple[QuantLayer, ...]) -> list[str]:
+    """The skip input of each Add that joins a layer's output with another run-time tensor: the input
+    that is not the output of the latest layer feeding the Add (the one the runtime fuses the Add into)."""
+    inits = {t.name for t in model.graph.initializer}
+    layer_nodes = {layer.node for layer in layers}
+    position = {o: k for k, n in enumerate(model.graph.node) if n.name in layer_nodes for o in n.output}
+    skips = []
+    for node in model.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2 or any(i in inits or not i for i in node.input):
+            continue
+        fused = [i for i in node.input if i in position]
+        if fused:
+            main = max(fused, key=position.__getitem__)
+            skips += [i for i in node.input if i != main and i not in skips]
+    return skips
+
+
+def concat_ties(model: onnx.ModelProto) -> dict[str, str]:
+    """Tensor → name of the first Concat that reads it: activation quant points with the same Concat
+    share one quantizer on targets that concatenate integers in place (``Target.shared_concat_scales``)."""
+    ties: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type == "Concat":
+            for name in node.input:
+                ties.setdefault(name, node.name)
+    return ties
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:

@@ -1,4 +1,4 @@
-"""What a deployment runtime accepts, as data the emitter and the planner read."""
+"""What a deployment runtime accepts, as data the planner, the emitter and the checker read."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,37 +7,77 @@ from onnx import TensorProto
 
 from onnxflex.registry import Registry
 
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
 
 @dataclass(frozen=True)
 class Target:
     """Placement and encoding rules of one runtime.
 
-    act_dtype: integer type of quantized activations (uint8 → asymmetric with a zero point).
+    Encoding:
+    act_dtype: integer type onnxflex writes for quantized activations (UINT8 → asymmetric with a zero
+        point, INT8 → symmetric, zero point 0).
+    act_dtypes: activation types the runtime runs as integers (what `onnxflex check` accepts).
+    weight_dtype: integer type of weights (always symmetric, zero point 0, one step per output channel).
+    blocked_weight_dtypes / blocked_weight_ops: 4-bit types a weight may use with one blocked axis
+        (DequantizeLinear ``block_size``, opset 21), and the ops that run such weights.
+    int32_bias: True → the bias goes in as int32 through DequantizeLinear with scale s_x·s_w;
+        False → the bias stays a float initializer (the runtime quantizes it itself).
+
+    Placement:
     quantize_outputs: Q/DQ on weighted-op outputs (after a trailing activation in `absorb`), so that
-        the runtime can fuse DQ → op → Q into an integer kernel.
+        the runtime can fuse DQ → op → Q into an integer kernel; False → none on weighted-op outputs.
     absorb: activations that follow a weighted op and sit before its output Q (the runtime fuses them).
-    int32_bias: the bias goes in as int32 through DequantizeLinear with scale s_x·s_w.
-    min_opset: lowest opset the emitted model may use (per-channel DequantizeLinear needs 13).
+    quantize_residual_add: Q/DQ on the skip input of an Add that joins a weighted op's output with
+        another run-time tensor, so that the runtime fuses the Add into that op.
+    shared_concat_scales: every quantized input of a Concat must use one step (the runtime concatenates
+        integers in place).
+
+    Versions and checking:
+    min_opset / max_opset: default-domain opsets the emitted model may use (per-channel
+        DequantizeLinear needs 13; the runtime's parser reads up to max_opset; 0 = no known limit).
+    runtime_check: how `onnxflex check` asks the runtime itself ('onnxruntime-graph': read the optimized
+        graph; 'tensorrt-engine': build an engine where TensorRT and a GPU are present).
     """
 
     name: str
     act_dtype: int = TensorProto.UINT8
+    act_dtypes: tuple[int, ...] = (TensorProto.UINT8, TensorProto.INT8)
     weight_dtype: int = TensorProto.INT8
+    blocked_weight_dtypes: tuple[int, ...] = (TensorProto.INT4, TensorProto.UINT4)
+    blocked_weight_ops: tuple[str, ...] = ("MatMul", "Gemm")
+    int32_bias: bool = True
     quantize_outputs: bool = True
     absorb: tuple[str, ...] = ("Relu", "Clip")
-    int32_bias: bool = True
+    quantize_residual_add: bool = False
+    shared_concat_scales: bool = False
     min_opset: int = 13
-    weighted_ops: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    max_opset: int = 0
+    weighted_ops: tuple[str, ...] = WEIGHTED_OPS
+    runtime_check: str = "onnxruntime-graph"
 
     @property
     def act_symmetric(self) -> bool:
+        """Activations are signed with zero point 0 (else unsigned with a calibrated zero point)."""
         return self.act_dtype == TensorProto.INT8
+
+    @property
+    def symmetric_only(self) -> bool:
+        """Every activation zero point must be 0 (the runtime has no zero-point arithmetic)."""
+        return all(dtype == TensorProto.INT8 for dtype in self.act_dtypes)
+
+    def check(self, model) -> list:
+        """Static findings (runtimes.rules.Finding) of a QDQ model against this target's rules."""
+        from onnxflex.runtimes.rules import static_findings
+
+        return static_findings(model, self)
 
 
 TARGETS: Registry[Target] = Registry("target")
 
 
 def get_target(name: str) -> Target:
-    from onnxflex.runtimes import onnxruntime  # noqa: F401  (registers the built-in targets)
+    """The registered target ``name`` (the built-in targets register on first use)."""
+    from onnxflex.runtimes import onnxruntime, tensorrt  # noqa: F401  (they register the built-in targets)
 
     return TARGETS.get(name)

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import NameScope, consumers, default_opset, set_default_opset
 from onnxflex.qparams import QuantParams
 from onnxflex.registry import Registry
@@ -50,9 +51,9 @@ def _replace_initializer_uses(model, old: str, new: str) -> None:
         for i, name in enumerate(node.input):
             if name == old and node.op_type != "DequantizeLinear":
                 node.input[i] = new
-    keep = [t for t in model.graph.initializer if t.name != old]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    inits = model.graph.initializer
+    for i in reversed([i for i, t in enumerate(inits) if t.name == old]):
+        del inits[i]  # in place: rebuilding the list would copy every weight of the model
 
 
 @STAGES.register("weights")
@@ -111,12 +112,28 @@ def quantize_activations(model, params, target):
 
 @STAGES.register("versions")
 def set_versions(model, params, target):
-    """Opset at least the target's minimum; the lowest IR version those opsets need, which every
-    onnxruntime that knows the opsets loads (onnx writes its newest IR by default)."""
+    """Opset within the target's range (a newer model is converted down to the newest opset the
+    runtime reads); the lowest IR version those opsets need, which every onnxruntime that knows the
+    opsets loads (onnx writes its newest IR by default)."""
     if default_opset(model) < target.min_opset:
         set_default_opset(model, target.min_opset)
+    if target.max_opset and default_opset(model) > target.max_opset:
+        model = _convert_opset(model, target)
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     return model
+
+
+def _convert_opset(model: onnx.ModelProto, target: Target) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    opset = default_opset(model)
+    try:
+        return version_converter.convert_version(model, target.max_opset)
+    except Exception as exc:  # the converter raises several unrelated types
+        raise UnsupportedModelError(
+            f"the model uses opset {opset} and {target.name} reads at most opset {target.max_opset}; "
+            f"onnx's version converter could not convert it ({exc}) — export the model with "
+            f"opset {target.max_opset} or lower") from exc
 
 
 def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,0 +1,173 @@
+"""``onnxflex check``: will a QDQ model run as integers on a target, layer by layer?
+
+Three sources, in order of what they can prove:
+  static rules (runtimes.rules, from the target's data) — always;
+  onnxruntime's optimized graph (target onnxruntime) — which fused kernel each layer became;
+  a TensorRT engine build (target tensorrt) — per-layer precision, only with TensorRT and a GPU.
+What could not be verified is said in the report, never silently skipped.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import onnx
+
+from onnxflex.graph import load_model, node_attr
+from onnxflex.registry import Registry
+from onnxflex.runtimes.base import get_target
+from onnxflex.runtimes.rules import Finding, GraphView
+
+FLOAT_KERNELS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
+
+
+@dataclass(frozen=True)
+class LayerStatus:
+    """One weighted node: ``integer`` is False when a fallback finding names it; ``kernel`` is what the
+    runtime made of it (onnxruntime's optimized op, or TensorRT precisions), '' when not known."""
+
+    node: str
+    op_type: str
+    integer: bool
+    kernel: str = ""
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    source: str
+    target: str
+    findings: tuple[Finding, ...]
+    layers: tuple[LayerStatus, ...]
+    runtime_ops: dict[str, int] = field(default_factory=dict)
+    not_verified: tuple[str, ...] = ()
+
+    @property
+    def fallbacks(self) -> list[Finding]:
+        return [f for f in self.findings if f.fallback]
+
+    @property
+    def ok(self) -> bool:
+        """No layer, Add or Concat falls back to float (warnings allowed)."""
+        return not self.fallbacks
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "target": self.target, "ok": self.ok,
+                "findings": [asdict(f) for f in self.findings], "layers": [asdict(l) for l in self.layers],
+                "runtime_ops": dict(self.runtime_ops), "not_verified": list(self.not_verified)}
+
+
+def check(model: str | os.PathLike | onnx.ModelProto, target: str = "onnxruntime", *,
+          runtime: bool = True) -> CheckReport:
+    """Check ``model`` (path or ModelProto, left unchanged) against ``target``'s static rules and, with
+    ``runtime``, ask the runtime itself (``Target.runtime_check``): onnxruntime's optimized graph, or a
+    TensorRT engine build where TensorRT and a GPU are present."""
+    spec = get_target(target)
+    proto = load_model(model)
+    source = str(model) if not isinstance(model, onnx.ModelProto) else (proto.graph.name or "model")
+    findings = list(spec.check(proto))
+    view = GraphView(proto)
+    if runtime:
+        result = RUNTIME_CHECKS.get(spec.runtime_check)(proto, view)
+    else:
+        result = RuntimeResult(not_verified=(f"{spec.runtime_check} check not run (--static-only); placement "
+                                             "and encoding were checked statically only",))
+    findings += result.findings
+    failed = {f.node for f in findings if f.fallback}
+    layers = tuple(LayerStatus(n.name, n.op_type, n.name not in failed, result.kernels.get(n.name, ""))
+                   for n in view.layers)
+    return CheckReport(source, spec.name, tuple(findings), layers, result.ops, result.not_verified)
+
+
+@dataclass(frozen=True)
+class RuntimeResult:
+    """What asking the runtime itself showed: fallback findings, layer name → kernel or precision,
+    op counts of the runtime's graph, and what could not be verified."""
+
+    findings: tuple[Finding, ...] = ()
+    kernels: dict[str, str] = field(default_factory=dict)
+    ops: dict[str, int] = field(default_factory=dict)
+    not_verified: tuple[str, ...] = ()
+
+
+RUNTIME_CHECKS: Registry[Callable[[onnx.ModelProto, GraphView], RuntimeResult]] = Registry("runtime check")
+
+
+@RUNTIME_CHECKS.register("onnxruntime-graph")
+def onnxruntime_kernels(model: onnx.ModelProto, view: GraphView) -> RuntimeResult:
+    """Load the model in onnxruntime (CPU) and read the op each layer became in the optimized graph.
+
+    Fused nodes keep the layer's name or extend it with '_token_<n>'; a layer still a float
+    Conv/Gemm/MatMul there runs in float."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="onnxflex-check-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = path
+        try:
+            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            return RuntimeResult((Finding("(model)", "", "load", f"onnxruntime cannot load the model: {exc}"),))
+        optimized = list(onnx.load(path).graph.node)
+    counts = dict(sorted(collections.Counter(n.op_type for n in optimized).items()))
+    kernels, findings = {}, []
+    for layer in view.layers:
+        match = [n for n in optimized if n.name == layer.name or n.name.startswith(layer.name + "_token_")]
+        if not match:
+            continue
+        kernels[layer.name] = match[0].op_type
+        if match[0].op_type in FLOAT_KERNELS:
+            findings.append(Finding(layer.name, layer.op_type, "runtime-kernel", f"onnxruntime's optimized graph "
+                                    f"runs it as a float {match[0].op_type}, not an integer kernel"))
+    return RuntimeResult(tuple(findings), kernels, counts,
+                         ("onnxruntime's CPU execution provider only; other providers fuse differently",))
+
+
+@RUNTIME_CHECKS.register("tensorrt-engine")
+def tensorrt_engine(model: onnx.ModelProto, view: GraphView) -> RuntimeResult:
+    """Build a TensorRT engine and read each layer's precision; says why when it cannot."""
+    from onnxflex.runtimes.tensorrt import build_engine
+
+    report = build_engine(model)
+    if report.skipped:
+        return RuntimeResult(not_verified=(f"TensorRT engine check not run: {report.skipped}; placement and "
+                                           "encoding were checked statically only",))
+    if not report.built:
+        return RuntimeResult((Finding("(model)", "", "engine", "TensorRT: " + "; ".join(report.errors)),))
+    kernels, findings = {}, []
+    for layer in view.layers:
+        precisions = sorted({p for name, _, p in report.layers if layer.name in name.split(" + ")
+                             or layer.name in name})
+        if not precisions:
+            continue
+        kernels[layer.name] = "/".join(precisions)
+        dq = view.weight_dq(layer)
+        weight_only = dq is not None and node_attr(dq, "block_size", 0)  # float activations by design
+        if precisions == ["float"] and not weight_only:
+            findings.append(Finding(layer.name, layer.op_type, "engine", "the TensorRT engine runs it in float"))
+    return RuntimeResult(tuple(findings), kernels)
+
+
+def format_report(report: CheckReport) -> str:
+    """Human-readable lines: findings per node, a layer tally, runtime ops, what was not verified."""
+    lines = [f"check {report.source} for target {report.target}"]
+    for f in report.findings:
+        where = f"{f.node} ({f.op_type})" if f.op_type else f.node
+        lines.append(f"  {'FALLBACK' if f.fallback else 'warning '}  {where}  [{f.rule}] {f.message}")
+    integer = sum(l.integer for l in report.layers)
+    lines.append(f"layers: {integer} of {len(report.layers)} run as integers on {report.target}")
+    for layer in report.layers:
+        kernel = f" -> {layer.kernel}" if layer.kernel else ""
+        lines.append(f"  {'ok      ' if layer.integer else 'FALLBACK'}  {layer.node} ({layer.op_type}){kernel}")
+    if report.runtime_ops:
+        lines.append("onnxruntime optimized graph: " + ", ".join(f"{k}×{c}" for k, c in report.runtime_ops.items()))
+    lines += [f"not verified: {line}" for line in report.not_verified]
+    n = len({f.node for f in report.fallbacks})
+    lines.append("result: OK" if report.ok else f"result: FAIL ({n} node{'s' if n != 1 else ''} fall back to float)")
+    return "\n".join(lines)
+

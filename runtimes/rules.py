@@ -1,0 +1,296 @@
+"""Static QDQ rules: what keeps a layer of a QDQ model from running as integers on a target.
+
+Every rule is a pure function ``(GraphView, Target) -> list[Finding]`` registered by name, and reads
+the target's data (dtypes, symmetry, placement, opsets) rather than its name, so one set of rules
+serves every runtime. A finding is a *fallback* when the layer (or the Add/Concat) would not run in
+integer precision, and a warning when it still would but the placement costs speed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from onnxflex.graph import default_opset, node_attr
+from onnxflex.registry import Registry
+from onnxflex.runtimes.base import WEIGHTED_OPS, Target
+
+DTYPE_NAMES = {v: k for k, v in TensorProto.DataType.items()}
+BLOCKED_MIN_OPSET = 21
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem at one node: ``rule`` names the rule, ``fallback`` says whether it costs integer
+    execution (True) or only speed (False)."""
+
+    node: str
+    op_type: str
+    rule: str
+    message: str
+    fallback: bool = True
+
+
+class GraphView:
+    """Read-only lookups over a model: producers, consumers, initializers, Q/DQ structure."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        g = model.graph
+        self.nodes = list(g.node)
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer = {o: n for n in self.nodes for o in n.output if o}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.opset = default_opset(model)
+
+    def array(self, name: str) -> np.ndarray | None:
+        t = self.inits.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def from_op(self, tensor: str, op_type: str) -> onnx.NodeProto | None:
+        node = self.producer.get(tensor)
+        return node if node is not None and node.op_type == op_type else None
+
+    def weight_dq(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The DequantizeLinear of a constant that feeds ``node``'s weight input, if any."""
+        dq = self.from_op(node.input[1], "DequantizeLinear") if len(node.input) > 1 else None
+        return dq if dq is not None and dq.input[0] in self.inits else None
+
+    @cached_property
+    def layers(self) -> list[onnx.NodeProto]:
+        """Weighted nodes: Conv/ConvTranspose/Gemm/MatMul whose weight is a constant or a DQ of one."""
+        return [n for n in self.nodes if n.op_type in WEIGHTED_OPS and len(n.input) > 1
+                and (n.input[1] in self.inits or self.weight_dq(n) is not None)]
+
+    def zero_point(self, qdq: onnx.NodeProto) -> tuple[np.ndarray | None, int]:
+        """(zero point values or None, integer dtype) of a Q or DQ node; no zero point means uint8."""
+        if len(qdq.input) > 2 and qdq.input[2]:
+            t = self.inits.get(qdq.input[2])
+            return (numpy_helper.to_array(t), t.data_type) if t is not None else (None, TensorProto.UNDEFINED)
+        if qdq.op_type == "DequantizeLinear" and qdq.input[0] in self.inits:
+            return None, self.inits[qdq.input[0]].data_type
+        return None, node_attr(qdq, "output_dtype", TensorProto.UINT8) or TensorProto.UINT8
+
+
+Rule = Callable[[GraphView, Target], list[Finding]]
+RULES: Registry[Rule] = Registry("check rule")
+
+
+def static_findings(model: onnx.ModelProto, target: Target) -> list[Finding]:
+    """Every registered rule's findings on ``model`` for ``target``, in rule then graph order."""
+    view = GraphView(model)
+    return [f for name in RULES for f in RULES.get(name)(view, target)]
+
+
+def weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
+    """(output-channel axis, input-channel axis) of a weighted node's weight."""
+    if node.op_type == "Conv":
+        return 0, 1
+    if node.op_type == "ConvTranspose":
+        return 1, 0
+    if node.op_type == "Gemm" and node_attr(node, "transB", 0):
+        return 0, 1
+    return 1, 0
+
+
+def _name(dtype: int) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype))
+
+
+@RULES.register("opset")
+def check_opset(view: GraphView, target: Target) -> list[Finding]:
+    out = []
+    if view.opset < target.min_opset or view.opset > (target.max_opset or view.opset):
+        upper = target.max_opset or "newest"
+        out.append(Finding("(model)", "", "opset", f"default-domain opset {view.opset} is outside "
+                           f"[{target.min_opset}, {upper}] that {target.name} reads; per-channel "
+                           "DequantizeLinear needs 13 — re-emit with onnxflex or convert the opset"))
+    blocked = [n for n in view.nodes if n.op_type == "DequantizeLinear" and node_attr(n, "block_size", 0)]
+    if blocked and view.opset < BLOCKED_MIN_OPSET:
+        out += [Finding(n.name, n.op_type, "opset", f"block_size needs opset {BLOCKED_MIN_OPSET}, the model "
+                        f"imports {view.opset}") for n in blocked]
+    return out
+
+
+@RULES.register("weight-qdq")
+def check_weights(view: GraphView, target: Target) -> list[Finding]:
+    """The weight reads an integer constant through DequantizeLinear, per channel on the output axis
+    (or blocked on the input axis for 4-bit weight-only ops), with zero point 0."""
+    out = []
+    for node in view.layers:
+        dq = view.weight_dq(node)
+        if dq is None:
+            out.append(Finding(node.name, node.op_type, "weight-qdq", f"weight {node.input[1]!r} is a float "
+                               "initializer with no DequantizeLinear; the layer runs in float"))
+            continue
+        out += _weight_encoding(view, node, dq, target)
+    return out
+
+
+def _weight_encoding(view: GraphView, node, dq, target: Target) -> list[Finding]:
+    ints = view.inits[dq.input[0]]
+    scale = view.array(dq.input[1])
+    block = node_attr(dq, "block_size", 0)
+    where = f"weight {node.input[1]!r}"
+    if block:
+        if ints.data_type not in target.blocked_weight_dtypes or node.op_type not in target.blocked_weight_ops:
+            return [Finding(node.name, node.op_type, "weight-dtype", f"{where}: blocked {_name(ints.data_type)} "
+                            f"on {node.op_type} is not run by {target.name} (it runs blocked "
+                            f"{'/'.join(map(_name, target.blocked_weight_dtypes))} on "
+                            f"{'/'.join(target.blocked_weight_ops)})")]
+    elif ints.data_type != target.weight_dtype:
+        return [Finding(node.name, node.op_type, "weight-dtype", f"{where} is {_name(ints.data_type)}; "
+                        f"{target.name} runs {_name(target.weight_dtype)} weights")]
+    out = []
+    if scale is not None and scale.size > 1:
+        axis = node_attr(dq, "axis", 1) % len(ints.dims)
+        want = weight_axes(node)[1 if block else 0]
+        if axis != want or (not block and scale.size != ints.dims[axis]):
+            kind = "blocked" if block else "per-channel"
+            out.append(Finding(node.name, node.op_type, "weight-axis", f"{where}: {kind} DequantizeLinear on "
+                               f"axis {axis} (scale {list(scale.shape)}); {node.op_type} needs axis {want}"))
+        elif not block and view.opset < 13:
+            out.append(Finding(node.name, node.op_type, "opset", f"{where}: per-channel DequantizeLinear needs "
+                               f"opset 13, the model imports {view.opset}"))
+    zp, _ = view.zero_point(dq)
+    if zp is not None and np.any(zp != 0):
+        out.append(Finding(node.name, node.op_type, "zero-point", f"{where} has a non-zero zero point; "
+                           f"{target.name} runs symmetric weights only"))
+    return out
+
+
+@RULES.register("input-qdq")
+def check_inputs(view: GraphView, target: Target) -> list[Finding]:
+    """The activation input comes through Q → DQ, per tensor, in a dtype (and symmetry) the target
+    runs; weight-only blocked layers may read a float activation."""
+    out = []
+    for node in view.layers:
+        dq_w = view.weight_dq(node)
+        if dq_w is not None and node_attr(dq_w, "block_size", 0):
+            continue
+        out += act_findings(view, node, node.input[0], target, "input-qdq")
+    return out
+
+
+def act_findings(view: GraphView, node, tensor: str, target: Target, rule: str) -> list[Finding]:
+    """What is wrong with activation ``tensor`` as ``node`` reads it (empty when it is a good Q/DQ)."""
+    dq = view.from_op(tensor, "DequantizeLinear")
+    if dq is None or view.from_op(dq.input[0], "QuantizeLinear") is None:
+        return [Finding(node.name, node.op_type, rule, f"input {tensor!r} does not come through "
+                        "QuantizeLinear → DequantizeLinear; the op reads float")]
+    zp, dtype = view.zero_point(dq)
+    scale = view.array(dq.input[1])
+    out = []
+    if dtype not in target.act_dtypes:
+        out.append(Finding(node.name, node.op_type, "act-dtype", f"input {tensor!r} is quantized to "
+                           f"{_name(dtype)}; {target.name} runs {'/'.join(map(_name, target.act_dtypes))} "
+                           "activations"))
+    if target.symmetric_only and zp is not None and np.any(zp != 0):
+        out.append(Finding(node.name, node.op_type, "zero-point", f"input {tensor!r} has zero point "
+                           f"{zp.ravel()[:4].tolist()}; {target.name} runs symmetric activations only"))
+    if scale is None or scale.size != 1:
+        out.append(Finding(node.name, node.op_type, "act-axis", f"input {tensor!r} is not quantized per "
+                           f"tensor (scale {'not constant' if scale is None else list(scale.shape)})"))
+    return out
+
+
+@RULES.register("bias")
+def check_bias(view: GraphView, target: Target) -> list[Finding]:
+    """int32 bias through DequantizeLinear where the target wants it, a float bias where it does not."""
+    out = []
+    for node in view.layers:
+        if len(node.input) < 3 or not node.input[2]:
+            continue
+        dq = view.from_op(node.input[2], "DequantizeLinear")
+        if target.int32_bias and view.from_op(node.input[0], "DequantizeLinear") is not None:
+            ints = view.inits.get(dq.input[0]) if dq is not None else None
+            if ints is None or ints.data_type != TensorProto.INT32:
+                out.append(Finding(node.name, node.op_type, "bias", f"bias {node.input[2]!r} is not an int32 "
+                                   f"constant through DequantizeLinear, which {target.name} needs to fuse "
+                                   "the layer"))
+        elif not target.int32_bias and dq is not None:
+            out.append(Finding(node.name, node.op_type, "bias", f"bias {node.input[2]!r} goes through "
+                               f"DequantizeLinear; {target.name} takes a float bias and quantizes it itself"))
+    return out
+
+
+@RULES.register("output-q")
+def check_outputs(view: GraphView, target: Target) -> list[Finding]:
+    """Output Q where the target fuses DQ → op → Q (warning when missing), none where it does not."""
+    out = []
+    skips = set(residual_skips(view)) if target.quantize_residual_add else set()
+    for node in view.layers:
+        users = view.consumers.get(node.output[0], [])
+        if not target.quantize_outputs:
+            quantized = [u for u in users if u.op_type == "QuantizeLinear"]
+            if quantized and not any(_dq_outputs(view, q) & skips for q in quantized):
+                out.append(Finding(node.name, node.op_type, "output-q", f"output {node.output[0]!r} is quantized;"
+                                   f" {target.name} wants no Q on weighted-op outputs (it splits the op from "
+                                   "what follows)", fallback=False))
+            continue
+        if len(users) == 1 and users[0].op_type in target.absorb:
+            users = view.consumers.get(users[0].output[0], [])
+        if users and not any(u.op_type == "QuantizeLinear" for u in users):
+            out.append(Finding(node.name, node.op_type, "output-q", f"output {node.output[0]!r} has no "
+                               f"QuantizeLinear; {target.name} may keep the op in float", fallback=False))
+    return out
+
+
+def _dq_outputs(view: GraphView, q: onnx.NodeProto) -> set[str]:
+    return {dq.output[0] for dq in view.consumers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"}
+
+
+@RULES.register("residual-add")
+def check_residual_adds(view: GraphView, target: Target) -> list[Finding]:
+    """The skip input of an Add fed by a weighted op comes through Q/DQ (the Add fuses into the op)."""
+    if not target.quantize_residual_add:
+        return []
+    out = []
+    for skip, add in residual_skips(view).items():
+        out += act_findings(view, add, skip, target, "residual-add")
+    return out
+
+
+def residual_skips(view: GraphView) -> dict[str, onnx.NodeProto]:
+    """Skip tensor → its Add, for each Add of two run-time tensors of which at least one a weighted op
+    writes directly: the skip is the input other than the latest such op's output. The skip tensor is
+    named as it reaches the Add (a DQ output, or the raw tensor when Q/DQ are missing)."""
+    layers = {id(n) for n in view.layers}
+    layer_out = {n.output[0]: k for k, n in enumerate(view.nodes) if id(n) in layers}
+    skips = {}
+    for node in view.nodes:
+        if node.op_type != "Add" or len(node.input) != 2 or any(i in view.inits for i in node.input):
+            continue
+        fused = [i for i in node.input if i in layer_out]
+        if fused:
+            main = max(fused, key=layer_out.__getitem__)
+            skips.update({i: node for i in node.input if i != main})
+    return skips
+
+
+@RULES.register("concat-scales")
+def check_concat_scales(view: GraphView, target: Target) -> list[Finding]:
+    """The dequantized inputs of a Concat share one step and zero point."""
+    if not target.shared_concat_scales:
+        return []
+    out = []
+    for node in (n for n in view.nodes if n.op_type == "Concat"):
+        qparams = set()
+        for tensor in node.input:
+            dq = view.from_op(tensor, "DequantizeLinear")
+            if dq is not None and dq.input[0] not in view.inits:
+                scale, (zp, _) = view.array(dq.input[1]), view.zero_point(dq)
+                qparams.add((None if scale is None else tuple(scale.ravel().tolist()),
+                             None if zp is None else tuple(zp.ravel().tolist())))
+        if len(qparams) > 1:
+            out.append(Finding(node.name, node.op_type, "concat-scales", f"its quantized inputs use "
+                               f"{len(qparams)} different steps; {target.name} needs one step for all of "
+                               "them to concatenate integers"))
+    return out
