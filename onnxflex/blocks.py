@@ -14,6 +14,7 @@ class QuantLayer:
     axis: the weight's output-channel axis (Conv 0, ConvTranspose 1, Gemm 0 or 1 by transB, MatMul 1).
     input: the activation tensor the node reads (quantized when activations are).
     bias: bias initializer name, or None.
+    bits: weight bits (the config's wbits unless a layer_bits pattern names the node).
     """
 
     node: str
@@ -22,6 +23,7 @@ class QuantLayer:
     axis: int
     input: str
     bias: str | None = None
+    bits: int = 8
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,9 @@ class Block:
 
 @dataclass(frozen=True, eq=False)
 class BlockPlan:
-    """The canonical model and its ordered blocks. Every node of the graph is in exactly one block."""
+    """The canonical model and its ordered blocks. Every node of the graph is in exactly one block,
+    except side nodes (masks, position ids: made from constants, int inputs and input shapes) that a
+    later block reading their results repeats (passes/partition.py)."""
 
     model: onnx.ModelProto
     blocks: tuple[Block, ...]

@@ -2,8 +2,16 @@
 
 granularity 'layer': a block starts at each weighted node and runs to the next one.
 granularity 'block': a block ends wherever a single run-time tensor carries everything later nodes
-need (a residual unit becomes one block). Runs of nodes without a quantized layer join the block
-before them, so every node of the graph belongs to exactly one block.
+need (a residual unit becomes one block); a residual unit without attention that follows one with
+attention joins it, so one transformer layer (attention + MLP) is one block. Runs of nodes without
+a quantized layer join the block before them.
+
+Side tensors are computed only from constants, non-float graph inputs (token ids, attention masks)
+and the shapes of graph inputs (position ids, causal masks built from Shape/Range). They do not count
+as crossing a cut, except float ones that reach a weighted layer's input through side tensors alone
+(token and position embeddings are activations). A block that reads a side tensor made in an earlier
+block recomputes it: the side nodes it needs are repeated in the block, so block inputs stay
+batch-major tensors that capture can store per sample. Every other node belongs to exactly one block.
 """
 from __future__ import annotations
 
@@ -17,6 +25,15 @@ from onnxflex.graph import default_opset, graph_input_names
 
 IsSupported = Callable[[str, int, str], bool]
 
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+               onnx.TensorProto.DOUBLE}
+SHAPE_OPS = {"Shape", "Size"}
+ATTENTION_OPS = {"Softmax"}
+RESIDUAL_OPS = {"Add", "Sum"}
+# never repeated in a later block: a second run would draw other values, or a subgraph may read any tensor
+NOT_RECOMPUTED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                  "Bernoulli", "If", "Loop", "Scan"}
+
 
 def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points: tuple[str, ...],
               granularity: str, is_supported: IsSupported, warnings: tuple[str, ...] = ()) -> BlockPlan:
@@ -26,23 +43,77 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
             "the model has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight "
             "that is not excluded); nothing to quantize")
     layer_of = {layer.node: layer for layer in layers}
-    starts = _layer_starts(nodes, layer_of) if granularity == "layer" else _single_tensor_cuts(model)
+    side = side_tensors(model, set(layer_of))
+    uncounted = side - _side_activations(model, side, layers)
+    starts = _layer_starts(nodes, layer_of) if granularity == "layer" else _single_tensor_cuts(model, uncounted)
     segments = _merge_weightless([nodes[a:b] for a, b in zip(starts, starts[1:] + [len(nodes)])], layer_of)
+    if granularity == "block":
+        segments = _join_transformer_sublayers(segments, model)
+    repeated = [_side_producers(model, seg, side) for seg in segments]
     opset = default_opset(model)
     blocks = []
-    first_reader = _first_readers(model, segments)
+    inputs_of = [_block_inputs(model, rep + seg) for rep, seg in zip(repeated, segments)]
+    first_reader = _first_readers(model, inputs_of)
+    graph_outputs = {o.name for o in model.graph.output}
     for k, seg in enumerate(segments):
-        names = [n.name for n in seg]
+        run = repeated[k] + seg
+        names = [n.name for n in run]
         produced = {o for n in seg for o in n.output if o}
-        inputs = _block_inputs(model, seg, produced)
-        later = {i for s in segments[k + 1:] for n in s for i in n.input} | {o.name for o in model.graph.output}
+        later = {i for ins in inputs_of[k + 1:] for i in ins} | graph_outputs
         outputs = tuple(o for n in seg for o in n.output if o and o in later)
         points = tuple(p for p in act_points if p in produced or first_reader.get(p) == k)
-        unsupported = tuple(f"{n.op_type} (node {n.name!r})" for n in seg
+        unsupported = tuple(f"{n.op_type} (node {n.name!r})" for n in run
                             if not is_supported(n.op_type, opset, n.domain))
-        blocks.append(Block(f"block{k}", tuple(names), inputs, outputs,
-                            tuple(layer_of[n] for n in names if n in layer_of), points, unsupported))
+        blocks.append(Block(f"block{k}", tuple(names), inputs_of[k], outputs,
+                            tuple(layer_of[n.name] for n in seg if n.name in layer_of), points, unsupported))
     return BlockPlan(model, tuple(blocks), act_points, warnings)
+
+
+def side_tensors(model: onnx.ModelProto, weighted: set[str]) -> set[str]:
+    """Run-time tensors computed from constants, non-float graph inputs and graph input shapes only.
+
+    A weighted node's outputs are never side tensors (its layer belongs to one block); a Shape of a
+    tensor computed inside the graph is not one either (recomputing it would need that tensor).
+    """
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    graph_inputs = set(graph_input_names(model))
+    side = {i.name for i in g.input
+            if i.name in graph_inputs and i.type.tensor_type.elem_type not in FLOAT_TYPES}
+    for node in g.node:
+        if node.name in weighted or node.op_type in NOT_RECOMPUTED or node.domain not in ("", "ai.onnx"):
+            continue
+        args = [i for i in node.input if i]
+        if not args:
+            continue
+        if node.op_type in SHAPE_OPS:
+            ok = args[0] in graph_inputs or args[0] in side
+        else:
+            ok = all(i in side or i in inits for i in args)
+        if ok:
+            side.update(o for o in node.output if o)
+    return side
+
+
+def _side_activations(model: onnx.ModelProto, side: set[str], layers: tuple[QuantLayer, ...]) -> set[str]:
+    """Float side tensors from which a layer's input is computed through float side tensors only."""
+    g = model.graph
+    typed = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+
+    def float_side(name: str) -> bool:
+        return name in side and typed.get(name, onnx.TensorProto.FLOAT) in FLOAT_TYPES
+
+    producer = {o: n for n in g.node for o in n.output if o}
+    found: set[str] = set()
+    stack = [layer.input for layer in layers if float_side(layer.input)]
+    while stack:
+        name = stack.pop()
+        if name in found:
+            continue
+        found.add(name)
+        if name in producer:
+            stack += [i for i in producer[name].input if float_side(i)]
+    return found
 
 
 def _layer_starts(nodes, layer_of) -> list[int]:
@@ -50,8 +121,8 @@ def _layer_starts(nodes, layer_of) -> list[int]:
     return [0] + starts[1:]
 
 
-def _single_tensor_cuts(model: onnx.ModelProto) -> list[int]:
-    """Positions p where exactly one run-time tensor crosses from nodes[:p] to nodes[p:]."""
+def _single_tensor_cuts(model: onnx.ModelProto, uncounted: set[str]) -> list[int]:
+    """Positions p where exactly one run-time tensor not in ``uncounted`` crosses from nodes[:p] to nodes[p:]."""
     nodes = list(model.graph.node)
     inits = {t.name for t in model.graph.initializer}
     last_use: dict[str, int] = {}
@@ -66,7 +137,7 @@ def _single_tensor_cuts(model: onnx.ModelProto) -> list[int]:
     delta = [0] * (len(nodes) + 2)
     for tensor, b in born.items():
         u = last_use.get(tensor, -1)
-        if u > b:
+        if u > b and tensor not in uncounted:
             delta[b + 1] += 1
             delta[u + 1] -= 1
     cuts, live = [0], 0
@@ -92,23 +163,66 @@ def _merge_weightless(segments, layer_of):
     return merged
 
 
-def _block_inputs(model, seg, produced) -> tuple[str, ...]:
+def _join_transformer_sublayers(segments, model):
+    """A residual segment without attention (the MLP) joins the segment with attention just before it,
+    once: the two sublayers of a transformer layer share one reconstruction block."""
+    merged, joinable = [], False
+    for seg in segments:
+        attention = any(n.op_type in ATTENTION_OPS for n in seg)
+        if merged and joinable and not attention and _is_residual(model, seg):
+            merged[-1] = merged[-1] + seg
+            joinable = False
+            continue
+        merged.append(seg)
+        joinable = attention
+    return merged
+
+
+def _is_residual(model, seg) -> bool:
+    """True when an Add in the segment sums a tensor from before the segment (the skip) with one made in it."""
     inits = {t.name for t in model.graph.initializer}
-    inputs: list[str] = []
+    produced = {o for n in seg for o in n.output if o}
     for node in seg:
+        if node.op_type in RESIDUAL_OPS:
+            outside = [i for i in node.input if i and i not in produced and i not in inits]
+            if outside and any(i in produced for i in node.input):
+                return True
+    return False
+
+
+def _side_producers(model, seg, side) -> list[onnx.NodeProto]:
+    """The side nodes, in graph order, that recompute the side tensors ``seg`` reads but does not make."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    own = {n.name for n in seg}
+    produced = {o for n in seg for o in n.output if o}
+    needed: set[str] = set()
+    stack = [i for n in seg for i in n.input if i in side and i not in produced and i in producer]
+    while stack:
+        node = producer[stack.pop()]
+        if node.name in own or node.name in needed:
+            continue
+        needed.add(node.name)
+        stack += [i for i in node.input if i in side and i in producer]
+    return [n for n in model.graph.node if n.name in needed]
+
+
+def _block_inputs(model, run) -> tuple[str, ...]:
+    inits = {t.name for t in model.graph.initializer}
+    produced = {o for n in run for o in n.output if o}
+    inputs: list[str] = []
+    for node in run:
         for name in node.input:
             if name and name not in produced and name not in inits and name not in inputs:
                 inputs.append(name)
     return tuple(inputs)
 
 
-def _first_readers(model, segments) -> dict[str, int]:
-    """Graph input name → index of the first segment that reads it."""
+def _first_readers(model, inputs_of) -> dict[str, int]:
+    """Graph input name → index of the first block that reads it."""
     graph_inputs = set(graph_input_names(model))
     first: dict[str, int] = {}
-    for k, seg in enumerate(segments):
-        for node in seg:
-            for name in node.input:
-                if name in graph_inputs:
-                    first.setdefault(name, k)
+    for k, inputs in enumerate(inputs_of):
+        for name in inputs:
+            if name in graph_inputs:
+                first.setdefault(name, k)
     return first

@@ -234,6 +234,8 @@ SHAPE_CASES = [
     case("ConstantOfShape", i64(4), id="int-value", value=helper.make_tensor("v", TensorProto.INT64, [1], [7])),
     case("Range", np.array(1.0, np.float32), np.array(3.0, np.float32), np.array(0.3, np.float32), id="float"),
     case("Range", np.array(10, np.int64), np.array(-3, np.int64), np.array(-4, np.int64), id="int"),
+    case("Trilu", f32(2, 4, 5), np.array(1, np.int64), id="upper-k1", opset=14),
+    case("Trilu", f32(4, 4), id="lower", upper=0, opset=14),
     case("Constant", id="tensor", value=numpy_helper.from_array(f32(2, 3))),
     case("Constant", id="value-float", value_float=2.5),
     case("Constant", id="value-floats", value_floats=[1.0, 2.0]),

@@ -247,3 +247,14 @@ def range_(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     count = max(math.ceil((last - first) / step), 0)
     steps = torch.arange(count, dtype=start.dtype, device=start.device)
     return (start.reshape(()) + steps * delta.reshape(()),)
+
+
+@converter("Trilu", since=14)
+def trilu(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """The upper (``upper=1``) or lower triangle of the last two dims, from diagonal ``k``; the rest 0.
+
+    Exporters write causal attention masks this way (torch.triu / torch.tril)."""
+    k = optional_input(inputs, 1)
+    diagonal = 0 if k is None else const_ints(k)[0]
+    fn = torch.triu if int(node.attr("upper", 1)) else torch.tril
+    return (fn(inputs[0], diagonal),)
