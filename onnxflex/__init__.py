@@ -8,7 +8,8 @@ The API is imported on first use (PEP 562), so that ``onnxflex --help`` does not
 """
 __version__ = "0.1.0"
 
-_LAZY = {"quantize": "onnxflex.api", "QuantResult": "onnxflex.api", "QuantConfig": "onnxflex.config"}
+_LAZY = {"quantize": "onnxflex.api", "QuantResult": "onnxflex.api", "QuantConfig": "onnxflex.config",
+         "ImageFolder": "onnxflex.sources", "compare_models": "onnxflex.compare"}
 
 
 def __getattr__(name: str):
@@ -19,4 +20,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'onnxflex' has no attribute {name!r}")
 
 
-__all__ = ["quantize", "QuantResult", "QuantConfig", "__version__"]
+__all__ = ["quantize", "QuantResult", "QuantConfig", "ImageFolder", "compare_models", "__version__"]

@@ -5,17 +5,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import numpy as np
 import onnx
 
-from onnxflex.calib import CalibrationSet, check_calibration, default_calibration_path, fixed_batch, load_npz
+from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.config import QuantConfig
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import load_model, save_model_atomic, write_text_atomic
 from onnxflex.progress import Progress
 from onnxflex.report import layer_summary, to_json, versions
+from onnxflex.sources import resolve_calibration
 
 
 @dataclass
@@ -37,25 +37,6 @@ def report_path(model_path: str | os.PathLike) -> Path:
     return Path(f"{model_path}.report.json")
 
 
-def resolve_calibration(calibration: Any, model: onnx.ModelProto, model_source: Any) -> CalibrationSet:
-    """An .npz path, a CalibrationSet or a {input name: array} mapping; None looks for the bundled
-    ``<model>.calib.npz`` beside a model given by path."""
-    if calibration is None:
-        found = default_calibration_path(model_source) if isinstance(model_source, (str, os.PathLike)) else None
-        if found is None:
-            raise CalibrationError(
-                "no calibration data: pass --calib FILE.npz (one array per model input, samples on dim 0)")
-        calibration = found
-    if isinstance(calibration, CalibrationSet):
-        return check_calibration(calibration.arrays, model, calibration.source)
-    if isinstance(calibration, (str, os.PathLike)):
-        return load_npz(calibration, model)
-    if isinstance(calibration, Mapping):
-        return check_calibration({k: np.asarray(v) for k, v in calibration.items()}, model, "calibration mapping")
-    raise CalibrationError(f"unsupported calibration source of type {type(calibration).__name__}; "
-                           "pass an .npz path or a mapping of input name to array")
-
-
 def split_calibration(data: CalibrationSet, config: QuantConfig, batch: int | None):
     """(reconstruction set, verification set): the last ``verify_samples`` are held out."""
     n = data.num_samples if not config.calib_samples else min(config.calib_samples, data.num_samples)
@@ -71,13 +52,15 @@ def split_calibration(data: CalibrationSet, config: QuantConfig, batch: int | No
 
 def quantize(model: Any, calibration: Any = None, config: QuantConfig | None = None, *,
              progress: bool = True) -> QuantResult:
-    """Quantize ``model`` (path or ModelProto) with ``calibration``; see QuantConfig for the options."""
+    """Quantize ``model`` (path or ModelProto) with ``calibration`` (any source onnxflex.sources accepts:
+    .npz, folder, ImageFolder, mapping, CalibrationDataReader, iterable of feed dicts; None = the bundled
+    data or synthetic inputs); see QuantConfig for the options."""
     from onnxflex.pipeline import run_pipeline
 
     config = config or QuantConfig()
     t0 = time.perf_counter()
     original = load_model(model)
-    data = resolve_calibration(calibration, original, model)
+    data = resolve_calibration(calibration, original, model, config)
     recon, held = split_calibration(data, config, fixed_batch(original))
     qmodel, report, params = run_pipeline(original, recon, held, config, Progress(progress))
     report.update(config=config.to_dict(), versions=versions(), seed=config.seed,

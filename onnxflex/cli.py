@@ -1,26 +1,96 @@
-"""The command line: parse, build a config, call the API, print. Defaults live in QuantConfig."""
+"""The command line: parse, build a config, call the API, print.
+
+The options of ``quantize`` are generated from QuantConfig's fields and OPTION_HELP, so defaults and
+help live in one place; ``--config FILE.toml`` supplies any of them and flags given on the command
+line win over the file.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 import click
 
-from onnxflex.errors import OnnxflexError
+from onnxflex.config import OPTION_HELP, QuantConfig, choices
+from onnxflex.errors import ConfigError, OnnxflexError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Flags whose name is not the field's name with dashes (repeatable options read better singular).
+FLAGS = {"exclude_nodes": "--exclude-node", "exclude_op_types": "--exclude-op-type",
+         "input_shapes": "--input-shape"}
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
 
 
-def _config_from_options(options: dict):
-    from onnxflex.config import QuantConfig
+def flag_of(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
 
+
+def _option(field: dataclasses.Field):
+    default = field.default if field.default is not dataclasses.MISSING else None
+    allowed = choices().get(field.name)
+    kwargs: dict = {"default": None, "help": f"{OPTION_HELP[field.name]} [default: {_shown(default)}]"}
+    if isinstance(default, bool):
+        decls = [f"{flag_of(field.name)}/--no-{flag_of(field.name)[2:]}"]
+    else:
+        decls = [flag_of(field.name)]
+        if isinstance(default, tuple):
+            kwargs.update(multiple=True, default=())
+        elif allowed:
+            kwargs["type"] = click.Choice(allowed)
+        else:
+            kwargs["type"] = type(default)
+    return click.option(*decls, field.name, **kwargs)
+
+
+def _shown(default) -> str:
+    if isinstance(default, tuple):
+        return "none" if not default else ", ".join(map(str, default))
+    return str(default)
+
+
+def config_options(names: tuple[str, ...] | None = None):
+    """Decorator adding one option per QuantConfig field (or the ``names`` given) and ``--config``."""
+
+    def decorate(command):
+        command = click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                               help="TOML file of options (keys named like the fields); flags win over it.")(command)
+        for field in reversed(dataclasses.fields(QuantConfig)):
+            if names is None or field.name in names:
+                command = _option(field)(command)
+        return command
+
+    return decorate
+
+
+def build_config(config_file: Path | None, options: dict) -> QuantConfig:
     given = {k: v for k, v in options.items() if v is not None and v != ()}
+    if "layer_bits" in given:
+        given["layer_bits"] = tuple(_layer_bits(spec) for spec in given["layer_bits"])
+    if config_file is not None:
+        return QuantConfig.from_toml(config_file, **given)
     return QuantConfig(**given)
+
+
+def _layer_bits(spec: str) -> tuple[str, int]:
+    pattern, sep, bits = spec.rpartition("=")
+    if not sep or not pattern or not bits.strip().isdigit():
+        raise ConfigError(f"--layer-bits {spec!r} is not PATTERN=BITS (for example 'head*=8')")
+    return pattern, int(bits)
+
+
+def options_markdown() -> str:
+    """The README's options table, generated from the config."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for field in dataclasses.fields(QuantConfig):
+        allowed = choices().get(field.name)
+        meaning = OPTION_HELP[field.name] + (f" ({', '.join(allowed)})" if allowed else "")
+        rows.append(f"| `{flag_of(field.name)}` | {_shown(field.default)} | {meaning} |")
+    return "\n".join(rows) + "\n"
 
 
 class OnnxflexCommand(click.Command):
@@ -41,34 +111,28 @@ def main() -> None:
 
 
 @main.command(cls=OnnxflexCommand)
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output model path [default: MODEL with suffix .q.onnx]; the report goes to OUTPUT.report.json.")
 @click.option("--calib", type=click.Path(path_type=Path),
-              help="Calibration .npz (one array per model input, samples on dim 0) [default: MODEL's .calib.npz].")
-@click.option("--wbits", type=int, help="Weight bits, 2-8.")
-@click.option("--abits", type=int, help="Activation bits: 8, or 0 for weight-only.")
-@click.option("--method", type=click.Choice(["rtn", "flexround"]), help="Rounding method.")
-@click.option("--granularity", type=click.Choice(["block", "layer"]), help="Reconstruction unit.")
-@click.option("--target", type=click.Choice(["onnxruntime"]), help="Runtime the model is emitted for.")
-@click.option("--iters", type=int, help="Optimisation steps per block.")
-@click.option("--batch-size", type=int, help="Samples per optimisation step.")
-@click.option("--lr", type=float, help="Learning rate of the rounding parameters.")
-@click.option("--seed", type=int, help="Random seed (results are deterministic for a seed).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Capture and reconstruction device.")
-@click.option("--max-cache-mb", type=int, help="RAM for captured tensors before they spill to disk.")
-@click.option("--calib-samples", type=int, help="Use at most this many calibration samples (0 = all).")
-@click.option("--exclude-node", "exclude_nodes", multiple=True, help="Keep this node in float (repeatable).")
-@click.option("--exclude-op-type", "exclude_op_types", multiple=True, help="Keep this op type in float (repeatable).")
+              help="Calibration data: an .npz (one array per model input, samples on dim 0), or a folder of "
+                   ".npy/.npz files or images [default: MODEL's .calib.npz, else synthetic data].")
+@click.option("--dump-config", is_flag=True, help="Print the effective config as TOML and exit.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
-def quantize(model, output, calib, quiet, log_level, **options) -> None:
-    """Quantize MODEL and write a QDQ model that onnxruntime runs with integer kernels."""
+@config_options()
+def quantize(model, output, calib, dump_config, quiet, log_level, config_file, **options) -> None:
+    """Quantize MODEL and write a QDQ model for the target runtime, with OUTPUT.report.json beside it."""
+    config = build_config(config_file, options)
+    if dump_config:
+        click.echo(config.to_toml(), nl=False)
+        return
+    if model is None:
+        raise click.UsageError("Missing argument 'MODEL'.")
     from onnxflex.api import quantize as run_quantize
     from onnxflex.report import summary
 
     _setup_logging("error" if quiet else log_level)
-    config = _config_from_options(options)
     output = output or model.with_name(model.stem + ".q.onnx")
     result = run_quantize(model, calib, config, progress=not quiet)
     path = result.save(output)
@@ -79,19 +143,82 @@ def quantize(model, output, calib, quiet, log_level, **options) -> None:
 
 @main.command(cls=OnnxflexCommand)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--granularity", type=click.Choice(["block", "layer"]), help="Reconstruction unit.")
-@click.option("--target", type=click.Choice(["onnxruntime"]), help="Runtime whose placement rules apply.")
-@click.option("--abits", type=int, help="Activation bits (0 shows a weight-only plan).")
-def inspect(model, **options) -> None:
+@config_options(("wbits", "abits", "granularity", "target", "exclude_nodes", "exclude_op_types", "layer_bits"))
+def inspect(model, config_file, **options) -> None:
     """Print MODEL's block plan: blocks, quantizable layers, activation quant points, unsupported ops."""
     from onnxflex.graph import load_model
     from onnxflex.pipeline import build_plan
 
     _setup_logging("warning")
-    plan = build_plan(load_model(model), _config_from_options(options))
+    plan = build_plan(load_model(model), build_config(config_file, options))
     for warning in plan.warnings:
         click.echo(f"warning: {warning}")
     click.echo(plan.describe())
+
+
+@main.command(cls=OnnxflexCommand)
+@click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Evaluation inputs: an .npz with one array per model input (other arrays are ignored).")
+@click.option("--samples", type=int, default=0, help="Use at most this many samples (0 = all).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per onnxruntime run.")
+@click.option("--worst", type=int, default=5, show_default=True, help="How many of the worst layers to list.")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per model for latency.")
+@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads for both models (0 = default).")
+@click.option("--min-sqnr", type=float, help="Gate: fail when any output's SQNR (dB) is below this.")
+@click.option("--min-agreement", type=float,
+              help="Gate: fail when top-1 agreement of a classifier-shaped output is below this fraction (0-1).")
+@click.option("--max-latency-ratio", type=float, help="Gate: fail when CANDIDATE's latency / REFERENCE's is above this.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def compare(reference, candidate, data, as_json, **options) -> None:
+    """Compare CANDIDATE (e.g. a quantized model) with REFERENCE (its FP32 model) on --data.
+
+    With --min-sqnr, --min-agreement or --max-latency-ratio it is a gate: exit code 1 and a one-line
+    reason when a threshold is not met.
+    """
+    from onnxflex.compare import GateOptions, compare_models, format_comparison
+
+    _setup_logging("warning")
+    gates = GateOptions(min_sqnr=options.pop("min_sqnr"), min_agreement=options.pop("min_agreement"),
+                        max_latency_ratio=options.pop("max_latency_ratio"))
+    result = compare_models(reference, candidate, data, gates=gates, **options)
+    if as_json:
+        from onnxflex.report import to_json
+
+        click.echo(to_json(result.to_dict()), nl=False)
+    else:
+        click.echo(format_comparison(result))
+    if result.failures:
+        click.echo(f"gate failed: {result.failures[0]}", err=True)
+        sys.exit(1)
+
+
+@main.command(cls=OnnxflexCommand)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", type=click.Choice(choices()["target"]), default=QuantConfig().target, show_default=True,
+              help="Runtime whose integer-execution rules apply.")
+@click.option("--static-only", is_flag=True,
+              help="Only the static rules: do not load the model in onnxruntime or build a TensorRT engine.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check(model, target, static_only, as_json) -> None:
+    """Report, per node, what keeps MODEL's layers from running as integers on --target.
+
+    Exit code 1 when any layer (or residual Add / Concat) falls back to float.
+    """
+    from onnxflex.check import check as run_check
+    from onnxflex.check import format_report
+
+    _setup_logging("warning")
+    report = run_check(model, target, runtime=not static_only)
+    if as_json:
+        from onnxflex.report import to_json
+
+        click.echo(to_json(report.to_dict()), nl=False)
+    else:
+        click.echo(format_report(report))
+    if not report.ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.capture import TensorCache, capture
 from onnxflex.config import QuantConfig
 from onnxflex.device import resolve_device
+from onnxflex.errors import CalibrationError
 from onnxflex.emit import emit
+from onnxflex.extdata import offload
 from onnxflex.graph import load_model, name_nodes_uniquely
+from onnxflex.passes.custom_ops import check_custom_ops
 from onnxflex.passes.partition import partition
 from onnxflex.passes.pipeline import PassContext, run_passes
 from onnxflex.passes.select import activation_points, select_layers
@@ -53,12 +56,21 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
     target = get_target(config.target)
     device = resolve_device(config.device)
     plan = build_plan(original, config)
+    check_custom_ops(plan.model)  # before any calibration work
     for warning in plan.warnings:
         log.warning(warning)
     fixed = fixed_batch(plan.model)
     if fixed and fixed != config.batch_size:
         log.info("the model's inputs fix the batch at %d; reconstruction uses batches of %d", fixed, fixed)
         config = config.replace(batch_size=fixed)
+    _check_batch(recon, held, config)
+    checkpoint = None
+    if config.checkpoint_dir:
+        from onnxflex.checkpoint import Checkpoint, fingerprint
+
+        # refuses a folder written for another run before any work starts
+        checkpoint = Checkpoint(config.checkpoint_dir,
+                                fingerprint(plan.model, config.to_dict(), (recon.arrays, held.arrays)))
     timings["passes"] = _lap(t)
 
     t = time.perf_counter()
@@ -70,29 +82,30 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         progress.finish(f"captured {len(boundary)} tensors over {recon.num_samples} samples"
                         + (" (spilled to disk)" if cache.spilled else ""))
         timings["capture"] = _lap(t)
+        t = time.perf_counter()
+        reference = _fp_reference(original, held, device.providers)
+        reference_seconds = _lap(t)
 
         t = time.perf_counter()
         state = QuantState()
         results, modules = reconstruct(plan, cache, state, target, config, torch.device(device.torch_device),
-                                       progress, device.providers)
+                                       progress, device.providers, checkpoint)
         timings["reconstruct"] = _lap(t)
     finally:
         cache.close()
 
     t = time.perf_counter()
     params = state.export(target.act_dtype)
-    qmodel = emit(plan.model, params, target)
+    qmodel = offload(emit(plan.model, params, target))  # a large model's new int8 weights go to disk too
     timings["emit"] = _lap(t)
 
     t = time.perf_counter()
     verification = None
     if held.num_samples:
         simulated = simulate(modules, plan, held.arrays, torch.device(device.torch_device), config.batch_size)
-        reference = load_model(original)
-        name_nodes_uniquely(reference)  # onnxruntime refuses repeated node names
         verification = verify(qmodel, reference, held.arrays, simulated, device.providers,
                               config.verify_tolerance_db)
-    timings["verify"] = _lap(t)
+    timings["verify"] = _lap(t) + reference_seconds
 
     layers_of = {b.name: len(b.layers) for b in plan.blocks}
     report = {
@@ -106,6 +119,29 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         "_plan": plan,
     }
     return qmodel, report, params
+
+
+def _fp_reference(original: onnx.ModelProto, held: CalibrationSet, providers) -> dict:
+    """The FP32 model's outputs on the held-out samples, computed before any quantized weights exist, so
+    that a large model's FP32 session never shares memory with them."""
+    from onnxflex.verify import run
+
+    if not held.num_samples:
+        return {}
+    reference = load_model(original)
+    name_nodes_uniquely(reference)  # onnxruntime refuses repeated node names
+    return run(reference, held.arrays, providers)
+
+
+def _check_batch(recon: CalibrationSet, held: CalibrationSet, config: QuantConfig) -> None:
+    """Learned rounding trains on batches of ``batch_size``; fewer samples than one batch is an error."""
+    if config.method == "rtn" or config.iters == 0 or recon.num_samples >= config.batch_size:
+        return
+    inputs = ", ".join(repr(n) for n in recon.arrays)
+    raise CalibrationError(
+        f"{recon.source}: input(s) {inputs} have {recon.num_samples + held.num_samples} samples, "
+        f"{held.num_samples} of them held out for verification, which leaves {recon.num_samples} for batches "
+        f"of {config.batch_size}: give at least {config.batch_size + held.num_samples} samples or lower --batch-size")
 
 
 def _lap(t0: float) -> float:

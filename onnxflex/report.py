@@ -24,7 +24,7 @@ def layer_summary(plan, params, config) -> list[dict]:
     rows = []
     for layer in plan.layers:
         qw = params.weights.get(layer.weight)
-        row = {"node": layer.node, "op_type": layer.op_type, "weight": layer.weight, "bits": config.wbits,
+        row = {"node": layer.node, "op_type": layer.op_type, "weight": layer.weight, "bits": layer.bits,
                "axis": layer.axis}
         if qw is not None:
             row.update(channels=int(qw.scale.size), scale_min=float(qw.scale.min()), scale_max=float(qw.scale.max()),

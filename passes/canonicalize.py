@@ -14,7 +14,10 @@ from onnx import numpy_helper, shape_inference, version_converter
 from onnx.reference import ReferenceEvaluator
 
 from onnxflex.errors import UnsupportedModelError
+from onnxflex.extdata import tensor_array
 from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
+from onnxflex.passes.control_flow import (control_flow_warnings, explicit_outer_reads, localize_outer_initializers,
+                                           subgraph_reads)
 from onnxflex.passes.pipeline import PASSES, PassContext
 
 QDQ_MIN_OPSET = 13
@@ -31,11 +34,13 @@ def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     (and constants folded too if shape inference fails); pass a copy to keep the original."""
     model = _upgrade_opset(model, ctx)
     name_nodes_uniquely(model)
+    ctx.warnings.extend(control_flow_warnings(model))
     _drop_initializer_inputs(model)
     _constants_to_initializers(model)
     _remove_identities(model)
     model = _infer(model)
     _fold_constants(model)
+    explicit_outer_reads(model, NameScope.of(model))
     _untie_shared_weights(model)
     model = _cleanup_and_sort(model)
     return _infer(model)
@@ -96,10 +101,13 @@ def _remove_identities(model: onnx.ModelProto) -> None:
     """Mutates: Identity and inference-mode Dropout nodes are bypassed and removed."""
     g = model.graph
     outputs = {o.name for o in g.output}
+    implicit = {name for n in g.node for name in subgraph_reads(n)}  # renaming would break subgraphs
     for node in [n for n in g.node if n.op_type in ("Identity", "Dropout")]:
         if node.op_type == "Dropout" and (len(node.output) > 1 and node.output[1]):
             continue  # the mask is consumed; leave it to the converter
         src, dst = node.input[0], node.output[0]
+        if src in implicit or dst in implicit:
+            continue
         if dst in outputs:
             if src in outputs or src in {i.name for i in g.input} or src in {t.name for t in g.initializer}:
                 continue
@@ -133,7 +141,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     static = _static_shapes(model)
     keep = []
     for node in g.node:
-        values = _try_fold(node, consts, static)
+        values = _try_fold(node, consts, static, lambda t: tensor_array(t, model))
         if values is None:
             keep.append(node)
             continue
@@ -143,10 +151,11 @@ def _fold_constants(model: onnx.ModelProto) -> None:
             consts[name] = tensor
     del g.node[:]
     g.node.extend(keep)
+    localize_outer_initializers(model)
     drop_unused_initializers(model)
 
 
-def _try_fold(node, consts, static) -> list[np.ndarray] | None:
+def _try_fold(node, consts, static, read=numpy_helper.to_array) -> list[np.ndarray] | None:
     if node.op_type in NOT_FOLDED or node.domain not in ("", "ai.onnx"):
         return None
     if node.op_type == "Shape" and node.input[0] in static:
@@ -156,7 +165,7 @@ def _try_fold(node, consts, static) -> list[np.ndarray] | None:
     names = [i for i in node.input if i]
     if not names or not all(i in consts for i in names):
         return None
-    feeds = {i: numpy_helper.to_array(consts[i]) for i in names}
+    feeds = {i: read(consts[i]) for i in names}
     if sum(v.nbytes for v in feeds.values()) > FOLD_LIMIT_BYTES:
         return None
     try:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxflex.extdata import tensor_array
 from onnxflex.graph import NameScope, consumers, drop_unused_initializers, node_attr
 from onnxflex.passes.pipeline import PASSES, PassContext
 
@@ -43,7 +44,7 @@ def _fold_following(model, op_types, affine_of) -> onnx.ModelProto:
             follow = users.get(out, [])
             if out in graph_outputs or len(follow) != 1 or follow[0].op_type not in op_types:
                 continue
-            w = numpy_helper.to_array(inits[node.input[1]])
+            w = tensor_array(inits[node.input[1]], model)
             channels = _out_channels(node, w)
             affine = affine_of(follow[0], out, inits, channels, _out_rank(node, w))
             bias = _current_bias(node, inits, channels)
@@ -112,7 +113,7 @@ def _apply_affine(model, node, inits, bias, scale, shift) -> None:
     """Mutates: weights scaled per output channel; the bias becomes scale * bias + shift."""
     g = model.graph
     w_t = inits[node.input[1]]
-    w = numpy_helper.to_array(w_t).astype(np.float64)
+    w = tensor_array(w_t, model).astype(np.float64)
     if node.op_type == "Conv":
         w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
     elif node.op_type == "ConvTranspose":

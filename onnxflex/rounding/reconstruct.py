@@ -13,16 +13,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from onnxflex.blocks import Block, BlockPlan
-from onnxflex.capture import TensorCache
+from onnxflex.capture import DiskArray, TensorCache
+from onnxflex.checkpoint import Checkpoint, FrozenRounder
 from onnxflex.config import QuantConfig
+from onnxflex.extdata import tensor_array
 from onnxflex.graph import default_opset
 from onnxflex.progress import Progress
-from onnxflex.rounding.activation import ActQuantizer, sample_values
+from onnxflex.passes.select import concat_ties
+from onnxflex.rounding.activation import MAX_SEARCH_VALUES, ActQuantizer, sample_values
 from onnxflex.rounding.ortblock import OrtBlock
-from onnxflex.rounding.rounders import make_rounder
+from onnxflex.rounding.rounders import make_policy, make_rounder
 from onnxflex.rounding.torchify import BlockModule, QuantState
 from onnxflex.runtimes.base import Target
 
@@ -44,7 +46,10 @@ class BlockData:
 
     def __init__(self, block: Block, cache: TensorCache, device: torch.device) -> None:
         def load(key):
-            return torch.from_numpy(np.array(cache[key])).to(device)
+            array = cache[key]
+            if isinstance(array, DiskArray):  # spilled: read batch by batch, RAM stays bounded
+                return RowReader(array, device)
+            return torch.from_numpy(np.array(array)).to(device)
 
         self.fp_inputs = {n: load("fp:" + n) for n in block.inputs}
         self.fp_outputs = {n: load("fp:" + n) for n in block.outputs}
@@ -52,19 +57,36 @@ class BlockData:
         self.num_samples = next(iter(self.fp_outputs.values())).shape[0]
 
 
+class RowReader:
+    """A spilled cache entry as BlockData hands it out: indexing dim 0 with a slice or an index tensor
+    reads just those samples from disk and returns them as a tensor on ``device``."""
+
+    def __init__(self, array: DiskArray, device: torch.device) -> None:
+        self.array, self.device = array, device
+        self.shape = torch.Size(array.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        return torch.from_numpy(self.array[index]).to(self.device)
+
+
 def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState, target: Target,
                          config: QuantConfig, method: str, device: torch.device) -> None:
     """Mutates ``state``: a rounder per layer weight, an activation quantizer per act point."""
     inits = {t.name: t for t in model.graph.initializer}
     for layer in block.layers:
-        w = torch.from_numpy(numpy_helper.to_array(inits[layer.weight]).astype(np.float32)).to(device)
-        state.rounders[layer.weight] = make_rounder(method, w, layer.axis, config.wbits, config.weight_scale)
+        w = torch.from_numpy(tensor_array(inits[layer.weight], model).astype(np.float32)).to(device)
+        state.rounders[layer.weight] = make_rounder(method, w, layer.axis, layer.bits, config.weight_scale)
         if layer.bias and target.int32_bias and config.abits:
             state.int32_biases[layer.bias] = (layer.weight, layer.input)
-            b = numpy_helper.to_array(inits[layer.bias]).astype(np.float32)
+            b = tensor_array(inits[layer.bias], model).astype(np.float32)
             state.bias_values[layer.bias] = torch.from_numpy(b).to(device)
+    ties = concat_ties(model) if target.shared_concat_scales else {}
     for point in block.act_points:
-        state.acts[point] = ActQuantizer(config.abits, target.act_symmetric).to(device)
+        partner = next((p for p in state.acts if p != point and point in ties and ties.get(p) == ties[point]), None)
+        state.acts[point] = state.acts[partner] if partner else \
+            ActQuantizer(config.abits, target.act_symmetric).to(device)
 
 
 @torch.no_grad()
@@ -75,22 +97,38 @@ def calibrate_activations(module, data: BlockData, config: QuantConfig, seed: in
         return
     ranges: dict[str, list[float]] = {}
     samples: dict[str, list[torch.Tensor]] = {p: [] for p in points}
+    thin = torch.Generator().manual_seed(seed + 1)
 
     def observe(name, value):
         if name in samples:
             lo, hi = float(value.min()), float(value.max())
             old = ranges.get(name, [lo, hi])
             ranges[name] = [min(old[0], lo), max(old[1], hi)]
-            samples[name].append(value.detach().reshape(-1).cpu())
+            samples[name].append(_thinned(value.detach().reshape(-1).cpu(), value.shape[0], data.num_samples, thin))
 
     module.quantize = False
     for batch in _batches(data.fp_inputs, data.num_samples, config.batch_size):
         module(batch, observe=observe)
     module.quantize = True
     gen = torch.Generator().manual_seed(seed)
+    tied: dict[int, list[str]] = {}  # points sharing one quantizer calibrate on their joint values
     for name in points:
-        sample = sample_values(torch.cat(samples[name]), gen)
-        module.state.acts[name].calibrate(*ranges[name], sample, config.act_scale)
+        tied.setdefault(id(module.state.acts[name]), []).append(name)
+    for names in tied.values():
+        sample = sample_values(torch.cat([s for n in names for s in samples[n]]), gen)
+        lo, hi = min(ranges[n][0] for n in names), max(ranges[n][1] for n in names)
+        module.state.acts[names[0]].calibrate(lo, hi, sample, config.act_scale)
+
+
+def _thinned(flat: torch.Tensor, batch: int, samples: int, gen: torch.Generator) -> torch.Tensor:
+    """All of a batch's values while the whole calibration set's values of this tensor stay within
+    4 × MAX_SEARCH_VALUES; beyond that a random share of MAX_SEARCH_VALUES, so that what calibration
+    keeps does not grow with the number of samples."""
+    total = flat.numel() * samples // max(batch, 1)
+    if total <= 4 * MAX_SEARCH_VALUES:
+        return flat
+    keep = -(-MAX_SEARCH_VALUES * flat.numel() // total)
+    return flat[torch.randint(0, flat.numel(), (keep,), generator=gen)]
 
 
 def _batches(tensors: dict[str, torch.Tensor], n: int, size: int):
@@ -114,51 +152,65 @@ def evaluate(module, data: BlockData, batch: int) -> float:
 
 
 def train(module: BlockModule, data: BlockData, config: QuantConfig, seed: int, progress: Progress) -> None:
-    """Adam with a cosine-decayed learning rate over random minibatches of the block's samples."""
-    lrs = {"lr": config.lr, "scale_lr": config.scale_lr, "act_lr": config.act_lr}
-    groups = [{"params": params, "lr": lrs[kind]} for params, kind in module.learnable() if params]
-    if not groups or config.iters == 0:
+    """Minimise the block loss plus the rounders' regularizer over random minibatches of the block's
+    samples, with the method's step policy (Adam + cosine decay unless the rounder names another).
+    The module is in training mode only inside this loop (AdaRound rounds softly there)."""
+    policy = make_policy(config.method, list(module.own_rounders), module.learnable(), config)
+    if policy is None:
         return
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iters, eta_min=0.0)
     gen = torch.Generator().manual_seed(seed)
     batch = min(config.batch_size, data.num_samples)
-    for it in range(config.iters):
-        idx = torch.randint(0, data.num_samples, (batch,), generator=gen).to(
-            next(iter(data.q_inputs.values())).device)
-        out = module({k: v[idx] for k, v in data.q_inputs.items()})
-        loss = block_loss(out, {k: v[idx] for k, v in data.fp_outputs.items()})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        progress.update(it + 1, f"loss {loss.item():.3g}")
+    module.train()
+    try:
+        for it in range(config.iters):
+            idx = torch.randint(0, data.num_samples, (batch,), generator=gen).to(
+                next(iter(data.q_inputs.values())).device)
+            out = module({k: v[idx] for k, v in data.q_inputs.items()})
+            loss = block_loss(out, {k: v[idx] for k, v in data.fp_outputs.items()})
+            policy.zero_grad()
+            (loss + policy.penalty(it)).backward()
+            policy.step(it, loss.item())
+            progress.update(it + 1, f"loss {loss.item():.3g}")
+        policy.finish()
+    finally:
+        module.eval()
 
 
 @torch.no_grad()
 def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: int) -> None:
-    """Run the frozen block on the quantized path and keep its outputs (and quantized graph inputs)."""
-    outs: dict[str, list[np.ndarray]] = {n: [] for n in module.block.outputs}
-    for start in range(0, data.num_samples, batch):
-        result = module({k: v[start:start + batch] for k, v in data.q_inputs.items()})
-        for name, value in result.items():
-            outs[name].append(value.cpu().numpy())
-    for name, chunks in outs.items():
-        cache.put("q:" + name, np.concatenate(chunks))
-    for name in module.input_points:
-        cache.put("q:" + name, module.state.acts[name](data.q_inputs[name]).cpu().numpy())
+    """Run the frozen block on the quantized path and keep its outputs (and quantized graph inputs),
+    batch by batch into the cache (which spills to disk beyond its RAM bound)."""
+    n = data.num_samples
+    for start in range(0, n, batch):
+        inputs = {k: v[start:start + batch] for k, v in data.q_inputs.items()}
+        values = {"q:" + name: value for name, value in module(inputs).items()}
+        values.update({"q:" + name: module.state.acts[name](inputs[name]) for name in module.input_points})
+        for key, value in values.items():
+            array = value.cpu().numpy()
+            if start == 0:
+                cache.allocate(key, (n,) + array.shape[1:], array.dtype)
+            cache[key][start:start + len(array)] = array
 
 
 def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: QuantConfig,
-                device: torch.device, progress: Progress, providers: tuple[str, ...] = ("CPUExecutionProvider",)
-                ) -> tuple[list[BlockResult], list]:
+                device: torch.device, progress: Progress, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                checkpoint: Checkpoint | None = None) -> tuple[list[BlockResult], list]:
     """The block loop. Mutates ``state`` (adds and trains quantizers) and ``cache`` (adds q: tensors);
     returns each block's result and its frozen module (a BlockModule, or an OrtBlock for blocks with
-    ops the torch side cannot express)."""
+    ops the torch side cannot express). With ``checkpoint``, blocks saved there are restored instead
+    of learned, and each newly finished block is saved."""
     results, modules = [], []
     for k, block in enumerate(plan.blocks):
         t0 = time.perf_counter()
         data = BlockData(block, cache, device)
+        saved = checkpoint.load(k, block.name) if checkpoint is not None else None
+        if saved is not None:
+            module = _resumed_block(block, plan, state, target, config, saved, device, providers)
+            store_quantized_outputs(module, data, cache, config.batch_size)
+            results.append(BlockResult(**saved["result"]))
+            modules.append(module)
+            progress.finish(f"{block.name}: restored from {checkpoint.folder}")
+            continue
         seed = config.seed * 1000 + k
         module = _block_runner(block, plan, state, target, config, data, seed, device, providers)
         learns = isinstance(module, BlockModule) and config.method != "rtn"
@@ -173,13 +225,48 @@ def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: 
             log.info("%s: learning ended at a higher loss (%.4g > %.4g); kept the round-to-nearest start",
                      block.name, after, before)
             after = evaluate(module, data, config.batch_size)
+        _freeze(module, block, state, device)
         store_quantized_outputs(module, data, cache, config.batch_size)
         runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
         results.append(BlockResult(block.name, before, after, config.iters if learns else 0,
                                    time.perf_counter() - t0, runtime))
+        if checkpoint is not None:
+            checkpoint.save(k, block.name, results[-1], {l.weight: state.rounders[l.weight].export()
+                                                         for l in block.layers},
+                            {p: state.acts[p] for p in block.act_points if p in state.acts})
         progress.finish(f"{block.name}: loss {before:.4g} -> {after:.4g}")
         modules.append(module)
     return results, modules
+
+
+def _freeze(module, block: Block, state: QuantState, device: torch.device) -> None:
+    """Mutates ``state`` and ``module``: the block's rounders become FrozenRounders of their exported
+    integers, and the float weights the module kept for calibration are dropped. Later blocks, the
+    simulation and a resumed run all see the same integers, and memory keeps int8 weights only."""
+    for layer in block.layers:
+        state.rounders[layer.weight] = FrozenRounder(state.rounders[layer.weight].export(), device)
+    if isinstance(module, BlockModule):
+        module.own_rounders = torch.nn.ModuleList(state.rounders[l.weight] for l in block.layers)
+        for layer in block.layers:
+            module.constants.pop(layer.weight, None)
+
+
+def _resumed_block(block, plan, state, target, config, saved, device, providers):
+    """A finished block rebuilt from its checkpoint: frozen weights and restored activation steps."""
+    runtime = saved["result"]["runtime"]
+    add_block_quantizers(block, plan.model, state, target, config,
+                         "rtn" if runtime == "onnxruntime" else config.method, device)
+    for name, weight in saved["weights"].items():
+        state.rounders[name] = FrozenRounder(weight, device)
+    for name, act in saved["acts"].items():
+        state.acts[name].load_state_dict(act["state"])
+        state.acts[name].enabled = act["enabled"]
+    if runtime == "onnxruntime":
+        return OrtBlock(block, plan.model, state, target, providers, device)
+    module = BlockModule(block, plan.model, default_opset(plan.model), state, device)
+    for layer in block.layers:
+        module.constants.pop(layer.weight, None)
+    return module
 
 
 @torch.no_grad()

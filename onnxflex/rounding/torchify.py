@@ -13,9 +13,9 @@ from typing import Callable
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from onnxflex.blocks import Block
+from onnxflex.extdata import tensor_array
 from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.rounding.converters import OpNode, find_converter
@@ -76,7 +76,7 @@ class BlockModule(torch.nn.Module):
             node = OpNode.from_proto(by_name[name], opset)
             self.nodes.append((node, find_converter(node.op_type, opset, node.domain)))
         used = {i for node, _ in self.nodes for i in node.inputs}
-        self.constants = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()).to(device)
+        self.constants = {t.name: torch.from_numpy(tensor_array(t, model).copy()).to(device)
                           for t in model.graph.initializer if t.name in used}
         self.own_rounders = torch.nn.ModuleList(state.rounders[l.weight] for l in block.layers)
         self.own_acts = torch.nn.ModuleList(state.acts[p] for p in block.act_points if p in state.acts)
@@ -116,5 +116,5 @@ class BlockModule(torch.nn.Module):
 
     def learnable(self) -> list[tuple[list[torch.nn.Parameter], str]]:
         groups = [g for r in self.own_rounders for g in r.param_groups()]
-        acts = [a.log_scale for a in self.own_acts]
+        acts = list({id(a): a.log_scale for a in self.own_acts}.values())  # tied points share one step
         return groups + ([(acts, "act_lr")] if acts else [])

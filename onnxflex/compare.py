@@ -1,0 +1,234 @@
+"""``onnxflex compare``: how far a candidate model (e.g. quantized) is from its reference (FP32).
+
+Outputs are compared by SQNR, cosine, max abs error and top-1 agreement (for classifier-shaped
+outputs: float, last axis ≥ 2 wide); intermediate tensors that both graphs produce under the same
+name are ranked by SQNR; both models are timed in onnxruntime on the same batch and threads.
+Statistics are accumulated batch by batch, so memory does not grow with the evaluation set.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxflex.calib import check_calibration, fixed_batch
+from onnxflex.capture import session, with_probes
+from onnxflex.errors import CalibrationError, ModelLoadError
+from onnxflex.graph import graph_input_names, load_model
+
+PROVIDERS = ["CPUExecutionProvider"]
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """Thresholds that turn a comparison into a pass/fail gate; None disables a gate."""
+
+    min_sqnr: float | None = None
+    min_agreement: float | None = None
+    max_latency_ratio: float | None = None
+
+
+class _Stats:
+    """Running sums for SQNR, cosine, max abs error and top-1 agreement of one tensor."""
+
+    def __init__(self) -> None:
+        self.signal = self.noise = self.cosine_sum = 0.0
+        self.max_abs = 0.0
+        self.count = self.agree = self.positions = 0
+        self.classifier = False
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+        if ref.shape != got.shape:
+            raise ModelLoadError(f"shapes differ: reference {list(ref.shape)} vs candidate {list(got.shape)}")
+        self.signal += float(np.sum(ref ** 2))
+        self.noise += float(np.sum((ref - got) ** 2))
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(ref - got)))) if ref.size else self.max_abs
+        a, b = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        self.cosine_sum += float(np.sum(np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-300), 1.0)))
+        self.count += len(ref)
+        if ref.ndim >= 2 and ref.shape[-1] >= 2:
+            self.classifier = True
+            self.agree += int(np.sum(ref.argmax(-1) == got.argmax(-1)))
+            self.positions += int(np.prod(ref.shape[:-1]))
+
+    def result(self, name: str) -> dict:
+        sqnr = float("inf") if self.noise == 0 else 10 * np.log10(max(self.signal, 1e-30) / self.noise)
+        out = {"name": name, "sqnr_db": float(sqnr), "cosine": self.cosine_sum / max(self.count, 1),
+               "max_abs_error": self.max_abs}
+        if self.classifier:
+            out["top1_agreement"] = self.agree / max(self.positions, 1)
+        return out
+
+
+@dataclass
+class Comparison:
+    reference: str
+    candidate: str
+    samples: int
+    outputs: list[dict]
+    worst_layers: list[dict]
+    latency_ms: dict[str, float]
+    file_bytes: dict[str, int]
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def latency_ratio(self) -> float:
+        return self.latency_ms["candidate"] / self.latency_ms["reference"]
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["latency_ratio"] = self.latency_ratio
+        out["size_ratio"] = self.file_bytes["candidate"] / max(self.file_bytes["reference"], 1)
+        out["passed"] = not self.failures
+        return out
+
+
+def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, data: str | os.PathLike, *,
+                   samples: int = 0, batch_size: int = 32, worst: int = 5, repeats: int = 20, threads: int = 0,
+                   gates: GateOptions = GateOptions()) -> Comparison:
+    """Run both models on ``data`` (an .npz with one array per input) and compare them."""
+    ref_model, cand_model = load_model(reference), load_model(candidate)
+    feeds = _load_feeds(data, ref_model, cand_model, samples)
+    n = len(next(iter(feeds.values())))
+    batch = fixed_batch(ref_model) or fixed_batch(cand_model) or batch_size
+    outputs = _output_pairs(ref_model, cand_model)
+    # Outputs come from the models as they are: a probe output can keep onnxruntime from fusing a layer.
+    stats = _run_pair(ref_model, cand_model, list(outputs), list(outputs.values()), feeds, batch, threads)
+    shared = _shared_tensors(ref_model, cand_model, set(outputs) | set(outputs.values())) if worst else []
+    if shared:
+        ref_probed, cand_probed = with_probes(ref_model, shared)[0], with_probes(cand_model, shared)[0]
+        stats.update(_run_pair(ref_probed, cand_probed, shared, shared, feeds, batch, threads))
+    produced_by = {o: node for node in ref_model.graph.node for o in node.output}
+    layers = []
+    for name in shared:
+        row = stats[name].result(name)
+        row.pop("top1_agreement", None)
+        node = produced_by[name]
+        layers.append({**row, "node": node.name, "op_type": node.op_type})
+    layers.sort(key=lambda r: r["sqnr_db"])
+    timing_feed = {k: v[:batch] for k, v in feeds.items()}
+    ref_ms, cand_ms = _latencies([ref_model, cand_model], timing_feed, repeats, threads)
+    latency = {"reference": ref_ms, "candidate": cand_ms}
+    result = Comparison(str(reference), str(candidate), n, [stats[o].result(o) for o in outputs],
+                        layers[:worst], latency, {"reference": model_bytes(reference),
+                                                  "candidate": model_bytes(candidate)})
+    result.failures = gate_failures(result, gates)
+    return result
+
+
+def _run_pair(ref_model, cand_model, ref_names: list[str], cand_names: list[str], feeds, batch: int,
+              threads: int) -> dict[str, _Stats]:
+    """Statistics of candidate tensor ``cand_names[i]`` against reference tensor ``ref_names[i]``."""
+    ref_sess, cand_sess = session(ref_model, PROVIDERS, threads), session(cand_model, PROVIDERS, threads)
+    stats = {name: _Stats() for name in ref_names}
+    n = len(next(iter(feeds.values())))
+    for start in range(0, n, batch):
+        chunk = {k: v[start:start + batch] for k, v in feeds.items()}
+        for name, r, c in zip(ref_names, ref_sess.run(ref_names, chunk), cand_sess.run(cand_names, chunk)):
+            stats[name].add(r, c)
+    return stats
+
+
+def _load_feeds(data, ref_model, cand_model, samples: int) -> dict[str, np.ndarray]:
+    names = graph_input_names(ref_model)
+    if sorted(names) != sorted(graph_input_names(cand_model)):
+        raise ModelLoadError(f"the models have different inputs: {names} vs {graph_input_names(cand_model)}")
+    path = Path(data)
+    if not path.is_file():
+        raise CalibrationError(f"evaluation data {str(path)!r} does not exist; pass --data FILE.npz")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k][:samples or None] for k in npz.files if k in names}
+    except Exception as exc:
+        raise CalibrationError(f"{str(path)!r} is not a readable .npz file: {exc}") from exc
+    return check_calibration(arrays, ref_model, str(path)).arrays
+
+
+def _output_pairs(ref_model, cand_model) -> dict[str, str]:
+    """Reference output name → candidate output name: by name, else by position."""
+    ref = [o.name for o in ref_model.graph.output]
+    cand = [o.name for o in cand_model.graph.output]
+    if len(ref) != len(cand):
+        raise ModelLoadError(f"the models have different outputs: {ref} vs {cand}")
+    return {r: r for r in ref} if set(ref) == set(cand) else dict(zip(ref, cand))
+
+
+def _shared_tensors(ref_model, cand_model, skip: set[str]) -> list[str]:
+    """Float tensors produced by nodes of both models under the same name, in the reference's order."""
+    cand_produced = {o for node in cand_model.graph.node for o in node.output}
+    typed = {vi.name: vi.type.tensor_type.elem_type for m in (ref_model, cand_model)
+             for vi in list(m.graph.value_info) + list(m.graph.output)}
+    names = []
+    for node in ref_model.graph.node:
+        for o in node.output:
+            if o and o in cand_produced and o not in skip and typed.get(o, onnx.TensorProto.FLOAT) in FLOAT_TYPES:
+                names.append(o)
+    return names
+
+
+def _latencies(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeats: int,
+               threads: int) -> list[float]:
+    """Median milliseconds of one run over ``feed`` per model, after three warm-up runs; runs of the
+    models alternate so that load on the machine affects them alike."""
+    sessions = [session(model, PROVIDERS, threads) for model in models]
+    for sess in sessions:
+        for _ in range(3):
+            sess.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(max(repeats, 1)):
+        for sess, bucket in zip(sessions, times):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            bucket.append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(bucket) for bucket in times]
+
+
+def model_bytes(path: str | os.PathLike) -> int:
+    """Size of the model file plus the external data files it references."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations
+                                     if (path.parent / loc).is_file())
+
+
+def gate_failures(result: Comparison, gates: GateOptions) -> list[str]:
+    """One line per gate that does not hold."""
+    failures = []
+    for out in result.outputs:
+        if gates.min_sqnr is not None and out["sqnr_db"] < gates.min_sqnr:
+            failures.append(f"output {out['name']!r} SQNR {out['sqnr_db']:.2f} dB < {gates.min_sqnr:g} dB")
+        agreement = out.get("top1_agreement")
+        if gates.min_agreement is not None and agreement is not None and agreement < gates.min_agreement:
+            failures.append(f"output {out['name']!r} top-1 agreement {agreement:.4f} < {gates.min_agreement:g}")
+    if gates.min_agreement is not None and not any("top1_agreement" in o for o in result.outputs):
+        failures.append("--min-agreement was given but no output is classifier-shaped (float, last axis >= 2)")
+    if gates.max_latency_ratio is not None and result.latency_ratio > gates.max_latency_ratio:
+        failures.append(f"latency ratio {result.latency_ratio:.3f} ({result.latency_ms['candidate']:.2f} ms vs "
+                        f"{result.latency_ms['reference']:.2f} ms) > {gates.max_latency_ratio:g}")
+    return failures
+
+
+def format_comparison(result: Comparison) -> str:
+    lines = [f"{result.candidate} vs {result.reference} on {result.samples} samples"]
+    for out in result.outputs:
+        agreement = f", top-1 agreement {out['top1_agreement']:.2%}" if "top1_agreement" in out else ""
+        lines.append(f"output {out['name']}: SQNR {out['sqnr_db']:.2f} dB, cosine {out['cosine']:.5f}, "
+                     f"max abs error {out['max_abs_error']:.4g}{agreement}")
+    if result.worst_layers:
+        lines.append("worst intermediate tensors by SQNR:")
+        lines += [f"  {r['sqnr_db']:8.2f} dB  {r['name']} ({r['op_type']} {r['node']!r})" for r in result.worst_layers]
+    ms, size = result.latency_ms, result.file_bytes
+    lines.append(f"latency: {ms['candidate']:.3f} ms vs {ms['reference']:.3f} ms (ratio {result.latency_ratio:.3f})")
+    lines.append(f"file size: {size['candidate']:,} B vs {size['reference']:,} B "
+                 f"(ratio {size['candidate'] / max(size['reference'], 1):.3f})")
+    lines.append("gates: " + ("; ".join(result.failures) if result.failures else "all passed"))
+    return "\n".join(lines)
