@@ -15,6 +15,8 @@ class QuantLayer:
     input: the activation tensor the node reads (quantized when activations are).
     bias: bias initializer name, or None.
     bits: weight bits (the config's wbits unless a layer_bits pattern names the node).
+    group_size: 0 for one step per output channel; G > 0 (weight-only MatMul) for one step per G
+        consecutive input channels of each output channel (blocked on the input axis, 1 - ``axis``).
     """
 
     node: str
@@ -24,6 +26,7 @@ class QuantLayer:
     input: str
     bias: str | None = None
     bits: int = 8
+    group_size: int = 0
 
 
 @dataclass(frozen=True)

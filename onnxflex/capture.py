@@ -158,9 +158,22 @@ def with_probes(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelP
     return probed, probes
 
 
-def session(model: onnx.ModelProto, providers: list[str], threads: int = 0) -> ort.InferenceSession:
+# onnxruntime fuses DequantizeLinear(blocked INT4) → MatMul into MatMulNBits with accuracy level 4 unless
+# told otherwise, and level 4 quantizes the activations to int8 on the fly; onnxflex's weight-only
+# simulation keeps activations float, so its sessions ask for the op's default level 0 (float32 compute).
+MATMULNBITS_ACCURACY_LEVEL = "0"
+
+
+def session_options() -> ort.SessionOptions:
+    """Quiet options with MatMulNBits at MATMULNBITS_ACCURACY_LEVEL."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", MATMULNBITS_ACCURACY_LEVEL)
+    return opts
+
+
+def session(model: onnx.ModelProto, providers: list[str], threads: int = 0) -> ort.InferenceSession:
+    opts = session_options()
     if threads:
         opts.intra_op_num_threads = threads
     if not needs_file(model):

@@ -34,12 +34,13 @@ _CHUNK = 16 << 20
 
 class FrozenRounder(torch.nn.Module):
     """A finished layer's weight as exported integers and steps: fake_quant() = (ints − z) · s, the
-    values the emitted DequantizeLinear computes. Holds no float weight and learns nothing."""
+    values the emitted DequantizeLinear computes (per channel, or blocked). Holds no float weight and
+    learns nothing."""
 
     def __init__(self, weight: QuantizedWeight, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.quantized = weight
-        self.axis, self.bits = weight.axis, weight.bits
+        self.axis, self.bits, self.block_size = weight.axis, weight.bits, weight.block_size
         self.shape = channel_shape(weight.ints.ndim, weight.axis)
         self.register_buffer("ints", torch.from_numpy(np.ascontiguousarray(weight.ints)).to(device))
         self.register_buffer("step", torch.from_numpy(np.ascontiguousarray(weight.scale)).to(device))
@@ -55,11 +56,18 @@ class FrozenRounder(torch.nn.Module):
     def scale(self) -> torch.Tensor:
         return self.step
 
+    def spread(self, steps: torch.Tensor) -> torch.Tensor:
+        """A scale-shaped tensor made broadcastable against the integers (QuantizedWeight.spread)."""
+        if not self.block_size:
+            return steps.reshape(self.shape)
+        full = steps.repeat_interleave(self.block_size, dim=self.axis)
+        return full.narrow(self.axis, 0, self.ints.shape[self.axis])
+
     def integers(self) -> torch.Tensor:
-        return self.ints.float() - self.zero_point.float().reshape(self.shape)
+        return self.ints.float() - self.spread(self.zero_point.float())
 
     def fake_quant(self) -> torch.Tensor:
-        return self.integers() * self.step.reshape(self.shape)
+        return self.integers() * self.spread(self.step)
 
     def export(self) -> QuantizedWeight:
         return self.quantized
@@ -96,7 +104,7 @@ class Checkpoint:
             raise ConfigError(f"checkpoint file {str(path)!r} belongs to block {saved['block']!r}, not "
                               f"{block_name!r}; pass an empty --checkpoint-dir")
         saved["weights"] = {name: QuantizedWeight(w["ints"].numpy(), w["scale"].numpy(), w["zero_point"].numpy(),
-                                                  int(w["axis"]), int(w["bits"]))
+                                                  int(w["axis"]), int(w["bits"]), int(w.get("block_size", 0)))
                             for name, w in saved["weights"].items()}
         return saved
 
@@ -109,7 +117,8 @@ class Checkpoint:
             "weights": {name: {"ints": torch.from_numpy(np.ascontiguousarray(w.ints)),
                                "scale": torch.from_numpy(np.ascontiguousarray(w.scale)),
                                "zero_point": torch.from_numpy(np.ascontiguousarray(w.zero_point)),
-                               "axis": int(w.axis), "bits": int(w.bits)} for name, w in weights.items()},
+                               "axis": int(w.axis), "bits": int(w.bits), "block_size": int(w.block_size)}
+                        for name, w in weights.items()},
             "acts": {name: {"state": {k: v.detach().cpu() for k, v in act.state_dict().items()},
                             "enabled": bool(getattr(act, "enabled", True))} for name, act in acts.items()},
         }

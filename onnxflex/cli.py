@@ -48,8 +48,10 @@ def _option(field: dataclasses.Field):
 
 
 def _shown(default) -> str:
-    if isinstance(default, tuple):
-        return "none" if not default else ", ".join(map(str, default))
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple) or default == "":
+        return ", ".join(map(str, default)) or "none"
     return str(default)
 
 

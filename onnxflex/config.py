@@ -53,6 +53,9 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 OPTION_HELP: dict[str, str] = {
     "wbits": "weight bits, 2-8 (below 8 the integers live in an int8 container)",
     "abits": "activation bits: 8, or 0 for weight-only",
+    "group_size": "weight-only (abits 0) MatMul weights: one step per group of this many input channels "
+                  "(a power of two >= 16 dividing each MatMul's input dimension), written as blocked 4-bit "
+                  "weights (wbits 2-4) that onnxruntime runs as MatMulNBits; 0 = one step per output channel",
     "method": "rounding method: rtn (round to nearest, nothing learned) or a learned rounder",
     "granularity": "reconstruction unit: block (a residual unit) or layer (one weighted op)",
     "target": "runtime the model is emitted for",
@@ -91,6 +94,7 @@ class QuantConfig:
 
     wbits: int = 8
     abits: int = 8
+    group_size: int = 0
     method: str = "flexround"
     granularity: str = "block"
     target: str = "onnxruntime"
@@ -154,6 +158,20 @@ class QuantConfig:
             raise ConfigError(f"layer_bits must be (pattern, bits) pairs, got {self.layer_bits!r}")
         for pattern, bits in self.layer_bits:
             _check_range(f"layer_bits[{pattern!r}]", bits, 2, 8)
+        self._check_group_size()
+
+    def _check_group_size(self) -> None:
+        g = self.group_size
+        if g == 0:
+            return
+        if not isinstance(g, int) or isinstance(g, bool) or g < 16 or g & (g - 1) or g > 1 << 16:
+            raise ConfigError(f"group_size={g!r} must be 0 (per channel) or a power of two in [16, 65536]")
+        if self.abits != 0:
+            raise ConfigError(f"group_size={g} is for weight-only runs: pass abits=0 (got abits={self.abits}), "
+                              "or group_size=0 for per-channel weights")
+        if self.wbits > 4:  # a layer_bits pattern above 4 is refused where it meets a grouped MatMul
+            raise ConfigError(f"group_size={g} writes 4-bit weights, but wbits={self.wbits}: use wbits 2-4 "
+                              "with a group size, or group_size=0")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "QuantConfig":

@@ -13,10 +13,15 @@ def channel_shape(rank: int, axis: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A weight as the emitter writes it: ``w ≈ (ints - zero_point) * scale`` along ``axis``.
+    """A weight as the emitter writes it: ``w ≈ (ints - zero_point) * scale``, DequantizeLinear's
+    ``axis`` and ``block_size`` semantics.
 
-    ints: int8 array with the weight's shape (values within ``bits``); scale: float32 [channels];
-    zero_point: int8 [channels] (zeros for symmetric weights).
+    ints: int8 array with the weight's shape (values within ``bits``).
+    block_size 0: per channel, ``axis`` the output-channel axis, scale float32 [channels] and
+        zero_point int8 [channels] (zeros for symmetric weights).
+    block_size G > 0: blocked (opset 21), ``axis`` the blocked (input-channel) axis, one step per G
+        consecutive elements along it: scale float32 and zero_point int8 of shape
+        ``emit.pack.blocked_scale_shape(ints.shape, axis, G)``; the emitter writes the integers as INT4.
     """
 
     ints: np.ndarray
@@ -24,11 +29,18 @@ class QuantizedWeight:
     zero_point: np.ndarray
     axis: int
     bits: int
+    block_size: int = 0
+
+    def spread(self, values: np.ndarray) -> np.ndarray:
+        """A scale-shaped array (scale or zero point) made broadcastable against ``ints``."""
+        if not self.block_size:
+            return values.reshape(channel_shape(self.ints.ndim, self.axis))
+        full = np.repeat(values, self.block_size, axis=self.axis)
+        return full.take(np.arange(self.ints.shape[self.axis]), axis=self.axis)  # a short last block
 
     def dequantize(self) -> np.ndarray:
-        shape = channel_shape(self.ints.ndim, self.axis)
-        zp = self.zero_point.astype(np.float32).reshape(shape)
-        return ((self.ints.astype(np.float32) - zp) * self.scale.reshape(shape)).astype(np.float32)
+        zp = self.spread(self.zero_point.astype(np.float32))
+        return ((self.ints.astype(np.float32) - zp) * self.spread(self.scale)).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ def layer_summary(plan, params, config) -> list[dict]:
     for layer in plan.layers:
         qw = params.weights.get(layer.weight)
         row = {"node": layer.node, "op_type": layer.op_type, "weight": layer.weight, "bits": layer.bits,
-               "axis": layer.axis}
+               "axis": layer.axis, "group_size": layer.group_size}
         if qw is not None:
             row.update(channels=int(qw.scale.size), scale_min=float(qw.scale.min()), scale_max=float(qw.scale.max()),
                        int_min=int(qw.ints.min()), int_max=int(qw.ints.max()))
@@ -67,5 +67,7 @@ def summary(report: dict) -> str:
     if ops:
         lines.append("onnxruntime integer kernels: " + (", ".join(f"{k}×{c}" for k, c in kernels.items()) or "none"))
     cfg = report["config"]
-    lines.append(f"method {cfg['method']}, W{cfg['wbits']}A{cfg['abits']}, {report['timings']['total']:.1f}s total")
+    group = f" (MatMul groups of {cfg['group_size']})" if cfg.get("group_size") else ""
+    lines.append(f"method {cfg['method']}, W{cfg['wbits']}A{cfg['abits']}{group}, "
+                 f"{report['timings']['total']:.1f}s total")
     return "\n".join(lines)

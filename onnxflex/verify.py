@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from onnxflex.calib import fixed_batch
-from onnxflex.capture import remove_runtime_file, runtime_file, session
+from onnxflex.capture import remove_runtime_file, runtime_file, session, session_options
 from onnxflex.extdata import needs_file
 from onnxflex.errors import VerificationError
 from onnxflex.qparams import sqnr_db
@@ -54,13 +54,13 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], providers, batch: 
 
 
 def optimized_op_counts(model: onnx.ModelProto, providers=("CPUExecutionProvider",)) -> dict[str, int]:
-    """Op types of the graph onnxruntime actually runs after its optimisations (fused kernels show here)."""
+    """Op types of the graph onnxruntime actually runs after its optimisations (fused kernels show here),
+    with the session options onnxflex runs models with (capture.session_options)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="onnxflex-opt-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts = session_options()
         opts.optimized_model_filepath = path
         if needs_file(model):
             opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",

@@ -5,6 +5,7 @@ import onnx
 
 from onnxflex.blocks import QuantLayer
 from onnxflex.config import QuantConfig
+from onnxflex.errors import ConfigError, UnsupportedModelError
 from onnxflex.graph import consumers, graph_input_names, node_attr
 from onnxflex.runtimes.base import Target
 
@@ -27,9 +28,27 @@ def select_layers(model: onnx.ModelProto, target: Target, config: QuantConfig) -
         if axis is None:
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
-        layers.append(QuantLayer(node.name, node.op_type, weight.name, axis, node.input[0], bias,
-                                 config.bits_for(node.name)))
+        bits = config.bits_for(node.name)
+        group = _group_size(node, weight, bits, config)
+        layers.append(QuantLayer(node.name, node.op_type, weight.name, axis, node.input[0], bias, bits, group))
     return tuple(layers)
+
+
+def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, config: QuantConfig) -> int:
+    """The config's group size for a MatMul with a constant 2-D weight [K, N] (groups along K); 0 (per
+    channel) for every other op. Raises when K is not a multiple of it or the node's bits exceed 4."""
+    if not config.group_size or node.op_type != "MatMul":
+        return 0
+    k, g = weight.dims[0], config.group_size
+    if k % g:
+        raise UnsupportedModelError(
+            f"node {node.name!r} (MatMul) has weight {weight.name!r} of shape {list(weight.dims)}: its input "
+            f"dimension {k} is not a multiple of group_size={g} — pick a power of two that divides {k}, or "
+            f"keep the node in float with --exclude-node {node.name}")
+    if bits > 4:
+        raise ConfigError(f"layer_bits gives node {node.name!r} {bits} bits, but group_size={g} writes 4-bit "
+                          "MatMul weights: give it 2-4 bits, or keep it per channel with group_size=0")
+    return g
 
 
 def _channel_axis(node: onnx.NodeProto, rank: int) -> int | None:

@@ -11,6 +11,8 @@ from onnxflex.rounding.adaround import AdaRounder
 from onnxflex.rounding.rounders import ROUNDERS, FlexRounder, RTNRounder, make_policy, make_rounder
 from onnxflex.rounding.signround import SignedDescent, SignRounder
 from onnxflex.rounding.quant import signed_range
+from onnxflex.checkpoint import FrozenRounder
+from onnxflex.emit.pack import blocked_scale_shape
 
 
 def weight(shape=(8, 4, 3, 3), seed=0):
@@ -26,6 +28,19 @@ def test_rtn_minmax_error_is_within_half_a_step(bits, shape, axis):
     err = (r.fake_quant() - w).abs()
     assert bool((err <= step / 2 + 1e-7).all()), f"max error {float((err / step).max()):.3f} steps at {bits} bits"
     assert r.scale().shape == (shape[axis],)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape,axis,group", [((64, 8), 1, 16), ((64, 8), 1, 32), ((8, 64), 0, 16)])
+def test_rtn_per_group_error_is_within_half_a_group_step(bits, shape, axis, group):
+    w = weight(shape)
+    r = RTNRounder(w, axis, bits, "minmax", group)
+    assert r.scale().shape == blocked_scale_shape(shape, 1 - axis, group)
+    step = r.spread(r.scale())
+    err = (r.fake_quant() - w).abs()
+    assert bool((err <= step / 2 + 1e-7).all()), f"max error {float((err / step).max()):.3f} steps at {bits} bits"
+    per_channel = float(((RTNRounder(w, axis, bits, "minmax").fake_quant() - w) ** 2).sum())
+    assert float(((r.fake_quant() - w) ** 2).sum()) < per_channel, "groups fit the weight better than channels"
 
 
 def perturb(r, seed=1):
@@ -48,17 +63,37 @@ def test_every_config_method_has_a_rounder():
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("shape,axis", [((8, 4, 3, 3), 0), ((16, 8), 1)])
-def test_export_is_in_range_and_reproduces_fake_quant_exactly(method, bits, shape, axis):
-    r = make_rounder(method, weight(shape), axis, bits, "mse")
+@pytest.mark.parametrize("shape,axis,group", [((8, 4, 3, 3), 0, 0), ((16, 8), 1, 0), ((64, 8), 1, 16),
+                                              ((64, 8), 1, 32), ((8, 64), 0, 16)])
+def test_export_is_in_range_and_reproduces_fake_quant_exactly(method, bits, shape, axis, group):
+    """Per channel (group 0): scale [C] on ``axis``; per group: scale blocked on the input axis."""
+    r = make_rounder(method, weight(shape), axis, bits, "mse", group)
     perturb(r)
     q = r.export()
     lo, hi = signed_range(bits)
-    assert q.ints.dtype == np.int8 and q.ints.shape == shape and q.scale.shape == (shape[axis],)
+    scale_shape = blocked_scale_shape(shape, 1 - axis, group) if group else (shape[axis],)
+    assert q.ints.dtype == np.int8 and q.ints.shape == shape and q.scale.shape == scale_shape
     assert lo <= q.ints.min() and q.ints.max() <= hi, f"{method} W{bits}: ints in [{q.ints.min()}, {q.ints.max()}]"
     assert not r.training, "rounders start in eval mode"
     np.testing.assert_array_equal(q.dequantize(), r.fake_quant().detach().numpy())
-    assert not q.zero_point.any() and q.axis == axis and q.bits == bits
+    assert not q.zero_point.any() and q.bits == bits and q.block_size == group
+    assert q.axis == (1 - axis if group else axis), "the DequantizeLinear axis: blocked on the input axis"
+    frozen = FrozenRounder(q)  # what later blocks, the simulation and a resumed run compute with
+    np.testing.assert_array_equal(frozen.fake_quant().numpy(), q.dequantize())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_group_learned_rounders_start_at_rtn_and_learn_per_group_steps(method):
+    w = weight((64, 8))
+    r = make_rounder(method, w, 1, 4, "minmax", 16)
+    start, rtn = r.fake_quant().detach(), RTNRounder(w, 1, 4, "minmax", 16).fake_quant()
+    if method == "signround":  # its step α · max|W| / qmax equals RTN's up to an ulp
+        torch.testing.assert_close(start, rtn, rtol=1e-6, atol=0.0)
+    else:
+        assert torch.equal(start, rtn)
+    steps = {"flexround": lambda: r.delta1, "signround": lambda: r.alpha}
+    if method in steps:
+        assert steps[method]().shape == (4, 8), "one learned step per (group, column)"
 
 
 def test_mse_scale_error_not_above_minmax():

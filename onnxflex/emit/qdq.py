@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxflex.emit.pack import int4_initializer
 from onnxflex.errors import UnsupportedModelError
-from onnxflex.graph import NameScope, consumers, default_opset, set_default_opset
-from onnxflex.qparams import QuantParams
+from onnxflex.graph import NameScope, consumers, default_opset, node_attr, set_default_opset
+from onnxflex.qparams import QuantizedWeight, QuantParams
 from onnxflex.registry import Registry
 from onnxflex.runtimes.base import Target
 
@@ -21,6 +22,7 @@ Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
 STAGES: Registry[Stage] = Registry("emitter stage")
 ORDER = ("weights", "biases", "activations", "versions")
 NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
+BLOCKED_OPSET = 21  # DequantizeLinear's block_size and INT4 inputs
 
 
 def emit(model: onnx.ModelProto, params: QuantParams, target: Target) -> onnx.ModelProto:
@@ -56,13 +58,33 @@ def _replace_initializer_uses(model, old: str, new: str) -> None:
         del inits[i]  # in place: rebuilding the list would copy every weight of the model
 
 
+def _blocked_dq_node(model, scope, base: str, qw: QuantizedWeight) -> str:
+    """Adds a packed INT4 initializer (2-4 bit values in the 4-bit container), its float32 scale of
+    blocked shape and a DequantizeLinear(axis, block_size) with no zero point (symmetric: 0);
+    returns its output name. onnxruntime fuses it with a MatMul reading it into MatMulNBits."""
+    g = model.graph
+    q_name, s_name = scope.unique_name(f"{base}_quantized"), scope.unique_name(f"{base}_scale")
+    g.initializer.extend([int4_initializer(qw.ints, q_name, signed=True),
+                          numpy_helper.from_array(qw.scale.astype(np.float32), s_name)])
+    out = scope.unique_name(f"{base}_dequantized")
+    g.node.append(helper.make_node("DequantizeLinear", [q_name, s_name], [out],
+                                   name=scope.unique_name(f"{base}_DequantizeLinear"), axis=qw.axis,
+                                   block_size=qw.block_size))
+    return out
+
+
 @STAGES.register("weights")
 def quantize_weights(model, params, target):
-    """Each quantized weight becomes int8 integers + per-channel DequantizeLinear (symmetric, zp 0)."""
+    """Each quantized weight becomes int8 integers + per-channel DequantizeLinear (symmetric, zp 0), or,
+    when it has a block size, INT4 integers + blocked DequantizeLinear (the versions stage then raises
+    the opset to 21)."""
     scope = NameScope.of(model)
     for name, qw in params.weights.items():
-        out = _dq_node(model, scope, name, qw.ints.astype(np.int8), qw.scale.astype(np.float32),
-                       qw.zero_point.astype(np.int8), qw.axis)
+        if qw.block_size:
+            out = _blocked_dq_node(model, scope, name, qw)
+        else:
+            out = _dq_node(model, scope, name, qw.ints.astype(np.int8), qw.scale.astype(np.float32),
+                           qw.zero_point.astype(np.int8), qw.axis)
         _replace_initializer_uses(model, name, out)
     return _sorted(model)
 
@@ -113,23 +135,36 @@ def quantize_activations(model, params, target):
 @STAGES.register("versions")
 def set_versions(model, params, target):
     """Opset within the target's range (a newer model is converted down to the newest opset the
-    runtime reads); the lowest IR version those opsets need, which every onnxruntime that knows the
-    opsets loads (onnx writes its newest IR by default)."""
+    runtime reads; a model with blocked weights is converted up to opset 21); the lowest IR version
+    those opsets need, which every onnxruntime that knows the opsets loads (onnx writes its newest IR
+    by default)."""
     if default_opset(model) < target.min_opset:
         set_default_opset(model, target.min_opset)
+    blocked = any(n.op_type == "DequantizeLinear" and node_attr(n, "block_size", 0) for n in model.graph.node)
+    if blocked and default_opset(model) < BLOCKED_OPSET:
+        if target.max_opset and target.max_opset < BLOCKED_OPSET:
+            raise UnsupportedModelError(
+                f"{target.name} reads at most opset {target.max_opset}, and blocked 4-bit weights "
+                f"(group_size) need opset {BLOCKED_OPSET} — use group_size=0 for this target")
+        model = _convert_opset(model, target, BLOCKED_OPSET)
     if target.max_opset and default_opset(model) > target.max_opset:
-        model = _convert_opset(model, target)
+        model = _convert_opset(model, target, target.max_opset)
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     return model
 
 
-def _convert_opset(model: onnx.ModelProto, target: Target) -> onnx.ModelProto:
+def _convert_opset(model: onnx.ModelProto, target: Target, version: int) -> onnx.ModelProto:
     from onnx import version_converter
 
     opset = default_opset(model)
     try:
-        return version_converter.convert_version(model, target.max_opset)
+        return version_converter.convert_version(model, version)
     except Exception as exc:  # the converter raises several unrelated types
+        if version > opset:
+            raise UnsupportedModelError(
+                f"the model uses opset {opset} and its blocked 4-bit weights need opset {version}; onnx's "
+                f"version converter could not convert it ({exc}) — export the model with opset {version} "
+                "or higher, or use group_size=0") from exc
         raise UnsupportedModelError(
             f"the model uses opset {opset} and {target.name} reads at most opset {target.max_opset}; "
             f"onnx's version converter could not convert it ({exc}) — export the model with "

@@ -2,7 +2,7 @@
 
     Ŵ = s · clamp(floor(W / s) + h(V), qmin, qmax),   h(V) = clamp(sigmoid(V) · (ζ − γ) + γ, 0, 1)
 
-with ζ = 1.1, γ = −0.1 (the rectified sigmoid reaches 0 and 1 at finite V). The step s [C] is the
+with ζ = 1.1, γ = −0.1 (the rectified sigmoid reaches 0 and 1 at finite V). The step s [C] (or per group) is the
 round-to-nearest step of the configured scale search and stays fixed; only V (weight-shaped) learns.
 """
 from __future__ import annotations
@@ -40,9 +40,10 @@ class AdaRounder(Rounder):
     WARMUP = 0.2
     BETA_START, BETA_END = 20.0, 2.0
 
-    def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse") -> None:
-        super().__init__(weight, axis, bits, scale_search)
-        x = self.weight / self.init_scale.reshape(self.shape)
+    def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse",
+                 group_size: int = 0) -> None:
+        super().__init__(weight, axis, bits, scale_search, group_size)
+        x = self.weight / self.spread(self.init_scale)
         self.register_buffer("floor", torch.floor(x))
         frac = x - self.floor
         p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)

@@ -77,7 +77,8 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
     inits = {t.name: t for t in model.graph.initializer}
     for layer in block.layers:
         w = torch.from_numpy(tensor_array(inits[layer.weight], model).astype(np.float32)).to(device)
-        state.rounders[layer.weight] = make_rounder(method, w, layer.axis, layer.bits, config.weight_scale)
+        state.rounders[layer.weight] = make_rounder(method, w, layer.axis, layer.bits, config.weight_scale,
+                                                    layer.group_size)
         if layer.bias and target.int32_bias and config.abits:
             state.int32_biases[layer.bias] = (layer.weight, layer.input)
             b = tensor_array(inits[layer.bias], model).astype(np.float32)

@@ -34,26 +34,51 @@ ROUNDERS: Registry[type] = Registry("rounding method")
 GRID = torch.linspace(0.5, 1.0, 21)
 
 
-def init_weight_scale(w: torch.Tensor, axis: int, bits: int, search: str) -> torch.Tensor:
-    """Per-channel step [C]: max|w|/qmax, or the clip ratio on a grid that minimises squared error."""
+def grouped_view(w: torch.Tensor, axis: int, group_size: int) -> tuple[torch.Tensor, tuple[int, ...],
+                                                                          tuple[int, ...]]:
+    """(view, dims, scale shape): reducing ``view`` over ``dims`` leaves one value per step.
+
+    Per channel (``group_size`` 0): ``w`` itself, every dim but ``axis``, steps [C]. Per group (2-D
+    weights only): the input axis b = 1 - axis of length K split into [K/G, G], dims the G axis,
+    steps of ``blocked_scale_shape(w.shape, b, G)`` ([K/G, N] for a MatMul weight [K, N], axis 1).
+    """
+    if not group_size:
+        return w, tuple(d for d in range(w.ndim) if d != axis), (w.shape[axis],)
+    b = 1 - axis
+    if w.ndim != 2 or axis not in (0, 1) or w.shape[b] % group_size:
+        raise ValueError(f"groups of {group_size} need a 2-D weight whose input axis {b} is a multiple of "
+                         f"{group_size}; got shape {list(w.shape)}, axis {axis}")
+    shape = list(w.shape)
+    view = w.reshape(shape[:b] + [shape[b] // group_size, group_size] + shape[b + 1:])
+    return view, (b + 1,), tuple(shape[b] // group_size if d == b else n for d, n in enumerate(shape))
+
+
+def absmax_per_step(w: torch.Tensor, axis: int, group_size: int = 0) -> torch.Tensor:
+    """max|w| over each step's elements (scale-shaped, at least 1e-12)."""
+    view, dims, shape = grouped_view(w, axis, group_size)
+    return (view.abs().amax(dim=dims, keepdim=True) if dims else view.abs()).clamp_min(1e-12).reshape(shape)
+
+
+def init_weight_scale(w: torch.Tensor, axis: int, bits: int, search: str, group_size: int = 0) -> torch.Tensor:
+    """Per-channel step [C] (or per-group, see grouped_view): max|w|/qmax, or the clip ratio on a grid
+    that minimises the squared error of each channel (group)."""
     qmin, qmax = signed_range(bits)
-    dims = [d for d in range(w.ndim) if d != axis]
-    absmax = w.abs().amax(dim=dims).clamp_min(1e-12) if dims else w.abs().clamp_min(1e-12)
+    view, dims, shape = grouped_view(w, axis, group_size)
+    absmax = (view.abs().amax(dim=dims, keepdim=True) if dims else view.abs()).clamp_min(1e-12)
     if search == "minmax":
-        return absmax / qmax
-    shape = channel_shape(w.ndim, axis)
+        return (absmax / qmax).reshape(shape)
     best_err, best = None, absmax / qmax
     for ratio in GRID.tolist():
-        s = (absmax * ratio / qmax).reshape(shape)
-        err = ((torch.clamp(torch.round(w / s), qmin, qmax) * s - w) ** 2).sum(dim=dims) if dims else \
-            (torch.clamp(torch.round(w / s), qmin, qmax) * s - w) ** 2
+        s = absmax * ratio / qmax
+        err = (torch.clamp(torch.round(view / s), qmin, qmax) * s - view) ** 2
+        err = err.sum(dim=dims, keepdim=True) if dims else err
         if best_err is None:
-            best_err, best = err, s.reshape(-1).clone()
+            best_err, best = err, s.clone()
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best = torch.where(better, s.reshape(-1), best)
-    return best
+            best = torch.where(better, s, best)
+    return best.reshape(shape)
 
 
 class StepPolicy:
@@ -126,21 +151,31 @@ class AdamCosine(StepPolicy):
 
 
 class Rounder(torch.nn.Module):
-    """Shared state: the float weight (a buffer, never trained), bits, axis and the integer range.
+    """Shared state: the float weight (a buffer, never trained), bits, axis, group size and the
+    integer range. ``axis`` is the output-channel axis; with ``group_size`` G > 0 (2-D weights) every
+    step covers G consecutive elements along the input axis 1 - ``axis`` of one output channel, and
+    the step tensors (``scale()``, FlexRound's δ1, SignRound's α) have ``grouped_view``'s scale shape.
 
     A rounder starts in eval mode; reconstruction switches it to training mode while it learns.
     """
 
     policy: type[StepPolicy] = AdamCosine
 
-    def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse") -> None:
+    def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse",
+                 group_size: int = 0) -> None:
         super().__init__()
         self.register_buffer("weight", weight.detach().float().clone())
-        self.axis, self.bits = axis, bits
+        self.axis, self.bits, self.group_size = axis, bits, group_size
         self.qmin, self.qmax = signed_range(bits)
         self.shape = channel_shape(weight.ndim, axis)
-        self.register_buffer("init_scale", init_weight_scale(self.weight, axis, bits, scale_search))
+        self.register_buffer("init_scale", init_weight_scale(self.weight, axis, bits, scale_search, group_size))
         self.train(False)
+
+    def spread(self, steps: torch.Tensor) -> torch.Tensor:
+        """A step-shaped tensor made broadcastable against the weight (differentiable)."""
+        if self.group_size:
+            return steps.repeat_interleave(self.group_size, dim=1 - self.axis)
+        return steps.reshape(self.shape)
 
     def param_groups(self) -> list[tuple[list[torch.nn.Parameter], str]]:
         return []
@@ -156,13 +191,15 @@ class Rounder(torch.nn.Module):
         raise NotImplementedError
 
     def fake_quant(self) -> torch.Tensor:
-        return self.integers() * self.scale().reshape(self.shape)
+        return self.integers() * self.spread(self.scale())
 
     @torch.no_grad()
     def export(self) -> QuantizedWeight:
+        """Per channel on ``axis``, or blocked (block_size G) on the input axis 1 - ``axis``."""
         ints = torch.round(self.integers()).to(torch.int8).cpu().numpy()
         scale = self.scale().detach().float().cpu().numpy().astype(np.float32)
-        return QuantizedWeight(ints, scale, np.zeros_like(scale, dtype=np.int8), self.axis, self.bits)
+        axis = 1 - self.axis if self.group_size else self.axis
+        return QuantizedWeight(ints, scale, np.zeros_like(scale, dtype=np.int8), axis, self.bits, self.group_size)
 
 
 @ROUNDERS.register("rtn")
@@ -170,21 +207,22 @@ class RTNRounder(Rounder):
     """q = clamp(round(W / s)), s from min/max or the MSE grid; nothing is learned."""
 
     def integers(self) -> torch.Tensor:
-        return torch.clamp(torch.round(self.weight / self.init_scale.reshape(self.shape)), self.qmin, self.qmax)
+        return torch.clamp(torch.round(self.weight / self.spread(self.init_scale)), self.qmin, self.qmax)
 
 
 @ROUNDERS.register("flexround")
 class FlexRounder(Rounder):
     """FlexRound: Ŵ = s1 · clamp(round_STE(W / (s1 · exp(δ2 + δ3 + δ4)))), s1 = s0 · exp(δ1).
 
-    s0 [C] is the RTN step (grid search); δ1 [C], δ2 (weight-shaped), δ3 (per output channel) and
+    s0 [C] (per group: [K/G, N]) is the RTN step (grid search); δ1 (s0's shape: per-group s1), δ2 (weight-shaped), δ3 (per output channel) and
     δ4 (per input channel, Conv weights only) start at 0, so the first forward equals RTN bit for bit
     (exp(0) = 1 exactly; storing log s0 instead would not round-trip). Dividing by a learned
     element-wise scale makes the update of δ2 proportional to |W| (the reciprocal rule).
     """
 
-    def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse") -> None:
-        super().__init__(weight, axis, bits, scale_search)
+    def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse",
+                 group_size: int = 0) -> None:
+        super().__init__(weight, axis, bits, scale_search, group_size)
         self.delta1 = torch.nn.Parameter(torch.zeros_like(self.init_scale))
         self.delta2 = torch.nn.Parameter(torch.zeros_like(self.weight))
         self.delta3 = torch.nn.Parameter(torch.zeros([weight.shape[axis] if d == axis else 1
@@ -204,14 +242,15 @@ class FlexRounder(Rounder):
         exponent = self.delta2 + self.delta3
         if self.has_delta4:
             exponent = exponent + self.delta4
-        return self.scale().reshape(self.shape) * torch.exp(exponent)
+        return self.spread(self.scale()) * torch.exp(exponent)
 
     def integers(self) -> torch.Tensor:
         return torch.clamp(round_ste(self.weight / self.divisor()), self.qmin, self.qmax)
 
 
-def make_rounder(method: str, weight: torch.Tensor, axis: int, bits: int, scale_search: str) -> Rounder:
-    return ROUNDERS.get(method)(weight, axis, bits, scale_search)
+def make_rounder(method: str, weight: torch.Tensor, axis: int, bits: int, scale_search: str,
+                 group_size: int = 0) -> Rounder:
+    return ROUNDERS.get(method)(weight, axis, bits, scale_search, group_size)
 
 
 def make_policy(method: str, rounders: Sequence[Rounder], groups: ParamGroups, config: QuantConfig

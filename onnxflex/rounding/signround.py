@@ -11,7 +11,7 @@ import torch
 
 from onnxflex.config import QuantConfig
 from onnxflex.rounding.quant import round_ste
-from onnxflex.rounding.rounders import ROUNDERS, AdamCosine, ParamGroups, Rounder, StepPolicy
+from onnxflex.rounding.rounders import ROUNDERS, AdamCosine, ParamGroups, Rounder, StepPolicy, absmax_per_step
 
 V_BOUND = 0.5
 CLIP_BOUNDS = (0.5, 1.0)
@@ -53,7 +53,7 @@ class SignedDescent(StepPolicy):
 @ROUNDERS.register("signround")
 class SignRounder(Rounder):
     """SignRound on a symmetric grid: a per-weight offset v in [−0.5, 0.5] added before rounding and
-    a per-channel clip factor α in [0.5, 1] on max|W|.
+    a per-channel (with a group size: per-group) clip factor α in [0.5, 1] on max|W|.
 
     AutoRound learns two factors, on the maximum and the minimum of an asymmetric grid; onnxflex
     emits symmetric per-channel weights with zero point 0 (what onnxruntime's integer kernels and
@@ -64,11 +64,10 @@ class SignRounder(Rounder):
 
     policy = SignedDescent
 
-    def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse") -> None:
-        super().__init__(weight, axis, bits, scale_search)
-        dims = [d for d in range(weight.ndim) if d != axis]
-        absmax = self.weight.abs().amax(dim=dims) if dims else self.weight.abs()
-        self.register_buffer("absmax", absmax.clamp_min(1e-12))
+    def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse",
+                 group_size: int = 0) -> None:
+        super().__init__(weight, axis, bits, scale_search, group_size)
+        self.register_buffer("absmax", absmax_per_step(self.weight, axis, group_size))
         self.v = torch.nn.Parameter(torch.zeros_like(self.weight))
         self.alpha = torch.nn.Parameter((self.init_scale * self.qmax / self.absmax).clamp(*CLIP_BOUNDS))
 
@@ -79,7 +78,7 @@ class SignRounder(Rounder):
         return self.alpha * self.absmax / self.qmax
 
     def integers(self) -> torch.Tensor:
-        return torch.clamp(round_ste(self.weight / self.scale().reshape(self.shape) + self.v), self.qmin, self.qmax)
+        return torch.clamp(round_ste(self.weight / self.spread(self.scale()) + self.v), self.qmin, self.qmax)
 
     @torch.no_grad()
     def clamp_(self) -> None:

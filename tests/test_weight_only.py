@@ -1,0 +1,241 @@
+"""Weight-only mode (abits 0, group_size G): blocked 4-bit MatMul weights that onnxruntime runs as MatMulNBits.
+
+Per group of G input channels one step (scale [K/G, N] for a MatMul weight [K, N]); the integers (2-4
+bits) are written as packed INT4 with DequantizeLinear(axis 0, block_size G), opset 21. On the bundled
+tiny LM at W4/W3 with groups of 32, the learned rounders (FlexRound, SignRound) beat round-to-nearest in
+KL divergence to FP32 at W4 and W3 and in perplexity at W3, with a larger perplexity gain at 3 bits
+than at 4 (where RTN is already within 0.5% of FP32 and the differences are within noise). Models run in onnxflex's sessions (capture.session): MatMulNBits at
+accuracy level 0, float activations, as the simulation computes them.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper, parser
+
+import onnxflex
+from helpers import MODELS
+from onnxflex.capture import MATMULNBITS_ACCURACY_LEVEL, session, session_options
+from onnxflex.config import QuantConfig
+from onnxflex.emit.pack import unpack_int4
+from onnxflex.errors import ConfigError, UnsupportedModelError
+from onnxflex.pipeline import build_plan
+from onnxflex.verify import optimized_op_counts
+from test_transformers import LM, LM_FEEDS, perplexity
+
+GROUP = 32
+LM_MATMULS = 25  # 6 per layer × 4 layers + the head
+# Short reconstruction keeps the file's run time modest; the orderings asserted below hold at these settings.
+LM_WEIGHT_ONLY = dict(abits=0, group_size=GROUP, iters=100, batch_size=16, calib_samples=64, verify_samples=16)
+
+_RUNS: dict[tuple, onnxflex.QuantResult] = {}
+
+
+@pytest.fixture(scope="session")
+def weight_only_lm():
+    """``weight_only_lm(method, wbits)`` quantizes the tiny LM weight-only once per pair in the session."""
+
+    def run(method: str, wbits: int) -> onnxflex.QuantResult:
+        key = (method, wbits)
+        if key not in _RUNS:
+            _RUNS[key] = onnxflex.quantize(LM, config=QuantConfig(method=method, wbits=wbits, **LM_WEIGHT_ONLY),
+                                           progress=False)
+        return _RUNS[key]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def lm_eval():
+    with np.load(MODELS / "tiny_lm.eval.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def lm_scores(model, lm_eval, fp_log_probs=None) -> tuple[float, float, np.ndarray]:
+    """(perplexity, mean KL(FP32 || model) per token, log-probabilities) on the eval set."""
+    sess = session(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)), ["CPUExecutionProvider"])
+    logits = sess.run(["logits"], {k: lm_eval[k] for k in LM_FEEDS})[0]
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    kl = 0.0 if fp_log_probs is None else float((np.exp(fp_log_probs) * (fp_log_probs - log_probs)).sum(-1).mean())
+    return perplexity(logits, lm_eval["targets"]), kl, log_probs
+
+
+@pytest.fixture(scope="module")
+def lm_table(weight_only_lm, lm_eval):
+    """{'fp32' | 'METHOD WBITS': (perplexity, KL to FP32)} on the eval set."""
+    fp_ppl, _, fp_log_probs = lm_scores(LM, lm_eval)
+    table = {"fp32": (fp_ppl, 0.0)}
+    for wbits in (4, 3):
+        for method in ("rtn", "flexround", "signround"):
+            table[f"{method} W{wbits}"] = lm_scores(weight_only_lm(method, wbits).model, lm_eval, fp_log_probs)[:2]
+    print(f"\ntiny LM eval, weight-only g{GROUP}: {describe(table)}", file=sys.stderr)
+    return table
+
+
+def describe(table) -> str:
+    return ", ".join(f"{k} ppl {p:.4f} KL {kl:.4f}" for k, (p, kl) in table.items())
+
+
+# At W4 g32 RTN is already within 0.5% of FP32's perplexity (6.643 vs 6.611) and the learned rounders'
+# perplexity differs from RTN's by less than one paired standard error over the 56 eval sequences, so
+# this file does not assert a W4 perplexity order (it is not met robustly); it asserts the KL divergence
+# to FP32 at W4 and W3 and the perplexity order at W3.
+
+
+@pytest.mark.parametrize("wbits", [4, 3])
+@pytest.mark.parametrize("method", ["flexround", "signround"])
+def test_learned_rounders_are_closer_to_fp32_than_rtn(lm_table, method, wbits):
+    rtn, learned = lm_table[f"rtn W{wbits}"][1], lm_table[f"{method} W{wbits}"][1]
+    assert learned < 0.75 * rtn, (f"W{wbits} g32 KL to FP32: {method} {learned:.5f} not below 0.75 × RTN's "
+                                  f"{rtn:.5f} ({describe(lm_table)})")
+
+
+@pytest.mark.parametrize("method", ["flexround", "signround"])
+def test_learned_rounders_perplexity_below_rtn_at_w3_g32(lm_table, method):
+    rtn, learned = lm_table["rtn W3"][0], lm_table[f"{method} W3"][0]
+    assert learned < rtn, f"W3 g32 perplexity: {method} {learned:.4f} not below RTN {rtn:.4f} ({describe(lm_table)})"
+
+
+@pytest.mark.parametrize("method", ["flexround", "signround"])
+def test_gap_over_rtn_is_larger_at_3_bits(lm_table, method):
+    gaps = {bits: lm_table[f"rtn W{bits}"][0] - lm_table[f"{method} W{bits}"][0] for bits in (4, 3)}
+    assert gaps[3] > gaps[4], (f"{method}'s perplexity gain over RTN: W3 {gaps[3]:.4f}, W4 {gaps[4]:.4f} "
+                               f"({describe(lm_table)})")
+
+
+@pytest.mark.parametrize("method", ["rtn", "flexround", "signround"])
+def test_lm_weight_only_runs_as_matmulnbits_and_matches_the_simulation(weight_only_lm, method):
+    result = weight_only_lm(method, 4)
+    verification = result.report["verification"]
+    ops = verification["optimized_graph_ops"]
+    assert ops.get("MatMulNBits", 0) == LM_MATMULS, f"{method}: weighted MatMuls not fused to MatMulNBits: {ops}"
+    sim = verification["onnxruntime_vs_simulation_sqnr_db"]["logits"]
+    print(f"\n{method} W4 g32: onnxruntime (MatMulNBits, accuracy level {MATMULNBITS_ACCURACY_LEVEL}) vs "
+          f"simulation SQNR {sim:.1f} dB", file=sys.stderr)
+    assert sim >= 60.0, f"{method}: onnxruntime vs simulation SQNR {sim:.1f} dB < 60 dB"
+    rows = [r for r in result.report["layers"] if r["op_type"] == "MatMul"]
+    assert len(rows) == LM_MATMULS and {r["group_size"] for r in rows} == {GROUP}, rows[:2]
+    assert all(-8 <= r["int_min"] and r["int_max"] <= 7 for r in rows)
+
+
+def test_verification_session_runs_matmulnbits_at_accuracy_level_0(weight_only_lm, tmp_path):
+    """onnxruntime's QDQ fusion defaults to accuracy level 4 (int8 activations); onnxflex asks for 0."""
+    path = tmp_path / "optimized.onnx"
+    opts = session_options()
+    opts.optimized_model_filepath = str(path)
+    ort.InferenceSession(weight_only_lm("rtn", 4).model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    levels = {helper.get_attribute_value(a) for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {int(MATMULNBITS_ACCURACY_LEVEL)} == {0}, f"MatMulNBits accuracy levels {levels}"
+
+
+def test_lm_weight_only_graph_and_bytes(weight_only_lm):
+    model = weight_only_lm("flexround", 3).model
+    onnx.checker.check_model(model, full_check=True)
+    opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
+    assert opset == 21 and model.ir_version <= 13, f"opset {opset}, IR {model.ir_version}"
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    fp32 = {t.name: t for t in onnx.load(str(LM)).graph.initializer}
+    fp_matmul = [n for n in onnx.load(str(LM)).graph.node if n.op_type == "MatMul" and n.input[1] in fp32]
+    fp_bytes = sum(numpy_helper.to_array(fp32[n.input[1]]).nbytes for n in fp_matmul)
+    q_bytes = 0
+    weighted = [n for n in g.node if n.op_type == "MatMul" and n.input[1] in producer
+                and producer[n.input[1]].op_type == "DequantizeLinear" and producer[n.input[1]].input[0] in inits]
+    assert len(weighted) == len(fp_matmul) == LM_MATMULS
+    for node in weighted:
+        dq = producer[node.input[1]]
+        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        w, s = inits[dq.input[0]], inits[dq.input[1]]
+        assert len(dq.input) == 2, f"{node.name}: no zero point expected (symmetric)"
+        assert w.data_type == TensorProto.INT4 and attrs == {"axis": 0, "block_size": GROUP}, (node.name, attrs)
+        k, n = w.dims
+        assert list(s.dims) == [k // GROUP, n] and s.data_type == TensorProto.FLOAT, (node.name, list(s.dims))
+        ints = unpack_int4(np.frombuffer(w.raw_data, np.uint8), k * n, signed=True)
+        assert -4 <= ints.min() and ints.max() <= 3, f"{node.name}: W3 integers in [{ints.min()}, {ints.max()}]"
+        q_bytes += len(w.raw_data) + numpy_helper.to_array(s).nbytes
+    ratio = fp_bytes / q_bytes
+    print(f"\nMatMul weight bytes: FP32 {fp_bytes}, INT4 + scales {q_bytes} ({ratio:.2f}x smaller)", file=sys.stderr)
+    assert ratio >= 3.5, f"MatMul weights shrink {ratio:.2f}x (FP32 {fp_bytes} B, INT4 + scales {q_bytes} B) < 3.5x"
+
+
+# ---- small models built in code ----
+
+def matmul_gemm_model(k: int = 64, n: int = 16) -> onnx.ModelProto:
+    """x [B, k] → MatMul(W [k, n]) → Relu → Gemm(W2 [n, 8], b) → y."""
+    rng = np.random.default_rng(0)
+    model = parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, {k}] x) => (float[B, 8] y) {{
+            h = MatMul(x, w)
+            r = Relu(h)
+            y = Gemm(r, w2, b)
+        }}""")
+    model.graph.initializer.extend([
+        numpy_helper.from_array((rng.standard_normal((k, n)) * 0.1).astype(np.float32), "w"),
+        numpy_helper.from_array((rng.standard_normal((n, 8)) * 0.1).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "b")])
+    return model
+
+
+def test_small_model_mixes_blocked_matmul_and_per_channel_gemm():
+    rng = np.random.default_rng(1)
+    calib = {"x": rng.standard_normal((64, 64)).astype(np.float32)}
+    config = QuantConfig(method="flexround", wbits=4, abits=0, group_size=16, iters=20, batch_size=16,
+                         verify_samples=16)
+    result = onnxflex.quantize(matmul_gemm_model(), calib, config, progress=False)
+    g = result.model.graph
+    inits = {t.name: t for t in g.initializer}
+    dqs = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
+    by_op = {n.op_type: n for n in g.node}
+    mm, gemm = dqs[by_op["MatMul"].input[1]], dqs[by_op["Gemm"].input[1]]
+    assert inits[mm.input[0]].data_type == TensorProto.INT4 and list(inits[mm.input[1]].dims) == [4, 16]
+    assert inits[gemm.input[0]].data_type == TensorProto.INT8 and list(inits[gemm.input[1]].dims) == [8]
+    assert [l["group_size"] for l in result.report["layers"]] == [16, 0]
+    ops = optimized_op_counts(result.model)
+    assert ops.get("MatMulNBits") == 1, ops
+    sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
+    assert sim >= 60.0, f"onnxruntime vs simulation SQNR {sim:.1f} dB < 60 dB"
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(group_size=32), "abits=0"),
+    (dict(group_size=24, abits=0, wbits=4), "power of two"),
+    (dict(group_size=8, abits=0, wbits=4), "power of two"),
+    (dict(group_size=32, abits=0, wbits=8), "wbits 2-4"),
+])
+def test_bad_group_sizes_are_config_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantConfig(**changes)
+
+
+def test_group_size_must_divide_the_matmul_input_dimension():
+    with pytest.raises(UnsupportedModelError, match=r"input dimension 48 is not a multiple of group_size=32"):
+        build_plan(matmul_gemm_model(k=48), QuantConfig(abits=0, wbits=4, group_size=32))
+    with pytest.raises(ConfigError, match="layer_bits gives node"):
+        build_plan(matmul_gemm_model(), QuantConfig(abits=0, wbits=4, group_size=16, layer_bits=(("*", 8),)))
+    plan = build_plan(matmul_gemm_model(k=48), QuantConfig(abits=0, wbits=4, group_size=16))
+    assert [(l.op_type, l.group_size) for l in plan.layers] == [("MatMul", 16), ("Gemm", 0)]
+
+
+def test_blocked_weights_survive_a_checkpoint(tmp_path):
+    """A resumed run restores blocked weights with their block size (checkpoint.py)."""
+    import torch
+
+    from onnxflex.checkpoint import Checkpoint, FrozenRounder
+    from onnxflex.rounding.reconstruct import BlockResult
+    from onnxflex.rounding.rounders import make_rounder
+
+    w = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) * 0.1
+    q = make_rounder("flexround", w, 1, 3, "mse", 16).export()
+    folder = Checkpoint(tmp_path, {"model": "m", "config": "c", "calibration data": "d"})
+    folder.save(0, "block0", BlockResult("block0", 1.0, 0.5, 10, 0.1), {"w": q}, {})
+    restored = folder.load(0, "block0")["weights"]["w"]
+    assert (restored.axis, restored.bits, restored.block_size) == (0, 3, 16)
+    np.testing.assert_array_equal(FrozenRounder(restored).fake_quant().numpy(), q.dequantize())
