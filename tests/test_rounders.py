@@ -225,7 +225,7 @@ def test_signround_steps_follow_the_linear_schedule_and_stay_in_range():
 
     def record(it, rounder):
         if previous:
-            moves.append(float((rounder.v - previous["v"]).abs().max()))
+            moves.append(float((rounder.v - previous["v"]).abs().max().detach()))
         previous["v"] = rounder.v.detach().clone()
 
     policy = SignedDescent([r], r.param_groups(), config)
