@@ -21,10 +21,10 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 import torch
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnx.external_data_helper import uses_external_data
 
 from onnxflex.errors import ConfigError
-from onnxflex.extdata import WEIGHTS_DIR_KEY, weights_dir
+from onnxflex.extdata import WEIGHTS_DIR_KEY, external_chunks, weights_dir
 from onnxflex.graph import _write_atomic
 from onnxflex.qparams import QuantizedWeight, channel_shape
 
@@ -153,17 +153,8 @@ def _model_hash(model: onnx.ModelProto) -> str:
             h.update(tensor.SerializeToString())
             continue
         h.update(tensor.name.encode() + repr(list(tensor.dims)).encode())
-        info = ExternalDataInfo(tensor)
-        with open(Path(folder) / info.location, "rb") as f:
-            f.seek(info.offset or 0)
-            remaining = info.length or None
-            while remaining is None or remaining > 0:
-                chunk = f.read(_CHUNK if remaining is None else min(_CHUNK, remaining))
-                if not chunk:
-                    break
-                h.update(chunk)
-                if remaining is not None:
-                    remaining -= len(chunk)
+        for chunk in external_chunks(tensor, folder):
+            h.update(chunk)
     return h.hexdigest()
 
 

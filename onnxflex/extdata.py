@@ -170,17 +170,8 @@ def _externalized(tensor: TensorProto, folder: str, reuse: bool, data, location:
         data.write(b"\0" * (ALIGN - offset % ALIGN))
         offset = data.tell()
     if uses_external_data(tensor):
-        info = ExternalDataInfo(tensor)
-        with open(Path(folder) / info.location, "rb") as src:
-            src.seek(info.offset or 0)
-            remaining = info.length if info.length else None
-            while remaining is None or remaining > 0:
-                chunk = src.read(_CHUNK if remaining is None else min(_CHUNK, remaining))
-                if not chunk:
-                    break
-                data.write(chunk)
-                if remaining is not None:
-                    remaining -= len(chunk)
+        for chunk in external_chunks(tensor, folder):
+            data.write(chunk)
     else:
         data.write(tensor.raw_data)
     length = data.tell() - offset
@@ -188,6 +179,22 @@ def _externalized(tensor: TensorProto, folder: str, reuse: bool, data, location:
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         out.external_data.add(key=key, value=value)
     return out
+
+
+def external_chunks(tensor: TensorProto, folder: str | os.PathLike) -> Iterator[bytes]:
+    """The bytes of an external ``tensor`` (its location is relative to ``folder``), in chunks of at
+    most 64 MiB, so that a large tensor is never held whole."""
+    info = ExternalDataInfo(tensor)
+    with open(Path(folder) / info.location, "rb") as src:
+        src.seek(info.offset or 0)
+        remaining = info.length if info.length else None
+        while remaining is None or remaining > 0:
+            chunk = src.read(_CHUNK if remaining is None else min(_CHUNK, remaining))
+            if not chunk:
+                break
+            yield chunk
+            if remaining is not None:
+                remaining -= len(chunk)
 
 
 def _copy_except(dst, src, skip: set[str]) -> None:

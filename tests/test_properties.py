@@ -18,7 +18,9 @@ from onnxflex.qparams import channel_shape
 from onnxflex.rounding.quant import signed_range
 from onnxflex.rounding.rounders import FlexRounder, RTNRounder, init_weight_scale
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples on every run
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 # weight shape and the output-channel axis the selector would give it
 WEIGHT_LAYOUTS = st.sampled_from([
@@ -50,8 +52,8 @@ def test_rtn_error_is_at_most_half_a_step_inside_the_clip_range(wa, bits, search
     step = r.scale().reshape(r.shape)
     qmin, qmax = signed_range(bits)
     err = (r.fake_quant() - w).abs()
-    inside = (w >= qmin * step) & (w <= qmax * step)
-    slack = 1e-6 * step.expand_as(w)  # float32 division and product
+    slack = 1e-6 * -qmin * step.expand_as(w)  # float32 rounding of the step, times up to |qmin| steps
+    inside = (w >= qmin * step - slack) & (w <= qmax * step + slack)
     assert torch.all(err[inside] <= (step / 2).expand_as(w)[inside] + slack[inside]), \
         f"max error {float((err / step)[inside].max()):.4f} steps > 0.5 ({bits} bits, {search})"
     clipped = r.integers()[~inside]
