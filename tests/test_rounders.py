@@ -236,7 +236,8 @@ def test_signround_steps_follow_the_linear_schedule_and_stay_in_range():
     expected = [policy.step_size(t) for t in range(len(moves))]
     assert all(m <= e + 1e-6 for m, e in zip(moves, expected)), (moves, expected)
     assert moves[0] == pytest.approx(expected[0], rel=1e-5)
-    assert float(r.v.abs().max()) <= 0.5 and 0.5 <= float(r.alpha.min()) and float(r.alpha.max()) <= 1.0
+    v, alpha = r.v.detach(), r.alpha.detach()
+    assert float(v.abs().max()) <= 0.5 and 0.5 <= float(alpha.min()) and float(alpha.max()) <= 1.0
 
 
 def test_best_loss_restore_returns_the_best_state():
