@@ -46,12 +46,16 @@ def load_npz(path: str | Path, model: onnx.ModelProto) -> CalibrationSet:
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"calibration file {str(path)!r} does not exist; pass --calib FILE.npz")
+    return check_calibration(read_npz(path), model, str(path))
+
+
+def read_npz(path: str | Path, names=None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (only those in ``names`` when given), without pickles."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            return {k: data[k] for k in data.files if names is None or k in names}
     except Exception as exc:
         raise CalibrationError(f"{str(path)!r} is not a readable .npz file: {exc}") from exc
-    return check_calibration(arrays, model, str(path))
 
 
 def check_calibration(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str) -> CalibrationSet:
@@ -73,17 +77,27 @@ def check_calibration(arrays: dict[str, np.ndarray], model: onnx.ModelProto, sou
     return CalibrationSet(checked, source)
 
 
+def input_dims(vi: onnx.ValueInfoProto) -> list[int | None]:
+    """The declared shape of a model input, None for a symbolic or unknown dimension."""
+    return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+
+def show_dims(dims) -> str:
+    """[?, 1, 16, 16]: how error messages print a declared shape."""
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
 def _check_array(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: str) -> np.ndarray:
     t = vi.type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    dims = input_dims(vi)
     if array.ndim != len(dims):
         raise CalibrationError(
             f"{source}: input {name!r} has shape {list(array.shape)} but the model expects rank {len(dims)} "
-            f"{_show(dims)} (samples on dim 0)")
+            f"{show_dims(dims)} (samples on dim 0)")
     for axis, (got, want) in enumerate(zip(array.shape[1:], dims[1:]), start=1):
         if want is not None and got != want:
             raise CalibrationError(
-                f"{source}: input {name!r} has shape {list(array.shape)} but the model expects {_show(dims)} "
+                f"{source}: input {name!r} has shape {list(array.shape)} but the model expects {show_dims(dims)} "
                 f"(dim {axis} differs)")
     dtype = NP_TYPES.get(t.elem_type)
     if dtype is None:
@@ -91,10 +105,6 @@ def _check_array(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: 
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise CalibrationError(f"{source}: input {name!r} contains NaN or Inf values")
     return np.ascontiguousarray(array.astype(dtype, copy=False))
-
-
-def _show(dims) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:

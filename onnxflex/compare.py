@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxflex.calib import check_calibration, fixed_batch
+from onnxflex.calib import check_calibration, fixed_batch, read_npz
 from onnxflex.capture import session, with_probes
 from onnxflex.errors import CalibrationError, ModelLoadError
 from onnxflex.graph import graph_input_names, load_model
@@ -144,11 +144,7 @@ def _load_feeds(data, ref_model, cand_model, samples: int) -> dict[str, np.ndarr
     path = Path(data)
     if not path.is_file():
         raise CalibrationError(f"evaluation data {str(path)!r} does not exist; pass --data FILE.npz")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k][:samples or None] for k in npz.files if k in names}
-    except Exception as exc:
-        raise CalibrationError(f"{str(path)!r} is not a readable .npz file: {exc}") from exc
+    arrays = {k: v[:samples or None] for k, v in read_npz(path, set(names)).items()}
     return check_calibration(arrays, ref_model, str(path)).arrays
 
 

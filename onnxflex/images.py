@@ -6,9 +6,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxflex.calib import CalibrationSet, check_calibration
+from onnxflex.calib import CalibrationSet, check_calibration, input_dims
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import graph_input_names
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def load_images(spec, model: onnx.ModelProto) -> CalibrationSet:
@@ -19,8 +21,6 @@ def load_images(spec, model: onnx.ModelProto) -> CalibrationSet:
     except ModuleNotFoundError:
         raise CalibrationError("reading images needs Pillow: pip install 'onnxflex[images]'") from None
     folder = Path(spec.path)
-    from onnxflex.sources import IMAGE_SUFFIXES
-
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     if not files:
         raise CalibrationError(f"image folder {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -53,7 +53,7 @@ def _image_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
     if len(names) != 1:
         raise CalibrationError(f"an image folder feeds single-input models only; this model has inputs {names}")
     vi = next(i for i in model.graph.input if i.name == names[0])
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    dims = input_dims(vi)
     if len(dims) != 4:
         raise CalibrationError(f"input {names[0]!r} has rank {len(dims)}; images feed rank-4 inputs (NCHW or NHWC)")
     return names[0], dims

@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxflex.calib import NP_TYPES, CalibrationSet, check_calibration, default_calibration_path, load_npz
+from onnxflex.calib import (NP_TYPES, CalibrationSet, check_calibration, default_calibration_path, input_dims,
+                            load_npz, read_npz, show_dims)
 from onnxflex.config import QuantConfig, parse_input_shape
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import consumers, graph_input_names
+from onnxflex.images import IMAGE_SUFFIXES
 
 log = logging.getLogger("onnxflex")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def resolve_calibration(calibration: Any, model: onnx.ModelProto, model_source: Any,
@@ -67,13 +68,12 @@ def _from_path(path: Path, model: onnx.ModelProto) -> CalibrationSet:
 
 def _feed_of_file(path: Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """An .npz is a feed dict; an .npy is the array of a single-input model."""
+    if path.suffix == ".npz":
+        return read_npz(path)
     try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
         array = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise CalibrationError(f"{str(path)!r} is not a readable NumPy file: {exc}") from exc
+        raise CalibrationError(f"{str(path)!r} is not a readable .npy file: {exc}") from exc
     names = graph_input_names(model)
     if len(names) != 1:
         raise CalibrationError(f"{str(path)!r}: .npy files feed single-input models only; this model has inputs "
@@ -135,15 +135,15 @@ def synthetic_calibration(model: onnx.ModelProto, config: QuantConfig) -> Calibr
 
 
 def _sample_dims(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> list[int]:
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    dims = input_dims(vi)
     if given is not None:
         if len(given) != len(dims) or any(d is not None and d != g for d, g in zip(dims[1:], given[1:])):
             raise CalibrationError(f"--input-shape {vi.name}:{'x'.join(map(str, given))} does not fit the model's "
-                                   f"input {vi.name!r} of shape {_show(dims)}")
+                                   f"input {vi.name!r} of shape {show_dims(dims)}")
         return list(given[1:])
     if any(d is None or d == 0 for d in dims[1:]):
         example = "x".join(str(d) if d else "N" for d in [1, *dims[1:]])
-        raise CalibrationError(f"no calibration data and input {vi.name!r} has unknown dimensions {_show(dims)}: "
+        raise CalibrationError(f"no calibration data and input {vi.name!r} has unknown dimensions {show_dims(dims)}: "
                                f"pass --calib, or --input-shape {vi.name}:{example} with N filled in")
     return dims[1:]
 
@@ -167,10 +167,6 @@ def _gather_rows(model: onnx.ModelProto, name: str) -> int | None:
         if node.op_type == "Gather" and node.input[1] == name and node.input[0] in tables:
             return int(tables[node.input[0]].dims[0])
     return None
-
-
-def _show(dims) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 @dataclass(frozen=True)
