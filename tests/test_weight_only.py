@@ -2,10 +2,10 @@
 
 Per group of G input channels one step (scale [K/G, N] for a MatMul weight [K, N]); the integers (2-4
 bits) are written as packed INT4 with DequantizeLinear(axis 0, block_size G), opset 21. On the bundled
-tiny LM at W4/W3 with groups of 32, the learned rounders (FlexRound, SignRound) beat round-to-nearest in
-KL divergence to FP32 at W4 and W3 and in perplexity at W3, with a larger perplexity gain at 3 bits
-than at 4 (where RTN is already within 0.5% of FP32 and the differences are within noise). Models run in onnxflex's sessions (capture.session): MatMulNBits at
-accuracy level 0, float activations, as the simulation computes them.
+tiny LM at W4 and W3 with groups of 32, the learned rounders (FlexRound, SignRound) beat round-to-nearest
+in perplexity and in KL divergence to FP32, with a larger perplexity gain at 3 bits than at 4. Models run
+in onnxflex's sessions (capture.session): MatMulNBits at accuracy level 0, float activations, as the
+simulation computes them.
 """
 from __future__ import annotations
 
@@ -81,10 +81,10 @@ def describe(table) -> str:
     return ", ".join(f"{k} ppl {p:.4f} KL {kl:.4f}" for k, (p, kl) in table.items())
 
 
-# At W4 g32 RTN is already within 0.5% of FP32's perplexity (6.643 vs 6.611) and the learned rounders'
-# perplexity differs from RTN's by less than one paired standard error over the 56 eval sequences, so
-# this file does not assert a W4 perplexity order (it is not met robustly); it asserts the KL divergence
-# to FP32 at W4 and W3 and the perplexity order at W3.
+# The bundled LM is calibrated (its eval perplexity is lowest at softmax temperature 1), so a
+# quantized model cannot gain perplexity by blurring overconfident predictions: perplexity follows
+# fidelity. Measured when the model was made (630 eval sequences): the W4 gains over RTN are 6.8 and
+# 3.9 paired standard errors of the per-sequence NLL difference, the W3 gains 19 and 16.
 
 
 @pytest.mark.parametrize("wbits", [4, 3])
@@ -95,10 +95,12 @@ def test_learned_rounders_are_closer_to_fp32_than_rtn(lm_table, method, wbits):
                                   f"{rtn:.5f} ({describe(lm_table)})")
 
 
+@pytest.mark.parametrize("wbits", [4, 3])
 @pytest.mark.parametrize("method", ["flexround", "signround"])
-def test_learned_rounders_perplexity_below_rtn_at_w3_g32(lm_table, method):
-    rtn, learned = lm_table["rtn W3"][0], lm_table[f"{method} W3"][0]
-    assert learned < rtn, f"W3 g32 perplexity: {method} {learned:.4f} not below RTN {rtn:.4f} ({describe(lm_table)})"
+def test_learned_rounders_perplexity_below_rtn(lm_table, method, wbits):
+    rtn, learned = lm_table[f"rtn W{wbits}"][0], lm_table[f"{method} W{wbits}"][0]
+    assert learned < rtn, (f"W{wbits} g32 perplexity: {method} {learned:.4f} not below RTN {rtn:.4f} "
+                           f"({describe(lm_table)})")
 
 
 @pytest.mark.parametrize("method", ["flexround", "signround"])
