@@ -14,7 +14,7 @@ from onnxflex.config import QuantConfig
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import load_model, save_model_atomic, write_text_atomic
 from onnxflex.progress import Progress
-from onnxflex.report import layer_summary, to_json, versions
+from onnxflex.report import layer_summary, reconstruction_summary, to_json, versions
 from onnxflex.sources import resolve_calibration
 
 
@@ -61,11 +61,13 @@ def quantize(model: Any, calibration: Any = None, config: QuantConfig | None = N
     t0 = time.perf_counter()
     original = load_model(model)
     data = resolve_calibration(calibration, original, model, config)
-    recon, held = split_calibration(data, config, fixed_batch(original))
+    fixed = fixed_batch(original)
+    recon, held = split_calibration(data, config, fixed)
     qmodel, report, params = run_pipeline(original, recon, held, config, Progress(progress))
     report.update(config=config.to_dict(), versions=versions(), seed=config.seed,
                   calibration={"source": data.source, "reconstruction_samples": recon.num_samples,
                                "verification_samples": held.num_samples},
-                  layers=layer_summary(report.pop("_plan"), params, config))
+                  layers=layer_summary(report.pop("_plan"), params, config),
+                  reconstruction=reconstruction_summary(config, report["blocks"], fixed or config.batch_size))
     report["timings"]["total"] = time.perf_counter() - t0
     return QuantResult(qmodel, report, params)

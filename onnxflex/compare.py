@@ -8,8 +8,6 @@ Statistics are accumulated batch by batch, so memory does not grow with the eval
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from onnxflex.calib import check_calibration, fixed_batch, read_npz
 from onnxflex.capture import session, with_probes
 from onnxflex.errors import CalibrationError, ModelLoadError
 from onnxflex.graph import graph_input_names, load_model
+from onnxflex.latency import latencies
 
 PROVIDERS = ["CPUExecutionProvider"]
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
@@ -115,7 +114,7 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
         layers.append({**row, "node": node.name, "op_type": node.op_type})
     layers.sort(key=lambda r: r["sqnr_db"])
     timing_feed = {k: v[:batch] for k, v in feeds.items()}
-    ref_ms, cand_ms = _latencies([ref_model, cand_model], timing_feed, repeats, threads)
+    ref_ms, cand_ms = latencies([ref_model, cand_model], timing_feed, repeats, threads)
     latency = {"reference": ref_ms, "candidate": cand_ms}
     result = Comparison(str(reference), str(candidate), n, [stats[o].result(o) for o in outputs],
                         layers[:worst], latency, {"reference": model_bytes(reference),
@@ -168,23 +167,6 @@ def _shared_tensors(ref_model, cand_model, skip: set[str]) -> list[str]:
             if o and o in cand_produced and o not in skip and typed.get(o, onnx.TensorProto.FLOAT) in FLOAT_TYPES:
                 names.append(o)
     return names
-
-
-def _latencies(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeats: int,
-               threads: int) -> list[float]:
-    """Median milliseconds of one run over ``feed`` per model, after three warm-up runs; runs of the
-    models alternate so that load on the machine affects them alike."""
-    sessions = [session(model, PROVIDERS, threads) for model in models]
-    for sess in sessions:
-        for _ in range(3):
-            sess.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(max(repeats, 1)):
-        for sess, bucket in zip(sessions, times):
-            t = time.perf_counter()
-            sess.run(None, feed)
-            bucket.append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(bucket) for bucket in times]
 
 
 def model_bytes(path: str | os.PathLike) -> int:

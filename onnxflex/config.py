@@ -16,10 +16,30 @@ TARGETS = ("onnxruntime", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_SEARCH = ("minmax", "mse")
 METHOD_DEFAULT = -1  # iters or lr at -1: the method's own value, resolved when the config is built
+PRESET_DEFAULT = -1  # batch_size or early_stop at -1: the preset's value, resolved likewise
+PRESETS = ("fast", "default", "best")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    """What a preset sets where an option is left at -1: the method's iterations times ``iters_scale``,
+    ``batch_size`` samples per step, and early stop after ``patience`` × iterations steps without
+    improvement (0: off; always off for AdaRound, whose regulariser anneals over every step)."""
+
+    iters_scale: float
+    batch_size: int
+    patience: float
+
+
+PRESET_VALUES = {"fast": Preset(iters_scale=0.25, batch_size=32, patience=0.2),
+                 "default": Preset(iters_scale=1.0, batch_size=32, patience=0.0),
+                 "best": Preset(iters_scale=2.5, batch_size=64, patience=0.0)}
+MIN_BUDGET_BITS = 2  # the narrowest width mixed precision gives a layer (onnxflex.mixed)
 
 
 def method_iters(method: str) -> int:
-    """Reconstruction steps per block when ``iters`` is -1: 400, SignRound 200 (its paper's default)."""
+    """Reconstruction steps per block of the default preset when ``iters`` is -1: 400, SignRound 200 (its
+    paper's default); the other presets scale it (Preset.iters_scale)."""
     return 200 if method == "signround" else 400
 
 
@@ -35,7 +55,7 @@ def method_lr(method: str, iters: int) -> float:
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the options that take one of a fixed set."""
     return {"method": METHODS, "granularity": GRANULARITIES, "target": TARGETS, "device": DEVICES,
-            "weight_scale": SCALE_SEARCH, "act_scale": SCALE_SEARCH}
+            "weight_scale": SCALE_SEARCH, "act_scale": SCALE_SEARCH, "preset": PRESETS}
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
@@ -59,26 +79,50 @@ OPTION_HELP: dict[str, str] = {
     "method": "rounding method: rtn (round to nearest, nothing learned) or a learned rounder",
     "granularity": "reconstruction unit: block (a residual unit) or layer (one weighted op)",
     "target": "runtime the model is emitted for",
-    "iters": "optimisation steps per block; -1: the method's default (400, signround 200)",
-    "batch_size": "samples per optimisation step",
+    "preset": "speed against quality of learned rounding, for the options left at -1: fast (a quarter of "
+              "the method's iterations, early stop on a loss plateau), default, best (2.5x the iterations, "
+              "batches of 64); the report gives what it resolved to",
+    "iters": "optimisation steps per block; -1: the method's default (400, signround 200) times the "
+             "preset's scale (fast 1/4, best 2.5)",
+    "batch_size": "samples per optimisation step; -1: the preset's (32; best 64)",
+    "early_stop": "when a block's smoothed loss has not improved by 1% for this many steps, anneal its rates "
+                  "over as many more and stop (the report gives the steps run); 0 = off; -1: the preset's "
+                  "(fast: a fifth of the iterations; default, best: off); adaround needs 0 (its regulariser "
+                  "anneals over every iteration)",
     "lr": "learning rate of the rounding parameters; -1: the method's default "
           "(flexround 3e-3, adaround 0.1, signround 1/iters)",
     "scale_lr": "learning rate of the weight step sizes (signround steps its clip factors with lr)",
     "act_lr": "learning rate of the activation step sizes",
     "weight_scale": "initial weight step: min/max or an MSE grid search",
     "act_scale": "initial activation step: min/max or an MSE grid search",
+    "reparam_layernorm": "fold per-channel LayerNorm output ranges into the LayerNorm and the MatMul/Gemm reading "
+                         "it, so one per-tensor activation step serves every channel (exact in float)",
     "seed": "random seed; a seed gives byte-identical output on one machine",
     "device": "capture and reconstruction device: cpu, cuda, or auto (CUDA when usable)",
+    "threads": "torch threads while reconstructing on the CPU; 0 = one per 256k values of a block's largest "
+               "tensor, at most torch's count and the CPUs the process may use (small blocks run on one: on "
+               "a busy machine their ops lose far more to thread hand-offs than they gain on an idle one); "
+               "a seed gives the same output only at one count",
     "max_cache_mb": "RAM for captured tensors; beyond it they spill to disk",
     "calib_samples": "use at most this many calibration samples (0 = all)",
     "verify_samples": "calibration samples held out to verify the result (at most a quarter)",
     "exclude_nodes": "keep nodes in float, by name or glob pattern (repeatable)",
     "exclude_op_types": "keep every node of this op type in float (repeatable)",
     "layer_bits": "PATTERN=BITS: weight bits for the nodes whose name matches (first match wins; repeatable)",
+    "bits_budget": "mixed precision: average weight bits over the quantized layers (weighted by parameter "
+                   "count; float layers do not count), each layer getting 2 to wbits bits by its measured "
+                   "sensitivity; layers named by layer_bits keep their bits; 0 = off",
+    "size_budget_mb": "mixed precision: MiB for the quantized layers' weights, counted as a runtime with INT4 "
+                      "stores them (2-4 bits packed INT4, 5-8 bits int8, plus float32 scales); the emitted QDQ "
+                      "file packs INT4 only for weight-only grouped MatMuls (the report gives both sizes); 0 = off",
     "input_shapes": "NAME:1x3x224x224: shape of an input for synthetic data when no calibration is given",
     "synthetic_samples": "samples generated when no calibration data is given",
     "verify_tolerance_db": "least SQNR of onnxruntime vs the torch simulation before the run fails",
     "checkpoint_dir": "folder for per-block checkpoints; a killed run restarted with the same arguments resumes there",
+    "optimize_latency": "time every layer as integer and as float in onnxruntime on this machine (one calibration "
+                        "batch) and keep in float the layers that make the model slower as integers",
+    "latency_threads": "onnxruntime threads for --optimize-latency timing (0 = onnxruntime's default); use the "
+                       "thread count the model will be deployed with",
     "requantize": "accept an already-quantized (QDQ) model: dequantize its weights to float, drop its Q/DQ "
                   "pairs and quantize afresh (without it such a model is refused)",
 }
@@ -98,43 +142,53 @@ class QuantConfig:
     method: str = "flexround"
     granularity: str = "block"
     target: str = "onnxruntime"
+    preset: str = "default"
     iters: int = METHOD_DEFAULT
-    batch_size: int = 32
+    batch_size: int = PRESET_DEFAULT
+    early_stop: int = PRESET_DEFAULT
     lr: float = float(METHOD_DEFAULT)
     scale_lr: float = 1e-3
     act_lr: float = 2e-4
     weight_scale: str = "mse"
     act_scale: str = "mse"
+    reparam_layernorm: bool = True
     seed: int = 0
     device: str = "auto"
+    threads: int = 0
     max_cache_mb: int = 2048
     calib_samples: int = 0
     verify_samples: int = 32
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     layer_bits: tuple[tuple[str, int], ...] = ()
+    bits_budget: float = 0.0
+    size_budget_mb: float = 0.0
     input_shapes: tuple[str, ...] = ()
     synthetic_samples: int = 128
     verify_tolerance_db: float = 30.0
     checkpoint_dir: str = ""
     requantize: bool = False
+    optimize_latency: bool = False
+    latency_threads: int = 0
 
     def __post_init__(self) -> None:
         _check_range("wbits", self.wbits, 2, 8)
         if self.abits != 0:
             _check_range("abits", self.abits, 8, 8)
         _check_choice("method", self.method, METHODS)
-        if self.iters == METHOD_DEFAULT:
-            object.__setattr__(self, "iters", method_iters(self.method))
+        _check_choice("preset", self.preset, PRESETS)
+        self._resolve_preset()
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("target", self.target, TARGETS)
         _check_choice("device", self.device, DEVICES)
+        _check_range("threads", self.threads, 0, 4096)
         _check_choice("weight_scale", self.weight_scale, SCALE_SEARCH)
         _check_choice("act_scale", self.act_scale, SCALE_SEARCH)
         _check_range("iters", self.iters, 0, 1_000_000)
         if self.lr == METHOD_DEFAULT:
             object.__setattr__(self, "lr", method_lr(self.method, self.iters))
         _check_range("batch_size", self.batch_size, 1, 65536)
+        self._check_early_stop()
         for name in ("lr", "scale_lr", "act_lr"):
             _check_range(name, getattr(self, name), 0.0, 1.0, float)
         _check_range("seed", self.seed, 0, 2**31 - 1)
@@ -143,6 +197,7 @@ class QuantConfig:
         _check_range("verify_samples", self.verify_samples, 0, 1 << 20)
         _check_range("verify_tolerance_db", self.verify_tolerance_db, 0.0, 300.0, float)
         _check_range("synthetic_samples", self.synthetic_samples, 1, 1 << 20)
+        _check_range("latency_threads", self.latency_threads, 0, 1024)
         if not isinstance(self.checkpoint_dir, str):
             raise ConfigError(f"checkpoint_dir={self.checkpoint_dir!r} must be a folder path (a string; '' = none)")
         if not isinstance(self.requantize, bool):
@@ -159,6 +214,26 @@ class QuantConfig:
         for pattern, bits in self.layer_bits:
             _check_range(f"layer_bits[{pattern!r}]", bits, 2, 8)
         self._check_group_size()
+        self._check_budgets()
+
+    def _resolve_preset(self) -> None:
+        """Options left at -1 take the preset's values (explicit values win): iters (the method's count
+        scaled), batch_size and early_stop. Runs before the range checks, which then see the result."""
+        preset = PRESET_VALUES[self.preset]
+        if self.iters == METHOD_DEFAULT:
+            object.__setattr__(self, "iters", max(1, round(method_iters(self.method) * preset.iters_scale)))
+        if self.batch_size == PRESET_DEFAULT:
+            object.__setattr__(self, "batch_size", preset.batch_size)
+        if self.early_stop == PRESET_DEFAULT and isinstance(self.iters, int):
+            patience = 0 if self.method == "adaround" else round(self.iters * preset.patience)
+            object.__setattr__(self, "early_stop", patience)
+
+    def _check_early_stop(self) -> None:
+        _check_range("early_stop", self.early_stop, 0, 1_000_000)
+        if self.early_stop and self.method == "adaround":
+            raise ConfigError(f"early_stop={self.early_stop} does not work with method adaround: its regulariser "
+                              "anneals over all iterations and a stop before the end leaves weights rounded "
+                              "softly; pass early_stop=0 (or --early-stop 0), or use flexround or signround")
 
     def _check_group_size(self) -> None:
         g = self.group_size
@@ -172,6 +247,24 @@ class QuantConfig:
         if self.wbits > 4:  # a layer_bits pattern above 4 is refused where it meets a grouped MatMul
             raise ConfigError(f"group_size={g} writes 4-bit weights, but wbits={self.wbits}: use wbits 2-4 "
                               "with a group size, or group_size=0")
+
+    def _check_budgets(self) -> None:
+        """Mixed-precision budgets: numbers (ints become floats), at most one of them set, an average
+        within the widths a layer may get (MIN_BUDGET_BITS to wbits)."""
+        for name in ("bits_budget", "size_budget_mb"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+        _check_range("size_budget_mb", self.size_budget_mb, 0.0, float(1 << 30), float)
+        b = self.bits_budget
+        if not isinstance(b, float) or not (b == 0.0 or MIN_BUDGET_BITS <= b <= self.wbits):
+            wider = f" (wbits={self.wbits} is the widest a layer gets: raise --wbits for a larger budget)" \
+                if isinstance(b, float) and b > self.wbits else ""
+            raise ConfigError(f"bits_budget={b!r} is out of range: expected 0 (off) or an average in "
+                              f"[{MIN_BUDGET_BITS}, {self.wbits}]{wider}")
+        if b and self.size_budget_mb:
+            raise ConfigError(f"bits_budget={b:g} and size_budget_mb={self.size_budget_mb:g} are both set: "
+                              "give one budget (set the other to 0)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "QuantConfig":

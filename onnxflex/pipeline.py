@@ -64,6 +64,7 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         log.info("the model's inputs fix the batch at %d; reconstruction uses batches of %d", fixed, fixed)
         config = config.replace(batch_size=fixed)
     _check_batch(recon, held, config)
+    plan, config, sections = _adapt_plan(original, plan, recon, config, device.providers, progress, timings)
     checkpoint = None
     if config.checkpoint_dir:
         from onnxflex.checkpoint import Checkpoint, fingerprint
@@ -115,10 +116,44 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
                  "granularity": config.granularity},
         "verification": verification.to_dict() if verification else {},
         "warnings": list(plan.warnings),
+        **sections,
         "timings": timings,
         "_plan": plan,
     }
     return qmodel, report, params
+
+
+def _adapt_plan(original: onnx.ModelProto, plan: BlockPlan, recon: CalibrationSet, config: QuantConfig,
+                providers, progress: Progress, timings: dict) -> tuple[BlockPlan, QuantConfig, dict]:
+    """The plan changes that need calibration data, in order: latency placement (keeps slower layers in
+    float: a new plan and a config excluding them), LayerNorm folding (mutates ``plan.model``), mixed
+    precision (per-layer bits). Returns (plan, config, their report sections); adds to ``timings``."""
+    sections: dict = {"latency_placement": {}, "layernorm_folds": [], "mixed_precision": {}}
+    if config.optimize_latency:
+        from onnxflex.latency import choose_float_layers
+
+        t = time.perf_counter()
+        choice = choose_float_layers(original, plan, recon, config, build_plan, progress)
+        timings["latency_placement"] = _lap(t)
+        sections["latency_placement"] = choice.to_dict()
+        if choice.float_layers:
+            config = config.replace(exclude_nodes=config.exclude_nodes + choice.float_layers)
+            plan = build_plan(original, config)
+    if config.reparam_layernorm and plan.act_points:
+        from onnxflex.passes.ln_reparam import reparam_layernorm
+
+        sections["layernorm_folds"] = reparam_layernorm(plan.model, plan.act_points, recon, providers)
+        if sections["layernorm_folds"]:
+            log.info("folded per-channel ranges of %d LayerNorm outputs into their LayerNorms and readers",
+                     len(sections["layernorm_folds"]))
+    if config.bits_budget or config.size_budget_mb:
+        from onnxflex.mixed import choose_bits
+
+        t = time.perf_counter()
+        plan, allocation = choose_bits(plan, recon, config, providers, progress)
+        timings["mixed_precision"] = _lap(t)
+        sections["mixed_precision"] = allocation.to_dict()
+    return plan, config, sections
 
 
 def _fp_reference(original: onnx.ModelProto, held: CalibrationSet, providers) -> dict:

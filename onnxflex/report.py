@@ -1,6 +1,7 @@
 """The run report: a JSON document beside the output model and a short human summary."""
 from __future__ import annotations
 
+import collections
 import json
 import platform
 import sys
@@ -33,6 +34,15 @@ def layer_summary(plan, params, config) -> list[dict]:
     return rows
 
 
+def reconstruction_summary(config, blocks: list[dict], batch: int) -> dict:
+    """What the preset resolved to and what ran: steps per block at most, samples per step (``batch``:
+    the model's fixed batch where it has one), early-stop patience (0: off), the steps the blocks ran
+    in all and how many blocks stopped early."""
+    steps = [b["iters"] for b in blocks]
+    return {"preset": config.preset, "iters": config.iters, "batch_size": batch, "early_stop": config.early_stop,
+            "steps_run": sum(steps), "blocks_stopped_early": sum(0 < s < config.iters for s in steps)}
+
+
 def to_json(report: dict) -> str:
     def default(o):
         if isinstance(o, (np.floating, np.integer)):
@@ -57,6 +67,11 @@ def summary(report: dict) -> str:
     for b in report["blocks"]:
         lines.append(f"{b['name']:<12}{b['layers']:>7}{b['runtime']:>10}{b['loss_before']:>14.4g}"
                      f"{b['loss_after']:>13.4g}{b['seconds']:>9.1f}")
+    rec = report.get("reconstruction")
+    if rec and rec["steps_run"]:
+        stop = f"early stop after {rec['early_stop']} flat steps" if rec["early_stop"] else "no early stop"
+        lines.append(f"preset {rec['preset']}: up to {rec['iters']} steps per block of {rec['batch_size']} samples, "
+                     f"{stop}; {rec['steps_run']} steps run, {rec['blocks_stopped_early']} block(s) stopped early")
     v = report.get("verification", {})
     for name, db in v.get("quantized_vs_fp32_sqnr_db", {}).items():
         sim = v["onnxruntime_vs_simulation_sqnr_db"].get(name)
@@ -68,6 +83,15 @@ def summary(report: dict) -> str:
         lines.append("onnxruntime integer kernels: " + (", ".join(f"{k}×{c}" for k, c in kernels.items()) or "none"))
     cfg = report["config"]
     group = f" (MatMul groups of {cfg['group_size']})" if cfg.get("group_size") else ""
-    lines.append(f"method {cfg['method']}, W{cfg['wbits']}A{cfg['abits']}{group}, "
+    mixed = report.get("mixed_precision")
+    weights = f"{cfg['wbits']}"
+    if mixed:
+        spread = collections.Counter(row["bits"] for row in mixed["layers"])
+        lines.append(f"mixed precision ({', '.join(f'{k} {v:g}' for k, v in mixed['budget'].items())}): "
+                     f"{mixed['average_bits']:.3f} average weight bits, {mixed['size_mb']:.4g} MiB packed, "
+                     f"{mixed['emitted_mb']:.4g} MiB as emitted; weights at "
+                     + ", ".join(f"{spread[b]}×{b}" for b in sorted(spread)) + " bits")
+        weights = f"{mixed['average_bits']:.2f}"
+    lines.append(f"method {cfg['method']}, W{weights}A{cfg['abits']}{group}, "
                  f"{report['timings']['total']:.1f}s total")
     return "\n".join(lines)

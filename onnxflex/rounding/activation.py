@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from onnxflex.rounding.quant import round_ste, signed_range, unsigned_range
+from onnxflex.rounding.quant import fake_quant, signed_range, unsigned_range
 
 CLIP_GRID = torch.linspace(0.3, 1.0, 15)
 MAX_SEARCH_VALUES = 1 << 20
 
 
 class ActQuantizer(torch.nn.Module):
-    """x̂ = (clamp(round_STE(x / s) + z, qmin, qmax) − z) · s with s = exp(log_scale) learned, z fixed.
+    """x̂ = (clamp(round_STE(x / s) + z, qmin, qmax) − z) · s with s = exp(log_scale) learned, z fixed
+    (computed by quant.fake_quant, whose fused backward gives round_STE's gradients).
 
     Unsigned (asymmetric, z from the calibrated minimum) or signed (symmetric, z = 0). A tensor whose
     calibrated minimum is 0 (after ReLU) gets z = qmin, so the quantizer itself clips at zero.
@@ -30,9 +31,7 @@ class ActQuantizer(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        s = self.scale()
-        q = torch.clamp(round_ste(x / s) + self.zero_point, self.qmin, self.qmax)
-        return (q - self.zero_point) * s
+        return fake_quant(x, self.scale(), self.zero_point, self.qmin, self.qmax)
 
     @torch.no_grad()
     def calibrate(self, lo: float, hi: float, sample: torch.Tensor | None, search: str) -> None:

@@ -7,8 +7,12 @@ to produce the next blocks' quantized inputs.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,15 +28,23 @@ from onnxflex.progress import Progress
 from onnxflex.passes.select import concat_ties
 from onnxflex.rounding.activation import MAX_SEARCH_VALUES, ActQuantizer, sample_values
 from onnxflex.rounding.ortblock import OrtBlock
-from onnxflex.rounding.rounders import make_policy, make_rounder
+from onnxflex.rounding.rounders import EarlyStop, make_policy, make_rounder
 from onnxflex.rounding.torchify import BlockModule, QuantState
 from onnxflex.runtimes.base import Target
 
 log = logging.getLogger("onnxflex")
 
+# One CPU thread per this many values of a block's largest step tensor: an op on fewer values takes tens
+# of microseconds on one thread, and splitting it costs a fork/join, which on a machine whose cores other
+# processes hold waits milliseconds for a time slice (BENCHMARKS.md, reconstruction speed).
+VALUES_PER_THREAD = 1 << 18
+INDEX_CHUNK = 64  # steps of minibatch indices drawn, and copied to the device, at a time
+
 
 @dataclass(frozen=True)
 class BlockResult:
+    """``iters``: the optimisation steps the block ran (fewer than configured after an early stop)."""
+
     name: str
     loss_before: float
     loss_after: float
@@ -55,6 +67,12 @@ class BlockData:
         self.fp_outputs = {n: load("fp:" + n) for n in block.outputs}
         self.q_inputs = {n: load("q:" + n) if "q:" + n in cache else self.fp_inputs[n] for n in block.inputs}
         self.num_samples = next(iter(self.fp_outputs.values())).shape[0]
+        self.device = device
+
+    def largest_sample(self) -> int:
+        """Values per sample of the block's largest input or output."""
+        tensors = [*self.fp_inputs.values(), *self.fp_outputs.values()]
+        return max(int(np.prod(t.shape[1:], dtype=np.int64)) for t in tensors)
 
 
 class RowReader:
@@ -152,29 +170,80 @@ def evaluate(module, data: BlockData, batch: int) -> float:
     return total / data.num_samples
 
 
-def train(module: BlockModule, data: BlockData, config: QuantConfig, seed: int, progress: Progress) -> None:
+def train(module: BlockModule, data: BlockData, config: QuantConfig, seed: int, progress: Progress) -> int:
     """Minimise the block loss plus the rounders' regularizer over random minibatches of the block's
-    samples, with the method's step policy (Adam + cosine decay unless the rounder names another).
-    The module is in training mode only inside this loop (AdaRound rounds softly there)."""
+    samples, with the method's step policy (Adam + cosine decay unless the rounder names another),
+    for ``config.iters`` steps or until the loss plateaus (``config.early_stop``). Returns the steps
+    run. The module is in training mode only inside this loop (AdaRound rounds softly there)."""
     policy = make_policy(config.method, list(module.own_rounders), module.learnable(), config)
     if policy is None:
-        return
-    gen = torch.Generator().manual_seed(seed)
+        return 0
+    stop = EarlyStop(policy, config.early_stop)
     batch = min(config.batch_size, data.num_samples)
+    steps = 0
     module.train()
     try:
-        for it in range(config.iters):
-            idx = torch.randint(0, data.num_samples, (batch,), generator=gen).to(
-                next(iter(data.q_inputs.values())).device)
+        for it, idx in enumerate(step_indices(seed, data.num_samples, batch, config.iters, data.device)):
             out = module({k: v[idx] for k, v in data.q_inputs.items()})
             loss = block_loss(out, {k: v[idx] for k, v in data.fp_outputs.items()})
             policy.zero_grad()
             (loss + policy.penalty(it)).backward()
-            policy.step(it, loss.item())
-            progress.update(it + 1, f"loss {loss.item():.3g}")
+            value = loss.item()
+            policy.step(it, value)
+            progress.update(it + 1, f"loss {value:.3g}")
+            steps = it + 1
+            if stop.update(it, value):
+                break
         policy.finish()
     finally:
         module.eval()
+    return steps
+
+
+def step_indices(seed: int, n: int, batch: int, steps: int, device: torch.device):
+    """Each step's sample indices, [batch] int64 on ``device``: the sequence of one torch.randint per
+    step on a CPU generator seeded with ``seed``, drawn INDEX_CHUNK steps at a time so that an
+    accelerator gets one copy per chunk instead of one per step."""
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, steps, INDEX_CHUNK):
+        yield from torch.randint(0, n, (min(INDEX_CHUNK, steps - start), batch), generator=gen).to(device)
+
+
+def threads_for(values: int, device: torch.device, threads: int = 0) -> int | None:
+    """torch's intra-op threads for work whose largest tensor holds ``values`` values: ``threads`` when
+    given (config.threads), else one per VALUES_PER_THREAD, at least 1 and at most both
+    torch.get_num_threads() (which OMP_NUM_THREADS sets) and cpu_budget(); None (torch's setting
+    unchanged) off the CPU. It depends on the model, batch and machine only, never on the load, so a
+    seed keeps giving the same output."""
+    if device.type != "cpu":
+        return None
+    return threads or max(1, min(torch.get_num_threads(), cpu_budget(), values // VALUES_PER_THREAD))
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's
+    --cpus), which torch's default thread count does not see."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """Runs the body with ``count`` intra-op threads (None: unchanged) and restores torch's setting."""
+    previous = torch.get_num_threads()
+    if count is not None and count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 @torch.no_grad()
@@ -201,41 +270,45 @@ def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: 
     ops the torch side cannot express). With ``checkpoint``, blocks saved there are restored instead
     of learned, and each newly finished block is saved."""
     results, modules = [], []
+    sizes = _initializer_sizes(plan.model)
     for k, block in enumerate(plan.blocks):
         t0 = time.perf_counter()
         data = BlockData(block, cache, device)
-        saved = checkpoint.load(k, block.name) if checkpoint is not None else None
-        if saved is not None:
-            module = _resumed_block(block, plan, state, target, config, saved, device, providers)
-            store_quantized_outputs(module, data, cache, config.batch_size)
-            results.append(BlockResult(**saved["result"]))
-            modules.append(module)
-            progress.finish(f"{block.name}: restored from {checkpoint.folder}")
-            continue
-        seed = config.seed * 1000 + k
-        module = _block_runner(block, plan, state, target, config, data, seed, device, providers)
-        learns = isinstance(module, BlockModule) and config.method != "rtn"
-        before = evaluate(module, data, config.batch_size)
-        progress.start(config.iters if learns else 0, f"{block.name} ({k + 1}/{len(plan.blocks)})")
-        if learns:
-            start = [p.detach().clone() for params, _ in module.learnable() for p in params]
-            train(module, data, config, seed, progress)
-        after = evaluate(module, data, config.batch_size)
-        if learns and after > before:
-            _restore(module, start)
-            log.info("%s: learning ended at a higher loss (%.4g > %.4g); kept the round-to-nearest start",
-                     block.name, after, before)
+        largest = max([config.batch_size * data.largest_sample()] + [sizes[l.weight] for l in block.layers])
+        with torch_threads(threads_for(largest, device, config.threads)):
+            saved = checkpoint.load(k, block.name) if checkpoint is not None else None
+            if saved is not None:
+                module = _resumed_block(block, plan, state, target, config, saved, device, providers)
+                store_quantized_outputs(module, data, cache, config.batch_size)
+                results.append(BlockResult(**saved["result"]))
+                modules.append(module)
+                progress.finish(f"{block.name}: restored from {checkpoint.folder}")
+                continue
+            seed = config.seed * 1000 + k
+            module = _block_runner(block, plan, state, target, config, data, seed, device, providers)
+            learns = isinstance(module, BlockModule) and config.method != "rtn"
+            before = evaluate(module, data, config.batch_size)
+            progress.start(config.iters if learns else 0, f"{block.name} ({k + 1}/{len(plan.blocks)})")
+            steps = 0
+            if learns:
+                start = [p.detach().clone() for params, _ in module.learnable() for p in params]
+                steps = train(module, data, config, seed, progress)
             after = evaluate(module, data, config.batch_size)
-        _freeze(module, block, state, device)
-        store_quantized_outputs(module, data, cache, config.batch_size)
+            if learns and after > before:
+                _restore(module, start)
+                log.info("%s: learning ended at a higher loss (%.4g > %.4g); kept the round-to-nearest start",
+                         block.name, after, before)
+                after = evaluate(module, data, config.batch_size)
+            _freeze(module, block, state, device)
+            store_quantized_outputs(module, data, cache, config.batch_size)
         runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
-        results.append(BlockResult(block.name, before, after, config.iters if learns else 0,
-                                   time.perf_counter() - t0, runtime))
+        results.append(BlockResult(block.name, before, after, steps, time.perf_counter() - t0, runtime))
         if checkpoint is not None:
             checkpoint.save(k, block.name, results[-1], {l.weight: state.rounders[l.weight].export()
                                                          for l in block.layers},
                             {p: state.acts[p] for p in block.act_points if p in state.acts})
-        progress.finish(f"{block.name}: loss {before:.4g} -> {after:.4g}")
+        stopped = f" (loss plateaued: {steps} of {config.iters} steps)" if learns and 0 < steps < config.iters else ""
+        progress.finish(f"{block.name}: loss {before:.4g} -> {after:.4g}{stopped}")
         modules.append(module)
     return results, modules
 
@@ -304,10 +377,17 @@ def simulate(modules: list, plan: BlockPlan, feeds: dict[str, np.ndarray], devic
     n = len(next(iter(feeds.values())))
     outputs = [o.name for o in plan.model.graph.output]
     chunks: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
-    for start in range(0, n, batch):
-        env = {k: torch.from_numpy(np.asarray(v[start:start + batch])).to(device) for k, v in feeds.items()}
-        for module in modules:
-            env.update(module({name: env[name] for name in module.block.inputs}))
-        for o in outputs:
-            chunks[o].append(env[o].cpu().numpy())
+    per_sample = max(int(np.prod(np.shape(v)[1:], dtype=np.int64)) for v in feeds.values())
+    largest = max([batch * per_sample] + list(_initializer_sizes(plan.model).values()))
+    with torch_threads(threads_for(largest, device)):  # the inner activations are not known beforehand
+        for start in range(0, n, batch):
+            env = {k: torch.from_numpy(np.asarray(v[start:start + batch])).to(device) for k, v in feeds.items()}
+            for module in modules:
+                env.update(module({name: env[name] for name in module.block.inputs}))
+            for o in outputs:
+                chunks[o].append(env[o].cpu().numpy())
     return {o: np.concatenate(c) for o, c in chunks.items()}
+
+
+def _initializer_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    return {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}

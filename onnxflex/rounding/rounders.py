@@ -86,10 +86,11 @@ class StepPolicy:
 
         loss = block loss;  zero_grad();  (loss + penalty(it)).backward();  step(it, loss.item())
 
-    and calls finish() once after the last iteration. ``groups`` are the block's learnable
-    [(parameters, lr kind)] with kinds 'lr', 'scale_lr' (rounders) and 'act_lr' (activation steps).
-    With ``keep_best``, step() first remembers the parameters that produced the lowest loss seen and
-    finish() restores them (best-loss restore); the loss is the minibatch's, before the update.
+    and calls finish() once after the last iteration, ``end`` (config.iters unless cut() brought it
+    forward). ``groups`` are the block's learnable [(parameters, lr kind)] with kinds 'lr',
+    'scale_lr' (rounders) and 'act_lr' (activation steps). With ``keep_best``, step() first remembers
+    the parameters that produced the lowest loss seen and finish() restores them (best-loss restore);
+    the loss is the minibatch's, before the update. Rates and regularizers follow schedule_step(it).
     """
 
     keep_best = False
@@ -97,8 +98,22 @@ class StepPolicy:
     def __init__(self, rounders: Sequence["Rounder"], groups: ParamGroups, config: QuantConfig) -> None:
         self.rounders = list({id(r): r for r in rounders}.values())
         self.params = list({id(p): p for params, _ in groups for p in params}.values())
-        self.iters = config.iters
+        self.iters = self.end = config.iters
+        self.cut_at, self.tail = None, 0
         self.best_loss, self.best_state, self.best_iter = math.inf, None, -1
+
+    def schedule_step(self, it: int) -> float:
+        """Where the schedule stands at step ``it``: ``it`` itself, or after cut(at, tail) at + (it − at) ·
+        (iters − at) / tail, so that what remained of it (a cosine or linear decay, AdaRound's β) runs
+        its course over the tail as it would have over the remaining iterations."""
+        if self.cut_at is None or it < self.cut_at:
+            return it
+        return self.cut_at + (it - self.cut_at) * (self.iters - self.cut_at) / self.tail
+
+    def cut(self, at: int, tail: int) -> None:
+        """Make the schedule end ``tail`` steps after step ``at`` (once; nothing when it ends sooner anyway)."""
+        if self.cut_at is None and 0 < tail and at + tail < self.end:
+            self.cut_at, self.tail, self.end = at, tail, at + tail
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -106,7 +121,8 @@ class StepPolicy:
 
     def penalty(self, it: int) -> torch.Tensor | float:
         """The sum of the rounders' regularizers at iteration ``it`` (0.0 when none has one)."""
-        terms = [t for r in self.rounders if (t := r.regularizer(it / max(self.iters, 1))) is not None]
+        progress = self.schedule_step(it) / max(self.iters, 1)
+        terms = [t for r in self.rounders if (t := r.regularizer(progress)) is not None]
         return torch.stack(terms).sum() if terms else 0.0
 
     @torch.no_grad()
@@ -114,9 +130,11 @@ class StepPolicy:
         if self.keep_best and loss < self.best_loss:
             self.best_loss, self.best_iter = loss, it
             self.best_state = [p.detach().clone() for p in self.params]
-        self.update(it)
+        self.update(self.schedule_step(it))
 
-    def update(self, it: int) -> None:
+    def update(self, at: float) -> None:
+        """One update at schedule position ``at`` (schedule_step of the step: the iteration itself unless
+        the schedule was cut); rates decay with ``at`` / iters."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -126,28 +144,93 @@ class StepPolicy:
                 p.copy_(value)
 
 
+class EarlyStop:
+    """Ends a block's learning early once its loss plateaus; update(it, loss) is True after the last step.
+
+    A plateau: the smoothed loss has not improved on its best by ``REL_TOL`` (relative) for
+    ``patience`` steps. The minibatch loss is noisy (each step sees other samples), so it is smoothed
+    by an exponential moving average over half the patience, bias-corrected as Adam's moments are, and
+    compared only once that many losses are in it (a lucky first minibatch must not set the bar). On a
+    plateau the policy's schedule is cut to end ``patience`` steps later: its rates anneal over that
+    tail as they would have by the last iteration, which is where much of a cosine schedule's gain
+    comes. With ``patience`` 0 the policy runs its full schedule. Which state is kept at the end is the
+    policy's business (the last one, or SignRound's best-loss restore).
+    """
+
+    REL_TOL = 0.01
+
+    def __init__(self, policy: StepPolicy, patience: int) -> None:
+        self.policy, self.patience = policy, patience
+        self.span = max(patience / 2.0, 1.0)
+        self.decay = 1.0 - 1.0 / self.span
+        self.average, self.seen, self.best, self.since = 0.0, 0, math.inf, 0
+
+    def update(self, it: int, loss: float) -> bool:
+        if self.patience and self.plateaued(loss):
+            self.policy.cut(it + 1, self.patience)
+        return it + 1 >= self.policy.end
+
+    def plateaued(self, loss: float) -> bool:
+        self.seen += 1
+        self.average = self.decay * self.average + (1.0 - self.decay) * loss
+        if self.seen < self.span:
+            return False
+        smoothed = self.average / (1.0 - self.decay ** self.seen)
+        if smoothed < self.best * (1.0 - self.REL_TOL):
+            self.best, self.since = smoothed, 0
+        else:
+            self.since += 1
+        return self.since >= self.patience
+
+
 class AdamCosine(StepPolicy):
-    """Adam over the groups with their configured learning rates, each decayed to 0 on a cosine
-    except the kinds in ``constant_kinds``, which keep their rate."""
+    """Adam (β = 0.9, 0.999, ε = 1e-8) over the groups with their configured learning rates, each
+    decayed to 0 on a cosine except the kinds in ``constant_kinds``, which keep their rate.
+
+    The update is torch.optim.Adam's multi-tensor (foreach) arithmetic op for op, which gives the same
+    values as its single-tensor default on the CPU, with the rate LambdaLR would set at each step. It
+    is written out because torch.optim's first use imports torch._dynamo (a second or more per
+    process) and its step costs about half a millisecond of Python, a sizeable part of a small
+    block's step; the foreach ops keep an accelerator's kernel launches per step few.
+    """
 
     constant_kinds: frozenset[str] = frozenset()
+    BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
     def __init__(self, rounders: Sequence["Rounder"], groups: ParamGroups, config: QuantConfig) -> None:
         super().__init__(rounders, groups, config)
         lrs = {"lr": config.lr, "scale_lr": config.scale_lr, "act_lr": config.act_lr}
-        groups = [(list(params), kind) for params, kind in groups if params]
-        self.opt = torch.optim.Adam([{"params": params, "lr": lrs[kind]} for params, kind in groups])
-        span = max(config.iters, 1)
+        self.groups = [(list(params), lrs[kind], kind in self.constant_kinds) for params, kind in groups if params]
+        self.steps = {id(p): 0 for params, _, _ in self.groups for p in params}
+        self.moments = {id(p): (torch.zeros_like(p), torch.zeros_like(p)) for params, _, _ in self.groups
+                        for p in params}
+        self.span = max(config.iters, 1)
 
-        def cosine(it: int) -> float:
-            return 0.5 * (1.0 + math.cos(math.pi * min(it, span) / span))
+    def rate(self, lr: float, constant: bool, at: float) -> float:
+        """A group's learning rate at schedule position ``at``: ``lr``, or ``lr`` on a cosine from 1 to 0."""
+        return lr if constant else lr * (0.5 * (1.0 + math.cos(math.pi * min(at, self.span) / self.span)))
 
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, [(lambda it: 1.0) if kind in self.constant_kinds else cosine for _, kind in groups])
+    @torch.no_grad()
+    def update(self, at: float) -> None:
+        for params, lr, constant in self.groups:
+            live = [p for p in params if p.grad is not None]  # as torch.optim: no gradient, no step
+            if live:
+                self._adam(live, self.rate(lr, constant, at))
 
-    def update(self, it: int) -> None:
-        self.opt.step()
-        self.sched.step()
+    def _adam(self, params: list[torch.nn.Parameter], lr: float) -> None:
+        for p in params:
+            self.steps[id(p)] += 1
+        steps = [float(self.steps[id(p)]) for p in params]
+        grads = [p.grad for p in params]
+        exp_avgs = [self.moments[id(p)][0] for p in params]
+        exp_avg_sqs = [self.moments[id(p)][1] for p in params]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - self.BETA1)
+        torch._foreach_mul_(exp_avg_sqs, self.BETA2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - self.BETA2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, [(1 - self.BETA2 ** t) ** 0.5 for t in steps])
+        torch._foreach_add_(denom, self.EPS)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, [(lr / (1 - self.BETA1 ** t)) * -1 for t in steps])
 
 
 class Rounder(torch.nn.Module):

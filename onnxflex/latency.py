@@ -1,0 +1,176 @@
+"""Latency-aware placement (``--optimize-latency``): keep in float the layers that run slower as integers.
+
+On CPUs an integer layer is not always faster than its float version: Q/DQ at its boundaries, small or
+depthwise convolutions and unfused neighbours can cost more than the integer kernel saves. Which layers
+lose depends on the machine and the onnxruntime build, so they are measured, not guessed:
+
+1. The plan is emitted once with every layer quantized (model A) and once per layer with only that
+   layer kept in float (model A−l), all with round-to-nearest weights and min/max activation
+   parameters from one batch: timing depends on the structure and the zero points (which decide
+   whether onnxruntime fuses an activation), not on learned values, so no reconstruction is needed.
+2. All models are timed in onnxruntime on one calibration batch, runs interleaved so that load on the
+   machine affects them alike (median of ``repeats``). A layer whose A−l is faster than A by more
+   than ``margin`` of A's time is a loser.
+3. The model with every loser in float (B) is timed against A; the losers stay in float only when B
+   is faster, so the result is never slower than the plain placement (up to timing noise).
+
+The cost is one emit and one session per layer, so it suits models with tens of layers, not thousands.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxflex.blocks import BlockPlan
+from onnxflex.calib import CalibrationSet
+from onnxflex.config import QuantConfig
+from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
+
+log = logging.getLogger("onnxflex")
+
+MARGIN = 0.02  # a layer loses when keeping it in float saves more than this fraction of the model's time
+REPEATS = 21
+WARMUP = 3
+
+
+@dataclass
+class LatencyChoice:
+    """What the measurement decided: layers kept in float and the timings behind it (milliseconds)."""
+
+    float_layers: tuple[str, ...]
+    fp32_ms: float
+    int8_ms: float
+    chosen_ms: float
+    batch: int
+    threads: int
+    layers: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"float_layers": list(self.float_layers), "fp32_ms": self.fp32_ms, "all_int8_ms": self.int8_ms,
+                "chosen_ms": self.chosen_ms, "predicted_ratio_vs_fp32": round(self.chosen_ms / self.fp32_ms, 3),
+                "batch": self.batch, "threads": self.threads, "layers": self.layers}
+
+    def describe(self) -> str:
+        kept = ", ".join(self.float_layers) or "none"
+        return (f"latency placement (batch {self.batch}): FP32 {self.fp32_ms:.3f} ms, all integer "
+                f"{self.int8_ms:.3f} ms, chosen {self.chosen_ms:.3f} ms; kept in float: {kept}")
+
+
+def minmax_act_params(model: onnx.ModelProto, points, feed: dict[str, np.ndarray], act_dtype: int
+                      ) -> dict[str, ActParams]:
+    """Min/max activation parameters of ``points`` from one batch: zero points matter for timing, because
+    onnxruntime drops a Relu into the integer kernel only where the zero point makes it redundant."""
+    from onnxflex.capture import session, with_probes
+
+    points = list(points)
+    if not points:
+        return {}
+    probed, _ = with_probes(model, points)
+    values = session(probed, ["CPUExecutionProvider"]).run(points, feed)
+    acts = {}
+    for name, v in zip(points, values):
+        lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+        if act_dtype == onnx.TensorProto.UINT8:
+            step = max(hi - lo, 1e-8) / 255
+            acts[name] = ActParams(step, int(np.clip(round(-lo / step), 0, 255)), act_dtype)
+        else:
+            acts[name] = ActParams(max(-lo, hi, 1e-8) / 127, 0, act_dtype)
+    return acts
+
+
+def synthetic_params(plan: BlockPlan, target, config: QuantConfig, feed: dict[str, np.ndarray]) -> QuantParams:
+    """Round-to-nearest weights (min/max steps) and min/max activation parameters from ``feed`` for every
+    layer and point of ``plan``: the emitted model's exact structure and zero points, for timing."""
+    import torch
+
+    from onnxflex.extdata import tensor_array
+    from onnxflex.rounding.rounders import make_rounder
+
+    inits = {t.name: t for t in plan.model.graph.initializer}
+    acts = minmax_act_params(plan.model, plan.act_points, feed, target.act_dtype)
+    weights, biases = {}, {}
+    for layer in plan.layers:
+        w = torch.from_numpy(tensor_array(inits[layer.weight], plan.model).astype(np.float32))
+        weights[layer.weight] = make_rounder("rtn", w, layer.axis, layer.bits, "minmax", layer.group_size).export()
+        if layer.bias and target.int32_bias and config.abits and layer.input in acts:
+            step = (acts[layer.input].scale * weights[layer.weight].scale).astype(np.float32)
+            b = tensor_array(inits[layer.bias], plan.model).astype(np.float64)
+            biases[layer.bias] = QuantizedBias(np.clip(np.round(b / step), -2**31 + 1, 2**31 - 1).astype(np.int32),
+                                               step)
+    return QuantParams(weights, biases, acts)
+
+
+def latencies(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeats: int, threads: int
+              ) -> list[float]:
+    """Median milliseconds of one run over ``feed`` per model, after WARMUP runs. Every round runs each
+    model once, in an order shuffled per round (fixed seed), so that load on the machine affects them
+    alike and no model always runs right after another (it would inherit that one's cache state)."""
+    import statistics
+    import time
+
+    from onnxflex.capture import session
+
+    sessions = [session(model, ["CPUExecutionProvider"], threads) for model in models]
+    for sess in sessions:
+        for _ in range(WARMUP):
+            sess.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    order = np.random.default_rng(0)
+    for _ in range(repeats):
+        for k in order.permutation(len(sessions)):
+            t = time.perf_counter()
+            sessions[k].run(None, feed)
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(bucket) for bucket in times]
+
+
+def _emitted(plan: BlockPlan, target, config: QuantConfig, feed: dict[str, np.ndarray]) -> onnx.ModelProto:
+    from onnxflex.emit import emit
+
+    return emit(plan.model, synthetic_params(plan, target, config, feed), target)
+
+
+def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: CalibrationSet, config: QuantConfig,
+                        build_plan, progress) -> LatencyChoice:
+    """Measures as the module docstring says and returns the layers to keep in float. ``build_plan`` is
+    ``pipeline.build_plan`` (passed in to keep the import graph one-way)."""
+    from onnxflex.runtimes.base import get_target
+
+    target = get_target(config.target)
+    batch = min(config.batch_size, data.num_samples)
+    feed = {k: v[:batch] for k, v in data.arrays.items()}
+    names = [layer.node for layer in plan.layers]
+    progress.start(len(names) + 1, "latency: emitting variants")
+    variants = [plan.model, _emitted(plan, target, config, feed)]
+    for k, name in enumerate(names):
+        without = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + (name,)))
+        variants.append(_emitted(without, target, config, feed))
+        progress.update(k + 1)
+    progress.finish(f"latency: timing {len(variants)} variants of the model on a batch of {batch}")
+    times = latencies(variants, feed, REPEATS, config.latency_threads)
+    fp32, int8 = times[0], times[1]
+    rows, losers = [], []
+    for name, t in zip(names, times[2:]):
+        loses = int8 - t > MARGIN * int8
+        rows.append({"layer": name, "without_layer_ms": round(t, 4), "float_saves_ms": round(int8 - t, 4),
+                     "kept_float": loses})
+        if loses:
+            losers.append(name)
+    chosen = int8
+    if losers:
+        trial = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + tuple(losers)))
+        int8, chosen = latencies([variants[1], _emitted(trial, target, config, feed)], feed, REPEATS,
+                                 config.latency_threads)
+        if chosen >= int8:
+            log.info("keeping %d slower layers in float did not speed the model up (%.3f vs %.3f ms); "
+                     "all stay integer", len(losers), chosen, int8)
+            losers, chosen = [], int8
+            for row in rows:
+                row["kept_float"] = False
+    choice = LatencyChoice(tuple(losers), round(fp32, 4), round(int8, 4), round(chosen, 4), batch,
+                           config.latency_threads, rows)
+    log.info("%s", choice.describe())
+    return choice
