@@ -126,6 +126,25 @@ def bench_samples(folder: Path, counts: list[int]) -> str:
     return text
 
 
+def replace_block(doc: str, key: str, text: str) -> str | None:
+    """``doc`` with the block between its ``<!-- key -->`` markers replaced by ``text``; None when absent."""
+    start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
+    if start not in doc:
+        return None
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+
+
+def write_block(header: str, key: str, text: str) -> None:
+    """Replaces the block ``key`` in BENCHMARKS.md, or appends ``header`` and the block (creating the file)."""
+    path = ROOT / "BENCHMARKS.md"
+    doc = path.read_text() if path.exists() else "# onnxflex benchmarks\n"
+    replaced = replace_block(doc, key, text)
+    if replaced is None:
+        replaced = doc.rstrip("\n") + f"\n\n{header}\n\n<!-- {key} -->\n{text.rstrip()}\n<!-- /{key} -->\n"
+    path.write_text(replaced)
+
+
 def write_section(key: str, text: str) -> None:
     """Replaces this benchmark's subsection of '## Memory and scale' in BENCHMARKS.md (creating both)."""
     path = ROOT / "BENCHMARKS.md"
@@ -133,15 +152,12 @@ def write_section(key: str, text: str) -> None:
     header = "## Memory and scale"
     if header not in doc:
         doc = doc.rstrip("\n") + f"\n\n{header}\n\nMachine: {machine()}.\n"
-    start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in doc:
-        doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
-    else:
+    replaced = replace_block(doc, key, text)
+    if replaced is None:
         section_end = doc.find("\n## ", doc.index(header) + len(header))
         insert = len(doc) if section_end < 0 else section_end
-        doc = doc[:insert].rstrip("\n") + "\n\n" + block + "\n" + doc[insert:]
-    doc = re.sub(r"Machine: .*?\.\n", lambda _: f"Machine: {machine()}.\n", doc, count=1)
+        replaced = doc[:insert].rstrip("\n") + f"\n\n<!-- {key} -->\n{text.rstrip()}\n<!-- /{key} -->\n" + doc[insert:]
+    doc = re.sub(r"Machine: .*?\.\n", lambda _: f"Machine: {machine()}.\n", replaced, count=1)
     path.write_text(doc)
 
 

@@ -3,9 +3,10 @@
     python bench/compare_peers.py [--models digits_cnn digits_vit tiny_lm] [--calib-samples 128]
                                   [--methods rtn flexround adaround signround] [--dir /tmp/onnxflex-peers]
 
-For every model: onnxflex (W8A8; also W4A8 for the CNN and weight-only W4 groups of 32 for tiny_lm)
-through the Python API, and onnxruntime's ``quantize_static`` (QDQ, per channel; MinMax, Entropy and
-Percentile calibration; U8S8 and S8S8), plus for tiny_lm onnxruntime's 4-bit ``MatMulNBitsQuantizer``
+For every model: onnxflex (W8A8; W4A8, uniform W5A8 and a mixed 5-bit average for the classifiers;
+weight-only W4 groups of 32 for tiny_lm; FlexRound with ``--optimize-latency``) through the Python API,
+and onnxruntime's ``quantize_static`` (QDQ, per channel; MinMax, Entropy and Percentile calibration;
+U8S8 and S8S8; for the classifiers also 4-bit QInt4 weights), plus for tiny_lm onnxruntime's 4-bit ``MatMulNBitsQuantizer``
 (its default blockwise round-to-nearest, blocks of 32) where it imports (it needs the ``onnx_ir`` package).
 Both toolkits see the same first ``--calib-samples`` samples of the bundled ``<model>.calib.npz``.
 Each row gives the task metric on the bundled eval set (top-1, or perplexity for tiny_lm), the output
@@ -30,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 sys.path.insert(0, str(ROOT / "bench"))
+from bench_memory import write_block  # noqa: E402  (bench/ is not a package)
 
 HEADER = "## Against onnxruntime.quantization"
 MARKER = "compare-peers"
@@ -121,19 +123,34 @@ def task_metric(model: Path, name: str) -> float:
 def candidates(name: str, methods: list[str], samples: int, iters: int) -> list[tuple[str, str, str, dict]]:
     """(toolkit, setting label, child kind, options) for one model."""
     flex = [("W8A8", {"wbits": 8, "abits": 8})]
-    if name == "digits_cnn":
+    if name != "tiny_lm":
         flex.append(("W4A8", {"wbits": 4, "abits": 8}))
     if name == "tiny_lm":
         flex.append(("W4 weight-only g32", {"wbits": 4, "abits": 0, "group_size": 32}))
-    rows = [("onnxflex", f"{method} {label}", "onnxflex",
-             {**opts, "method": method, "calib_samples": samples, "verify_samples": 0,
-              **({"iters": iters} if iters >= 0 and method != "rtn" else {})})
+
+    def options(opts: dict, method: str) -> dict:
+        return {**opts, "method": method, "calib_samples": samples, "verify_samples": 0,
+                **({"iters": iters} if iters >= 0 and method != "rtn" else {})}
+
+    rows = [("onnxflex", f"{method} {label}", "onnxflex", options(opts, method))
             for label, opts in flex for method in methods]
+    # the same settings with latency-aware placement, timed with the benchmark's thread count
+    fastest = {"optimize_latency": True, "latency_threads": TIMING_THREADS}
+    rows += [("onnxflex", f"flexround {label} --optimize-latency", "onnxflex", options({**opts, **fastest}, "flexround"))
+             for label, opts in flex if label != "W4A8"]
+    if name != "tiny_lm":  # mixed precision: a 5-bit average against uniform 4 and 5 bits
+        rows += [("onnxflex", "flexround W5A8 uniform", "onnxflex", options({"wbits": 5, "abits": 8}, "flexround")),
+                 ("onnxflex", "flexround mixed, 5-bit average (--bits-budget 5)", "onnxflex",
+                  options({"wbits": 8, "abits": 8, "bits_budget": 5.0}, "flexround"))]
     for types in ("QUInt8_QInt8", "QInt8_QInt8"):
         short = "U8S8" if types.startswith("QU") else "S8S8"
         for calibrate in ("MinMax", "Entropy", "Percentile"):
             rows.append(("onnxruntime", f"quantize_static {calibrate} {short}", "ort_static",
                          {"types": types, "calibrate": calibrate, "samples": samples, "batch": 16}))
+    if name != "tiny_lm":  # 4-bit weights (QInt4, per channel) with uint8 activations
+        rows += [("onnxruntime", f"quantize_static {calibrate} W4A8 (U8, S4 weights)", "ort_static",
+                  {"types": "QUInt8_QInt4", "calibrate": calibrate, "samples": samples, "batch": 16})
+                 for calibrate in ("MinMax", "Entropy", "Percentile")]
     if name == "tiny_lm":
         rows.append(("onnxruntime", "MatMulNBits W4 weight-only g32", "ort_nbits", {"block_size": 32}))
     return rows
@@ -192,7 +209,7 @@ def report(results: list[dict], args, seconds: float) -> str:
             "per_channel=True)`, default op types and extra options, no `quant_pre_process`, the calibration "
             "data in batches of 16; `MatMulNBitsQuantizer(bits=4, block_size=32, is_symmetric=True)` with its "
             "default (round-to-nearest) algorithm. Top-1 is on the 500 eval images, perplexity on tiny_lm's "
-            "3,584 held-out next characters (lower is better); SQNR is of the model output over the same eval "
+            "40,320 held-out next characters (lower is better); SQNR is of the model output over the same eval "
             "set. Quantize time and peak RSS are of a fresh child process per row (interpreter start and "
             "imports included). Latency ratio: onnxruntime CPU, `onnxflex.compare` (alternating runs, median of "
             f"{TIMING_REPEATS}), batch {TIMING_BATCH}, {TIMING_THREADS} thread, quantized over FP32; "
@@ -201,19 +218,6 @@ def report(results: list[dict], args, seconds: float) -> str:
             "\n\nNot covered yet: the ResNet-18, MobileNetV2 and ViT-Tiny-shaped models named in issue 7 "
             "(only the three bundled models are measured), GPU/TensorRT latency, onnxruntime's GPTQ/HQQ/AWQ "
             "weight-only algorithms and its `quant_pre_process`.\n")
-
-
-def write_section(text: str) -> None:
-    """Replaces this benchmark's block under its own header in BENCHMARKS.md (creating both)."""
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text() if path.exists() else "# onnxflex benchmarks\n"
-    start, end = f"<!-- {MARKER} -->", f"<!-- /{MARKER} -->"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in doc:
-        doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
-    else:
-        doc = doc.rstrip("\n") + f"\n\n{HEADER}\n\n{block}\n"
-    path.write_text(doc)
 
 
 def main() -> None:
@@ -234,7 +238,7 @@ def main() -> None:
     text = report(results, args, time.perf_counter() - started)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_block(HEADER, MARKER, text)
     print(f"done in {time.perf_counter() - started:.0f} s")
 
 
