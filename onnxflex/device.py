@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from onnxflex.errors import DeviceError
 
 log = logging.getLogger("onnxflex")
+
+# One CPU thread per this many values of a block's largest step tensor: an op on fewer values takes tens
+# of microseconds on one thread, and splitting it costs a fork/join, which on a machine whose cores other
+# processes hold waits milliseconds for a time slice (BENCHMARKS.md, reconstruction speed).
+VALUES_PER_THREAD = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -39,3 +48,44 @@ def resolve_device(name: str) -> Device:
         raise DeviceError(f"--device cuda was asked for but {why}; use --device cpu or --device auto")
     log.info("no usable CUDA device (%s); running on CPU", why)
     return cpu
+
+
+def threads_for(values: int, device, threads: int = 0) -> int | None:
+    """torch's intra-op threads for work on ``device`` (a torch.device) whose largest tensor holds
+    ``values`` values: ``threads`` when given (config.threads), else one per VALUES_PER_THREAD, at least 1 and at most both
+    torch.get_num_threads() (which OMP_NUM_THREADS sets) and cpu_budget(); None (torch's setting
+    unchanged) off the CPU. It depends on the model, batch and machine only, never on the load, so a
+    seed keeps giving the same output."""
+    import torch
+
+    if device.type != "cpu":
+        return None
+    return threads or max(1, min(torch.get_num_threads(), cpu_budget(), values // VALUES_PER_THREAD))
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's
+    --cpus), which torch's default thread count does not see."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """Runs the body with ``count`` intra-op threads (None: unchanged) and restores torch's setting."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if count is not None and count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)

@@ -12,7 +12,7 @@ import pytest
 
 import onnxflex
 import onnxflex.latency as latency
-from helpers import CNN, run_model
+from helpers import CNN
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
 from onnxflex.pipeline import build_plan

@@ -21,7 +21,8 @@ from onnxflex.cli import main
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
 from onnxflex.rounding.quant import fake_quant, round_ste
-from onnxflex.rounding.reconstruct import VALUES_PER_THREAD, step_indices, threads_for, torch_threads
+from onnxflex.device import VALUES_PER_THREAD, threads_for, torch_threads
+from onnxflex.rounding.reconstruct import step_indices
 from onnxflex.rounding.rounders import AdamCosine, EarlyStop, StepPolicy
 
 
