@@ -52,9 +52,9 @@ def resolve_device(name: str) -> Device:
 
 def threads_for(values: int, device, threads: int = 0) -> int | None:
     """torch's intra-op threads for work on ``device`` (a torch.device) whose largest tensor holds
-    ``values`` values: ``threads`` when given (config.threads), else one per VALUES_PER_THREAD, at least 1 and at most both
-    torch.get_num_threads() (which OMP_NUM_THREADS sets) and cpu_budget(); None (torch's setting
-    unchanged) off the CPU. It depends on the model, batch and machine only, never on the load, so a
+    ``values`` values: ``threads`` when given (config.threads), else one per VALUES_PER_THREAD, at
+    least 1 and at most both torch.get_num_threads() (which OMP_NUM_THREADS sets) and cpu_budget();
+    None (torch's setting unchanged) off the CPU. It depends on the model, batch and machine only, never on the load, so a
     seed keeps giving the same output."""
     import torch
 
