@@ -1,18 +1,24 @@
-"""onnxflex against onnxruntime.quantization on the bundled models, each quantization in a child process.
+"""onnxflex against onnxruntime.quantization on the bundled and standard models, each quantization in a child process.
 
     python bench/compare_peers.py [--models digits_cnn digits_vit tiny_lm] [--calib-samples 128]
                                   [--methods rtn flexround adaround signround] [--dir /tmp/onnxflex-peers]
+    python bench/make_standard_models.py && python bench/compare_peers.py --models resnet18 mobilenetv2 vit_tiny
+
+``--models`` takes the bundled models (models/) and the standard architectures that
+bench/make_standard_models.py trains on the same digits task and writes into bench/.models/ (ResNet-18,
+MobileNetV2, a ViT-Tiny shape); these are treated exactly as the bundled classifiers.
 
 For every model: onnxflex (W8A8; W4A8, uniform W5A8 and a mixed 5-bit average for the classifiers;
 weight-only W4 groups of 32 for tiny_lm; FlexRound with ``--optimize-latency``) through the Python API,
 and onnxruntime's ``quantize_static`` (QDQ, per channel; MinMax, Entropy and Percentile calibration;
 U8S8 and S8S8; for the classifiers also 4-bit QInt4 weights), plus for tiny_lm onnxruntime's 4-bit ``MatMulNBitsQuantizer``
 (its default blockwise round-to-nearest, blocks of 32) where it imports (it needs the ``onnx_ir`` package).
-Both toolkits see the same first ``--calib-samples`` samples of the bundled ``<model>.calib.npz``.
-Each row gives the task metric on the bundled eval set (top-1, or perplexity for tiny_lm), the output
+Both toolkits see the same first ``--calib-samples`` samples of ``<model>.calib.npz``.
+Each row gives the task metric on ``<model>.eval.npz`` (top-1, or perplexity for tiny_lm), the output
 SQNR against FP32 on that set, quantization wall time and peak RSS of the child (ru_maxrss from
 os.wait4), the onnxruntime CPU latency ratio against FP32 (onnxflex.compare: alternating runs, median,
-same batch and threads) and the file size. Writes its section into BENCHMARKS.md between markers.
+same batch and threads) and the file size. Writes its section into BENCHMARKS.md between markers (a
+separate section when the standard architectures are among ``--models``).
 """
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
+BUNDLED = ("digits_cnn", "digits_vit", "tiny_lm")
+STANDARD = ("resnet18", "mobilenetv2", "vit_tiny")  # make_standard_models.BUILDERS, not imported: it pulls in torch
+STANDARD_DIR = ROOT / "bench" / ".models"  # make_standard_models.DEFAULT_DIR
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_memory import write_block  # noqa: E402  (bench/ is not a package)
 
@@ -101,6 +110,19 @@ def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(np.exp(-np.take_along_axis(log_probs, targets[..., None], -1).mean()))
 
 
+def model_folder(name: str) -> Path:
+    """Where ``name``'s .onnx, .calib.npz and .eval.npz live: models/ for the bundled models, else the
+    folder bench/make_standard_models.py writes."""
+    if name in BUNDLED:
+        return MODELS
+    missing = [f"{name}{suffix}" for suffix in (".onnx", ".calib.npz", ".eval.npz")
+               if not (STANDARD_DIR / f"{name}{suffix}").is_file()]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} missing from {STANDARD_DIR}: run "
+                         f"python bench/make_standard_models.py --models {name} first (a few minutes on CPU)")
+    return STANDARD_DIR
+
+
 def task_metric(model: Path, name: str) -> float:
     """Top-1 on the eval set for the classifiers, perplexity for tiny_lm (onnxruntime CPU)."""
     import onnxruntime as ort
@@ -108,7 +130,7 @@ def task_metric(model: Path, name: str) -> float:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-    with np.load(MODELS / f"{name}.eval.npz") as data:
+    with np.load(model_folder(name) / f"{name}.eval.npz") as data:
         data = {k: data[k] for k in data.files}
     if name == "tiny_lm":
         feeds = {k: data[k] for k in ("input_ids", "attention_mask")}
@@ -157,10 +179,12 @@ def candidates(name: str, methods: list[str], samples: int, iters: int) -> list[
 
 
 def bench_model(name: str, methods: list[str], samples: int, iters: int, folder: Path) -> list[dict]:
+    """All rows of one model; the quantized models are written into ``folder``."""
     from onnxflex.compare import compare_models, model_bytes
 
-    fp32 = MODELS / f"{name}.onnx"
-    calib, data = MODELS / f"{name}.calib.npz", MODELS / f"{name}.eval.npz"
+    source = model_folder(name)
+    fp32 = source / f"{name}.onnx"
+    calib, data = source / f"{name}.calib.npz", source / f"{name}.eval.npz"
     results = [{"model": name, "toolkit": "FP32", "setting": "reference", "metric": task_metric(fp32, name),
                 "bytes": model_bytes(fp32)}]
     print(f"{name} FP32 {results[0]['metric']:.4f}", flush=True)
@@ -203,7 +227,7 @@ def report(results: list[dict], args, seconds: float) -> str:
     return (f"`python bench/compare_peers.py --calib-samples {args.calib_samples} --iters {args.iters} "
             f"--methods {' '.join(args.methods)}`"
             f" ({seconds / 60:.0f} min in all). Machine: {machine()}.\n\n"
-            f"Both toolkits calibrate on the first {args.calib_samples} samples of the bundled `<model>.calib.npz` "
+            f"Both toolkits calibrate on the first {args.calib_samples} samples of `<model>.calib.npz` "
             "(onnxflex reconstructs on all of them: `calib_samples="
             f"{args.calib_samples}, verify_samples=0`; {iters}). onnxruntime: `quantize_static(quant_format=QDQ, "
             "per_channel=True)`, default op types and extra options, no `quant_pre_process`, the calibration "
@@ -215,14 +239,18 @@ def report(results: list[dict], args, seconds: float) -> str:
             f"{TIMING_REPEATS}), batch {TIMING_BATCH}, {TIMING_THREADS} thread, quantized over FP32; "
             "on these small models QDQ overhead can outweigh int8 gains." + (f" {args.note}" if args.note else "") +
             "\n\n" + "\n".join(rows) +
-            "\n\nNot covered yet: the ResNet-18, MobileNetV2 and ViT-Tiny-shaped models named in issue 7 "
-            "(only the three bundled models are measured), GPU/TensorRT latency, onnxruntime's GPTQ/HQQ/AWQ "
-            "weight-only algorithms and its `quant_pre_process`.\n")
+            "\n\nNot covered: GPU/TensorRT latency, onnxruntime's GPTQ/HQQ/AWQ weight-only algorithms and its "
+            "`quant_pre_process`." + ("" if set(args.models) <= set(BUNDLED) else
+                                      " The standard architectures are trained briefly on the digits task "
+                                      "(bench/make_standard_models.py: 32×32 upsampled digits, one channel), "
+                                      "not ImageNet weights.") + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["digits_cnn", "digits_vit", "tiny_lm"])
+    parser.add_argument("--models", nargs="+", default=list(BUNDLED), choices=BUNDLED + STANDARD,
+                        help="bundled models (models/) or standard architectures (bench/.models/, written by "
+                             "bench/make_standard_models.py)")
     parser.add_argument("--methods", nargs="+", default=["rtn", "flexround"])
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--iters", type=int, default=-1,
@@ -231,6 +259,8 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a sentence about this run, written under the table's header")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
+    for name in args.models:  # fail before the first hour of work, not after it
+        model_folder(name)
     args.dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = [row for name in args.models for row in bench_model(name, args.methods, args.calib_samples, args.iters,
@@ -238,7 +268,9 @@ def main() -> None:
     text = report(results, args, time.perf_counter() - started)
     print(text)
     if not args.no_write:
-        write_block(HEADER, MARKER, text)
+        standard = not set(args.models) <= set(BUNDLED)
+        write_block(HEADER + (": standard architectures" if standard else ""),
+                    MARKER + ("-standard" if standard else ""), text)
     print(f"done in {time.perf_counter() - started:.0f} s")
 
 
