@@ -27,6 +27,7 @@ import onnx
 from onnxflex.blocks import BlockPlan
 from onnxflex.calib import CalibrationSet
 from onnxflex.config import QuantConfig
+from onnxflex.graph import load_model, name_nodes_uniquely
 from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
 
 log = logging.getLogger("onnxflex")
@@ -144,7 +145,9 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
     feed = {k: v[:batch] for k, v in data.arrays.items()}
     names = [layer.node for layer in plan.layers]
     progress.start(len(names) + 1, "latency: emitting variants")
-    variants = [plan.model, _emitted(plan, target, config, feed)]
+    fp32 = load_model(original)  # FP32 as the user has it, node names made unique for onnxruntime
+    name_nodes_uniquely(fp32)
+    variants = [fp32, _emitted(plan, target, config, feed)]
     for k, name in enumerate(names):
         without = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + (name,)))
         variants.append(_emitted(without, target, config, feed))
