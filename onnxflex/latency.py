@@ -104,12 +104,12 @@ def synthetic_params(plan: BlockPlan, target, config: QuantConfig, feed: dict[st
     return QuantParams(weights, biases, acts)
 
 
-def latencies(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeats: int, threads: int
-              ) -> list[float]:
-    """Median milliseconds of one run over ``feed`` per model, after WARMUP runs. Every round runs each
-    model once, in an order shuffled per round (fixed seed), so that load on the machine affects them
-    alike and no model always runs right after another (it would inherit that one's cache state)."""
-    import statistics
+def run_rounds(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeats: int, threads: int
+               ) -> list[list[float]]:
+    """Milliseconds of one run over ``feed``, per model and round (``[model][round]``), after WARMUP
+    runs. Every round runs each model once, in an order shuffled per round (fixed seed), so that load
+    on the machine affects them alike and no model always runs right after another (it would inherit
+    that one's cache state)."""
     import time
 
     from onnxflex.capture import session
@@ -125,7 +125,13 @@ def latencies(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeat
             t = time.perf_counter()
             sessions[k].run(None, feed)
             times[k].append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(bucket) for bucket in times]
+    return times
+
+
+def latencies(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeats: int, threads: int
+              ) -> list[float]:
+    """Median milliseconds of one run per model (run_rounds)."""
+    return [float(np.median(t)) for t in run_rounds(models, feed, repeats, threads)]
 
 
 def _emitted(plan: BlockPlan, target, config: QuantConfig, feed: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -153,15 +159,24 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
         variants.append(_emitted(without, target, config, feed))
         progress.update(k + 1)
     progress.finish(f"latency: timing {len(variants)} variants of the model on a batch of {batch}")
-    times = latencies(variants, feed, REPEATS, config.latency_threads)
-    fp32, int8 = times[0], times[1]
+    rounds = run_rounds(variants, feed, REPEATS, config.latency_threads)
+    fp32, int8 = float(np.median(rounds[0])), float(np.median(rounds[1]))
     rows, losers = [], []
-    for name, t in zip(names, times[2:]):
-        loses = int8 - t > MARGIN * int8
-        rows.append({"layer": name, "without_layer_ms": round(t, 4), "float_saves_ms": round(int8 - t, 4),
-                     "kept_float": loses})
+    for name, times in zip(names, rounds[2:]):
+        # paired by round: load that slows one round slows both runs of the difference alike
+        saves = float(np.median(np.subtract(rounds[1], times)))
+        loses = saves > MARGIN * int8
+        rows.append({"layer": name, "without_layer_ms": round(float(np.median(times)), 4),
+                     "float_saves_ms": round(saves, 4), "kept_float": loses})
         if loses:
             losers.append(name)
+    if losers and len(losers) == len(names):
+        log.warning("every layer timed faster in float than as an integer on this machine (batch %d); an "
+                    "all-float model is no quantized model, so all stay integer — compare the result's "
+                    "latency with `onnxflex compare` before deploying it", batch)
+        losers = []
+        for row in rows:
+            row["kept_float"] = False
     chosen = int8
     if losers:
         trial = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + tuple(losers)))

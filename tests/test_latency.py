@@ -26,15 +26,16 @@ def cnn_layers() -> list[str]:
     return [layer.node for layer in build_plan(onnx.load(str(CNN)), QuantConfig()).layers]
 
 
-def scripted(monkeypatch, *rounds: list[float]) -> list[int]:
-    """Replace the timer with ``rounds`` of fixed medians; returns a list that records each call's size."""
-    calls, answers = [], list(rounds)
+def scripted(monkeypatch, *answers: list[float]) -> list[int]:
+    """Replace the timer: each call gets the next list of per-model times, the same in every round;
+    returns a list that records each call's number of models."""
+    calls, pending = [], list(answers)
 
     def fake(models, feed, repeats, threads):
         calls.append(len(models))
-        return answers.pop(0)
+        return [[t] * 3 for t in pending.pop(0)]
 
-    monkeypatch.setattr(latency, "latencies", fake)
+    monkeypatch.setattr(latency, "run_rounds", fake)
     return calls
 
 
@@ -105,6 +106,15 @@ def test_real_timing_on_the_cnn_gives_a_consistent_report():
     assert result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["logits"] >= 35.0
     print(f"\nCNN latency placement: {placement['fp32_ms']:.3f} ms FP32, {placement['all_int8_ms']:.3f} ms all "
           f"integer, {placement['chosen_ms']:.3f} ms chosen; float: {sorted(kept) or 'none'}")
+
+
+def test_when_every_layer_loses_all_stay_integer(monkeypatch):
+    names = cnn_layers()
+    calls = scripted(monkeypatch, [2.0, 1.0] + [0.5] * len(names))
+    result = onnxflex.quantize(CNN, config=QuantConfig(**FAST), progress=False)
+    assert calls == [len(names) + 2], "no trial of an all-float model"
+    assert result.report["latency_placement"]["float_layers"] == []
+    assert len(result.report["layers"]) == len(names)
 
 
 def test_bad_latency_threads_is_a_config_error():
