@@ -37,10 +37,8 @@ import math
 import pathlib
 import sys
 import time
-import warnings
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
@@ -48,7 +46,7 @@ from torch import nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
-from make_digits_cnn import inline_identity_initializers, shift, split  # noqa: E402  (the bundled models' data,
+from make_digits_cnn import export, shift, split  # noqa: E402  (the bundled models' data,
 # augmentation and export clean-up)
 
 DEFAULT_DIR = ROOT / "bench" / ".models"
@@ -192,28 +190,6 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float
     model.eval()
 
 
-def export(model: nn.Module, path: pathlib.Path) -> onnx.ModelProto:
-    """Export in eval mode, BatchNormalization unfolded, batch axis ``N`` dynamic; returns the checked model.
-
-    As for the bundled CNN (make_digits_cnn.export): TrainingMode.PRESERVE with constant folding off keeps
-    BN as inference-mode nodes, and the Identity nodes the exporter puts on bit-equal BN biases (a
-    ResNet's projection BN and the BN beside it start and train alike) become initializer copies.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, 1, SIZE, SIZE),), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
-    proto = onnx.load(str(path))
-    inline_identity_initializers(proto.graph)
-    # onnx 1.23 stamps IR 14, which onnxruntime 1.31 refuses; use the minimum for the opset.
-    proto.ir_version = onnx.helper.find_min_ir_version_for(proto.opset_import)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
-    return proto
-
-
 def make(name: str, data: dict, stats: dict, out_dir: pathlib.Path, seed: int) -> float:
     """Train, export and check one model; writes ``<name>.onnx`` and its npz files into ``out_dir``.
     Returns the FP32 eval top-1 under onnxruntime."""
@@ -224,7 +200,7 @@ def make(name: str, data: dict, stats: dict, out_dir: pathlib.Path, seed: int) -
     train(model, *data["train"], EPOCHS[name], LR[name])
     seconds = time.perf_counter() - t0
     path = out_dir / f"{name}.onnx"
-    export(model, path)
+    export(model, path, torch.zeros(2, 1, SIZE, SIZE), opset=17)
     for split_name in ("calib", "eval"):
         x, y = data[split_name]
         np.savez(out_dir / f"{name}.{split_name}.npz", input=x, labels=y, **stats)

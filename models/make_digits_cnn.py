@@ -134,8 +134,10 @@ def inline_identity_initializers(graph: onnx.GraphProto) -> None:
         graph.node.remove(node)
 
 
-def export(model: nn.Module, path: pathlib.Path) -> onnx.ModelProto:
-    """Export in eval mode with BatchNormalization unfolded; returns the checked model.
+def export(model: nn.Module, path: pathlib.Path, example: torch.Tensor | None = None,
+           opset: int = 13) -> onnx.ModelProto:
+    """Export in eval mode with BatchNormalization unfolded, batch axis ``N`` dynamic; returns the
+    checked model. ``example``: an input (default [1, 1, 16, 16] zeros, this model's).
 
     The legacy exporter folds BN into Conv only when constant folding runs in
     TrainingMode.EVAL; PRESERVE on an eval-mode model with folding off keeps BN
@@ -144,7 +146,8 @@ def export(model: nn.Module, path: pathlib.Path) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is wanted
         torch.onnx.export(
-            model, (torch.zeros(1, 1, 16, 16),), str(path), dynamo=False, opset_version=13,
+            model, (torch.zeros(1, 1, 16, 16) if example is None else example,), str(path), dynamo=False,
+            opset_version=opset,
             input_names=["input"], output_names=["logits"],
             dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
             training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)

@@ -208,6 +208,23 @@ def remove_runtime_file(path: Path) -> None:
         shutil.rmtree(path.parent, ignore_errors=True)
 
 
+def channel_ranges(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, providers,
+                   batch: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (last axis) min and max of each tensor over the samples of ``data``, run batch by
+    batch with the tensors as extra outputs (nothing is kept but the running ranges)."""
+    probed, _ = with_probes(model, tensors)
+    sess = session(probed, list(providers))
+    ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for feeds in data.batches(fixed_batch(model) or batch):
+        for name, value in zip(tensors, sess.run(tensors, feeds)):
+            flat = value.reshape(-1, value.shape[-1])
+            lo, hi = flat.min(0), flat.max(0)
+            if name in ranges:
+                lo, hi = np.minimum(ranges[name][0], lo), np.maximum(ranges[name][1], hi)
+            ranges[name] = (lo, hi)
+    return ranges
+
+
 def capture(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, cache: TensorCache,
             providers: list[str], prefix: str = "fp:", batch: int = 64, progress=None) -> None:
     """Run ``model`` over ``data`` and store each tensor in ``cache`` under ``prefix + name``."""

@@ -28,7 +28,7 @@ from onnxflex.blocks import BlockPlan
 from onnxflex.calib import CalibrationSet
 from onnxflex.config import QuantConfig
 from onnxflex.graph import load_model, name_nodes_uniquely
-from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
+from onnxflex.qparams import QuantParams
 
 log = logging.getLogger("onnxflex")
 
@@ -60,48 +60,30 @@ class LatencyChoice:
                 f"{self.int8_ms:.3f} ms, chosen {self.chosen_ms:.3f} ms; kept in float: {kept}")
 
 
-def minmax_act_params(model: onnx.ModelProto, points, feed: dict[str, np.ndarray], act_dtype: int
-                      ) -> dict[str, ActParams]:
-    """Min/max activation parameters of ``points`` from one batch: zero points matter for timing, because
-    onnxruntime drops a Relu into the integer kernel only where the zero point makes it redundant."""
-    from onnxflex.capture import session, with_probes
-
-    points = list(points)
-    if not points:
-        return {}
-    probed, _ = with_probes(model, points)
-    values = session(probed, ["CPUExecutionProvider"]).run(points, feed)
-    acts = {}
-    for name, v in zip(points, values):
-        lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
-        if act_dtype == onnx.TensorProto.UINT8:
-            step = max(hi - lo, 1e-8) / 255
-            acts[name] = ActParams(step, int(np.clip(round(-lo / step), 0, 255)), act_dtype)
-        else:
-            acts[name] = ActParams(max(-lo, hi, 1e-8) / 127, 0, act_dtype)
-    return acts
-
-
 def synthetic_params(plan: BlockPlan, target, config: QuantConfig, feed: dict[str, np.ndarray]) -> QuantParams:
-    """Round-to-nearest weights (min/max steps) and min/max activation parameters from ``feed`` for every
-    layer and point of ``plan``: the emitted model's exact structure and zero points, for timing."""
+    """The parameters a round-to-nearest run would export for ``plan`` (the same quantizers, ties and
+    int32 biases as reconstruction sets up), weights on min/max steps and activations on the min/max
+    of ``feed``: the emitted model's exact structure and zero points, for timing. Zero points matter,
+    because onnxruntime drops a Relu into the integer kernel only where the zero point makes it redundant."""
     import torch
 
-    from onnxflex.extdata import tensor_array
-    from onnxflex.rounding.rounders import make_rounder
+    from onnxflex.capture import channel_ranges
+    from onnxflex.rounding.reconstruct import add_block_quantizers
+    from onnxflex.rounding.torchify import QuantState
 
-    inits = {t.name: t for t in plan.model.graph.initializer}
-    acts = minmax_act_params(plan.model, plan.act_points, feed, target.act_dtype)
-    weights, biases = {}, {}
-    for layer in plan.layers:
-        w = torch.from_numpy(tensor_array(inits[layer.weight], plan.model).astype(np.float32))
-        weights[layer.weight] = make_rounder("rtn", w, layer.axis, layer.bits, "minmax", layer.group_size).export()
-        if layer.bias and target.int32_bias and config.abits and layer.input in acts:
-            step = (acts[layer.input].scale * weights[layer.weight].scale).astype(np.float32)
-            b = tensor_array(inits[layer.bias], plan.model).astype(np.float64)
-            biases[layer.bias] = QuantizedBias(np.clip(np.round(b / step), -2**31 + 1, 2**31 - 1).astype(np.int32),
-                                               step)
-    return QuantParams(weights, biases, acts)
+    state, cpu = QuantState(), torch.device("cpu")
+    for block in plan.blocks:
+        add_block_quantizers(block, plan.model, state, target, config.replace(weight_scale="minmax"), "rtn", cpu)
+    ranges = channel_ranges(plan.model, list(state.acts), CalibrationSet(feed, "latency batch"),
+                            ["CPUExecutionProvider"])
+    tied: dict[int, list[str]] = {}  # points sharing one quantizer take their joint range
+    for name, quantizer in state.acts.items():
+        tied.setdefault(id(quantizer), []).append(name)
+    for names in tied.values():
+        lo = min(float(ranges[n][0].min()) for n in names)
+        hi = max(float(ranges[n][1].max()) for n in names)
+        state.acts[names[0]].calibrate(lo, hi, None, "minmax")
+    return state.export(target.act_dtype)
 
 
 def run_rounds(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeats: int, threads: int

@@ -21,6 +21,7 @@ import onnx
 from onnxflex.blocks import QuantLayer
 from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.capture import session
+from onnxflex.device import torch_threads
 from onnxflex.extdata import tensor_array
 
 SENSITIVITY_SAMPLES = 64  # enough to rank layers on the bundled models; the cost grows linearly with it
@@ -57,16 +58,12 @@ def rtn_weight(weight: np.ndarray, layer: QuantLayer, bits: int, scale_search: s
 
     from onnxflex.rounding.rounders import make_rounder
 
-    threads = torch.get_num_threads()
     # one weight is too small to share out, and on a busy machine waking a second intra-op thread for
     # each of the step search's roundings costs milliseconds apiece
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         rounder = make_rounder("rtn", torch.from_numpy(weight.astype(np.float32)), layer.axis, bits,
                                scale_search, layer.group_size)
         return rounder.export().dequantize().astype(weight.dtype)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def measure(model: onnx.ModelProto, layers: Mapping[str, QuantLayer], widths: Mapping[str, tuple[int, ...]],

@@ -27,6 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxflex.calib import CalibrationSet
+from onnxflex.capture import channel_ranges
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import NameScope, consumers, node_attr
 
@@ -137,25 +138,6 @@ def fold_factors(lo: np.ndarray, hi: np.ndarray, shift: bool) -> tuple[np.ndarra
     r = span / np.exp(np.log(span).mean())
     m = (hi.astype(np.float64) + lo) / 2 if shift else np.zeros_like(span)
     return r, m
-
-
-def channel_ranges(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, providers,
-                   batch: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-channel (last axis) min and max of each tensor over the calibration samples, streamed."""
-    from onnxflex.calib import fixed_batch
-    from onnxflex.capture import session, with_probes
-
-    probed, _ = with_probes(model, tensors)
-    sess = session(probed, list(providers))
-    ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for feeds in data.batches(fixed_batch(model) or batch):
-        for name, value in zip(tensors, sess.run(tensors, feeds)):
-            flat = value.reshape(-1, value.shape[-1])
-            lo, hi = flat.min(0), flat.max(0)
-            if name in ranges:
-                lo, hi = np.minimum(ranges[name][0], lo), np.maximum(ranges[name][1], hi)
-            ranges[name] = (lo, hi)
-    return ranges
 
 
 def apply_fold(model: onnx.ModelProto, fold: LayerNormFold, r: np.ndarray, m: np.ndarray) -> None:
