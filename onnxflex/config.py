@@ -200,8 +200,9 @@ class QuantConfig:
         _check_range("latency_threads", self.latency_threads, 0, 1024)
         if not isinstance(self.checkpoint_dir, str):
             raise ConfigError(f"checkpoint_dir={self.checkpoint_dir!r} must be a folder path (a string; '' = none)")
-        if not isinstance(self.requantize, bool):
-            raise ConfigError(f"requantize={self.requantize!r} must be true or false")
+        for f in dataclasses.fields(self):  # every on/off option: a string such as "yes" is no answer
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} must be true or false")
         for name in ("exclude_nodes", "exclude_op_types", "input_shapes"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):

@@ -1,6 +1,7 @@
 """Config files, --dump-config, flags over files, per-layer overrides, report and output control."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 
@@ -137,3 +138,13 @@ def test_api_accepts_a_model_proto_and_config_file(tmp_path):
                                QuantConfig.from_toml(path), progress=False)
     assert result.report["config"]["method"] == "rtn"
     assert result.save(tmp_path / "m.onnx").is_file()
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(QuantConfig) if isinstance(f.default, bool)])
+def test_on_off_options_refuse_anything_but_a_bool(name, tmp_path):
+    with pytest.raises(ConfigError, match=rf"{name}='yes' must be true or false"):
+        QuantConfig(**{name: "yes"})
+    path = tmp_path / "quant.toml"
+    path.write_text(f'{name} = "yes"\n')
+    with pytest.raises(ConfigError, match=name):
+        QuantConfig.from_toml(path)
