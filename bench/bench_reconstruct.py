@@ -149,7 +149,7 @@ def bench_loop(models: list[str], iters: int, device: str, variants: list, folde
 
 def bench_presets(wbits: list[int], device: str, before: Path | None, folder: Path) -> list[dict]:
     """The CNN with each preset (and with ``before``, the old code's defaults) for each weight width."""
-    from compare_peers import task_metric
+    from compare_peers import evaluate
 
     model = MODELS / "digits_cnn.onnx"
     rows = []
@@ -160,7 +160,7 @@ def bench_presets(wbits: list[int], device: str, before: Path | None, folder: Pa
         for label, path, extra in settings:
             out = folder / f"digits_cnn.w{bits}.{re.sub(r'[^a-z]+', '_', label)}.onnx"
             figures = run_child(model, out, {"wbits": bits, "abits": 8, "device": device, **extra}, path)
-            figures.update(label=label, wbits=bits, top1=task_metric(out, "digits_cnn"))
+            figures.update(label=label, wbits=bits, top1=evaluate(out, "digits_cnn")[0])
             rows.append(figures)
             print(f"W{bits}A8 {label}: {figures['seconds']:.1f} s, top-1 {figures['top1']:.3f}, "
                   f"load {figures['load']}", flush=True)

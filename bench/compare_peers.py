@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -52,36 +53,53 @@ CHILD = """
 import json, sys, time
 import numpy as np
 kind, model, calib, out, options = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
-t0 = time.perf_counter()
-if kind == "onnxflex":
-    import onnxflex
-    onnxflex.quantize(model, None, onnxflex.QuantConfig(**options), progress=False).save(out)
-elif kind == "ort_static":
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+
+
+def npz_reader(n, batch):
+    \"\"\"onnxruntime calibration data: the model's inputs from the first n samples of the calib npz.\"\"\"
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+
+    names = [i.name for i in onnx.load(model, load_external_data=False).graph.input]
+    with np.load(calib) as data:
+        arrays = {k: data[k][:n] for k in names}
 
     class NpzReader(CalibrationDataReader):
-        def __init__(self, path, names, n, batch):
-            with np.load(path) as data:
-                arrays = {k: data[k][:n] for k in names}
+        def __init__(self):
             self.batches = iter([{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, n, batch)])
 
         def get_next(self):
             return next(self.batches, None)
 
-    import onnx
-    names = [i.name for i in onnx.load(model, load_external_data=False).graph.input]
+    return NpzReader()
+
+
+t0 = time.perf_counter()
+if kind == "onnxflex":
+    import onnxflex
+    onnxflex.quantize(model, None, onnxflex.QuantConfig(**options), progress=False).save(out)
+elif kind == "ort_static":
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     act, weight = options["types"].split("_")
-    quantize_static(model, out, NpzReader(calib, names, options["samples"], options["batch"]),
+    quantize_static(model, out, npz_reader(options["samples"], options["batch"]),
                     quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=getattr(QuantType, act), weight_type=getattr(QuantType, weight),
                     calibrate_method=getattr(CalibrationMethod, options["calibrate"]))
 elif kind == "ort_nbits":
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    quantizer = MatMulNBitsQuantizer(onnx.load(model), bits=4, block_size=options["block_size"], is_symmetric=True)
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    block = options["block_size"]
+    algo = {"RTN": lambda: nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True),
+            "HQQ": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=4),
+            "GPTQ": lambda: nbits.GPTQWeightOnlyQuantConfig(
+                calibration_data_reader=npz_reader(options["samples"], 16))}[options["algorithm"]]()
+    quantizer = nbits.MatMulNBitsQuantizer(onnx.load(model), bits=4, block_size=block, is_symmetric=True,
+                                           algo_config=algo)
     quantizer.process()
     quantizer.model.save_model_to_file(out, False)
+print()  # onnxruntime's GPTQ draws a progress bar without a final newline
 print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
@@ -123,8 +141,9 @@ def model_folder(name: str) -> Path:
     return STANDARD_DIR
 
 
-def task_metric(model: Path, name: str) -> float:
-    """Top-1 on the eval set for the classifiers, perplexity for tiny_lm (onnxruntime CPU)."""
+def evaluate(model: Path, name: str) -> tuple[float, np.ndarray, np.ndarray]:
+    """(task metric, argmax predictions, whether each is right) on the eval set, onnxruntime CPU: top-1
+    over the images for the classifiers, perplexity over the next characters for tiny_lm."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -136,10 +155,20 @@ def task_metric(model: Path, name: str) -> float:
         feeds = {k: data[k] for k in ("input_ids", "attention_mask")}
         logits = np.concatenate([sess.run(None, {k: v[i:i + 16] for k, v in feeds.items()})[0]
                                  for i in range(0, len(data["targets"]), 16)])
-        return perplexity(logits, data["targets"])
+        predicted = logits.argmax(-1)
+        return perplexity(logits, data["targets"]), predicted, predicted == data["targets"]
     logits = np.concatenate([sess.run(None, {"input": data["input"][i:i + 100]})[0]
                              for i in range(0, len(data["input"]), 100)])
-    return float(np.mean(logits.argmax(-1) == data["labels"]))
+    predicted = logits.argmax(-1)
+    right = predicted == data["labels"]
+    return float(right.mean()), predicted, right
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar) on the items exactly one of two models gets right."""
+    n = wins + losses
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def candidates(name: str, methods: list[str], samples: int, iters: int) -> list[tuple[str, str, str, dict]]:
@@ -174,7 +203,8 @@ def candidates(name: str, methods: list[str], samples: int, iters: int) -> list[
                   {"types": "QUInt8_QInt4", "calibrate": calibrate, "samples": samples, "batch": 16})
                  for calibrate in ("MinMax", "Entropy", "Percentile")]
     if name == "tiny_lm":
-        rows.append(("onnxruntime", "MatMulNBits W4 weight-only g32", "ort_nbits", {"block_size": 32}))
+        rows += [("onnxruntime", f"MatMulNBits {algorithm} W4 weight-only g32", "ort_nbits",
+                  {"block_size": 32, "algorithm": algorithm, "samples": samples}) for algorithm in ("RTN", "HQQ", "GPTQ")]
     return rows
 
 
@@ -185,9 +215,10 @@ def bench_model(name: str, methods: list[str], samples: int, iters: int, folder:
     source = model_folder(name)
     fp32 = source / f"{name}.onnx"
     calib, data = source / f"{name}.calib.npz", source / f"{name}.eval.npz"
-    results = [{"model": name, "toolkit": "FP32", "setting": "reference", "metric": task_metric(fp32, name),
+    metric, reference, right = evaluate(fp32, name)
+    results = [{"model": name, "toolkit": "FP32", "setting": "reference", "metric": metric, "right": right,
                 "bytes": model_bytes(fp32)}]
-    print(f"{name} FP32 {results[0]['metric']:.4f}", flush=True)
+    print(f"{name} FP32 {metric:.4f}", flush=True)
     for toolkit, setting, kind, options in candidates(name, methods, samples, iters):
         out = folder / f"{name}.{re.sub(r'[^A-Za-z0-9]+', '_', setting)}.onnx"
         row = {"model": name, "toolkit": toolkit, "setting": setting, **run_child(kind, fp32, calib, out, options)}
@@ -195,8 +226,9 @@ def bench_model(name: str, methods: list[str], samples: int, iters: int, folder:
             try:
                 cmp = compare_models(fp32, out, data, batch_size=TIMING_BATCH, worst=0, repeats=TIMING_REPEATS,
                                      threads=TIMING_THREADS)
-                row.update(metric=task_metric(out, name), sqnr_db=cmp.outputs[0]["sqnr_db"],
-                           latency_ratio=cmp.latency_ratio, bytes=model_bytes(out))
+                metric, predicted, right = evaluate(out, name)
+                row.update(metric=metric, right=right, changed=int((predicted != reference).sum()),
+                           sqnr_db=cmp.outputs[0]["sqnr_db"], latency_ratio=cmp.latency_ratio, bytes=model_bytes(out))
             except Exception as exc:  # a model onnxruntime cannot load or run is a result too
                 row["error"] = f"evaluation failed: {str(exc).splitlines()[0][:200]}"
         results.append(row)
@@ -205,21 +237,47 @@ def bench_model(name: str, methods: list[str], samples: int, iters: int, folder:
 
 
 def format_row(r: dict) -> str:
-    metric = "" if "metric" not in r else (f"{r['metric']:.3f}" if r["model"] == "tiny_lm" else f"{r['metric']:.3f}")
+    metric = f"{r['metric']:.3f}" if "metric" in r else ""
     if "error" in r:
-        return f"| {r['model']} | {r['toolkit']} | {r['setting']} | failed: {r['error'].replace('|', '/')} ||||||"
+        return f"| {r['model']} | {r['toolkit']} | {r['setting']} | failed: {r['error'].replace('|', '/')} |||||||"
     if r["toolkit"] == "FP32":
-        return f"| {r['model']} | FP32 | reference | {metric} | | | | | {r['bytes'] / 1024:.0f} KiB |"
-    return (f"| {r['model']} | {r['toolkit']} | {r['setting']} | {metric} | {r['sqnr_db']:.1f} | "
+        return f"| {r['model']} | FP32 | reference | {metric} | | | | | | {r['bytes'] / 1024:.0f} KiB |"
+    return (f"| {r['model']} | {r['toolkit']} | {r['setting']} | {metric} | {r['changed']} | {r['sqnr_db']:.1f} | "
             f"{r['seconds']:.1f} s | {r['peak_rss_mib']:.0f} MiB | {r['latency_ratio']:.2f} | "
             f"{r['bytes'] / 1024:.0f} KiB |")
+
+
+def bits_of(setting: str) -> str | None:
+    """The bit widths an onnxruntime quantize_static row uses: 'W4A8', 'W8A8', or None."""
+    return "W4A8" if "W4A8" in setting else "W8A8" if re.search(r"\b[SU]8S8\b", setting) else None
+
+
+def paired(results: list[dict]) -> list[str]:
+    """Per classifier and bit width: onnxflex flexround against the best onnxruntime row on the same eval
+    images, counting the images exactly one of the two gets right, with the exact sign test's p-value."""
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in results if r["model"] != "tiny_lm"):
+        rows = [r for r in results if r["model"] == name and "right" in r and r["toolkit"] != "FP32"]
+        for bits in ("W8A8", "W4A8"):
+            ours = [r for r in rows if r["toolkit"] == "onnxflex" and r["setting"] == f"flexround {bits}"]
+            peers = [r for r in rows if r["toolkit"] == "onnxruntime" and bits_of(r["setting"]) == bits]
+            if not ours or not peers:
+                continue
+            best = max(peers, key=lambda r: r["metric"])
+            wins = int((ours[0]["right"] & ~best["right"]).sum())
+            losses = int((best["right"] & ~ours[0]["right"]).sum())
+            lines.append(f"- {name} {bits}: flexround {ours[0]['metric']:.3f} against onnxruntime's best, "
+                         f"{best['setting']} {best['metric']:.3f}. Of the {len(best['right'])} eval images, "
+                         f"flexround alone gets {wins} right and onnxruntime alone {losses}; exact sign test "
+                         f"p = {sign_test_p(wins, losses):.2g}.")
+    return lines
 
 
 def report(results: list[dict], args, seconds: float) -> str:
     from bench_memory import machine
 
-    rows = ["| model | toolkit | setting | top-1 / perplexity | output SQNR vs FP32 (dB) | quantize time | "
-            "peak RSS | latency ratio vs FP32 | file size |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | toolkit | setting | top-1 / perplexity | argmax changes vs FP32 | output SQNR vs FP32 (dB) | "
+            "quantize time | peak RSS | latency ratio vs FP32 | file size |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows += [format_row(r) for r in results]
     iters = ("its iteration counts are the method defaults, FlexRound and AdaRound 400 per block, SignRound 200"
              if args.iters < 0 else f"{args.iters} reconstruction steps per block for the learned methods, "
@@ -232,15 +290,19 @@ def report(results: list[dict], args, seconds: float) -> str:
             f"{args.calib_samples}, verify_samples=0`; {iters}). onnxruntime: `quantize_static(quant_format=QDQ, "
             "per_channel=True)`, default op types and extra options, no `quant_pre_process`, the calibration "
             "data in batches of 16; `MatMulNBitsQuantizer(bits=4, block_size=32, is_symmetric=True)` with its "
-            "default (round-to-nearest) algorithm. Top-1 is on the 500 eval images, perplexity on tiny_lm's "
-            "40,320 held-out next characters (lower is better); SQNR is of the model output over the same eval "
-            "set. Quantize time and peak RSS are of a fresh child process per row (interpreter start and "
+            "default blockwise round-to-nearest, with HQQ (`HQQWeightOnlyQuantConfig(block_size=32)`), and with "
+            "GPTQ (`GPTQWeightOnlyQuantConfig` defaults, calibrated on the same samples). Top-1 is on the 500 "
+            "eval images, perplexity on tiny_lm's 40,320 held-out next characters (lower is better); argmax "
+            "changes count the eval images (characters) whose predicted class differs from FP32's; SQNR is of "
+            "the model output over the same eval set. Quantize time and peak RSS are of a fresh child process per row (interpreter start and "
             "imports included). Latency ratio: onnxruntime CPU, `onnxflex.compare` (alternating runs, median of "
             f"{TIMING_REPEATS}), batch {TIMING_BATCH}, {TIMING_THREADS} thread, quantized over FP32; "
             "on these small models QDQ overhead can outweigh int8 gains." + (f" {args.note}" if args.note else "") +
             "\n\n" + "\n".join(rows) +
-            "\n\nNot covered: GPU/TensorRT latency, onnxruntime's GPTQ/HQQ/AWQ weight-only algorithms and its "
-            "`quant_pre_process`." + ("" if set(args.models) <= set(BUNDLED) else
+            "\n\nPaired on the same eval images (flexround against the onnxruntime row with the best top-1 at "
+            "the same bits):\n\n" + "\n".join(paired(results)) +
+            "\n\nNot covered: GPU/TensorRT latency, onnxruntime's AWQ weight-only algorithm (it needs a "
+            "tokenizer and a dataset download) and its `quant_pre_process`." + ("" if set(args.models) <= set(BUNDLED) else
                                       " The standard architectures are trained briefly on the digits task "
                                       "(bench/make_standard_models.py: 32×32 upsampled digits, one channel), "
                                       "not ImageNet weights.") + "\n")
