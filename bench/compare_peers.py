@@ -11,14 +11,16 @@ MobileNetV2, a ViT-Tiny shape); these are treated exactly as the bundled classif
 For every model: onnxflex (W8A8; W4A8, uniform W5A8 and a mixed 5-bit average for the classifiers;
 weight-only W4 groups of 32 for tiny_lm; FlexRound with ``--optimize-latency``) through the Python API,
 and onnxruntime's ``quantize_static`` (QDQ, per channel; MinMax, Entropy and Percentile calibration;
-U8S8 and S8S8; for the classifiers also 4-bit QInt4 weights), plus for tiny_lm onnxruntime's 4-bit ``MatMulNBitsQuantizer``
-(its default blockwise round-to-nearest, blocks of 32) where it imports (it needs the ``onnx_ir`` package).
-Both toolkits see the same first ``--calib-samples`` samples of ``<model>.calib.npz``.
-Each row gives the task metric on ``<model>.eval.npz`` (top-1, or perplexity for tiny_lm), the output
-SQNR against FP32 on that set, quantization wall time and peak RSS of the child (ru_maxrss from
-os.wait4), the onnxruntime CPU latency ratio against FP32 (onnxflex.compare: alternating runs, median,
-same batch and threads) and the file size. Writes its section into BENCHMARKS.md between markers (a
-separate section when the standard architectures are among ``--models``).
+U8S8 and S8S8; for the classifiers also 4-bit QInt4 weights), plus for tiny_lm onnxruntime's 4-bit
+``MatMulNBitsQuantizer`` (blocks of 32: its default round-to-nearest, HQQ and GPTQ) where it imports (it
+needs the ``onnx_ir`` package). Both toolkits see the same first ``--calib-samples`` samples of
+``<model>.calib.npz``. Each row gives the task metric on ``<model>.eval.npz`` (top-1, or perplexity for
+tiny_lm), how many eval predictions (argmax) differ from FP32's, the output SQNR against FP32 on that
+set, quantization wall time and peak RSS of the child (ru_maxrss from os.wait4), the onnxruntime CPU
+latency ratio against FP32 (onnxflex.compare: alternating runs, median, same batch and threads) and the
+file size. For the classifiers, FlexRound is paired with the best onnxruntime row at W8A8 and at W4A8:
+the images only one of them gets right, with the exact sign test. Writes its section into BENCHMARKS.md
+between markers (a separate section when the standard architectures are among ``--models``).
 """
 from __future__ import annotations
 
