@@ -96,7 +96,7 @@ elif kind == "ort_nbits":
     algo = {"RTN": lambda: nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True),
             "HQQ": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=4),
             "GPTQ": lambda: nbits.GPTQWeightOnlyQuantConfig(
-                calibration_data_reader=npz_reader(options["samples"], 16))}[options["algorithm"]]()
+                calibration_data_reader=npz_reader(options["samples"], options["batch"]))}[options["algorithm"]]()
     quantizer = nbits.MatMulNBitsQuantizer(onnx.load(model), bits=4, block_size=block, is_symmetric=True,
                                            algo_config=algo)
     quantizer.process()
@@ -206,7 +206,8 @@ def candidates(name: str, methods: list[str], samples: int, iters: int) -> list[
                  for calibrate in ("MinMax", "Entropy", "Percentile")]
     if name == "tiny_lm":
         rows += [("onnxruntime", f"MatMulNBits {algorithm} W4 weight-only g32", "ort_nbits",
-                  {"block_size": 32, "algorithm": algorithm, "samples": samples}) for algorithm in ("RTN", "HQQ", "GPTQ")]
+                  {"block_size": 32, "algorithm": algorithm, "samples": samples, "batch": 16})
+                 for algorithm in ("RTN", "HQQ", "GPTQ")]
     return rows
 
 
@@ -278,8 +279,8 @@ def paired(results: list[dict]) -> list[str]:
 def report(results: list[dict], args, seconds: float) -> str:
     from bench_memory import machine
 
-    rows = ["| model | toolkit | setting | top-1 / perplexity | argmax changes vs FP32 | output SQNR vs FP32 (dB) | "
-            "quantize time | peak RSS | latency ratio vs FP32 | file size |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | toolkit | setting | top-1 / perplexity | argmax changes vs FP32 | output SQNR vs FP32 (dB) "
+            "| quantize time | peak RSS | latency ratio vs FP32 | file size |", "|" + "---|" * 10]
     rows += [format_row(r) for r in results]
     iters = ("its iteration counts are the method defaults, FlexRound and AdaRound 400 per block, SignRound 200"
              if args.iters < 0 else f"{args.iters} reconstruction steps per block for the learned methods, "
@@ -296,18 +297,19 @@ def report(results: list[dict], args, seconds: float) -> str:
             "GPTQ (`GPTQWeightOnlyQuantConfig` defaults, calibrated on the same samples). Top-1 is on the 500 "
             "eval images, perplexity on tiny_lm's 40,320 held-out next characters (lower is better); argmax "
             "changes count the eval images (characters) whose predicted class differs from FP32's; SQNR is of "
-            "the model output over the same eval set. Quantize time and peak RSS are of a fresh child process per row (interpreter start and "
-            "imports included). Latency ratio: onnxruntime CPU, `onnxflex.compare` (alternating runs, median of "
-            f"{TIMING_REPEATS}), batch {TIMING_BATCH}, {TIMING_THREADS} thread, quantized over FP32; "
+            "the model output over the same eval set. Quantize time and peak RSS are of a fresh child process "
+            "per row (interpreter start and imports included). Latency ratio: onnxruntime CPU, "
+            f"`onnxflex.compare` (alternating runs, median of {TIMING_REPEATS}), batch {TIMING_BATCH}, "
+            f"{TIMING_THREADS} thread, quantized over FP32; "
             "on these small models QDQ overhead can outweigh int8 gains." + (f" {args.note}" if args.note else "") +
             "\n\n" + "\n".join(rows) +
             "\n\nPaired on the same eval images (flexround against the onnxruntime row with the best top-1 at "
             "the same bits):\n\n" + "\n".join(paired(results)) +
             "\n\nNot covered: GPU/TensorRT latency, onnxruntime's AWQ weight-only algorithm (it needs a "
-            "tokenizer and a dataset download) and its `quant_pre_process`." + ("" if set(args.models) <= set(BUNDLED) else
-                                      " The standard architectures are trained briefly on the digits task "
-                                      "(bench/make_standard_models.py: 32×32 upsampled digits, one channel), "
-                                      "not ImageNet weights.") + "\n")
+            "tokenizer and a dataset download) and its `quant_pre_process`." +
+            ("" if set(args.models) <= set(BUNDLED) else
+             " The standard architectures are trained briefly on the digits task (bench/make_standard_models.py: "
+             "32×32 upsampled digits, one channel), not ImageNet weights.") + "\n")
 
 
 def main() -> None:
