@@ -19,7 +19,7 @@ from onnxflex.errors import ConfigError, OnnxflexError
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Flags whose name is not the field's name with dashes (repeatable options read better singular).
 FLAGS = {"exclude_nodes": "--exclude-node", "exclude_op_types": "--exclude-op-type",
-         "input_shapes": "--input-shape"}
+         "input_shapes": "--input-shape", "fix_inputs": "--fix-input", "batch_axes": "--batch-axis"}
 
 
 def _setup_logging(level: str) -> None:

@@ -116,6 +116,11 @@ OPTION_HELP: dict[str, str] = {
                       "stores them (2-4 bits packed INT4, 5-8 bits int8, plus float32 scales); the emitted QDQ "
                       "file packs INT4 only for weight-only grouped MatMuls (the report gives both sizes); 0 = off",
     "input_shapes": "NAME:1x3x224x224: shape of an input for synthetic data when no calibration is given",
+    "fix_inputs": "NAME=VALUE: pin a model input to a constant (a number, or comma-separated numbers for a 1-D "
+                  "input), e.g. a sample rate: calibration needs no data for it and branches it selects fold "
+                  "away (repeatable)",
+    "batch_axes": "NAME=AXIS: the axis that carries the samples of an input whose batch is not on axis 0, e.g. "
+                  "a recurrent state[2, N, 128] (state=1); found from the data when only one axis fits (repeatable)",
     "synthetic_samples": "samples generated when no calibration data is given",
     "verify_tolerance_db": "least SQNR of onnxruntime vs the torch simulation before the run fails",
     "checkpoint_dir": "folder for per-block checkpoints; a killed run restarted with the same arguments resumes there",
@@ -164,6 +169,8 @@ class QuantConfig:
     bits_budget: float = 0.0
     size_budget_mb: float = 0.0
     input_shapes: tuple[str, ...] = ()
+    fix_inputs: tuple[str, ...] = ()
+    batch_axes: tuple[str, ...] = ()
     synthetic_samples: int = 128
     verify_tolerance_db: float = 30.0
     checkpoint_dir: str = ""
@@ -203,12 +210,16 @@ class QuantConfig:
         for f in dataclasses.fields(self):  # every on/off option: a string such as "yes" is no answer
             if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r} must be true or false")
-        for name in ("exclude_nodes", "exclude_op_types", "input_shapes"):
+        for name in ("exclude_nodes", "exclude_op_types", "input_shapes", "fix_inputs", "batch_axes"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name} must be a tuple of strings, got {value!r}")
         for spec in self.input_shapes:
             parse_input_shape(spec)
+        for spec in self.fix_inputs:
+            parse_fixed_input(spec)
+        for spec in self.batch_axes:
+            parse_batch_axis(spec)
         if not isinstance(self.layer_bits, tuple) or not all(
                 isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in self.layer_bits):
             raise ConfigError(f"layer_bits must be (pattern, bits) pairs, got {self.layer_bits!r}")
@@ -345,3 +356,27 @@ def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
     if not match:
         raise ConfigError(f"input shape {spec!r} is not NAME:DxDx...D (for example input:1x3x224x224)")
     return match.group(1), tuple(int(d) for d in match.group(2).split("x"))
+
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_FIXED = re.compile(rf"^([^=]+)=({_NUMBER}(?:,{_NUMBER})*)$")
+_AXIS = re.compile(r"^([^=]+)=(\d+)$")
+
+
+def parse_fixed_input(spec: str) -> tuple[str, tuple[float, ...] | float]:
+    """'sr=16000' → ('sr', 16000.0) for a 0-d input; 'w=1,2,3' → ('w', (1.0, 2.0, 3.0)) for a 1-D one.
+    The value takes the input's dtype where it is used."""
+    match = _FIXED.match(spec.strip())
+    if not match:
+        raise ConfigError(f"fixed input {spec!r} is not NAME=VALUE with a number or comma-separated numbers "
+                          "(for example sr=16000)")
+    values = tuple(float(v) for v in match.group(2).split(","))
+    return match.group(1), values[0] if len(values) == 1 and "," not in match.group(2) else values
+
+
+def parse_batch_axis(spec: str) -> tuple[str, int]:
+    """'state=1' → ('state', 1)."""
+    match = _AXIS.match(spec.strip())
+    if not match:
+        raise ConfigError(f"batch axis {spec!r} is not NAME=AXIS with a non-negative axis (for example state=1)")
+    return match.group(1), int(match.group(2))
