@@ -113,9 +113,10 @@ def name_nodes_uniquely(model: onnx.ModelProto) -> None:
 
 
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
-    """Mutates: removes initializers no node reads and no graph output names."""
+    """Mutates: removes initializers no node reads and no graph output names; one that is also a graph
+    input (the default value of an input, as a pinned input has) stays."""
     g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output} | {i.name for i in g.input}
     keep = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
@@ -138,11 +139,9 @@ class NameScope:
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> "NameScope":
-        g = model.graph
-        names = {n.name for n in g.node} | {t.name for t in g.initializer}
-        names |= {o for n in g.node for o in n.output} | {i.name for i in g.input} | {o.name for o in g.output}
-        names |= {v.name for v in g.value_info}
-        return cls(names)
+        """Every node and tensor name of the model, subgraphs (If branches, Loop/Scan bodies) included:
+        a name new in one scope then collides with none in another."""
+        return cls(scope_names(model.graph))
 
     def unique_name(self, base: str) -> str:
         name, k = base, 1
@@ -151,3 +150,16 @@ class NameScope:
             k += 1
         self._taken.add(name)
         return name
+
+
+def scope_names(g: onnx.GraphProto, skip: onnx.GraphProto | None = None) -> set[str]:
+    """Node and tensor names of ``g`` and every graph nested in it, except the graph ``skip``."""
+    names = {n.name for n in g.node} | {t.name for t in g.initializer}
+    names |= {o for n in g.node for o in n.output} | {i.name for i in g.input} | {o.name for o in g.output}
+    names |= {v.name for v in g.value_info}
+    for node in g.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                if sub is not skip:
+                    names |= scope_names(sub, skip)
+    return names

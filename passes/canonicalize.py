@@ -1,8 +1,9 @@
 """canonicalize: one predictable graph shape for every later pass.
 
-Upgrades opsets below 13 (per-channel DequantizeLinear needs 13), names every node uniquely, turns
-Constant nodes into initializers, drops Identity/Dropout, folds nodes whose inputs are all constant
+Upgrades opsets below 13 (per-channel DequantizeLinear needs 13), names every node uniquely, pins the
+inputs --fix-input names (passes/pin_inputs.py), turns Constant nodes into initializers, drops Identity/Dropout, folds nodes whose inputs are all constant
 (weights fed through Transpose/Cast/Reshape become plain initializers), folds Shape of static shapes,
+inlines the branch an If with a constant condition takes (passes/fold_if.py),
 gives each weighted node its own copy of a shared weight or bias, sorts topologically and infers shapes.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from onnxflex.extdata import tensor_array
 from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
 from onnxflex.passes.control_flow import (control_flow_warnings, explicit_outer_reads, localize_outer_initializers,
                                            subgraph_reads)
+from onnxflex.passes.fold_if import fold_constant_ifs
+from onnxflex.passes.pin_inputs import pin_inputs, pinned_values, restore_declarations
 from onnxflex.passes.pipeline import PASSES, PassContext
 
 QDQ_MIN_OPSET = 13
@@ -34,16 +37,29 @@ def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     (and constants folded too if shape inference fails); pass a copy to keep the original."""
     model = _upgrade_opset(model, ctx)
     name_nodes_uniquely(model)
-    ctx.warnings.extend(control_flow_warnings(model))
+    pinned = pinned_values(model, ctx.config.fix_inputs)
+    declared = [_copy(vi) for vi in model.graph.input if vi.name in pinned]
+    pin_inputs(model, ctx)
     _drop_initializer_inputs(model)
     _constants_to_initializers(model)
     _remove_identities(model)
     model = _infer(model)
     _fold_constants(model)
+    while fold_constant_ifs(model):  # a folded branch may hold constants and Ifs that fold in turn
+        _constants_to_initializers(model)
+        _fold_constants(model)
+    ctx.warnings.extend(control_flow_warnings(model))
     explicit_outer_reads(model, NameScope.of(model))
     _untie_shared_weights(model)
     model = _cleanup_and_sort(model)
+    restore_declarations(model, declared, pinned)
     return _infer(model)
+
+
+def _copy(vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(vi)
+    return out
 
 
 def _upgrade_opset(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:

@@ -97,23 +97,28 @@ def explicit_outer_reads(model: onnx.ModelProto, scope) -> None:
             nodes.append(onnx.helper.make_node("Identity", [name], [routed],
                                                name=scope.unique_name(f"{node.name}_reads_{name}")))
             for _, sub in subgraphs(node):
-                _rename_reads(sub, name, routed)
+                rename_outer_reads(sub, name, routed)
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)
 
 
-def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+def rename_outer_reads(graph: onnx.GraphProto, old: str, new: str) -> int:
     """Mutates: outer-scope reads of ``old`` in ``graph`` and its nested graphs become ``new``; a
-    graph that defines ``old`` itself shadows the outer tensor and is left alone."""
+    graph that defines ``old`` itself shadows the outer tensor and is left alone. Returns the number
+    of reads renamed."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     defined |= {o for n in graph.node for o in n.output}
     if old in defined:
-        return
+        return 0
+    count = 0
     for node in graph.node:
+        count += sum(i == old for i in node.input)
         node.input[:] = [new if i == old else i for i in node.input]
         for _, sub in subgraphs(node):
-            _rename_reads(sub, old, new)
+            count += rename_outer_reads(sub, old, new)
     for out in graph.output:
         if out.name == old:
             out.name = new
+            count += 1
+    return count

@@ -1,0 +1,92 @@
+"""Control flow: pinned inputs fold the If branches they select; layers inside If branches and
+Loop/Scan bodies that cannot fold are quantized in place."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import graphs  # tests/graphs.py; tests/ is on pytest's pythonpath
+import onnxflex
+from helpers import run_model
+from onnxflex.errors import ConfigError
+from onnxflex.pipeline import build_plan
+from onnxflex.qparams import sqnr_db
+from onnxflex.verify import optimized_op_counts
+
+CALIB = 64
+
+
+def _branch(b: graphs._Builder, name: str, op: str) -> onnx.GraphProto:
+    """A branch that reads the outer ``a`` [N, 8, 8, 8]: a 3x3 Conv, or a MatMul over the last axis."""
+    if op == "Conv":
+        w = b.conv_weight(f"{name}_w", 8, 8, 3)
+        nodes = [helper.make_node("Conv", ["a", w], [f"{name}_out"], name=name, pads=[1, 1, 1, 1])]
+    else:
+        w = b.he(f"{name}_w", (8, 8), 8)
+        nodes = [helper.make_node("MatMul", ["a", w], [f"{name}_out"], name=name)]
+    inits = [t for t in b.inits if t.name == w]
+    b.inits = [t for t in b.inits if t.name != w]  # the weight lives in the branch
+    return helper.make_graph(nodes, f"{name}_graph", [], [helper.make_tensor_value_info(f"{name}_out",
+                                                                                         TensorProto.FLOAT, None)],
+                             inits)
+
+
+def streaming_model() -> onnx.ModelProto:
+    """conv1 → If(sr == 16000): then Conv 'conv_16k', else MatMul 'matmul_8k' → conv2; sr a 0-d int64 input."""
+    b = graphs._Builder(0)
+    b.node("Conv", ["x", b.conv_weight("w1", 8, 3, 3), b.small("b1", (8,))], ["c1"], name="conv1", pads=[1, 1, 1, 1])
+    b.node("Relu", ["c1"], ["a"], name="relu1")
+    b.node("Equal", ["sr", b.const("rate", np.array(16000, np.int64))], ["is16k"], name="is16k")
+    then_g, else_g = _branch(b, "conv_16k", "Conv"), _branch(b, "matmul_8k", "MatMul")
+    b.node("If", ["is16k"], ["g"], name="by_rate", then_branch=then_g, else_branch=else_g)
+    b.node("Relu", ["g"], ["r"], name="relu2")
+    b.node("Conv", ["r", b.conv_weight("w2", 8, 8, 3)], ["y"], name="conv2", pads=[1, 1, 1, 1])
+    sr = helper.make_tensor_value_info("sr", TensorProto.INT64, [])
+    return b.model("streaming", [graphs._image(size=8), sr], [graphs._out(graphs.N, 8, 8, 8)], opset=13)
+
+
+def _images(n: int, seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32)}
+
+
+def _weight_dtype(model: onnx.ModelProto, node_name: str, graph: onnx.GraphProto | None = None) -> int | None:
+    """Element type of the integer initializer behind ``node_name``'s weight DequantizeLinear."""
+    g = graph or model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    node = next(n for n in g.node if n.name == node_name)
+    dq = producer.get(node.input[1])
+    return inits[dq.input[0]].data_type if dq is not None and dq.op_type == "DequantizeLinear" else None
+
+
+def test_pinned_input_folds_the_if_and_the_taken_branch_is_learned(caplog):
+    model = streaming_model()
+    config = onnxflex.QuantConfig(fix_inputs=("sr=16000",), iters=20, batch_size=16)
+    plan = build_plan(model, config)
+    assert not [n for n in plan.model.graph.node if n.op_type == "If"]
+    assert [l.node for l in plan.layers] == ["conv1", "conv_16k", "conv2"], [l.node for l in plan.layers]
+    with caplog.at_level("WARNING", logger="onnxflex"):
+        result = onnxflex.quantize(model, _images(CALIB, 0), config, progress=False)
+    pins = [w for w in result.report["warnings"] if "pinned to 16000" in w]
+    assert len(pins) == 1 and "specialised" in pins[0], result.report["warnings"]
+    assert caplog.text.count("pinned to 16000") == 1, caplog.text
+    qmodel = result.model
+    onnx.checker.check_model(qmodel, full_check=True)
+    assert "If" not in {n.op_type for n in qmodel.graph.node}
+    assert "sr" in {i.name for i in qmodel.graph.input}, "the pinned input is no longer declared"
+    assert _weight_dtype(qmodel, "conv_16k") == TensorProto.INT8
+    assert all(b["iters"] > 0 and b["runtime"] == "torch" for b in result.report["blocks"]), result.report["blocks"]
+    counts = optimized_op_counts(qmodel)
+    assert counts.get("QLinearConv") == 3, counts
+    feeds = _images(16, 7)
+    reference = run_model(model, {**feeds, "sr": np.array(16000, np.int64)})[0]
+    for quantized_feeds in (feeds, {**feeds, "sr": np.array(16000, np.int64)}):  # fed or not, it runs
+        db = sqnr_db(reference, run_model(qmodel, quantized_feeds)[0])
+        assert db >= 25, f"SQNR {db:.1f} dB < 25 dB against FP32 at sr=16000"
+
+
+def test_pinning_an_unknown_input_names_it():
+    with pytest.raises(ConfigError, match=r"--fix-input rate=8000: the model has no input 'rate'"):
+        build_plan(streaming_model(), onnxflex.QuantConfig(fix_inputs=("rate=8000",)))
