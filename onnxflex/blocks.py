@@ -17,6 +17,9 @@ class QuantLayer:
     bits: weight bits (the config's wbits unless a layer_bits pattern names the node).
     group_size: 0 for one step per output channel; G > 0 (weight-only MatMul) for one step per G
         consecutive input channels of each output channel (blocked on the input axis, 1 - ``axis``).
+    owner, graph: for a layer inside a subgraph, the top-level control-flow node and the graph attribute
+        that holds it ('then_branch', 'body'); its weight and bias are initializers of that subgraph.
+        Empty for top-level layers.
     """
 
     node: str
@@ -27,6 +30,18 @@ class QuantLayer:
     bias: str | None = None
     bits: int = 8
     group_size: int = 0
+    owner: str = ""
+    graph: str = ""
+
+
+@dataclass(frozen=True)
+class InnerPoint:
+    """An activation quant point defined inside a subgraph: ``tensor`` is made (or is an input) in the
+    graph attribute ``graph`` of the top-level control-flow node ``owner``."""
+
+    tensor: str
+    owner: str
+    graph: str
 
 
 @dataclass(frozen=True)
@@ -36,6 +51,8 @@ class Block:
     inputs: run-time tensors read from outside the block; outputs: tensors later blocks or the graph need.
     act_points: activation tensors this block quantizes (produced here, or graph inputs first read here).
     unsupported: 'OpType (node name)' of nodes with no torch converter; the block then runs in onnxruntime.
+    inner_points: activation quant points inside the subgraphs of this block's control-flow nodes (whose
+        layers are in ``layers`` with ``owner`` set); such a block always runs in onnxruntime.
     """
 
     name: str
@@ -45,6 +62,12 @@ class Block:
     layers: tuple[QuantLayer, ...]
     act_points: tuple[str, ...] = ()
     unsupported: tuple[str, ...] = ()
+    inner_points: tuple[InnerPoint, ...] = ()
+
+    @property
+    def all_points(self) -> tuple[str, ...]:
+        """Every tensor this block quantizes: top-level act points, then inner points."""
+        return self.act_points + tuple(p.tensor for p in self.inner_points)
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import onnx
 
-from onnxflex.graph import load_model, node_attr
+from onnxflex.graph import all_nodes, load_model, node_attr
 from onnxflex.registry import Registry
 from onnxflex.runtimes.base import get_target
 from onnxflex.runtimes.rules import Finding, GraphView
@@ -113,7 +113,7 @@ def onnxruntime_kernels(model: onnx.ModelProto, view: GraphView) -> RuntimeResul
             ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several unrelated types
             return RuntimeResult((Finding("(model)", "", "load", f"onnxruntime cannot load the model: {exc}"),))
-        optimized = list(onnx.load(path).graph.node)
+        optimized = all_nodes(onnx.load(path).graph)  # subgraph kernels too: If branches, Loop/Scan bodies
     counts = dict(sorted(collections.Counter(n.op_type for n in optimized).items()))
     kernels, findings = {}, []
     for layer in view.layers:

@@ -163,3 +163,14 @@ def scope_names(g: onnx.GraphProto, skip: onnx.GraphProto | None = None) -> set[
                 if sub is not skip:
                     names |= scope_names(sub, skip)
     return names
+
+
+def all_nodes(g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of ``g`` and of every graph nested in them (If branches, Loop/Scan bodies), in order."""
+    nodes = []
+    for node in g.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                nodes += all_nodes(sub)
+    return nodes

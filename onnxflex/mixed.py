@@ -182,10 +182,13 @@ def choose_bits(plan: BlockPlan, data: CalibrationSet, config: QuantConfig, prov
 
 def weight_units(plan: BlockPlan, config: QuantConfig) -> list[WeightChoice]:
     """The plan's quantized weights in plan order, each with the nodes reading it; pinned when a
-    ``layer_bits`` pattern names one of its nodes (the plan already gave it those bits)."""
+    ``layer_bits`` pattern names one of its nodes (the plan already gave it those bits). Layers inside
+    control-flow subgraphs keep the bits the plan gave them and are not counted."""
     shapes = {t.name: tuple(t.dims) for t in plan.model.graph.initializer}
     units: dict[str, WeightChoice] = {}
     for layer in plan.layers:
+        if layer.owner:
+            continue
         pinned = any(fnmatch.fnmatchcase(layer.node, p) for p, _ in config.layer_bits)
         old = units.get(layer.weight)
         if old is not None:

@@ -15,10 +15,12 @@ from onnxflex.errors import CalibrationError
 from onnxflex.emit import emit
 from onnxflex.extdata import offload
 from onnxflex.graph import load_model, name_nodes_uniquely
+from onnxflex.passes.control_flow import control_flow_warnings
 from onnxflex.passes.custom_ops import check_custom_ops
 from onnxflex.passes.partition import partition
 from onnxflex.passes.pipeline import PassContext, run_passes
 from onnxflex.passes.select import activation_points, select_layers
+from onnxflex.passes.select_inner import select_inner
 from onnxflex.progress import Progress
 from onnxflex.runtimes.base import get_target
 
@@ -34,11 +36,15 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
     canonical = run_passes(load_model(model), ctx)  # a copy: passes may mutate their input
     layers = select_layers(canonical, target, config)
     points = activation_points(canonical, layers, target, config)
+    inner_layers, inner_points, outer_points = select_inner(canonical, target, config)
+    ctx.warnings.extend(control_flow_warnings(canonical, inner_layers))
+    points += tuple(p for p in outer_points if p not in points)
 
     def supported(op_type: str, opset: int, domain: str) -> bool:
         return find_converter(op_type, opset, domain) is not None
 
-    return partition(canonical, layers, points, config.granularity, supported, tuple(ctx.warnings))
+    return partition(canonical, layers, points, config.granularity, supported, tuple(ctx.warnings),
+                     inner_layers, inner_points)
 
 
 def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: CalibrationSet, config: QuantConfig,

@@ -13,6 +13,7 @@ import onnx
 from onnxflex.calib import fixed_batch
 from onnxflex.capture import remove_runtime_file, runtime_file, session, session_options
 from onnxflex.extdata import needs_file
+from onnxflex.graph import all_nodes
 from onnxflex.errors import VerificationError
 from onnxflex.qparams import sqnr_db
 
@@ -55,7 +56,8 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], providers, batch: 
 
 def optimized_op_counts(model: onnx.ModelProto, providers=("CPUExecutionProvider",)) -> dict[str, int]:
     """Op types of the graph onnxruntime actually runs after its optimisations (fused kernels show here),
-    with the session options onnxflex runs models with (capture.session_options)."""
+    with the session options onnxflex runs models with (capture.session_options); the nodes of If
+    branches and Loop/Scan bodies count too (the optimised file keeps them in the node attributes)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="onnxflex-opt-") as tmp:
@@ -74,7 +76,7 @@ def optimized_op_counts(model: onnx.ModelProto, providers=("CPUExecutionProvider
         else:
             ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
         optimized = onnx.load(path, load_external_data=False)
-    return dict(sorted(collections.Counter(n.op_type for n in optimized.graph.node).items()))
+    return dict(sorted(collections.Counter(n.op_type for n in all_nodes(optimized.graph)).items()))
 
 
 def verify(qmodel: onnx.ModelProto, fp_model: onnx.ModelProto | dict[str, np.ndarray], feeds: dict[str, np.ndarray],

@@ -17,8 +17,9 @@ from onnx.reference import ReferenceEvaluator
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
-from onnxflex.passes.control_flow import (control_flow_warnings, explicit_outer_reads, localize_outer_initializers,
-                                           subgraph_reads)
+from onnxflex.passes.control_flow import (explicit_outer_reads, localize_outer_initializers,
+                                           local_layer_inputs, subgraph_reads,
+                                           unique_subgraph_initializers)
 from onnxflex.passes.fold_if import fold_constant_ifs
 from onnxflex.passes.pin_inputs import pin_inputs, pinned_values, restore_declarations
 from onnxflex.passes.pipeline import PASSES, PassContext
@@ -48,8 +49,9 @@ def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     while fold_constant_ifs(model):  # a folded branch may hold constants and Ifs that fold in turn
         _constants_to_initializers(model)
         _fold_constants(model)
-    ctx.warnings.extend(control_flow_warnings(model))
+    unique_subgraph_initializers(model)
     explicit_outer_reads(model, NameScope.of(model))
+    local_layer_inputs(model, NameScope.of(model), tuple(WEIGHTED_OPS))
     _untie_shared_weights(model)
     model = _cleanup_and_sort(model)
     restore_declarations(model, declared, pinned)

@@ -1,8 +1,12 @@
 """Control flow (If, Loop, Scan and any node with a graph attribute): what its subgraphs read from the
-outer graph, and the canonical form the other passes rely on.
+outer graph, the canonical form the other passes rely on, and probes into subgraphs for calibration.
 
-Subgraph nodes are never quantized: only the top-level graph is searched for layers, so a Conv inside
-a Loop body stays in float. The block that holds a control-flow node runs in onnxruntime.
+An If whose condition folds to a constant (e.g. from an input pinned with --fix-input) is replaced by
+the branch it takes (passes/fold_if.py), so its layers are ordinary top-level layers. The layers
+directly inside the subgraphs of the remaining top-level If/Loop/Scan nodes (passes/select_inner.py)
+get int8 round-to-nearest weights and activation Q/DQ calibrated from the data, placed inside the
+subgraph by the emitter; the block that holds such a node runs in onnxruntime. Subgraphs nested two
+levels deep or more stay in float.
 """
 from __future__ import annotations
 
@@ -67,16 +71,81 @@ def localize_outer_initializers(model: onnx.ModelProto) -> None:
                     g.initializer.append(inits[name])
 
 
-def control_flow_warnings(model: onnx.ModelProto) -> list[str]:
-    """One line per top-level node with subgraphs, naming it and saying what stays float."""
+def unique_subgraph_initializers(model: onnx.ModelProto) -> None:
+    """Mutates: an initializer of a top-level node's subgraph whose name another scope also uses (an
+    outer weight copied in by localize_outer_initializers, or two branches' own 'w') gets a name of its
+    own, so that quantizers keyed by initializer name (QuantState, QuantParams) never mix two tensors."""
+    from onnxflex.graph import NameScope
+
+    g = model.graph
+    seen = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    scope = NameScope.of(model)
+    for node in g.node:
+        for _, sub in subgraphs(node):
+            for t in sub.initializer:
+                if t.name in seen:
+                    new = scope.unique_name(t.name)
+                    _rename_local(sub, t.name, new)
+                    t.name = new
+                seen.add(t.name)
+
+
+def local_layer_inputs(model: onnx.ModelProto, scope, weighted_ops=("Conv", "ConvTranspose", "Gemm", "MatMul")) -> None:
+    """Mutates: a weighted node in a subgraph of a top-level node that reads an outer-scope tensor as its
+    activation reads it through a new Identity of its own subgraph. The activation's Q/DQ then sits in
+    the same graph as the layer, where onnxruntime can fuse DQ → Conv/MatMul → Q (it fuses within one
+    graph only). ``scope`` is the model's NameScope."""
+    for node in model.graph.node:
+        for _, sub in subgraphs(node):
+            defined = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            defined |= {o for n in sub.node for o in n.output if o}
+            local: dict[str, str] = {}
+            added = []
+            for inner in sub.node:
+                name = inner.input[0] if inner.input else ""
+                if inner.op_type not in weighted_ops or not name or name in defined:
+                    continue
+                if name not in local:
+                    local[name] = scope.unique_name(f"{name}_in_{node.name}")
+                    added.append(onnx.helper.make_node("Identity", [name], [local[name]],
+                                                       name=scope.unique_name(f"{inner.name}_reads_{name}")))
+                inner.input[0] = local[name]
+            if added:
+                nodes = added + list(sub.node)
+                del sub.node[:]
+                sub.node.extend(nodes)
+
+
+def _rename_local(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Mutates: every read of ``graph``'s own tensor ``old`` (its nodes, nested graphs, outputs) becomes ``new``."""
+    for node in graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+        for _, sub in subgraphs(node):
+            rename_outer_reads(sub, old, new)
+    for out in graph.output:
+        if out.name == old:
+            out.name = new
+
+
+def control_flow_warnings(model: onnx.ModelProto, inner_layers=()) -> list[str]:
+    """One line per top-level node with subgraphs, naming it and saying what is quantized inside it
+    (``inner_layers``: the QuantLayers passes/select_inner.py found, ``owner`` naming the node) and
+    what stays float."""
     lines = []
     for node in model.graph.node:
         graphs = list(subgraphs(node))
         if not graphs:
             continue
         inner = sum(count_nodes(g) for _, g in graphs)
-        lines.append(f"node {node.name!r} ({node.op_type}) has subgraphs ({', '.join(n for n, _ in graphs)}); "
-                     f"their {inner} node(s) stay in float and the block holding it runs in onnxruntime")
+        names = [l.node for l in inner_layers if l.owner == node.name]
+        head = f"node {node.name!r} ({node.op_type}) has subgraphs ({', '.join(n for n, _ in graphs)})"
+        if names:
+            lines.append(f"{head}; {len(names)} layer(s) inside ({', '.join(names)}) get round-to-nearest int8 "
+                         "weights and activation Q/DQ calibrated from the data (no learned rounding), their other "
+                         "nodes stay float; the block holding it runs in onnxruntime")
+        else:
+            lines.append(f"{head}; none of their {inner} node(s) is a quantizable layer directly inside it, so "
+                         "they stay in float; the block holding it runs in onnxruntime")
     return lines
 
 
@@ -122,3 +191,35 @@ def rename_outer_reads(graph: onnx.GraphProto, old: str, new: str) -> int:
             out.name = new
             count += 1
     return count
+
+
+def expose_inner(model: onnx.ModelProto, points, scope) -> dict[str, str]:
+    """Mutates ``model``: each InnerPoint's tensor becomes an extra output of its control-flow node and
+    of the graph; returns tensor → graph output name. If: both branches output it, the branch that does
+    not compute it an empty float tensor. Loop and Scan: an extra scan output, stacked per iteration
+    (Scan's output axis 0). ``scope`` is the model's NameScope."""
+    by_name = {n.name: n for n in model.graph.node}
+    probes: dict[str, str] = {}
+    for point in points:
+        node = by_name[point.owner]
+        graphs = dict(subgraphs(node))
+        out = scope.unique_name(f"{point.tensor}_probe")
+        inner = scope.unique_name(f"{point.tensor}_probe_inner")
+        graphs[point.graph].node.append(onnx.helper.make_node(
+            "Identity", [point.tensor], [inner], name=scope.unique_name(f"{point.tensor}_probe")))
+        graphs[point.graph].output.append(onnx.helper.make_tensor_value_info(inner, onnx.TensorProto.FLOAT, None))
+        if node.op_type == "If":
+            other = graphs["else_branch" if point.graph == "then_branch" else "then_branch"]
+            empty = scope.unique_name(f"{point.tensor}_not_taken")
+            other.node.append(onnx.helper.make_node(
+                "Constant", [], [empty], name=scope.unique_name(f"{point.tensor}_not_taken"),
+                value=onnx.helper.make_tensor(empty, onnx.TensorProto.FLOAT, [0], [])))
+            other.output.append(onnx.helper.make_tensor_value_info(empty, onnx.TensorProto.FLOAT, None))
+        elif node.op_type == "Scan":
+            for attr in node.attribute:
+                if attr.name in ("scan_output_axes", "scan_output_directions"):
+                    attr.ints.append(0)
+        node.output.append(out)
+        model.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+        probes[point.tensor] = out
+    return probes

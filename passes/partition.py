@@ -19,7 +19,7 @@ from typing import Callable
 
 import onnx
 
-from onnxflex.blocks import Block, BlockPlan, QuantLayer
+from onnxflex.blocks import Block, BlockPlan, InnerPoint, QuantLayer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import default_opset, graph_input_names
 
@@ -36,9 +36,12 @@ NOT_RECOMPUTED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUn
 
 
 def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points: tuple[str, ...],
-              granularity: str, is_supported: IsSupported, warnings: tuple[str, ...] = ()) -> BlockPlan:
+              granularity: str, is_supported: IsSupported, warnings: tuple[str, ...] = (),
+              inner_layers: tuple[QuantLayer, ...] = (), inner_points: tuple[InnerPoint, ...] = ()) -> BlockPlan:
+    """The BlockPlan (see the module docstring). ``inner_layers``/``inner_points`` (passes/select_inner.py)
+    go to the block that holds their control-flow node."""
     nodes = list(model.graph.node)
-    if not layers:
+    if not layers and not inner_layers:
         raise UnsupportedModelError(
             "the model has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight "
             "that is not excluded); nothing to quantize")
@@ -64,8 +67,11 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
         points = tuple(p for p in act_points if p in produced or first_reader.get(p) == k)
         unsupported = tuple(f"{n.op_type} (node {n.name!r})" for n in run
                             if not is_supported(n.op_type, opset, n.domain))
+        owned = {n.name for n in seg}
         blocks.append(Block(f"block{k}", tuple(names), inputs_of[k], outputs,
-                            tuple(layer_of[n.name] for n in seg if n.name in layer_of), points, unsupported))
+                            tuple(layer_of[n.name] for n in seg if n.name in layer_of)
+                            + tuple(l for l in inner_layers if l.owner in owned), points, unsupported,
+                            tuple(p for p in inner_points if p.owner in owned)))
     return BlockPlan(model, tuple(blocks), act_points, warnings)
 
 
@@ -160,6 +166,8 @@ def _merge_weightless(segments, layer_of):
             merged[-1] = merged[-1] + seg
         else:
             leading += seg
+    if leading and not merged:  # only layers inside subgraphs: one block holds everything
+        merged.append(leading)
     return merged
 
 

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 import graphs  # tests/graphs.py; tests/ is on pytest's pythonpath
 import onnxflex
 from helpers import run_model
+from onnxflex.check import check
 from onnxflex.errors import ConfigError
 from onnxflex.pipeline import build_plan
 from onnxflex.qparams import sqnr_db
@@ -90,3 +91,119 @@ def test_pinned_input_folds_the_if_and_the_taken_branch_is_learned(caplog):
 def test_pinning_an_unknown_input_names_it():
     with pytest.raises(ConfigError, match=r"--fix-input rate=8000: the model has no input 'rate'"):
         build_plan(streaming_model(), onnxflex.QuantConfig(fix_inputs=("rate=8000",)))
+
+
+# --- layers inside subgraphs that do not fold -----------------------------------------------------------
+
+
+def dynamic_model() -> onnx.ModelProto:
+    """conv1 → If(mean(x) > 0): then Conv 'then_conv', else Conv 'else_conv' → Loop twice v = v · W
+    (MatMul 'loop_matmul' over the last axis, v starting at the If's output) → conv2."""
+    b = graphs._Builder(1)
+    b.node("Conv", ["x", b.conv_weight("w1", 8, 3, 3), b.small("b1", (8,))], ["c1"], name="conv1", pads=[1, 1, 1, 1])
+    b.node("Relu", ["c1"], ["a"], name="relu1")
+    b.node("ReduceMean", ["x"], ["m"], name="mean", keepdims=0)
+    b.node("Greater", ["m", b.const("zero", np.array(0.0, np.float32))], ["positive"], name="positive")
+    then_g, else_g = _branch(b, "then_conv", "Conv"), _branch(b, "else_conv", "Conv")
+    b.node("If", ["positive"], ["g"], name="by_sign", then_branch=then_g, else_branch=else_g)
+    wm = numpy_helper_from(b.rng.standard_normal((8, 8)).astype(np.float32) * 0.35, "loop_w")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("MatMul", ["v_in", "loop_w"], ["v_out"], name="loop_matmul")], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)], [wm])
+    trips, go = b.const("trips", np.array(2, np.int64)), b.const("go", np.array(True))
+    b.node("Loop", [trips, go, "g"], ["l"], name="repeat", body=body)
+    b.node("Relu", ["l"], ["r"], name="relu2")
+    b.node("Conv", ["r", b.conv_weight("w2", 8, 8, 3)], ["y"], name="conv2", pads=[1, 1, 1, 1])
+    return b.model("dynamic", [graphs._image(size=8)], [graphs._out(graphs.N, 8, 8, 8)], opset=13)
+
+
+def numpy_helper_from(array: np.ndarray, name: str) -> onnx.TensorProto:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(array, name)
+
+
+def _positive_images(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Images whose mean is above 0: the If always takes its then branch."""
+    return {"x": _images(n, seed)["x"] + 0.5}
+
+
+def _subgraph(model: onnx.ModelProto, node: str, attr: str) -> onnx.GraphProto:
+    owner = next(n for n in model.graph.node if n.name == node)
+    return next(a.g for a in owner.attribute if a.name == attr)
+
+
+def _all_ops(graph: onnx.GraphProto) -> list[str]:
+    ops = []
+    for node in graph.node:
+        ops.append(node.op_type)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                ops += _all_ops(a.g)
+    return ops
+
+
+def test_layers_inside_if_and_loop_are_quantized_in_place(caplog):
+    model = dynamic_model()
+    with caplog.at_level("WARNING", logger="onnxflex"):
+        result = onnxflex.quantize(model, _positive_images(CALIB, 0), onnxflex.QuantConfig(method="rtn"),
+                                   progress=False)
+    assert "'by_sign': else_branch never ran on the calibration data; its layer(s) else_conv" in caplog.text, \
+        caplog.text
+    qmodel = result.model
+    onnx.checker.check_model(qmodel, full_check=True)
+    then_g, else_g = _subgraph(qmodel, "by_sign", "then_branch"), _subgraph(qmodel, "by_sign", "else_branch")
+    body = _subgraph(qmodel, "repeat", "body")
+    for graph, node in ((then_g, "then_conv"), (else_g, "else_conv"), (body, "loop_matmul")):
+        assert _weight_dtype(qmodel, node, graph) == TensorProto.INT8, f"{node}: weight not int8"
+    for graph in (then_g, body):
+        ops = [n.op_type for n in graph.node]
+        assert "QuantizeLinear" in ops, f"{graph.name}: no activation Q/DQ: {ops}"
+    assert "QuantizeLinear" not in [n.op_type for n in else_g.node], "the branch never taken got activation Q/DQ"
+    verification = result.report["verification"]
+    counts = verification["optimized_graph_ops"]
+    assert counts.get("QLinearConv") == 3 and counts.get("QLinearMatMul") == 1, counts
+    runtime_ops = check(qmodel).runtime_ops  # onnxflex check --target onnxruntime
+    assert runtime_ops.get("QLinearConv") == 3 and runtime_ops.get("QLinearMatMul") == 1, runtime_ops
+    warning = next(w for w in result.report["warnings"] if w.startswith("node 'by_sign' (If)"))
+    assert "2 layer(s) inside (else_conv, then_conv) get round-to-nearest int8 weights" in warning, warning
+    sim = verification["onnxruntime_vs_simulation_sqnr_db"]["y"]
+    assert sim >= 30, f"onnxruntime vs simulation {sim:.1f} dB < 30 dB"
+    feeds = _positive_images(16, 7)
+    db = sqnr_db(run_model(model, feeds)[0], run_model(qmodel, feeds)[0])
+    assert db >= 25, f"SQNR {db:.1f} dB < 25 dB against FP32"
+
+
+def scan_model() -> onnx.ModelProto:
+    """conv1 → Scan over the channels of its output: each [N, 8, 8] plane times W (MatMul 'plane_matmul')
+    → conv2."""
+    b = graphs._Builder(2)
+    b.node("Conv", ["x", b.conv_weight("w1", 8, 3, 3)], ["c1"], name="conv1", pads=[1, 1, 1, 1])
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["plane", "plane_w"], ["mixed"], name="plane_matmul")], "body",
+        [helper.make_tensor_value_info("plane", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("mixed", TensorProto.FLOAT, None)],
+        [numpy_helper_from(b.rng.standard_normal((8, 8)).astype(np.float32) * 0.35, "plane_w")])
+    b.node("Scan", ["c1"], ["s"], name="per_channel", body=body, num_scan_inputs=1, scan_input_axes=[1],
+           scan_output_axes=[1])
+    b.node("Conv", ["s", b.conv_weight("w2", 8, 8, 3)], ["y"], name="conv2", pads=[1, 1, 1, 1])
+    return b.model("scanned", [graphs._image(size=8)], [graphs._out(graphs.N, 8, 8, 8)], opset=13)
+
+
+def test_a_matmul_inside_a_scan_body_is_an_integer_kernel():
+    model = scan_model()
+    result = onnxflex.quantize(model, _images(CALIB, 0), onnxflex.QuantConfig(method="rtn"), progress=False)
+    body = _subgraph(result.model, "per_channel", "body")
+    assert _weight_dtype(result.model, "plane_matmul", body) == TensorProto.INT8
+    verification = result.report["verification"]
+    assert verification["optimized_graph_ops"].get("QLinearMatMul") == 1, verification["optimized_graph_ops"]
+    sim = verification["onnxruntime_vs_simulation_sqnr_db"]["y"]
+    assert sim >= 30, f"onnxruntime vs simulation {sim:.1f} dB < 30 dB"
+    feeds = _images(16, 7)
+    db = sqnr_db(run_model(model, feeds)[0], run_model(result.model, feeds)[0])
+    assert db >= 25, f"SQNR {db:.1f} dB < 25 dB against FP32"

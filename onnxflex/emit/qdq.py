@@ -2,6 +2,8 @@
 QuantizeLinear/DequantizeLinear pairs on activation quant points, for the target's placement rules.
 
 Each stage takes (model, params, target) and returns the model; stages mutate the copy ``emit`` makes.
+Parameters are keyed by name and names are unique across scopes (canonicalize), so each weight, bias
+and act point is placed in the graph that holds it: the top level or an If branch / Loop / Scan body.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxflex.emit.pack import int4_initializer
 from onnxflex.errors import UnsupportedModelError
-from onnxflex.graph import NameScope, consumers, default_opset, node_attr, set_default_opset
+from onnxflex.graph import NameScope, default_opset, node_attr, set_default_opset
+from onnxflex.passes.control_flow import reads, rename_outer_reads, subgraphs
 from onnxflex.qparams import QuantizedWeight, QuantParams
 from onnxflex.registry import Registry
 from onnxflex.runtimes.base import Target
@@ -39,10 +42,18 @@ def emit(model: onnx.ModelProto, params: QuantParams, target: Target) -> onnx.Mo
     return out
 
 
-def _dq_node(model, scope, base: str, ints: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+def all_graphs(g: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``g`` and every graph nested in its nodes' GRAPH/GRAPHS attributes, outermost first."""
+    found = [g]
+    for node in g.node:
+        for _, sub in subgraphs(node):
+            found += all_graphs(sub)
+    return found
+
+
+def _dq_node(g: onnx.GraphProto, scope, base: str, ints: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
              axis: int | None) -> str:
-    """Adds integer/scale/zero-point initializers and a DequantizeLinear; returns its output name."""
-    g = model.graph
+    """Adds integer/scale/zero-point initializers and a DequantizeLinear to ``g``; returns its output name."""
     q_name, s_name, z_name = (scope.unique_name(f"{base}_{s}") for s in ("quantized", "scale", "zero_point"))
     g.initializer.extend([numpy_helper.from_array(ints, q_name), numpy_helper.from_array(scale, s_name),
                           numpy_helper.from_array(zero_point, z_name)])
@@ -53,21 +64,23 @@ def _dq_node(model, scope, base: str, ints: np.ndarray, scale: np.ndarray, zero_
     return out
 
 
-def _replace_initializer_uses(model, old: str, new: str) -> None:
-    for node in model.graph.node:
+def _replace_initializer_uses(g: onnx.GraphProto, old: str, new: str) -> None:
+    """Reads of ``g``'s initializer ``old`` (by its nodes and by graphs nested in them) become ``new``."""
+    for node in g.node:
         for i, name in enumerate(node.input):
             if name == old and node.op_type != "DequantizeLinear":
                 node.input[i] = new
-    inits = model.graph.initializer
+        for _, sub in subgraphs(node):
+            rename_outer_reads(sub, old, new)
+    inits = g.initializer
     for i in reversed([i for i, t in enumerate(inits) if t.name == old]):
         del inits[i]  # in place: rebuilding the list would copy every weight of the model
 
 
-def _blocked_dq_node(model, scope, base: str, qw: QuantizedWeight) -> str:
+def _blocked_dq_node(g: onnx.GraphProto, scope, base: str, qw: QuantizedWeight) -> str:
     """Adds a packed INT4 initializer (2-4 bit values in the 4-bit container), its float32 scale of
-    blocked shape and a DequantizeLinear(axis, block_size) with no zero point (symmetric: 0);
+    blocked shape and a DequantizeLinear(axis, block_size) with no zero point (symmetric: 0) to ``g``;
     returns its output name. onnxruntime fuses it with a MatMul reading it into MatMulNBits."""
-    g = model.graph
     q_name, s_name = scope.unique_name(f"{base}_quantized"), scope.unique_name(f"{base}_scale")
     g.initializer.extend([int4_initializer(qw.ints, q_name, signed=True),
                           numpy_helper.from_array(qw.scale.astype(np.float32), s_name)])
@@ -82,15 +95,19 @@ def _blocked_dq_node(model, scope, base: str, qw: QuantizedWeight) -> str:
 def quantize_weights(model, params, target):
     """Each quantized weight becomes int8 integers + per-channel DequantizeLinear (symmetric, zp 0), or,
     when it has a block size, INT4 integers + blocked DequantizeLinear (the versions stage then raises
-    the opset to 21)."""
+    the opset to 21), in the graph (top level or subgraph) whose initializer it is."""
     scope = NameScope.of(model)
-    for name, qw in params.weights.items():
-        if qw.block_size:
-            out = _blocked_dq_node(model, scope, name, qw)
-        else:
-            out = _dq_node(model, scope, name, qw.ints.astype(np.int8), qw.scale.astype(np.float32),
-                           qw.zero_point.astype(np.int8), qw.axis)
-        _replace_initializer_uses(model, name, out)
+    for g in all_graphs(model.graph):
+        own = {t.name for t in g.initializer}
+        for name, qw in params.weights.items():
+            if name not in own:
+                continue
+            if qw.block_size:
+                out = _blocked_dq_node(g, scope, name, qw)
+            else:
+                out = _dq_node(g, scope, name, qw.ints.astype(np.int8), qw.scale.astype(np.float32),
+                               qw.zero_point.astype(np.int8), qw.axis)
+            _replace_initializer_uses(g, name, out)
     return _sorted(model)
 
 
@@ -100,41 +117,56 @@ def quantize_biases(model, params, target):
     if not target.int32_bias:
         return model
     scope = NameScope.of(model)
-    for name, qb in params.biases.items():
-        out = _dq_node(model, scope, name, qb.ints.astype(np.int32), qb.scale.astype(np.float32),
-                       np.zeros(qb.ints.shape, np.int32), 0)
-        _replace_initializer_uses(model, name, out)
+    for g in all_graphs(model.graph):
+        own = {t.name for t in g.initializer}
+        for name, qb in params.biases.items():
+            if name in own:
+                out = _dq_node(g, scope, name, qb.ints.astype(np.int32), qb.scale.astype(np.float32),
+                               np.zeros(qb.ints.shape, np.int32), 0)
+                _replace_initializer_uses(g, name, out)
     return _sorted(model)
 
 
 @STAGES.register("activations")
 def quantize_activations(model, params, target):
-    """A QuantizeLinear → DequantizeLinear pair on each act point; every consumer reads the DQ output.
-    A graph output keeps its name: its producer writes a renamed float tensor instead."""
-    g = model.graph
+    """A QuantizeLinear → DequantizeLinear pair on each act point, in the graph that defines the tensor
+    (top level or subgraph: a node output or a graph input); every consumer there, and every read from
+    the graphs nested in it, takes the DQ output. A graph output keeps its name: its producer writes a
+    renamed float tensor instead."""
     scope = NameScope.of(model)
-    graph_outputs = {o.name for o in g.output}
+    graphs = all_graphs(model.graph)
     for tensor, act in params.acts.items():
-        source = tensor
-        if tensor in graph_outputs:
-            source = scope.unique_name(f"{tensor}_float")
-            for node in g.node:
-                node.output[:] = [source if o == tensor else o for o in node.output]
-                node.input[:] = [source if i == tensor else i for i in node.input]
-        users = consumers(model).get(source, [])
-        s_name, z_name = scope.unique_name(f"{tensor}_scale"), scope.unique_name(f"{tensor}_zero_point")
-        g.initializer.extend([numpy_helper.from_array(np.array(act.scale, np.float32), s_name),
-                              numpy_helper.from_array(np.array(act.zero_point, NP_OF[act.dtype]), z_name)])
-        q_out = scope.unique_name(f"{tensor}_quantized")
-        dq_out = tensor if tensor in graph_outputs else scope.unique_name(f"{tensor}_dequantized")
-        g.node.extend([
-            helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_out],
-                             name=scope.unique_name(f"{tensor}_QuantizeLinear")),
-            helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
-                             name=scope.unique_name(f"{tensor}_DequantizeLinear"))])
-        for node in users:
-            node.input[:] = [dq_out if i == source else i for i in node.input]
+        g = next((g for g in graphs if tensor in {i.name for i in g.input} | {o for n in g.node for o in n.output}),
+                 None)
+        if g is not None:
+            _qdq_pair(g, scope, tensor, act)
     return _sorted(model)
+
+
+def _qdq_pair(g: onnx.GraphProto, scope, tensor: str, act) -> None:
+    graph_outputs = {o.name for o in g.output}
+    source = tensor
+    if tensor in graph_outputs:
+        source = scope.unique_name(f"{tensor}_float")
+        for node in g.node:
+            node.output[:] = [source if o == tensor else o for o in node.output]
+            node.input[:] = [source if i == tensor else i for i in node.input]
+            for _, sub in subgraphs(node):
+                rename_outer_reads(sub, tensor, source)
+    s_name, z_name = scope.unique_name(f"{tensor}_scale"), scope.unique_name(f"{tensor}_zero_point")
+    g.initializer.extend([numpy_helper.from_array(np.array(act.scale, np.float32), s_name),
+                          numpy_helper.from_array(np.array(act.zero_point, NP_OF[act.dtype]), z_name)])
+    q_out = scope.unique_name(f"{tensor}_quantized")
+    dq_out = tensor if tensor in graph_outputs else scope.unique_name(f"{tensor}_dequantized")
+    for node in g.node:
+        node.input[:] = [dq_out if i == source else i for i in node.input]
+        for _, sub in subgraphs(node):
+            rename_outer_reads(sub, source, dq_out)
+    g.node.extend([
+        helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_out],
+                         name=scope.unique_name(f"{tensor}_QuantizeLinear")),
+        helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
+                         name=scope.unique_name(f"{tensor}_DequantizeLinear"))])
 
 
 @STAGES.register("versions")
@@ -177,8 +209,14 @@ def _convert_opset(model: onnx.ModelProto, target: Target, version: int) -> onnx
 
 
 def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Nodes in topological order (new Q/DQ nodes were appended at the end)."""
-    g = model.graph
+    """Nodes of every graph in topological order (new Q/DQ nodes were appended at the end); a node
+    with subgraphs depends on the tensors they read from outside, too."""
+    for g in reversed(all_graphs(model.graph)):  # inner first: re-adding a parent's nodes copies them
+        _sort_graph(g)
+    return model
+
+
+def _sort_graph(g: onnx.GraphProto) -> None:
     produced_by = {o: n for n in g.node for o in n.output if o}
     done: set[int] = set()
     order: list[onnx.NodeProto] = []
@@ -193,8 +231,7 @@ def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
                 order.append(current)
                 continue
             stack.append((current, True))
-            stack.extend((produced_by[i], False) for i in current.input if i in produced_by
+            stack.extend((produced_by[i], False) for i in reads(current) if i in produced_by
                          and id(produced_by[i]) not in done)
     del g.node[:]
     g.node.extend(order)
-    return model

@@ -2,7 +2,9 @@
 
 Their weights use round-to-nearest and their activation steps their calibrated values (nothing is
 learned), and the quantized subgraph is the emitter's own output for the block, so the simulation
-of such a block is exactly what the emitted model computes.
+of such a block is exactly what the emitted model computes. That includes the layers and act points
+inside the subgraphs of its If/Loop/Scan nodes (Block.inner_points, QuantLayer.owner): calibration
+observes them as extra outputs of the control-flow node (passes.control_flow.expose_inner).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from onnx import helper
 from onnxflex.blocks import Block
 from onnxflex.capture import session, with_probes
 from onnxflex.emit import emit
+from onnxflex.graph import NameScope
+from onnxflex.passes.control_flow import expose_inner
 from onnxflex.qparams import QuantParams
 from onnxflex.rounding.torchify import QuantState
 from onnxflex.runtimes.base import Target
@@ -62,23 +66,33 @@ class OrtBlock:
         return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.block.outputs, outs)}
 
     def _run_fp(self, arrays, observe) -> dict[str, torch.Tensor]:
+        """The FP block; ``observe`` sees each act point, inner points (made inside a subgraph) through
+        extra outputs of their control-flow node: an If branch not taken gives an empty array, a Loop
+        or Scan body the values of every iteration stacked."""
         points = [p for p in self.block.act_points if p in self.state.acts]
         if self._fp_session is None:
             probed, _ = with_probes(self.fp_model, [p for p in points if p not in self.block.inputs])
+            self._inner = expose_inner(probed, [p for p in self.block.inner_points if p.tensor in self.state.acts],
+                                       NameScope.of(probed))
             self._fp_session = session(probed, self.providers)
         names = list(self.block.outputs) + [p for p in points if p not in self.block.outputs
-                                            and p not in self.block.inputs]
+                                            and p not in self.block.inputs] + list(self._inner.values())
         values = dict(zip(names, self._fp_session.run(names, arrays)))
         if observe is not None:
             for p in points:
                 observe(p, torch.from_numpy(np.asarray(arrays[p] if p in arrays else values[p])))
+            for tensor, probe in self._inner.items():
+                if values[probe].size:
+                    observe(tensor, torch.from_numpy(np.asarray(values[probe])))
         return {k: torch.from_numpy(values[k]).to(self.device) for k in self.block.outputs}
 
     def _params(self) -> QuantParams:
+        """The exported parameters of this block's layers (inner ones included) and act points."""
         full = self.state.export(self.target.act_dtype)
         weights = {l.weight for l in self.block.layers}
         biases = {l.bias for l in self.block.layers if l.bias}
+        points = set(self.block.all_points)
         return QuantParams({k: v for k, v in full.weights.items() if k in weights},
                            {k: v for k, v in full.biases.items() if k in biases},
-                           {k: v for k, v in full.acts.items() if k in self.block.act_points})
+                           {k: v for k, v in full.acts.items() if k in points})
 

@@ -23,6 +23,7 @@ from onnxflex.extdata import tensor_array
 from onnxflex.graph import default_opset
 from onnxflex.progress import Progress
 from onnxflex.passes.select import concat_ties
+from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import MAX_SEARCH_VALUES, ActQuantizer, sample_values
 from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.rounders import EarlyStop, make_policy, make_rounder
@@ -84,9 +85,10 @@ class RowReader:
 
 def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState, target: Target,
                          config: QuantConfig, method: str, device: torch.device) -> None:
-    """Mutates ``state``: a rounder per layer weight, an activation quantizer per act point."""
-    inits = {t.name: t for t in model.graph.initializer}
+    """Mutates ``state``: a rounder per layer weight (inner layers' weights read from their subgraph),
+    an activation quantizer per act point (inner points too)."""
     for layer in block.layers:
+        inits = initializers_of(model, layer)
         w = torch.from_numpy(tensor_array(inits[layer.weight], model).astype(np.float32)).to(device)
         state.rounders[layer.weight] = make_rounder(method, w, layer.axis, layer.bits, config.weight_scale,
                                                     layer.group_size)
@@ -95,7 +97,7 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
             b = tensor_array(inits[layer.bias], model).astype(np.float32)
             state.bias_values[layer.bias] = torch.from_numpy(b).to(device)
     ties = concat_ties(model) if target.shared_concat_scales else {}
-    for point in block.act_points:
+    for point in block.all_points:
         partner = next((p for p in state.acts if p != point and point in ties and ties.get(p) == ties[point]), None)
         state.acts[point] = state.acts[partner] if partner else \
             ActQuantizer(config.abits, target.act_symmetric).to(device)
@@ -103,10 +105,12 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
 
 @torch.no_grad()
 def calibrate_activations(module, data: BlockData, config: QuantConfig, seed: int) -> None:
-    """Initialise each act point's step from the FP block run on FP inputs."""
-    points = [p for p in module.block.act_points if p in module.state.acts]
+    """Initialise each act point's step from the FP block run on FP inputs. A point the data never
+    reaches (inside an If branch never taken) has no values: its quantizer is disabled (the tensor stays
+    float, and so does the int32 bias of a layer reading it). Returns those points."""
+    points = [p for p in module.block.all_points if p in module.state.acts]
     if not points:
-        return
+        return []
     ranges: dict[str, list[float]] = {}
     samples: dict[str, list[torch.Tensor]] = {p: [] for p in points}
     thin = torch.Generator().manual_seed(seed + 1)
@@ -124,12 +128,17 @@ def calibrate_activations(module, data: BlockData, config: QuantConfig, seed: in
     module.quantize = True
     gen = torch.Generator().manual_seed(seed)
     tied: dict[int, list[str]] = {}  # points sharing one quantizer calibrate on their joint values
+    unseen = [p for p in points if p not in ranges]
+    for name in unseen:
+        module.state.acts[name].enabled = False
     for name in points:
-        tied.setdefault(id(module.state.acts[name]), []).append(name)
+        if name in ranges:
+            tied.setdefault(id(module.state.acts[name]), []).append(name)
     for names in tied.values():
         sample = sample_values(torch.cat([s for n in names for s in samples[n]]), gen)
         lo, hi = min(ranges[n][0] for n in names), max(ranges[n][1] for n in names)
         module.state.acts[names[0]].calibrate(lo, hi, sample, config.act_scale)
+    return unseen
 
 
 def _thinned(flat: torch.Tensor, batch: int, samples: int, gen: torch.Generator) -> torch.Tensor:
@@ -230,7 +239,7 @@ def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: 
     for k, block in enumerate(plan.blocks):
         t0 = time.perf_counter()
         data = BlockData(block, cache, device)
-        largest = max([config.batch_size * data.largest_sample()] + [sizes[l.weight] for l in block.layers])
+        largest = max([config.batch_size * data.largest_sample()] + [sizes.get(l.weight, 0) for l in block.layers])
         with torch_threads(threads_for(largest, device, config.threads)):
             saved = checkpoint.load(k, block.name) if checkpoint is not None else None
             if saved is not None:
@@ -262,7 +271,7 @@ def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: 
         if checkpoint is not None:
             checkpoint.save(k, block.name, results[-1], {l.weight: state.rounders[l.weight].export()
                                                          for l in block.layers},
-                            {p: state.acts[p] for p in block.act_points if p in state.acts})
+                            {p: state.acts[p] for p in block.all_points if p in state.acts})
         stopped = f" (loss plateaued: {steps} of {config.iters} steps)" if learns and 0 < steps < config.iters else ""
         progress.finish(f"{block.name}: loss {before:.4g} -> {after:.4g}{stopped}")
         modules.append(module)
@@ -322,8 +331,23 @@ def _block_runner(block, plan, state, target, config, data, seed, device, provid
                 "exclude its nodes with --exclude-node to keep them in float instead", block.name, problem)
     add_block_quantizers(block, plan.model, state, target, config, "rtn", device)
     module = OrtBlock(block, plan.model, state, target, providers, device)
-    calibrate_activations(module, data, config, seed)
+    _warn_not_reached(block, calibrate_activations(module, data, config, seed))
     return module
+
+
+def _warn_not_reached(block: Block, unseen: list[str]) -> None:
+    """One warning per subgraph whose act points the calibration data never reached."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for point in block.inner_points:
+        if point.tensor in unseen:
+            where.setdefault((point.owner, point.graph), [])
+    for layer in block.layers:
+        if (layer.owner, layer.graph) in where:
+            where[(layer.owner, layer.graph)].append(layer.node)
+    for (owner, graph), nodes in where.items():
+        log.warning("node %r: %s never ran on the calibration data; its layer(s) %s keep round-to-nearest "
+                    "weights and float activations — calibrate with inputs that take it", owner, graph,
+                    ", ".join(nodes))
 
 
 @torch.no_grad()
