@@ -4,7 +4,9 @@ Three sources, in order of what they can prove:
   static rules (runtimes.rules, from the target's data) — always;
   onnxruntime's optimized graph (target onnxruntime) — which fused kernel each layer became;
   a TensorRT engine build (target tensorrt) — per-layer precision, only with TensorRT and a GPU.
-What could not be verified is said in the report, never silently skipped.
+What could not be verified is said in the report, never silently skipped. Layers inside If branches
+and Loop/Scan bodies are listed too and judged by the optimized graph, which onnxruntime writes with
+the subgraphs kept in the node attributes (the op counts include their kernels).
 """
 from __future__ import annotations
 
@@ -76,8 +78,13 @@ def check(model: str | os.PathLike | onnx.ModelProto, target: str = "onnxruntime
                                              "and encoding were checked statically only",))
     findings += result.findings
     failed = {f.node for f in findings if f.fallback}
+    inner = subgraph_layers(proto)
     layers = tuple(LayerStatus(n.name, n.op_type, n.name not in failed, result.kernels.get(n.name, ""))
-                   for n in view.layers)
+                   for n in list(view.layers) + inner)
+    if inner:
+        result = RuntimeResult(result.findings, result.kernels, result.ops, result.not_verified + (
+            f"the static rules cover top-level layers; the {len(inner)} layer(s) inside If/Loop/Scan subgraphs "
+            "are judged by the runtime check alone",))
     return CheckReport(source, spec.name, tuple(findings), layers, result.ops, result.not_verified)
 
 
@@ -116,7 +123,7 @@ def onnxruntime_kernels(model: onnx.ModelProto, view: GraphView) -> RuntimeResul
         optimized = all_nodes(onnx.load(path).graph)  # subgraph kernels too: If branches, Loop/Scan bodies
     counts = dict(sorted(collections.Counter(n.op_type for n in optimized).items()))
     kernels, findings = {}, []
-    for layer in view.layers:
+    for layer in list(view.layers) + subgraph_layers(model):
         match = [n for n in optimized if n.name == layer.name or n.name.startswith(layer.name + "_token_")]
         if not match:
             continue
@@ -126,6 +133,20 @@ def onnxruntime_kernels(model: onnx.ModelProto, view: GraphView) -> RuntimeResul
                                     f"runs it as a float {match[0].op_type}, not an integer kernel"))
     return RuntimeResult(tuple(findings), kernels, counts,
                          ("onnxruntime's CPU execution provider only; other providers fuse differently",))
+
+
+def subgraph_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Weighted nodes inside If branches and Loop/Scan bodies (any depth) whose weight is a constant or
+    a DequantizeLinear of one in their own graph."""
+    found = []
+    for node in all_nodes(model.graph):
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                wrapper = onnx.ModelProto()
+                wrapper.graph.CopyFrom(sub)
+                wrapper.opset_import.extend(model.opset_import)
+                found += GraphView(wrapper).layers
+    return found
 
 
 @RUNTIME_CHECKS.register("tensorrt-engine")

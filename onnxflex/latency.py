@@ -64,7 +64,8 @@ def synthetic_params(plan: BlockPlan, target, config: QuantConfig, feed: dict[st
     """The parameters a round-to-nearest run would export for ``plan`` (the same quantizers, ties and
     int32 biases as reconstruction sets up), weights on min/max steps and activations on the min/max
     of ``feed``: the emitted model's exact structure and zero points, for timing. Zero points matter,
-    because onnxruntime drops a Relu into the integer kernel only where the zero point makes it redundant."""
+    because onnxruntime drops a Relu into the integer kernel only where the zero point makes it redundant.
+    Activation points inside control-flow subgraphs are left float here (only their weights are int8)."""
     import torch
 
     from onnxflex.capture import channel_ranges
@@ -74,11 +75,15 @@ def synthetic_params(plan: BlockPlan, target, config: QuantConfig, feed: dict[st
     state, cpu = QuantState(), torch.device("cpu")
     for block in plan.blocks:
         add_block_quantizers(block, plan.model, state, target, config.replace(weight_scale="minmax"), "rtn", cpu)
-    ranges = channel_ranges(plan.model, list(state.acts), CalibrationSet(feed, "latency batch"),
-                            ["CPUExecutionProvider"])
+    inner = {p.tensor for b in plan.blocks for p in b.inner_points}
+    for name in inner:  # not probed here: inside subgraphs they stay float in the timed variants
+        state.acts[name].enabled = False
+    ranges = channel_ranges(plan.model, [p for p in state.acts if p not in inner],
+                            CalibrationSet(feed, "latency batch"), ["CPUExecutionProvider"])
     tied: dict[int, list[str]] = {}  # points sharing one quantizer take their joint range
     for name, quantizer in state.acts.items():
-        tied.setdefault(id(quantizer), []).append(name)
+        if name not in inner:
+            tied.setdefault(id(quantizer), []).append(name)
     for names in tied.values():
         lo = min(float(ranges[n][0].min()) for n in names)
         hi = max(float(ranges[n][1].max()) for n in names)

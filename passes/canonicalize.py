@@ -1,10 +1,12 @@
 """canonicalize: one predictable graph shape for every later pass.
 
 Upgrades opsets below 13 (per-channel DequantizeLinear needs 13), names every node uniquely, pins the
-inputs --fix-input names (passes/pin_inputs.py), turns Constant nodes into initializers, drops Identity/Dropout, folds nodes whose inputs are all constant
-(weights fed through Transpose/Cast/Reshape become plain initializers), folds Shape of static shapes,
-inlines the branch an If with a constant condition takes (passes/fold_if.py),
-gives each weighted node its own copy of a shared weight or bias, sorts topologically and infers shapes.
+inputs --fix-input names (passes/pin_inputs.py), turns Constant nodes into initializers, drops
+Identity/Dropout, folds nodes whose inputs are all constant (weights fed through Transpose/Cast/Reshape
+become plain initializers), folds Shape of static shapes, inlines the branch an If with a constant
+condition takes (passes/fold_if.py), gives subgraph initializers names of their own and routes outer
+tensors into subgraphs through Identities (passes/control_flow.py), gives each weighted node its own
+copy of a shared weight or bias, sorts topologically and infers shapes.
 """
 from __future__ import annotations
 

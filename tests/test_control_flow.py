@@ -168,8 +168,12 @@ def test_layers_inside_if_and_loop_are_quantized_in_place(caplog):
     verification = result.report["verification"]
     counts = verification["optimized_graph_ops"]
     assert counts.get("QLinearConv") == 3 and counts.get("QLinearMatMul") == 1, counts
-    runtime_ops = check(qmodel).runtime_ops  # onnxflex check --target onnxruntime
+    report = check(qmodel)  # onnxflex check --target onnxruntime
+    runtime_ops = report.runtime_ops
     assert runtime_ops.get("QLinearConv") == 3 and runtime_ops.get("QLinearMatMul") == 1, runtime_ops
+    kernels = {l.node: l.kernel for l in report.layers}
+    assert kernels.get("then_conv") == "QLinearConv" and kernels.get("loop_matmul") == "QLinearMatMul", kernels
+    assert kernels.get("else_conv") == "Conv" and not report.ok, "the branch never taken runs a float Conv"
     warning = next(w for w in result.report["warnings"] if w.startswith("node 'by_sign' (If)"))
     assert "2 layer(s) inside (else_conv, then_conv) get round-to-nearest int8 weights" in warning, warning
     sim = verification["onnxruntime_vs_simulation_sqnr_db"]["y"]
