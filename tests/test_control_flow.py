@@ -88,6 +88,47 @@ def test_pinned_input_folds_the_if_and_the_taken_branch_is_learned(caplog):
         assert db >= 25, f"SQNR {db:.1f} dB < 25 dB against FP32 at sr=16000"
 
 
+def test_cli_fix_input_needs_no_data_for_the_pinned_input(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxflex.cli import main
+
+    path, calib, out = tmp_path / "stream.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
+    onnx.save(streaming_model(), path)
+    np.savez(calib, **_images(CALIB, 0))  # no 'sr' in the data
+    result = CliRunner().invoke(main, ["quantize", str(path), "--calib", str(calib), "--method", "rtn", "--quiet",
+                                       "--fix-input", "sr=8000", "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    qmodel = onnx.load(out)
+    assert "If" not in {n.op_type for n in qmodel.graph.node}
+    assert _weight_dtype(qmodel, "matmul_8k") == TensorProto.INT8, "the 8 kHz branch's MatMul is not quantized"
+
+
+def nested_model() -> onnx.ModelProto:
+    """An If on sr > 8000 whose then branch is an If on sr == 16000: two folds, innermost Conv taken."""
+    model = streaming_model()
+    outer_if = next(n for n in model.graph.node if n.op_type == "If")
+    b = graphs._Builder(3)
+    fallback = _branch(b, "conv_low", "Conv")
+    inner = helper.make_graph([onnx.helper.make_node("If", ["is16k"], ["inner_g"], name="inner_by_rate")],
+                              "inner", [], [helper.make_tensor_value_info("inner_g", TensorProto.FLOAT, None)])
+    inner.node[0].attribute.extend(outer_if.attribute)
+    outer_if.input[0] = "above8k"
+    del outer_if.attribute[:]
+    outer_if.attribute.extend([helper.make_attribute("then_branch", inner),
+                               helper.make_attribute("else_branch", fallback)])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(8000, np.int64), "eight_k"))
+    model.graph.node.insert(3, helper.make_node("Greater", ["sr", "eight_k"], ["above8k"], name="above8k"))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_nested_ifs_on_a_pinned_input_fold_to_the_inner_branch():
+    plan = build_plan(nested_model(), onnxflex.QuantConfig(fix_inputs=("sr=16000",)))
+    assert not [n for n in plan.model.graph.node if n.op_type == "If"]
+    assert [l.node for l in plan.layers] == ["conv1", "conv_16k", "conv2"], [l.node for l in plan.layers]
+
+
 def test_pinning_an_unknown_input_names_it():
     with pytest.raises(ConfigError, match=r"--fix-input rate=8000: the model has no input 'rate'"):
         build_plan(streaming_model(), onnxflex.QuantConfig(fix_inputs=("rate=8000",)))
