@@ -86,5 +86,5 @@ def make_vad(cell: str) -> dict:
         "state": {"kind": "normal", "shape": [2, HIDDEN], "scale": 0.1, "batch_axis": 1},
         "sr": {"kind": "fixed", "value": 16000, "dtype": "int64"}},
         f"streaming VAD: If on the 0-d int64 sr picks a 16 kHz or 8 kHz conv front end (weights inside the "
-        f"branches), then {rnn} reads state[2, N, 128] and writes it back; output prob [N, 1]",
+        f"branches as Constant nodes: the module is frozen, no initializers), then {rnn} reads state[2, N, 128] and writes it back; output prob [N, 1]",
         fix_inputs={"sr": 16000})

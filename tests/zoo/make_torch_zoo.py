@@ -217,7 +217,8 @@ def make_gpt2() -> dict:
             inputs[f"past_key_values.{layer}.{kv}"] = {"kind": "normal", "shape": [2, past, 32]}
     return _entry("gpt2_tiny_past", exporter, inputs,
                   "GPT2LMHeadModel with past key/values in and present out: 2 layers, n_embd 64, 2 heads, "
-                  "vocab 1000; feeds: 4 new tokens after 4 past positions", transformer=True)
+                  "vocab 1000; feeds: 4 new tokens after 4 past positions; position_ids is one shared [1, 4] "
+                  "array of 4s (the manifest has no per-sample arange kind; stack it per sample for --calib)", transformer=True)
 
 
 # --- 4. Ultralytics-style detector -----------------------------------------------------------------
