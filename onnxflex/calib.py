@@ -77,9 +77,16 @@ def check_calibration(arrays: dict[str, np.ndarray], model: onnx.ModelProto, sou
     return CalibrationSet(checked, source)
 
 
+def known_dim(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """A declared dimension's size, or None when it is unknown: symbolic (``N``, ``unk__214``, an empty
+    ``dim_param``), unset, or a non-positive ``dim_value`` (legacy Paddle2ONNX writes -1, some
+    converters 0, for a dynamic batch)."""
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+
+
 def input_dims(vi: onnx.ValueInfoProto) -> list[int | None]:
-    """The declared shape of a model input, None for a symbolic or unknown dimension."""
-    return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    """The declared shape of a model input, None for an unknown dimension (see known_dim)."""
+    return [known_dim(d) for d in vi.type.tensor_type.shape.dim]
 
 
 def show_dims(dims) -> str:
@@ -112,9 +119,8 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     sizes = set()
     for vi in model.graph.input:
         if vi.name in set(graph_input_names(model)):
-            dims = vi.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value"):
-                sizes.add(dims[0].dim_value)
-            else:
+            dims = input_dims(vi)
+            if not dims or dims[0] is None:
                 return None
+            sizes.add(dims[0])
     return min(sizes) if sizes else None

@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.extdata import needs_file, weights_dir, write_model
+from onnxflex.ortcompat import for_onnxruntime
 
 
 class TensorCache:
@@ -172,8 +173,13 @@ def session_options() -> ort.SessionOptions:
     return opts
 
 
-def session(model: onnx.ModelProto, providers: list[str], threads: int = 0) -> ort.InferenceSession:
-    opts = session_options()
+def session(model: onnx.ModelProto, providers: list[str], threads: int = 0,
+            opts: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """The one way onnxflex opens an onnxruntime session on a model: its header made loadable first
+    (ortcompat.for_onnxruntime: unknown dims, IR version, opset; raises UnsupportedModelError), with
+    ``opts`` [default: session_options()] and ``threads`` intra-op threads (0 = onnxruntime's choice)."""
+    model = for_onnxruntime(model)
+    opts = opts or session_options()
     if threads:
         opts.intra_op_num_threads = threads
     if not needs_file(model):

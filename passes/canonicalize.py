@@ -4,6 +4,7 @@ Upgrades opsets below 13 (per-channel DequantizeLinear needs 13), names every no
 Constant nodes into initializers, drops Identity/Dropout, folds nodes whose inputs are all constant
 (weights fed through Transpose/Cast/Reshape become plain initializers), folds Shape of static shapes,
 gives each weighted node its own copy of a shared weight or bias, sorts topologically and infers shapes.
+Graph input/output dims written as dim_value <= 0 (a dynamic batch in legacy exports) become unknown.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
+from onnxflex.ortcompat import clear_unknown_dims
 from onnxflex.passes.control_flow import (control_flow_warnings, explicit_outer_reads, localize_outer_initializers,
                                            subgraph_reads)
 from onnxflex.passes.pipeline import PASSES, PassContext
@@ -33,6 +35,7 @@ def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     node names, initializer graph inputs, Constant and Identity/Dropout nodes are rewritten in place
     (and constants folded too if shape inference fails); pass a copy to keep the original."""
     model = _upgrade_opset(model, ctx)
+    clear_unknown_dims(model)  # a batch written as -1 or 0: the emitted model must load in onnxruntime
     name_nodes_uniquely(model)
     ctx.warnings.extend(control_flow_warnings(model))
     _drop_initializer_inputs(model)
@@ -178,7 +181,7 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     shapes = {}
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         t = vi.type.tensor_type
-        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+        if t.HasField("shape") and all(d.HasField("dim_value") and d.dim_value > 0 for d in t.shape.dim):
             shapes[vi.name] = [d.dim_value for d in t.shape.dim]
     return shapes
 
