@@ -56,8 +56,6 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], providers, batch: 
 def optimized_op_counts(model: onnx.ModelProto, providers=("CPUExecutionProvider",)) -> dict[str, int]:
     """Op types of the graph onnxruntime actually runs after its optimisations (fused kernels show here),
     with the session options onnxflex runs models with (capture.session_options)."""
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="onnxflex-opt-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
         opts = session_options()
@@ -65,14 +63,7 @@ def optimized_op_counts(model: onnx.ModelProto, providers=("CPUExecutionProvider
         if needs_file(model):
             opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                           "optimized.onnx.data")
-            opts.add_session_config_entry("session.disable_prepacking", "1")
-            source = runtime_file(model)
-            try:
-                ort.InferenceSession(str(source), opts, providers=list(providers))
-            finally:
-                remove_runtime_file(source)
-        else:
-            ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        session(model, list(providers), opts=opts)
         optimized = onnx.load(path, load_external_data=False)
     return dict(sorted(collections.Counter(n.op_type for n in optimized.graph.node).items()))
 
