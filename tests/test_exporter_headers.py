@@ -124,3 +124,49 @@ def test_an_opset_onnxruntime_cannot_read_nor_onnx_lower_is_refused_in_one_line(
     assert cli.exit_code == 1, cli.output
     line = cli.output.strip()
     assert "\n" not in line and "opset 28" in line and ort.__version__ in line and "re-export" in line, line
+
+
+def typed_inputs_model() -> onnx.ModelProto:
+    """y = Where(mask, (x + float(bytes)) * float(ids) + float(offset), 0) @ w, with bytes uint8[N, 8],
+    ids int32[N, 1], offset int64[N, 1], mask bool[N, 8]."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Cast", ["bytes"], ["bf"], to=f, name="c1"),
+             helper.make_node("Cast", ["ids"], ["idf"], to=f, name="c2"),
+             helper.make_node("Cast", ["offset"], ["of"], to=f, name="c3"),
+             helper.make_node("Add", ["x", "bf"], ["a"], name="add1"),
+             helper.make_node("Mul", ["a", "idf"], ["b"], name="mul"),
+             helper.make_node("Add", ["b", "of"], ["c"], name="add2"),
+             helper.make_node("Where", ["mask", "c", "zero"], ["d"], name="where"),
+             helper.make_node("MatMul", ["d", "w"], ["y"], name="mm")]
+    inputs = [helper.make_tensor_value_info("x", f, ["N", 8]),
+              helper.make_tensor_value_info("bytes", TensorProto.UINT8, ["N", 8]),
+              helper.make_tensor_value_info("ids", TensorProto.INT32, ["N", 1]),
+              helper.make_tensor_value_info("offset", TensorProto.INT64, ["N", 1]),
+              helper.make_tensor_value_info("mask", TensorProto.BOOL, ["N", 8])]
+    graph = helper.make_graph(nodes, "typed", inputs, [helper.make_tensor_value_info("y", f, ["N", 4])], [w, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_integer_and_bool_inputs_are_fed_in_their_dtype(tmp_path):
+    rng = np.random.default_rng(5)
+    feeds = {"x": rng.standard_normal((40, 8)), "bytes": rng.integers(0, 256, (40, 8)),  # float64, int64
+             "ids": rng.integers(1, 4, (40, 1)), "offset": rng.integers(-3, 3, (40, 1)).astype(np.int32),
+             "mask": rng.integers(0, 2, (40, 8))}
+    result, comparison = quantize_and_compare(typed_inputs_model(), feeds, tmp_path)
+    assert result.report["verification"]["quantized_vs_fp32_sqnr_db"]["y"] > MIN_SQNR, result.report["verification"]
+    assert comparison.outputs[0]["sqnr_db"] > MIN_SQNR, comparison.outputs
+
+
+def test_integers_the_input_dtype_cannot_hold_are_refused():
+    from onnxflex.calib import check_calibration
+    from onnxflex.errors import CalibrationError
+
+    rng = np.random.default_rng(6)
+    feeds = {"x": rng.standard_normal((4, 8)), "bytes": np.full((4, 8), 300), "ids": np.ones((4, 1)),
+             "offset": np.ones((4, 1)), "mask": np.ones((4, 8))}
+    with pytest.raises(CalibrationError, match=r"input 'bytes' is uint8 .* 300"):
+        check_calibration(feeds, typed_inputs_model(), "test")
