@@ -1,7 +1,8 @@
 """Calibration data: load it, check it against the model's inputs, hand it out in batches."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import onnx
 
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import graph_input_names
+from onnxflex.layout import Layout
 
 NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
             onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
@@ -18,21 +20,33 @@ NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.flo
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Arrays keyed by model input name, all with the same number of samples on dim 0."""
+    """Calibration inputs by model input name.
+
+    ``arrays``: the batched inputs, every one with the same number of samples on dim 0 (whatever axis
+    the model carries them on: ``layout`` records it). ``shared``: inputs with one value for every
+    sample (0-d inputs, pinned inputs, unbatched tensors), in the model's layout. ``batches`` and
+    ``feeds`` hand out feed dicts in the model's layout, as onnxruntime takes them."""
 
     arrays: dict[str, np.ndarray]
     source: str
+    layout: Layout = field(default_factory=Layout)
+    shared: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
-        return next(iter(self.arrays.values())).shape[0]
+        return next(iter(self.arrays.values())).shape[0] if self.arrays else 1
 
     def take(self, start: int, stop: int) -> "CalibrationSet":
-        return CalibrationSet({k: v[start:stop] for k, v in self.arrays.items()}, self.source)
+        return replace(self, arrays={k: v[start:stop] for k, v in self.arrays.items()})
+
+    def feeds(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Samples [start, stop) of every input, each in the model's layout (shared ones as they are)."""
+        batched = {k: self.layout.to_model(k, v[start:stop]) for k, v in self.arrays.items()}
+        return {**batched, **self.shared}
 
     def batches(self, batch: int):
         for start in range(0, self.num_samples, batch):
-            yield {k: v[start:start + batch] for k, v in self.arrays.items()}
+            yield self.feeds(start, start + batch)
 
 
 def default_calibration_path(model_path: str | Path) -> Path | None:
@@ -42,11 +56,11 @@ def default_calibration_path(model_path: str | Path) -> Path | None:
     return candidate if candidate is not None and candidate.is_file() else None
 
 
-def load_npz(path: str | Path, model: onnx.ModelProto) -> CalibrationSet:
+def load_npz(path: str | Path, model: onnx.ModelProto, options: InputOptions | None = None) -> CalibrationSet:
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"calibration file {str(path)!r} does not exist; pass --calib FILE.npz")
-    return check_calibration(read_npz(path), model, str(path))
+    return check_calibration(read_npz(path), model, str(path), options or InputOptions())
 
 
 def read_npz(path: str | Path, names=None) -> dict[str, np.ndarray]:
@@ -58,28 +72,68 @@ def read_npz(path: str | Path, names=None) -> dict[str, np.ndarray]:
         raise CalibrationError(f"{str(path)!r} is not a readable .npz file: {exc}") from exc
 
 
-def check_calibration(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str) -> CalibrationSet:
-    """Match arrays to the model inputs by name, check rank, fixed dims, dtype and finiteness."""
-    inputs = {i.name: i for i in model.graph.input if i.name in set(graph_input_names(model))}
-    missing = [n for n in inputs if n not in arrays]
+@dataclass(frozen=True)
+class InputOptions:
+    """How calibration reads the model's inputs: ``batch_axes`` (--batch-axis NAME=AXIS) says which axis
+    of the given array carries the samples; ``fixed`` (--fix-input NAME=VALUE) pins an input to a value
+    fed to every run, so it needs no data."""
+
+    batch_axes: Mapping[str, int] = field(default_factory=dict)
+    fixed: Mapping[str, float | tuple[float, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config) -> "InputOptions":
+        from onnxflex.config import parse_batch_axis, parse_fixed_input
+
+        return cls(dict(map(parse_batch_axis, config.batch_axes)), dict(map(parse_fixed_input, config.fix_inputs)))
+
+
+def model_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """The inputs fed at run time, by name, in graph order."""
+    names = set(graph_input_names(model))
+    return {vi.name: vi for vi in model.graph.input if vi.name in names}
+
+
+def check_calibration(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, source: str,
+                      options: InputOptions = InputOptions()) -> CalibrationSet:
+    """Match arrays (each in the model's layout: samples on the input's batch axis, or one shared value)
+    to the model inputs by name; find each input's batch axis (batchaxes.find_axes); check rank, fixed
+    dims, dtype (arrays are cast to the input's) and finiteness; store samples on dim 0."""
+    from onnxflex.batchaxes import find_axes, pinned_values, shared_value
+
+    inputs = model_inputs(model)
+    pinned = pinned_values(inputs, options, source)
+    missing = [n for n in inputs if n not in arrays and n not in pinned]
     if missing:
         raise CalibrationError(
             f"{source}: no data for model input(s) {', '.join(missing)}; it holds {', '.join(sorted(arrays)) or 'nothing'}"
-            " — store one array per model input under the input's name, samples on dim 0")
-    checked = {}
-    for name, vi in inputs.items():
-        checked[name] = _check_array(name, np.asarray(arrays[name]), vi, source)
-    counts = {n: a.shape[0] for n, a in checked.items()}
-    if len(set(counts.values())) > 1:
-        raise CalibrationError(f"{source}: inputs have different sample counts {counts}")
-    if min(counts.values()) == 0:
+            " — store one array per model input under the input's name (or pin it with --fix-input NAME=VALUE)")
+    given = {n: _typed(n, np.asarray(arrays[n]), vi, source) for n, vi in inputs.items() if n not in pinned}
+    axes = find_axes(given, inputs, options.batch_axes, fixed_batch(model) is not None, source)
+    layout = Layout({**axes, **{n: None for n in pinned}})
+    batched, shared = {}, dict(pinned)
+    for name, array in given.items():
+        _check_dims(name, array, input_dims(inputs[name]), axes[name], source)
+        if axes[name] is None:
+            shared[name] = shared_value(name, array, len(input_dims(inputs[name])), source)
+        else:
+            batched[name] = np.ascontiguousarray(layout.to_samples(name, array))
+    counts = {n: a.shape[0] for n, a in batched.items()}
+    if batched and min(counts.values()) == 0:
         raise CalibrationError(f"{source}: calibration data is empty")
-    return CalibrationSet(checked, source)
+    return CalibrationSet(batched, source, layout, shared)
+
+
+def known_dim(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """A declared dimension's size, or None when it is unknown: symbolic (``N``, ``unk__214``, an empty
+    ``dim_param``), unset, or a non-positive ``dim_value`` (legacy Paddle2ONNX writes -1, some
+    converters 0, for a dynamic batch)."""
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
 
 
 def input_dims(vi: onnx.ValueInfoProto) -> list[int | None]:
-    """The declared shape of a model input, None for a symbolic or unknown dimension."""
-    return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    """The declared shape of a model input, None for an unknown dimension (see known_dim)."""
+    return [known_dim(d) for d in vi.type.tensor_type.shape.dim]
 
 
 def show_dims(dims) -> str:
@@ -87,24 +141,34 @@ def show_dims(dims) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def _check_array(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: str) -> np.ndarray:
-    t = vi.type.tensor_type
-    dims = input_dims(vi)
-    if array.ndim != len(dims):
-        raise CalibrationError(
-            f"{source}: input {name!r} has shape {list(array.shape)} but the model expects rank {len(dims)} "
-            f"{show_dims(dims)} (samples on dim 0)")
-    for axis, (got, want) in enumerate(zip(array.shape[1:], dims[1:]), start=1):
-        if want is not None and got != want:
+def _typed(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: str) -> np.ndarray:
+    """``array`` in the input's dtype; refuses NaN/Inf and integers the dtype cannot hold."""
+    elem = vi.type.tensor_type.elem_type
+    dtype = NP_TYPES.get(elem)
+    if dtype is None:
+        raise CalibrationError(f"{source}: input {name!r} has an ONNX type onnxflex cannot feed ({elem})")
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        raise CalibrationError(f"{source}: input {name!r} contains NaN or Inf values")
+    if np.dtype(dtype).kind in "iu" and array.size and array.dtype.kind in "iuf":
+        info = np.iinfo(dtype)
+        lo, hi = array.min(), array.max()
+        if lo < info.min or hi > info.max:
+            raise CalibrationError(f"{source}: input {name!r} is {np.dtype(dtype).name} but the data holds values "
+                                   f"{lo}..{hi} outside {info.min}..{info.max}")
+    array = array.astype(dtype, copy=False)
+    return np.ascontiguousarray(array) if array.ndim else array  # ascontiguousarray makes 0-d arrays 1-d
+
+
+def _check_dims(name: str, array: np.ndarray, dims: list[int | None], axis: int | None, source: str) -> None:
+    """Every declared dim but the batch axis matches (a shared value may carry a leading sample axis)."""
+    shape = list(array.shape)
+    if axis is None and len(shape) == len(dims) + 1:
+        shape = shape[1:]
+    for k, (got, want) in enumerate(zip(shape, dims)):
+        if k != axis and want is not None and got != want:
             raise CalibrationError(
                 f"{source}: input {name!r} has shape {list(array.shape)} but the model expects {show_dims(dims)} "
-                f"(dim {axis} differs)")
-    dtype = NP_TYPES.get(t.elem_type)
-    if dtype is None:
-        raise CalibrationError(f"{source}: input {name!r} has an ONNX type onnxflex cannot feed ({t.elem_type})")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise CalibrationError(f"{source}: input {name!r} contains NaN or Inf values")
-    return np.ascontiguousarray(array.astype(dtype, copy=False))
+                f"(dim {k} differs)")
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
@@ -112,9 +176,8 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     sizes = set()
     for vi in model.graph.input:
         if vi.name in set(graph_input_names(model)):
-            dims = vi.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value"):
-                sizes.add(dims[0].dim_value)
-            else:
+            dims = input_dims(vi)
+            if not dims or dims[0] is None:
                 return None
+            sizes.add(dims[0])
     return min(sizes) if sizes else None

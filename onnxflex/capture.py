@@ -17,15 +17,20 @@ import onnx
 import onnxruntime as ort
 
 from onnxflex.calib import CalibrationSet, fixed_batch
+from onnxflex.errors import UnsupportedModelError
 from onnxflex.extdata import needs_file, weights_dir, write_model
+from onnxflex.layout import Layout, follows_batch
+from onnxflex.ortcompat import for_onnxruntime
 
 
 class TensorCache:
-    """Named arrays with samples on dim 0, in RAM up to ``max_bytes`` and DiskArray files beyond."""
+    """Named arrays with samples on dim 0 (shared tensors, see ``layout``, once), in RAM up to ``max_bytes`` and DiskArray files beyond."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.ram_bytes = 0
+        self.layout = Layout()  # the model's batch axis of each captured tensor (None: stored once, shared)
+        self.num_samples = 0
         self._arrays: dict[str, np.ndarray] = {}
         self._dir: tempfile.TemporaryDirectory | None = None
 
@@ -44,6 +49,11 @@ class TensorCache:
             old.close()
         self._arrays[key] = array
         return array
+
+    def record(self, layout: Layout, num_samples: int) -> None:
+        """Mutates: adds ``layout``'s tensors to ``self.layout``; sets the sample count."""
+        self.layout = self.layout.merged(layout.axes)
+        self.num_samples = num_samples
 
     def put(self, key: str, array: np.ndarray) -> None:
         self.allocate(key, array.shape, array.dtype)[...] = array
@@ -172,8 +182,13 @@ def session_options() -> ort.SessionOptions:
     return opts
 
 
-def session(model: onnx.ModelProto, providers: list[str], threads: int = 0) -> ort.InferenceSession:
-    opts = session_options()
+def session(model: onnx.ModelProto, providers: list[str], threads: int = 0,
+            opts: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """The one way onnxflex opens an onnxruntime session on a model: its header made loadable first
+    (ortcompat.for_onnxruntime: unknown dims, IR version, opset; raises UnsupportedModelError), with
+    ``opts`` [default: session_options()] and ``threads`` intra-op threads (0 = onnxruntime's choice)."""
+    model = for_onnxruntime(model)
+    opts = opts or session_options()
     if threads:
         opts.intra_op_num_threads = threads
     if not needs_file(model):
@@ -225,23 +240,52 @@ def channel_ranges(model: onnx.ModelProto, tensors: list[str], data: Calibration
     return ranges
 
 
+def tensor_layout(sess: ort.InferenceSession, names: list[str], data: CalibrationSet, fixed: int | None) -> Layout:
+    """The batch axis of each of ``sess``'s outputs ``names``: the axis whose length follows the batch
+    between runs on 1 and 2 samples of ``data`` (on ``fixed`` samples when the model fixes its batch;
+    one run when ``data`` has one sample); a tensor with none is shared. Raises UnsupportedModelError
+    for a tensor whose shape changes with the batch on no single axis (samples folded into another)."""
+    sizes = [fixed] if fixed else [1, 2] if data.num_samples >= 2 else [1]
+    shapes: dict[str, dict[int, tuple[int, ...]]] = {name: {} for name in names}
+    for size in sizes:
+        for name, value in zip(names, sess.run(names, data.feeds(0, size))):
+            shapes[name][size] = tuple(value.shape)
+    axes = {}
+    for name, by_size in shapes.items():
+        axis = follows_batch(by_size)
+        if axis == "varies":
+            raise UnsupportedModelError(
+                f"tensor {name!r} changes shape with the batch {list(by_size.values())} but no axis carries the "
+                "samples (they are folded into another axis); keep its producer and consumers in one block "
+                "(--granularity model) or exclude them with --exclude-node")
+        axes[name] = axis
+    return Layout(axes)
+
+
 def capture(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, cache: TensorCache,
             providers: list[str], prefix: str = "fp:", batch: int = 64, progress=None) -> None:
-    """Run ``model`` over ``data`` and store each tensor in ``cache`` under ``prefix + name``."""
+    """Run ``model`` over ``data`` and store each tensor in ``cache`` under ``prefix + name``, samples on
+    dim 0 (a shared tensor once); records each tensor's batch axis in ``cache.layout``."""
     probed, probes = with_probes(model, tensors)
     sess = session(probed, providers)
     fixed = fixed_batch(model)
-    step = fixed or batch
-    n = data.num_samples
     names = list(probes)
-    start = 0
-    for feeds in data.batches(step):
+    layout = tensor_layout(sess, names, data, fixed)
+    cache.record(layout, data.num_samples)
+    n, start = data.num_samples, 0
+    for feeds in data.batches(fixed or batch):
         outs = sess.run(names, feeds)
+        count = min(fixed or batch, n - start)
         for out_name, value in zip(names, outs):
-            key = prefix + probes[out_name]
-            if key not in cache:
-                cache.allocate(key, (n,) + value.shape[1:], value.dtype)
-            cache[key][start:start + value.shape[0]] = value
-        start += len(next(iter(feeds.values())))
+            name = probes[out_name]
+            if layout.shared(name):
+                if start == 0:
+                    cache.put(prefix + name, value)
+                continue
+            value = layout.to_samples(name, value)
+            if prefix + name not in cache:
+                cache.allocate(prefix + name, (n,) + value.shape[1:], value.dtype)
+            cache[prefix + name][start:start + count] = value
+        start += count
         if progress is not None:
             progress(start, n)

@@ -110,6 +110,8 @@ def onnxruntime_kernels(model: onnx.ModelProto, view: GraphView) -> RuntimeResul
     Conv/Gemm/MatMul there runs in float."""
     import onnxruntime as ort
 
+    from onnxflex.capture import session
+
     with tempfile.TemporaryDirectory(prefix="onnxflex-check-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
         opts = ort.SessionOptions()
@@ -117,7 +119,7 @@ def onnxruntime_kernels(model: onnx.ModelProto, view: GraphView) -> RuntimeResul
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         opts.optimized_model_filepath = path
         try:
-            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            session(model, ["CPUExecutionProvider"], opts=opts)
         except Exception as exc:  # onnxruntime raises several unrelated types
             return RuntimeResult((Finding("(model)", "", "load", f"onnxruntime cannot load the model: {exc}"),))
         optimized = all_nodes(onnx.load(path).graph)  # subgraph kernels too: If branches, Loop/Scan bodies

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxflex.calib import check_calibration, fixed_batch, read_npz
-from onnxflex.capture import session, with_probes
+from onnxflex.calib import CalibrationSet, check_calibration, fixed_batch, read_npz
+from onnxflex.capture import session, tensor_layout, with_probes
 from onnxflex.errors import CalibrationError, ModelLoadError
 from onnxflex.graph import graph_input_names, load_model
 from onnxflex.latency import latencies
@@ -96,7 +96,7 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
     """Run both models on ``data`` (an .npz with one array per input) and compare them."""
     ref_model, cand_model = load_model(reference), load_model(candidate)
     feeds = _load_feeds(data, ref_model, cand_model, samples)
-    n = len(next(iter(feeds.values())))
+    n = feeds.num_samples
     batch = fixed_batch(ref_model) or fixed_batch(cand_model) or batch_size
     outputs = _output_pairs(ref_model, cand_model)
     # Outputs come from the models as they are: a probe output can keep onnxruntime from fusing a layer.
@@ -113,7 +113,7 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
         node = produced_by[name]
         layers.append({**row, "node": node.name, "op_type": node.op_type})
     layers.sort(key=lambda r: r["sqnr_db"])
-    timing_feed = {k: v[:batch] for k, v in feeds.items()}
+    timing_feed = feeds.feeds(0, batch)
     ref_ms, cand_ms = latencies([ref_model, cand_model], timing_feed, repeats, threads)
     latency = {"reference": ref_ms, "candidate": cand_ms}
     result = Comparison(str(reference), str(candidate), n, [stats[o].result(o) for o in outputs],
@@ -123,28 +123,32 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
     return result
 
 
-def _run_pair(ref_model, cand_model, ref_names: list[str], cand_names: list[str], feeds, batch: int,
+def _run_pair(ref_model, cand_model, ref_names: list[str], cand_names: list[str], data: CalibrationSet, batch: int,
               threads: int) -> dict[str, _Stats]:
-    """Statistics of candidate tensor ``cand_names[i]`` against reference tensor ``ref_names[i]``."""
+    """Statistics of candidate tensor ``cand_names[i]`` against reference tensor ``ref_names[i]``, both
+    sample-major (batch axes found on the reference, capture.tensor_layout; a shared tensor counts as
+    one sample per batch)."""
     ref_sess, cand_sess = session(ref_model, PROVIDERS, threads), session(cand_model, PROVIDERS, threads)
+    layout = tensor_layout(ref_sess, ref_names, data, fixed_batch(ref_model))
     stats = {name: _Stats() for name in ref_names}
-    n = len(next(iter(feeds.values())))
-    for start in range(0, n, batch):
-        chunk = {k: v[start:start + batch] for k, v in feeds.items()}
+    for chunk in data.batches(batch):
         for name, r, c in zip(ref_names, ref_sess.run(ref_names, chunk), cand_sess.run(cand_names, chunk)):
-            stats[name].add(r, c)
+            if layout.shared(name):
+                stats[name].add(r[None], c[None])
+            else:
+                stats[name].add(layout.to_samples(name, r), layout.to_samples(name, c))
     return stats
 
 
-def _load_feeds(data, ref_model, cand_model, samples: int) -> dict[str, np.ndarray]:
+def _load_feeds(data, ref_model, cand_model, samples: int) -> CalibrationSet:
     names = graph_input_names(ref_model)
     if sorted(names) != sorted(graph_input_names(cand_model)):
         raise ModelLoadError(f"the models have different inputs: {names} vs {graph_input_names(cand_model)}")
     path = Path(data)
     if not path.is_file():
         raise CalibrationError(f"evaluation data {str(path)!r} does not exist; pass --data FILE.npz")
-    arrays = {k: v[:samples or None] for k, v in read_npz(path, set(names)).items()}
-    return check_calibration(arrays, ref_model, str(path)).arrays
+    checked = check_calibration(read_npz(path, set(names)), ref_model, str(path))
+    return checked.take(0, samples or checked.num_samples)
 
 
 def _output_pairs(ref_model, cand_model) -> dict[str, str]:

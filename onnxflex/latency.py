@@ -135,7 +135,7 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
 
     target = get_target(config.target)
     batch = min(config.batch_size, data.num_samples)
-    feed = {k: v[:batch] for k, v in data.arrays.items()}
+    feed = data.feeds(0, batch)
     names = [layer.node for layer in plan.layers]
     progress.start(len(names) + 1, "latency: emitting variants")
     fp32 = load_model(original)  # FP32 as the user has it, node names made unique for onnxruntime

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import onnx
 
 from onnxflex.blocks import BlockPlan
@@ -77,7 +78,7 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
 
         # refuses a folder written for another run before any work starts
         checkpoint = Checkpoint(config.checkpoint_dir,
-                                fingerprint(plan.model, config.to_dict(), (recon.arrays, held.arrays)))
+                                fingerprint(plan.model, config.to_dict(), (recon.arrays, held.arrays, _shared(recon))))
     timings["passes"] = _lap(t)
 
     t = time.perf_counter()
@@ -86,11 +87,12 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         boundary = sorted({n for b in plan.blocks for n in b.inputs + b.outputs})
         progress.start(recon.num_samples, "capture")
         capture(plan.model, boundary, recon, cache, device.providers, progress=progress.update)
+        layout = cache.layout
         progress.finish(f"captured {len(boundary)} tensors over {recon.num_samples} samples"
                         + (" (spilled to disk)" if cache.spilled else ""))
         timings["capture"] = _lap(t)
         t = time.perf_counter()
-        reference = _fp_reference(original, held, device.providers)
+        reference = _fp_reference(original, held, device.providers, layout)
         reference_seconds = _lap(t)
 
         t = time.perf_counter()
@@ -109,9 +111,9 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
     t = time.perf_counter()
     verification = None
     if held.num_samples:
-        simulated = simulate(modules, plan, held.arrays, torch.device(device.torch_device), config.batch_size)
-        verification = verify(qmodel, reference, held.arrays, simulated, device.providers,
-                              config.verify_tolerance_db)
+        simulated = simulate(modules, plan, held, torch.device(device.torch_device), config.batch_size, layout)
+        verification = verify(qmodel, reference, held, simulated, device.providers, config.verify_tolerance_db,
+                              layout)
     timings["verify"] = _lap(t) + reference_seconds
 
     layers_of = {b.name: len(b.layers) for b in plan.blocks}
@@ -162,7 +164,7 @@ def _adapt_plan(original: onnx.ModelProto, plan: BlockPlan, recon: CalibrationSe
     return plan, config, sections
 
 
-def _fp_reference(original: onnx.ModelProto, held: CalibrationSet, providers) -> dict:
+def _fp_reference(original: onnx.ModelProto, held: CalibrationSet, providers, layout) -> dict:
     """The FP32 model's outputs on the held-out samples, computed before any quantized weights exist, so
     that a large model's FP32 session never shares memory with them."""
     from onnxflex.verify import run
@@ -171,7 +173,7 @@ def _fp_reference(original: onnx.ModelProto, held: CalibrationSet, providers) ->
         return {}
     reference = load_model(original)
     name_nodes_uniquely(reference)  # onnxruntime refuses repeated node names
-    return run(reference, held.arrays, providers)
+    return run(reference, held, providers, layout=layout)
 
 
 def _check_batch(recon: CalibrationSet, held: CalibrationSet, config: QuantConfig) -> None:
@@ -183,6 +185,11 @@ def _check_batch(recon: CalibrationSet, held: CalibrationSet, config: QuantConfi
         f"{recon.source}: input(s) {inputs} have {recon.num_samples + held.num_samples} samples, "
         f"{held.num_samples} of them held out for verification, which leaves {recon.num_samples} for batches "
         f"of {config.batch_size}: give at least {config.batch_size + held.num_samples} samples or lower --batch-size")
+
+
+def _shared(data: CalibrationSet) -> dict:
+    """The shared inputs as one-sample arrays, for the checkpoint fingerprint."""
+    return {k: np.asarray(v)[None] for k, v in data.shared.items()}
 
 
 def _lap(t0: float) -> float:

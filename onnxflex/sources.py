@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from onnxflex.calib import (NP_TYPES, CalibrationSet, check_calibration, default_calibration_path, input_dims,
-                            load_npz, read_npz, show_dims)
+from onnxflex.calib import (NP_TYPES, CalibrationSet, InputOptions, check_calibration, default_calibration_path,
+                            fixed_batch, input_dims, load_npz, model_inputs, read_npz, show_dims)
 from onnxflex.config import QuantConfig, parse_input_shape
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import consumers, graph_input_names
@@ -29,30 +29,36 @@ log = logging.getLogger("onnxflex")
 
 def resolve_calibration(calibration: Any, model: onnx.ModelProto, model_source: Any,
                         config: QuantConfig) -> CalibrationSet:
-    """Any accepted source (see the module docstring) → a CalibrationSet checked against ``model``."""
+    """Any accepted source (see the module docstring) → a CalibrationSet checked against ``model``, with
+    ``config.batch_axes`` and ``config.fix_inputs`` applied (InputOptions)."""
+    options = InputOptions.from_config(config)
     if calibration is None:
         found = default_calibration_path(model_source) if isinstance(model_source, (str, os.PathLike)) else None
         if found is None:
             return synthetic_calibration(model, config)
         calibration = found
     if isinstance(calibration, CalibrationSet):
-        return check_calibration(calibration.arrays, model, calibration.source)
+        given = {n: a for n, a in calibration.layout.axes.items() if a is not None}
+        return check_calibration(calibration.feeds(), model, calibration.source,
+                                 replace(options, batch_axes={**given, **options.batch_axes}))
     if isinstance(calibration, ImageFolder):
         return calibration.load(model)
     if isinstance(calibration, (str, os.PathLike)):
-        return _from_path(Path(calibration), model)
+        return _from_path(Path(calibration), model, options)
     if isinstance(calibration, Mapping):
-        return check_calibration({k: np.asarray(v) for k, v in calibration.items()}, model, "calibration mapping")
+        return check_calibration({k: np.asarray(v) for k, v in calibration.items()}, model, "calibration mapping",
+                                 options)
     if callable(getattr(calibration, "get_next", None)):
-        return from_feeds(iter(calibration.get_next, None), model, f"{type(calibration).__name__}.get_next()")
+        return from_feeds(iter(calibration.get_next, None), model, f"{type(calibration).__name__}.get_next()",
+                          options)
     if isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes)):
-        return from_feeds(iter(calibration), model, f"{type(calibration).__name__} of feed dicts")
+        return from_feeds(iter(calibration), model, f"{type(calibration).__name__} of feed dicts", options)
     raise CalibrationError(
         f"unsupported calibration source of type {type(calibration).__name__}; pass an .npz path, a folder, "
         "an ImageFolder, a mapping of input name to array, a CalibrationDataReader or an iterable of feed dicts")
 
 
-def _from_path(path: Path, model: onnx.ModelProto) -> CalibrationSet:
+def _from_path(path: Path, model: onnx.ModelProto, options: InputOptions) -> CalibrationSet:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         if any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
@@ -60,10 +66,10 @@ def _from_path(path: Path, model: onnx.ModelProto) -> CalibrationSet:
         arrays = [p for p in files if p.suffix in (".npy", ".npz")]
         if not arrays:
             raise CalibrationError(f"calibration folder {str(path)!r} holds no .npy, .npz or image files")
-        return from_feeds((_feed_of_file(p, model) for p in arrays), model, f"folder {str(path)!r}")
+        return from_feeds((_feed_of_file(p, model) for p in arrays), model, f"folder {str(path)!r}", options)
     if path.suffix == ".npy":
-        return from_feeds(iter([_feed_of_file(path, model)]), model, str(path))
-    return load_npz(path, model)
+        return from_feeds(iter([_feed_of_file(path, model)]), model, str(path), options)
+    return load_npz(path, model, options)
 
 
 def _feed_of_file(path: Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -81,11 +87,12 @@ def _feed_of_file(path: Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {names[0]: array}
 
 
-def from_feeds(feeds: Iterable[Any], model: onnx.ModelProto, source: str) -> CalibrationSet:
-    """Stack feed dicts ({input name: array}, each with or without a batch dimension) on dim 0."""
-    inputs = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in model.graph.input
-              if vi.name in set(graph_input_names(model))}
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in inputs}
+def from_feeds(feeds: Iterable[Any], model: onnx.ModelProto, source: str,
+               options: InputOptions = InputOptions()) -> CalibrationSet:
+    """Join feed dicts ({input name: array}, each a batch in the model's layout or a single sample
+    without the batch axis) along each input's batch axis; unbatched inputs must agree across feeds."""
+    inputs = model_inputs(model)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in inputs if name not in options.fixed}
     count = 0
     for count, feed in enumerate(feeds, start=1):
         if not isinstance(feed, Mapping):
@@ -96,21 +103,43 @@ def from_feeds(feeds: Iterable[Any], model: onnx.ModelProto, source: str) -> Cal
             raise CalibrationError(f"{source}: item {count} feeds {', '.join(map(repr, unknown))}, which the model "
                                    f"does not have; its inputs are {', '.join(map(repr, inputs))}")
         for name, value in feed.items():
-            array = np.asarray(value)
-            parts[name].append(array[None] if array.ndim == inputs[name] - 1 else array)
+            if name in parts:
+                parts[name].append(_as_batch(np.asarray(value), inputs[name], options))
     if count == 0:
         raise CalibrationError(f"{source}: the calibration source is empty: it yielded no feed dicts, expected "
                                f"dicts with {', '.join(map(repr, inputs))}")
     missing = [name for name, got in parts.items() if len(got) < count]
     if missing:
         raise CalibrationError(f"{source}: input {missing[0]!r} is missing from {count - len(parts[missing[0]])} "
-                               f"of {count} feeds; every feed needs every model input")
-    try:
-        arrays = {name: np.concatenate(got) for name, got in parts.items()}
-    except ValueError as exc:
-        shapes = {name: sorted({a.shape for a in got}) for name, got in parts.items()}
-        raise CalibrationError(f"{source}: feeds have different shapes {shapes}: {exc}") from None
-    return check_calibration(arrays, model, source)
+                               f"of {count} feeds; every feed needs every model input (or --fix-input it)")
+    from onnxflex.batchaxes import find_axes
+
+    first = {n: got[0] for n, got in parts.items()}
+    axes = find_axes(first, inputs, options.batch_axes, fixed_batch(model) is not None, source)
+    arrays = {}
+    for name, got in parts.items():
+        axis = axes[name]
+        try:
+            arrays[name] = got[0] if axis is None else np.concatenate(got, axis=axis)
+        except ValueError as exc:
+            raise CalibrationError(f"{source}: feeds give input {name!r} different shapes "
+                                   f"{sorted({a.shape for a in got})}: {exc}") from None
+        if axis is None and any(not np.array_equal(a, got[0]) for a in got[1:]):
+            raise CalibrationError(f"{source}: input {name!r} has no batch axis but the feeds give it different "
+                                   f"values; give every feed the same value, or pin it with --fix-input {name}=VALUE")
+    found = {n: a for n, a in axes.items() if a is not None}
+    return check_calibration(arrays, model, source, replace(options, batch_axes={**options.batch_axes, **found}))
+
+
+def _as_batch(array: np.ndarray, vi: onnx.ValueInfoProto, options: InputOptions) -> np.ndarray:
+    """A single sample (one dim short of a batched input) with its batch axis put back: the one given by
+    --batch-axis, else the input's only unknown dim, else axis 0."""
+    dims = input_dims(vi)
+    unknown = [k for k, d in enumerate(dims) if d is None]
+    if array.ndim != len(dims) - 1 or not unknown:
+        return array
+    axis = options.batch_axes.get(vi.name, unknown[0] if len(unknown) == 1 else 0)
+    return np.expand_dims(array, axis)
 
 
 def synthetic_calibration(model: onnx.ModelProto, config: QuantConfig) -> CalibrationSet:
@@ -124,14 +153,18 @@ def synthetic_calibration(model: onnx.ModelProto, config: QuantConfig) -> Calibr
                                f"its inputs are {', '.join(names)}")
     rng = np.random.default_rng(config.seed)
     n = config.synthetic_samples
+    options = InputOptions.from_config(config)
     arrays = {}
-    for vi in model.graph.input:
-        if vi.name in names:
-            dims = _sample_dims(vi, shapes.get(vi.name))
-            arrays[vi.name] = _random_input(model, vi, [n, *dims], rng)
+    for name, vi in model_inputs(model).items():
+        if name in options.fixed:
+            continue
+        if not vi.type.tensor_type.shape.dim:  # a 0-d input: one value shared by every sample
+            arrays[name] = _random_input(model, vi, [], rng)
+            continue
+        arrays[name] = _random_input(model, vi, [n, *_sample_dims(vi, shapes.get(name))], rng)
     log.warning("no calibration data given: quantizing on %d synthetic samples drawn from the input signature; "
                 "accuracy will suffer — pass --calib with real inputs", n)
-    return check_calibration(arrays, model, "synthetic data")
+    return check_calibration(arrays, model, "synthetic data", options)
 
 
 def _sample_dims(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> list[int]:

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxflex.calib import fixed_batch
-from onnxflex.capture import remove_runtime_file, runtime_file, session, session_options
+from onnxflex.calib import CalibrationSet, fixed_batch
+from onnxflex.capture import remove_runtime_file, runtime_file, session, session_options, tensor_layout
 from onnxflex.extdata import needs_file
 from onnxflex.graph import all_nodes
 from onnxflex.errors import VerificationError
+from onnxflex.layout import Layout
 from onnxflex.qparams import sqnr_db
 
 
@@ -44,22 +45,24 @@ def check_model(model: onnx.ModelProto) -> None:
         raise VerificationError(f"the emitted model fails onnx.checker: {exc}") from exc
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], providers, batch: int = 64) -> dict[str, np.ndarray]:
-    """All outputs of ``model`` over ``feeds``, run in batches (of the model's fixed batch, if it has one)."""
-    batch = fixed_batch(model) or batch
+def run(model: onnx.ModelProto, data: CalibrationSet, providers, batch: int = 64,
+        layout: Layout | None = None) -> dict[str, np.ndarray]:
+    """All outputs of ``model`` over ``data``, run in batches (of the model's fixed batch, if it has one),
+    each sample-major (``layout`` gives their batch axes [default: found by capture.tensor_layout]; a
+    shared output once)."""
+    fixed = fixed_batch(model)
     sess = session(model, list(providers))
     names = [o.name for o in sess.get_outputs()]
-    n = len(next(iter(feeds.values())))
-    chunks = [sess.run(names, {k: v[i:i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
-    return {name: np.concatenate([c[j] for c in chunks]) for j, name in enumerate(names)}
+    layout = layout or tensor_layout(sess, names, data, fixed)
+    chunks = [sess.run(names, feeds) for feeds in data.batches(fixed or batch)]
+    return {name: chunks[0][j] if layout.shared(name) else
+            np.concatenate([layout.to_samples(name, c[j]) for c in chunks]) for j, name in enumerate(names)}
 
 
 def optimized_op_counts(model: onnx.ModelProto, providers=("CPUExecutionProvider",)) -> dict[str, int]:
     """Op types of the graph onnxruntime actually runs after its optimisations (fused kernels show here),
     with the session options onnxflex runs models with (capture.session_options); the nodes of If
     branches and Loop/Scan bodies count too (the optimised file keeps them in the node attributes)."""
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="onnxflex-opt-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
         opts = session_options()
@@ -67,28 +70,23 @@ def optimized_op_counts(model: onnx.ModelProto, providers=("CPUExecutionProvider
         if needs_file(model):
             opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                           "optimized.onnx.data")
-            opts.add_session_config_entry("session.disable_prepacking", "1")
-            source = runtime_file(model)
-            try:
-                ort.InferenceSession(str(source), opts, providers=list(providers))
-            finally:
-                remove_runtime_file(source)
-        else:
-            ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        session(model, list(providers), opts=opts)
         optimized = onnx.load(path, load_external_data=False)
     return dict(sorted(collections.Counter(n.op_type for n in all_nodes(optimized.graph)).items()))
 
 
-def verify(qmodel: onnx.ModelProto, fp_model: onnx.ModelProto | dict[str, np.ndarray], feeds: dict[str, np.ndarray],
-           simulated: dict[str, np.ndarray], providers, min_sim_sqnr_db: float) -> Verification:
+def verify(qmodel: onnx.ModelProto, fp_model: onnx.ModelProto | dict[str, np.ndarray], data: CalibrationSet,
+           simulated: dict[str, np.ndarray], providers, min_sim_sqnr_db: float,
+           layout: Layout | None = None) -> Verification:
     """Raises VerificationError when the checker fails or onnxruntime disagrees with the simulation.
-    ``fp_model`` is the FP32 model, or its outputs on ``feeds`` computed beforehand."""
+    ``fp_model`` is the FP32 model, or its outputs on ``data`` computed beforehand; outputs are compared
+    sample-major (``layout``: the outputs' batch axes, as for run)."""
     check_model(qmodel)
     try:
-        quantized = run(qmodel, feeds, providers)
+        quantized = run(qmodel, data, providers, layout=layout)
     except Exception as exc:
         raise VerificationError(f"onnxruntime cannot run the emitted model: {exc}") from exc
-    reference = fp_model if isinstance(fp_model, dict) else run(fp_model, feeds, providers)
+    reference = fp_model if isinstance(fp_model, dict) else run(fp_model, data, providers, layout=layout)
     sim = {k: sqnr_db(quantized[k], simulated[k]) for k in quantized if k in simulated}
     bad = {k: v for k, v in sim.items() if v < min_sim_sqnr_db}
     if bad:
@@ -97,4 +95,4 @@ def verify(qmodel: onnx.ModelProto, fp_model: onnx.ModelProto | dict[str, np.nda
             f"{', '.join(f'{k} {v:.1f} dB' for k, v in bad.items())} < {min_sim_sqnr_db} dB; this is a bug, "
             "please report it with the model")
     fp32 = {k: sqnr_db(reference[k], quantized[k]) for k in quantized if k in reference}
-    return Verification(len(next(iter(feeds.values()))), sim, fp32, optimized_op_counts(qmodel))
+    return Verification(data.num_samples, sim, fp32, optimized_op_counts(qmodel))

@@ -6,7 +6,8 @@ Identity/Dropout, folds nodes whose inputs are all constant (weights fed through
 become plain initializers), folds Shape of static shapes, inlines the branch an If with a constant
 condition takes (passes/fold_if.py), gives subgraph initializers names of their own and routes outer
 tensors into subgraphs through Identities (passes/control_flow.py), gives each weighted node its own
-copy of a shared weight or bias, sorts topologically and infers shapes.
+copy of a shared weight or bias, sorts topologically and infers shapes. Graph input/output dims written
+as dim_value <= 0 (a dynamic batch in legacy exports) become unknown.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
+from onnxflex.ortcompat import clear_unknown_dims
 from onnxflex.passes.control_flow import (explicit_outer_reads, localize_outer_initializers,
                                            local_layer_inputs, subgraph_reads,
                                            unique_subgraph_initializers)
@@ -39,6 +41,7 @@ def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     node names, initializer graph inputs, Constant and Identity/Dropout nodes are rewritten in place
     (and constants folded too if shape inference fails); pass a copy to keep the original."""
     model = _upgrade_opset(model, ctx)
+    clear_unknown_dims(model)  # a batch written as -1 or 0: the emitted model must load in onnxruntime
     name_nodes_uniquely(model)
     pinned = pinned_values(model, ctx.config.fix_inputs)
     declared = [_copy(vi) for vi in model.graph.input if vi.name in pinned]
@@ -198,7 +201,7 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     shapes = {}
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         t = vi.type.tensor_type
-        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+        if t.HasField("shape") and all(d.HasField("dim_value") and d.dim_value > 0 for d in t.shape.dim):
             shapes[vi.name] = [d.dim_value for d in t.shape.dim]
     return shapes
 

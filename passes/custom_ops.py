@@ -65,10 +65,12 @@ def _load_error(model: onnx.ModelProto) -> str | None:
     """onnxruntime's one-line complaint when it cannot load ``model`` on the CPU, else None."""
     import onnxruntime as ort
 
+    from onnxflex.capture import session
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
-        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session(model, ["CPUExecutionProvider"], opts=opts)
     except Exception as exc:  # onnxruntime raises its own pybind types
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return None

@@ -15,12 +15,14 @@ import onnx
 import torch
 
 from onnxflex.blocks import Block, BlockPlan
+from onnxflex.calib import CalibrationSet
 from onnxflex.capture import DiskArray, TensorCache
 from onnxflex.checkpoint import Checkpoint, FrozenRounder
 from onnxflex.config import QuantConfig
 from onnxflex.device import threads_for, torch_threads
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import default_opset
+from onnxflex.layout import Layout
 from onnxflex.progress import Progress
 from onnxflex.passes.select import concat_ties
 from onnxflex.passes.select_inner import initializers_of
@@ -48,25 +50,48 @@ class BlockResult:
 
 
 class BlockData:
-    """A block's tensors on the compute device: FP inputs, FP targets and quantized-path inputs."""
+    """A block's tensors on the compute device: FP inputs, FP targets and quantized-path inputs, samples
+    on dim 0 (a shared tensor is a Shared value that every batch sees whole). ``run`` calls a block
+    module in the model's layout (``layout``: the cache's batch axes) and returns sample-major outputs."""
 
     def __init__(self, block: Block, cache: TensorCache, device: torch.device) -> None:
-        def load(key):
+        self.layout = cache.layout
+
+        def load(key, name):
             array = cache[key]
+            if self.layout.shared(name):
+                return Shared(torch.from_numpy(np.array(array)).to(device))
             if isinstance(array, DiskArray):  # spilled: read batch by batch, RAM stays bounded
                 return RowReader(array, device)
             return torch.from_numpy(np.array(array)).to(device)
 
-        self.fp_inputs = {n: load("fp:" + n) for n in block.inputs}
-        self.fp_outputs = {n: load("fp:" + n) for n in block.outputs}
-        self.q_inputs = {n: load("q:" + n) if "q:" + n in cache else self.fp_inputs[n] for n in block.inputs}
-        self.num_samples = next(iter(self.fp_outputs.values())).shape[0]
+        self.fp_inputs = {n: load("fp:" + n, n) for n in block.inputs}
+        self.fp_outputs = {n: load("fp:" + n, n) for n in block.outputs}
+        self.q_inputs = {n: load("q:" + n, n) if "q:" + n in cache else self.fp_inputs[n] for n in block.inputs}
+        self.num_samples = cache.num_samples
         self.device = device
+
+    def run(self, module, inputs: dict[str, torch.Tensor], observe=None) -> dict[str, torch.Tensor]:
+        """``module`` on sample-major ``inputs``; its outputs sample-major."""
+        feeds = {k: self.layout.to_model(k, v) for k, v in inputs.items()}
+        outputs = module(feeds) if observe is None else module(feeds, observe=observe)
+        return {k: self.layout.to_samples(k, v) for k, v in outputs.items()}
 
     def largest_sample(self) -> int:
         """Values per sample of the block's largest input or output."""
         tensors = [*self.fp_inputs.values(), *self.fp_outputs.values()]
-        return max(int(np.prod(t.shape[1:], dtype=np.int64)) for t in tensors)
+        return max(int(np.prod(t.shape if isinstance(t, Shared) else t.shape[1:], dtype=np.int64))
+                   for t in tensors)
+
+
+class Shared:
+    """A tensor with one value for every sample: indexing it with any batch index returns it whole."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value, self.shape = value, value.shape
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.value
 
 
 class RowReader:
@@ -120,11 +145,12 @@ def calibrate_activations(module, data: BlockData, config: QuantConfig, seed: in
             lo, hi = float(value.min()), float(value.max())
             old = ranges.get(name, [lo, hi])
             ranges[name] = [min(old[0], lo), max(old[1], hi)]
-            samples[name].append(_thinned(value.detach().reshape(-1).cpu(), value.shape[0], data.num_samples, thin))
+            size = value.shape[data.layout.axis(name)] if not data.layout.shared(name) and value.ndim else 1
+            samples[name].append(_thinned(value.detach().reshape(-1).cpu(), size, data.num_samples, thin))
 
     module.quantize = False
     for batch in _batches(data.fp_inputs, data.num_samples, config.batch_size):
-        module(batch, observe=observe)
+        data.run(module, batch, observe=observe)
     module.quantize = True
     gen = torch.Generator().manual_seed(seed)
     tied: dict[int, list[str]] = {}  # points sharing one quantizer calibrate on their joint values
@@ -168,7 +194,7 @@ def evaluate(module, data: BlockData, batch: int) -> float:
     for start in range(0, data.num_samples, batch):
         inputs = {k: v[start:start + batch] for k, v in data.q_inputs.items()}
         target = {k: v[start:start + batch] for k, v in data.fp_outputs.items()}
-        total += float(block_loss(module(inputs), target)) * len(next(iter(target.values())))
+        total += float(block_loss(data.run(module, inputs), target)) * min(batch, data.num_samples - start)
     return total / data.num_samples
 
 
@@ -186,7 +212,7 @@ def train(module: BlockModule, data: BlockData, config: QuantConfig, seed: int, 
     module.train()
     try:
         for it, idx in enumerate(step_indices(seed, data.num_samples, batch, config.iters, data.device)):
-            out = module({k: v[idx] for k, v in data.q_inputs.items()})
+            out = data.run(module, {k: v[idx] for k, v in data.q_inputs.items()})
             loss = block_loss(out, {k: v[idx] for k, v in data.fp_outputs.items()})
             policy.zero_grad()
             (loss + policy.penalty(it)).backward()
@@ -218,13 +244,17 @@ def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: 
     n = data.num_samples
     for start in range(0, n, batch):
         inputs = {k: v[start:start + batch] for k, v in data.q_inputs.items()}
-        values = {"q:" + name: value for name, value in module(inputs).items()}
-        values.update({"q:" + name: module.state.acts[name](inputs[name]) for name in module.input_points})
-        for key, value in values.items():
+        values = dict(data.run(module, inputs))
+        values.update({name: module.state.acts[name](inputs[name]) for name in module.input_points})
+        for name, value in values.items():
             array = value.cpu().numpy()
+            if data.layout.shared(name):
+                if start == 0:
+                    cache.put("q:" + name, array)
+                continue
             if start == 0:
-                cache.allocate(key, (n,) + array.shape[1:], array.dtype)
-            cache[key][start:start + len(array)] = array
+                cache.allocate("q:" + name, (n,) + array.shape[1:], array.dtype)
+            cache["q:" + name][start:start + len(array)] = array
 
 
 def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: QuantConfig,
@@ -351,22 +381,22 @@ def _warn_not_reached(block: Block, unseen: list[str]) -> None:
 
 
 @torch.no_grad()
-def simulate(modules: list, plan: BlockPlan, feeds: dict[str, np.ndarray], device: torch.device,
-             batch: int) -> dict[str, np.ndarray]:
-    """The quantized model as onnxflex simulates it: every frozen block in order on ``feeds``."""
-    n = len(next(iter(feeds.values())))
+def simulate(modules: list, plan: BlockPlan, data: CalibrationSet, device: torch.device, batch: int,
+             layout: Layout = Layout()) -> dict[str, np.ndarray]:
+    """The quantized model as onnxflex simulates it: every frozen block in order on ``data``, in the
+    model's layout; the graph outputs sample-major (``layout``: their batch axes; a shared output once)."""
     outputs = [o.name for o in plan.model.graph.output]
     chunks: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
-    per_sample = max(int(np.prod(np.shape(v)[1:], dtype=np.int64)) for v in feeds.values())
+    per_sample = max([int(np.prod(v.shape[1:], dtype=np.int64)) for v in data.arrays.values()] or [1])
     largest = max([batch * per_sample] + list(_initializer_sizes(plan.model).values()))
     with torch_threads(threads_for(largest, device)):  # the inner activations are not known beforehand
-        for start in range(0, n, batch):
-            env = {k: torch.from_numpy(np.asarray(v[start:start + batch])).to(device) for k, v in feeds.items()}
+        for feeds in data.batches(batch):
+            env = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in feeds.items()}
             for module in modules:
                 env.update(module({name: env[name] for name in module.block.inputs}))
             for o in outputs:
-                chunks[o].append(env[o].cpu().numpy())
-    return {o: np.concatenate(c) for o, c in chunks.items()}
+                chunks[o].append(layout.to_samples(o, env[o]).cpu().numpy())
+    return {o: c[0] if layout.shared(o) else np.concatenate(c) for o, c in chunks.items()}
 
 
 def _initializer_sizes(model: onnx.ModelProto) -> dict[str, int]:
