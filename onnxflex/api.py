@@ -60,11 +60,6 @@ def quantize(model: Any, calibration: Any = None, config: QuantConfig | None = N
     config = config or QuantConfig()
     t0 = time.perf_counter()
     original = load_model(model)
-    if config.fix_inputs:  # pinned inputs get defaults: calibration, reference and checks need no data for them
-        from onnxflex.passes.pin_inputs import pin_inputs
-        from onnxflex.passes.pipeline import PassContext
-
-        original = pin_inputs(original, PassContext(config))
     data = resolve_calibration(calibration, original, model, config)
     fixed = fixed_batch(original)
     recon, held = split_calibration(data, config, fixed)
