@@ -45,6 +45,7 @@ class FrozenRounder(torch.nn.Module):
         self.register_buffer("ints", torch.from_numpy(np.ascontiguousarray(weight.ints)).to(device))
         self.register_buffer("step", torch.from_numpy(np.ascontiguousarray(weight.scale)).to(device))
         self.register_buffer("zero_point", torch.from_numpy(np.ascontiguousarray(weight.zero_point)).to(device))
+        self.symmetric = not np.any(weight.zero_point)
         self.train(False)
 
     def param_groups(self) -> list:
@@ -67,6 +68,8 @@ class FrozenRounder(torch.nn.Module):
         return self.ints.float() - self.spread(self.zero_point.float())
 
     def fake_quant(self) -> torch.Tensor:
+        if self.symmetric:  # one pass over the weight: int8 × float promotes to float, values exact
+            return self.ints * self.spread(self.step)
         return self.integers() * self.spread(self.step)
 
     def export(self) -> QuantizedWeight:

@@ -12,7 +12,7 @@ from onnx import helper
 from onnxflex.errors import ModelLoadError
 from onnxflex.extdata import load_offloaded, needs_file, weights_dir, write_model
 
-MIN_OPSET = 11
+MIN_OPSET = 1  # onnx's version converter has adapters from opset 1; canonicalize upgrades to 13
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:

@@ -1,6 +1,6 @@
 """canonicalize: one predictable graph shape for every later pass.
 
-Upgrades opsets below 13 (per-channel DequantizeLinear needs 13), names every node uniquely, pins the
+Upgrades opsets below 13 (per-channel DequantizeLinear needs 13) with onnx's version converter, names every node uniquely, pins the
 inputs --fix-input names (passes/pin_inputs.py), turns Constant nodes into initializers, drops
 Identity/Dropout, folds nodes whose inputs are all constant (weights fed through Transpose/Cast/Reshape
 become plain initializers), folds Shape of static shapes, inlines the branch an If with a constant
@@ -70,12 +70,14 @@ def _copy(vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
 
 
 def _upgrade_opset(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Models below opset 13 (opset 9 model-zoo CNNs, opset 11 exports) go through onnx's version
+    converter, with a warning; a model it cannot convert is refused in one line."""
     opset = default_opset(model)
     newest = onnx.defs.onnx_opset_version()
     if opset < MIN_OPSET:
         raise UnsupportedModelError(
-            f"model opset {opset} is below {MIN_OPSET}, the oldest onnxflex accepts; re-export it with "
-            f"opset >= {QDQ_MIN_OPSET} or convert it with onnx.version_converter.convert_version(model, 13)")
+            f"model opset {opset} is below {MIN_OPSET}, the oldest onnx's version converter upgrades; re-export "
+            f"it with opset >= {QDQ_MIN_OPSET}")
     if opset > newest:
         raise UnsupportedModelError(
             f"model opset {opset} is newer than the installed onnx knows ({newest}); upgrade the onnx package")
@@ -84,10 +86,12 @@ def _upgrade_opset(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     try:
         upgraded = version_converter.convert_version(model, QDQ_MIN_OPSET)
     except Exception as exc:
+        reason = " ".join(str(exc).split()).rpartition(" failed: ")[2] or type(exc).__name__
         raise UnsupportedModelError(
-            f"model opset {opset} must be upgraded to {QDQ_MIN_OPSET} for per-channel DequantizeLinear, "
-            f"and onnx's version converter failed: {exc}; re-export the model with opset >= 13") from exc
-    ctx.warnings.append(f"upgraded the model from opset {opset} to {QDQ_MIN_OPSET} (per-channel Q/DQ needs 13)")
+            f"model opset {opset} must be upgraded to {QDQ_MIN_OPSET} for per-channel DequantizeLinear, and "
+            f"onnx's version converter failed: {reason}; re-export the model with opset >= {QDQ_MIN_OPSET}") from exc
+    ctx.warnings.append(f"upgraded the model from opset {opset} to {QDQ_MIN_OPSET} with onnx's version converter "
+                        "(per-channel Q/DQ needs 13)")
     return upgraded
 
 

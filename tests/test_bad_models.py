@@ -118,11 +118,26 @@ def _with_opset(version: int) -> onnx.ModelProto:
     return model
 
 
-def test_opset_below_11_is_refused_with_the_fix():
+def test_opset_9_is_upgraded_with_a_warning():
+    result = onnxflex.quantize(_with_opset(9), calibration(graphs.conv_bias_add(0)), rtn(), progress=False)
+    assert any("upgraded the model from opset 9 to 13" in w for w in result.report["warnings"]), \
+        result.report["warnings"]
+    assert [o.version for o in result.model.opset_import if o.domain == ""] == [13]
+    sqnr = min(result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"].values())
+    assert sqnr >= 30.0, f"onnxruntime vs simulation {sqnr:.1f} dB after the opset upgrade"
+
+
+def test_opset_the_version_converter_cannot_upgrade_is_refused_in_one_line():
+    b = graphs._Builder(0)
+    b.node("BatchNormalization", ["x", *b.bn_params("bn", 3)], ["y"], name="bn0", spatial=0)
+    params = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in b.inits]  # IR 3 lists them
+    graph = helper.make_graph(b.nodes, "old_bn", [graphs._image(), *params], [graphs._out(graphs.N, 3, 16, 16)],
+                              b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3)
     with pytest.raises(UnsupportedModelError) as info:
-        onnxflex.quantize(_with_opset(9), calibration(graphs.conv_bias_add(0)), rtn(), progress=False)
+        onnxflex.quantize(model, calibration(model), rtn(), progress=False)
     msg = str(info.value)
-    assert "opset 9 is below 11" in msg and "convert_version" in msg
+    assert "\n" not in msg and "opset 6 must be upgraded to 13" in msg and "spatial" in msg, msg
 
 
 def test_opset_newer_than_onnx_knows_is_refused():

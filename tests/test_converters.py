@@ -102,11 +102,15 @@ NN_CASES = [
     case("GlobalMaxPool", f32(2, 3, 5, 4)),
     case("Softmax", f32(2, 3, 4, 5), id="default-axis", opset=11),
     case("Softmax", f32(2, 3, 4, 5), id="axis2", axis=2, opset=11),
+    case("Softmax", f32(2, 3, 4, 1), id="axis1-flattens", axis=1, opset=9),
     case("Softmax", f32(2, 3, 4, 5), id="default-axis"),
     case("Softmax", f32(2, 3, 4, 5), id="axis1", axis=1),
     case("LogSoftmax", f32(2, 3, 4), id="axis-neg2", axis=-2, opset=11),
     case("LogSoftmax", f32(2, 3, 4), id="default-axis"),
     case("BatchNormalization", f32(2, 3, 4, 4), f32(3), f32(3), f32(3), pos(3), epsilon=1e-3),
+    case("LRN", f32(2, 7, 5, 5) * 3, id="alexnet", size=5, alpha=1e-4, beta=0.75, bias=1.0, opset=9),
+    case("LRN", f32(1, 5, 2, 7) * 3, id="size1", size=1, alpha=0.3),
+    case("LRN", f32(2, 3, 3, 2) * 3, id="wider-than-channels", size=7, alpha=0.2, beta=1.0),
     case("LayerNormalization", f32(2, 3, 8), f32(8), f32(8), id="last-axis", opset=17),
     case("LayerNormalization", f32(2, 3, 4), f32(3, 4), None, id="axis1-3-outputs", axis=1, opset=17, outputs=3),
     case("Resize", f32(1, 2, 3, 4), None, np.array([1, 1, 2, 2], np.float32), id="nearest-asym-floor",
@@ -151,6 +155,7 @@ ELEMENTWISE_CASES = [
     case("Max", f32(2, 3), f32(3), f32(2, 1)),
     case("Min", f32(2, 3), f32(2, 3)),
     case("Sum", f32(2, 3), f32(3), f32(1, 3)),
+    case("Sum", f32(1, 4, 3, 3), f32(1, 4, 3, 3), f32(1, 4, 3, 3), f32(4, 1, 1), f32(1, 4, 3, 3), id="five", opset=8),
     case("Mean", f32(2, 3), f32(3)),
     *[case(op, f32(2, 3, 4)) for op in ("Exp", "Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Softplus", "Softsign",
                                         "Floor", "Ceil", "Sign", "Sin", "Cos", "Identity")],
@@ -282,6 +287,34 @@ def test_converter_matches_onnxruntime(op, inputs, attrs, opset, n_outputs, tol)
             np.testing.assert_allclose(g, e, rtol=tol, atol=tol, err_msg=f"output {i}")
         else:
             np.testing.assert_array_equal(g, e, err_msg=f"output {i}")
+
+
+def _lrn_by_the_text(x: np.ndarray, size: int, alpha: float, beta: float, bias: float) -> np.ndarray:
+    """LRN as the ONNX operator text writes it, one channel at a time (onnx 1.23's reference op loops
+    over the batch axis instead of the channels, and takes 4-D inputs only)."""
+    lo, hi = (size - 1) // 2, -(-(size - 1) // 2)
+    out = np.empty_like(x)
+    for c in range(x.shape[1]):
+        window = x[:, max(0, c - lo):min(x.shape[1], c + hi + 1)].astype(np.float64)
+        out[:, c] = x[:, c] / (bias + alpha / size * (window ** 2).sum(axis=1)) ** beta
+    return out
+
+
+@pytest.mark.parametrize("shape, size", [((2, 6, 4, 3), 4), ((2, 5, 7), 3), ((1, 4, 3, 2, 2), 2)],
+                         ids=["even-size", "1d", "3d-even-size"])
+def test_lrn_follows_the_onnx_window_where_onnxruntime_refuses(shape, size):
+    """onnxruntime runs LRN on 4-D inputs of odd size only; for the rest the converter follows the
+    ONNX text, which puts the extra channel of an even size after c (torch's local_response_norm puts
+    it before)."""
+    x = f32(*shape) * 3
+    node = helper.make_node("LRN", ["x"], ["y"], name="lrn_0", size=size, alpha=0.5, beta=0.6, bias=2.0)
+    expected = _lrn_by_the_text(x, size, 0.5, 0.6, 2.0)
+    got = find_converter("LRN", 13)(OpNode.from_proto(node, 13), [torch.from_numpy(x)])[0].numpy()
+    worst = float(np.abs(got - expected).max())
+    assert got.shape == expected.shape and worst < 1e-5, f"LRN {shape} size {size}: off by {worst:.3g}"
+    if size % 2 == 0:
+        shifted = torch.nn.functional.local_response_norm(torch.from_numpy(x), size, 0.5, 0.6, 2.0).numpy()
+        assert np.abs(shifted - expected).max() > 1e-3, "the case no longer tells the two windows apart"
 
 
 def test_every_registered_op_has_a_case():

@@ -78,7 +78,7 @@ def test_emitted_model_declares_no_inferred_shapes(quantized_cnn):
     assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["N", 1, 16, 16]
 
 
-def lrn_model():
+def unconverted_op_model():
     rng = np.random.default_rng(0)
 
     def conv(name, cin, cout, x, y):
@@ -88,7 +88,7 @@ def lrn_model():
     n1, i1 = conv("c1", 3, 8, "x", "a")
     n2, i2 = conv("c2", 8, 8, "r", "y")
     nodes = [n1, helper.make_node("Relu", ["a"], ["a2"], name="relu"),
-             helper.make_node("LRN", ["a2"], ["r"], name="lrn", size=3), n2]
+             helper.make_node("Shrink", ["a2"], ["r"], name="shrink", lambd=0.1), n2]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])], i1 + i2)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
@@ -97,15 +97,15 @@ def lrn_model():
 
 
 def test_block_without_torch_converter_runs_in_onnxruntime(caplog):
-    model, calib = lrn_model()
+    model, calib = unconverted_op_model()
     with caplog.at_level("WARNING", logger="onnxflex"):
         result = onnxflex.quantize(model, calib, QuantConfig(iters=20, granularity="layer"), progress=False)
-    assert "LRN (node 'lrn')" in caplog.text and "round-to-nearest" in caplog.text
+    assert "Shrink (node 'shrink')" in caplog.text and "round-to-nearest" in caplog.text
     blocks = result.report["blocks"]
     assert [b["runtime"] for b in blocks] == ["onnxruntime", "torch"] and blocks[0]["iters"] == 0
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
     assert sim >= 40, f"fallback block simulation differs from onnxruntime: {sim:.1f} dB"
-    assert "LRN" in result.report["verification"]["optimized_graph_ops"]
+    assert "Shrink" in result.report["verification"]["optimized_graph_ops"]
 
 
 def test_model_without_quantizable_layers_is_refused():

@@ -6,6 +6,7 @@ to produce the next blocks' quantized inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -188,13 +189,20 @@ def block_loss(out: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) ->
     return torch.stack(losses).sum()
 
 
+def fixed_weights(module):
+    """``module.fixed_weights()`` for a BlockModule (one fake_quant per weight for a whole loop over
+    batches); an OrtBlock's weights are fixed in its session already."""
+    return module.fixed_weights() if isinstance(module, BlockModule) else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate(module, data: BlockData, batch: int) -> float:
     total = 0.0
-    for start in range(0, data.num_samples, batch):
-        inputs = {k: v[start:start + batch] for k, v in data.q_inputs.items()}
-        target = {k: v[start:start + batch] for k, v in data.fp_outputs.items()}
-        total += float(block_loss(data.run(module, inputs), target)) * min(batch, data.num_samples - start)
+    with fixed_weights(module):
+        for start in range(0, data.num_samples, batch):
+            inputs = {k: v[start:start + batch] for k, v in data.q_inputs.items()}
+            target = {k: v[start:start + batch] for k, v in data.fp_outputs.items()}
+            total += float(block_loss(data.run(module, inputs), target)) * min(batch, data.num_samples - start)
     return total / data.num_samples
 
 
@@ -238,23 +246,30 @@ def step_indices(seed: int, n: int, batch: int, steps: int, device: torch.device
 
 
 @torch.no_grad()
-def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: int) -> None:
+def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: int) -> float:
     """Run the frozen block on the quantized path and keep its outputs (and quantized graph inputs),
-    batch by batch into the cache (which spills to disk beyond its RAM bound)."""
+    batch by batch into the cache (which spills to disk beyond its RAM bound). Returns the block loss
+    of those outputs against the FP outputs, as ``evaluate`` computes it."""
     n = data.num_samples
-    for start in range(0, n, batch):
-        inputs = {k: v[start:start + batch] for k, v in data.q_inputs.items()}
-        values = dict(data.run(module, inputs))
-        values.update({name: module.state.acts[name](inputs[name]) for name in module.input_points})
-        for name, value in values.items():
-            array = value.cpu().numpy()
-            if data.layout.shared(name):
+    total = 0.0
+    with fixed_weights(module):
+        for start in range(0, n, batch):
+            inputs = {k: v[start:start + batch] for k, v in data.q_inputs.items()}
+            outputs = dict(data.run(module, inputs))
+            target = {k: v[start:start + batch] for k, v in data.fp_outputs.items()}
+            total += float(block_loss(outputs, target)) * min(batch, n - start)
+            values = dict(outputs)
+            values.update({name: module.state.acts[name](inputs[name]) for name in module.input_points})
+            for name, value in values.items():
+                array = value.cpu().numpy()
+                if data.layout.shared(name):
+                    if start == 0:
+                        cache.put("q:" + name, array)
+                    continue
                 if start == 0:
-                    cache.put("q:" + name, array)
-                continue
-            if start == 0:
-                cache.allocate("q:" + name, (n,) + array.shape[1:], array.dtype)
-            cache["q:" + name][start:start + len(array)] = array
+                    cache.allocate("q:" + name, (n,) + array.shape[1:], array.dtype)
+                cache["q:" + name][start:start + len(array)] = array
+    return total / n
 
 
 def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: QuantConfig,
@@ -282,20 +297,21 @@ def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: 
             seed = config.seed * 1000 + k
             module = _block_runner(block, plan, state, target, config, data, seed, device, providers)
             learns = isinstance(module, BlockModule) and config.method != "rtn"
-            before = evaluate(module, data, config.batch_size)
             progress.start(config.iters if learns else 0, f"{block.name} ({k + 1}/{len(plan.blocks)})")
             steps = 0
             if learns:
+                before = evaluate(module, data, config.batch_size)
                 start = [p.detach().clone() for params, _ in module.learnable() for p in params]
                 steps = train(module, data, config, seed, progress)
-            after = evaluate(module, data, config.batch_size)
-            if learns and after > before:
-                _restore(module, start)
-                log.info("%s: learning ended at a higher loss (%.4g > %.4g); kept the round-to-nearest start",
-                         block.name, after, before)
                 after = evaluate(module, data, config.batch_size)
+                if after > before:
+                    _restore(module, start)
+                    log.info("%s: learning ended at a higher loss (%.4g > %.4g); kept the round-to-nearest "
+                             "start", block.name, after, before)
             _freeze(module, block, state, device)
-            store_quantized_outputs(module, data, cache, config.batch_size)
+            after = store_quantized_outputs(module, data, cache, config.batch_size)
+            if not learns:  # nothing changed the block: the loss before is the loss after
+                before = after
         runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
         results.append(BlockResult(block.name, before, after, steps, time.perf_counter() - t0, runtime))
         if checkpoint is not None:

@@ -32,6 +32,7 @@ ParamGroups = Sequence[tuple[Sequence[torch.nn.Parameter], str]]
 ROUNDERS: Registry[type] = Registry("rounding method")
 
 GRID = torch.linspace(0.5, 1.0, 21)
+SEARCH_CHUNK = 1 << 18  # weight values per step of the grid search
 
 
 def grouped_view(w: torch.Tensor, axis: int, group_size: int) -> tuple[torch.Tensor, tuple[int, ...],
@@ -67,18 +68,31 @@ def init_weight_scale(w: torch.Tensor, axis: int, bits: int, search: str, group_
     absmax = (view.abs().amax(dim=dims, keepdim=True) if dims else view.abs()).clamp_min(1e-12)
     if search == "minmax":
         return (absmax / qmax).reshape(shape)
+    # Steps are independent of each other: search a few of them at a time, so that the grid's
+    # temporaries stay in cache instead of allocating (and page-faulting) weight-sized tensors per ratio.
+    keep = next(d for d in range(view.ndim) if d not in dims)
+    count = view.shape[keep]
+    width = max(1, SEARCH_CHUNK // max(1, view.numel() // count)) if keep == 0 else count  # rows are contiguous
+    parts = [_grid_search(view.narrow(keep, i, min(width, count - i)), absmax.narrow(keep, i, min(width, count - i)),
+                          dims, qmin, qmax) for i in range(0, count, width)]
+    return torch.cat(parts, dim=keep).reshape(shape)
+
+
+def _grid_search(view: torch.Tensor, absmax: torch.Tensor, dims: tuple[int, ...], qmin: int, qmax: int
+                 ) -> torch.Tensor:
+    """The step absmax·ratio/qmax, ratio on GRID, of least squared rounding error over ``dims``."""
     best_err, best = None, absmax / qmax
     for ratio in GRID.tolist():
         s = absmax * ratio / qmax
-        err = (torch.clamp(torch.round(view / s), qmin, qmax) * s - view) ** 2
+        err = torch.div(view, s).round_().clamp_(qmin, qmax).mul_(s).sub_(view).square_()
         err = err.sum(dim=dims, keepdim=True) if dims else err
         if best_err is None:
-            best_err, best = err, s.clone()
+            best_err, best = err, s
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, s, best)
-    return best.reshape(shape)
+    return best
 
 
 class StepPolicy:

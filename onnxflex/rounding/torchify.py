@@ -7,6 +7,7 @@ QDQ graph), and all other initializers are constants.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -82,13 +83,31 @@ class BlockModule(torch.nn.Module):
         self.own_acts = torch.nn.ModuleList(state.acts[p] for p in block.act_points if p in state.acts)
         self.input_points = [p for p in block.act_points if p in block.inputs]
         self.quantize = True
+        self._fixed: dict[str, torch.Tensor] | None = None
+
+    @contextmanager
+    def fixed_weights(self):
+        """Within it, every quantized forward reuses one ``fake_quant()`` per weight, taken on entry
+        without gradients: for loops over batches (evaluation, the quantized outputs, simulation) in
+        which the rounders do not change. A model that fixes its batch at 1 would otherwise round
+        every weight once per sample."""
+        with torch.no_grad():
+            self._fixed = {l.weight: self.state.rounders[l.weight].fake_quant() for l in self.block.layers}
+        try:
+            yield self
+        finally:
+            self._fixed = None
 
     def forward(self, feeds: dict[str, torch.Tensor], observe: Observer | None = None) -> dict[str, torch.Tensor]:
         env: dict[str, torch.Tensor] = dict(feeds)
         for name in self.input_points:
             env[name] = self._point(name, env[name], observe)
-        weights = {l.weight: self.state.rounders[l.weight].fake_quant() for l in self.block.layers} \
-            if self.quantize else {}
+        if not self.quantize:
+            weights = {}
+        elif self._fixed is not None:
+            weights = self._fixed
+        else:
+            weights = {l.weight: self.state.rounders[l.weight].fake_quant() for l in self.block.layers}
         for node, convert in self.nodes:
             inputs = [self._value(name, env, weights) for name in node.inputs]
             for name, value in zip(node.outputs, convert(node, inputs)):
