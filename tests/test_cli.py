@@ -22,25 +22,25 @@ def test_help_lists_commands():
     assert "quantize" in result.output and "inspect" in result.output
 
 
-def test_missing_model_is_exit_1_with_the_path(tmp_path):
+def test_missing_model_is_exit_2_with_the_path(tmp_path):
     result = invoke("quantize", tmp_path / "nope.onnx", "-o", tmp_path / "out.onnx")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "nope.onnx" in result.output and "does not exist" in result.output
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_not_an_onnx_file_is_exit_1(tmp_path):
+def test_not_an_onnx_file_is_exit_2(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a protobuf")
     result = invoke("quantize", bad, "-o", tmp_path / "out.onnx")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "bad.onnx" in result.output
     assert not (tmp_path / "out.onnx").exists()
 
 
 def test_bad_option_value_is_a_config_error(tmp_path):
     result = invoke("quantize", CNN, "--wbits", "9", "-o", tmp_path / "out.onnx")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "wbits=9" in result.output and "[2, 8]" in result.output
 
 
@@ -57,14 +57,14 @@ def quantize_with_calibration(tmp_path, **arrays):
 
 def test_calibration_missing_input_names_it(tmp_path):
     result = quantize_with_calibration(tmp_path, pixels=np.zeros((8, 1, 16, 16), np.float32))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no data for model input(s) input" in result.output and "pixels" in result.output
     assert not (tmp_path / "out.onnx").exists()
 
 
 def test_calibration_wrong_shape_names_input_and_shape(tmp_path):
     result = quantize_with_calibration(tmp_path, input=np.zeros((8, 1, 8, 8), np.float32))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "'input'" in result.output and "[?, 1, 16, 16]" in result.output
 
 
@@ -72,7 +72,7 @@ def test_calibration_nan_is_refused(tmp_path):
     x = np.zeros((8, 1, 16, 16), np.float32)
     x[3, 0, 0, 0] = np.nan
     result = quantize_with_calibration(tmp_path, input=x)
-    assert result.exit_code == 1 and "NaN" in result.output
+    assert result.exit_code == 2 and "NaN" in result.output
 
 
 def test_quiet_rtn_run_writes_model_and_report(tmp_path):
@@ -99,5 +99,5 @@ def test_inspect_shows_the_block_plan():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_device_cuda_without_cuda_is_a_clear_error(tmp_path):
     result = invoke("quantize", CNN, "--device", "cuda", "--method", "rtn", "-o", tmp_path / "q.onnx")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "--device cuda" in result.output and "--device cpu" in result.output
