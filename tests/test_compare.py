@@ -87,3 +87,12 @@ def test_missing_data_and_mismatched_models_are_errors(tmp_path, quantized_paths
     np.savez(tmp_path / "wrong.npz", pixels=np.zeros((4, 1, 16, 16), np.float32))
     wrong = invoke("compare", CNN, w8, "--data", tmp_path / "wrong.npz")
     assert wrong.exit_code == 2 and "no data for model input(s) input" in wrong.stderr
+
+
+@pytest.mark.parametrize("name", ["digits_vit", "tiny_lm"])
+def test_transformer_compared_with_itself_is_infinite_sqnr(name):
+    """Their intermediate tensors include 0-d ones (shape arithmetic), which once crashed the statistics."""
+    model, data = MODELS / f"{name}.onnx", MODELS / f"{name}.eval.npz"
+    result = invoke("compare", model, model, "--data", data, "--samples", "16", "--repeats", "2")
+    assert result.exit_code == 0, result.output
+    assert "SQNR inf dB" in result.stdout, result.stdout
