@@ -46,6 +46,7 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file for other users
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -53,6 +54,13 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

@@ -101,3 +101,18 @@ def test_device_cuda_without_cuda_is_a_clear_error(tmp_path):
     result = invoke("quantize", CNN, "--device", "cuda", "--method", "rtn", "-o", tmp_path / "q.onnx")
     assert result.exit_code == 2
     assert "--device cuda" in result.output and "--device cpu" in result.output
+
+
+def test_written_files_take_the_umask_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "q.onnx"
+        result = invoke("quantize", CNN, "--method", "rtn", "--quiet", "-o", out)
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    for path in (out, tmp_path / "q.onnx.report.json"):
+        mode = path.stat().st_mode & 0o777
+        assert mode == 0o644, f"{path.name} has mode {oct(mode)}, expected 0o644 under umask 022"
