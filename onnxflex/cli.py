@@ -156,6 +156,9 @@ def quantize(model, output, calib, dump_config, quiet, log_level, config_file, *
 
     _setup_logging("error" if quiet else log_level)
     output = output or model.with_name(model.stem + ".q.onnx")
+    from onnxflex.graph import check_output_path
+
+    check_output_path(model, output)  # before the run, not after it
     result = run_quantize(model, calib, config, progress=not quiet)
     path = result.save(output)
     if not quiet:

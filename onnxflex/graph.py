@@ -159,3 +159,28 @@ class NameScope:
             k += 1
         self._taken.add(name)
         return name
+
+
+def check_output_path(model: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Before any work: raises OutputError when ``output`` is the model itself or its ``.data`` file, or
+    when its folder cannot be written (probed by creating and removing a file there)."""
+    from onnxflex.errors import OutputError
+
+    model, output = Path(model).resolve(), Path(output).resolve()
+    inputs = {model, model.with_name(model.name + ".data")}
+    if output in inputs or output.with_name(output.name + ".data") in inputs:
+        raise OutputError(f"-o {str(output)!r} would overwrite the input model {str(model)!r} or its weights; "
+                          "pass another -o path")
+    if output.is_dir():
+        raise OutputError(f"-o {str(output)!r} is a folder; pass a file path such as {str(output / 'model.q.onnx')!r}")
+    folder = output.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise OSError(f"{str(folder)!r} is a file, not a folder")
+        fd, probe = tempfile.mkstemp(prefix=".onnxflex-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write -o {str(output)!r}: {exc}; pass an -o path in a writable folder") from None

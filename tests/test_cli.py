@@ -116,3 +116,15 @@ def test_written_files_take_the_umask_mode(tmp_path):
     for path in (out, tmp_path / "q.onnx.report.json"):
         mode = path.stat().st_mode & 0o777
         assert mode == 0o644, f"{path.name} has mode {oct(mode)}, expected 0o644 under umask 022"
+
+
+def test_output_that_is_the_input_or_unwritable_fails_at_once(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(CNN.read_bytes())
+    same = invoke("quantize", model, "--method", "rtn", "-o", model)
+    assert same.exit_code == 2 and "would overwrite the input model" in same.output, same.output
+    assert model.read_bytes() == CNN.read_bytes()
+    (tmp_path / "afile").write_text("x")
+    bad = invoke("quantize", model, "--method", "rtn", "-o", tmp_path / "afile" / "q.onnx")
+    assert bad.exit_code == 2 and "cannot write -o" in bad.output, bad.output
+    assert len(bad.output.strip().splitlines()) == 1, bad.output
