@@ -128,3 +128,10 @@ def test_output_that_is_the_input_or_unwritable_fails_at_once(tmp_path):
     bad = invoke("quantize", model, "--method", "rtn", "-o", tmp_path / "afile" / "q.onnx")
     assert bad.exit_code == 2 and "cannot write -o" in bad.output, bad.output
     assert len(bad.output.strip().splitlines()) == 1, bad.output
+
+
+def test_range_messages_name_the_special_values():
+    abits = invoke("quantize", "--dump-config", "--abits", "4")
+    assert abits.exit_code == 2 and "0 for weight-only" in abits.output, abits.output
+    iters = invoke("quantize", "--dump-config", "--iters", "-5")
+    assert iters.exit_code == 2 and "iters=-5" in iters.output and "-1 (the default)" in iters.output, iters.output
