@@ -135,3 +135,9 @@ def test_range_messages_name_the_special_values():
     assert abits.exit_code == 2 and "0 for weight-only" in abits.output, abits.output
     iters = invoke("quantize", "--dump-config", "--iters", "-5")
     assert iters.exit_code == 2 and "iters=-5" in iters.output and "-1 (the default)" in iters.output, iters.output
+
+
+def test_calib_given_a_model_says_so(tmp_path):
+    result = invoke("quantize", CNN, "--calib", CNN, "--method", "rtn", "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 2 and "is an ONNX model, not calibration data" in result.output, result.output
+    assert "pickle" not in result.output
