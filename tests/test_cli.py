@@ -141,3 +141,14 @@ def test_calib_given_a_model_says_so(tmp_path):
     result = invoke("quantize", CNN, "--calib", CNN, "--method", "rtn", "-o", tmp_path / "q.onnx")
     assert result.exit_code == 2 and "is an ONNX model, not calibration data" in result.output, result.output
     assert "pickle" not in result.output
+
+
+def test_unverified_output_is_a_warning_in_stderr_and_report(tmp_path):
+    calib = tmp_path / "three.npz"
+    np.savez(calib, input=np.load(CNN.with_name("digits_cnn.calib.npz"))["input"][:3])
+    out = tmp_path / "q.onnx"
+    result = invoke("quantize", CNN, "--method", "rtn", "--calib", calib, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "UNVERIFIED" in result.stderr, result.stderr
+    report = json.loads((tmp_path / "q.onnx.report.json").read_text())
+    assert report["verification"] == {} and any("UNVERIFIED" in w for w in report["warnings"]), report["warnings"]
