@@ -1,6 +1,7 @@
 """The Python API: ``onnxflex.quantize(model, calibration, config) -> QuantResult``."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from onnxflex.graph import load_model, save_model_atomic, write_text_atomic
 from onnxflex.progress import Progress
 from onnxflex.report import layer_summary, reconstruction_summary, to_json, versions
 from onnxflex.sources import resolve_calibration
+
+log = logging.getLogger("onnxflex")
 
 
 @dataclass
@@ -69,5 +72,17 @@ def quantize(model: Any, calibration: Any = None, config: QuantConfig | None = N
                                "verification_samples": held.num_samples},
                   layers=layer_summary(report.pop("_plan"), params, config),
                   reconstruction=reconstruction_summary(config, report["blocks"], fixed or config.batch_size))
+    if not report["verification"]:
+        _warn_unverified(report, data.num_samples, config)
     report["timings"]["total"] = time.perf_counter() - t0
     return QuantResult(qmodel, report, params)
+
+
+def _warn_unverified(report: dict, samples: int, config: QuantConfig) -> None:
+    """No sample was held out, so the emitted model was never run against FP32: say so on stderr and in
+    the report's warnings."""
+    message = (f"the output is UNVERIFIED: {samples} calibration samples leave none held out for verification "
+               f"(verify_samples={config.verify_samples}, at most a quarter of the samples); give at least 4 "
+               "samples with --verify-samples 1 or more to have it checked against FP32")
+    log.warning(message)
+    report.setdefault("warnings", []).append(message)

@@ -69,7 +69,18 @@ def read_npz(path: str | Path, names=None) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files if names is None or k in names}
     except Exception as exc:
-        raise CalibrationError(f"{str(path)!r} is not a readable .npz file: {exc}") from exc
+        raise CalibrationError(_unreadable_npz(Path(path), exc)) from exc
+
+
+def _unreadable_npz(path: Path, exc: Exception) -> str:
+    """Why ``path`` is no .npz, in the user's terms: an ONNX model or another file passed by mistake."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK":  # an .npz is a zip archive
+        what = "an ONNX model" if path.suffix == ".onnx" else "not an .npz archive (a zip of .npy arrays)"
+        return (f"{str(path)!r} is {what}, not calibration data; pass --calib FILE.npz with one array per "
+                "model input (samples on dim 0), or a folder of .npy/.npz files or images")
+    return f"{str(path)!r} is not a readable .npz file: {exc}"
 
 
 @dataclass(frozen=True)

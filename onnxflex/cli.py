@@ -15,6 +15,8 @@ import click
 
 from onnxflex.config import OPTION_HELP, QuantConfig, choices
 from onnxflex.errors import ConfigError, OnnxflexError
+from onnxflex.exits import (FAILED, INTERNAL, SIGINT_EXIT, SIGTERM_EXIT, Terminated, crash_log,
+                            internal_error_line, sigterm_unwinds)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Flags whose name is not the field's name with dashes (repeatable options read better singular).
@@ -96,17 +98,35 @@ def options_markdown() -> str:
 
 
 class OnnxflexCommand(click.Command):
-    """Maps OnnxflexError to exit code 1 with a one-line message; usage errors keep click's code 2."""
+    """Runs a command under the exit codes of onnxflex.exits: an OnnxflexError prints one line and exits
+    with its class's code (2, verification 1); click's own exits and usage errors pass through (2);
+    SIGINT and SIGTERM unwind the command (its cleanup runs) and exit 130 / 143; any other exception is
+    an internal error, 3, with its traceback in a log file."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with sigterm_unwinds():
+                return super().invoke(ctx)
         except OnnxflexError as exc:
             click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted (SIGINT): onnxflex {self.name} stopped, temporary files removed", err=True)
+            ctx.exit(SIGINT_EXIT)
+        except Terminated:
+            click.echo(f"terminated (SIGTERM): onnxflex {self.name} stopped, temporary files removed", err=True)
+            ctx.exit(SIGTERM_EXIT)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # a bug: CI must tell it from a failed gate (1) or bad input (2)
+            click.echo(internal_error_line(exc, crash_log(exc, self.name)), err=True)
+            ctx.exit(INTERNAL)
 
 
-@click.group(help="Post-training quantization for ONNX models with learned rounding.")
+@click.group(help="Post-training quantization for ONNX models with learned rounding.",
+             epilog="Exit codes of every command: 0 ok; 1 a gate or check failed (compare's gates, check's "
+                    "fallbacks, a model failing verification); 2 bad input or usage; 3 internal error (traceback "
+                    "in the log file named); 130 / 143 interrupted by SIGINT / SIGTERM (temporary files removed).")
 @click.version_option(package_name="onnxflex")
 def main() -> None:
     pass
@@ -136,6 +156,9 @@ def quantize(model, output, calib, dump_config, quiet, log_level, config_file, *
 
     _setup_logging("error" if quiet else log_level)
     output = output or model.with_name(model.stem + ".q.onnx")
+    from onnxflex.graph import check_output_path
+
+    check_output_path(model, output)  # before the run, not after it
     result = run_quantize(model, calib, config, progress=not quiet)
     path = result.save(output)
     if not quiet:
@@ -177,7 +200,7 @@ def compare(reference, candidate, data, as_json, **options) -> None:
     """Compare CANDIDATE (e.g. a quantized model) with REFERENCE (its FP32 model) on --data.
 
     With --min-sqnr, --min-agreement or --max-latency-ratio it is a gate: exit code 1 and a one-line
-    reason when a threshold is not met.
+    reason when a threshold is not met (2: bad input, 3: an internal error).
     """
     from onnxflex.compare import GateOptions, compare_models, format_comparison
 
@@ -193,7 +216,7 @@ def compare(reference, candidate, data, as_json, **options) -> None:
         click.echo(format_comparison(result))
     if result.failures:
         click.echo(f"gate failed: {result.failures[0]}", err=True)
-        sys.exit(1)
+        sys.exit(FAILED)
 
 
 @main.command(cls=OnnxflexCommand)
@@ -206,7 +229,8 @@ def compare(reference, candidate, data, as_json, **options) -> None:
 def check(model, target, static_only, as_json) -> None:
     """Report, per node, what keeps MODEL's layers from running as integers on --target.
 
-    Exit code 1 when any layer (or residual Add / Concat) falls back to float.
+    Exit code 1 when any layer (or residual Add / Concat) falls back to float (2: bad input, 3: an
+    internal error).
     """
     from onnxflex.check import check as run_check
     from onnxflex.check import format_report
@@ -220,7 +244,7 @@ def check(model, target, static_only, as_json) -> None:
     else:
         click.echo(format_report(report))
     if not report.ok:
-        sys.exit(1)
+        sys.exit(FAILED)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,13 @@ class _Stats:
         self.classifier = False
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        """Adds one batch. Sequence-typed values (lists) and empty tensors add nothing; a 0-d tensor counts
+        as one row; integer and bool tensors are compared as numbers."""
+        if not isinstance(ref, np.ndarray) or not isinstance(got, np.ndarray) or ref.size == 0:
+            return
         ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+        if ref.ndim == 0:
+            ref, got = ref.reshape(1), got.reshape(1)
         if ref.shape != got.shape:
             raise ModelLoadError(f"shapes differ: reference {list(ref.shape)} vs candidate {list(got.shape)}")
         self.signal += float(np.sum(ref ** 2))

@@ -180,10 +180,11 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         _check_range("wbits", self.wbits, 2, 8)
-        if self.abits != 0:
-            _check_range("abits", self.abits, 8, 8)
+        if self.abits not in (0, 8) or isinstance(self.abits, bool):
+            raise ConfigError(f"abits={self.abits!r} is out of range: expected 8, or 0 for weight-only")
         _check_choice("method", self.method, METHODS)
         _check_choice("preset", self.preset, PRESETS)
+        self._check_defaults()
         self._resolve_preset()
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("target", self.target, TARGETS)
@@ -227,6 +228,17 @@ class QuantConfig:
             _check_range(f"layer_bits[{pattern!r}]", bits, 2, 8)
         self._check_group_size()
         self._check_budgets()
+
+    def _check_defaults(self) -> None:
+        """-1 means "the method's / preset's default"; any other negative value is refused naming it."""
+        for name, hi in (("iters", 1_000_000), ("batch_size", 65536), ("early_stop", 1_000_000)):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0 and value != -1:
+                raise ConfigError(f"{name}={value!r} is out of range: expected -1 (the default) or an int in "
+                                  f"[{0 if name != 'batch_size' else 1}, {hi}]")
+        if isinstance(self.lr, (int, float)) and self.lr < 0 and self.lr != -1:
+            raise ConfigError(f"lr={self.lr!r} is out of range: expected -1 (the method's default) or a float in "
+                              "[0.0, 1.0]")
 
     def _resolve_preset(self) -> None:
         """Options left at -1 take the preset's values (explicit values win): iters (the method's count

@@ -1,11 +1,15 @@
 """Typed errors. Every message says what went wrong, where, and how to fix it.
 
-The CLI maps any `OnnxflexError` to exit code 1; click's usage errors keep 2.
+Each class carries the exit code the CLI ends with when it reaches the top (onnxflex.exits lists
+them all): bad input of any kind is 2, as click's usage errors are; an emitted model that fails
+verification is a failed check, 1. Anything else that escapes a command is an internal error, 3.
 """
 
 
 class OnnxflexError(Exception):
-    """Base class of every error onnxflex raises on purpose."""
+    """Base class of every error onnxflex raises on purpose: bad input, exit code 2."""
+
+    exit_code = 2
 
 
 class ConfigError(OnnxflexError, ValueError):
@@ -29,7 +33,13 @@ class DeviceError(OnnxflexError):
 
 
 class VerificationError(OnnxflexError):
-    """The emitted model failed a check it must pass."""
+    """The emitted model failed a check it must pass: a failed check, exit code 1."""
+
+    exit_code = 1
+
+
+class OutputError(OnnxflexError):
+    """The output path cannot be written, or writing it would destroy an input."""
 
 
 class RegistryError(OnnxflexError, KeyError):

@@ -46,6 +46,7 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file for other users
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -53,6 +54,13 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -174,3 +182,28 @@ def all_nodes(g: onnx.GraphProto) -> list[onnx.NodeProto]:
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
                 nodes += all_nodes(sub)
     return nodes
+
+
+def check_output_path(model: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Before any work: raises OutputError when ``output`` is the model itself or its ``.data`` file, or
+    when its folder cannot be written (probed by creating and removing a file there)."""
+    from onnxflex.errors import OutputError
+
+    model, output = Path(model).resolve(), Path(output).resolve()
+    inputs = {model, model.with_name(model.name + ".data")}
+    if output in inputs or output.with_name(output.name + ".data") in inputs:
+        raise OutputError(f"-o {str(output)!r} would overwrite the input model {str(model)!r} or its weights; "
+                          "pass another -o path")
+    if output.is_dir():
+        raise OutputError(f"-o {str(output)!r} is a folder; pass a file path such as {str(output / 'model.q.onnx')!r}")
+    folder = output.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise OSError(f"{str(folder)!r} is a file, not a folder")
+        fd, probe = tempfile.mkstemp(prefix=".onnxflex-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write -o {str(output)!r}: {exc}; pass an -o path in a writable folder") from None

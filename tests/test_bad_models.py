@@ -47,8 +47,8 @@ def cli_quantize(tmp_path, model: onnx.ModelProto, *flags):
 
 
 def assert_one_line_error(result, out, *fragments):
-    """Exit code 1, one line on the output naming every fragment, and no output model written."""
-    assert result.exit_code == 1, result.output
+    """Exit code 2, one line on the output naming every fragment, and no output model written."""
+    assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for fragment in fragments:

@@ -43,11 +43,11 @@ def test_flags_win_over_the_config_file(tmp_path):
     assert (config.wbits, config.method, config.layer_bits) == (6, "rtn", (("conv*", 3),))
 
 
-def test_unknown_key_in_config_file_is_exit_1_naming_it(tmp_path):
+def test_unknown_key_in_config_file_is_exit_2_naming_it(tmp_path):
     path = tmp_path / "q.toml"
     path.write_text("wbits = 4\nwbit = 3\n")
     result = invoke("quantize", "--dump-config", "--config", path)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "unknown key(s) wbit" in result.stderr and "q.toml" in result.stderr
 
 
@@ -65,7 +65,7 @@ def test_bad_values_in_config_files_are_errors(tmp_path):
         QuantConfig(layer_bits=(("x", 9),))
     with pytest.raises(ConfigError, match="is not NAME:DxDx"):
         QuantConfig(input_shapes=("x-1x3",))
-    assert invoke("quantize", "--dump-config", "--layer-bits", "conv").exit_code == 1
+    assert invoke("quantize", "--dump-config", "--layer-bits", "conv").exit_code == 2
 
 
 def test_quantize_needs_a_model_unless_dumping():

@@ -199,5 +199,5 @@ def test_cli_asks_for_input_shape_on_dynamic_models(tmp_path):
     onnx.save(_dynamic_conv_model(), str(path))
     done = subprocess.run([sys.executable, "-m", "onnxflex.cli", "quantize", str(path), "-o",
                            str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "--input-shape x:1x3xNxN" in done.stderr, done.stderr

@@ -163,7 +163,7 @@ def test_device_cuda_without_cuda_is_a_clear_error(monkeypatch):
         device.resolve_device("cuda")
 
 
-def test_device_cuda_on_the_cli_exits_1_without_cuda(monkeypatch, tmp_path):
+def test_device_cuda_on_the_cli_exits_2_without_cuda(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
     from onnxflex import device
@@ -172,7 +172,7 @@ def test_device_cuda_on_the_cli_exits_1_without_cuda(monkeypatch, tmp_path):
     monkeypatch.setattr(device, "cuda_available", lambda: (False, "torch sees no CUDA device"))
     out = CliRunner().invoke(main, ["quantize", str(CNN), "-o", str(tmp_path / "q.onnx"), "--device", "cuda",
                                     "--iters", "0", "--quiet"])
-    assert out.exit_code == 1, out.output
+    assert out.exit_code == 2, out.output
     assert "--device cuda" in out.output and "--device cpu" in out.output, out.output
     assert not (tmp_path / "q.onnx").exists()
 
