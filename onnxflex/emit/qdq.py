@@ -23,7 +23,7 @@ from onnxflex.runtimes.base import Target
 
 Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
 STAGES: Registry[Stage] = Registry("emitter stage")
-ORDER = ("weights", "biases", "activations", "versions")
+ORDER = ("recurrent", "weights", "biases", "activations", "versions")
 NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 BLOCKED_OPSET = 21  # DequantizeLinear's block_size and INT4 inputs
 
@@ -89,6 +89,54 @@ def _blocked_dq_node(g: onnx.GraphProto, scope, base: str, qw: QuantizedWeight) 
                                    name=scope.unique_name(f"{base}_DequantizeLinear"), axis=qw.axis,
                                    block_size=qw.block_size))
     return out
+
+
+@STAGES.register("recurrent")
+def quantize_recurrent(model, params, target):
+    """Each top-level LSTM whose W and R are both quantized becomes com.microsoft DynamicQuantizeLSTM
+    (passes/recurrent.py): W [D, K, 4H] and R [D, H, 4H] as int8 (the LSTM's [D, 4H, ·] transposed),
+    W_scale/R_scale [D, 4H] float32 (one step per gate row, repeated for each direction) and int8 zero
+    points of 0, the LSTM's other inputs and attributes as they were, under the LSTM's name."""
+    from onnxflex.passes.recurrent import INTEGER_LSTM
+
+    scope = NameScope.of(model)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    for k, node in enumerate(g.node):
+        if node.op_type != "LSTM" or not all(node.input[i] in params.weights and node.input[i] in inits
+                                             for i in (1, 2)):
+            continue
+        quantized = []
+        for i in (1, 2):
+            qw = params.weights[node.input[i]]
+            rows = qw.ints  # [D, 4H, K], steps [4H] along axis 1
+            names = [scope.unique_name(f"{node.input[i]}_{s}") for s in ("quantized", "scale", "zero_point")]
+            step = np.broadcast_to(qw.scale.astype(np.float32).reshape(1, -1), rows.shape[:2])
+            g.initializer.extend([
+                numpy_helper.from_array(np.ascontiguousarray(rows.transpose(0, 2, 1)).astype(np.int8), names[0]),
+                numpy_helper.from_array(np.ascontiguousarray(step), names[1]),
+                numpy_helper.from_array(np.zeros(rows.shape[:2], np.int8), names[2])])
+            quantized.append(names)
+        rest = list(node.input[3:]) + [""] * (8 - len(node.input))
+        inputs = [node.input[0], quantized[0][0], quantized[1][0], *rest[:5],
+                  quantized[0][1], quantized[0][2], quantized[1][1], quantized[1][2]]
+        attrs = [a for a in node.attribute if a.name != "layout"]
+        fused = helper.make_node(INTEGER_LSTM, inputs, list(node.output), name=node.name, domain="com.microsoft")
+        fused.attribute.extend(attrs)
+        g.node[k].CopyFrom(fused)
+    _drop_unread(g, [n for n in params.weights if n in inits])
+    if any(n.domain == "com.microsoft" for n in g.node) and not any(
+            o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def _drop_unread(g: onnx.GraphProto, names: list[str]) -> None:
+    """Removes those of ``g``'s initializers ``names`` that no node of ``g`` (or of its subgraphs) reads."""
+    read = {i for n in g.node for i in reads(n)}
+    inits = g.initializer
+    for i in reversed([i for i, t in enumerate(inits) if t.name in names and t.name not in read]):
+        del inits[i]
 
 
 @STAGES.register("weights")
