@@ -65,9 +65,7 @@ def recurrent_layers(model: onnx.ModelProto, target: Target, config: QuantConfig
 def _float_reason(node: onnx.NodeProto, inits: dict, target: Target, config: QuantConfig) -> str:
     """Why ``node`` cannot become an integer kernel on ``target`` ('' when it can)."""
     if node.op_type not in target.recurrent_ops:
-        kernel = "onnxruntime has no integer GRU or RNN kernel" if node.op_type != "LSTM" else \
-            f"target {target.name} has no integer LSTM kernel"
-        return f"{kernel}; its weights and state stay FP32"
+        return f"{target.name} has no integer {node.op_type} kernel; its weights and state stay FP32"
     if config.abits == 0:
         return (f"its integer kernel ({INTEGER_LSTM}) quantizes activations at run time, and --abits 0 asks for "
                 "weight-only; give --abits 8 to quantize it")
