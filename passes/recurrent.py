@@ -13,8 +13,8 @@ warning naming it. GRU and RNN stay float on every target (onnxruntime has no in
 with a warning per node.
 
 State tensors are what a streaming model reads back: graph inputs that reach a recurrent node's initial
-state (initial_h, initial_c) and graph outputs made from its final state (Y_h, Y_c), through the
-slicing and stacking ops exporters put between them, with every tensor on those paths. Rounding such a
+state (initial_h, initial_c), and its final state (Y_h, Y_c) where it reaches a graph output, through
+the slicing and stacking ops exporters put between them, with every tensor those ops make of them. Rounding such a
 tensor compounds at every call, so none of them is an activation quant point.
 """
 from __future__ import annotations
@@ -88,59 +88,35 @@ def _nested(g: onnx.GraphProto, owner: str = "") -> list[tuple[str, onnx.NodePro
 
 
 def state_tensors(model: onnx.ModelProto) -> set[str]:
-    """Every tensor of a recurrent state path of the top-level graph (see the module docstring)."""
+    """The recurrent state of the top-level graph (module docstring): from each graph input that reaches
+    a recurrent node's initial state, and from each final state (Y_h, Y_c) that reaches a graph output,
+    every tensor they flow into through STATE_PATH_OPS."""
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output if o}
     users: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for i in n.input:
             users.setdefault(i, []).append(n)
-    graph_inputs = {i.name for i in g.input}
+    recurrent = [n for n in g.node if n.op_type in RECURRENT_OPS]
+    state_in = {n.input[k] for n in recurrent for k in STATE_INPUTS[n.op_type] if len(n.input) > k and n.input[k]}
+    finals = [n.output[k] for n in recurrent for k in STATE_OUTPUTS[n.op_type] if len(n.output) > k and n.output[k]]
+    outputs = {o.name for o in g.output}
     found: set[str] = set()
-    for node in g.node:
-        if node.op_type not in RECURRENT_OPS:
-            continue
-        for k in STATE_INPUTS[node.op_type]:
-            if len(node.input) > k and node.input[k]:
-                found |= _upstream(node.input[k], producer, graph_inputs)
-        for k in STATE_OUTPUTS[node.op_type]:
-            if len(node.output) > k and node.output[k]:
-                found |= _downstream(node.output[k], users, {o.name for o in g.output})
+    for start in [i.name for i in g.input] + finals:
+        reach = _flows_into(start, users)
+        ends = outputs if start in finals else state_in
+        if reach & ends:
+            found |= reach
     return found
 
 
-def _upstream(tensor: str, producer: dict, graph_inputs: set[str]) -> set[str]:
-    """The path from graph inputs to ``tensor`` through STATE_PATH_OPS, if a graph input starts it."""
-    path, stack, reached = set(), [tensor], False
+def _flows_into(tensor: str, users: dict[str, list[onnx.NodeProto]]) -> set[str]:
+    """``tensor`` and every tensor made from it through STATE_PATH_OPS."""
+    seen: set[str] = set()
+    stack = [tensor]
     while stack:
         name = stack.pop()
-        if name in path:
+        if name in seen:
             continue
-        path.add(name)
-        reached |= name in graph_inputs
-        node = producer.get(name)
-        if node is not None and node.op_type in STATE_PATH_OPS:
-            stack += [i for i in node.input[:1] if i]  # the data input; the rest are indices and shapes
-            if node.op_type == "Concat":
-                stack += [i for i in node.input[1:] if i]
-    return path if reached else set()
-
-
-def _downstream(tensor: str, users: dict, graph_outputs: set[str]) -> set[str]:
-    """The tensors from ``tensor`` through STATE_PATH_OPS from which a graph output is reached (a
-    branch that goes elsewhere, such as Y_h read by a classifier, is not state)."""
-    memo: dict[str, bool] = {}
-    path: set[str] = set()
-
-    def leads_out(name: str) -> bool:
-        if name not in memo:
-            memo[name] = False  # a cycle cannot happen in a valid graph; this only guards the recursion
-            nexts = [o for n in users.get(name, []) if n.op_type in STATE_PATH_OPS for o in n.output if o]
-            found = [o for o in nexts if leads_out(o)]
-            memo[name] = name in graph_outputs or bool(found)
-            if memo[name]:
-                path.add(name)
-        return memo[name]
-
-    leads_out(tensor)
-    return path
+        seen.add(name)
+        stack += [o for n in users.get(name, []) if n.op_type in STATE_PATH_OPS for o in n.output if o]
+    return seen

@@ -1,0 +1,281 @@
+"""Recurrent layers: LSTM emitted as com.microsoft DynamicQuantizeLSTM and simulated as that kernel runs,
+GRU kept float with a warning, no Q/DQ on the recurrent state, and the streaming VAD of the zoo keeping
+its fidelity over a long stream of calls with the state fed back."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxflex
+from helpers import run_model
+from onnxflex.check import check
+from onnxflex.passes.recurrent import recurrent_layers
+from onnxflex.qparams import sqnr_db
+from onnxflex.rounding.converters import OpNode, find_converter
+from onnxflex.runtimes.base import get_target
+from onnxflex.verify import optimized_op_counts
+from zoo_models import zoo_models
+
+H, K, T = 16, 12, 5
+CALIB = 48
+STREAM_CALLS = 120
+STREAMS = 8
+
+
+def _rnn_model(op: str = "LSTM", seed: int = 0, *, direction: str = "forward", layout: int = 0,
+               state_gemm: bool = False, peepholes: bool = False) -> onnx.ModelProto:
+    """x [T, N, K] → Gemm-free recurrent layer with initial state from the graph input ``state`` [D, N, H]
+    (and ``cell`` for LSTM); outputs y, and the final state(s) as graph outputs, as a streaming export
+    writes them. ``state_gemm``: a Gemm also reads the squeezed state, so that the state is a weighted
+    layer's input. layout=1 swaps T and N everywhere."""
+    rng = np.random.default_rng(seed)
+    dirs = 2 if direction == "bidirectional" else 1
+    gates = 4 if op == "LSTM" else 3
+    inits = [numpy_helper.from_array((rng.standard_normal((dirs, gates * H, K)) * 0.3).astype(np.float32), "W"),
+             numpy_helper.from_array((rng.standard_normal((dirs, gates * H, H)) * 0.3).astype(np.float32), "R"),
+             numpy_helper.from_array((rng.standard_normal((dirs, 2 * gates * H)) * 0.1).astype(np.float32), "B")]
+    seq, batch = ("N", T) if layout else (T, "N")
+    state_shape = ["N", dirs, H] if layout else [dirs, "N", H]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, batch, K]),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT, state_shape)]
+    rnn_inputs = ["x", "W", "R", "B", "", "state"]
+    outputs = ["y", "state_out"]
+    if op == "LSTM":
+        inputs.append(helper.make_tensor_value_info("cell", TensorProto.FLOAT, state_shape))
+        rnn_inputs.append("cell")
+        outputs.append("cell_out")
+        if peepholes:
+            inits.append(numpy_helper.from_array((rng.standard_normal((dirs, 3 * H)) * 0.1).astype(np.float32), "P"))
+            rnn_inputs.append("P")
+    attrs = {"hidden_size": H, "direction": direction}
+    if layout:
+        attrs["layout"] = 1
+    if op == "GRU":
+        attrs["linear_before_reset"] = 1
+    nodes = [helper.make_node(op, rnn_inputs, outputs, name="rnn", **attrs)]
+    y_shape = ["N", T, dirs, H] if layout else [T, dirs, "N", H]
+    graph_outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, y_shape if o == "y" else state_shape)
+                     for o in outputs]
+    if state_gemm:
+        inits += [numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+                  numpy_helper.from_array((rng.standard_normal((H, 4)) * 0.3).astype(np.float32), "Wp")]
+        nodes += [helper.make_node("Squeeze", ["state", "axis0"], ["h_in"], name="squeeze_state"),
+                  helper.make_node("Gemm", ["h_in", "Wp"], ["proj"], name="state_proj")]
+        graph_outputs.append(helper.make_tensor_value_info("proj", TensorProto.FLOAT, ["N", 4]))
+    graph = helper.make_graph(nodes, f"{op.lower()}_stream", inputs, graph_outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _feeds(model: onnx.ModelProto, n: int, seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for vi in model.graph.input:
+        dims = [n if d.dim_param == "N" else d.dim_value for d in vi.type.tensor_type.shape.dim]
+        out[vi.name] = (rng.standard_normal(dims) * (1.0 if vi.name == "x" else 0.3)).astype(np.float32)
+    return out
+
+
+def _quantize(model, feeds, **config):
+    """RTN; the samples on axis 1 of x, state and cell (every input's axis 0 is fixed, so say so)."""
+    axes = tuple(f"{vi.name}=1" for vi in model.graph.input)
+    return onnxflex.quantize(model, feeds, onnxflex.QuantConfig(method="rtn", batch_axes=axes, **config),
+                             progress=False)
+
+
+def _nodes(model: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+# --- converters ------------------------------------------------------------------------------------
+
+
+def _convert(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    node = OpNode.from_proto(model.graph.node[0], 17)
+    inits = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
+    inputs = [inits.get(n, torch.from_numpy(feeds[n]) if n in feeds else None) if n else None for n in node.inputs]
+    return [v.numpy() for v in find_converter(node.op_type, 17)(node, inputs)]
+
+
+@pytest.mark.parametrize("op,direction,peepholes", [
+    ("LSTM", "forward", False), ("LSTM", "bidirectional", True), ("LSTM", "reverse", False),
+    ("GRU", "forward", False), ("GRU", "bidirectional", False)])
+def test_converter_matches_onnxruntime(op, direction, peepholes):
+    model = _rnn_model(op, direction=direction, peepholes=peepholes)
+    feeds = _feeds(model, 3)
+    for name, want, got in zip(["Y", "Y_h", "Y_c"], run_model(model, feeds), _convert(model, feeds)):
+        db = sqnr_db(want, got)
+        assert db >= 80.0, f"{op} {direction} output {name}: torch vs onnxruntime {db:.1f} dB"
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_converter_layout1_is_layout0_transposed(op):
+    """onnxruntime refuses layout=1; the converter computes the same values batch-major."""
+    seq_major = _rnn_model(op, direction="bidirectional")
+    feeds = _feeds(seq_major, 3)
+    batch_major = {k: np.ascontiguousarray(v.swapaxes(0, 1)) for k, v in feeds.items()}
+    want = _convert(seq_major, feeds)
+    got = _convert(_rnn_model(op, direction="bidirectional", layout=1), batch_major)
+    np.testing.assert_allclose(got[0], want[0].transpose(2, 0, 1, 3), atol=1e-6)
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(g, w.swapaxes(0, 1), atol=1e-6)
+
+
+# --- LSTM as DynamicQuantizeLSTM -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_lstm_emitted_as_dynamic_quantize_lstm_matches_simulation(direction):
+    model = _rnn_model("LSTM", direction=direction, peepholes=direction == "forward")
+    result = _quantize(model, _feeds(model, CALIB))
+    fused = _nodes(result.model, "DynamicQuantizeLSTM")
+    assert len(fused) == 1 and fused[0].domain == "com.microsoft" and not _nodes(result.model, "LSTM")
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    dirs = 2 if direction == "bidirectional" else 1
+    w, r = inits[fused[0].input[1]], inits[fused[0].input[2]]
+    assert w.dtype == np.int8 and w.shape == (dirs, K, 4 * H), f"W {w.dtype} {w.shape}"
+    assert r.dtype == np.int8 and r.shape == (dirs, H, 4 * H), f"R {r.dtype} {r.shape}"
+    for k in (8, 10):
+        assert inits[fused[0].input[k]].shape == (dirs, 4 * H)  # one step per gate row
+    for k in (9, 11):
+        assert not inits[fused[0].input[k]].any()  # symmetric
+    sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]
+    print(f"LSTM {direction}: onnxruntime vs simulation {sim}")
+    assert min(sim.values()) >= 30.0, f"DynamicQuantizeLSTM vs simulation {sim} < 30 dB"
+    fp = result.report["verification"]["quantized_vs_fp32_sqnr_db"]
+    assert min(fp.values()) >= 25.0, f"quantized LSTM vs FP32 {fp}"
+    assert optimized_op_counts(result.model).get("DynamicQuantizeLSTM") == 1
+    report = check(result.model)
+    assert report.ok and any(l.node == "rnn" and l.kernel == "DynamicQuantizeLSTM" for l in report.layers), \
+        [f.message for f in report.findings]
+
+
+def test_lstm_stays_float_where_dynamic_quantize_lstm_cannot_express_it(caplog):
+    """layout=1 has no DynamicQuantizeLSTM form (onnxruntime runs no batch-major LSTM at all), and a
+    weight-only run (--abits 0) must not quantize activations: one warning naming the node each."""
+    layers, warnings = recurrent_layers(_rnn_model("LSTM", layout=1), get_target("onnxruntime"),
+                                        onnxflex.QuantConfig())
+    assert not layers and len(warnings) == 1 and "'rnn'" in warnings[0] and "layout=1" in warnings[0], warnings
+    model = _with_output_gemm(_rnn_model("LSTM"))
+    with caplog.at_level(logging.WARNING, logger="onnxflex"):
+        result = _quantize(model, _feeds(model, CALIB), abits=0)
+    lines = [w for w in result.report["warnings"] if "'rnn' (LSTM)" in w]
+    assert len(lines) == 1 and "--abits 0" in lines[0], result.report["warnings"]
+    assert any("'rnn' (LSTM)" in r.message for r in caplog.records)
+    assert _nodes(result.model, "LSTM") and not _nodes(result.model, "DynamicQuantizeLSTM")
+
+
+def _with_output_gemm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (one direction) with a MatMul head on its final hidden state, so that a layer is quantizable."""
+    rng = np.random.default_rng(3)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    layout = any(a.name == "layout" and a.i for a in m.graph.node[0].attribute)
+    m.graph.initializer.extend([numpy_helper.from_array(np.array([1 if layout else 0], np.int64), "dir_axis"),
+                                numpy_helper.from_array((rng.standard_normal((H, 4)) * 0.3).astype(np.float32), "Wo")])
+    m.graph.node.extend([helper.make_node("Squeeze", ["state_out", "dir_axis"], ["last"], name="last_h"),
+                         helper.make_node("MatMul", ["last", "Wo"], ["logits"], name="head")])
+    m.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4]))
+    return m
+
+
+def test_gru_stays_float_with_a_warning_per_layer(caplog):
+    model = _with_output_gemm(_rnn_model("GRU"))
+    with caplog.at_level(logging.WARNING, logger="onnxflex"):
+        result = _quantize(model, _feeds(model, CALIB))
+    lines = [w for w in result.report["warnings"] if "'rnn' (GRU)" in w]
+    assert len(lines) == 1 and "no integer GRU kernel" in lines[0], result.report["warnings"]
+    assert any("'rnn' (GRU)" in r.message for r in caplog.records), "the GRU warning is not in the log"
+    gru = _nodes(result.model, "GRU")[0]
+    inits = {t.name: t for t in result.model.graph.initializer}
+    assert all(inits[gru.input[k]].data_type == TensorProto.FLOAT for k in (1, 2)), "GRU weights are not float"
+    findings = [f for f in check(result.model).findings if f.node == "rnn"]
+    assert findings and not any(f.fallback for f in findings), findings
+
+
+# --- recurrent state -------------------------------------------------------------------------------
+
+
+def _qdq_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors read by a QuantizeLinear or written by an activation DequantizeLinear."""
+    inits = {t.name for t in model.graph.initializer}
+    read = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    written = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits}
+    return read | written
+
+
+def test_state_tensors_get_no_qdq():
+    """A Gemm reads the state input (it would be an activation quant point); the state still stays float,
+    the Gemm keeps its int8 weight, and the state outputs are untouched."""
+    model = _rnn_model("LSTM", state_gemm=True)
+    result = _quantize(model, _feeds(model, CALIB))
+    touched = _qdq_tensors(result.model)
+    state_path = {"state", "cell", "h_in", "state_out", "cell_out"}
+    assert not touched & state_path, f"Q/DQ on state tensors {touched & state_path}"
+    gemm = _nodes(result.model, "Gemm")[0]
+    assert any(n.op_type == "DequantizeLinear" and n.output[0] == gemm.input[1] for n in result.model.graph.node)
+    producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
+    assert producers["state_out"] == producers["cell_out"] == "DynamicQuantizeLSTM"
+
+
+# --- the streaming VAD of the zoo ------------------------------------------------------------------
+
+
+def _zoo(name: str):
+    return next(m for m in zoo_models() if m.name == name)
+
+
+def _stream(model: onnx.ModelProto, chunks: np.ndarray, reference_states=None):
+    """Run ``model`` call after call on ``chunks`` [calls, N, 576] with the state fed back (or, with
+    ``reference_states``, each call from the given state); returns (outputs [calls, N, 1], states in)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    state = np.zeros((2, chunks.shape[1], 128), np.float32)
+    outputs, states = [], []
+    for k, chunk in enumerate(chunks):
+        if reference_states is not None:
+            state = reference_states[k]
+        states.append(state)
+        out, state = sess.run(["output", "stateN"], {"input": chunk, "state": state, "sr": np.array(16000)})
+        outputs.append(out)
+    return np.stack(outputs), states
+
+
+def test_vad_lstm_stream_keeps_single_call_fidelity():
+    """The LSTM VAD quantizes with its LSTM as DynamicQuantizeLSTM; over a stream of 120 calls with the
+    state fed back, its output fidelity against the FP32 model streamed alike stays within 1 dB of the
+    fidelity of single calls (each call from the FP32 model's own state): the state does not degrade."""
+    zoo = _zoo("vad_stream")
+    fp32 = onnx.load(zoo.path)
+    config = onnxflex.QuantConfig(method="rtn", fix_inputs=tuple(f"{k}={v}" for k, v in zoo.fix_inputs.items()))
+    result = onnxflex.quantize(fp32, zoo.feeds(CALIB), config, progress=False)
+    assert _nodes(result.model, "DynamicQuantizeLSTM"), "the LSTM was not quantized"
+    assert "DynamicQuantizeLSTM" in {l.kernel for l in check(result.model).layers}
+    assert not _qdq_tensors(result.model) & {"state", "stateN"}
+    t = np.arange(STREAM_CALLS * 512, dtype=np.float32) / 16000.0
+    rng = np.random.default_rng(7)
+    tone = np.sin(2 * np.pi * np.outer(rng.uniform(100, 900, STREAMS), t)) * (np.sin(2 * np.pi * 0.7 * t) > 0)
+    audio = (0.1 * tone + 0.02 * rng.standard_normal(tone.shape)).astype(np.float32)
+    chunks = np.stack([audio[:, max(0, k * 512 - 64):k * 512 + 512] if k else
+                       np.pad(audio[:, :512], ((0, 0), (64, 0))) for k in range(STREAM_CALLS)])
+    fp_out, fp_states = _stream(fp32, chunks)
+    q_streamed, _ = _stream(result.model, chunks)
+    q_single, _ = _stream(result.model, chunks, reference_states=fp_states)
+    single = sqnr_db(fp_out, q_single)
+    streamed = sqnr_db(fp_out, q_streamed)
+    late = sqnr_db(fp_out[100:], q_streamed[100:])
+    agree = float(np.mean((fp_out > 0.5) == (q_streamed > 0.5))) * 100
+    print(f"vad_stream W8A8: single-call SQNR {single:.1f} dB, {STREAM_CALLS}-call streamed {streamed:.1f} dB "
+          f"(calls 100-{STREAM_CALLS}: {late:.1f} dB), decisions agree {agree:.1f} %")
+    assert streamed >= single - 1.0, f"streamed {streamed:.1f} dB < single-call {single:.1f} dB - 1 dB"
+    assert late >= single - 1.0, f"calls 100+ {late:.1f} dB < single-call {single:.1f} dB - 1 dB"
