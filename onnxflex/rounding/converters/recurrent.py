@@ -4,7 +4,8 @@ X is [T, N, K] (``layout`` 0) or [N, T, K] (``layout`` 1); W [D, G·H, K], R [D,
 (W then R biases), initial states [D, N, H]; D = 2 for ``direction='bidirectional'`` (forward first).
 Outputs Y [T, D, N, H] (layout 1: [N, T, D, H]) and Y_h, Y_c [D, N, H] (layout 1: [N, D, H]).
 Activations other than Sigmoid/Tanh/Relu, their alpha/beta, and ``sequence_lens`` with lengths other
-than T are not supported: the block then runs in onnxruntime.
+than T are not supported, nor is an LSTM's ``clip`` (onnxruntime's clipped LSTM departs from the ONNX
+text in ways not followed here): the block then runs in onnxruntime.
 
 ``dynamic_quantize_lstm`` is the LSTM as onnxruntime's com.microsoft DynamicQuantizeLSTM computes it
 (the emitter's form of a quantized LSTM, passes/recurrent.py): the weights are already the dequantized
@@ -95,6 +96,8 @@ def _lstm(node: OpNode, inputs: Sequence[Tensor | None], quantize: Quantizer) ->
     w, r = inputs[1].reshape(dirs, 4 * hidden, -1), inputs[2].reshape(dirs, 4 * hidden, hidden)
     b, h0, c0, p = (optional_input(inputs, k) for k in (3, 5, 6, 7))
     clip = node.attr("clip")
+    if clip is not None:
+        raise unsupported(node, "clip")
     acts = _activations(node, 3, ("Sigmoid", "Tanh", "Tanh"))
     xq = quantize(x)
     ys, hs, cs = [], [], []
