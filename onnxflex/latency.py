@@ -136,7 +136,7 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
     target = get_target(config.target)
     batch = min(config.batch_size, data.num_samples)
     feed = data.feeds(0, batch)
-    names = [layer.node for layer in plan.layers]
+    names = list(dict.fromkeys(layer.node for layer in plan.layers))  # an LSTM is two layers of one node
     progress.start(len(names) + 1, "latency: emitting variants")
     fp32 = load_model(original)  # FP32 as the user has it, node names made unique for onnxruntime
     name_nodes_uniquely(fp32)

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxflex
 from helpers import run_model
-from onnxflex.check import check
+from onnxflex.check import check, format_report
 from onnxflex.passes.recurrent import recurrent_layers
 from onnxflex.qparams import sqnr_db
 from onnxflex.rounding.converters import OpNode, find_converter
@@ -294,3 +294,23 @@ def test_vad_lstm_stream_keeps_single_call_fidelity():
     for name, (single, streamed, late) in rows.items():
         assert min(streamed, late) >= single - 1.0, \
             f"{name}: streamed {streamed:.1f} / calls 100+ {late:.1f} dB < single call {single:.1f} dB - 1 dB"
+
+
+@pytest.mark.parametrize("name", ["vad_stream_gru", "tf_text"])
+def test_zoo_gru_models_quantize_around_float_grus(name):
+    """The zoo's GRU models (a torch streaming VAD with two GRU layers, a tf2onnx text classifier):
+    every GRU stays float with its own warning, the layers around them run as integer kernels, and
+    onnxruntime agrees with the simulation."""
+    zoo = _zoo(name)
+    fp32 = onnx.load(zoo.path)
+    grus = [n.name for n in fp32.graph.node if n.op_type == "GRU"]
+    config = onnxflex.QuantConfig(method="rtn", fix_inputs=tuple(f"{k}={v}" for k, v in zoo.fix_inputs.items()))
+    result = onnxflex.quantize(fp32, zoo.feeds(CALIB), config, progress=False)
+    for gru in grus:
+        assert sum(f"{gru!r} (GRU)" in w for w in result.report["warnings"]) == 1, result.report["warnings"]
+    assert len(_nodes(result.model, "GRU")) == len(grus)
+    sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]
+    print(f"{name}: onnxruntime vs simulation {sim}, vs FP32 {result.report['verification']['quantized_vs_fp32_sqnr_db']}")
+    assert min(sim.values()) >= 30.0, sim
+    report = check(result.model)
+    assert report.ok and report.layers and all(l.integer for l in report.layers), format_report(report)
