@@ -17,6 +17,7 @@ from onnxflex.check import check, format_report
 from onnxflex.passes.recurrent import recurrent_layers
 from onnxflex.qparams import sqnr_db
 from onnxflex.rounding.converters import OpNode, find_converter
+from onnxflex.rounding.converters.recurrent import QUANTIZED
 from onnxflex.runtimes.base import get_target
 from onnxflex.verify import optimized_op_counts
 from zoo_models import zoo_models
@@ -155,6 +156,43 @@ def test_lstm_emitted_as_dynamic_quantize_lstm_matches_simulation(direction):
     report = check(result.model)
     assert report.ok and any(l.node == "rnn" and l.kernel == "DynamicQuantizeLSTM" for l in report.layers), \
         [f.message for f in report.findings]
+
+
+@pytest.mark.parametrize("threads,floor", [(1, 80.0), (0, 30.0)])
+def test_dynamic_quantize_lstm_kernel_is_what_the_converter_computes(threads, floor):
+    """The emitted DynamicQuantizeLSTM in onnxruntime against converters.recurrent.dynamic_quantize_lstm
+    on the exported integers: the same arithmetic on one thread (where onnxruntime quantizes the whole
+    batch's hidden state at once), one uint8 step apart where it splits the batch over threads."""
+    import onnxruntime as ort
+
+    model = _rnn_model("LSTM", direction="bidirectional")
+    result = _quantize(model, _feeds(model, CALIB))
+    feeds = _feeds(model, 16, seed=5)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(result.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    want = sess.run(["y", "state_out", "cell_out"], feeds)
+    node = OpNode.from_proto(model.graph.node[0], 17)
+    weights = {k: torch.from_numpy(result.params.weights[k].dequantize()) for k in ("W", "R")}
+    bias = torch.from_numpy(numpy_helper.to_array(model.graph.initializer[2]).copy())
+    inputs = [torch.from_numpy(feeds["x"]), weights["W"], weights["R"], bias, None,
+              torch.from_numpy(feeds["state"]), torch.from_numpy(feeds["cell"])]
+    got = QUANTIZED["LSTM"](node, inputs)
+    dbs = {name: sqnr_db(w, g.numpy()) for name, w, g in zip(("Y", "Y_h", "Y_c"), want, got)}
+    print(f"DynamicQuantizeLSTM ({threads or 'default'} threads) vs simulation: "
+          + ", ".join(f"{k} {v:.1f} dB" for k, v in dbs.items()))
+    assert min(dbs.values()) >= floor, f"onnxruntime vs simulation {dbs} < {floor} dB"
+
+
+def test_lstm_clip_runs_in_onnxruntime():
+    """The converter refuses an LSTM's clip (the block then runs in onnxruntime, still emitted as
+    DynamicQuantizeLSTM)."""
+    node = OpNode.from_proto(helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="clipped", hidden_size=H,
+                                              clip=2.0), 17)
+    x, w, r = torch.zeros(T, 2, K), torch.zeros(1, 4 * H, K), torch.zeros(1, 4 * H, H)
+    with pytest.raises(NotImplementedError, match="clip"):
+        find_converter("LSTM", 17)(node, [x, w, r])
 
 
 def test_lstm_stays_float_where_dynamic_quantize_lstm_cannot_express_it(caplog):
