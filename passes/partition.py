@@ -43,8 +43,8 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
     nodes = list(model.graph.node)
     if not layers and not inner_layers:
         raise UnsupportedModelError(
-            "the model has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight "
-            "that is not excluded); nothing to quantize")
+            "the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul or, for onnxruntime, LSTM "
+            "with a constant weight that is not excluded); nothing to quantize")
     layer_of = {layer.node: layer for layer in layers}
     layers_of: dict[str, list[QuantLayer]] = {}  # an LSTM is two layers (W and R) of one node
     for layer in layers:

@@ -94,41 +94,44 @@ def _blocked_dq_node(g: onnx.GraphProto, scope, base: str, qw: QuantizedWeight) 
 @STAGES.register("recurrent")
 def quantize_recurrent(model, params, target):
     """Each top-level LSTM whose W and R are both quantized becomes com.microsoft DynamicQuantizeLSTM
-    (passes/recurrent.py): W [D, K, 4H] and R [D, H, 4H] as int8 (the LSTM's [D, 4H, ·] transposed),
-    W_scale/R_scale [D, 4H] float32 (one step per gate row, repeated for each direction) and int8 zero
-    points of 0, the LSTM's other inputs and attributes as they were, under the LSTM's name."""
+    (passes/recurrent.py) under the LSTM's name, with its other inputs and attributes as they were
+    (``layout`` is 0 or absent: the pass keeps layout=1 LSTMs float)."""
     from onnxflex.passes.recurrent import INTEGER_LSTM
 
     scope = NameScope.of(model)
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = {t.name for t in g.initializer}
+    replaced: list[str] = []
     for k, node in enumerate(g.node):
         if node.op_type != "LSTM" or not all(node.input[i] in params.weights and node.input[i] in inits
                                              for i in (1, 2)):
             continue
-        quantized = []
-        for i in (1, 2):
-            qw = params.weights[node.input[i]]
-            rows = qw.ints  # [D, 4H, K], steps [4H] along axis 1
-            names = [scope.unique_name(f"{node.input[i]}_{s}") for s in ("quantized", "scale", "zero_point")]
-            step = np.broadcast_to(qw.scale.astype(np.float32).reshape(1, -1), rows.shape[:2])
-            g.initializer.extend([
-                numpy_helper.from_array(np.ascontiguousarray(rows.transpose(0, 2, 1)).astype(np.int8), names[0]),
-                numpy_helper.from_array(np.ascontiguousarray(step), names[1]),
-                numpy_helper.from_array(np.zeros(rows.shape[:2], np.int8), names[2])])
-            quantized.append(names)
-        rest = list(node.input[3:]) + [""] * (8 - len(node.input))
-        inputs = [node.input[0], quantized[0][0], quantized[1][0], *rest[:5],
-                  quantized[0][1], quantized[0][2], quantized[1][1], quantized[1][2]]
-        attrs = [a for a in node.attribute if a.name != "layout"]
-        fused = helper.make_node(INTEGER_LSTM, inputs, list(node.output), name=node.name, domain="com.microsoft")
-        fused.attribute.extend(attrs)
+        (w, w_scale, w_zero), (r, r_scale, r_zero) = (_integer_lstm_weight(g, scope, node.input[i],
+                                                                           params.weights[node.input[i]])
+                                                      for i in (1, 2))
+        optional = (list(node.input[3:8]) + [""] * 5)[:5]  # B, sequence_lens, initial_h, initial_c, P
+        fused = helper.make_node(INTEGER_LSTM, [node.input[0], w, r, *optional, w_scale, w_zero, r_scale, r_zero],
+                                 list(node.output), name=node.name, domain="com.microsoft")
+        fused.attribute.extend(a for a in node.attribute if a.name != "layout")
+        replaced += [node.input[1], node.input[2]]
         g.node[k].CopyFrom(fused)
-    _drop_unread(g, [n for n in params.weights if n in inits])
-    if any(n.domain == "com.microsoft" for n in g.node) and not any(
-            o.domain == "com.microsoft" for o in model.opset_import):
+    _drop_unread(g, replaced)
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
+
+
+def _integer_lstm_weight(g: onnx.GraphProto, scope, name: str, qw: QuantizedWeight) -> tuple[str, str, str]:
+    """Adds DynamicQuantizeLSTM's form of an LSTM weight [D, 4H, K] quantized along axis 1 to ``g``:
+    int8 [D, K, 4H] (transposed), float32 steps [D, 4H] (the gate rows' steps for each direction) and
+    int8 zero points of 0 [D, 4H]; returns their names."""
+    names = tuple(scope.unique_name(f"{name}_{s}") for s in ("quantized", "scale", "zero_point"))
+    rows = qw.ints.shape[:2]
+    g.initializer.extend([
+        numpy_helper.from_array(np.ascontiguousarray(qw.ints.transpose(0, 2, 1)).astype(np.int8), names[0]),
+        numpy_helper.from_array(np.ascontiguousarray(np.broadcast_to(qw.scale.astype(np.float32), rows)), names[1]),
+        numpy_helper.from_array(np.zeros(rows, np.int8), names[2])])
+    return names
 
 
 def _drop_unread(g: onnx.GraphProto, names: list[str]) -> None:

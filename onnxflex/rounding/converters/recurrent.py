@@ -91,7 +91,7 @@ def _outputs(node: OpNode, ys: list[Tensor], finals: list[list[Tensor]]) -> tupl
 
 def _lstm(node: OpNode, inputs: Sequence[Tensor | None], quantize: Quantizer) -> tuple[Tensor, ...]:
     x = _sequence_major(node, inputs[0], optional_input(inputs, 4))
-    hidden = int(node.attr("hidden_size"))
+    hidden = int(node.attr("hidden_size") or inputs[2].shape[-1])
     dirs = _directions(node)
     w, r = inputs[1].reshape(dirs, 4 * hidden, -1), inputs[2].reshape(dirs, 4 * hidden, hidden)
     b, h0, c0, p = (optional_input(inputs, k) for k in (3, 5, 6, 7))
@@ -143,7 +143,7 @@ def dynamic_quantize_lstm(node: OpNode, inputs: Sequence[Tensor | None]) -> tupl
 @converter("GRU", since=7)
 def gru(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     x = _sequence_major(node, inputs[0], optional_input(inputs, 4))
-    hidden = int(node.attr("hidden_size"))
+    hidden = int(node.attr("hidden_size") or inputs[2].shape[-1])
     dirs = _directions(node)
     w, r = inputs[1].reshape(dirs, 3 * hidden, -1), inputs[2].reshape(dirs, 3 * hidden, hidden)
     b, h0 = optional_input(inputs, 3), optional_input(inputs, 5)
