@@ -3,8 +3,8 @@
 X is [T, N, K] (``layout`` 0) or [N, T, K] (``layout`` 1); W [D, G·H, K], R [D, G·H, H], B [D, 2·G·H]
 (W then R biases), initial states [D, N, H]; D = 2 for ``direction='bidirectional'`` (forward first).
 Outputs Y [T, D, N, H] (layout 1: [N, T, D, H]) and Y_h, Y_c [D, N, H] (layout 1: [N, D, H]).
-Activations other than Sigmoid/Tanh/Relu, their alpha/beta, and ``sequence_lens`` with lengths other
-than T are not supported, nor is an LSTM's ``clip`` (onnxruntime's clipped LSTM departs from the ONNX
+Activations other than Sigmoid/Tanh/Relu, their alpha/beta, and a ``sequence_lens`` input are not
+supported, nor is an LSTM's ``clip`` (onnxruntime's clipped LSTM departs from the ONNX
 text in ways not followed here): the block then runs in onnxruntime.
 
 ``dynamic_quantize_lstm`` is the LSTM as onnxruntime's com.microsoft DynamicQuantizeLSTM computes it
@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from onnxflex.rounding.converters.registry import OpNode, converter, numpy_value, optional_input, unsupported
+from onnxflex.rounding.converters.registry import OpNode, converter, optional_input, unsupported
 from onnxflex.rounding.quant import round_ste
 
 Tensor = torch.Tensor
@@ -66,12 +66,11 @@ def _directions(node: OpNode) -> int:
 
 
 def _sequence_major(node: OpNode, x: Tensor, seq_lens: Tensor | None) -> Tensor:
-    """X as [T, N, K]; refuses sequence_lens shorter than T (padding semantics not simulated)."""
-    if node.attr("layout", 0):
-        x = x.transpose(0, 1)
-    if seq_lens is not None and bool((torch.as_tensor(numpy_value(seq_lens)) != x.shape[0]).any()):
-        raise unsupported(node, "sequence_lens shorter than the sequence")
-    return x
+    """X as [T, N, K]; refuses sequence_lens (per-sample lengths are data: one batch of held-out
+    samples could hold a short one after calibration saw none)."""
+    if seq_lens is not None:
+        raise unsupported(node, "sequence_lens")
+    return x.transpose(0, 1) if node.attr("layout", 0) else x
 
 
 def _state(value: Tensor | None, node: OpNode, d: int, batch: int, hidden: int, like: Tensor) -> Tensor:
