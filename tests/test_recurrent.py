@@ -277,6 +277,7 @@ def _stream(model: onnx.ModelProto, chunks: np.ndarray, reference_states=None):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1  # DynamicQuantizeLSTM's run-time ranges depend on how it splits the batch
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     state = np.zeros((2, chunks.shape[1], 128), np.float32)
     outputs, states = [], []
