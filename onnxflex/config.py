@@ -73,8 +73,8 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 OPTION_HELP: dict[str, str] = {
     "wbits": "weight bits, 2-8 (below 8 the integers live in an int8 container)",
     "abits": "activation bits: 8, or 0 for weight-only",
-    "group_size": "weight-only (abits 0) MatMul weights: one step per group of this many input channels "
-                  "(a power of two >= 16 dividing each MatMul's input dimension), written as blocked 4-bit "
+    "group_size": "weight-only (abits 0) MatMul and Gemm weights: one step per group of this many input "
+                  "channels (a power of two >= 16 dividing each layer's input dimension), written as blocked 4-bit "
                   "weights (wbits 2-4) that onnxruntime runs as MatMulNBits; 0 = one step per output channel",
     "method": "rounding method: rtn (round to nearest, nothing learned) or a learned rounder",
     "granularity": "reconstruction unit: block (a residual unit) or layer (one weighted op)",
