@@ -22,7 +22,7 @@ from onnxflex.extdata import tensor_array
 from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
 from onnxflex.ortcompat import clear_unknown_dims
 from onnxflex.passes.control_flow import (explicit_outer_reads, localize_outer_initializers,
-                                           local_layer_inputs, subgraph_reads,
+                                           local_layer_inputs, subgraph_reads, subgraphs,
                                            unique_subgraph_initializers)
 from onnxflex.passes.fold_if import fold_constant_ifs
 from onnxflex.passes.pin_inputs import pin_inputs, pinned_values, restore_declarations
@@ -106,7 +106,15 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> None:
-    g = model.graph
+    """Mutates: Constant nodes of the top-level graph and of every subgraph become initializers of
+    their own graph (a frozen torch module exports the weights in its If branches as Constants)."""
+    _graph_constants_to_initializers(model.graph)
+
+
+def _graph_constants_to_initializers(g: onnx.GraphProto) -> None:
+    for node in g.node:
+        for _, sub in subgraphs(node):
+            _graph_constants_to_initializers(sub)
     keep = []
     for node in g.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:

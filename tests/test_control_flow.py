@@ -252,3 +252,16 @@ def test_a_matmul_inside_a_scan_body_is_an_integer_kernel():
     feeds = _images(16, 7)
     db = sqnr_db(run_model(model, feeds)[0], run_model(result.model, feeds)[0])
     assert db >= 25, f"SQNR {db:.1f} dB < 25 dB against FP32"
+
+
+def test_a_weight_given_as_a_constant_node_inside_a_subgraph_is_quantized():
+    """A frozen torch module exports its branch weights as Constant nodes, not initializers (as in
+    tests/zoo/vad_stream.onnx); canonicalize makes them the subgraph's initializers, so the layer is found."""
+    model = scan_model()
+    body = _subgraph(model, "per_channel", "body")
+    weight = body.initializer.pop()
+    body.node.insert(0, helper.make_node("Constant", [], [weight.name], name="plane_w_constant", value=weight))
+    result = onnxflex.quantize(model, _images(CALIB, 0), onnxflex.QuantConfig(method="rtn"), progress=False)
+    assert _weight_dtype(result.model, "plane_matmul", _subgraph(result.model, "per_channel", "body")) == TensorProto.INT8
+    kernels = {l.node: l.kernel for l in check(result.model).layers}
+    assert kernels.get("plane_matmul") == "QLinearMatMul", kernels
