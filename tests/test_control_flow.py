@@ -102,6 +102,11 @@ def test_cli_fix_input_needs_no_data_for_the_pinned_input(tmp_path):
     qmodel = onnx.load(out)
     assert "If" not in {n.op_type for n in qmodel.graph.node}
     assert _weight_dtype(qmodel, "matmul_8k") == TensorProto.INT8, "the 8 kHz branch's MatMul is not quantized"
+    # the original reads 'sr', the pinned model declares it with a default: compare feeds it to both
+    np.savez(tmp_path / "eval.npz", **_images(16, 7), sr=np.array(8000, np.int64))
+    compared = CliRunner().invoke(main, ["compare", str(path), str(out), "--data", str(tmp_path / "eval.npz"),
+                                         "--repeats", "1", "--min-sqnr", "20"], catch_exceptions=False)
+    assert compared.exit_code == 0, compared.output
 
 
 def nested_model() -> onnx.ModelProto:
