@@ -136,6 +136,12 @@ def outputs_of(path: Path, feeds: dict[str, np.ndarray], axes: dict[str, int | N
     return joined
 
 
+def short_error(exc: Exception) -> str:
+    """The part of an onnxruntime error that says what is wrong (its 'Error ...' tail when it has one)."""
+    text = " ".join(str(exc).split())
+    return text.rpartition(" Error ")[2][:200] if " Error " in text else text[-200:]
+
+
 def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
     noise = float(np.sum((ref.astype(np.float64) - got) ** 2))
     return float("inf") if noise == 0 else 10 * math.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise)
@@ -187,7 +193,7 @@ def bench_model(model: ZooModel, calib_samples: int, eval_samples: int, folder: 
                 row.update(fidelity(reference, outputs_of(out, eval_feeds, axes), classes))
                 row["latency_ratio"] = latency_ratio(model.path, out, eval_npz)
             except Exception as exc:  # a model onnxruntime cannot load or run is a result too
-                row["error"] = f"evaluation failed: {str(exc).splitlines()[0][:200]}"
+                row["error"] = f"onnxruntime cannot run the output: {short_error(exc)}"
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
@@ -268,6 +274,8 @@ def main() -> None:
     started = time.perf_counter()
     rows = [row for name in args.models for row in bench_model(models[name], args.calib_samples,
                                                                 args.eval_samples, args.dir)]
+    saved = [{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()} for r in rows]
+    (args.dir / "rows.json").write_text(json.dumps(saved))  # the table can be rendered again from it
     text = report(rows, args, time.perf_counter() - started)
     print(text)
     if not args.no_write:

@@ -114,7 +114,7 @@ OPTION_HELP: dict[str, str] = {
                    "sensitivity; layers named by layer_bits keep their bits; 0 = off",
     "size_budget_mb": "mixed precision: MiB for the quantized layers' weights, counted as a runtime with INT4 "
                       "stores them (2-4 bits packed INT4, 5-8 bits int8, plus float32 scales); the emitted QDQ "
-                      "file packs INT4 only for weight-only grouped MatMuls (the report gives both sizes); 0 = off",
+                      "file packs INT4 only for weight-only grouped MatMul/Gemm layers (the report gives both sizes); 0 = off",
     "input_shapes": "NAME:1x3x224x224: shape of an input for synthetic data when no calibration is given",
     "fix_inputs": "NAME=VALUE: pin a model input to a constant (a number, or comma-separated numbers for a 1-D "
                   "input), e.g. a sample rate: calibration needs no data for it and branches it selects fold "
