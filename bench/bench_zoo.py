@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -90,7 +91,8 @@ def run_child(args: list[str]) -> dict:
         stderr = errors.read()
     if proc.returncode:
         lines = [line for line in (stderr + proc.stdout).strip().splitlines() if line.strip()]
-        return {"error": (lines[-1] if lines else f"exit status {proc.returncode}")[:220]}
+        last = re.sub(r"^[\w.]*Fail: \[ONNXRuntimeError\] : \d+ : \w+ : ", "", lines[-1]) if lines else ""
+        return {"error": (last or f"exit status {proc.returncode}")[:240]}
     return {"seconds": time.perf_counter() - t0}
 
 
