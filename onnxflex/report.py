@@ -82,7 +82,7 @@ def summary(report: dict) -> str:
     if ops:
         lines.append("onnxruntime integer kernels: " + (", ".join(f"{k}×{c}" for k, c in kernels.items()) or "none"))
     cfg = report["config"]
-    group = f" (MatMul groups of {cfg['group_size']})" if cfg.get("group_size") else ""
+    group = f" (MatMul/Gemm groups of {cfg['group_size']})" if cfg.get("group_size") else ""
     mixed = report.get("mixed_precision")
     weights = f"{cfg['wbits']}"
     if mixed:

@@ -175,6 +175,7 @@ ELEMENTWISE_CASES = [
     case("HardSwish", f32(2, 3, 4), opset=14),
     case("Mish", f32(2, 3, 4), opset=18),
     case("Not", bools(3, 4)),
+    case("IsNaN", np.array([[0.0, np.nan, -np.inf], [np.inf, -1.5, np.nan]], np.float32)),
     case("LeakyRelu", f32(2, 3), id="default"),
     case("LeakyRelu", f32(2, 3), id="alpha", alpha=0.3),
     case("Elu", f32(2, 3), alpha=0.7),
