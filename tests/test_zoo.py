@@ -9,10 +9,11 @@ a tolerance of 0 so that the model and its report are written whatever the figur
 and prints it per model (``pytest -s``). Learned rounding runs 10 steps: the file is about the zoo's
 graphs, not accuracy (bench/bench_zoo.py measures that).
 
-The LSTM/GRU layers of vad_stream*, paddle_rec* and tf_text stay float today (their recurrent weights
-are not quantized): only the layers around them are checked, and the blocks holding them (an If too)
-have no torch converter, so they run in onnxruntime in the simulation as well (the summary counts
-the blocks simulated in torch).
+The LSTMs of vad_stream and paddle_rec* are layers too: they must run as DynamicQuantizeLSTM. The GRUs
+of vad_stream_gru and tf_text stay float by design (onnxruntime has no integer GRU; tests/test_recurrent.py
+checks their warnings), so only the layers around them are checked. A block holding an If has no torch
+converter and runs in onnxruntime in the simulation as well (the summary counts the blocks simulated
+in torch).
 """
 from __future__ import annotations
 
@@ -90,8 +91,10 @@ def test_zoo_model_quantizes_w8a8_into_integer_kernels(name, tmp_path, record_pr
     path, report = quantize(model, tmp_path)
     runs_on_fresh_feeds(model, path)
     kernels = check_kernels(path)
-    layers = selected_layers(report)
+    layers = selected_layers(report, (*WEIGHTED_OPS, "LSTM"))
     assert layers, f"{name}: no layer was selected"
+    lstms = [n.name for n in onnx.load(model.path).graph.node if n.op_type == "LSTM"]
+    assert all(kernels.get(lstm) == "DynamicQuantizeLSTM" for lstm in lstms), (lstms, kernels)
     floating = {layer: kernels.get(layer, "not found") for layer in layers if kernels.get(layer) not in INTEGER_KERNELS}
     output, db = sim_db(report)
     record_property("ort_vs_sim_db", db)
