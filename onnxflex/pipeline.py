@@ -53,9 +53,8 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
     """Returns (quantized model, report dict, QuantParams)."""
     import torch
 
-    from onnxflex.rounding.reconstruct import reconstruct, simulate
+    from onnxflex.rounding.reconstruct import reconstruct
     from onnxflex.rounding.torchify import QuantState
-    from onnxflex.verify import verify
 
     timings = {}
     t = time.perf_counter()
@@ -111,9 +110,7 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
     t = time.perf_counter()
     verification = None
     if held.num_samples:
-        simulated = simulate(modules, plan, held, torch.device(device.torch_device), config.batch_size, layout)
-        verification = verify(qmodel, reference, held, simulated, device.providers, config.verify_tolerance_db,
-                              layout)
+        verification = _verification(qmodel, plan, modules, reference, held, config, device, layout)
     timings["verify"] = _lap(t) + reference_seconds
 
     layers_of = {b.name: len(b.layers) for b in plan.blocks}
@@ -127,8 +124,35 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         **sections,
         "timings": timings,
         "_plan": plan,
+        "_verification": verification,
     }
     return qmodel, report, params
+
+
+def _verification(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, reference: dict, held: CalibrationSet,
+                  config: QuantConfig, device, layout):
+    """verify.verify on the held-out samples; when onnxruntime and the simulation part, the blocks are
+    compared one by one (divergence.locate) and the result names the first block where they do."""
+    import dataclasses
+
+    import torch
+
+    from onnxflex.divergence import comparison_points, locate
+    from onnxflex.rounding.reconstruct import simulate
+    from onnxflex.verify import verify
+
+    torch_device = torch.device(device.torch_device)
+    at = comparison_points(plan.model)
+    simulated = simulate(modules, plan, held, torch_device, config.batch_size,
+                         layout.merged({t: layout.axis(o) for o, t in at.items()}), keep=tuple(at.values()))
+    verification = verify(qmodel, reference, held, simulated, device.providers, config.verify_tolerance_db,
+                          layout, at)
+    if verification.failure() is None:
+        return verification
+    batch = fixed_batch(plan.model) or config.batch_size
+    found = locate(qmodel, plan, modules, held, device.providers, batch, config.verify_tolerance_db, torch_device)
+    log.debug("block-by-block comparison of onnxruntime and the simulation: %s", found.to_dict())
+    return dataclasses.replace(verification, divergence=found.to_dict(), divergence_summary=found.summary())
 
 
 def _adapt_plan(original: onnx.ModelProto, plan: BlockPlan, recon: CalibrationSet, config: QuantConfig,

@@ -398,21 +398,23 @@ def _warn_not_reached(block: Block, unseen: list[str]) -> None:
 
 @torch.no_grad()
 def simulate(modules: list, plan: BlockPlan, data: CalibrationSet, device: torch.device, batch: int,
-             layout: Layout = Layout()) -> dict[str, np.ndarray]:
+             layout: Layout = Layout(), keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The quantized model as onnxflex simulates it: every frozen block in order on ``data``, in the
-    model's layout; the graph outputs sample-major (``layout``: their batch axes; a shared output once)."""
+    model's layout; the graph outputs sample-major (``layout``: their batch axes; a shared output once),
+    and the inner tensors named in ``keep`` that a torch block computes (absent where none does)."""
     outputs = [o.name for o in plan.model.graph.output]
-    chunks: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+    chunks: dict[str, list[np.ndarray]] = {o: [] for o in outputs + [k for k in keep if k not in outputs]}
     per_sample = max([int(np.prod(v.shape[1:], dtype=np.int64)) for v in data.arrays.values()] or [1])
     largest = max([batch * per_sample] + list(_initializer_sizes(plan.model).values()))
     with torch_threads(threads_for(largest, device)):  # the inner activations are not known beforehand
         for feeds in data.batches(batch):
             env = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in feeds.items()}
             for module in modules:
-                env.update(module({name: env[name] for name in module.block.inputs}))
-            for o in outputs:
-                chunks[o].append(layout.to_samples(o, env[o]).cpu().numpy())
-    return {o: c[0] if layout.shared(o) else np.concatenate(c) for o, c in chunks.items()}
+                env.update(module({name: env[name] for name in module.block.inputs}, keep=keep))
+            for o, c in chunks.items():
+                if o in env:
+                    c.append(layout.to_samples(o, env[o]).cpu().numpy())
+    return {o: c[0] if layout.shared(o) else np.concatenate(c) for o, c in chunks.items() if c}
 
 
 def _initializer_sizes(model: onnx.ModelProto) -> dict[str, int]:

@@ -98,7 +98,10 @@ class BlockModule(torch.nn.Module):
         finally:
             self._fixed = None
 
-    def forward(self, feeds: dict[str, torch.Tensor], observe: Observer | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, feeds: dict[str, torch.Tensor], observe: Observer | None = None,
+                keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """The block's outputs, plus the tensors named in ``keep`` that its nodes compute (inner tensors
+        verification compares, such as a Softmax's input)."""
         env: dict[str, torch.Tensor] = dict(feeds)
         for name in self.input_points:
             env[name] = self._point(name, env[name], observe)
@@ -112,7 +115,8 @@ class BlockModule(torch.nn.Module):
             inputs = [self._value(name, env, weights) for name in node.inputs]
             for name, value in zip(node.outputs, convert(node, inputs)):
                 env[name] = self._point(name, value, observe) if name in self.state.acts else value
-        return {name: env[name] for name in self.block.outputs}
+        kept = {name: env[name] for name in keep if name in env and name not in feeds}
+        return {**kept, **{name: env[name] for name in self.block.outputs}}
 
     def _point(self, name: str, value: torch.Tensor, observe: Observer | None) -> torch.Tensor:
         if observe is not None:
