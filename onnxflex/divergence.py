@@ -127,6 +127,11 @@ class Divergence:
     def first_local(self) -> BlockComparison | None:
         return next((b for b in self.blocks if b.local_db is not None and b.local_db < self.tolerance_db), None)
 
+    @property
+    def blocks_agree(self) -> bool:
+        """Every block with a compared output agrees with onnxruntime when fed onnxruntime's inputs."""
+        return all(b.local_db is not None and b.local_db >= self.tolerance_db for b in self.blocks if b.tensor)
+
     def summary(self) -> str:
         """One clause for the failure message."""
         first, local = self.first, self.first_local
@@ -148,7 +153,7 @@ class Divergence:
 
     def to_dict(self) -> dict:
         first, local = self.first, self.first_local
-        return {"samples": self.samples, "tolerance_db": self.tolerance_db,
+        return {"samples": self.samples, "tolerance_db": self.tolerance_db, "blocks_agree": self.blocks_agree,
                 "first_block": first.block if first else None, "first_tensor": first.tensor if first else None,
                 "first_kind": None if first is None or first.local_db is None else
                 ("local" if first.local_db < self.tolerance_db else "chained"),

@@ -120,7 +120,8 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         "plan": {"blocks": len(plan.blocks), "layers": len(plan.layers), "activation_points": len(plan.act_points),
                  "granularity": config.granularity},
         "verification": verification.to_dict() if verification else {},
-        "warnings": list(plan.warnings),
+        "warnings": list(plan.warnings) + ([verification.chained_warning()] if verification and
+                                           verification.chained_warning() else []),
         **sections,
         "timings": timings,
         "_plan": plan,
@@ -151,8 +152,11 @@ def _verification(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, refer
         return verification
     batch = fixed_batch(plan.model) or config.batch_size
     found = locate(qmodel, plan, modules, held, device.providers, batch, config.verify_tolerance_db, torch_device)
-    log.debug("block-by-block comparison of onnxruntime and the simulation: %s", found.to_dict())
-    return dataclasses.replace(verification, divergence=found.to_dict(), divergence_summary=found.summary())
+    verification = dataclasses.replace(verification, divergence=found.to_dict(), divergence_summary=found.summary(),
+                                       blocks_agree=found.blocks_agree)
+    if verification.chained_warning():
+        log.warning(verification.chained_warning())
+    return verification
 
 
 def _adapt_plan(original: onnx.ModelProto, plan: BlockPlan, recon: CalibrationSet, config: QuantConfig,
