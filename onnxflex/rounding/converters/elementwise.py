@@ -301,6 +301,22 @@ def _prod(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
     return x
 
 
+def _l1(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return torch.sum(torch.abs(x), dim=dim, keepdim=keepdim)
+
+
+def _l2(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return torch.sqrt(torch.sum(x * x, dim=dim, keepdim=keepdim))
+
+
+def _sum_square(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return torch.sum(x * x, dim=dim, keepdim=keepdim)
+
+
+def _log_sum(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return torch.log(torch.sum(x, dim=dim, keepdim=keepdim))
+
+
 # op_type → (torch reduction, first opset where axes is an input).
 _REDUCTIONS: dict[str, tuple[Callable[..., Tensor], int]] = {
     "ReduceMean": (torch.mean, 18),
@@ -308,6 +324,11 @@ _REDUCTIONS: dict[str, tuple[Callable[..., Tensor], int]] = {
     "ReduceMax": (torch.amax, 18),
     "ReduceMin": (torch.amin, 18),
     "ReduceProd": (_prod, 18),
+    "ReduceL1": (_l1, 18),
+    "ReduceL2": (_l2, 18),
+    "ReduceSumSquare": (_sum_square, 18),
+    "ReduceLogSum": (_log_sum, 18),
+    "ReduceLogSumExp": (torch.logsumexp, 18),
 }
 
 
