@@ -1,0 +1,151 @@
+"""Verification of the emitted model against the torch simulation: where the two part, what is kept
+when they do, and where the comparison is made.
+
+A simulation error is planted by replacing one converter for one node (the Sigmoid of the third of
+four Conv+Sigmoid blocks doubles its output), so the torch side computes something onnxruntime does not.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxflex
+from onnxflex.cli import main
+from onnxflex.config import QuantConfig
+from onnxflex.divergence import BlockComparison, Divergence, comparison_points
+from onnxflex.errors import VerificationError
+from onnxflex.rounding.converters import registry
+from onnxflex.verify import Verification
+
+PLANTED = "s2"  # the Sigmoid output the planted converter doubles
+
+
+def conv_stack(layers: int = 4, seed: int = 0):
+    """``layers`` × (Conv 3x3 → Sigmoid) on x[N, 3, 8, 8]; tensor s{k} is layer k's Sigmoid output."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, x, c = [], [], "x", 3
+    for k in range(layers):
+        inits += [numpy_helper.from_array((rng.standard_normal((8, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(np.float32),
+                                          f"w{k}"),
+                  numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), f"b{k}")]
+        nodes += [helper.make_node("Conv", [x, f"w{k}", f"b{k}"], [f"c{k}"], name=f"conv{k}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Sigmoid", [f"c{k}"], [f"s{k}"], name=f"sig{k}")]
+        x, c = f"s{k}", 8
+    graph = helper.make_graph(nodes, "conv_stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def calibration(n: int = 48) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(1).standard_normal((n, 3, 8, 8)).astype(np.float32)}
+
+
+@pytest.fixture
+def planted(monkeypatch):
+    """The Sigmoid converter, wrong for the node writing PLANTED."""
+    def wrong(node, inputs):
+        y = torch.sigmoid(inputs[0])
+        return (2 * y if node.outputs[0] == PLANTED else y,)
+
+    monkeypatch.setitem(registry._CONVERTERS, "Sigmoid", [(1, wrong)])
+
+
+def test_planted_divergence_names_the_block_and_keeps_the_result(planted):
+    with pytest.raises(VerificationError) as caught:
+        onnxflex.quantize(conv_stack(), calibration(), QuantConfig(method="rtn"), progress=False)
+    message, result = str(caught.value), caught.value.result
+    assert result is not None and "block2" in message and repr(PLANTED) in message, message
+    assert "local" in message and "\n" not in message, message
+    verification = result.report["verification"]
+    assert verification["passed"] is False and verification["onnxruntime_vs_simulation_sqnr_db"]["s3"] < 30
+    found = verification["divergence"]
+    assert (found["first_block"], found["first_tensor"], found["first_kind"]) == ("block2", PLANTED, "local"), found
+    rows = {b["block"]: b for b in found["blocks"]}
+    assert rows["block0"]["chained_sqnr_db"] >= 30 and rows["block1"]["chained_sqnr_db"] >= 30, rows
+    # the block after it is simulated right: fed onnxruntime's input it agrees, only its chained value differs
+    assert rows["block3"]["local_sqnr_db"] >= 30 > rows["block3"]["chained_sqnr_db"], rows["block3"]
+    # exposing the block outputs (as QuantizeLinear integers) leaves onnxruntime's outputs as they were
+    assert found["probed_outputs_vs_plain_sqnr_db"]["s3"] >= 100, found
+    assert not found["blocks_agree"]
+
+
+def test_cli_keeps_a_failed_model_as_unverified(planted, tmp_path):
+    model, data, out = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "m.q.onnx"
+    model.write_bytes(conv_stack().SerializeToString())
+    np.savez(data, **calibration())
+    done = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out), "--calib", str(data), "--method", "rtn",
+                                     "--quiet"])
+    kept = tmp_path / "m.q.unverified.onnx"
+    assert done.exit_code == 1, (done.exit_code, done.output)
+    lines = [line for line in done.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(kept) in lines[0] and f"{kept}.report.json" in lines[0], done.output
+    assert "block2" in lines[0] and PLANTED in lines[0], lines[0]
+    assert not out.exists() and kept.is_file()
+    report = json.loads((tmp_path / "m.q.unverified.onnx.report.json").read_text())
+    assert report["verification"]["divergence"]["first_block"] == "block2", report["verification"]
+    ort.InferenceSession(str(kept), providers=["CPUExecutionProvider"]).run(None, {"x": calibration(2)["x"]})
+
+
+def test_an_agreeing_model_passes_with_verification_figures(tmp_path):
+    result = onnxflex.quantize(conv_stack(), calibration(), QuantConfig(method="rtn"), progress=False)
+    verification = result.report["verification"]
+    assert verification["passed"] is True and "divergence" not in verification, verification
+    assert verification["onnxruntime_vs_simulation_sqnr_db"]["s3"] >= 30, verification
+
+
+def _divergence(*rows: tuple[float, float | None]) -> Divergence:
+    blocks = tuple(BlockComparison(f"b{k}", ("Conv",), f"t{k}", chained, local) for k, (chained, local) in enumerate(rows))
+    return Divergence(8, 30.0, blocks, {"y": float("inf")})
+
+
+def test_chained_flips_pass_with_a_warning_when_every_block_agrees():
+    """Each block fed onnxruntime's inputs agrees; the outputs part only because a rounding flip early on
+    grows from block to block: that model is right, and passes with a warning saying so."""
+    found = _divergence((75.0, 75.0), (50.0, float("inf")), (28.0, float("inf")))
+    assert found.blocks_agree and found.first.block == "b2" and found.first_local is None
+    assert "from upstream" in found.summary(), found.summary()
+    verification = Verification(8, {"y": 27.0}, {"y": 31.0}, {}, 30.0, divergence=found.to_dict(),
+                                divergence_summary=found.summary(), blocks_agree=found.blocks_agree)
+    assert verification.failure() is None and "rounding flips" in verification.chained_warning()
+    assert verification.to_dict()["passed"] is True
+
+
+def test_a_block_that_differs_alone_fails_even_behind_chained_blocks():
+    found = _divergence((75.0, 75.0), (29.0, 60.0), (20.0, 21.0))
+    assert not found.blocks_agree and (found.first.block, found.first_local.block) == ("b1", "b2")
+    summary = found.summary()
+    assert "'b1'" in summary and "from upstream" in summary and "'b2'" in summary, summary
+    verification = Verification(8, {"y": 19.0}, {"y": 31.0}, {}, 30.0, divergence=found.to_dict(),
+                                divergence_summary=summary, blocks_agree=False)
+    assert verification.failure() and verification.chained_warning() is None
+
+
+def softmax_head(logit_scale: float):
+    """x[N, 16] → MatMul → Add → Softmax: the probabilities saturate for a large ``logit_scale``."""
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((16, 10)) * logit_scale / 4).astype(np.float32)
+    b = (rng.standard_normal(10) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+             helper.make_node("Add", ["mm", "b"], ["logits"], name="add"),
+             helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1)]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_softmax_output_is_compared_at_its_logits():
+    model = softmax_head(40.0)
+    assert comparison_points(model) == {"probs": "logits"}
+    data = {"x": np.random.default_rng(3).standard_normal((48, 16)).astype(np.float32)}
+    result = onnxflex.quantize(model, data, QuantConfig(method="rtn"), progress=False)
+    verification = result.report["verification"]
+    assert verification["simulation_compared_at"] == {"probs": "logits"}, verification
+    sim = verification["onnxruntime_vs_simulation_sqnr_db"]["probs"]
+    assert sim >= 30, f"ORT vs simulation at the logits {sim:.1f} dB < 30 dB"
