@@ -7,6 +7,7 @@ four Conv+Sigmoid blocks doubles its output), so the torch side computes somethi
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnxruntime as ort
@@ -149,3 +150,25 @@ def test_a_softmax_output_is_compared_at_its_logits():
     assert verification["simulation_compared_at"] == {"probs": "logits"}, verification
     sim = verification["onnxruntime_vs_simulation_sqnr_db"]["probs"]
     assert sim >= 30, f"ORT vs simulation at the logits {sim:.1f} dB < 30 dB"
+
+
+def test_an_int32_bias_leaves_the_accumulator_room(caplog):
+    """Channels with tiny weights (so a tiny weight step) and a bias of 1: bias / (s_x · s_w) is far past
+    int32. Clamped at 2**31 the bias plus the weighted sum wraps around in onnxruntime's int32
+    accumulator, which the simulation does not; clamped with room for the sum, the two agree."""
+    caplog.set_level(logging.WARNING, logger="onnxflex")
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
+    w[:4] = np.abs(w[:4]) * 1e-6
+    b = (rng.standard_normal(8) * 0.1).astype(np.float32)
+    b[:4] = 1.0
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                              "tiny_channels", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    data = {"x": rng.uniform(0, 1, (48, 4, 8, 8)).astype(np.float32)}
+    result = onnxflex.quantize(model, data, QuantConfig(method="rtn"), progress=False)
+    sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
+    assert sim >= 30, f"ORT vs simulation {sim:.1f} dB < 30 dB"
+    assert any("bias 'b': 4 channel(s)" in r.getMessage() for r in caplog.records), caplog.text

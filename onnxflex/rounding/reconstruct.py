@@ -30,7 +30,7 @@ from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import MAX_SEARCH_VALUES, ActQuantizer, sample_values
 from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.rounders import EarlyStop, make_policy, make_rounder
-from onnxflex.rounding.torchify import BlockModule, QuantState
+from onnxflex.rounding.torchify import BlockModule, QuantState, bias_limit
 from onnxflex.runtimes.base import Target
 
 log = logging.getLogger("onnxflex")
@@ -122,6 +122,7 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
             state.int32_biases[layer.bias] = (layer.weight, layer.input)
             b = tensor_array(inits[layer.bias], model).astype(np.float32)
             state.bias_values[layer.bias] = torch.from_numpy(b).to(device)
+            state.bias_limits[layer.bias] = bias_limit(w, layer.axis)
     ties = concat_ties(model) if target.shared_concat_scales else {}
     for point in block.all_points:
         partner = next((p for p in state.acts if p != point and point in ties and ties.get(p) == ties[point]), None)
