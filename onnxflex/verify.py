@@ -136,13 +136,14 @@ def verify(qmodel: onnx.ModelProto, fp_model: onnx.ModelProto | dict[str, np.nda
     compared_at = {o: t for o, t in (compared_at or {}).items() if t in simulated}
     probed, probes = with_probes(qmodel, list(compared_at.values()))
     compared_at = {o: t for o, t in compared_at.items() if t in probes}
-    outputs = [o.name for o in qmodel.graph.output]
     probe_layout = layout.merged({t: layout.axis(o) for o, t in compared_at.items()}) if layout else None
     try:
-        values = run(probed if compared_at else qmodel, data, providers, layout=probe_layout)
+        quantized = run(qmodel, data, providers, layout=layout)
+        # a separate run: an exposed tensor may keep onnxruntime from fusing its producer, and the
+        # outputs (compared with FP32 too) must be those of the model as written
+        values = run(probed, data, providers, layout=probe_layout) if compared_at else {}
     except Exception as exc:
         raise VerificationError(f"onnxruntime cannot run the emitted model: {exc}") from exc
-    quantized = {k: values[k] for k in outputs}
     ort_at = {o: probes[t].value(values[probes[t].output]) for o, t in compared_at.items()}
     reference = fp_model if isinstance(fp_model, dict) else run(fp_model, data, providers, layout=layout)
     sim = {k: sqnr_db(ort_at[k], simulated[compared_at[k]]) if k in compared_at else sqnr_db(quantized[k], simulated[k])
