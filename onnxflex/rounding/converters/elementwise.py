@@ -122,6 +122,21 @@ _UNARY: dict[str, tuple[int, Callable[[Tensor], Tensor]]] = {
 }
 
 
+@converter("IsNaN", since=9)
+def is_nan(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Bool, same shape: where x is NaN."""
+    return (torch.isnan(inputs[0]),)
+
+
+@converter("IsInf", since=10)
+def is_inf(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Bool, same shape: where x is +inf (detect_positive, default 1) or -inf (detect_negative, default 1)."""
+    x = inputs[0]
+    positive = torch.isposinf(x) if node.attr("detect_positive", 1) else torch.zeros_like(x, dtype=torch.bool)
+    negative = torch.isneginf(x) if node.attr("detect_negative", 1) else torch.zeros_like(x, dtype=torch.bool)
+    return (positive | negative,)
+
+
 def _unary(op_type: str, fn: Callable[[Tensor], Tensor]):
     def convert(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
         return (fn(inputs[0]),)
