@@ -91,8 +91,8 @@ def with_probes(qmodel: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.Model
 @dataclass(frozen=True)
 class BlockComparison:
     """One block: its worst output ``tensor`` and that output's SQNR of onnxruntime against the chained
-    simulation (``chained_db``) and against the block alone fed onnxruntime's inputs (``local_db``,
-    None when onnxruntime's inputs of the block could not all be read)."""
+    simulation (``chained_db``); ``local_db``: the lowest SQNR of its outputs against the block alone fed
+    onnxruntime's inputs (None when onnxruntime's inputs of the block could not all be read)."""
 
     block: str
     ops: tuple[str, ...]
@@ -209,8 +209,10 @@ def _local_outputs(module, block, ort: dict, feeds: dict, keep, device) -> dict 
 
 def _compare_block(block, model: onnx.ModelProto, compared: dict, env: dict, ort: dict,
                    local: dict | None) -> BlockComparison:
-    """The block's float outputs that onnxruntime exposed, worst (lowest chained SQNR) first."""
-    ops = tuple(dict.fromkeys(n.op_type for n in model.graph.node if n.name in set(block.nodes)))
+    """The block's float outputs that onnxruntime exposed: the one with the lowest chained SQNR, and the
+    lowest local SQNR over all of them (None when one could not be computed)."""
+    nodes = set(block.nodes)
+    ops = tuple(dict.fromkeys(n.op_type for n in model.graph.node if n.name in nodes))
     rows = []
     for out in block.outputs:
         tensor = compared[out] if compared[out] in env and compared[out] in ort else out
@@ -219,12 +221,12 @@ def _compare_block(block, model: onnx.ModelProto, compared: dict, env: dict, ort
         sim = env[tensor].cpu().numpy()
         if not np.issubdtype(sim.dtype, np.floating):
             continue
-        chained = sqnr_db(ort[tensor], sim)
         alone = sqnr_db(ort[tensor], local[tensor]) if local is not None and tensor in local else None
-        rows.append((chained, tensor, alone))
+        rows.append((sqnr_db(ort[tensor], sim), tensor, alone))
     if not rows:
         return BlockComparison(block.name, ops, "", float("inf"), None)
-    chained, tensor, alone = min(rows, key=lambda r: r[0])
+    chained, tensor, _ = min(rows, key=lambda r: r[0])
+    alone = None if any(r[2] is None for r in rows) else min(r[2] for r in rows)
     return BlockComparison(block.name, ops, tensor, chained, alone)
 
 
