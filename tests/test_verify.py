@@ -27,8 +27,9 @@ from onnxflex.verify import Verification
 PLANTED = "s2"  # the Sigmoid output the planted converter doubles
 
 
-def conv_stack(layers: int = 4, seed: int = 0):
-    """``layers`` × (Conv 3x3 → Sigmoid) on x[N, 3, 8, 8]; tensor s{k} is layer k's Sigmoid output."""
+def conv_stack(layers: int = 4, seed: int = 0, center: float | None = None):
+    """``layers`` × (Conv 3x3 → Sigmoid) on x[N, 3, 8, 8]; tensor s{k} is layer k's Sigmoid output.
+    With ``center``, the output is the last Sigmoid's minus ``center`` (tensor "centered")."""
     rng = np.random.default_rng(seed)
     inits, nodes, x, c = [], [], "x", 3
     for k in range(layers):
@@ -38,6 +39,10 @@ def conv_stack(layers: int = 4, seed: int = 0):
         nodes += [helper.make_node("Conv", [x, f"w{k}", f"b{k}"], [f"c{k}"], name=f"conv{k}", pads=[1, 1, 1, 1]),
                   helper.make_node("Sigmoid", [f"c{k}"], [f"s{k}"], name=f"sig{k}")]
         x, c = f"s{k}", 8
+    if center is not None:
+        inits.append(numpy_helper.from_array(np.array(center, np.float32), "center"))
+        nodes.append(helper.make_node("Sub", [x, "center"], ["centered"], name="centering"))
+        x = "centered"
     graph = helper.make_graph(nodes, "conv_stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -172,3 +177,27 @@ def test_an_int32_bias_leaves_the_accumulator_room(caplog):
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
     assert sim >= 30, f"ORT vs simulation {sim:.1f} dB < 30 dB"
     assert any("bias 'b': 4 channel(s)" in r.getMessage() for r in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("nudge, passes", [(1e-3, True), (1e-2, False)])
+def test_a_small_local_difference_carried_downstream_passes_a_large_one_fails(monkeypatch, nudge, passes):
+    """The first Sigmoid is nudged by ``nudge`` (relative) in the simulation only; the centred output
+    (the last Sigmoid minus its mean) turns the flips it causes downstream into a lower output SQNR
+    than any block shows. At 1e-3 the nudged block agrees within the tolerance (about 52 dB, output
+    about 46 dB): the run passes with the chained warning; at 1e-2 (about 39 dB) the block fails it."""
+    def nudged(node, inputs):
+        y = torch.sigmoid(inputs[0])
+        return (y * (1 + nudge) if node.outputs[0] == "s0" else y,)
+
+    monkeypatch.setitem(registry._CONVERTERS, "Sigmoid", [(1, nudged)])
+    config = QuantConfig(method="rtn", verify_tolerance_db=48.0)
+    if passes:
+        result = onnxflex.quantize(conv_stack(center=0.449), calibration(), config, progress=False)
+        verification = result.report["verification"]
+        sim = verification["onnxruntime_vs_simulation_sqnr_db"]["centered"]
+        assert sim < 48 and verification["passed"] and verification["divergence"]["blocks_agree"], verification
+        assert any("rounding flips" in w for w in result.report["warnings"]), result.report["warnings"]
+    else:
+        with pytest.raises(VerificationError, match="'block0'") as caught:
+            onnxflex.quantize(conv_stack(center=0.449), calibration(), config, progress=False)
+        assert caught.value.result.report["verification"]["divergence"]["first_local_block"] == "block0"
