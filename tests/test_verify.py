@@ -157,11 +157,10 @@ def test_a_softmax_output_is_compared_at_its_logits():
     assert sim >= 30, f"ORT vs simulation at the logits {sim:.1f} dB < 30 dB"
 
 
-def test_an_int32_bias_leaves_the_accumulator_room(caplog):
-    """Channels with tiny weights (so a tiny weight step) and a bias of 1: bias / (s_x · s_w) is far past
-    int32. Clamped at 2**31 the bias plus the weighted sum wraps around in onnxruntime's int32
-    accumulator, which the simulation does not; clamped with room for the sum, the two agree."""
-    caplog.set_level(logging.WARNING, logger="onnxflex")
+def tiny_channel_conv():
+    """Conv whose first 4 output channels have weights around 1e-6 (so a weight step around 1e-8) and a
+    bias of 1: bias / (s_x · s_w) is far past int32 (channels like these come from BatchNorm folding
+    with a near-zero γ)."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
     w[:4] = np.abs(w[:4]) * 1e-6
@@ -171,9 +170,34 @@ def test_an_int32_bias_leaves_the_accumulator_room(caplog):
                               "tiny_channels", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    data = {"x": rng.uniform(0, 1, (48, 4, 8, 8)).astype(np.float32)}
-    result = onnxflex.quantize(model, data, QuantConfig(method="rtn"), progress=False)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), \
+        {"x": rng.uniform(0, 1, (48, 4, 8, 8)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("method", ["rtn", "flexround", "adaround", "signround"])
+def test_an_int32_bias_that_would_overflow_gets_a_larger_weight_step(method):
+    """Without room, the int32 bias is clamped at 2**31 and onnxruntime's int32 accumulator wraps when
+    the weighted sum is added (the simulation does not: about 20 dB between them); clamped with room for
+    the sum they agree but the clamped channels lose their bias (about 9 dB against FP32). Raising those
+    channels' weight step until the bias fits keeps both."""
+    model, data = tiny_channel_conv()
+    result = onnxflex.quantize(model, data, QuantConfig(method=method, iters=8, batch_size=8), progress=False)
+    verification = result.report["verification"]
+    sim, fp32 = verification["onnxruntime_vs_simulation_sqnr_db"]["y"], verification["quantized_vs_fp32_sqnr_db"]["y"]
+    assert sim >= 30, f"ORT vs simulation {sim:.1f} dB < 30 dB ({method})"
+    assert fp32 >= 30, f"quantized vs FP32 {fp32:.1f} dB < 30 dB ({method})"
+
+
+def test_a_bias_clamped_anyway_is_clamped_with_room_and_a_warning(caplog):
+    """With the weight steps frozen at their tiny values, the bias is clamped below 2**31 by the
+    accumulator's room, so onnxruntime and the simulation still agree, and the clamp is warned about."""
+    caplog.set_level(logging.WARNING, logger="onnxflex")
+    from onnxflex.rounding import reconstruct
+
+    model, data = tiny_channel_conv()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reconstruct, "make_room_for_biases", lambda block, state: None)
+        result = onnxflex.quantize(model, data, QuantConfig(method="rtn"), progress=False)
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
     assert sim >= 30, f"ORT vs simulation {sim:.1f} dB < 30 dB"
     assert any("bias 'b': 4 channel(s)" in r.getMessage() for r in caplog.records), caplog.text

@@ -371,6 +371,7 @@ def _block_runner(block, plan, state, target, config, data, seed, device, provid
         module = BlockModule(block, plan.model, default_opset(plan.model), state, device)
         try:
             calibrate_activations(module, data, config, seed)
+            make_room_for_biases(block, state)
             return module
         except NotImplementedError as exc:
             problem = str(exc)
@@ -379,7 +380,29 @@ def _block_runner(block, plan, state, target, config, data, seed, device, provid
     add_block_quantizers(block, plan.model, state, target, config, "rtn", device)
     module = OrtBlock(block, plan.model, state, target, providers, device)
     _warn_not_reached(block, calibrate_activations(module, data, config, seed))
+    make_room_for_biases(block, state)
     return module
+
+
+def make_room_for_biases(block: Block, state: QuantState) -> None:
+    """Mutates the block's rounders: a layer whose int32 bias would not fit (bias / (input step × weight
+    step) beyond torchify.bias_limit, a channel with tiny weights and so a tiny step) starts from the
+    weight step that makes it fit; those channels' small weights lose levels instead of the bias being
+    clamped. Run after the activation steps are calibrated; a step learned smaller later still clamps."""
+    for layer in block.layers:
+        act = state.acts.get(layer.input)
+        rounder = state.rounders[layer.weight]
+        if layer.bias not in state.int32_biases or act is None or not act.enabled or rounder.group_size:
+            continue
+        bias = state.bias_values[layer.bias]
+        if bias.numel() != rounder.init_scale.numel():
+            continue
+        # 1 % above the least step that fits, so that float rounding of the product cannot tip it over
+        floor = bias.abs() * 1.01 / (act.scale().detach() * state.bias_limits[layer.bias])
+        raised = rounder.raise_steps(floor.reshape(rounder.init_scale.shape))
+        if raised:
+            log.info("%s: raised the weight step of %d channel(s) so that the int32 bias %r fits",
+                     layer.node, raised, layer.bias)
 
 
 def _warn_not_reached(block: Block, unseen: list[str]) -> None:
