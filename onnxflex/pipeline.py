@@ -151,7 +151,13 @@ def _verification(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, refer
     if verification.failure() is None:
         return verification
     batch = fixed_batch(plan.model) or config.batch_size
-    found = locate(qmodel, plan, modules, held, device.providers, batch, config.verify_tolerance_db, torch_device)
+    try:
+        found = locate(qmodel, plan, modules, held, device.providers, batch, config.verify_tolerance_db,
+                       torch_device)
+    except Exception as exc:  # the failure must still reach the user with its model, unlocalized
+        log.debug("the block-by-block comparison failed", exc_info=True)
+        return dataclasses.replace(verification, divergence_summary=(
+            f"the block-by-block comparison could not run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"))
     verification = dataclasses.replace(verification, divergence=found.to_dict(), divergence_summary=found.summary(),
                                        blocks_agree=found.blocks_agree)
     if verification.chained_warning():

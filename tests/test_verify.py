@@ -225,3 +225,15 @@ def test_a_small_local_difference_carried_downstream_passes_a_large_one_fails(mo
         with pytest.raises(VerificationError, match="'block0'") as caught:
             onnxflex.quantize(conv_stack(center=0.449), calibration(), config, progress=False)
         assert caught.value.result.report["verification"]["divergence"]["first_local_block"] == "block0"
+
+
+def test_a_failure_the_blocks_cannot_localize_still_carries_its_result(planted, monkeypatch):
+    import onnxflex.divergence
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(onnxflex.divergence, "locate", broken)
+    with pytest.raises(VerificationError, match="could not run .RuntimeError: planted") as caught:
+        onnxflex.quantize(conv_stack(), calibration(), QuantConfig(method="rtn"), progress=False)
+    assert caught.value.result is not None and caught.value.result.report["verification"]["passed"] is False
