@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxflex.blocks import Block, BlockPlan
 from onnxflex.calib import CalibrationSet
 from onnxflex.qparams import sqnr_db
 
@@ -162,7 +163,7 @@ class Divergence:
                 "blocks": [b.to_dict() for b in self.blocks]}
 
 
-def locate(qmodel: onnx.ModelProto, plan, modules: list, data: CalibrationSet, providers, batch: int,
+def locate(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, data: CalibrationSet, providers, batch: int,
            tolerance_db: float, device) -> Divergence:
     """Compare onnxruntime's run of ``qmodel`` with the simulation (``modules``: the frozen blocks of
     ``plan``, in order) block by block on the first ``batch`` samples of ``data``."""
@@ -196,7 +197,7 @@ def locate(qmodel: onnx.ModelProto, plan, modules: list, data: CalibrationSet, p
     return Divergence(samples, tolerance_db, tuple(comparisons), probe_db)
 
 
-def _local_outputs(module, block, ort: dict, feeds: dict, keep, device) -> dict | None:
+def _local_outputs(module, block: Block, ort: dict, feeds: dict, keep, device) -> dict | None:
     """The block alone on onnxruntime's values of its inputs, or None when one of them was not read."""
     import torch
 
@@ -207,7 +208,7 @@ def _local_outputs(module, block, ort: dict, feeds: dict, keep, device) -> dict 
     return {k: v.cpu().numpy() for k, v in module(inputs, keep=keep).items()}
 
 
-def _compare_block(block, model: onnx.ModelProto, compared: dict, env: dict, ort: dict,
+def _compare_block(block: Block, model: onnx.ModelProto, compared: dict, env: dict, ort: dict,
                    local: dict | None) -> BlockComparison:
     """The block's float outputs that onnxruntime exposed: the one with the lowest chained SQNR, and the
     lowest local SQNR over all of them (None when one could not be computed)."""
