@@ -12,7 +12,7 @@ import onnx
 
 from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.config import QuantConfig
-from onnxflex.errors import CalibrationError
+from onnxflex.errors import CalibrationError, VerificationError
 from onnxflex.graph import load_model, save_model_atomic, write_text_atomic
 from onnxflex.progress import Progress
 from onnxflex.report import layer_summary, reconstruction_summary, to_json, versions
@@ -40,6 +40,13 @@ def report_path(model_path: str | os.PathLike) -> Path:
     return Path(f"{model_path}.report.json")
 
 
+def unverified_path(output: str | os.PathLike) -> Path:
+    """Where a model that failed verification is kept instead of ``output``: ``x.onnx`` → ``x.unverified.onnx``."""
+    output = Path(output)
+    stem = output.name[:-len(".onnx")] if output.name.endswith(".onnx") else output.name
+    return output.with_name(f"{stem}.unverified.onnx")
+
+
 def split_calibration(data: CalibrationSet, config: QuantConfig, batch: int | None):
     """(reconstruction set, verification set): the last ``verify_samples`` are held out."""
     n = data.num_samples if not config.calib_samples else min(config.calib_samples, data.num_samples)
@@ -57,7 +64,11 @@ def quantize(model: Any, calibration: Any = None, config: QuantConfig | None = N
              progress: bool = True) -> QuantResult:
     """Quantize ``model`` (path or ModelProto) with ``calibration`` (any source onnxflex.sources accepts:
     .npz, folder, ImageFolder, mapping, CalibrationDataReader, iterable of feed dicts; None = the bundled
-    data or synthetic inputs); see QuantConfig for the options."""
+    data or synthetic inputs); see QuantConfig for the options.
+
+    Raises VerificationError when onnxruntime's outputs of the emitted model differ from the simulation
+    by more than ``config.verify_tolerance_db``; the error's ``result`` is the finished QuantResult (its
+    report's "verification" names the first diverging block), which ``result.save`` still writes."""
     from onnxflex.pipeline import run_pipeline
 
     config = config or QuantConfig()
@@ -72,10 +83,16 @@ def quantize(model: Any, calibration: Any = None, config: QuantConfig | None = N
                                "verification_samples": held.num_samples},
                   layers=layer_summary(report.pop("_plan"), params, config),
                   reconstruction=reconstruction_summary(config, report["blocks"], fixed or config.batch_size))
-    if not report["verification"]:
+    verification = report.pop("_verification")
+    if verification is None:
         _warn_unverified(report, data.num_samples, config)
     report["timings"]["total"] = time.perf_counter() - t0
-    return QuantResult(qmodel, report, params)
+    result = QuantResult(qmodel, report, params)
+    failure = verification.failure() if verification is not None else None
+    if failure:
+        raise VerificationError(f"{failure}; the simulation, or the place it is compared, is wrong: please report "
+                                "it with the model", result)
+    return result
 
 
 def _warn_unverified(report: dict, samples: int, config: QuantConfig) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from onnxflex.config import OPTION_HELP, QuantConfig, choices
-from onnxflex.errors import ConfigError, OnnxflexError
+from onnxflex.errors import ConfigError, OnnxflexError, VerificationError
 from onnxflex.exits import (FAILED, INTERNAL, SIGINT_EXIT, SIGTERM_EXIT, Terminated, crash_log,
                             internal_error_line, sigterm_unwinds)
 
@@ -151,7 +151,7 @@ def quantize(model, output, calib, dump_config, quiet, log_level, config_file, *
         return
     if model is None:
         raise click.UsageError("Missing argument 'MODEL'.")
-    from onnxflex.api import quantize as run_quantize
+    from onnxflex.api import quantize as run_quantize, unverified_path
     from onnxflex.report import summary
 
     _setup_logging("error" if quiet else log_level)
@@ -159,7 +159,16 @@ def quantize(model, output, calib, dump_config, quiet, log_level, config_file, *
     from onnxflex.graph import check_output_path
 
     check_output_path(model, output)  # before the run, not after it
-    result = run_quantize(model, calib, config, progress=not quiet)
+    try:
+        result = run_quantize(model, calib, config, progress=not quiet)
+    except VerificationError as exc:
+        if exc.result is None:
+            raise
+        kept = unverified_path(output)
+        check_output_path(model, kept)
+        kept = exc.result.save(kept)
+        raise VerificationError(f"{exc} — the model is kept as {kept} with its report {kept}.report.json "
+                                f"(not as {output}); check it with onnxflex compare before using it") from None
     path = result.save(output)
     if not quiet:
         click.echo(summary(result.report))

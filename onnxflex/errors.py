@@ -33,9 +33,16 @@ class DeviceError(OnnxflexError):
 
 
 class VerificationError(OnnxflexError):
-    """The emitted model failed a check it must pass: a failed check, exit code 1."""
+    """The emitted model failed a check it must pass: a failed check, exit code 1. ``result`` is the
+    whole api.QuantResult when the model was built and only its comparison with the simulation failed
+    (its report holds the figures), so that the caller can keep it (the CLI writes it as
+    ``<output>.unverified.onnx``); None when there is no model worth keeping."""
 
     exit_code = 1
+
+    def __init__(self, message: str, result=None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class OutputError(OnnxflexError):

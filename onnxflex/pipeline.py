@@ -58,9 +58,8 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
     """Returns (quantized model, report dict, QuantParams)."""
     import torch
 
-    from onnxflex.rounding.reconstruct import reconstruct, simulate
+    from onnxflex.rounding.reconstruct import reconstruct
     from onnxflex.rounding.torchify import QuantState
-    from onnxflex.verify import verify
 
     timings = {}
     t = time.perf_counter()
@@ -116,9 +115,7 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
     t = time.perf_counter()
     verification = None
     if held.num_samples:
-        simulated = simulate(modules, plan, held, torch.device(device.torch_device), config.batch_size, layout)
-        verification = verify(qmodel, reference, held, simulated, device.providers, config.verify_tolerance_db,
-                              layout)
+        verification = _verification(qmodel, plan, modules, reference, held, config, device, layout)
     timings["verify"] = _lap(t) + reference_seconds
 
     layers_of = {b.name: len(b.layers) for b in plan.blocks}
@@ -128,12 +125,49 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         "plan": {"blocks": len(plan.blocks), "layers": len(plan.layers), "activation_points": len(plan.act_points),
                  "granularity": config.granularity},
         "verification": verification.to_dict() if verification else {},
-        "warnings": list(plan.warnings),
+        "warnings": list(plan.warnings) + ([verification.chained_warning()] if verification and
+                                           verification.chained_warning() else []),
         **sections,
         "timings": timings,
         "_plan": plan,
+        "_verification": verification,
     }
     return qmodel, report, params
+
+
+def _verification(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, reference: dict, held: CalibrationSet,
+                  config: QuantConfig, device, layout):
+    """verify.verify on the held-out samples; when onnxruntime and the simulation part, the blocks are
+    compared one by one (divergence.locate) and the result names the first block where they do."""
+    import dataclasses
+
+    import torch
+
+    from onnxflex.divergence import comparison_points, locate
+    from onnxflex.rounding.reconstruct import simulate
+    from onnxflex.verify import verify
+
+    torch_device = torch.device(device.torch_device)
+    at = comparison_points(plan.model)
+    simulated = simulate(modules, plan, held, torch_device, config.batch_size,
+                         layout.merged({t: layout.axis(o) for o, t in at.items()}), keep=tuple(at.values()))
+    verification = verify(qmodel, reference, held, simulated, device.providers, config.verify_tolerance_db,
+                          layout, at)
+    if verification.failure() is None:
+        return verification
+    batch = fixed_batch(plan.model) or config.batch_size
+    try:
+        found = locate(qmodel, plan, modules, held, device.providers, batch, config.verify_tolerance_db,
+                       torch_device)
+    except Exception as exc:  # the failure must still reach the user with its model, unlocalized
+        log.debug("the block-by-block comparison failed", exc_info=True)
+        return dataclasses.replace(verification, divergence_summary=(
+            f"the block-by-block comparison could not run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"))
+    verification = dataclasses.replace(verification, divergence=found.to_dict(), divergence_summary=found.summary(),
+                                       blocks_agree=found.blocks_agree)
+    if verification.chained_warning():
+        log.warning(verification.chained_warning())
+    return verification
 
 
 def _adapt_plan(original: onnx.ModelProto, plan: BlockPlan, recon: CalibrationSet, config: QuantConfig,

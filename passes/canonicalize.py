@@ -40,8 +40,9 @@ def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     """Returns the canonical model. May mutate ``model`` on the way: when no opset upgrade copies it,
     node names, initializer graph inputs, Constant and Identity/Dropout nodes are rewritten in place
     (and constants folded too if shape inference fails); pass a copy to keep the original."""
-    # a batch written as -1 or 0: the emitted model must load in onnxruntime, and the opset upgrade's
-    # shape inference must not compute with -1 (it writes dims of 0 that onnxruntime then refuses)
+    # a batch written as -1 or 0: the emitted model must load in onnxruntime; cleared before the opset
+    # upgrade, whose shape inference would otherwise spread -1 and 0 into the value_info it writes
+    # (onnxruntime then refuses a Reshape to [0, 0, -1] of a tensor declared [0, -1, 2, 32])
     clear_unknown_dims(model)
     model = _upgrade_opset(model, ctx)
     name_nodes_uniquely(model)

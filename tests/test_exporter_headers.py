@@ -196,3 +196,25 @@ def test_integers_the_input_dtype_cannot_hold_are_refused():
              "offset": np.ones((4, 1)), "mask": np.ones((4, 8))}
     with pytest.raises(CalibrationError, match=r"input 'bytes' is uint8 .* 300"):
         check_calibration(feeds, typed_inputs_model(), "test")
+
+
+def test_minus1_dims_on_an_opset_12_model_with_a_reshape(tmp_path):
+    """Legacy Paddle2ONNX header (-1 batch and width) on opset 12: the opset upgrade's shape inference
+    must not see the -1s (it writes them, and 0s, into value_info that onnxruntime then refuses: a
+    Reshape to [0, 0, -1] of a tensor declared [0, -1, ...])."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    m = numpy_helper.from_array((rng.standard_normal((32, 5)) * 0.2).astype(np.float32), "m")
+    shape = numpy_helper.from_array(np.array([0, 0, -1], np.int64), "shape")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Transpose", ["c"], ["t"], name="t", perm=[0, 3, 1, 2]),
+             helper.make_node("Reshape", ["t", "shape"], ["r"], name="r"),
+             helper.make_node("MatMul", ["r", "m"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, -1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, -1, 5])], [w, m, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 7
+    x = rng.standard_normal((40, 3, 8, 12)).astype(np.float32)
+    result, comparison = quantize_and_compare(model, {"x": x}, tmp_path)
+    sqnr = result.report["verification"]["quantized_vs_fp32_sqnr_db"]["y"]
+    assert sqnr > MIN_SQNR and comparison.outputs[0]["sqnr_db"] > MIN_SQNR, f"SQNR {sqnr:.1f} dB"

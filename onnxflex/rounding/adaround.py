@@ -43,13 +43,28 @@ class AdaRounder(Rounder):
     def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse",
                  group_size: int = 0) -> None:
         super().__init__(weight, axis, bits, scale_search, group_size)
+        self.register_buffer("floor", torch.zeros_like(self.weight))
+        self.v = torch.nn.Parameter(torch.zeros_like(self.weight))
+        self._start()
+
+    @torch.no_grad()
+    def _start(self) -> None:
+        """floor and V from the current starting step (round-to-nearest, half to even)."""
         x = self.weight / self.spread(self.init_scale)
-        self.register_buffer("floor", torch.floor(x))
+        self.floor.copy_(torch.floor(x))
         frac = x - self.floor
         p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)
         v = torch.log(p / (1 - p)).abs().clamp_min(1e-6)  # h(V) >= 0.5 exactly when V >= 0
         up = torch.round(x) > self.floor
-        self.v = torch.nn.Parameter(torch.where(up, v, -v))
+        self.v.copy_(torch.where(up, v, -v))
+
+    @torch.no_grad()
+    def raise_steps(self, floor: torch.Tensor) -> int:
+        """As Rounder.raise_steps; floor and V start again from the raised steps."""
+        low = super().raise_steps(floor)
+        if low:
+            self._start()
+        return low
 
     def param_groups(self):
         return [([self.v], "lr")]

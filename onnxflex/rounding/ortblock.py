@@ -56,7 +56,9 @@ class OrtBlock:
         self._fp_session = None
         self._q_session = None
 
-    def __call__(self, feeds: dict[str, torch.Tensor], observe=None) -> dict[str, torch.Tensor]:
+    def __call__(self, feeds: dict[str, torch.Tensor], observe=None, keep: tuple[str, ...] = ()
+                 ) -> dict[str, torch.Tensor]:
+        """The block's outputs; ``keep`` (inner tensors BlockModule can return) is not available here."""
         arrays = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
         if not self.quantize:
             return self._run_fp(arrays, observe)

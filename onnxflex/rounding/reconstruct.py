@@ -30,7 +30,7 @@ from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import MAX_SEARCH_VALUES, ActQuantizer, sample_values
 from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.rounders import EarlyStop, make_policy, make_rounder
-from onnxflex.rounding.torchify import BlockModule, QuantState
+from onnxflex.rounding.torchify import BlockModule, QuantState, bias_limit
 from onnxflex.runtimes.base import Target
 
 log = logging.getLogger("onnxflex")
@@ -122,6 +122,7 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
             state.int32_biases[layer.bias] = (layer.weight, layer.input)
             b = tensor_array(inits[layer.bias], model).astype(np.float32)
             state.bias_values[layer.bias] = torch.from_numpy(b).to(device)
+            state.bias_limits[layer.bias] = bias_limit(w, layer.axis)
     ties = concat_ties(model) if target.shared_concat_scales else {}
     for point in block.all_points:
         partner = next((p for p in state.acts if p != point and point in ties and ties.get(p) == ties[point]), None)
@@ -370,6 +371,7 @@ def _block_runner(block, plan, state, target, config, data, seed, device, provid
         module = BlockModule(block, plan.model, default_opset(plan.model), state, device)
         try:
             calibrate_activations(module, data, config, seed)
+            make_room_for_biases(block, state)
             return module
         except NotImplementedError as exc:
             problem = str(exc)
@@ -378,7 +380,29 @@ def _block_runner(block, plan, state, target, config, data, seed, device, provid
     add_block_quantizers(block, plan.model, state, target, config, "rtn", device)
     module = OrtBlock(block, plan.model, state, target, providers, device)
     _warn_not_reached(block, calibrate_activations(module, data, config, seed))
+    make_room_for_biases(block, state)
     return module
+
+
+def make_room_for_biases(block: Block, state: QuantState) -> None:
+    """Mutates the block's rounders: a layer whose int32 bias would not fit (bias / (input step × weight
+    step) beyond torchify.bias_limit, a channel with tiny weights and so a tiny step) starts from the
+    weight step that makes it fit; those channels' small weights lose levels instead of the bias being
+    clamped. Run after the activation steps are calibrated; a step learned smaller later still clamps."""
+    for layer in block.layers:
+        act = state.acts.get(layer.input)
+        rounder = state.rounders[layer.weight]
+        if layer.bias not in state.int32_biases or act is None or not act.enabled or rounder.group_size:
+            continue
+        bias = state.bias_values[layer.bias]
+        if bias.numel() != rounder.init_scale.numel():
+            continue
+        # 1 % above the least step that fits, so that float rounding of the product cannot tip it over
+        floor = bias.abs() * 1.01 / (act.scale().detach() * state.bias_limits[layer.bias])
+        raised = rounder.raise_steps(floor.reshape(rounder.init_scale.shape))
+        if raised:
+            log.info("%s: raised the weight step of %d channel(s) so that the int32 bias %r fits",
+                     layer.node, raised, layer.bias)
 
 
 def _warn_not_reached(block: Block, unseen: list[str]) -> None:
@@ -398,21 +422,23 @@ def _warn_not_reached(block: Block, unseen: list[str]) -> None:
 
 @torch.no_grad()
 def simulate(modules: list, plan: BlockPlan, data: CalibrationSet, device: torch.device, batch: int,
-             layout: Layout = Layout()) -> dict[str, np.ndarray]:
+             layout: Layout = Layout(), keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The quantized model as onnxflex simulates it: every frozen block in order on ``data``, in the
-    model's layout; the graph outputs sample-major (``layout``: their batch axes; a shared output once)."""
+    model's layout; the graph outputs sample-major (``layout``: their batch axes; a shared output once),
+    and the inner tensors named in ``keep`` that a torch block computes (absent where none does)."""
     outputs = [o.name for o in plan.model.graph.output]
-    chunks: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+    chunks: dict[str, list[np.ndarray]] = {o: [] for o in outputs + [k for k in keep if k not in outputs]}
     per_sample = max([int(np.prod(v.shape[1:], dtype=np.int64)) for v in data.arrays.values()] or [1])
     largest = max([batch * per_sample] + list(_initializer_sizes(plan.model).values()))
     with torch_threads(threads_for(largest, device)):  # the inner activations are not known beforehand
         for feeds in data.batches(batch):
             env = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in feeds.items()}
             for module in modules:
-                env.update(module({name: env[name] for name in module.block.inputs}))
-            for o in outputs:
-                chunks[o].append(layout.to_samples(o, env[o]).cpu().numpy())
-    return {o: c[0] if layout.shared(o) else np.concatenate(c) for o, c in chunks.items()}
+                env.update(module({name: env[name] for name in module.block.inputs}, keep=keep))
+            for o, c in chunks.items():
+                if o in env:
+                    c.append(layout.to_samples(o, env[o]).cpu().numpy())
+    return {o: c[0] if layout.shared(o) else np.concatenate(c) for o, c in chunks.items() if c}
 
 
 def _initializer_sizes(model: onnx.ModelProto) -> dict[str, int]:

@@ -284,6 +284,15 @@ class Rounder(torch.nn.Module):
     def scale(self) -> torch.Tensor:
         return self.init_scale
 
+    @torch.no_grad()
+    def raise_steps(self, floor: torch.Tensor) -> int:
+        """Mutates: the starting steps below ``floor`` (``init_scale``'s shape) are raised to it, before
+        anything is learned; returns how many were. (An int32 bias needs its step, input step × weight
+        step, large enough to fit: torchify.bias_limit.)"""
+        low = self.init_scale < floor
+        self.init_scale.copy_(torch.maximum(self.init_scale, floor))
+        return int(low.sum())
+
     def integers(self) -> torch.Tensor:
         raise NotImplementedError
 

@@ -77,6 +77,13 @@ class SignRounder(Rounder):
     def scale(self) -> torch.Tensor:
         return self.alpha * self.absmax / self.qmax
 
+    @torch.no_grad()
+    def raise_steps(self, floor: torch.Tensor) -> int:
+        """As Rounder.raise_steps, on the clipped range this rounder's step comes from."""
+        low = super().raise_steps(floor)
+        self.absmax.copy_(torch.maximum(self.absmax, floor * self.qmax / self.alpha))
+        return low
+
     def integers(self) -> torch.Tensor:
         return torch.clamp(round_ste(self.weight / self.spread(self.scale()) + self.v), self.qmin, self.qmax)
 

@@ -8,6 +8,7 @@ writes as DynamicQuantizeLSTM) runs as that kernel computes it (converters/recur
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,19 +25,31 @@ from onnxflex.rounding.converters import OpNode, find_converter
 from onnxflex.rounding.converters.recurrent import QUANTIZED as QUANTIZED_RECURRENT
 from onnxflex.rounding.rounders import Rounder
 
+log = logging.getLogger("onnxflex")
 Observer = Callable[[str, torch.Tensor], None]
 INT32_MAX = 2_147_483_520.0  # largest float32 below 2**31, so the int32 cast cannot overflow
+
+
+def bias_limit(weight: torch.Tensor, axis: int) -> float:
+    """Largest |int32 bias| of a layer that leaves its accumulator room for the weighted sum:
+    onnxruntime's integer kernels add the bias to an int32 sum of fan-in products, each at most
+    128 · 255 in magnitude, and an int32 past 2**31 wraps around (the simulation would not). A bias
+    beyond it (a channel whose weights, and so their step, are tiny) is clamped, in both."""
+    fan_in = weight.numel() // max(weight.shape[axis], 1)
+    return max(INT32_MAX - fan_in * 128.0 * 255.0, 0.0)
 
 
 @dataclass
 class QuantState:
     """Model-wide quantizers, keyed by ONNX names: weight initializer → rounder, tensor → activation
-    quantizer, bias initializer → (weight name, input tensor) for int32 bias quantization."""
+    quantizer, bias initializer → (weight name, input tensor) for int32 bias quantization, with its
+    float value and its integer limit (bias_limit)."""
 
     rounders: dict[str, Rounder] = field(default_factory=dict)
     acts: dict[str, ActQuantizer] = field(default_factory=dict)
     int32_biases: dict[str, tuple[str, str]] = field(default_factory=dict)
     bias_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    bias_limits: dict[str, float] = field(default_factory=dict)
 
     @torch.no_grad()
     def export(self, act_dtype: int) -> QuantParams:
@@ -48,6 +61,12 @@ class QuantState:
             quantized = self.quantized_bias(bias)
             if quantized is not None:
                 ints, step = (t.cpu().numpy() for t in quantized)
+                clamped = int(np.sum(np.abs(ints) >= self.bias_limits.get(bias, INT32_MAX)))
+                if clamped:
+                    log.warning("bias %r: %d channel(s) need an int32 beyond what the accumulator leaves "
+                                "room for (their weights, and so the weight step, are tiny); clamped, so "
+                                "those outputs lose part of their bias — exclude the layer with "
+                                "--exclude-node to keep it exact in float", bias, clamped)
                 biases[bias] = QuantizedBias(ints.astype(np.int32), step.astype(np.float32))
         return QuantParams(weights, biases, acts)
 
@@ -59,7 +78,8 @@ class QuantState:
         if act is None or not act.enabled:
             return None
         step = (act.scale() * self.rounders[weight].scale()).detach()
-        return torch.clamp(torch.round(self.bias_values[bias] / step), -INT32_MAX, INT32_MAX), step
+        limit = self.bias_limits.get(bias, INT32_MAX)
+        return torch.clamp(torch.round(self.bias_values[bias] / step), -limit, limit), step
 
 
 class BlockModule(torch.nn.Module):
@@ -102,7 +122,10 @@ class BlockModule(torch.nn.Module):
         finally:
             self._fixed = None
 
-    def forward(self, feeds: dict[str, torch.Tensor], observe: Observer | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, feeds: dict[str, torch.Tensor], observe: Observer | None = None,
+                keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """The block's outputs, plus the tensors named in ``keep`` that its nodes compute (inner tensors
+        verification compares, such as a Softmax's input)."""
         env: dict[str, torch.Tensor] = dict(feeds)
         for name in self.input_points:
             env[name] = self._point(name, env[name], observe)
@@ -118,7 +141,8 @@ class BlockModule(torch.nn.Module):
                 convert = kernel
             for name, value in zip(node.outputs, convert(node, inputs)):
                 env[name] = self._point(name, value, observe) if name in self.state.acts else value
-        return {name: env[name] for name in self.block.outputs}
+        kept = {name: env[name] for name in keep if name in env and name not in feeds}
+        return {**kept, **{name: env[name] for name in self.block.outputs}}
 
     def _point(self, name: str, value: torch.Tensor, observe: Observer | None) -> torch.Tensor:
         if observe is not None:

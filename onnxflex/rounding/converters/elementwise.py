@@ -123,6 +123,15 @@ _UNARY: dict[str, tuple[int, Callable[[Tensor], Tensor]]] = {
 }
 
 
+@converter("IsInf", since=10)
+def is_inf(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Bool, same shape: where x is +inf (detect_positive, default 1) or -inf (detect_negative, default 1)."""
+    x = inputs[0]
+    positive = torch.isposinf(x) if node.attr("detect_positive", 1) else torch.zeros_like(x, dtype=torch.bool)
+    negative = torch.isneginf(x) if node.attr("detect_negative", 1) else torch.zeros_like(x, dtype=torch.bool)
+    return (positive | negative,)
+
+
 def _unary(op_type: str, fn: Callable[[Tensor], Tensor]):
     def convert(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
         return (fn(inputs[0]),)
@@ -302,6 +311,22 @@ def _prod(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
     return x
 
 
+def _l1(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return torch.sum(torch.abs(x), dim=dim, keepdim=keepdim)
+
+
+def _l2(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return torch.sqrt(torch.sum(x * x, dim=dim, keepdim=keepdim))
+
+
+def _sum_square(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return torch.sum(x * x, dim=dim, keepdim=keepdim)
+
+
+def _log_sum(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return torch.log(torch.sum(x, dim=dim, keepdim=keepdim))
+
+
 # op_type → (torch reduction, first opset where axes is an input).
 _REDUCTIONS: dict[str, tuple[Callable[..., Tensor], int]] = {
     "ReduceMean": (torch.mean, 18),
@@ -309,6 +334,11 @@ _REDUCTIONS: dict[str, tuple[Callable[..., Tensor], int]] = {
     "ReduceMax": (torch.amax, 18),
     "ReduceMin": (torch.amin, 18),
     "ReduceProd": (_prod, 18),
+    "ReduceL1": (_l1, 18),
+    "ReduceL2": (_l2, 18),
+    "ReduceSumSquare": (_sum_square, 18),
+    "ReduceLogSum": (_log_sum, 18),
+    "ReduceLogSumExp": (torch.logsumexp, 18),
 }
 
 

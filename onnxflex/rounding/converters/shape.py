@@ -191,6 +191,26 @@ def gather(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     return (picked.reshape(x.shape[:axis] + indices.shape + x.shape[axis + 1:]),)
 
 
+@converter("GatherND", since=11)
+def gather_nd(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Index ``data`` with the last axis of ``indices`` (k coordinates each, negative counts from the
+    end) after ``batch_dims`` leading axes both share (opset 12; 0 before).
+
+    Output shape: indices.shape[:-1] + data.shape[batch_dims + k:].
+    """
+    data, indices = inputs[0], inputs[1].to(device=inputs[0].device, dtype=torch.long)
+    b = int(node.attr("batch_dims", 0))
+    k = indices.shape[-1]
+    batch = data.shape[:b]
+    flat = data.reshape((-1,) + tuple(data.shape[b:]))
+    coords = indices.reshape(flat.shape[0], -1, k)
+    sizes = torch.tensor(data.shape[b:b + k], device=data.device, dtype=torch.long)
+    coords = torch.where(coords < 0, coords + sizes, coords)
+    rows = torch.arange(flat.shape[0], device=data.device).unsqueeze(1).expand(coords.shape[:2])
+    picked = flat[(rows,) + tuple(coords[..., j] for j in range(k))]
+    return (picked.reshape(tuple(batch) + tuple(indices.shape[b:-1]) + tuple(data.shape[b + k:])),)
+
+
 # --- shape queries -------------------------------------------------------------------------------
 
 
