@@ -22,8 +22,15 @@ def select_layers(model: onnx.ModelProto, target: Target, config: QuantConfig) -
         if len(node.input) < 2 or node.input[1] not in inits:
             continue
         weight = inits[node.input[1]]
-        if weight.data_type not in FLOAT_TYPES:
+        if weight.data_type not in FLOAT_TYPES | {onnx.TensorProto.DOUBLE}:
             continue
+        if weight.data_type != onnx.TensorProto.FLOAT:
+            raise UnsupportedModelError(
+                f"node {node.name!r} ({node.op_type}) computes in "
+                f"{onnx.TensorProto.DataType.Name(weight.data_type).lower()} (weight {weight.name!r}): onnxflex "
+                "quantizes layers that compute in float32 — convert the model to float32 first (re-export it, or "
+                f"onnxconverter_common.float16.convert_float16_to_float32), or keep the node in float with "
+                f"--exclude-node {node.name or '<its name>'}")
         axis = _channel_axis(node, len(weight.dims))
         if axis is None:
             continue
