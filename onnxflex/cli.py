@@ -177,7 +177,7 @@ def inspect(model, config_file, **options) -> None:
     _setup_logging("warning")
     plan = build_plan(load_model(model), build_config(config_file, options))
     for warning in plan.warnings:
-        click.echo(f"warning: {warning}")
+        click.echo(f"warning: {warning}", err=True)
     click.echo(plan.describe())
 
 

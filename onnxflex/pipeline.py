@@ -20,7 +20,7 @@ from onnxflex.passes.control_flow import control_flow_warnings
 from onnxflex.passes.custom_ops import check_custom_ops
 from onnxflex.passes.partition import partition
 from onnxflex.passes.pipeline import PassContext, run_passes
-from onnxflex.passes.select import activation_points, select_layers
+from onnxflex.passes.select import activation_points, select_layers, unmatched_patterns
 from onnxflex.passes.select_inner import select_inner
 from onnxflex.progress import Progress
 from onnxflex.runtimes.base import get_target
@@ -39,6 +39,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
     points = activation_points(canonical, layers, target, config)
     inner_layers, inner_points, outer_points = select_inner(canonical, target, config)
     ctx.warnings.extend(control_flow_warnings(canonical, inner_layers))
+    ctx.warnings.extend(unmatched_patterns(canonical, layers + inner_layers, config))
     points += tuple(p for p in outer_points if p not in points)
 
     def supported(op_type: str, opset: int, domain: str) -> bool:
