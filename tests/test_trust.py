@@ -44,3 +44,68 @@ def test_inspect_warns_on_stderr_for_an_unmatched_pattern():
     assert result.exit_code == 0
     assert "--exclude-node 'stem*' matches no node" in result.stderr, result.stderr
     assert "matches no node" not in result.stdout
+
+
+def test_int_pixels_for_a_float_input_are_refused_naming_the_input_and_the_fix(tmp_path):
+    pixels = (np.load(CALIB)["input"][:16] * 255).clip(0, 255).round().astype(np.int64)
+    result = invoke("quantize", CNN, "--method", "rtn", "--calib", small_calib(tmp_path, input=pixels),
+                    "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 2, result.output
+    assert "input 'input' is float32 but the data is int64 with values 0..255" in result.stderr, result.stderr
+    assert "x / 255" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_lossless_cast_is_a_warning_in_stderr_and_report(tmp_path):
+    data = np.load(CALIB)["input"][:16].astype(np.float64)
+    out = tmp_path / "q.onnx"
+    result = invoke("quantize", CNN, "--method", "rtn", "--calib", small_calib(tmp_path, input=data), "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "input 'input' is float32; its float64 data was cast to float32" in result.stderr, result.stderr
+    warnings = json.loads((tmp_path / "q.onnx.report.json").read_text())["warnings"]
+    assert any("float64 data was cast" in w for w in warnings), warnings
+
+
+def int_input_model():
+    """ids int64 [N, 4] → Cast → MatMul: an integer input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 2), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["f", "w"], ["y"])],
+        "ints", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("data, message", [
+    (np.array([[0.0, 1.5, 2.0, 3.0]] * 4, np.float32), "fractional values (e.g. 1.5)"),
+    (np.array([[0, 1, 2, 3]] * 4, np.float32), None),
+    (np.array([[0, 1, 2, 3]] * 4, np.int32), None),
+])
+def test_data_for_an_int_input(data, message):
+    from onnxflex.calib import check_calibration
+    from onnxflex.errors import CalibrationError
+
+    model = int_input_model()
+    if message:
+        with pytest.raises(CalibrationError, match=r"input 'ids' is int64 but the data is float32 with "
+                                                   + message.replace("(", r"\(").replace(")", r"\)")) as err:
+            check_calibration({"ids": data}, model, "ids.npz")
+        assert err.value.exit_code == 2 and "store the integers" in str(err.value)
+    else:
+        checked = check_calibration({"ids": data}, model, "ids.npz")
+        assert checked.arrays["ids"].dtype == np.int64 and checked.warnings, checked.warnings
+        assert np.array_equal(checked.arrays["ids"], data.astype(np.int64))
+
+
+def test_int_masks_for_a_float_input_cast_with_a_warning():
+    from onnxflex.calib import check_calibration
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["m"], ["y"])], "mask",
+                              [helper.make_tensor_value_info("m", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    checked = check_calibration({"m": np.array([[0, 1, -1]] * 2, np.int64)}, model, "m.npz")
+    assert checked.arrays["m"].dtype == np.float32 and "int64 data was cast" in checked.warnings[0]
