@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from onnxflex.config import OPTION_HELP, QuantConfig, choices
+from onnxflex.config import OPTION_HELP, QuantConfig, choices, read_toml
 from onnxflex.errors import ConfigError, OnnxflexError
 from onnxflex.exits import (FAILED, INTERNAL, SIGINT_EXIT, SIGTERM_EXIT, Terminated, crash_log,
                             internal_error_line, sigterm_unwinds)
@@ -71,13 +71,16 @@ def config_options(names: tuple[str, ...] | None = None):
     return decorate
 
 
-def build_config(config_file: Path | None, options: dict) -> QuantConfig:
+def given_options(config_file: Path | None, options: dict) -> dict:
+    """The options as the user gave them: the config file's keys, then the flags given (which win)."""
     given = {k: v for k, v in options.items() if v is not None and v != ()}
     if "layer_bits" in given:
         given["layer_bits"] = tuple(_layer_bits(spec) for spec in given["layer_bits"])
-    if config_file is not None:
-        return QuantConfig.from_toml(config_file, **given)
-    return QuantConfig(**given)
+    return {**(read_toml(config_file) if config_file is not None else {}), **given}
+
+
+def build_config(config_file: Path | None, options: dict) -> QuantConfig:
+    return QuantConfig.from_dict(given_options(config_file, options), source=str(config_file or "options"))
 
 
 def _layer_bits(spec: str) -> tuple[str, int]:
@@ -139,15 +142,18 @@ def main() -> None:
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data: an .npz (one array per model input, samples on dim 0), or a folder of "
                    ".npy/.npz files or images [default: MODEL's .calib.npz, else synthetic data].")
-@click.option("--dump-config", is_flag=True, help="Print the effective config as TOML and exit.")
+@click.option("--dump-config", is_flag=True,
+              help="Print the options as given (-1: the method's or preset's default) as TOML, each resolved "
+                   "value as a comment, and exit; edit it and pass it back with --config.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 @config_options()
 def quantize(model, output, calib, dump_config, quiet, log_level, config_file, **options) -> None:
     """Quantize MODEL and write a QDQ model for the target runtime, with OUTPUT.report.json beside it."""
-    config = build_config(config_file, options)
-    if dump_config:
-        click.echo(config.to_toml(), nl=False)
+    given = given_options(config_file, options)
+    config = QuantConfig.from_dict(given, source=str(config_file or "options"))
+    if dump_config:  # what the user gave, so that editing method or preset in the file takes effect
+        click.echo(config.given_toml(given), nl=False)
         return
     if model is None:
         raise click.UsageError("Missing argument 'MODEL'.")

@@ -109,3 +109,25 @@ def test_int_masks_for_a_float_input_cast_with_a_warning():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     checked = check_calibration({"m": np.array([[0, 1, -1]] * 2, np.int64)}, model, "m.npz")
     assert checked.arrays["m"].dtype == np.float32 and "int64 data was cast" in checked.warnings[0]
+
+
+def test_a_dumped_config_keeps_defaults_so_editing_method_and_preset_takes_effect(tmp_path):
+    import tomllib
+
+    dumped = invoke("quantize", "--dump-config", "--method", "flexround", "--wbits", "4")
+    assert dumped.exit_code == 0, dumped.output
+    assert "iters = -1  # resolved: 400" in dumped.stdout and 'preset = "default"' in dumped.stdout, dumped.stdout
+    assert tomllib.loads(dumped.stdout)["lr"] == -1
+    edited = tmp_path / "edited.toml"
+    edited.write_text(dumped.stdout.replace('method = "flexround"', 'method = "signround"')
+                      .replace('preset = "default"', 'preset = "fast"'))
+    out = tmp_path / "q.onnx"
+    run = invoke("quantize", CNN, "--config", edited, "--calib", small_calib(tmp_path, 48), "-o", out,
+                 "--quiet", "--device", "cpu")
+    assert run.exit_code == 0, run.output
+    used = json.loads((tmp_path / "q.onnx.report.json").read_text())["config"]
+    # signround's 200 steps at the fast preset's quarter, its lr 1/iters, fast's early stop at a fifth
+    assert (used["method"], used["preset"], used["wbits"]) == ("signround", "fast", 4), used
+    assert (used["iters"], used["lr"], used["early_stop"]) == (50, 1 / 50, 10), used
+    again = invoke("quantize", "--dump-config", "--config", edited)
+    assert "iters = -1  # resolved: 50" in again.stdout and "early_stop = -1  # resolved: 10" in again.stdout
