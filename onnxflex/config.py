@@ -103,7 +103,8 @@ OPTION_HELP: dict[str, str] = {
                "tensor, at most torch's count and the CPUs the process may use (small blocks run on one: on "
                "a busy machine their ops lose far more to thread hand-offs than they gain on an idle one); "
                "a seed gives the same output only at one count",
-    "max_cache_mb": "RAM for captured tensors; beyond it they spill to disk",
+    "max_cache_mb": "RAM for captured tensors; beyond it they spill to files in the temporary folder ($TMPDIR), "
+                    "and a run whose estimated spill exceeds that disk's free space is refused before it starts",
     "calib_samples": "use at most this many calibration samples (0 = all)",
     "verify_samples": "calibration samples held out to verify the result (at most a quarter)",
     "exclude_nodes": "keep nodes in float, by name or glob pattern (repeatable)",

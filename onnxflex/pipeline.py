@@ -24,6 +24,7 @@ from onnxflex.passes.select import activation_points, select_layers, unmatched_p
 from onnxflex.passes.select_inner import select_inner
 from onnxflex.progress import Progress
 from onnxflex.runtimes.base import get_target
+from onnxflex.spill import check_free_disk
 
 log = logging.getLogger("onnxflex")
 
@@ -72,6 +73,8 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         log.info("the model's inputs fix the batch at %d; reconstruction uses batches of %d", fixed, fixed)
         config = config.replace(batch_size=fixed)
     _check_batch(recon, held, config)
+    check_free_disk(plan.model, sorted({n for b in plan.blocks for n in b.inputs + b.outputs}), recon,
+                    config.max_cache_mb)
     plan, config, sections = _adapt_plan(original, plan, recon, config, device.providers, progress, timings)
     checkpoint = None
     if config.checkpoint_dir:

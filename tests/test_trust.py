@@ -131,3 +131,56 @@ def test_a_dumped_config_keeps_defaults_so_editing_method_and_preset_takes_effec
     assert (used["iters"], used["lr"], used["early_stop"]) == (50, 1 / 50, 10), used
     again = invoke("quantize", "--dump-config", "--config", edited)
     assert "iters = -1  # resolved: 50" in again.stdout and "early_stop = -1  # resolved: 10" in again.stdout
+
+
+def test_spill_estimate_matches_what_capture_writes():
+    import onnx
+
+    from onnxflex.calib import load_npz
+    from onnxflex.capture import TensorCache, capture
+    from onnxflex.config import QuantConfig
+    from onnxflex.pipeline import build_plan
+    from onnxflex.spill import spill_estimate, tensor_bytes
+
+    plan = build_plan(onnx.load(str(CNN)), QuantConfig())
+    data = load_npz(CALIB, plan.model).take(0, 20)
+    boundary = sorted({n for b in plan.blocks for n in b.inputs + b.outputs})
+    assert set(tensor_bytes(plan.model, boundary, data)) == set(boundary), "every boundary shape is inferred"
+    cache = TensorCache(0)  # everything spills
+    try:
+        capture(plan.model, boundary, data, cache, ["CPUExecutionProvider"])
+        written = sum(cache["fp:" + n].nbytes for n in boundary)
+    finally:
+        cache.close()
+    assert spill_estimate(plan.model, boundary, data, 0) == 2 * written  # fp: and q: copies
+    assert spill_estimate(plan.model, boundary, data, 2 * written) == 0
+
+
+def test_too_little_free_disk_for_spills_is_refused_before_any_work(tmp_path, monkeypatch):
+    import collections
+    import tempfile
+
+    import onnxflex.pipeline
+    import onnxflex.spill
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(onnxflex.spill.shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20))
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("capture ran before the free-disk check")
+
+    monkeypatch.setattr(onnxflex.pipeline, "capture", no_capture)
+    result = invoke("quantize", CNN, "--method", "rtn", "--calib", small_calib(tmp_path, 64), "--max-cache-mb", "1",
+                    "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    line = errors[0]
+    assert f"spilled to {tempfile.gettempdir()!r}" in line and "has 1 MiB free" in line, line
+    assert "TMPDIR" in line and "--max-cache-mb" in line, line
+    assert not (tmp_path / "q.onnx").exists()
+    # with the RAM bound raised there is nothing to spill, so the same disk is enough
+    monkeypatch.undo()
+    ok = invoke("quantize", CNN, "--method", "rtn", "--calib", small_calib(tmp_path, 64), "-o", tmp_path / "q.onnx",
+                "--quiet")
+    assert ok.exit_code == 0, ok.output
