@@ -195,12 +195,19 @@ def inspect(model, config_file, **options) -> None:
 @click.option("--samples", type=int, default=0, help="Use at most this many samples (0 = all).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per onnxruntime run.")
 @click.option("--worst", type=int, default=5, show_default=True, help="How many of the worst layers to list.")
-@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per model for latency.")
+@click.option("--repeats", type=int, default=20, show_default=True,
+              help="Least number of interleaved timing rounds (each runs both models once).")
+@click.option("--latency-width", type=click.FloatRange(0.001, 1.0), default=0.05, show_default=True,
+              help="Time until the latency ratio's 95%% interval is within this relative half-width...")
+@click.option("--latency-seconds", type=click.FloatRange(0.0), default=5.0, show_default=True,
+              help="...or until this many seconds of timing have passed.")
 @click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads for both models (0 = default).")
 @click.option("--min-sqnr", type=float, help="Gate: fail when any output's SQNR (dB) is below this.")
 @click.option("--min-agreement", type=float,
               help="Gate: fail when top-1 agreement of a classifier-shaped output is below this fraction (0-1).")
-@click.option("--max-latency-ratio", type=float, help="Gate: fail when CANDIDATE's latency / REFERENCE's is above this.")
+@click.option("--max-latency-ratio", type=float,
+              help="Gate: fail when the 95%% interval of CANDIDATE's latency / REFERENCE's lies wholly above this "
+                   "(an interval straddling it passes with a note).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def compare(reference, candidate, data, as_json, **options) -> None:
     """Compare CANDIDATE (e.g. a quantized model) with REFERENCE (its FP32 model) on --data.
@@ -218,6 +225,8 @@ def compare(reference, candidate, data, as_json, **options) -> None:
         from onnxflex.report import to_json
 
         click.echo(to_json(result.to_dict()), nl=False)
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
     else:
         click.echo(format_comparison(result))
     if result.failures:
