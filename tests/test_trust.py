@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from onnx import TensorProto
 
 from helpers import CNN
 from onnxflex.cli import main
@@ -184,3 +185,32 @@ def test_too_little_free_disk_for_spills_is_refused_before_any_work(tmp_path, mo
     ok = invoke("quantize", CNN, "--method", "rtn", "--calib", small_calib(tmp_path, 64), "-o", tmp_path / "q.onnx",
                 "--quiet")
     assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize("elem, dtype", [(TensorProto.FLOAT16, np.float16), (TensorProto.DOUBLE, np.float64)])
+def test_a_model_computing_in_float16_or_double_is_bad_input_not_a_crash(tmp_path, elem, dtype):
+    """Found by tests/test_fuzz.py: such models were internal errors (exit 3), in torch or, after an Add
+    folded into the Gemm's bias had made its weight float32, in onnxruntime."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from onnxflex.config import QuantConfig
+    from onnxflex.passes.pipeline import PassContext, run_passes
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 4)).astype(dtype), "w"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(dtype), "b")]
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["h"], name="gemm"),
+                               helper.make_node("Add", ["h", "b"], ["y"], name="add")], "g",
+                              [helper.make_tensor_value_info("x", elem, ["N", 16])],
+                              [helper.make_tensor_value_info("y", elem, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    folded = run_passes(model, PassContext(QuantConfig()))
+    assert {t.data_type for t in folded.graph.initializer} == {elem}, "folding keeps the layer's float type"
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((32, 16)).astype(dtype))
+    result = invoke("quantize", tmp_path / "m.onnx", "--method", "rtn", "--calib", tmp_path / "d.npz",
+                    "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 2, result.output
+    assert f"node 'gemm' (Gemm) computes in {np.dtype(dtype).name.replace('float64', 'double')}" in result.stderr
+    assert "convert the model to float32" in result.stderr and "--exclude-node gemm" in result.stderr
