@@ -214,3 +214,13 @@ def test_a_model_computing_in_float16_or_double_is_bad_input_not_a_crash(tmp_pat
     assert result.exit_code == 2, result.output
     assert f"node 'gemm' (Gemm) computes in {np.dtype(dtype).name.replace('float64', 'double')}" in result.stderr
     assert "convert the model to float32" in result.stderr and "--exclude-node gemm" in result.stderr
+
+
+def test_input_shape_with_real_calibration_data_is_a_warning(tmp_path):
+    out = tmp_path / "q.onnx"
+    result = invoke("quantize", CNN, "--method", "rtn", "--calib", small_calib(tmp_path), "-o", out,
+                    "--input-shape", "input:1x1x16x16")
+    assert result.exit_code == 0, result.output
+    assert "--input-shape input:1x1x16x16 shapes synthetic data only" in result.stderr, result.stderr
+    warnings = json.loads((tmp_path / "q.onnx.report.json").read_text())["warnings"]
+    assert any("shapes synthetic data only" in w for w in warnings), warnings
