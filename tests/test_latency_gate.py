@@ -49,7 +49,8 @@ def test_interval_narrows_until_the_width_and_holds_the_true_ratio():
     estimate = machine.measure(width=0.02)
     assert estimate.converged and estimate.high / estimate.ratio - 1 <= 0.021, estimate
     assert estimate.low < 0.5 < estimate.high, estimate
-    assert estimate.reference_ms == pytest.approx(1.0, rel=0.05) and estimate.candidate_ms == pytest.approx(0.5, rel=0.05)
+    assert estimate.reference_ms == pytest.approx(1.0, rel=0.05)
+    assert estimate.candidate_ms == pytest.approx(0.5, rel=0.05)
 
 
 def test_bursts_of_load_do_not_flap_the_decision():

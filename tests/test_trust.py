@@ -165,7 +165,8 @@ def test_too_little_free_disk_for_spills_is_refused_before_any_work(tmp_path, mo
     import onnxflex.spill
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(onnxflex.spill.shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20))
+    one_mib_free = usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20)
+    monkeypatch.setattr(onnxflex.spill.shutil, "disk_usage", lambda path: one_mib_free)
 
     def no_capture(*args, **kwargs):
         raise AssertionError("capture ran before the free-disk check")
