@@ -198,7 +198,7 @@ def inspect(model, config_file, **options) -> None:
 @click.option("--repeats", type=int, default=20, show_default=True,
               help="Least number of interleaved timing rounds (each runs both models once).")
 @click.option("--latency-width", type=click.FloatRange(0.001, 1.0), default=0.05, show_default=True,
-              help="Time until the latency ratio's 95%% interval is within this relative half-width...")
+              help="Time until the latency ratio's 95% interval is within this relative half-width...")
 @click.option("--latency-seconds", type=click.FloatRange(0.0), default=5.0, show_default=True,
               help="...or until this many seconds of timing have passed.")
 @click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads for both models (0 = default).")
@@ -206,7 +206,7 @@ def inspect(model, config_file, **options) -> None:
 @click.option("--min-agreement", type=float,
               help="Gate: fail when top-1 agreement of a classifier-shaped output is below this fraction (0-1).")
 @click.option("--max-latency-ratio", type=float,
-              help="Gate: fail when the 95%% interval of CANDIDATE's latency / REFERENCE's lies wholly above this "
+              help="Gate: fail when the 95% interval of CANDIDATE's latency / REFERENCE's lies wholly above this "
                    "(an interval straddling it passes with a note).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def compare(reference, candidate, data, as_json, **options) -> None:
