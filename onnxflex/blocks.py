@@ -86,10 +86,11 @@ class BlockPlan:
         return tuple(layer for b in self.blocks for layer in b.layers)
 
     def describe(self) -> str:
-        lines = [f"{len(self.blocks)} blocks, {len(self.layers)} quantizable layers, "
+        nodes = len({l.node for l in self.layers})  # an LSTM's W and R are two layers of one node
+        lines = [f"{len(self.blocks)} blocks, {nodes} quantizable layers, "
                  f"{len(self.act_points)} activation quant points"]
         for b in self.blocks:
-            ops = ", ".join(f"{l.op_type}:{l.node}" for l in b.layers) or "no weighted op"
+            ops = ", ".join(dict.fromkeys(f"{l.op_type}:{l.node}" for l in b.layers)) or "no weighted op"
             lines.append(f"  {b.name}: {len(b.nodes)} nodes [{ops}]")
             lines.append(f"      in: {', '.join(b.inputs)}  out: {', '.join(b.outputs)}")
             if b.unsupported:

@@ -4,7 +4,9 @@ Three sources, in order of what they can prove:
   static rules (runtimes.rules, from the target's data) — always;
   onnxruntime's optimized graph (target onnxruntime) — which fused kernel each layer became;
   a TensorRT engine build (target tensorrt) — per-layer precision, only with TensorRT and a GPU.
-What could not be verified is said in the report, never silently skipped. Layers inside If branches
+What could not be verified is said in the report, never silently skipped. LSTMs count as layers where
+the target runs them with integer weights (onnxruntime: com.microsoft DynamicQuantizeLSTM); GRU and
+RNN have no integer kernel there and get a warning. Layers inside If branches
 and Loop/Scan bodies are listed too and judged by the optimized graph, which onnxruntime writes with
 the subgraphs kept in the node attributes (the op counts include their kernels).
 """
@@ -21,9 +23,9 @@ import onnx
 from onnxflex.graph import all_nodes, load_model, node_attr
 from onnxflex.registry import Registry
 from onnxflex.runtimes.base import get_target
-from onnxflex.runtimes.rules import Finding, GraphView
+from onnxflex.runtimes.rules import Finding, GraphView, recurrent_nodes
 
-FLOAT_KERNELS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
+FLOAT_KERNELS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "LSTM")
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def check(model: str | os.PathLike | onnx.ModelProto, target: str = "onnxruntime
     failed = {f.node for f in findings if f.fallback}
     inner = subgraph_layers(proto)
     layers = tuple(LayerStatus(n.name, n.op_type, n.name not in failed, result.kernels.get(n.name, ""))
-                   for n in list(view.layers) + inner)
+                   for n in list(view.layers) + recurrent_nodes(view, spec) + inner)
     if inner:
         result = RuntimeResult(result.findings, result.kernels, result.ops, result.not_verified + (
             f"the static rules cover top-level layers; the {len(inner)} layer(s) inside If/Loop/Scan subgraphs "
@@ -125,7 +127,7 @@ def onnxruntime_kernels(model: onnx.ModelProto, view: GraphView) -> RuntimeResul
         optimized = all_nodes(onnx.load(path).graph)  # subgraph kernels too: If branches, Loop/Scan bodies
     counts = dict(sorted(collections.Counter(n.op_type for n in optimized).items()))
     kernels, findings = {}, []
-    for layer in list(view.layers) + subgraph_layers(model):
+    for layer in list(view.layers) + recurrent_nodes(view, get_target("onnxruntime")) + subgraph_layers(model):
         match = [n for n in optimized if n.name == layer.name or n.name.startswith(layer.name + "_token_")]
         if not match:
             continue

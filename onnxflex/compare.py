@@ -181,8 +181,11 @@ def _run_pair(ref_model, cand_model, ref_names: list[str], cand_names: list[str]
 
 def _load_feeds(data, ref_model, cand_model, samples: int) -> CalibrationSet:
     names = graph_input_names(ref_model)
-    if sorted(names) != sorted(graph_input_names(cand_model)):
-        raise ModelLoadError(f"the models have different inputs: {names} vs {graph_input_names(cand_model)}")
+    cand = graph_input_names(cand_model)
+    # an input the candidate declares with a default (pinned by --fix-input) is still fed when given
+    defaulted = {i.name for i in cand_model.graph.input} - set(cand)
+    if not set(cand) <= set(names) <= set(cand) | defaulted:
+        raise ModelLoadError(f"the models have different inputs: {names} vs {cand}")
     path = Path(data)
     if not path.is_file():
         raise CalibrationError(f"evaluation data {str(path)!r} does not exist; pass --data FILE.npz")

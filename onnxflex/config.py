@@ -73,8 +73,8 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 OPTION_HELP: dict[str, str] = {
     "wbits": "weight bits, 2-8 (below 8 the integers live in an int8 container)",
     "abits": "activation bits: 8, or 0 for weight-only",
-    "group_size": "weight-only (abits 0) MatMul weights: one step per group of this many input channels "
-                  "(a power of two >= 16 dividing each MatMul's input dimension), written as blocked 4-bit "
+    "group_size": "weight-only (abits 0) MatMul and Gemm weights: one step per group of this many input "
+                  "channels (a power of two >= 16 dividing each layer's input dimension), written as blocked 4-bit "
                   "weights (wbits 2-4) that onnxruntime runs as MatMulNBits; 0 = one step per output channel",
     "method": "rounding method: rtn (round to nearest, nothing learned) or a learned rounder",
     "granularity": "reconstruction unit: block (a residual unit) or layer (one weighted op)",
@@ -115,7 +115,7 @@ OPTION_HELP: dict[str, str] = {
                    "sensitivity; layers named by layer_bits keep their bits; 0 = off",
     "size_budget_mb": "mixed precision: MiB for the quantized layers' weights, counted as a runtime with INT4 "
                       "stores them (2-4 bits packed INT4, 5-8 bits int8, plus float32 scales); the emitted QDQ "
-                      "file packs INT4 only for weight-only grouped MatMuls (the report gives both sizes); 0 = off",
+                      "file packs INT4 only for weight-only grouped MatMul/Gemm layers (the report gives both sizes); 0 = off",
     "input_shapes": "NAME:1x3x224x224: shape of an input for synthetic data when no calibration is given",
     "fix_inputs": "NAME=VALUE: pin a model input to a constant (a number, or comma-separated numbers for a 1-D "
                   "input), e.g. a sample rate: calibration needs no data for it and branches it selects fold "

@@ -60,10 +60,10 @@ class LatencyChoice:
                 f"{self.int8_ms:.3f} ms, chosen {self.chosen_ms:.3f} ms; kept in float: {kept}")
 
 
-def synthetic_params(plan: BlockPlan, target, config: QuantConfig, feed: dict[str, np.ndarray]) -> QuantParams:
+def synthetic_params(plan: BlockPlan, target, config: QuantConfig, sample: CalibrationSet) -> QuantParams:
     """The parameters a round-to-nearest run would export for ``plan`` (the same quantizers, ties and
     int32 biases as reconstruction sets up), weights on min/max steps and activations on the min/max
-    of ``feed``: the emitted model's exact structure and zero points, for timing. Zero points matter,
+    of ``sample`` (the timed batch, shared inputs included): the emitted model's exact structure and zero points, for timing. Zero points matter,
     because onnxruntime drops a Relu into the integer kernel only where the zero point makes it redundant.
     Activation points inside control-flow subgraphs are left float here (only their weights are int8)."""
     import torch
@@ -79,7 +79,7 @@ def synthetic_params(plan: BlockPlan, target, config: QuantConfig, feed: dict[st
     for name in inner:  # not probed here: inside subgraphs they stay float in the timed variants
         state.acts[name].enabled = False
     ranges = channel_ranges(plan.model, [p for p in state.acts if p not in inner],
-                            CalibrationSet(feed, "latency batch"), ["CPUExecutionProvider"])
+                            sample, ["CPUExecutionProvider"])
     tied: dict[int, list[str]] = {}  # points sharing one quantizer take their joint range
     for name, quantizer in state.acts.items():
         if name not in inner:
@@ -121,10 +121,10 @@ def latencies(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeat
     return [float(np.median(t)) for t in run_rounds(models, feed, repeats, threads)]
 
 
-def _emitted(plan: BlockPlan, target, config: QuantConfig, feed: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _emitted(plan: BlockPlan, target, config: QuantConfig, sample: CalibrationSet) -> onnx.ModelProto:
     from onnxflex.emit import emit
 
-    return emit(plan.model, synthetic_params(plan, target, config, feed), target)
+    return emit(plan.model, synthetic_params(plan, target, config, sample), target)
 
 
 def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: CalibrationSet, config: QuantConfig,
@@ -135,15 +135,16 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
 
     target = get_target(config.target)
     batch = min(config.batch_size, data.num_samples)
-    feed = data.feeds(0, batch)
-    names = [layer.node for layer in plan.layers]
+    sample = data.take(0, batch)
+    feed = sample.feeds()
+    names = list(dict.fromkeys(layer.node for layer in plan.layers))  # an LSTM is two layers of one node
     progress.start(len(names) + 1, "latency: emitting variants")
     fp32 = load_model(original)  # FP32 as the user has it, node names made unique for onnxruntime
     name_nodes_uniquely(fp32)
-    variants = [fp32, _emitted(plan, target, config, feed)]
+    variants = [fp32, _emitted(plan, target, config, sample)]
     for k, name in enumerate(names):
         without = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + (name,)))
-        variants.append(_emitted(without, target, config, feed))
+        variants.append(_emitted(without, target, config, sample))
         progress.update(k + 1)
     progress.finish(f"latency: timing {len(variants)} variants of the model on a batch of {batch}")
     rounds = run_rounds(variants, feed, REPEATS, config.latency_threads)
@@ -167,7 +168,7 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
     chosen = int8
     if losers:
         trial = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + tuple(losers)))
-        int8, chosen = latencies([variants[1], _emitted(trial, target, config, feed)], feed, REPEATS,
+        int8, chosen = latencies([variants[1], _emitted(trial, target, config, sample)], feed, REPEATS,
                                  config.latency_threads)
         if chosen >= int8:
             log.info("keeping %d slower layers in float did not speed the model up (%.3f vs %.3f ms); "

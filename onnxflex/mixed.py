@@ -10,7 +10,7 @@ Budgets (QuantConfig; one at a time):
                   int8 (a 5-bit layer costs what an 8-bit one does, so this budget picks between the
                   4- and 8-bit containers), plus one float32 scale per step and, per channel, the
                   int8 zero point the emitter writes. The emitted QDQ file packs INT4 only for
-                  weight-only grouped MatMuls and keeps other sub-8-bit weights in int8 containers;
+                  weight-only grouped MatMul/Gemm layers and keeps other sub-8-bit weights in int8 containers;
                   the report gives both sizes (``size_mb`` and ``emitted_mb``).
 
 Candidates: every width from 2 bits to ``wbits`` (the widest a layer may get; 2-4 for weight-only
@@ -121,7 +121,7 @@ class Allocation:
             "average_bits": self.average_bits, "size_mb": self.size_mb, "emitted_mb": self.emitted_mb,
             "size_counting": "size_mb: 2-4 bit weights as packed INT4, 5-8 bit as int8, plus float32 scales and "
                              "per-channel int8 zero points; emitted_mb: what the QDQ file stores (int8 containers "
-                             "except weight-only grouped MatMuls, packed INT4)",
+                             "except weight-only grouped MatMul/Gemm layers, packed INT4)",
             "sensitivity": f"relative output error of the FP32 model with one layer's weight rounded to nearest "
                            f"at each width, onnxruntime, {self.samples} calibration samples",
             "predicted_error": sum(w.sensitivity.get(w.bits, 0.0) for w in self.weights),

@@ -20,6 +20,7 @@ from onnxflex.passes.control_flow import control_flow_warnings
 from onnxflex.passes.custom_ops import check_custom_ops
 from onnxflex.passes.partition import partition
 from onnxflex.passes.pipeline import PassContext, run_passes
+from onnxflex.passes.recurrent import recurrent_layers, state_tensors
 from onnxflex.passes.select import activation_points, select_layers, unmatched_patterns
 from onnxflex.passes.select_inner import select_inner
 from onnxflex.progress import Progress
@@ -37,16 +38,20 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
     ctx = PassContext(config)
     canonical = run_passes(load_model(model), ctx)  # a copy: passes may mutate their input
     layers = select_layers(canonical, target, config)
-    points = activation_points(canonical, layers, target, config)
+    points = activation_points(canonical, layers, target, config)  # recurrent layers take float inputs
+    recurrent, recurrent_warnings = recurrent_layers(canonical, target, config)
+    ctx.warnings.extend(recurrent_warnings)
     inner_layers, inner_points, outer_points = select_inner(canonical, target, config)
     ctx.warnings.extend(control_flow_warnings(canonical, inner_layers))
-    ctx.warnings.extend(unmatched_patterns(canonical, layers + inner_layers, config))
+    ctx.warnings.extend(unmatched_patterns(canonical, layers + recurrent + inner_layers, config))
     points += tuple(p for p in outer_points if p not in points)
+    state = state_tensors(canonical)  # rounding state read back compounds at every call: never quantized
+    points = tuple(p for p in points if p not in state)
 
     def supported(op_type: str, opset: int, domain: str) -> bool:
         return find_converter(op_type, opset, domain) is not None
 
-    return partition(canonical, layers, points, config.granularity, supported, tuple(ctx.warnings),
+    return partition(canonical, layers + recurrent, points, config.granularity, supported, tuple(ctx.warnings),
                      inner_layers, inner_points)
 
 

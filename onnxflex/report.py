@@ -78,11 +78,11 @@ def summary(report: dict) -> str:
         lines.append(f"output {name}: SQNR vs FP32 {db:.1f} dB, onnxruntime vs simulation {sim:.1f} dB "
                      f"({v['samples']} held-out samples)")
     ops = v.get("optimized_graph_ops", {})
-    kernels = {k: c for k, c in ops.items() if k.startswith("QLinear") or k in ("QGemm", "MatMulNBits")}
+    kernels = {k: c for k, c in ops.items() if k.startswith("QLinear") or k in ("QGemm", "MatMulNBits", "DynamicQuantizeLSTM")}
     if ops:
         lines.append("onnxruntime integer kernels: " + (", ".join(f"{k}×{c}" for k, c in kernels.items()) or "none"))
     cfg = report["config"]
-    group = f" (MatMul groups of {cfg['group_size']})" if cfg.get("group_size") else ""
+    group = f" (MatMul/Gemm groups of {cfg['group_size']})" if cfg.get("group_size") else ""
     mixed = report.get("mixed_precision")
     weights = f"{cfg['wbits']}"
     if mixed:

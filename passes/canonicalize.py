@@ -22,7 +22,7 @@ from onnxflex.extdata import tensor_array
 from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
 from onnxflex.ortcompat import clear_unknown_dims
 from onnxflex.passes.control_flow import (explicit_outer_reads, localize_outer_initializers,
-                                           local_layer_inputs, subgraph_reads,
+                                           local_layer_inputs, subgraph_reads, subgraphs,
                                            unique_subgraph_initializers)
 from onnxflex.passes.fold_if import fold_constant_ifs
 from onnxflex.passes.pin_inputs import pin_inputs, pinned_values, restore_declarations
@@ -40,8 +40,10 @@ def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     """Returns the canonical model. May mutate ``model`` on the way: when no opset upgrade copies it,
     node names, initializer graph inputs, Constant and Identity/Dropout nodes are rewritten in place
     (and constants folded too if shape inference fails); pass a copy to keep the original."""
+    # a batch written as -1 or 0: the emitted model must load in onnxruntime, and the opset upgrade's
+    # shape inference must not compute with -1 (it writes dims of 0 that onnxruntime then refuses)
+    clear_unknown_dims(model)
     model = _upgrade_opset(model, ctx)
-    clear_unknown_dims(model)  # a batch written as -1 or 0: the emitted model must load in onnxruntime
     name_nodes_uniquely(model)
     pinned = pinned_values(model, ctx.config.fix_inputs)
     declared = [_copy(vi) for vi in model.graph.input if vi.name in pinned]
@@ -104,7 +106,15 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> None:
-    g = model.graph
+    """Mutates: Constant nodes of the top-level graph and of every subgraph become initializers of
+    their own graph (a frozen torch module exports the weights in its If branches as Constants)."""
+    _graph_constants_to_initializers(model.graph)
+
+
+def _graph_constants_to_initializers(g: onnx.GraphProto) -> None:
+    for node in g.node:
+        for _, sub in subgraphs(node):
+            _graph_constants_to_initializers(sub)
     keep = []
     for node in g.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:

@@ -43,9 +43,12 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
     nodes = list(model.graph.node)
     if not layers and not inner_layers:
         raise UnsupportedModelError(
-            "the model has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight "
-            "that is not excluded); nothing to quantize")
+            "the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul or, for onnxruntime, LSTM "
+            "with a constant weight that is not excluded); nothing to quantize")
     layer_of = {layer.node: layer for layer in layers}
+    layers_of: dict[str, list[QuantLayer]] = {}  # an LSTM is two layers (W and R) of one node
+    for layer in layers:
+        layers_of.setdefault(layer.node, []).append(layer)
     side = side_tensors(model, set(layer_of))
     uncounted = side - _side_activations(model, side, layers)
     starts = _layer_starts(nodes, layer_of) if granularity == "layer" else _single_tensor_cuts(model, uncounted)
@@ -69,7 +72,7 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
                             if not is_supported(n.op_type, opset, n.domain))
         owned = {n.name for n in seg}
         blocks.append(Block(f"block{k}", tuple(names), inputs_of[k], outputs,
-                            tuple(layer_of[n.name] for n in seg if n.name in layer_of)
+                            tuple(l for n in seg for l in layers_of.get(n.name, ()))
                             + tuple(l for l in inner_layers if l.owner in owned), points, unsupported,
                             tuple(p for p in inner_points if p.owner in owned)))
     return BlockPlan(model, tuple(blocks), act_points, warnings)

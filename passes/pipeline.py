@@ -24,11 +24,11 @@ class Pass(Protocol):
 
 PASSES: Registry[Pass] = Registry("pass")
 
-PIPELINE = ("strip_qdq", "canonicalize", "fold_batchnorm", "fold_bias_add")
+PIPELINE = ("strip_qdq", "canonicalize", "fold_batchnorm", "fold_bias_add", "gemm_kn_weights")
 
 
 def run_passes(model: onnx.ModelProto, ctx: PassContext, names: tuple[str, ...] = PIPELINE) -> onnx.ModelProto:
-    from onnxflex.passes import canonicalize, fold_bn, strip_qdq  # noqa: F401  (registers the built-in passes)
+    from onnxflex.passes import canonicalize, fold_bn, gemm_weights, strip_qdq  # noqa: F401  (registers the built-in passes)
 
     for name in names:
         model = PASSES.get(name)(model, ctx)

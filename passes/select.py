@@ -70,19 +70,20 @@ def unmatched_patterns(model: onnx.ModelProto, layers, config: QuantConfig) -> l
 
 
 def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, config: QuantConfig) -> int:
-    """The config's group size for a MatMul with a constant 2-D weight [K, N] (groups along K); 0 (per
-    channel) for every other op. Raises when K is not a multiple of it or the node's bits exceed 4."""
-    if not config.group_size or node.op_type != "MatMul":
+    """The config's group size for a MatMul, or a Gemm with transB=0, with a constant 2-D weight [K, N]
+    (groups along K); 0 (per channel) for every other op. Raises when K is not a multiple of it or the
+    node's bits exceed 4."""
+    if not config.group_size or node.op_type not in ("MatMul", "Gemm") or node_attr(node, "transB", 0):
         return 0
     k, g = weight.dims[0], config.group_size
     if k % g:
         raise UnsupportedModelError(
-            f"node {node.name!r} (MatMul) has weight {weight.name!r} of shape {list(weight.dims)}: its input "
+            f"node {node.name!r} ({node.op_type}) has weight {weight.name!r} of shape {list(weight.dims)}: its input "
             f"dimension {k} is not a multiple of group_size={g} — pick a power of two that divides {k}, or "
             f"keep the node in float with --exclude-node {node.name}")
     if bits > 4:
         raise ConfigError(f"layer_bits gives node {node.name!r} {bits} bits, but group_size={g} writes 4-bit "
-                          "MatMul weights: give it 2-4 bits, or keep it per channel with group_size=0")
+                          "MatMul/Gemm weights: give it 2-4 bits, or keep it per channel with group_size=0")
     return g
 
 

@@ -36,6 +36,8 @@ class Target:
     Versions and checking:
     min_opset / max_opset: default-domain opsets the emitted model may use (per-channel
         DequantizeLinear needs 13; the runtime's parser reads up to max_opset; 0 = no known limit).
+    recurrent_ops: recurrent ops the runtime runs with integer weights (onnxruntime: LSTM as
+        com.microsoft DynamicQuantizeLSTM); the others stay float (passes/recurrent.py).
     runtime_check: how `onnxflex check` asks the runtime itself ('onnxruntime-graph': read the optimized
         graph; 'tensorrt-engine': build an engine where TensorRT and a GPU are present).
     """
@@ -54,6 +56,7 @@ class Target:
     min_opset: int = 13
     max_opset: int = 0
     weighted_ops: tuple[str, ...] = WEIGHTED_OPS
+    recurrent_ops: tuple[str, ...] = ()
     runtime_check: str = "onnxruntime-graph"
 
     @property

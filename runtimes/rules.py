@@ -294,3 +294,49 @@ def check_concat_scales(view: GraphView, target: Target) -> list[Finding]:
                                f"{len(qparams)} different steps; {target.name} needs one step for all of "
                                "them to concatenate integers"))
     return out
+
+
+RECURRENT_KINDS = ("LSTM", "GRU", "RNN")
+INTEGER_LSTM = "DynamicQuantizeLSTM"
+
+
+def recurrent_nodes(view: GraphView, target: Target) -> list[onnx.NodeProto]:
+    """Recurrent nodes ``target`` can run with integer weights (they count as layers): float LSTMs and
+    com.microsoft DynamicQuantizeLSTMs where the target runs LSTM that way."""
+    if "LSTM" not in target.recurrent_ops:
+        return []
+    return [n for n in view.nodes if n.op_type == "LSTM" or (n.op_type == INTEGER_LSTM and n.domain == "com.microsoft")]
+
+
+@RULES.register("recurrent")
+def check_recurrent(view: GraphView, target: Target) -> list[Finding]:
+    """A float LSTM falls back where the target has an integer LSTM kernel; a DynamicQuantizeLSTM needs
+    int8 W and R initializers with zero points 0 and a target that runs it; GRU/RNN (and LSTM where the
+    target has no such kernel) run in float by design: a warning."""
+    out = []
+    for node in view.nodes:
+        if node.op_type in RECURRENT_KINDS and node.op_type not in target.recurrent_ops:
+            out.append(Finding(node.name, node.op_type, "recurrent", f"{target.name} has no integer "
+                               f"{node.op_type} kernel; it runs in float (its state too)", fallback=False))
+        elif node.op_type == "LSTM":
+            out.append(Finding(node.name, node.op_type, "recurrent", f"a float LSTM; {target.name} runs LSTMs "
+                               f"with int8 weights as com.microsoft {INTEGER_LSTM} (what onnxflex quantize writes)"))
+        elif node.op_type == INTEGER_LSTM and "LSTM" not in target.recurrent_ops:
+            out.append(Finding(node.name, node.op_type, "recurrent", f"{target.name} does not run {INTEGER_LSTM}"))
+        elif node.op_type == INTEGER_LSTM:
+            out += _integer_lstm(view, node)
+    return out
+
+
+def _integer_lstm(view: GraphView, node: onnx.NodeProto) -> list[Finding]:
+    out = []
+    for k, z, what in ((1, 9, "W"), (2, 11, "R")):  # W_zero_point, R_zero_point
+        t = view.inits.get(node.input[k])
+        zp = view.array(node.input[z]) if len(node.input) > z else None
+        if t is None or t.data_type != TensorProto.INT8:
+            out.append(Finding(node.name, node.op_type, "recurrent", f"{what} {node.input[k]!r} is not an int8 "
+                               "initializer"))
+        elif zp is not None and np.any(zp):
+            out.append(Finding(node.name, node.op_type, "recurrent", f"{what}'s zero point is not 0 (int8 weights "
+                               "must be symmetric)"))
+    return out

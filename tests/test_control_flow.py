@@ -102,6 +102,11 @@ def test_cli_fix_input_needs_no_data_for_the_pinned_input(tmp_path):
     qmodel = onnx.load(out)
     assert "If" not in {n.op_type for n in qmodel.graph.node}
     assert _weight_dtype(qmodel, "matmul_8k") == TensorProto.INT8, "the 8 kHz branch's MatMul is not quantized"
+    # the original reads 'sr', the pinned model declares it with a default: compare feeds it to both
+    np.savez(tmp_path / "eval.npz", **_images(16, 7), sr=np.array(8000, np.int64))
+    compared = CliRunner().invoke(main, ["compare", str(path), str(out), "--data", str(tmp_path / "eval.npz"),
+                                         "--repeats", "1", "--min-sqnr", "20"], catch_exceptions=False)
+    assert compared.exit_code == 0, compared.output
 
 
 def nested_model() -> onnx.ModelProto:
@@ -252,3 +257,16 @@ def test_a_matmul_inside_a_scan_body_is_an_integer_kernel():
     feeds = _images(16, 7)
     db = sqnr_db(run_model(model, feeds)[0], run_model(result.model, feeds)[0])
     assert db >= 25, f"SQNR {db:.1f} dB < 25 dB against FP32"
+
+
+def test_a_weight_given_as_a_constant_node_inside_a_subgraph_is_quantized():
+    """A frozen torch module exports its branch weights as Constant nodes, not initializers (as in
+    tests/zoo/vad_stream.onnx); canonicalize makes them the subgraph's initializers, so the layer is found."""
+    model = scan_model()
+    body = _subgraph(model, "per_channel", "body")
+    weight = body.initializer.pop()
+    body.node.insert(0, helper.make_node("Constant", [], [weight.name], name="plane_w_constant", value=weight))
+    result = onnxflex.quantize(model, _images(CALIB, 0), onnxflex.QuantConfig(method="rtn"), progress=False)
+    assert _weight_dtype(result.model, "plane_matmul", _subgraph(result.model, "per_channel", "body")) == TensorProto.INT8
+    kernels = {l.node: l.kernel for l in check(result.model).layers}
+    assert kernels.get("plane_matmul") == "QLinearMatMul", kernels

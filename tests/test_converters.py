@@ -142,6 +142,16 @@ NN_CASES = [
     case("Pad", f32(1, 2, 3, 4), i64(0, -1, 2, -1), None, i64(1, -1), id="axes-crop", opset=18),
     case("Pad", f32(1, 2, 3, 4), i64(0, 0, 2, 5, 0, 0, 1, 3), id="wrap", mode="wrap", opset=19),
     case("Pad", f32(1, 2, 3), id="attrs", pads=[0, 1, 1, 0, 0, 2], value=-2.0, opset=10),
+    case("LSTM", f32(3, 2, 4), f32(1, 20, 4), f32(1, 20, 5), f32(1, 40), None, f32(1, 2, 5), f32(1, 2, 5),
+         outputs=3, hidden_size=5),
+    case("LSTM", f32(3, 2, 4), f32(2, 20, 4), f32(2, 20, 5), None, None, None, None, f32(2, 15), outputs=3,
+         id="bidirectional-peepholes", hidden_size=5, direction="bidirectional"),
+    case("LSTM", f32(3, 2, 4), f32(1, 20, 4), f32(1, 20, 5), outputs=3, id="reverse-input-forget", hidden_size=5,
+         direction="reverse", input_forget=1),
+    case("GRU", f32(3, 2, 4), f32(2, 15, 4), f32(2, 15, 5), f32(2, 30), None, f32(2, 2, 5), outputs=2,
+         id="bidirectional-linear-before-reset", hidden_size=5, direction="bidirectional", linear_before_reset=1),
+    case("GRU", f32(3, 2, 4), f32(1, 15, 4), f32(1, 15, 5), f32(1, 30), outputs=2, id="reset-before-linear-clip",
+         hidden_size=5, activations=["Sigmoid", "Relu"], clip=1.5),
 ]
 
 ELEMENTWISE_CASES = [
@@ -165,6 +175,7 @@ ELEMENTWISE_CASES = [
     case("HardSwish", f32(2, 3, 4), opset=14),
     case("Mish", f32(2, 3, 4), opset=18),
     case("Not", bools(3, 4)),
+    case("IsNaN", np.array([[0.0, np.nan, -np.inf], [np.inf, -1.5, np.nan]], np.float32)),
     case("LeakyRelu", f32(2, 3), id="default"),
     case("LeakyRelu", f32(2, 3), id="alpha", alpha=0.3),
     case("Elu", f32(2, 3), alpha=0.7),

@@ -52,6 +52,32 @@ def test_unknown_batch_dims_quantize_and_compare(batch_dim, tmp_path):
     assert comparison.samples == 40 and sqnr > MIN_SQNR, f"compare: {comparison.samples} samples, SQNR {sqnr:.1f} dB"
 
 
+def test_minus1_dims_of_an_opset_11_export_survive_the_opset_upgrade(tmp_path):
+    """paddle2onnx's legacy header (batch and width -1) on an opset 11 graph: the upgrade to 13 infers
+    shapes, which must not compute with -1: MaxPool halves a width of -1 to 0, and onnxruntime refused
+    tests/zoo/paddle_rec_m1.onnx for the Reshape that then copies a declared 0."""
+    from onnxflex.pipeline import build_plan
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([0, -1, 16], np.int64), "shape")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 2, 8, -1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, -1, 16])
+    graph = helper.make_graph([
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Transpose", ["p"], ["t"], name="transpose", perm=[3, 0, 1, 2]),
+        helper.make_node("Reshape", ["t", "shape"], ["y"], name="reshape")], "g", [x], [y], [w, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    plan = build_plan(model, RTN)
+    inferred = {d.dim_value for vi in plan.model.graph.value_info for d in vi.type.tensor_type.shape.dim
+                if d.HasField("dim_value")}
+    assert min(inferred, default=1) > 0, f"the canonical model declares dims {sorted(inferred)}"
+    feeds = {"x": np.random.default_rng(1).standard_normal((40, 2, 8, 12)).astype(np.float32)}
+    result, comparison = quantize_and_compare(model, feeds, tmp_path)
+    assert comparison.outputs[0]["sqnr_db"] > MIN_SQNR, comparison.outputs
+
+
 def test_a_positive_dim_value_still_fixes_the_batch():
     assert fixed_batch(matmul_model(4)) == 4
 

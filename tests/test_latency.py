@@ -13,6 +13,7 @@ import pytest
 import onnxflex
 import onnxflex.latency as latency
 from helpers import CNN
+from onnxflex.calib import CalibrationSet
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
 from onnxflex.pipeline import build_plan
@@ -84,8 +85,8 @@ def test_synthetic_models_fuse_like_the_emitted_one():
     config = QuantConfig(method="rtn")
     plan = build_plan(model, config)
     with np.load(CNN.with_suffix(".calib.npz")) as data:
-        feed = {"input": data["input"][:32]}
-    synthetic = latency._emitted(plan, get_target("onnxruntime"), config, feed)
+        sample = CalibrationSet({"input": data["input"][:32]}, "test")
+    synthetic = latency._emitted(plan, get_target("onnxruntime"), config, sample)
     real = onnxflex.quantize(CNN, config=config, progress=False).model
     assert optimized_op_counts(synthetic) == optimized_op_counts(real)
     assert optimized_op_counts(real).get("QLinearConv") == 8
@@ -120,3 +121,16 @@ def test_when_every_layer_loses_all_stay_integer(monkeypatch):
 def test_bad_latency_threads_is_a_config_error():
     with pytest.raises(ConfigError, match="latency_threads"):
         QuantConfig(latency_threads=-1)
+
+
+def test_latency_placement_on_a_model_with_a_shared_0d_input(monkeypatch):
+    """The streaming VAD has a 0-d ``sr`` input shared by every sample and its state batched on axis 1:
+    the timed batch and the synthetic ranges are fed in the model's layout (this was an IndexError)."""
+    from zoo_models import zoo_models
+
+    zoo = next(m for m in zoo_models() if m.name == "vad_stream_gru")
+    monkeypatch.setattr(latency, "REPEATS", 3)
+    config = QuantConfig(**FAST, fix_inputs=tuple(f"{k}={v}" for k, v in zoo.fix_inputs.items()))
+    result = onnxflex.quantize(onnx.load(zoo.path), zoo.feeds(32), config, progress=False)
+    placement = result.report["latency_placement"]
+    assert placement["batch"] >= 1 and len(placement["layers"]) == 4, placement  # 3 Conv + Gemm

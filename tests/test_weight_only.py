@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper, parser
 import onnxflex
 from helpers import MODELS
 from onnxflex.capture import MATMULNBITS_ACCURACY_LEVEL, session, session_options
+from onnxflex.check import check
 from onnxflex.config import QuantConfig
 from onnxflex.emit.pack import unpack_int4
 from onnxflex.errors import ConfigError, UnsupportedModelError
@@ -186,7 +187,8 @@ def matmul_gemm_model(k: int = 64, n: int = 16) -> onnx.ModelProto:
     return model
 
 
-def test_small_model_mixes_blocked_matmul_and_per_channel_gemm():
+def test_small_model_blocks_matmul_and_gemm_weights():
+    """MatMul and Gemm [K, N] weights both get groups along K and run as MatMulNBits."""
     rng = np.random.default_rng(1)
     calib = {"x": rng.standard_normal((64, 64)).astype(np.float32)}
     config = QuantConfig(method="flexround", wbits=4, abits=0, group_size=16, iters=20, batch_size=16,
@@ -198,12 +200,35 @@ def test_small_model_mixes_blocked_matmul_and_per_channel_gemm():
     by_op = {n.op_type: n for n in g.node}
     mm, gemm = dqs[by_op["MatMul"].input[1]], dqs[by_op["Gemm"].input[1]]
     assert inits[mm.input[0]].data_type == TensorProto.INT4 and list(inits[mm.input[1]].dims) == [4, 16]
-    assert inits[gemm.input[0]].data_type == TensorProto.INT8 and list(inits[gemm.input[1]].dims) == [8]
-    assert [l["group_size"] for l in result.report["layers"]] == [16, 0]
-    ops = optimized_op_counts(result.model)
-    assert ops.get("MatMulNBits") == 1, ops
+    assert inits[gemm.input[0]].data_type == TensorProto.INT4 and list(inits[gemm.input[1]].dims) == [1, 8]
+    assert [l["group_size"] for l in result.report["layers"]] == [16, 16]
+    kernels = {layer.node: layer.kernel for layer in check(result.model).layers}
+    # onnxruntime 1.31 leaves this MatMul (-> Relu -> Gemm) unfused whatever the Gemm's weight is
+    assert kernels["Gemm"] == "MatMulNBits", kernels
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
     assert sim >= 60.0, f"onnxruntime vs simulation SQNR {sim:.1f} dB < 60 dB"
+
+
+def test_a_transposed_gemm_weight_is_stored_k_by_n_and_runs_as_matmulnbits():
+    """torch's Linear exports Gemm(transB=1) with weight [N, K]; onnxruntime fuses a blocked weight into
+    MatMulNBits only as [K, N] (else the Gemm runs in float), so weight-only runs transpose it first."""
+    model = matmul_gemm_model()
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    gemm.attribute.append(onnx.helper.make_attribute("transB", 1))
+    w2 = next(t for t in model.graph.initializer if t.name == "w2")
+    w2.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w2).T.copy(), "w2"))
+    calib = {"x": np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)}
+    result = onnxflex.quantize(model, calib, QuantConfig(method="rtn", wbits=4, abits=0, group_size=16,
+                                                         verify_samples=16), progress=False)
+    emitted = next(n for n in result.model.graph.node if n.op_type == "Gemm")
+    assert not any(a.name == "transB" and a.i for a in emitted.attribute), emitted
+    kernels = {layer.node: layer.kernel for layer in check(result.model).layers}
+    assert kernels["Gemm"] == "MatMulNBits", kernels
+    fp32 = result.report["verification"]["quantized_vs_fp32_sqnr_db"]["y"]
+    assert fp32 >= 15.0, f"W4 g16 vs FP32 SQNR {fp32:.1f} dB: the transposed weight computes another product"
+    w8 = onnxflex.quantize(model, calib, QuantConfig(method="rtn", verify_samples=16), progress=False)
+    kept = next(n for n in w8.model.graph.node if n.op_type == "Gemm")
+    assert any(a.name == "transB" and a.i for a in kept.attribute), "W8A8 runs keep the exported layout"
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -223,7 +248,7 @@ def test_group_size_must_divide_the_matmul_input_dimension():
     with pytest.raises(ConfigError, match="layer_bits gives node"):
         build_plan(matmul_gemm_model(), QuantConfig(abits=0, wbits=4, group_size=16, layer_bits=(("*", 8),)))
     plan = build_plan(matmul_gemm_model(k=48), QuantConfig(abits=0, wbits=4, group_size=16))
-    assert [(l.op_type, l.group_size) for l in plan.layers] == [("MatMul", 16), ("Gemm", 0)]
+    assert [(l.op_type, l.group_size) for l in plan.layers] == [("MatMul", 16), ("Gemm", 16)]
 
 
 def test_blocked_weights_survive_a_checkpoint(tmp_path):

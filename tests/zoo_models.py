@@ -12,8 +12,9 @@ Each ``tests/zoo/*.json`` manifest lists models::
 
 ``shape`` is one sample's shape, without the sample axis; ``batch_axis`` (default 0) is where the
 samples go in the model's layout. Kinds: normal (``scale``, default 1), uniform (``low``, ``high``),
-tokens (integers in [0, ``high``)), ones, zeros, fixed (one ``value`` shared by every sample: the
-array is 0-d, or ``shape`` if given, and has no sample axis).
+tokens (integers in [0, ``high``)), ones, zeros, arange (each sample holds ``start``, ``start`` + 1, ...
+along its last axis: a decoder's position ids after ``start`` past tokens), fixed (one ``value``
+shared by every sample: the array is 0-d, or ``shape`` if given, and has no sample axis).
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def _make(spec: dict[str, Any], samples: int, rng: np.random.Generator) -> np.nd
         value = rng.uniform(spec.get("low", 0.0), spec.get("high", 1.0), shape)
     elif kind == "tokens":
         value = rng.integers(0, spec["high"], shape)
+    elif kind == "arange":
+        value = np.broadcast_to(spec.get("start", 0) + np.arange(shape[-1]), shape)
     elif kind in ("ones", "zeros"):
         value = np.ones(shape) if kind == "ones" else np.zeros(shape)
     else:

@@ -23,7 +23,7 @@ from onnxflex.runtimes.base import Target
 
 Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
 STAGES: Registry[Stage] = Registry("emitter stage")
-ORDER = ("weights", "biases", "activations", "versions")
+ORDER = ("recurrent", "weights", "biases", "activations", "versions")
 NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 BLOCKED_OPSET = 21  # DequantizeLinear's block_size and INT4 inputs
 
@@ -89,6 +89,57 @@ def _blocked_dq_node(g: onnx.GraphProto, scope, base: str, qw: QuantizedWeight) 
                                    name=scope.unique_name(f"{base}_DequantizeLinear"), axis=qw.axis,
                                    block_size=qw.block_size))
     return out
+
+
+@STAGES.register("recurrent")
+def quantize_recurrent(model, params, target):
+    """Each top-level LSTM whose W and R are both quantized becomes com.microsoft DynamicQuantizeLSTM
+    (passes/recurrent.py) under the LSTM's name, with its other inputs and attributes as they were
+    (``layout`` is 0 or absent: the pass keeps layout=1 LSTMs float)."""
+    from onnxflex.passes.recurrent import INTEGER_LSTM
+
+    scope = NameScope.of(model)
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    replaced: list[str] = []
+    for k, node in enumerate(g.node):
+        if node.op_type != "LSTM" or not all(node.input[i] in params.weights and node.input[i] in inits
+                                             for i in (1, 2)):
+            continue
+        (w, w_scale, w_zero), (r, r_scale, r_zero) = (_integer_lstm_weight(g, scope, node.input[i],
+                                                                           params.weights[node.input[i]])
+                                                      for i in (1, 2))
+        optional = (list(node.input[3:8]) + [""] * 5)[:5]  # B, sequence_lens, initial_h, initial_c, P
+        fused = helper.make_node(INTEGER_LSTM, [node.input[0], w, r, *optional, w_scale, w_zero, r_scale, r_zero],
+                                 list(node.output), name=node.name, domain="com.microsoft")
+        fused.attribute.extend(a for a in node.attribute if a.name != "layout")
+        replaced += [node.input[1], node.input[2]]
+        g.node[k].CopyFrom(fused)
+    _drop_unread(g, replaced)
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def _integer_lstm_weight(g: onnx.GraphProto, scope, name: str, qw: QuantizedWeight) -> tuple[str, str, str]:
+    """Adds DynamicQuantizeLSTM's form of an LSTM weight [D, 4H, K] quantized along axis 1 to ``g``:
+    int8 [D, K, 4H] (transposed), float32 steps [D, 4H] (the gate rows' steps for each direction) and
+    int8 zero points of 0 [D, 4H]; returns their names."""
+    names = tuple(scope.unique_name(f"{name}_{s}") for s in ("quantized", "scale", "zero_point"))
+    rows = qw.ints.shape[:2]
+    g.initializer.extend([
+        numpy_helper.from_array(np.ascontiguousarray(qw.ints.transpose(0, 2, 1)).astype(np.int8), names[0]),
+        numpy_helper.from_array(np.ascontiguousarray(np.broadcast_to(qw.scale.astype(np.float32), rows)), names[1]),
+        numpy_helper.from_array(np.zeros(rows, np.int8), names[2])])
+    return names
+
+
+def _drop_unread(g: onnx.GraphProto, names: list[str]) -> None:
+    """Removes those of ``g``'s initializers ``names`` that no node of ``g`` (or of its subgraphs) reads."""
+    read = {i for n in g.node for i in reads(n)}
+    inits = g.initializer
+    for i in reversed([i for i, t in enumerate(inits) if t.name in names and t.name not in read]):
+        del inits[i]
 
 
 @STAGES.register("weights")

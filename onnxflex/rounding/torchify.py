@@ -3,7 +3,8 @@
 The interpreter looks every input up by its ONNX tensor name: a weight initializer that has a rounder
 is replaced by ``rounder.fake_quant()``, a tensor that is an activation quant point is replaced by its
 quantized value as soon as it is produced (so every consumer sees the same value, as in the emitted
-QDQ graph), and all other initializers are constants.
+QDQ graph), and all other initializers are constants. A quantized recurrent layer (an LSTM the emitter
+writes as DynamicQuantizeLSTM) runs as that kernel computes it (converters/recurrent.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from onnxflex.extdata import tensor_array
 from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.rounding.converters import OpNode, find_converter
+from onnxflex.rounding.converters.recurrent import QUANTIZED as QUANTIZED_RECURRENT
 from onnxflex.rounding.rounders import Rounder
 
 Observer = Callable[[str, torch.Tensor], None]
@@ -72,11 +74,13 @@ class BlockModule(torch.nn.Module):
         super().__init__()
         self.block, self.state = block, state
         by_name = {n.name: n for n in model.graph.node}
-        self.nodes = []
+        recurrent = {l.node for l in block.layers if l.op_type in QUANTIZED_RECURRENT}
+        self.nodes = []  # (node, float converter, converter of its integer kernel or None)
         for name in block.nodes:
             node = OpNode.from_proto(by_name[name], opset)
-            self.nodes.append((node, find_converter(node.op_type, opset, node.domain)))
-        used = {i for node, _ in self.nodes for i in node.inputs}
+            kernel = QUANTIZED_RECURRENT[node.op_type] if name in recurrent else None
+            self.nodes.append((node, find_converter(node.op_type, opset, node.domain), kernel))
+        used = {i for node, _, _ in self.nodes for i in node.inputs}
         self.constants = {t.name: torch.from_numpy(tensor_array(t, model).copy()).to(device)
                           for t in model.graph.initializer if t.name in used}
         self.own_rounders = torch.nn.ModuleList(state.rounders[l.weight] for l in block.layers)
@@ -108,8 +112,10 @@ class BlockModule(torch.nn.Module):
             weights = self._fixed
         else:
             weights = {l.weight: self.state.rounders[l.weight].fake_quant() for l in self.block.layers}
-        for node, convert in self.nodes:
+        for node, convert, kernel in self.nodes:
             inputs = [self._value(name, env, weights) for name in node.inputs]
+            if self.quantize and kernel is not None:
+                convert = kernel
             for name, value in zip(node.outputs, convert(node, inputs)):
                 env[name] = self._point(name, value, observe) if name in self.state.acts else value
         return {name: env[name] for name in self.block.outputs}

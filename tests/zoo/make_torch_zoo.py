@@ -211,14 +211,14 @@ def make_gpt2() -> dict:
     seq, past = 4, 4
     inputs = {"input_ids": {"kind": "tokens", "shape": [seq], "high": 1000, "dtype": "int64"},
               "attention_mask": {"kind": "ones", "shape": [seq + past], "dtype": "int64"},
-              "position_ids": {"kind": "fixed", "value": past, "shape": [1, seq], "dtype": "int64"}}
+              "position_ids": {"kind": "arange", "start": past, "shape": [seq], "dtype": "int64"}}
     for layer in range(2):
         for kv in ("key", "value"):
             inputs[f"past_key_values.{layer}.{kv}"] = {"kind": "normal", "shape": [2, past, 32]}
     return _entry("gpt2_tiny_past", exporter, inputs,
                   "GPT2LMHeadModel with past key/values in and present out: 2 layers, n_embd 64, 2 heads, "
-                  "vocab 1000; feeds: 4 new tokens after 4 past positions; position_ids is one shared [1, 4] "
-                  "array of 4s (the manifest has no per-sample arange kind; stack it per sample for --calib)", transformer=True)
+                  "vocab 1000; feeds: 4 new tokens after 4 past positions, so each sample's position_ids are "
+                  "[4, 5, 6, 7]", transformer=True)
 
 
 # --- 4. Ultralytics-style detector -----------------------------------------------------------------

@@ -118,6 +118,7 @@ _UNARY: dict[str, tuple[int, Callable[[Tensor], Tensor]]] = {
     "Sin": (7, torch.sin),
     "Cos": (7, torch.cos),
     "Not": (1, torch.logical_not),
+    "IsNaN": (9, torch.isnan),  # GPT-2 exports guard its attention softmax with IsNaN -> Where
     "Identity": (1, lambda x: x),
 }
 
