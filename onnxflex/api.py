@@ -83,6 +83,7 @@ def quantize(model: Any, calibration: Any = None, config: QuantConfig | None = N
                                "verification_samples": held.num_samples},
                   layers=layer_summary(report.pop("_plan"), params, config),
                   reconstruction=reconstruction_summary(config, report["blocks"], fixed or config.batch_size))
+    report["warnings"] = list(data.warnings) + report["warnings"]
     verification = report.pop("_verification")
     if verification is None:
         _warn_unverified(report, data.num_samples, config)

@@ -1,6 +1,7 @@
 """Calibration data: load it, check it against the model's inputs, hand it out in batches."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,6 +12,8 @@ import onnx
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import graph_input_names
 from onnxflex.layout import Layout
+
+log = logging.getLogger("onnxflex")
 
 NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
             onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
@@ -31,6 +34,7 @@ class CalibrationSet:
     source: str
     layout: Layout = field(default_factory=Layout)
     shared: dict[str, np.ndarray] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # what checking the data cast (check_calibration logs them too)
 
     @property
     def num_samples(self) -> int:
@@ -109,7 +113,8 @@ def check_calibration(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, 
                       options: InputOptions = InputOptions()) -> CalibrationSet:
     """Match arrays (each in the model's layout: samples on the input's batch axis, or one shared value)
     to the model inputs by name; find each input's batch axis (batchaxes.find_axes); check rank, fixed
-    dims, dtype (arrays are cast to the input's) and finiteness; store samples on dim 0."""
+    dims, dtype (cast to the input's where no information is lost: see _typed; each cast is a warning,
+    logged and kept in ``warnings``) and finiteness; store samples on dim 0."""
     from onnxflex.batchaxes import find_axes, pinned_values, shared_value
 
     inputs = model_inputs(model)
@@ -119,7 +124,11 @@ def check_calibration(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, 
         raise CalibrationError(
             f"{source}: no data for model input(s) {', '.join(missing)}; it holds {', '.join(sorted(arrays)) or 'nothing'}"
             " — store one array per model input under the input's name (or pin it with --fix-input NAME=VALUE)")
-    given = {n: _typed(n, np.asarray(arrays[n]), vi, source) for n, vi in inputs.items() if n not in pinned}
+    warnings: list[str] = []
+    given = {n: _typed(n, np.asarray(arrays[n]), vi, source, warnings) for n, vi in inputs.items()
+             if n not in pinned}
+    for warning in warnings:
+        log.warning(warning)
     axes = find_axes(given, inputs, options.batch_axes, fixed_batch(model) is not None, source)
     layout = Layout({**axes, **{n: None for n in pinned}})
     batched, shared = {}, dict(pinned)
@@ -132,7 +141,7 @@ def check_calibration(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, 
     counts = {n: a.shape[0] for n, a in batched.items()}
     if batched and min(counts.values()) == 0:
         raise CalibrationError(f"{source}: calibration data is empty")
-    return CalibrationSet(batched, source, layout, shared)
+    return CalibrationSet(batched, source, layout, shared, tuple(warnings))
 
 
 def known_dim(dim: onnx.TensorShapeProto.Dimension) -> int | None:
@@ -152,22 +161,62 @@ def show_dims(dims) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def _typed(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: str) -> np.ndarray:
-    """``array`` in the input's dtype; refuses NaN/Inf and integers the dtype cannot hold."""
+def _typed(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: str, warnings: list[str]) -> np.ndarray:
+    """``array`` in the input's dtype. Refuses NaN/Inf and any cast that loses information (_lossy);
+    appends a warning to ``warnings`` for every cast it makes."""
     elem = vi.type.tensor_type.elem_type
     dtype = NP_TYPES.get(elem)
     if dtype is None:
         raise CalibrationError(f"{source}: input {name!r} has an ONNX type onnxflex cannot feed ({elem})")
     if array.dtype.kind in "fc" and not np.isfinite(array).all():
         raise CalibrationError(f"{source}: input {name!r} contains NaN or Inf values")
-    if np.dtype(dtype).kind in "iu" and array.size and array.dtype.kind in "iuf":
-        info = np.iinfo(dtype)
-        lo, hi = array.min(), array.max()
-        if lo < info.min or hi > info.max:
-            raise CalibrationError(f"{source}: input {name!r} is {np.dtype(dtype).name} but the data holds values "
-                                   f"{lo}..{hi} outside {info.min}..{info.max}")
+    want = np.dtype(dtype)
+    if array.dtype != want:
+        problem = _lossy(array, want) if array.size else None
+        if problem:
+            raise CalibrationError(f"{source}: input {name!r} is {want.name} but the data is {array.dtype.name} "
+                                   f"{problem}")
+        warnings.append(f"{source}: input {name!r} is {want.name}; its {array.dtype.name} data was cast to "
+                        f"{want.name} (store it as {want.name} to silence this)")
     array = array.astype(dtype, copy=False)
     return np.ascontiguousarray(array) if array.ndim else array  # ascontiguousarray makes 0-d arrays 1-d
+
+
+def _lossy(array: np.ndarray, want: np.dtype) -> str | None:
+    """Why casting ``array`` to ``want`` would change what the model sees (the rest of the error message),
+    or None when the cast is safe:
+
+    - to an integer or bool input: values it cannot hold, fractional values (float data), or for bool
+      anything but 0 and 1;
+    - integer data to a float input: any value outside [-1, 1]. Float inputs take scaled values (pixels
+      as x / 255 or mean/std-normalized, features standardized); integers beyond ±1 are unscaled data
+      (pixels 0-255, raw counts) far from the range the model was trained on, and onnxflex does not guess
+      the scaling. Integer data within [-1, 1] (masks, signs) casts exactly;
+    - float data to a float16 input: values beyond float16's range (they would become Inf).
+    """
+    lo, hi = array.min(), array.max()
+    if want.kind == "b":
+        if lo < 0 or hi > 1 or (array.dtype.kind == "f" and np.any(array != np.round(array))):
+            return f"with values {lo}..{hi}: a bool input takes 0/1 (False/True) only; store it as bool"
+        return None
+    if want.kind in "iu":
+        info = np.iinfo(want)
+        if lo < info.min or hi > info.max:
+            return f"holding values {lo}..{hi} outside {info.min}..{info.max}"
+        if array.dtype.kind == "f":
+            fractional = array[array != np.round(array)]
+            if fractional.size:
+                return (f"with fractional values (e.g. {fractional.flat[0]:g}) that {want.name} cannot hold: "
+                        f"store the integers the model takes (ids, indices, counts) as {want.name}")
+        return None
+    if array.dtype.kind in "iub" and (lo < -1 or hi > 1):
+        return (f"with values {lo}..{hi}: integer data for a float input is unscaled (pixels 0-255, raw counts) "
+                f"and a float input takes values scaled as in training; store it as {want.name}, scaled the "
+                "way the model expects (e.g. x / 255, or the exporter's mean/std), or as plain "
+                f"{want.name}(x) if these integers are what the model takes")
+    if want == np.float16 and max(abs(float(lo)), abs(float(hi))) > np.finfo(np.float16).max:
+        return f"with values {lo}..{hi} beyond float16's range (±65504)"
+    return None
 
 
 def _check_dims(name: str, array: np.ndarray, dims: list[int | None], axis: int | None, source: str) -> None:

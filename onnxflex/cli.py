@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from onnxflex.config import OPTION_HELP, QuantConfig, choices
+from onnxflex.config import OPTION_HELP, QuantConfig, choices, read_toml
 from onnxflex.errors import ConfigError, OnnxflexError, VerificationError
 from onnxflex.exits import (FAILED, INTERNAL, SIGINT_EXIT, SIGTERM_EXIT, Terminated, crash_log,
                             internal_error_line, sigterm_unwinds)
@@ -71,13 +71,16 @@ def config_options(names: tuple[str, ...] | None = None):
     return decorate
 
 
-def build_config(config_file: Path | None, options: dict) -> QuantConfig:
+def given_options(config_file: Path | None, options: dict) -> dict:
+    """The options as the user gave them: the config file's keys, then the flags given (which win)."""
     given = {k: v for k, v in options.items() if v is not None and v != ()}
     if "layer_bits" in given:
         given["layer_bits"] = tuple(_layer_bits(spec) for spec in given["layer_bits"])
-    if config_file is not None:
-        return QuantConfig.from_toml(config_file, **given)
-    return QuantConfig(**given)
+    return {**(read_toml(config_file) if config_file is not None else {}), **given}
+
+
+def build_config(config_file: Path | None, options: dict) -> QuantConfig:
+    return QuantConfig.from_dict(given_options(config_file, options), source=str(config_file or "options"))
 
 
 def _layer_bits(spec: str) -> tuple[str, int]:
@@ -139,15 +142,18 @@ def main() -> None:
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data: an .npz (one array per model input, samples on dim 0), or a folder of "
                    ".npy/.npz files or images [default: MODEL's .calib.npz, else synthetic data].")
-@click.option("--dump-config", is_flag=True, help="Print the effective config as TOML and exit.")
+@click.option("--dump-config", is_flag=True,
+              help="Print the options as given (-1: the method's or preset's default) as TOML, each resolved "
+                   "value as a comment, and exit; edit it and pass it back with --config.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 @config_options()
 def quantize(model, output, calib, dump_config, quiet, log_level, config_file, **options) -> None:
     """Quantize MODEL and write a QDQ model for the target runtime, with OUTPUT.report.json beside it."""
-    config = build_config(config_file, options)
-    if dump_config:
-        click.echo(config.to_toml(), nl=False)
+    given = given_options(config_file, options)
+    config = QuantConfig.from_dict(given, source=str(config_file or "options"))
+    if dump_config:  # what the user gave, so that editing method or preset in the file takes effect
+        click.echo(config.given_toml(given), nl=False)
         return
     if model is None:
         raise click.UsageError("Missing argument 'MODEL'.")
@@ -186,7 +192,7 @@ def inspect(model, config_file, **options) -> None:
     _setup_logging("warning")
     plan = build_plan(load_model(model), build_config(config_file, options))
     for warning in plan.warnings:
-        click.echo(f"warning: {warning}")
+        click.echo(f"warning: {warning}", err=True)
     click.echo(plan.describe())
 
 
@@ -198,12 +204,19 @@ def inspect(model, config_file, **options) -> None:
 @click.option("--samples", type=int, default=0, help="Use at most this many samples (0 = all).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per onnxruntime run.")
 @click.option("--worst", type=int, default=5, show_default=True, help="How many of the worst layers to list.")
-@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per model for latency.")
+@click.option("--repeats", type=int, default=20, show_default=True,
+              help="Least number of interleaved timing rounds (each runs both models once).")
+@click.option("--latency-width", type=click.FloatRange(0.001, 1.0), default=0.05, show_default=True,
+              help="Time until the latency ratio's 95% interval is within this relative half-width...")
+@click.option("--latency-seconds", type=click.FloatRange(0.0), default=5.0, show_default=True,
+              help="...or until this many seconds of timing have passed.")
 @click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads for both models (0 = default).")
 @click.option("--min-sqnr", type=float, help="Gate: fail when any output's SQNR (dB) is below this.")
 @click.option("--min-agreement", type=float,
               help="Gate: fail when top-1 agreement of a classifier-shaped output is below this fraction (0-1).")
-@click.option("--max-latency-ratio", type=float, help="Gate: fail when CANDIDATE's latency / REFERENCE's is above this.")
+@click.option("--max-latency-ratio", type=float,
+              help="Gate: fail when the 95% interval of CANDIDATE's latency / REFERENCE's lies wholly above this "
+                   "(an interval straddling it passes with a note).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def compare(reference, candidate, data, as_json, **options) -> None:
     """Compare CANDIDATE (e.g. a quantized model) with REFERENCE (its FP32 model) on --data.
@@ -221,6 +234,8 @@ def compare(reference, candidate, data, as_json, **options) -> None:
         from onnxflex.report import to_json
 
         click.echo(to_json(result.to_dict()), nl=False)
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
     else:
         click.echo(format_comparison(result))
     if result.failures:

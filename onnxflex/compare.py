@@ -18,7 +18,7 @@ from onnxflex.calib import CalibrationSet, check_calibration, fixed_batch, read_
 from onnxflex.capture import session, tensor_layout, with_probes
 from onnxflex.errors import CalibrationError, ModelLoadError
 from onnxflex.graph import graph_input_names, load_model
-from onnxflex.latency import latencies
+from onnxflex.timing import MAX_SECONDS, WIDTH, RatioEstimate, measure_ratio, ratio_gate
 
 PROVIDERS = ["CPUExecutionProvider"]
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
@@ -41,11 +41,13 @@ class _Stats:
         self.max_abs = 0.0
         self.count = self.agree = self.positions = 0
         self.classifier = False
+        self.skipped = ""  # why batches added nothing: "sequence-typed" or "empty"
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
         """Adds one batch. Sequence-typed values (lists) and empty tensors add nothing; a 0-d tensor counts
         as one row; integer and bool tensors are compared as numbers."""
         if not isinstance(ref, np.ndarray) or not isinstance(got, np.ndarray) or ref.size == 0:
+            self.skipped = "empty" if isinstance(ref, np.ndarray) else "sequence-typed"
             return
         ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
         if ref.ndim == 0:
@@ -68,6 +70,8 @@ class _Stats:
         sqnr = float("inf") if self.noise == 0 else 10 * np.log10(max(self.signal, 1e-30) / self.noise)
         out = {"name": name, "sqnr_db": float(sqnr), "cosine": self.cosine_sum / max(self.count, 1),
                "max_abs_error": self.max_abs}
+        if not self.count and self.skipped:
+            out["skipped"] = self.skipped
         if self.classifier:
             out["top1_agreement"] = self.agree / max(self.positions, 1)
         return out
@@ -80,17 +84,25 @@ class Comparison:
     samples: int
     outputs: list[dict]
     worst_layers: list[dict]
-    latency_ms: dict[str, float]
+    latency: RatioEstimate
     file_bytes: dict[str, int]
+    skipped: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def latency_ms(self) -> dict[str, float]:
+        return {"reference": self.latency.reference_ms, "candidate": self.latency.candidate_ms}
 
     @property
     def latency_ratio(self) -> float:
-        return self.latency_ms["candidate"] / self.latency_ms["reference"]
+        return self.latency.ratio
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        out["latency_ms"] = self.latency_ms
         out["latency_ratio"] = self.latency_ratio
+        out["latency_ratio_interval"] = [self.latency.low, self.latency.high]
         out["size_ratio"] = self.file_bytes["candidate"] / max(self.file_bytes["reference"], 1)
         out["passed"] = not self.failures
         return out
@@ -98,8 +110,11 @@ class Comparison:
 
 def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, data: str | os.PathLike, *,
                    samples: int = 0, batch_size: int = 32, worst: int = 5, repeats: int = 20, threads: int = 0,
+                   latency_width: float = WIDTH, latency_seconds: float = MAX_SECONDS,
                    gates: GateOptions = GateOptions()) -> Comparison:
-    """Run both models on ``data`` (an .npz with one array per input) and compare them."""
+    """Run both models on ``data`` (an .npz with one array per input) and compare them; latency as
+    onnxflex.timing measures it (at least ``repeats`` rounds, until the ratio's interval is within
+    ``latency_width`` or ``latency_seconds`` have passed)."""
     ref_model, cand_model = load_model(reference), load_model(candidate)
     feeds = _load_feeds(data, ref_model, cand_model, samples)
     n = feeds.num_samples
@@ -112,21 +127,39 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
         ref_probed, cand_probed = with_probes(ref_model, shared)[0], with_probes(cand_model, shared)[0]
         stats.update(_run_pair(ref_probed, cand_probed, shared, shared, feeds, batch, threads))
     produced_by = {o: node for node in ref_model.graph.node for o in node.output}
-    layers = []
+    layers, skipped = [], []
+    for name in list(outputs) + shared:
+        if not stats[name].count and stats[name].skipped:
+            skipped.append({"name": name, "reason": stats[name].skipped})
     for name in shared:
         row = stats[name].result(name)
         row.pop("top1_agreement", None)
+        if "skipped" in row:
+            continue
         node = produced_by[name]
         layers.append({**row, "node": node.name, "op_type": node.op_type})
     layers.sort(key=lambda r: r["sqnr_db"])
-    timing_feed = feeds.feeds(0, batch)
-    ref_ms, cand_ms = latencies([ref_model, cand_model], timing_feed, repeats, threads)
-    latency = {"reference": ref_ms, "candidate": cand_ms}
+    latency = _time_pair(ref_model, cand_model, feeds.feeds(0, batch), threads, repeats, latency_width,
+                         latency_seconds)
     result = Comparison(str(reference), str(candidate), n, [stats[o].result(o) for o in outputs],
                         layers[:worst], latency, {"reference": model_bytes(reference),
-                                                  "candidate": model_bytes(candidate)})
-    result.failures = gate_failures(result, gates)
+                                                  "candidate": model_bytes(candidate)}, skipped)
+    result.failures, result.notes = gate_failures(result, gates)
     return result
+
+
+WARMUP = 3
+
+
+def _time_pair(ref_model, cand_model, feed: dict, threads: int, min_rounds: int, width: float,
+               seconds: float) -> RatioEstimate:
+    """Both models on one batch, in one onnxruntime session each (warmed up), in interleaved rounds."""
+    ref_sess, cand_sess = session(ref_model, PROVIDERS, threads), session(cand_model, PROVIDERS, threads)
+    for _ in range(WARMUP):
+        ref_sess.run(None, feed)
+        cand_sess.run(None, feed)
+    return measure_ratio(lambda: ref_sess.run(None, feed), lambda: cand_sess.run(None, feed),
+                         min_rounds=max(min_rounds, 2), width=width, max_seconds=seconds)
 
 
 def _run_pair(ref_model, cand_model, ref_names: list[str], cand_names: list[str], data: CalibrationSet, batch: int,
@@ -191,10 +224,14 @@ def model_bytes(path: str | os.PathLike) -> int:
                                      if (path.parent / loc).is_file())
 
 
-def gate_failures(result: Comparison, gates: GateOptions) -> list[str]:
-    """One line per gate that does not hold."""
-    failures = []
+def gate_failures(result: Comparison, gates: GateOptions) -> tuple[list[str], list[str]]:
+    """(one line per gate that does not hold, notes on gates that hold only because they cannot tell)."""
+    failures, notes = [], []
     for out in result.outputs:
+        if "skipped" in out:
+            if gates.min_sqnr is not None or gates.min_agreement is not None:
+                notes.append(f"output {out['name']!r} is {out['skipped']}: no gate applies to it")
+            continue
         if gates.min_sqnr is not None and out["sqnr_db"] < gates.min_sqnr:
             failures.append(f"output {out['name']!r} SQNR {out['sqnr_db']:.2f} dB < {gates.min_sqnr:g} dB")
         agreement = out.get("top1_agreement")
@@ -202,24 +239,37 @@ def gate_failures(result: Comparison, gates: GateOptions) -> list[str]:
             failures.append(f"output {out['name']!r} top-1 agreement {agreement:.4f} < {gates.min_agreement:g}")
     if gates.min_agreement is not None and not any("top1_agreement" in o for o in result.outputs):
         failures.append("--min-agreement was given but no output is classifier-shaped (float, last axis >= 2)")
-    if gates.max_latency_ratio is not None and result.latency_ratio > gates.max_latency_ratio:
-        failures.append(f"latency ratio {result.latency_ratio:.3f} ({result.latency_ms['candidate']:.2f} ms vs "
-                        f"{result.latency_ms['reference']:.2f} ms) > {gates.max_latency_ratio:g}")
-    return failures
+    if gates.max_latency_ratio is not None:
+        failure, note = ratio_gate(result.latency, gates.max_latency_ratio)
+        failures += [failure] if failure else []
+        notes += [note] if note else []
+    return failures, notes
 
 
 def format_comparison(result: Comparison) -> str:
-    lines = [f"{result.candidate} vs {result.reference} on {result.samples} samples"]
+    """The report, figures labelled, models in argument order (reference, then candidate)."""
+    lines = [f"reference: {result.reference}", f"candidate: {result.candidate}", f"samples: {result.samples}"]
     for out in result.outputs:
+        if "skipped" in out:
+            lines.append(f"output {out['name']}: skipped ({out['skipped']})")
+            continue
         agreement = f", top-1 agreement {out['top1_agreement']:.2%}" if "top1_agreement" in out else ""
         lines.append(f"output {out['name']}: SQNR {out['sqnr_db']:.2f} dB, cosine {out['cosine']:.5f}, "
                      f"max abs error {out['max_abs_error']:.4g}{agreement}")
     if result.worst_layers:
         lines.append("worst intermediate tensors by SQNR:")
         lines += [f"  {r['sqnr_db']:8.2f} dB  {r['name']} ({r['op_type']} {r['node']!r})" for r in result.worst_layers]
-    ms, size = result.latency_ms, result.file_bytes
-    lines.append(f"latency: {ms['candidate']:.3f} ms vs {ms['reference']:.3f} ms (ratio {result.latency_ratio:.3f})")
-    lines.append(f"file size: {size['candidate']:,} B vs {size['reference']:,} B "
-                 f"(ratio {size['candidate'] / max(size['reference'], 1):.3f})")
+    inner = [s["name"] for s in result.skipped if s["name"] not in {o["name"] for o in result.outputs}]
+    if inner:
+        reasons = sorted({s["reason"] for s in result.skipped if s["name"] in inner})
+        lines.append(f"skipped {len(inner)} intermediate tensor(s) ({', '.join(reasons)}): "
+                     + ", ".join(inner[:5]) + (", ..." if len(inner) > 5 else ""))
+    t, size = result.latency, result.file_bytes
+    lines.append(f"latency: reference {t.reference_ms:.3f} ms, candidate {t.candidate_ms:.3f} ms, ratio "
+                 f"{t.ratio:.3f} (95% interval {t.low:.3f}-{t.high:.3f}, {t.rounds} interleaved rounds in "
+                 f"{t.seconds:.1f} s{'' if t.converged else ', stopped before reaching ±' + format(t.width, '.0%')})")
+    lines.append(f"file size: reference {size['reference']:,} B, candidate {size['candidate']:,} B, ratio "
+                 f"{size['candidate'] / max(size['reference'], 1):.3f}")
+    lines += [f"note: {note}" for note in result.notes]
     lines.append("gates: " + ("; ".join(result.failures) if result.failures else "all passed"))
     return "\n".join(lines)

@@ -103,7 +103,8 @@ OPTION_HELP: dict[str, str] = {
                "tensor, at most torch's count and the CPUs the process may use (small blocks run on one: on "
                "a busy machine their ops lose far more to thread hand-offs than they gain on an idle one); "
                "a seed gives the same output only at one count",
-    "max_cache_mb": "RAM for captured tensors; beyond it they spill to disk",
+    "max_cache_mb": "RAM for captured tensors; beyond it they spill to files in the temporary folder ($TMPDIR), "
+                    "and a run whose estimated spill exceeds that disk's free space is refused before it starts",
     "calib_samples": "use at most this many calibration samples (0 = all)",
     "verify_samples": "calibration samples held out to verify the result (at most a quarter)",
     "exclude_nodes": "keep nodes in float, by name or glob pattern (repeatable)",
@@ -306,23 +307,34 @@ class QuantConfig:
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "QuantConfig":
         """Read a TOML file of top-level keys named like the fields; ``overrides`` win over the file."""
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        path = Path(path)
-        try:
-            values = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} does not exist") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-        return cls.from_dict({**values, **overrides}, source=str(path))
+        return cls.from_dict({**read_toml(path), **overrides}, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
         out["layer_bits"] = dict(self.layer_bits)
         return out
+
+    def given_toml(self, given: Mapping[str, Any]) -> str:
+        """Every option as the user gave it (``given``: the file's and the flags' values this config was
+        built from; the rest at their defaults, -1 staying -1), in a form ``from_toml`` reads back to this
+        config. Where the value the run uses differs, a comment gives it, so that editing ``method`` or
+        ``preset`` in the file changes what the -1 options resolve to."""
+        resolved = self.to_dict()
+        as_given = {f.name: given.get(f.name, f.default) for f in dataclasses.fields(self)}
+        as_given = {k: list(v) if isinstance(v, tuple) else v for k, v in as_given.items()}
+        if not isinstance(as_given["layer_bits"], Mapping):
+            as_given["layer_bits"] = dict(as_given["layer_bits"])
+        lines = ["# onnxflex quantize options as given; -1 = the method's or preset's default. A comment gives",
+                 "# the value a run with this file uses where it differs (it follows method and preset)."]
+        tables = []
+        for key, value in as_given.items():
+            note = "" if value == resolved[key] else f"  # resolved: {_toml_value(resolved[key])}"
+            if isinstance(value, dict):
+                tables.append(f"\n[{key}]")
+                tables += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()]
+            else:
+                lines.append(f"{key} = {_toml_value(value)}{note}")
+        return "\n".join(lines + tables) + "\n"
 
     def to_toml(self) -> str:
         """Every option with its effective value, in a form ``from_toml`` reads back unchanged."""
@@ -345,6 +357,21 @@ class QuantConfig:
 
     def replace(self, **changes: Any) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The top-level keys of a TOML config file (checked when a QuantConfig is built from them)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
 
 
 def _toml_value(value: Any) -> str:

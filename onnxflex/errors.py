@@ -49,6 +49,10 @@ class OutputError(OnnxflexError):
     """The output path cannot be written, or writing it would destroy an input."""
 
 
+class DiskSpaceError(OnnxflexError):
+    """The disk holding a folder the run writes to has too little free space for it."""
+
+
 class RegistryError(OnnxflexError, KeyError):
     """A registry name is unknown or registered twice."""
 

@@ -21,10 +21,11 @@ from onnxflex.passes.custom_ops import check_custom_ops
 from onnxflex.passes.partition import partition
 from onnxflex.passes.pipeline import PassContext, run_passes
 from onnxflex.passes.recurrent import recurrent_layers, state_tensors
-from onnxflex.passes.select import activation_points, select_layers
+from onnxflex.passes.select import activation_points, select_layers, unmatched_patterns
 from onnxflex.passes.select_inner import select_inner
 from onnxflex.progress import Progress
 from onnxflex.runtimes.base import get_target
+from onnxflex.spill import check_free_disk
 
 log = logging.getLogger("onnxflex")
 
@@ -42,6 +43,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
     ctx.warnings.extend(recurrent_warnings)
     inner_layers, inner_points, outer_points = select_inner(canonical, target, config)
     ctx.warnings.extend(control_flow_warnings(canonical, inner_layers))
+    ctx.warnings.extend(unmatched_patterns(canonical, layers + recurrent + inner_layers, config))
     points += tuple(p for p in outer_points if p not in points)
     state = state_tensors(canonical)  # rounding state read back compounds at every call: never quantized
     points = tuple(p for p in points if p not in state)
@@ -75,6 +77,8 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         log.info("the model's inputs fix the batch at %d; reconstruction uses batches of %d", fixed, fixed)
         config = config.replace(batch_size=fixed)
     _check_batch(recon, held, config)
+    check_free_disk(plan.model, sorted({n for b in plan.blocks for n in b.inputs + b.outputs}), recon,
+                    config.max_cache_mb)
     plan, config, sections = _adapt_plan(original, plan, recon, config, device.providers, progress, timings)
     checkpoint = None
     if config.checkpoint_dir:

@@ -30,13 +30,23 @@ log = logging.getLogger("onnxflex")
 def resolve_calibration(calibration: Any, model: onnx.ModelProto, model_source: Any,
                         config: QuantConfig) -> CalibrationSet:
     """Any accepted source (see the module docstring) → a CalibrationSet checked against ``model``, with
-    ``config.batch_axes`` and ``config.fix_inputs`` applied (InputOptions)."""
-    options = InputOptions.from_config(config)
+    ``config.batch_axes`` and ``config.fix_inputs`` applied (InputOptions). ``--input-shape`` shapes
+    synthetic data only: with real data it is a warning (in the set's ``warnings``)."""
     if calibration is None:
         found = default_calibration_path(model_source) if isinstance(model_source, (str, os.PathLike)) else None
         if found is None:
             return synthetic_calibration(model, config)
         calibration = found
+    data = _resolve_given(calibration, model, InputOptions.from_config(config))
+    if not config.input_shapes:
+        return data
+    unused = (f"--input-shape {', '.join(config.input_shapes)} shapes synthetic data only, but calibration comes "
+              f"from {data.source}: it changes nothing (drop it)")
+    log.warning(unused)
+    return replace(data, warnings=data.warnings + (unused,))
+
+
+def _resolve_given(calibration: Any, model: onnx.ModelProto, options: InputOptions) -> CalibrationSet:
     if isinstance(calibration, CalibrationSet):
         given = {n: a for n, a in calibration.layout.axes.items() if a is not None}
         return check_calibration(calibration.feeds(), model, calibration.source,

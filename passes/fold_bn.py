@@ -113,7 +113,9 @@ def _apply_affine(model, node, inits, bias, scale, shift) -> None:
     """Mutates: weights scaled per output channel; the bias becomes scale * bias + shift."""
     g = model.graph
     w_t = inits[node.input[1]]
-    w = tensor_array(w_t, model).astype(np.float64)
+    w = tensor_array(w_t, model)
+    dtype = w.dtype  # the folded weight and bias keep the layer's own float type
+    w = w.astype(np.float64)
     if node.op_type == "Conv":
         w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
     elif node.op_type == "ConvTranspose":
@@ -123,8 +125,8 @@ def _apply_affine(model, node, inits, bias, scale, shift) -> None:
         w = grouped.reshape(w.shape)
     else:
         w = w * (scale[:, None] if node_attr(node, "transB", 0) else scale[None, :])
-    w_t.CopyFrom(numpy_helper.from_array(w.astype(np.float32), w_t.name))
-    new_bias = (bias * scale + shift).astype(np.float32)
+    w_t.CopyFrom(numpy_helper.from_array(w.astype(dtype), w_t.name))
+    new_bias = (bias * scale + shift).astype(dtype)
     if len(node.input) > 2 and node.input[2]:
         b_t = inits[node.input[2]]
         b_t.CopyFrom(numpy_helper.from_array(new_bias, b_t.name))

@@ -22,8 +22,9 @@ def select_layers(model: onnx.ModelProto, target: Target, config: QuantConfig) -
         if len(node.input) < 2 or node.input[1] not in inits:
             continue
         weight = inits[node.input[1]]
-        if weight.data_type not in FLOAT_TYPES:
+        if weight.data_type not in FLOAT_TYPES | {onnx.TensorProto.DOUBLE}:
             continue
+        check_float32(node, weight)
         axis = _channel_axis(node, len(weight.dims))
         if axis is None:
             continue
@@ -32,6 +33,40 @@ def select_layers(model: onnx.ModelProto, target: Target, config: QuantConfig) -
         group = _group_size(node, weight, bits, config)
         layers.append(QuantLayer(node.name, node.op_type, weight.name, axis, node.input[0], bias, bits, group))
     return tuple(layers)
+
+
+def check_float32(node: onnx.NodeProto, weight: onnx.TensorProto) -> None:
+    """Refuses a weighted node whose float weight is not float32 (the torch side computes in float32)."""
+    if weight.data_type != onnx.TensorProto.FLOAT:
+        raise UnsupportedModelError(
+            f"node {node.name!r} ({node.op_type}) computes in "
+            f"{onnx.TensorProto.DataType.Name(weight.data_type).lower()} (weight {weight.name!r}): onnxflex "
+            "quantizes layers that compute in float32 — convert the model to float32 first (re-export it, or "
+            f"onnxconverter_common.float16.convert_float16_to_float32), or keep the node in float with "
+            f"--exclude-node {node.name or '<its name>'}")
+
+
+def unmatched_patterns(model: onnx.ModelProto, layers, config: QuantConfig) -> list[str]:
+    """One warning per --exclude-node pattern that names no node of ``model`` (subgraphs included), per
+    --exclude-op-type with no node of that type, and per --layer-bits pattern that names none of the
+    quantized ``layers``: such a pattern is almost always a typo, and it changes nothing."""
+    from fnmatch import fnmatchcase
+
+    from onnxflex.graph import all_nodes
+
+    nodes = all_nodes(model.graph)
+    names, ops = [n.name for n in nodes], {n.op_type for n in nodes}
+    found = [layer.node for layer in layers]
+    out = [f"--exclude-node {p!r} matches no node of the model, so it keeps nothing in float (patterns are "
+           "case-sensitive globs over the node names `onnxflex inspect` lists)"
+           for p in config.exclude_nodes if not any(fnmatchcase(n, p) for n in names)]
+    out += [f"--exclude-op-type {t!r}: the model has no {t} node, so it keeps nothing in float (op types are "
+            f"case-sensitive: {', '.join(sorted(ops)[:8])}{', ...' if len(ops) > 8 else ''})"
+            for t in config.exclude_op_types if t not in ops]
+    out += [f"--layer-bits {p!r}={bits} matches none of the {len(found)} quantized layers, so it sets no "
+            "layer's bits (patterns are case-sensitive globs over the layer names `onnxflex inspect` lists)"
+            for p, bits in config.layer_bits if not any(fnmatchcase(n, p) for n in found)]
+    return out
 
 
 def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, config: QuantConfig) -> int:

@@ -14,7 +14,7 @@ import onnx
 from onnxflex.blocks import InnerPoint, QuantLayer
 from onnxflex.config import QuantConfig
 from onnxflex.passes.control_flow import subgraphs
-from onnxflex.passes.select import FLOAT_TYPES, _channel_axis
+from onnxflex.passes.select import FLOAT_TYPES, _channel_axis, check_float32
 from onnxflex.runtimes.base import Target
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}
@@ -63,6 +63,7 @@ def _layers_in(g: onnx.GraphProto, owner: str, attr: str, target: Target, config
             continue
         if len(node.input) < 2 or node.input[1] not in inits or inits[node.input[1]].data_type not in FLOAT_TYPES:
             continue
+        check_float32(node, inits[node.input[1]])
         axis = _channel_axis(node, len(inits[node.input[1]].dims))
         if axis is None:
             continue
