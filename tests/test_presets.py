@@ -66,12 +66,13 @@ def test_bad_preset_and_early_stop_values_are_config_errors():
     assert invoke("quantize", "--dump-config", "--preset", "turbo").exit_code == 2  # click's choice check
 
 
-def test_dump_config_pins_what_the_preset_resolved(tmp_path):
+def test_dump_config_keeps_the_preset_defaults_and_comments_what_they_resolve_to(tmp_path):
     result = invoke("quantize", "--dump-config", "--preset", "fast", "--batch-size", "16")
     assert result.exit_code == 0, result.stderr
     values = tomllib.loads(result.stdout)
     assert {k: values[k] for k in ("preset", "iters", "batch_size", "early_stop")} == \
-        {"preset": "fast", "iters": 100, "batch_size": 16, "early_stop": 20}, values
+        {"preset": "fast", "iters": -1, "batch_size": 16, "early_stop": -1}, values
+    assert "iters = -1  # resolved: 100" in result.stdout and "early_stop = -1  # resolved: 20" in result.stdout
     assert QuantConfig.from_dict(values) == QuantConfig(preset="fast", batch_size=16)
     pinned = tmp_path / "pinned.toml"
     pinned.write_text(result.stdout)
