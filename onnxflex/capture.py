@@ -240,11 +240,14 @@ def channel_ranges(model: onnx.ModelProto, tensors: list[str], data: Calibration
     return ranges
 
 
-def tensor_layout(sess: ort.InferenceSession, names: list[str], data: CalibrationSet, fixed: int | None) -> Layout:
+def tensor_layout(sess: ort.InferenceSession, names: list[str], data: CalibrationSet, fixed: int | None, *,
+                  folded_as_shared: bool = False) -> Layout:
     """The batch axis of each of ``sess``'s outputs ``names``: the axis whose length follows the batch
     between runs on 1 and 2 samples of ``data`` (on ``fixed`` samples when the model fixes its batch;
     one run when ``data`` has one sample); a tensor with none is shared. Raises UnsupportedModelError
-    for a tensor whose shape changes with the batch on no single axis (samples folded into another)."""
+    for a tensor whose shape changes with the batch on no single axis (samples folded into another),
+    unless ``folded_as_shared`` (statistics over whole batches, as compare takes them): then it counts
+    as shared too."""
     sizes = [fixed] if fixed else [1, 2] if data.num_samples >= 2 else [1]
     shapes: dict[str, dict[int, tuple[int, ...]]] = {name: {} for name in names}
     for size in sizes:
@@ -253,7 +256,9 @@ def tensor_layout(sess: ort.InferenceSession, names: list[str], data: Calibratio
     axes = {}
     for name, by_size in shapes.items():
         axis = follows_batch(by_size)
-        if axis == "varies":
+        if axis == "varies" and folded_as_shared:
+            axis = None
+        elif axis == "varies":
             raise UnsupportedModelError(
                 f"tensor {name!r} changes shape with the batch {list(by_size.values())} but no axis carries the "
                 "samples (they are folded into another axis); keep its producer and consumers in one block "

@@ -217,6 +217,9 @@ def inspect(model, config_file, **options) -> None:
 @click.option("--max-latency-ratio", type=float,
               help="Gate: fail when the 95% interval of CANDIDATE's latency / REFERENCE's lies wholly above this "
                    "(an interval straddling it passes with a note).")
+@click.option("--batch-axis", "batch_axes", multiple=True, metavar="NAME=AXIS", help=OPTION_HELP["batch_axes"])
+@click.option("--fix-input", "fix_inputs", multiple=True, metavar="NAME=VALUE",
+              help="NAME=VALUE: feed this value to that input of both models, so --data needs no array for it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def compare(reference, candidate, data, as_json, **options) -> None:
     """Compare CANDIDATE (e.g. a quantized model) with REFERENCE (its FP32 model) on --data.
@@ -224,12 +227,16 @@ def compare(reference, candidate, data, as_json, **options) -> None:
     With --min-sqnr, --min-agreement or --max-latency-ratio it is a gate: exit code 1 and a one-line
     reason when a threshold is not met (2: bad input, 3: an internal error).
     """
+    from onnxflex.calib import InputOptions
     from onnxflex.compare import GateOptions, compare_models, format_comparison
+    from onnxflex.config import parse_batch_axis, parse_fixed_input
 
     _setup_logging("warning")
     gates = GateOptions(min_sqnr=options.pop("min_sqnr"), min_agreement=options.pop("min_agreement"),
                         max_latency_ratio=options.pop("max_latency_ratio"))
-    result = compare_models(reference, candidate, data, gates=gates, **options)
+    inputs = InputOptions(dict(map(parse_batch_axis, options.pop("batch_axes"))),
+                          dict(map(parse_fixed_input, options.pop("fix_inputs"))))
+    result = compare_models(reference, candidate, data, gates=gates, inputs=inputs, **options)
     if as_json:
         from onnxflex.report import to_json
 

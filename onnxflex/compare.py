@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxflex.calib import CalibrationSet, check_calibration, fixed_batch, read_npz
+from onnxflex.calib import CalibrationSet, InputOptions, check_calibration, fixed_batch, read_npz
 from onnxflex.capture import session, tensor_layout, with_probes
 from onnxflex.errors import CalibrationError, ModelLoadError
 from onnxflex.graph import graph_input_names, load_model
@@ -45,7 +45,7 @@ class _Stats:
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
         """Adds one batch. Sequence-typed values (lists) and empty tensors add nothing; a 0-d tensor counts
-        as one row; integer and bool tensors are compared as numbers."""
+        as one row; integer and bool tensors are compared as numbers; non-finite values must match."""
         if not isinstance(ref, np.ndarray) or not isinstance(got, np.ndarray) or ref.size == 0:
             self.skipped = "empty" if isinstance(ref, np.ndarray) else "sequence-typed"
             return
@@ -54,6 +54,14 @@ class _Stats:
             ref, got = ref.reshape(1), got.reshape(1)
         if ref.shape != got.shape:
             raise ModelLoadError(f"shapes differ: reference {list(ref.shape)} vs candidate {list(got.shape)}")
+        # -inf masks (attention) and NaN guards: equal non-finite values agree and add nothing; a
+        # non-finite value where the other model has a different one makes the noise infinite
+        finite = np.isfinite(ref) & np.isfinite(got)
+        if not finite.all():
+            same = (ref == got) | (np.isnan(ref) & np.isnan(got))
+            if (~finite & ~same).any():
+                self.noise = self.max_abs = float("inf")
+            ref, got = np.where(finite, ref, 0.0), np.where(finite, got, 0.0)
         self.signal += float(np.sum(ref ** 2))
         self.noise += float(np.sum((ref - got) ** 2))
         self.max_abs = max(self.max_abs, float(np.max(np.abs(ref - got)))) if ref.size else self.max_abs
@@ -67,7 +75,10 @@ class _Stats:
             self.positions += int(np.prod(ref.shape[:-1]))
 
     def result(self, name: str) -> dict:
-        sqnr = float("inf") if self.noise == 0 else 10 * np.log10(max(self.signal, 1e-30) / self.noise)
+        if self.noise == 0 or np.isinf(self.noise):
+            sqnr = float("inf") if self.noise == 0 else float("-inf")
+        else:
+            sqnr = 10 * np.log10(max(self.signal, 1e-30) / self.noise)
         out = {"name": name, "sqnr_db": float(sqnr), "cosine": self.cosine_sum / max(self.count, 1),
                "max_abs_error": self.max_abs}
         if not self.count and self.skipped:
@@ -111,12 +122,13 @@ class Comparison:
 def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, data: str | os.PathLike, *,
                    samples: int = 0, batch_size: int = 32, worst: int = 5, repeats: int = 20, threads: int = 0,
                    latency_width: float = WIDTH, latency_seconds: float = MAX_SECONDS,
-                   gates: GateOptions = GateOptions()) -> Comparison:
+                   gates: GateOptions = GateOptions(), inputs: InputOptions = InputOptions()) -> Comparison:
     """Run both models on ``data`` (an .npz with one array per input) and compare them; latency as
     onnxflex.timing measures it (at least ``repeats`` rounds, until the ratio's interval is within
-    ``latency_width`` or ``latency_seconds`` have passed)."""
+    ``latency_width`` or ``latency_seconds`` have passed). ``inputs``: --batch-axis and --fix-input, read
+    as quantize reads them."""
     ref_model, cand_model = load_model(reference), load_model(candidate)
-    feeds = _load_feeds(data, ref_model, cand_model, samples)
+    feeds = _load_feeds(data, ref_model, cand_model, samples, inputs)
     n = feeds.num_samples
     batch = fixed_batch(ref_model) or fixed_batch(cand_model) or batch_size
     outputs = _output_pairs(ref_model, cand_model)
@@ -165,10 +177,10 @@ def _time_pair(ref_model, cand_model, feed: dict, threads: int, min_rounds: int,
 def _run_pair(ref_model, cand_model, ref_names: list[str], cand_names: list[str], data: CalibrationSet, batch: int,
               threads: int) -> dict[str, _Stats]:
     """Statistics of candidate tensor ``cand_names[i]`` against reference tensor ``ref_names[i]``, both
-    sample-major (batch axes found on the reference, capture.tensor_layout; a shared tensor counts as
-    one sample per batch)."""
+    sample-major (batch axes found on the reference, capture.tensor_layout; a shared tensor, or one whose
+    samples are folded into another axis, counts as one sample per batch)."""
     ref_sess, cand_sess = session(ref_model, PROVIDERS, threads), session(cand_model, PROVIDERS, threads)
-    layout = tensor_layout(ref_sess, ref_names, data, fixed_batch(ref_model))
+    layout = tensor_layout(ref_sess, ref_names, data, fixed_batch(ref_model), folded_as_shared=True)
     stats = {name: _Stats() for name in ref_names}
     for chunk in data.batches(batch):
         for name, r, c in zip(ref_names, ref_sess.run(ref_names, chunk), cand_sess.run(cand_names, chunk)):
@@ -179,7 +191,7 @@ def _run_pair(ref_model, cand_model, ref_names: list[str], cand_names: list[str]
     return stats
 
 
-def _load_feeds(data, ref_model, cand_model, samples: int) -> CalibrationSet:
+def _load_feeds(data, ref_model, cand_model, samples: int, inputs: InputOptions) -> CalibrationSet:
     names = graph_input_names(ref_model)
     cand = graph_input_names(cand_model)
     # an input the candidate declares with a default (pinned by --fix-input) is still fed when given
@@ -189,7 +201,7 @@ def _load_feeds(data, ref_model, cand_model, samples: int) -> CalibrationSet:
     path = Path(data)
     if not path.is_file():
         raise CalibrationError(f"evaluation data {str(path)!r} does not exist; pass --data FILE.npz")
-    checked = check_calibration(read_npz(path, set(names)), ref_model, str(path))
+    checked = check_calibration(read_npz(path, set(names)), ref_model, str(path), inputs)
     return checked.take(0, samples or checked.num_samples)
 
 

@@ -96,3 +96,16 @@ def test_transformer_compared_with_itself_is_infinite_sqnr(name):
     result = invoke("compare", model, model, "--data", data, "--samples", "16", "--repeats", "2")
     assert result.exit_code == 0, result.output
     assert "SQNR inf dB" in result.stdout, result.stdout
+
+
+def test_statistics_take_matching_infinities_and_flag_differing_ones():
+    """Attention masks hold -inf: equal infinities are no error, a differing one is an infinite error."""
+    from onnxflex.compare import _Stats
+
+    ref = np.array([[1.0, -np.inf, 2.0], [np.nan, 3.0, 4.0]])
+    same = _Stats()
+    same.add(ref, ref.copy())
+    assert same.result("t")["sqnr_db"] == float("inf") and same.result("t")["max_abs_error"] == 0.0
+    differ = _Stats()
+    differ.add(ref, np.where(np.isinf(ref), 0.0, ref))
+    assert differ.result("t")["sqnr_db"] == float("-inf") and differ.result("t")["max_abs_error"] == float("inf")

@@ -162,3 +162,22 @@ def test_gpt2_position_ids_are_per_sample():
     batched = session.run(["logits"], feeds)[0]
     one = session.run(["logits"], {k: v[2:3] for k, v in feeds.items()})[0]
     np.testing.assert_allclose(batched[2:3], one, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_zoo_model_compared_with_itself_is_infinite_sqnr(name, tmp_path):
+    """`onnxflex compare` takes every zoo model's inputs (0-d, shared, integer, batch on axis 1; the
+    manifest's --batch-axis where the data alone cannot tell, its --fix-input for an input the data
+    leaves out) and its intermediate tensors (0-d shape arithmetic, -inf masks, bool masks, recurrent
+    state)."""
+    model = MODELS[name]
+    data = tmp_path / f"{name}.eval.npz"
+    feeds = model.feeds(6, seed=2)  # 6: no zoo model has a dim of 6 to confuse with the samples
+    np.savez(data, **{k: v for k, v in feeds.items() if k not in model.fix_inputs})
+    axes = [a for k, v in model.batch_axes.items() for a in ("--batch-axis", f"{k}={v}")]
+    axes += [a for k, v in model.fix_inputs.items() for a in ("--fix-input", f"{k}={v:g}")]
+    result = invoke("compare", model.path, model.path, "--data", data, "--repeats", "2", "--latency-seconds", "0",
+                    "--json", *axes)
+    assert result.exit_code == 0, f"{name}: compare exited {result.exit_code}: {result.output[-800:]}"
+    outputs = json.loads(result.stdout)["outputs"]
+    assert outputs and all(o["sqnr_db"] == "inf" for o in outputs), outputs
