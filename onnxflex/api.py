@@ -69,9 +69,42 @@ def quantize(model: Any, calibration: Any = None, config: QuantConfig | None = N
     Raises VerificationError when onnxruntime's outputs of the emitted model differ from the simulation
     by more than ``config.verify_tolerance_db``; the error's ``result`` is the finished QuantResult (its
     report's "verification" names the first diverging block), which ``result.save`` still writes."""
+    with _WarningLog() as logged:
+        return _quantize(model, calibration, config or QuantConfig(), progress, logged)
+
+
+class _WarningLog(logging.Handler):
+    """Collects every warning the onnxflex logger emits during a run, so that the report holds each one
+    that went to stderr (from any stage), not only those a stage hands back."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self.restore: list[tuple[logging.Handler | logging.Logger, int]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        shown = log.getEffectiveLevel()
+        if shown > logging.WARNING:  # --quiet: warnings are still made (and kept), stderr still shows none
+            self.restore.append((log, log.level))
+            for handler in logging.getLogger().handlers:
+                self.restore.append((handler, handler.level))
+                handler.setLevel(max(handler.level, shown))
+            log.setLevel(logging.WARNING)
+        log.addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc) -> None:
+        log.removeHandler(self)
+        for owner, level in reversed(self.restore):
+            owner.setLevel(level)
+
+
+def _quantize(model: Any, calibration: Any, config: QuantConfig, progress: bool, logged: list[str]) -> QuantResult:
     from onnxflex.pipeline import run_pipeline
 
-    config = config or QuantConfig()
     t0 = time.perf_counter()
     original = load_model(model)
     data = resolve_calibration(calibration, original, model, config)
@@ -87,6 +120,7 @@ def quantize(model: Any, calibration: Any = None, config: QuantConfig | None = N
     verification = report.pop("_verification")
     if verification is None:
         _warn_unverified(report, data.num_samples, config)
+    report["warnings"] += [m for m in dict.fromkeys(logged) if m not in report["warnings"]]
     report["timings"]["total"] = time.perf_counter() - t0
     result = QuantResult(qmodel, report, params)
     failure = verification.failure() if verification is not None else None

@@ -145,6 +145,8 @@ def test_streaming_model_quantizes_inside_the_if_it_takes(name, tmp_path):
     floating = {l for l in layers if kernels.get(l) not in INTEGER_KERNELS}
     assert len(taken) == 3 and all(kernels[l] == "QLinearConv" for l in taken), f"{name}: kernels {kernels}"
     assert floating == untaken, f"{name}: float layers {sorted(floating)}, never-taken branch {sorted(untaken)}"
+    never = [w for w in report["warnings"] if f"{branch_if.name!r}: else_branch never ran" in w]
+    assert len(never) == 1 and all(c in never[0] for c in untaken), report["warnings"]  # --quiet run: still kept
     output, db = sim_db(report)
     print(f"{name}: If kept, {len(layers) - len(floating)} integer layers ({len(taken)} inside the If), "
           f"onnxruntime vs simulation {db:.1f} dB on {output}")
