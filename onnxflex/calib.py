@@ -125,7 +125,8 @@ def check_calibration(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, 
             f"{source}: no data for model input(s) {', '.join(missing)}; it holds {', '.join(sorted(arrays)) or 'nothing'}"
             " — store one array per model input under the input's name (or pin it with --fix-input NAME=VALUE)")
     warnings: list[str] = []
-    given = {n: _typed(n, np.asarray(arrays[n]), vi, source, warnings) for n, vi in inputs.items()
+    scaled = scaled_in_graph(model)
+    given = {n: _typed(n, np.asarray(arrays[n]), vi, source, warnings, n in scaled) for n, vi in inputs.items()
              if n not in pinned}
     for warning in warnings:
         log.warning(warning)
@@ -161,9 +162,33 @@ def show_dims(dims) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def _typed(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: str, warnings: list[str]) -> np.ndarray:
-    """``array`` in the input's dtype. Refuses NaN/Inf and any cast that loses information (_lossy);
-    appends a warning to ``warnings`` for every cast it makes."""
+SCALING_OPS = {"Div", "Mul", "Sub", "Add", "BatchNormalization"}
+
+
+def scaled_in_graph(model: onnx.ModelProto) -> set[str]:
+    """Graph inputs the model scales itself before anything else reads them: every consumer is a Div,
+    Mul, Sub, Add (by a constant) or BatchNormalization, as exports with their preprocessing inside
+    (x / 255, mean/std) write it. Such an input takes unscaled values."""
+    constants = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                            for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            consumers.setdefault(name, []).append(node)
+
+    def scales(node: onnx.NodeProto, name: str) -> bool:
+        others = [x for x in node.input if x and x != name]
+        return node.op_type in SCALING_OPS and bool(others) and all(x in constants for x in others)
+
+    return {i.name for i in model.graph.input
+            if consumers.get(i.name) and all(scales(n, i.name) for n in consumers[i.name])}
+
+
+def _typed(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: str, warnings: list[str],
+           scales_itself: bool = False) -> np.ndarray:
+    """``array`` in the input's dtype. Refuses NaN/Inf and any cast that loses information (_lossy; an
+    input the graph scales itself takes unscaled integers); appends a warning to ``warnings`` for every
+    cast it makes."""
     elem = vi.type.tensor_type.elem_type
     dtype = NP_TYPES.get(elem)
     if dtype is None:
@@ -172,7 +197,7 @@ def _typed(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: str, w
         raise CalibrationError(f"{source}: input {name!r} contains NaN or Inf values")
     want = np.dtype(dtype)
     if array.dtype != want:
-        problem = _lossy(array, want) if array.size else None
+        problem = _lossy(array, want, scales_itself) if array.size else None
         if problem:
             raise CalibrationError(f"{source}: input {name!r} is {want.name} but the data is {array.dtype.name} "
                                    f"{problem}")
@@ -182,7 +207,7 @@ def _typed(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: str, w
     return np.ascontiguousarray(array) if array.ndim else array  # ascontiguousarray makes 0-d arrays 1-d
 
 
-def _lossy(array: np.ndarray, want: np.dtype) -> str | None:
+def _lossy(array: np.ndarray, want: np.dtype, scales_itself: bool = False) -> str | None:
     """Why casting ``array`` to ``want`` would change what the model sees (the rest of the error message),
     or None when the cast is safe:
 
@@ -191,7 +216,9 @@ def _lossy(array: np.ndarray, want: np.dtype) -> str | None:
     - integer data to a float input: any value outside [-1, 1]. Float inputs take scaled values (pixels
       as x / 255 or mean/std-normalized, features standardized); integers beyond ±1 are unscaled data
       (pixels 0-255, raw counts) far from the range the model was trained on, and onnxflex does not guess
-      the scaling. Integer data within [-1, 1] (masks, signs) casts exactly;
+      the scaling. Integer data within [-1, 1] (masks, signs) casts exactly, and so does any integer
+      data for an input the graph scales itself (``scales_itself``: its first ops divide, multiply
+      or shift it by constants);
     - float data to a float16 input: values beyond float16's range (they would become Inf).
     """
     lo, hi = array.min(), array.max()
@@ -209,7 +236,7 @@ def _lossy(array: np.ndarray, want: np.dtype) -> str | None:
                 return (f"with fractional values (e.g. {fractional.flat[0]:g}) that {want.name} cannot hold: "
                         f"store the integers the model takes (ids, indices, counts) as {want.name}")
         return None
-    if array.dtype.kind in "iub" and (lo < -1 or hi > 1):
+    if array.dtype.kind in "iub" and (lo < -1 or hi > 1) and not scales_itself:
         return (f"with values {lo}..{hi}: integer data for a float input is unscaled (pixels 0-255, raw counts) "
                 f"and a float input takes values scaled as in training; store it as {want.name}, scaled the "
                 "way the model expects (e.g. x / 255, or the exporter's mean/std), or as plain "

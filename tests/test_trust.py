@@ -112,6 +112,31 @@ def test_int_masks_for_a_float_input_cast_with_a_warning():
     assert checked.arrays["m"].dtype == np.float32 and "int64 data was cast" in checked.warnings[0]
 
 
+def test_int_pixels_for_an_input_the_graph_scales_itself_are_cast_with_a_warning():
+    """An export with its preprocessing inside (x / 255, then mean/std) takes 0-255 values as float:
+    integer pixels are what it expects, so they are cast, not refused; an input read by anything else
+    (here a Sub of two graph values) refuses them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxflex.calib import check_calibration
+    from onnxflex.errors import CalibrationError
+
+    def model(scaling: bool):
+        nodes = [helper.make_node("Div", ["x", "k"], ["s"]), helper.make_node("Sub", ["s", "mean"], ["y"])]
+        graph = helper.make_graph(nodes if scaling else [helper.make_node("Sub", ["x", "x"], ["y"])], "pre",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                                  [numpy_helper.from_array(np.array(255.0, np.float32), "k"),
+                                   numpy_helper.from_array(np.array([0.5, 0.4, 0.3], np.float32), "mean")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    pixels = np.array([[0, 128, 255]] * 4, np.uint8)
+    checked = check_calibration({"x": pixels}, model(True), "px.npz")
+    assert checked.arrays["x"].dtype == np.float32 and "uint8 data was cast" in checked.warnings[0]
+    with pytest.raises(CalibrationError, match=r"input 'x' is float32 but the data is uint8 with values 0..255"):
+        check_calibration({"x": pixels}, model(False), "px.npz")
+
+
 def test_a_dumped_config_keeps_defaults_so_editing_method_and_preset_takes_effect(tmp_path):
     import tomllib
 
