@@ -324,28 +324,15 @@ class QuantConfig:
         as_given = {k: list(v) if isinstance(v, tuple) else v for k, v in as_given.items()}
         if not isinstance(as_given["layer_bits"], Mapping):
             as_given["layer_bits"] = dict(as_given["layer_bits"])
-        lines = ["# onnxflex quantize options as given; -1 = the method's or preset's default. A comment gives",
-                 "# the value a run with this file uses where it differs (it follows method and preset)."]
-        tables = []
-        for key, value in as_given.items():
-            note = "" if value == resolved[key] else f"  # resolved: {_toml_value(resolved[key])}"
-            if isinstance(value, dict):
-                tables.append(f"\n[{key}]")
-                tables += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()]
-            else:
-                lines.append(f"{key} = {_toml_value(value)}{note}")
-        return "\n".join(lines + tables) + "\n"
+        notes = {key: f"  # resolved: {_toml_value(resolved[key])}" for key, value in as_given.items()
+                 if value != resolved[key] and not isinstance(value, dict)}
+        return _toml(as_given, notes, ["# onnxflex quantize options as given; -1 = the method's or preset's "
+                                       "default. A comment gives", "# the value a run with this file uses where "
+                                       "it differs (it follows method and preset)."])
 
     def to_toml(self) -> str:
         """Every option with its effective value, in a form ``from_toml`` reads back unchanged."""
-        lines, tables = [], []
-        for key, value in self.to_dict().items():
-            if isinstance(value, dict):
-                tables.append(f"\n[{key}]")
-                tables += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()]
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        return "\n".join(lines + tables) + "\n"
+        return _toml(self.to_dict(), {}, [])
 
     def bits_for(self, node: str) -> int:
         """Weight bits of ``node``: the first ``layer_bits`` pattern that matches its name, else wbits."""
@@ -400,6 +387,19 @@ def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _FIXED = re.compile(rf"^([^=]+)=({_NUMBER}(?:,{_NUMBER})*)$")
 _AXIS = re.compile(r"^([^=]+)=(\d+)$")
+
+
+def _toml(values: Mapping, notes: Mapping[str, str], header: list[str]) -> str:
+    """``values`` as TOML: plain keys first (each followed by its ``notes`` entry), then one table per
+    mapping value."""
+    lines, tables = list(header), []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            tables.append(f"\n[{key}]")
+            tables += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{key} = {_toml_value(value)}{notes.get(key, '')}")
+    return "\n".join(lines + tables) + "\n"
 
 
 def parse_fixed_input(spec: str) -> tuple[str, tuple[float, ...] | float]:
