@@ -264,6 +264,8 @@ SHAPE_CASES = [
     case("GatherND", f32(3, 4, 5), np.array([[1], [0], [3]], np.int64), id="batch-dims1", batch_dims=1),
     case("GatherND", f32(2, 3, 4, 5), np.stack([RNG.integers(-4, 4, (2, 3, 2)), RNG.integers(-5, 5, (2, 3, 2))], -1),
          id="batch-dims2-k2-negative", batch_dims=2),
+    case("GatherElements", f32(3, 4), np.array([[0, 2, -1, 1], [2, 0, 0, -3]], np.int64), id="axis0"),
+    case("GatherElements", f32(2, 3, 4), RNG.integers(-4, 4, (2, 3, 2)), id="axis-1-negative", axis=-1),
     case("Expand", f32(3, 1), i64(2, 1, 4)),
     case("Tile", f32(2, 3), i64(2, 3)),
     case("ConstantOfShape", i64(2, 3), id="default"),

@@ -211,6 +211,16 @@ def gather_nd(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ..
     return (picked.reshape(tuple(batch) + tuple(indices.shape[b:-1]) + tuple(data.shape[b + k:])),)
 
 
+@converter("GatherElements", since=11)
+def gather_elements(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """out[i][j][k] = data[index[i][j][k]][j][k] along ``axis`` (default 0); negative indices count from
+    the end. Output shape: the indices' shape."""
+    data, indices = inputs[0], inputs[1].to(device=inputs[0].device, dtype=torch.long)
+    axis = int(node.attr("axis", 0)) % data.dim()
+    indices = torch.where(indices < 0, indices + data.shape[axis], indices)
+    return (torch.gather(data, axis, indices),)
+
+
 # --- shape queries -------------------------------------------------------------------------------
 
 
