@@ -32,7 +32,7 @@ log = logging.getLogger("onnxflex")
 
 def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
     """Run the graph passes and partition the result into blocks (no data needed)."""
-    from onnxflex.rounding.converters import find_converter
+    from onnxflex.rounding.torchify import torch_supported
 
     target = get_target(config.target)
     ctx = PassContext(config)
@@ -48,10 +48,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
     state = state_tensors(canonical)  # rounding state read back compounds at every call: never quantized
     points = tuple(p for p in points if p not in state)
 
-    def supported(op_type: str, opset: int, domain: str) -> bool:
-        return find_converter(op_type, opset, domain) is not None
-
-    return partition(canonical, layers + recurrent, points, config.granularity, supported, tuple(ctx.warnings),
+    return partition(canonical, layers + recurrent, points, config.granularity, torch_supported, tuple(ctx.warnings),
                      inner_layers, inner_points)
 
 
