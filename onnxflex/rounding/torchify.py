@@ -99,10 +99,12 @@ def torch_supported(node: onnx.NodeProto, opset: int) -> bool:
 
 @dataclass(frozen=True)
 class Branch:
-    """An If branch compiled for the interpreter: its steps (as BlockModule.nodes) and output names."""
+    """An If branch compiled for the interpreter: its steps (as BlockModule.nodes), output names, and
+    its own initializers other than layer weights (which stand in by name through their rounders)."""
 
     steps: list
     outputs: tuple[str, ...]
+    constants: dict[str, torch.Tensor]
 
 
 class BlockModule(torch.nn.Module):
@@ -118,34 +120,38 @@ class BlockModule(torch.nn.Module):
         self.block, self.state = block, state
         by_name = {n.name: n for n in model.graph.node}
         self._recurrent = {l.node for l in block.layers if l.op_type in QUANTIZED_RECURRENT}
+        self._weights = {l.weight for l in block.layers}
         self.branches: dict[str, dict[str, Branch]] = {}  # If node → graph attribute → Branch
-        inits = list(model.graph.initializer)
+        inner_weights: list[onnx.TensorProto] = []
         # (node, float converter, converter of its integer kernel or None); an If has no converter
-        self.nodes = self._compile([by_name[name] for name in block.nodes], opset, inits)
-        used = {i for steps in [self.nodes] + [b.steps for bs in self.branches.values() for b in bs.values()]
-                for node, _, _ in steps for i in node.inputs}
-        used |= {o for bs in self.branches.values() for b in bs.values() for o in b.outputs}
+        self.nodes = self._compile([by_name[name] for name in block.nodes], opset, model, device, inner_weights)
+        used = {i for node, _, _ in self.nodes for i in node.inputs}
         self.constants = {t.name: torch.from_numpy(tensor_array(t, model).copy()).to(device)
-                          for t in inits if t.name in used}
-        self.ran: set[tuple[str, str]] = set()  # (If node, branch attribute) of every branch run so far
+                          for t in list(model.graph.initializer) + inner_weights
+                          if t.name in used or t.name in self._weights}
         self.own_rounders = torch.nn.ModuleList(state.rounders[l.weight] for l in block.layers)
         self.own_acts = torch.nn.ModuleList(state.acts[p] for p in block.act_points if p in state.acts)
         self.input_points = [p for p in block.act_points if p in block.inputs]
         self.quantize = True
         self._fixed: dict[str, torch.Tensor] | None = None
+        self.ran: set[tuple[str, str]] = set()  # (If node, branch attribute) of every branch run so far
 
-    def _compile(self, protos: list[onnx.NodeProto], opset: int, inits: list[onnx.TensorProto]) -> list:
-        """Steps for ``protos``; mutates ``self.branches`` and ``inits`` (each If branch's own
-        initializers are appended: canonicalize gave them names of their own)."""
+    def _compile(self, protos: list[onnx.NodeProto], opset: int, model: onnx.ModelProto, device: torch.device,
+                 inner_weights: list[onnx.TensorProto]) -> list:
+        """Steps for ``protos``; mutates ``self.branches`` and ``inner_weights`` (the layer weights
+        found among the branches' initializers, kept with the top-level constants)."""
         steps = []
         for proto in protos:
             node = OpNode.from_proto(proto, opset)
             if proto.op_type == "If" and proto.domain in DEFAULT_DOMAINS:
                 self.branches[proto.name] = {}
                 for attr, g in subgraphs(proto):
-                    inits.extend(g.initializer)
-                    self.branches[proto.name][attr] = Branch(self._compile(list(g.node), opset, inits),
-                                                             tuple(o.name for o in g.output))
+                    inner_weights += [t for t in g.initializer if t.name in self._weights]
+                    constants = {t.name: torch.from_numpy(tensor_array(t, model).copy()).to(device)
+                                 for t in g.initializer if t.name not in self._weights}
+                    self.branches[proto.name][attr] = Branch(
+                        self._compile(list(g.node), opset, model, device, inner_weights),
+                        tuple(o.name for o in g.output), constants)
                 steps.append((node, None, None))
                 continue
             convert = find_converter(node.op_type, opset, node.domain)
@@ -201,7 +207,7 @@ class BlockModule(torch.nn.Module):
     def _if(self, node: OpNode, env: dict, weights: dict, observe: Observer | None) -> list[torch.Tensor]:
         """The taken branch's outputs. The condition is one value for the whole batch (ONNX: a
         one-element bool tensor), as onnxruntime sees it on the same batch; the branch runs on a copy of
-        ``env``, so outer tensors are visible and its own tensors do not leak out."""
+        ``env`` with its initializers added, so outer tensors are visible and its own do not leak out."""
         cond = self._value(node.inputs[0], env, weights)
         if cond.numel() != 1:
             raise NotImplementedError(f"If node {node.name!r}: condition of shape {tuple(cond.shape)} "
@@ -209,7 +215,7 @@ class BlockModule(torch.nn.Module):
         taken = "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"
         self.ran.add((node.name, taken))
         branch = self.branches[node.name][taken]
-        inner = dict(env)
+        inner = {**env, **branch.constants}  # a branch's own initializer shadows an outer tensor
         self._run(branch.steps, inner, weights, observe)
         return [self._value(name, inner, weights) for name in branch.outputs]
 
