@@ -301,6 +301,7 @@ def test_the_torch_if_matches_onnxruntime_on_every_branch(make, rates):
     same block extracted as a model, for a rate that takes each branch."""
     import torch
 
+    from onnxflex.graph import default_opset
     from onnxflex.rounding.ortblock import extract_block
     from onnxflex.rounding.reconstruct import add_block_quantizers
     from onnxflex.rounding.torchify import BlockModule, QuantState
@@ -311,7 +312,7 @@ def test_the_torch_if_matches_onnxruntime_on_every_branch(make, rates):
     assert not block.unsupported, block.unsupported
     state, device = QuantState(), torch.device("cpu")
     add_block_quantizers(block, plan.model, state, get_target("onnxruntime"), config, "rtn", device)
-    module = BlockModule(block, plan.model, 13, state, device)
+    module = BlockModule(block, plan.model, default_opset(plan.model), state, device)
     module.quantize = False
     standalone = extract_block(plan.model, block)
     x = _images(4, 3)["x"]
@@ -355,8 +356,13 @@ def test_an_unpinned_if_runs_in_torch_and_its_taken_branch_is_learned(caplog):
     (block,) = learned.report["blocks"]
     assert block["runtime"] == "torch" and block["iters"] > 0, block
     assert block["loss_after"] < block["loss_before"], f"loss {block['loss_before']:.4g} -> {block['loss_after']:.4g}"
-    taken = lambda result: _weight_ints(result.model, "conv_16k", _subgraph(result.model, "by_rate", "then_branch"))
-    untaken = lambda result: _weight_ints(result.model, "matmul_8k", _subgraph(result.model, "by_rate", "else_branch"))
+
+    def taken(result):
+        return _weight_ints(result.model, "conv_16k", _subgraph(result.model, "by_rate", "then_branch"))
+
+    def untaken(result):
+        return _weight_ints(result.model, "matmul_8k", _subgraph(result.model, "by_rate", "else_branch"))
+
     changed = int(np.sum(taken(learned) != taken(rtn)))
     assert changed > 0, "the taken branch's Conv kept its round-to-nearest integers"
     np.testing.assert_array_equal(untaken(learned), untaken(rtn), "the branch never taken moved off RTN")
