@@ -1,6 +1,7 @@
 """The quantize pipeline, stage by stage: passes → plan → capture → reconstruct → emit → verify."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -32,7 +33,7 @@ log = logging.getLogger("onnxflex")
 
 def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
     """Run the graph passes and partition the result into blocks (no data needed)."""
-    from onnxflex.rounding.converters import find_converter
+    from onnxflex.rounding.torchify import torch_supported
 
     target = get_target(config.target)
     ctx = PassContext(config)
@@ -42,17 +43,15 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
     recurrent, recurrent_warnings = recurrent_layers(canonical, target, config)
     ctx.warnings.extend(recurrent_warnings)
     inner_layers, inner_points, outer_points = select_inner(canonical, target, config)
-    ctx.warnings.extend(control_flow_warnings(canonical, inner_layers))
-    ctx.warnings.extend(unmatched_patterns(canonical, layers + recurrent + inner_layers, config))
     points += tuple(p for p in outer_points if p not in points)
     state = state_tensors(canonical)  # rounding state read back compounds at every call: never quantized
     points = tuple(p for p in points if p not in state)
-
-    def supported(op_type: str, opset: int, domain: str) -> bool:
-        return find_converter(op_type, opset, domain) is not None
-
-    return partition(canonical, layers + recurrent, points, config.granularity, supported, tuple(ctx.warnings),
+    plan = partition(canonical, layers + recurrent, points, config.granularity, torch_supported, (),
                      inner_layers, inner_points)
+    in_torch = {n for b in plan.blocks if not b.unsupported for n in b.nodes}  # an If there runs in torch
+    ctx.warnings.extend(control_flow_warnings(canonical, inner_layers, lambda node: node.name in in_torch))
+    ctx.warnings.extend(unmatched_patterns(canonical, layers + recurrent + inner_layers, config))
+    return dataclasses.replace(plan, warnings=tuple(ctx.warnings))
 
 
 def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: CalibrationSet, config: QuantConfig,

@@ -4,9 +4,10 @@ outer graph, the canonical form the other passes rely on, and probes into subgra
 An If whose condition folds to a constant (e.g. from an input pinned with --fix-input) is replaced by
 the branch it takes (passes/fold_if.py), so its layers are ordinary top-level layers. The layers
 directly inside the subgraphs of the remaining top-level If/Loop/Scan nodes (passes/select_inner.py)
-get int8 round-to-nearest weights and activation Q/DQ calibrated from the data, placed inside the
-subgraph by the emitter; the block that holds such a node runs in onnxruntime. Subgraphs nested two
-levels deep or more stay in float.
+get int8 weights and activation Q/DQ calibrated from the data, placed inside the subgraph by the
+emitter. A block holding an If whose branches have torch converters runs in torch (rounding/torchify.py
+runs the taken branch), so the taken branch's layers are learned; a block holding a Loop or Scan runs in
+onnxruntime, its layers rounded to nearest. Subgraphs nested two levels deep or more stay in float.
 """
 from __future__ import annotations
 
@@ -127,10 +128,12 @@ def _rename_local(graph: onnx.GraphProto, old: str, new: str) -> None:
             out.name = new
 
 
-def control_flow_warnings(model: onnx.ModelProto, inner_layers=()) -> list[str]:
+def control_flow_warnings(model: onnx.ModelProto, inner_layers=(), in_torch=lambda node: False) -> list[str]:
     """One line per top-level node with subgraphs, naming it and saying what is quantized inside it
     (``inner_layers``: the QuantLayers passes/select_inner.py found, ``owner`` naming the node) and
-    what stays float."""
+    what stays float. ``in_torch(node)``: whether the block holding the node runs in torch (an If whose
+    branches, and the rest of whose block, have torch converters), so that the layers of the branch the
+    data takes are learned."""
     lines = []
     for node in model.graph.node:
         graphs = list(subgraphs(node))
@@ -139,7 +142,12 @@ def control_flow_warnings(model: onnx.ModelProto, inner_layers=()) -> list[str]:
         inner = sum(count_nodes(g) for _, g in graphs)
         names = [l.node for l in inner_layers if l.owner == node.name]
         head = f"node {node.name!r} ({node.op_type}) has subgraphs ({', '.join(n for n, _ in graphs)})"
-        if names:
+        if names and in_torch(node):
+            lines.append(f"{head}; {len(names)} layer(s) inside ({', '.join(names)}) get int8 weights, learned "
+                         "in the branch the calibration data takes (round-to-nearest in a branch it never takes), "
+                         "and activation Q/DQ calibrated from the data, their other nodes stay float; the block "
+                         "holding it runs in torch")
+        elif names:
             lines.append(f"{head}; {len(names)} layer(s) inside ({', '.join(names)}) get round-to-nearest int8 "
                          "weights and activation Q/DQ calibrated from the data (no learned rounding), their other "
                          "nodes stay float; the block holding it runs in onnxruntime")

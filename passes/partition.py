@@ -23,7 +23,7 @@ from onnxflex.blocks import Block, BlockPlan, InnerPoint, QuantLayer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import default_opset, graph_input_names
 
-IsSupported = Callable[[str, int, str], bool]
+IsSupported = Callable[[onnx.NodeProto, int], bool]  # (node, default-domain opset): runs in torch
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                onnx.TensorProto.DOUBLE}
@@ -69,7 +69,7 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
         outputs = tuple(o for n in seg for o in n.output if o and o in later)
         points = tuple(p for p in act_points if p in produced or first_reader.get(p) == k)
         unsupported = tuple(f"{n.op_type} (node {n.name!r})" for n in run
-                            if not is_supported(n.op_type, opset, n.domain))
+                            if not is_supported(n, opset))
         owned = {n.name for n in seg}
         blocks.append(Block(f"block{k}", tuple(names), inputs_of[k], outputs,
                             tuple(l for n in seg for l in layers_of.get(n.name, ()))

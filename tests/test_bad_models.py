@@ -254,13 +254,14 @@ def _subgraph_ops(model: onnx.ModelProto) -> list[str]:
     (scan_model, "per_channel", "Scan", "body", 2),
 ], ids=["If", "Loop", "Scan"])
 def test_control_flow_quantizes_its_layers_in_place_and_the_rest(caplog, build, node, op, attrs, inner):
-    """The If's then branch holds a Conv (quantized inside the branch); the Loop and Scan bodies hold
-    no layer and stay float. The outer Convs are integer kernels either way."""
+    """The If's then branch holds a Conv (quantized inside the branch, its block run in torch); the Loop
+    and Scan bodies hold no layer and stay float. The outer Convs are integer kernels either way."""
     model = build()
     with caplog.at_level("WARNING", logger="onnxflex"):
         result = onnxflex.quantize(model, calibration(model), rtn(), progress=False)
     head = f"node {node!r} ({op}) has subgraphs ({attrs}); "
-    expected = head + ("1 layer(s) inside (inner_conv) get round-to-nearest int8 weights" if op == "If" else
+    expected = head + ("1 layer(s) inside (inner_conv) get int8 weights, learned in the branch the calibration "
+                       "data takes" if op == "If" else
                        f"none of their {inner} node(s) is a quantizable layer directly inside it, so they stay in float")
     assert any(w.startswith(expected) for w in result.report["warnings"]), result.report["warnings"]
     assert expected in caplog.text

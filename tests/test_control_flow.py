@@ -270,3 +270,113 @@ def test_a_weight_given_as_a_constant_node_inside_a_subgraph_is_quantized():
     assert _weight_dtype(result.model, "plane_matmul", _subgraph(result.model, "per_channel", "body")) == TensorProto.INT8
     kernels = {l.node: l.kernel for l in check(result.model).layers}
     assert kernels.get("plane_matmul") == "QLinearMatMul", kernels
+
+
+# --- an If that does not fold runs in torch ---------------------------------------------------------------
+
+
+def branch_first_model() -> onnx.ModelProto:
+    """relu(x) → If(sr == 16000): then Conv 'conv_16k', else MatMul 'matmul_8k' → y; the block holding
+    the If has no other layer, so what its reconstruction learns is the taken branch's."""
+    b = graphs._Builder(4)
+    b.node("Relu", ["x"], ["a"], name="relu0")
+    b.node("Equal", ["sr", b.const("rate", np.array(16000, np.int64))], ["is16k"], name="is16k")
+    then_g, else_g = _branch(b, "conv_16k", "Conv"), _branch(b, "matmul_8k", "MatMul")
+    b.node("If", ["is16k"], ["y"], name="by_rate", then_branch=then_g, else_branch=else_g)
+    sr = helper.make_tensor_value_info("sr", TensorProto.INT64, [])
+    return b.model("branch_first", [graphs._image(channels=8, size=8), sr], [graphs._out(graphs.N, 8, 8, 8)],
+                   opset=13)
+
+
+def _if_block(model: onnx.ModelProto, config: onnxflex.QuantConfig):
+    plan = build_plan(model, config)
+    by_name = {n.name: n for n in plan.model.graph.node}
+    (block,) = [b for b in plan.blocks if any(by_name[n].op_type == "If" for n in b.nodes)]
+    return plan, block
+
+
+@pytest.mark.parametrize("make, rates", [(streaming_model, (16000, 8000)), (nested_model, (16000, 12000, 8000))])
+def test_the_torch_if_matches_onnxruntime_on_every_branch(make, rates):
+    """The float block holding the If (nested Ifs too), run by BlockModule, against onnxruntime on the
+    same block extracted as a model, for a rate that takes each branch."""
+    import torch
+
+    from onnxflex.graph import default_opset
+    from onnxflex.rounding.ortblock import extract_block
+    from onnxflex.rounding.reconstruct import add_block_quantizers
+    from onnxflex.rounding.torchify import BlockModule, QuantState
+    from onnxflex.runtimes.base import get_target
+
+    config = onnxflex.QuantConfig()
+    plan, block = _if_block(make(), config)
+    assert not block.unsupported, block.unsupported
+    state, device = QuantState(), torch.device("cpu")
+    add_block_quantizers(block, plan.model, state, get_target("onnxruntime"), config, "rtn", device)
+    module = BlockModule(block, plan.model, default_opset(plan.model), state, device)
+    module.quantize = False
+    standalone = extract_block(plan.model, block)
+    x = _images(4, 3)["x"]
+    for rate in rates:
+        feeds = {"x": x, "sr": np.array(rate, np.int64)}
+        expected = dict(zip(block.outputs, run_model(standalone, feeds)))
+        with torch.no_grad():
+            got = module({k: torch.from_numpy(v) for k, v in feeds.items()})
+        for name in block.outputs:
+            worst = float(np.abs(got[name].numpy() - expected[name]).max())
+            assert worst < 1e-4, f"{make.__name__} sr={rate}: {name} off by {worst:.3g}"
+    assert module.ran == {("by_rate", "then_branch"), ("by_rate", "else_branch")} | \
+        ({("inner_by_rate", "then_branch"), ("inner_by_rate", "else_branch")} if make is nested_model else set()), \
+        module.ran
+
+
+def _weight_ints(model: onnx.ModelProto, node_name: str, graph: onnx.GraphProto) -> np.ndarray:
+    """The integers behind ``node_name``'s weight DequantizeLinear in ``graph``."""
+    from onnx import numpy_helper
+
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in list(graph.initializer) + list(model.graph.initializer)}
+    node = next(n for n in graph.node if n.name == node_name)
+    return numpy_helper.to_array(inits[producer[node.input[1]].input[0]])
+
+
+def test_an_unpinned_if_runs_in_torch_and_its_taken_branch_is_learned(caplog):
+    """sr is calibration data (one shared value), not pinned: the If stays. At W4A8 (where rounding
+    matters more than the activation steps) the taken branch's Conv is learned: its integers differ
+    from round-to-nearest and the block's loss falls, while the branch never taken keeps RTN weights;
+    onnxruntime's run of the emitted model agrees with the torch simulation."""
+    model = branch_first_model()
+    data = {"x": np.random.default_rng(0).standard_normal((CALIB, 8, 8, 8)).astype(np.float32),
+            "sr": np.array(16000, np.int64)}
+    results = {}
+    for method in ("rtn", "flexround"):
+        config = onnxflex.QuantConfig(method=method, wbits=4, iters=200, batch_size=16)
+        with caplog.at_level("WARNING", logger="onnxflex"):
+            results[method] = onnxflex.quantize(model, data, config, progress=False)
+    learned, rtn = results["flexround"], results["rtn"]
+    (block,) = learned.report["blocks"]
+    assert block["runtime"] == "torch" and block["iters"] > 0, block
+    assert block["loss_after"] < block["loss_before"], f"loss {block['loss_before']:.4g} -> {block['loss_after']:.4g}"
+
+    def taken(result):
+        return _weight_ints(result.model, "conv_16k", _subgraph(result.model, "by_rate", "then_branch"))
+
+    def untaken(result):
+        return _weight_ints(result.model, "matmul_8k", _subgraph(result.model, "by_rate", "else_branch"))
+
+    changed = int(np.sum(taken(learned) != taken(rtn)))
+    assert changed > 0, "the taken branch's Conv kept its round-to-nearest integers"
+    np.testing.assert_array_equal(untaken(learned), untaken(rtn), "the branch never taken moved off RTN")
+    assert "'by_rate': else_branch never ran on the calibration data; its layer(s) matmul_8k" in caplog.text
+    flow = next(w for w in learned.report["warnings"] if w.startswith("node 'by_rate' (If)"))
+    assert "learned in the branch the calibration data takes" in flow and "runs in torch" in flow, flow
+    sim = learned.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
+    assert sim >= 30, f"onnxruntime vs simulation {sim:.1f} dB < 30 dB"
+    kernels = {l.node: l.kernel for l in check(learned.model).layers}
+    assert kernels.get("conv_16k") == "QLinearConv", kernels
+    feeds = {"x": np.random.default_rng(7).standard_normal((16, 8, 8, 8)).astype(np.float32),
+             "sr": np.array(16000, np.int64)}
+    db = sqnr_db(run_model(model, feeds)[0], run_model(learned.model, feeds)[0])
+    print(f"unpinned If at W4A8: {changed} of {taken(learned).size} integers moved off RTN, loss "
+          f"{block['loss_before']:.4g} -> {block['loss_after']:.4g}, onnxruntime vs simulation {sim:.1f} dB, "
+          f"{db:.1f} dB against FP32")
+    assert db >= 15, f"SQNR {db:.1f} dB < 15 dB against FP32 at W4A8"

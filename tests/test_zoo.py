@@ -11,8 +11,8 @@ graphs, not accuracy (bench/bench_zoo.py measures that).
 
 The LSTMs of vad_stream and paddle_rec* are layers too: they must run as DynamicQuantizeLSTM. The GRUs
 of vad_stream_gru and tf_text stay float by design (onnxruntime has no integer GRU; tests/test_recurrent.py
-checks their warnings), so only the layers around them are checked. A block holding an If has no torch
-converter and runs in onnxruntime in the simulation as well (the summary counts the blocks simulated
+checks their warnings), so only the layers around them are checked. A block holding an If whose branches
+have torch converters runs in torch, the taken branch included (the summary counts the blocks simulated
 in torch).
 """
 from __future__ import annotations
@@ -129,7 +129,8 @@ def test_transformer_quantizes_weight_only_w4_g32_into_matmulnbits(name, tmp_pat
 def test_streaming_model_quantizes_inside_the_if_it_takes(name, tmp_path):
     """sr not pinned: it goes into the calibration as a shared 0-d value, the If stays, and the
     16 kHz branch it takes runs as QLinearConv inside the If; the 8 kHz branch, never taken, keeps
-    float activations (and int8 weights), so its layers are the only float ones."""
+    float activations (and int8 weights), so its layers are the only float ones. The block holding the
+    If runs in torch (the taken branch's layers learned), so the simulation check covers them."""
     model = MODELS[name]
     path, report = quantize(model, tmp_path, pin=False)
     runs_on_fresh_feeds(model, path)
@@ -145,11 +146,13 @@ def test_streaming_model_quantizes_inside_the_if_it_takes(name, tmp_path):
     floating = {l for l in layers if kernels.get(l) not in INTEGER_KERNELS}
     assert len(taken) == 3 and all(kernels[l] == "QLinearConv" for l in taken), f"{name}: kernels {kernels}"
     assert floating == untaken, f"{name}: float layers {sorted(floating)}, never-taken branch {sorted(untaken)}"
+    in_onnxruntime = [b["name"] for b in report["blocks"] if b["runtime"] != "torch"]
+    assert not in_onnxruntime, f"{name}: {in_onnxruntime} run in onnxruntime; the If's block should run in torch"
     never = [w for w in report["warnings"] if f"{branch_if.name!r}: else_branch never ran" in w]
     assert len(never) == 1 and all(c in never[0] for c in untaken), report["warnings"]  # --quiet run: still kept
     output, db = sim_db(report)
     print(f"{name}: If kept, {len(layers) - len(floating)} integer layers ({len(taken)} inside the If), "
-          f"onnxruntime vs simulation {db:.1f} dB on {output}")
+          f"{len(report['blocks'])} block(s) simulated in torch, onnxruntime vs simulation {db:.1f} dB on {output}")
     assert db >= MIN_SIM_DB, f"{name}: onnxruntime vs simulation {db:.1f} dB on {output}"
 
 

@@ -115,7 +115,7 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
     an activation quantizer per act point (inner points too)."""
     for layer in block.layers:
         inits = initializers_of(model, layer)
-        w = torch.from_numpy(tensor_array(inits[layer.weight], model).astype(np.float32)).to(device)
+        w = _layer_weight(layer, model, device)
         state.rounders[layer.weight] = make_rounder(method, w, layer.axis, layer.bits, config.weight_scale,
                                                     layer.group_size)
         if layer.bias and target.int32_bias and config.abits:
@@ -128,6 +128,28 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
         partner = next((p for p in state.acts if p != point and point in ties and ties.get(p) == ties[point]), None)
         state.acts[point] = state.acts[partner] if partner else \
             ActQuantizer(config.abits, target.act_symmetric).to(device)
+
+
+def _layer_weight(layer, model: onnx.ModelProto, device: torch.device) -> torch.Tensor:
+    init = initializers_of(model, layer)[layer.weight]
+    return torch.from_numpy(tensor_array(init, model).astype(np.float32)).to(device)
+
+
+def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: QuantConfig,
+                     device: torch.device) -> list[str]:
+    """Mutates ``module`` and its state: the layers of an If branch the calibration run never took
+    (``module.ran``) get round-to-nearest rounders and leave the learned set, so nothing (a
+    regularizer, a shared step policy) moves weights no data reached. Returns their node names."""
+    untaken = [l for l in module.block.layers if l.owner in module.branches
+               and (l.owner, l.graph) not in module.ran]
+    for layer in untaken:
+        module.state.rounders[layer.weight] = make_rounder(
+            "rtn", _layer_weight(layer, model, device), layer.axis, layer.bits, config.weight_scale,
+            layer.group_size)
+    names = {l.weight for l in untaken}
+    module.own_rounders = torch.nn.ModuleList(module.state.rounders[l.weight] for l in module.block.layers
+                                              if l.weight not in names)
+    return [l.node for l in untaken]
 
 
 @torch.no_grad()
@@ -370,7 +392,9 @@ def _block_runner(block, plan, state, target, config, data, seed, device, provid
         add_block_quantizers(block, plan.model, state, target, config, config.method, device)
         module = BlockModule(block, plan.model, default_opset(plan.model), state, device)
         try:
-            calibrate_activations(module, data, config, seed)
+            unseen = calibrate_activations(module, data, config, seed)
+            untaken = keep_untaken_rtn(module, plan.model, config, device)
+            _warn_not_reached(block, unseen, untaken)
             make_room_for_biases(block, state)
             return module
         except NotImplementedError as exc:
@@ -405,12 +429,16 @@ def make_room_for_biases(block: Block, state: QuantState) -> None:
                      layer.node, raised, layer.bias)
 
 
-def _warn_not_reached(block: Block, unseen: list[str]) -> None:
-    """One warning per subgraph whose act points the calibration data never reached."""
+def _warn_not_reached(block: Block, unseen: list[str], untaken: list[str] = ()) -> None:
+    """One warning per subgraph whose act points (or, ``untaken``, layers) the calibration data never
+    reached."""
     where: dict[tuple[str, str], list[str]] = {}
     for point in block.inner_points:
         if point.tensor in unseen:
             where.setdefault((point.owner, point.graph), [])
+    for layer in block.layers:
+        if layer.node in untaken:
+            where.setdefault((layer.owner, layer.graph), [])
     for layer in block.layers:
         if (layer.owner, layer.graph) in where:
             where[(layer.owner, layer.graph)].append(layer.node)

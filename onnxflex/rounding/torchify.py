@@ -5,6 +5,11 @@ is replaced by ``rounder.fake_quant()``, a tensor that is an activation quant po
 quantized value as soon as it is produced (so every consumer sees the same value, as in the emitted
 QDQ graph), and all other initializers are constants. A quantized recurrent layer (an LSTM the emitter
 writes as DynamicQuantizeLSTM) runs as that kernel computes it (converters/recurrent.py).
+
+An If runs in the interpreter itself (its branches need the outer scope, which a pure converter does not
+see): its condition is evaluated, and the taken branch's nodes run through the same lookup, with the
+outer tensors visible, so a layer inside it is a rounder by name and its act points are quantized where
+they are produced, as at the top level. ``BlockModule.ran`` records which branches ran.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 
 from onnxflex.blocks import Block
 from onnxflex.extdata import tensor_array
+from onnxflex.passes.control_flow import subgraphs
 from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.rounding.converters import OpNode, find_converter
@@ -27,6 +33,7 @@ from onnxflex.rounding.rounders import Rounder
 
 log = logging.getLogger("onnxflex")
 Observer = Callable[[str, torch.Tensor], None]
+DEFAULT_DOMAINS = ("", "ai.onnx")
 INT32_MAX = 2_147_483_520.0  # largest float32 below 2**31, so the int32 cast cannot overflow
 
 
@@ -82,6 +89,24 @@ class QuantState:
         return torch.clamp(torch.round(self.bias_values[bias] / step), -limit, limit), step
 
 
+def torch_supported(node: onnx.NodeProto, opset: int) -> bool:
+    """Whether BlockModule can run ``node``: a registered converter (and no subgraph), or an If whose
+    branches hold only such nodes (nested Ifs too)."""
+    if node.op_type == "If" and node.domain in DEFAULT_DOMAINS:
+        return all(torch_supported(n, opset) for _, g in subgraphs(node) for n in g.node)
+    return find_converter(node.op_type, opset, node.domain) is not None and not any(subgraphs(node))
+
+
+@dataclass(frozen=True)
+class Branch:
+    """An If branch compiled for the interpreter: its steps (as BlockModule.nodes), output names, and
+    its own initializers other than layer weights (which stand in by name through their rounders)."""
+
+    steps: list
+    outputs: tuple[str, ...]
+    constants: dict[str, torch.Tensor]
+
+
 class BlockModule(torch.nn.Module):
     """A block as a torch module: ``forward({input name: tensor}) -> {output name: tensor}``.
 
@@ -94,20 +119,47 @@ class BlockModule(torch.nn.Module):
         super().__init__()
         self.block, self.state = block, state
         by_name = {n.name: n for n in model.graph.node}
-        recurrent = {l.node for l in block.layers if l.op_type in QUANTIZED_RECURRENT}
-        self.nodes = []  # (node, float converter, converter of its integer kernel or None)
-        for name in block.nodes:
-            node = OpNode.from_proto(by_name[name], opset)
-            kernel = QUANTIZED_RECURRENT[node.op_type] if name in recurrent else None
-            self.nodes.append((node, find_converter(node.op_type, opset, node.domain), kernel))
+        self._recurrent = {l.node for l in block.layers if l.op_type in QUANTIZED_RECURRENT}
+        self._weights = {l.weight for l in block.layers}
+        self.branches: dict[str, dict[str, Branch]] = {}  # If node → graph attribute → Branch
+        inner_weights: list[onnx.TensorProto] = []
+        # (node, float converter, converter of its integer kernel or None); an If has no converter
+        self.nodes = self._compile([by_name[name] for name in block.nodes], opset, model, device, inner_weights)
         used = {i for node, _, _ in self.nodes for i in node.inputs}
         self.constants = {t.name: torch.from_numpy(tensor_array(t, model).copy()).to(device)
-                          for t in model.graph.initializer if t.name in used}
+                          for t in list(model.graph.initializer) + inner_weights
+                          if t.name in used or t.name in self._weights}
         self.own_rounders = torch.nn.ModuleList(state.rounders[l.weight] for l in block.layers)
         self.own_acts = torch.nn.ModuleList(state.acts[p] for p in block.act_points if p in state.acts)
         self.input_points = [p for p in block.act_points if p in block.inputs]
         self.quantize = True
         self._fixed: dict[str, torch.Tensor] | None = None
+        self.ran: set[tuple[str, str]] = set()  # (If node, branch attribute) of every branch run so far
+
+    def _compile(self, protos: list[onnx.NodeProto], opset: int, model: onnx.ModelProto, device: torch.device,
+                 inner_weights: list[onnx.TensorProto]) -> list:
+        """Steps for ``protos``; mutates ``self.branches`` and ``inner_weights`` (the layer weights
+        found among the branches' initializers, kept with the top-level constants)."""
+        steps = []
+        for proto in protos:
+            node = OpNode.from_proto(proto, opset)
+            if proto.op_type == "If" and proto.domain in DEFAULT_DOMAINS:
+                self.branches[proto.name] = {}
+                for attr, g in subgraphs(proto):
+                    inner_weights += [t for t in g.initializer if t.name in self._weights]
+                    constants = {t.name: torch.from_numpy(tensor_array(t, model).copy()).to(device)
+                                 for t in g.initializer if t.name not in self._weights}
+                    self.branches[proto.name][attr] = Branch(
+                        self._compile(list(g.node), opset, model, device, inner_weights),
+                        tuple(o.name for o in g.output), constants)
+                steps.append((node, None, None))
+                continue
+            convert = find_converter(node.op_type, opset, node.domain)
+            if convert is None:
+                raise NotImplementedError(f"{node.op_type} node {node.name!r} (opset {opset}) has no torch converter")
+            kernel = QUANTIZED_RECURRENT[node.op_type] if proto.name in self._recurrent else None
+            steps.append((node, convert, kernel))
+        return steps
 
     @contextmanager
     def fixed_weights(self):
@@ -135,14 +187,37 @@ class BlockModule(torch.nn.Module):
             weights = self._fixed
         else:
             weights = {l.weight: self.state.rounders[l.weight].fake_quant() for l in self.block.layers}
-        for node, convert, kernel in self.nodes:
-            inputs = [self._value(name, env, weights) for name in node.inputs]
-            if self.quantize and kernel is not None:
-                convert = kernel
-            for name, value in zip(node.outputs, convert(node, inputs)):
-                env[name] = self._point(name, value, observe) if name in self.state.acts else value
+        self._run(self.nodes, env, weights, observe)
         kept = {name: env[name] for name in keep if name in env and name not in feeds}
         return {**kept, **{name: env[name] for name in self.block.outputs}}
+
+    def _run(self, steps: list, env: dict, weights: dict, observe: Observer | None) -> None:
+        """Mutates ``env``: adds the outputs of ``steps``, act points quantized where they are made."""
+        for node, convert, kernel in steps:
+            if convert is None:
+                values = self._if(node, env, weights, observe)
+            else:
+                inputs = [self._value(name, env, weights) for name in node.inputs]
+                if self.quantize and kernel is not None:
+                    convert = kernel
+                values = convert(node, inputs)
+            for name, value in zip(node.outputs, values):
+                env[name] = self._point(name, value, observe) if name in self.state.acts else value
+
+    def _if(self, node: OpNode, env: dict, weights: dict, observe: Observer | None) -> list[torch.Tensor]:
+        """The taken branch's outputs. The condition is one value for the whole batch (ONNX: a
+        one-element bool tensor), as onnxruntime sees it on the same batch; the branch runs on a copy of
+        ``env`` with its initializers added, so outer tensors are visible and its own do not leak out."""
+        cond = self._value(node.inputs[0], env, weights)
+        if cond.numel() != 1:
+            raise NotImplementedError(f"If node {node.name!r}: condition of shape {tuple(cond.shape)} "
+                                      "is not one value")
+        taken = "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"
+        self.ran.add((node.name, taken))
+        branch = self.branches[node.name][taken]
+        inner = {**env, **branch.constants}  # a branch's own initializer shadows an outer tensor
+        self._run(branch.steps, inner, weights, observe)
+        return [self._value(name, inner, weights) for name in branch.outputs]
 
     def _point(self, name: str, value: torch.Tensor, observe: Observer | None) -> torch.Tensor:
         if observe is not None:
