@@ -20,7 +20,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
-from onnxflex.ortcompat import clear_unknown_dims
+from onnxflex.ort import clear_unknown_dims
 from onnxflex.passes.control_flow import (explicit_outer_reads, localize_outer_initializers,
                                            local_layer_inputs, subgraph_reads, subgraphs,
                                            unique_subgraph_initializers)
