@@ -44,7 +44,7 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
-def session_options(matmulnbits: bool = True, optimized_path: str | None = None,
+def session_options(*, matmulnbits: bool = True, optimized_path: str | None = None,
                     extended_only: bool = False, severity: int = 3) -> ort.SessionOptions:
     """Options with log severity ``severity`` (3: errors only); ``matmulnbits``: MatMulNBits at
     MATMULNBITS_ACCURACY_LEVEL; ``optimized_path``: onnxruntime writes its optimized graph there;
@@ -116,8 +116,9 @@ def _loads(ir_version: int, opset: int) -> bool:
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = ir_version
+    opts = session_options(matmulnbits=False, severity=4)
     try:
-        ort.InferenceSession(model.SerializeToString(), session_options(False, severity=4), providers=list(CPU))
+        ort.InferenceSession(model.SerializeToString(), opts, providers=list(CPU))
     except Exception:  # onnxruntime raises its own pybind types
         return False
     return True
