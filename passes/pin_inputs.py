@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxflex.calib import NP_TYPES
 from onnxflex.config import parse_fixed_input
 from onnxflex.errors import ConfigError
 from onnxflex.graph import NameScope
+from onnxflex.inputs import NP_TYPES
 from onnxflex.passes.context import PassContext
 from onnxflex.passes.control_flow import rename_outer_reads, subgraphs
 

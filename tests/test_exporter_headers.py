@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxflex
-from onnxflex.calib import fixed_batch, input_dims
+from onnxflex.calib import fixed_batch
+from onnxflex.inputs import input_dims
 from onnxflex.compare import compare_models
 
 RTN = onnxflex.QuantConfig(method="rtn")
