@@ -16,8 +16,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from onnxflex.calib import NP_TYPES, InputOptions, input_dims, show_dims
 from onnxflex.errors import CalibrationError
+from onnxflex.inputs import NP_TYPES, InputOptions, input_dims, show_dims
 
 
 def pinned_values(inputs: Mapping[str, onnx.ValueInfoProto], options: InputOptions, source: str

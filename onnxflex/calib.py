@@ -9,16 +9,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxflex.batchaxes import find_axes, pinned_values, shared_value
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import graph_input_names
+from onnxflex.inputs import NP_TYPES, InputOptions, input_dims, model_inputs, show_dims
 from onnxflex.layout import Layout
 
 log = logging.getLogger("onnxflex")
-
-NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-            onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
-            onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8,
-            onnx.TensorProto.BOOL: np.bool_}
 
 
 @dataclass(frozen=True)
@@ -87,36 +84,12 @@ def _unreadable_npz(path: Path, exc: Exception) -> str:
     return f"{str(path)!r} is not a readable .npz file: {exc}"
 
 
-@dataclass(frozen=True)
-class InputOptions:
-    """How calibration reads the model's inputs: ``batch_axes`` (--batch-axis NAME=AXIS) says which axis
-    of the given array carries the samples; ``fixed`` (--fix-input NAME=VALUE) pins an input to a value
-    fed to every run, so it needs no data."""
-
-    batch_axes: Mapping[str, int] = field(default_factory=dict)
-    fixed: Mapping[str, float | tuple[float, ...]] = field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, config) -> "InputOptions":
-        from onnxflex.config import parse_batch_axis, parse_fixed_input
-
-        return cls(dict(map(parse_batch_axis, config.batch_axes)), dict(map(parse_fixed_input, config.fix_inputs)))
-
-
-def model_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """The inputs fed at run time, by name, in graph order."""
-    names = set(graph_input_names(model))
-    return {vi.name: vi for vi in model.graph.input if vi.name in names}
-
-
 def check_calibration(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, source: str,
                       options: InputOptions = InputOptions()) -> CalibrationSet:
     """Match arrays (each in the model's layout: samples on the input's batch axis, or one shared value)
     to the model inputs by name; find each input's batch axis (batchaxes.find_axes); check rank, fixed
     dims, dtype (cast to the input's where no information is lost: see _typed; each cast is a warning,
     logged and kept in ``warnings``) and finiteness; store samples on dim 0."""
-    from onnxflex.batchaxes import find_axes, pinned_values, shared_value
-
     inputs = model_inputs(model)
     pinned = pinned_values(inputs, options, source)
     missing = [n for n in inputs if n not in arrays and n not in pinned]
@@ -143,23 +116,6 @@ def check_calibration(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto, 
     if batched and min(counts.values()) == 0:
         raise CalibrationError(f"{source}: calibration data is empty")
     return CalibrationSet(batched, source, layout, shared, tuple(warnings))
-
-
-def known_dim(dim: onnx.TensorShapeProto.Dimension) -> int | None:
-    """A declared dimension's size, or None when it is unknown: symbolic (``N``, ``unk__214``, an empty
-    ``dim_param``), unset, or a non-positive ``dim_value`` (legacy Paddle2ONNX writes -1, some
-    converters 0, for a dynamic batch)."""
-    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
-
-
-def input_dims(vi: onnx.ValueInfoProto) -> list[int | None]:
-    """The declared shape of a model input, None for an unknown dimension (see known_dim)."""
-    return [known_dim(d) for d in vi.type.tensor_type.shape.dim]
-
-
-def show_dims(dims) -> str:
-    """[?, 1, 16, 16]: how error messages print a declared shape."""
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 SCALING_OPS = {"Div", "Mul", "Sub", "Add", "BatchNormalization"}

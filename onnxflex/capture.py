@@ -7,20 +7,16 @@ tensor name) is explicit.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-import weakref
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.errors import UnsupportedModelError
-from onnxflex.extdata import needs_file, weights_dir, write_model
 from onnxflex.layout import Layout, follows_batch
-from onnxflex.ortcompat import for_onnxruntime
+from onnxflex.ort import session
 
 
 class TensorCache:
@@ -168,61 +164,6 @@ def with_probes(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelP
     return probed, probes
 
 
-# onnxruntime fuses DequantizeLinear(blocked INT4) → MatMul into MatMulNBits with accuracy level 4 unless
-# told otherwise, and level 4 quantizes the activations to int8 on the fly; onnxflex's weight-only
-# simulation keeps activations float, so its sessions ask for the op's default level 0 (float32 compute).
-MATMULNBITS_ACCURACY_LEVEL = "0"
-
-
-def session_options() -> ort.SessionOptions:
-    """Quiet options with MatMulNBits at MATMULNBITS_ACCURACY_LEVEL."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", MATMULNBITS_ACCURACY_LEVEL)
-    return opts
-
-
-def session(model: onnx.ModelProto, providers: list[str], threads: int = 0,
-            opts: ort.SessionOptions | None = None) -> ort.InferenceSession:
-    """The one way onnxflex opens an onnxruntime session on a model: its header made loadable first
-    (ortcompat.for_onnxruntime: unknown dims, IR version, opset; raises UnsupportedModelError), with
-    ``opts`` [default: session_options()] and ``threads`` intra-op threads (0 = onnxruntime's choice)."""
-    model = for_onnxruntime(model)
-    opts = opts or session_options()
-    if threads:
-        opts.intra_op_num_threads = threads
-    if not needs_file(model):
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    # A large model goes by path, its weights as external data that onnxruntime maps from disk;
-    # prepacking would keep a second, packed copy of every weight.
-    opts.add_session_config_entry("session.disable_prepacking", "1")
-    path = runtime_file(model)
-    try:
-        sess = ort.InferenceSession(str(path), opts, providers=providers)
-    except Exception:
-        remove_runtime_file(path)
-        raise
-    weakref.finalize(sess, remove_runtime_file, path)
-    return sess
-
-
-def runtime_file(model: onnx.ModelProto) -> Path:
-    """``model`` written for onnxruntime or onnx.checker: in its working folder when it has one (its
-    external tensors are referenced, not copied), else in a new temporary folder."""
-    folder = weights_dir(model) or tempfile.mkdtemp(prefix="onnxflex-model-")
-    fd, name = tempfile.mkstemp(prefix=".runtime-", suffix=".onnx", dir=folder)
-    os.close(fd)
-    return write_model(model, name)
-
-
-def remove_runtime_file(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".data")):
-        if p.exists():
-            p.unlink()
-    if path.parent.name.startswith("onnxflex-model-"):
-        shutil.rmtree(path.parent, ignore_errors=True)
-
-
 def channel_ranges(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, providers,
                    batch: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (last axis) min and max of each tensor over the samples of ``data``, run batch by
@@ -240,7 +181,7 @@ def channel_ranges(model: onnx.ModelProto, tensors: list[str], data: Calibration
     return ranges
 
 
-def tensor_layout(sess: ort.InferenceSession, names: list[str], data: CalibrationSet, fixed: int | None, *,
+def tensor_layout(sess, names: list[str], data: CalibrationSet, fixed: int | None, *,
                   folded_as_shared: bool = False) -> Layout:
     """The batch axis of each of ``sess``'s outputs ``names``: the axis whose length follows the batch
     between runs on 1 and 2 samples of ``data`` (on ``fixed`` samples when the model fixes its batch;

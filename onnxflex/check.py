@@ -22,8 +22,8 @@ import onnx
 
 from onnxflex.graph import all_nodes, load_model, node_attr
 from onnxflex.registry import Registry
-from onnxflex.runtimes.base import get_target
-from onnxflex.runtimes.rules import Finding, GraphView, recurrent_nodes
+from onnxflex.runtimes.rules import Finding, GraphView, recurrent_nodes, static_findings
+from onnxflex.runtimes.targets import get_target
 
 FLOAT_KERNELS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "LSTM")
 
@@ -71,7 +71,7 @@ def check(model: str | os.PathLike | onnx.ModelProto, target: str = "onnxruntime
     spec = get_target(target)
     proto = load_model(model)
     source = str(model) if not isinstance(model, onnx.ModelProto) else (proto.graph.name or "model")
-    findings = list(spec.check(proto))
+    findings = static_findings(proto, spec)
     view = GraphView(proto)
     if runtime:
         result = RUNTIME_CHECKS.get(spec.runtime_check)(proto, view)
@@ -110,18 +110,13 @@ def onnxruntime_kernels(model: onnx.ModelProto, view: GraphView) -> RuntimeResul
 
     Fused nodes keep the layer's name or extend it with '_token_<n>'; a layer still a float
     Conv/Gemm/MatMul there runs in float."""
-    import onnxruntime as ort
-
-    from onnxflex.capture import session
+    from onnxflex import ort
 
     with tempfile.TemporaryDirectory(prefix="onnxflex-check-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = path
+        opts = ort.session_options(matmulnbits=False, optimized_path=path, extended_only=True)
         try:
-            session(model, ["CPUExecutionProvider"], opts=opts)
+            ort.session(model, list(ort.CPU), opts=opts)
         except Exception as exc:  # onnxruntime raises several unrelated types
             return RuntimeResult((Finding("(model)", "", "load", f"onnxruntime cannot load the model: {exc}"),))
         optimized = all_nodes(onnx.load(path).graph)  # subgraph kernels too: If branches, Loop/Scan bodies

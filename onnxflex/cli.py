@@ -227,7 +227,7 @@ def compare(reference, candidate, data, as_json, **options) -> None:
     With --min-sqnr, --min-agreement or --max-latency-ratio it is a gate: exit code 1 and a one-line
     reason when a threshold is not met (2: bad input, 3: an internal error).
     """
-    from onnxflex.calib import InputOptions
+    from onnxflex.inputs import InputOptions
     from onnxflex.compare import GateOptions, compare_models, format_comparison
     from onnxflex.config import parse_batch_axis, parse_fixed_input
 

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxflex.calib import CalibrationSet, InputOptions, check_calibration, fixed_batch, read_npz
-from onnxflex.capture import session, tensor_layout, with_probes
+from onnxflex.calib import CalibrationSet, check_calibration, fixed_batch, read_npz
+from onnxflex.capture import tensor_layout, with_probes
 from onnxflex.errors import CalibrationError, ModelLoadError
 from onnxflex.graph import graph_input_names, load_model
+from onnxflex.inputs import InputOptions
+from onnxflex.ort import session
 from onnxflex.timing import MAX_SECONDS, WIDTH, RatioEstimate, measure_ratio, ratio_gate
 
 PROVIDERS = ["CPUExecutionProvider"]

@@ -169,7 +169,7 @@ def locate(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, data: Calibr
     ``plan``, in order) block by block on the first ``batch`` samples of ``data``."""
     import torch
 
-    from onnxflex.capture import session
+    from onnxflex.ort import session
 
     feeds = next(iter(data.batches(batch)))
     samples = min(batch, data.num_samples)

@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxflex.calib import CalibrationSet, check_calibration, input_dims
+from onnxflex.calib import CalibrationSet, check_calibration
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import graph_input_names
+from onnxflex.inputs import input_dims
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 

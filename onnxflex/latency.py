@@ -99,7 +99,7 @@ def run_rounds(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repea
     that one's cache state)."""
     import time
 
-    from onnxflex.capture import session
+    from onnxflex.ort import session
 
     sessions = [session(model, ["CPUExecutionProvider"], threads) for model in models]
     for sess in sessions:
@@ -131,7 +131,7 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
                         build_plan, progress) -> LatencyChoice:
     """Measures as the module docstring says and returns the layers to keep in float. ``build_plan`` is
     ``pipeline.build_plan`` (passed in to keep the import graph one-way)."""
-    from onnxflex.runtimes.base import get_target
+    from onnxflex.runtimes.targets import get_target
 
     target = get_target(config.target)
     batch = min(config.batch_size, data.num_samples)

@@ -25,7 +25,7 @@ from onnxflex.passes.recurrent import recurrent_layers, state_tensors
 from onnxflex.passes.select import activation_points, select_layers, unmatched_patterns
 from onnxflex.passes.select_inner import select_inner
 from onnxflex.progress import Progress
-from onnxflex.runtimes.base import get_target
+from onnxflex.runtimes.targets import get_target
 from onnxflex.spill import check_free_disk
 
 log = logging.getLogger("onnxflex")

@@ -11,12 +11,12 @@ import numpy as np
 
 def versions() -> dict[str, str]:
     import onnx
-    import onnxruntime
     import torch
 
     import onnxflex
+    from onnxflex import ort
 
-    return {"onnxflex": onnxflex.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+    return {"onnxflex": onnxflex.__version__, "onnx": onnx.__version__, "onnxruntime": ort.version(),
             "torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
             "platform": platform.platform()}
 

@@ -20,9 +20,9 @@ import onnx
 
 from onnxflex.blocks import QuantLayer
 from onnxflex.calib import CalibrationSet, fixed_batch
-from onnxflex.capture import session
 from onnxflex.device import torch_threads
 from onnxflex.extdata import tensor_array
+from onnxflex.ort import session
 
 SENSITIVITY_SAMPLES = 64  # enough to rank layers on the bundled models; the cost grows linearly with it
 BATCH = 64
@@ -56,7 +56,7 @@ def rtn_weight(weight: np.ndarray, layer: QuantLayer, bits: int, scale_search: s
     """``weight`` quantized to ``bits`` by round-to-nearest and dequantized, in its own dtype."""
     import torch
 
-    from onnxflex.rounding.rounders import make_rounder
+    from onnxflex.rounding.methods import make_rounder
 
     # one weight is too small to share out, and on a busy machine waking a second intra-op thread for
     # each of the step search's roundings costs milliseconds apiece

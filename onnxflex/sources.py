@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxflex.calib import (NP_TYPES, CalibrationSet, InputOptions, check_calibration, default_calibration_path,
-                            fixed_batch, input_dims, load_npz, model_inputs, read_npz, show_dims)
+from onnxflex.calib import CalibrationSet, check_calibration, default_calibration_path, fixed_batch, load_npz, read_npz
 from onnxflex.config import QuantConfig, parse_input_shape
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import consumers, graph_input_names
 from onnxflex.images import IMAGE_SUFFIXES
+from onnxflex.inputs import NP_TYPES, InputOptions, input_dims, model_inputs, show_dims
 
 log = logging.getLogger("onnxflex")
 

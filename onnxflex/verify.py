@@ -11,11 +11,12 @@ import numpy as np
 import onnx
 
 from onnxflex.calib import CalibrationSet, fixed_batch
-from onnxflex.capture import remove_runtime_file, runtime_file, session, session_options, tensor_layout
+from onnxflex.capture import tensor_layout
 from onnxflex.extdata import needs_file
 from onnxflex.graph import all_nodes
 from onnxflex.errors import VerificationError
 from onnxflex.layout import Layout
+from onnxflex.ort import remove_runtime_file, runtime_file, session, session_options
 from onnxflex.qparams import sqnr_db
 
 
@@ -106,12 +107,11 @@ def run(model: onnx.ModelProto, data: CalibrationSet, providers, batch: int = 64
 
 def optimized_op_counts(model: onnx.ModelProto, providers=("CPUExecutionProvider",)) -> dict[str, int]:
     """Op types of the graph onnxruntime actually runs after its optimisations (fused kernels show here),
-    with the session options onnxflex runs models with (capture.session_options); the nodes of If
+    with the session options onnxflex runs models with (ort.session_options); the nodes of If
     branches and Loop/Scan bodies count too (the optimised file keeps them in the node attributes)."""
     with tempfile.TemporaryDirectory(prefix="onnxflex-opt-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        opts = session_options()
-        opts.optimized_model_filepath = path
+        opts = session_options(optimized_path=path)
         if needs_file(model):
             opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                           "optimized.onnx.data")

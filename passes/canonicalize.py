@@ -20,13 +20,13 @@ from onnx.reference import ReferenceEvaluator
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
-from onnxflex.ortcompat import clear_unknown_dims
+from onnxflex.ort import clear_unknown_dims
+from onnxflex.passes.context import PassContext
 from onnxflex.passes.control_flow import (explicit_outer_reads, localize_outer_initializers,
                                            local_layer_inputs, subgraph_reads, subgraphs,
                                            unique_subgraph_initializers)
 from onnxflex.passes.fold_if import fold_constant_ifs
 from onnxflex.passes.pin_inputs import pin_inputs, pinned_values, restore_declarations
-from onnxflex.passes.pipeline import PASSES, PassContext
 
 QDQ_MIN_OPSET = 13
 NOT_FOLDED = {"QuantizeLinear", "DequantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike",
@@ -35,7 +35,6 @@ WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 FOLD_LIMIT_BYTES = 256 << 20
 
 
-@PASSES.register("canonicalize")
 def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     """Returns the canonical model. May mutate ``model`` on the way: when no opset upgrade copies it,
     node names, initializer graph inputs, Constant and Identity/Dropout nodes are rewritten in place

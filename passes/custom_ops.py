@@ -63,14 +63,6 @@ def _single_node_model(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.Mod
 
 def _load_error(model: onnx.ModelProto) -> str | None:
     """onnxruntime's one-line complaint when it cannot load ``model`` on the CPU, else None."""
-    import onnxruntime as ort
+    from onnxflex import ort
 
-    from onnxflex.capture import session
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        session(model, ["CPUExecutionProvider"], opts=opts)
-    except Exception as exc:  # onnxruntime raises its own pybind types
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return None
+    return ort.load_error(model, ort.CPU, ort.session_options(matmulnbits=False))

@@ -12,18 +12,16 @@ from onnx import numpy_helper
 
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import NameScope, consumers, drop_unused_initializers, node_attr
-from onnxflex.passes.pipeline import PASSES, PassContext
+from onnxflex.passes.context import PassContext
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 
 
-@PASSES.register("fold_batchnorm")
 def fold_batchnorm(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     """Mutates and returns ``model``: BatchNormalization after Conv/ConvTranspose/Gemm folds into it."""
     return _fold_following(model, {"BatchNormalization"}, _bn_affine)
 
 
-@PASSES.register("fold_bias_add")
 def fold_bias_add(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     """Mutates and returns ``model``: per-channel constant Mul/Add after Conv/ConvTranspose/Gemm fold into it."""
     return _fold_following(model, {"Mul", "Add"}, _mul_add_affine)

@@ -14,10 +14,9 @@ from onnx import numpy_helper
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import node_attr
 from onnxflex.passes.control_flow import reads
-from onnxflex.passes.pipeline import PASSES, PassContext
+from onnxflex.passes.context import PassContext
 
 
-@PASSES.register("gemm_kn_weights")
 def gemm_kn_weights(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     """Mutates and returns ``model``: in a weight-only run (abits 0), each top-level Gemm with transB=1
     whose weight is a 2-D initializer read by no other node gets that initializer transposed in place

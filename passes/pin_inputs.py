@@ -13,12 +13,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxflex.calib import NP_TYPES
 from onnxflex.config import parse_fixed_input
 from onnxflex.errors import ConfigError
 from onnxflex.graph import NameScope
+from onnxflex.inputs import NP_TYPES
+from onnxflex.passes.context import PassContext
 from onnxflex.passes.control_flow import rename_outer_reads, subgraphs
-from onnxflex.passes.pipeline import PASSES, PassContext
 
 
 def pinned_values(model: onnx.ModelProto, specs: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -46,7 +46,6 @@ def pinned_values(model: onnx.ModelProto, specs: tuple[str, ...]) -> dict[str, n
     return values
 
 
-@PASSES.register("pin_inputs")
 def pin_inputs(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     """Mutates and returns ``model``: reads of each pinned input are replaced by a constant, and the
     input gets a default initializer (see the module docstring). Adds one warning per pinned input.

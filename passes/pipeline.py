@@ -1,35 +1,33 @@
-"""Pass registry and the pass pipeline that turns a loaded model into a BlockPlan."""
-from __future__ import annotations
+"""The pass table and the pass pipeline that turns a loaded model into a canonical one.
 
-from dataclasses import dataclass, field
-from typing import Protocol
+A new pass is a function ``(model, PassContext) -> model`` in its own module plus one line here.
+"""
+from __future__ import annotations
 
 import onnx
 
-from onnxflex.config import QuantConfig
+from onnxflex.passes.canonicalize import canonicalize
+from onnxflex.passes.context import Pass, PassContext
+from onnxflex.passes.fold_bn import fold_batchnorm, fold_bias_add
+from onnxflex.passes.gemm_weights import gemm_kn_weights
+from onnxflex.passes.pin_inputs import pin_inputs
+from onnxflex.passes.strip_qdq import strip_qdq
 from onnxflex.registry import Registry
 
-
-@dataclass
-class PassContext:
-    """What passes may read (the config) and the one thing they may add to (warnings for the user)."""
-
-    config: QuantConfig
-    warnings: list[str] = field(default_factory=list)
-
-
-class Pass(Protocol):
-    def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto: ...
-
+__all__ = ["PASSES", "PIPELINE", "Pass", "PassContext", "run_passes"]
 
 PASSES: Registry[Pass] = Registry("pass")
+PASSES.register("strip_qdq")(strip_qdq)
+PASSES.register("canonicalize")(canonicalize)
+PASSES.register("pin_inputs")(pin_inputs)
+PASSES.register("fold_batchnorm")(fold_batchnorm)
+PASSES.register("fold_bias_add")(fold_bias_add)
+PASSES.register("gemm_kn_weights")(gemm_kn_weights)
 
 PIPELINE = ("strip_qdq", "canonicalize", "fold_batchnorm", "fold_bias_add", "gemm_kn_weights")
 
 
 def run_passes(model: onnx.ModelProto, ctx: PassContext, names: tuple[str, ...] = PIPELINE) -> onnx.ModelProto:
-    from onnxflex.passes import canonicalize, fold_bn, gemm_weights, strip_qdq  # noqa: F401  (registers the built-in passes)
-
     for name in names:
         model = PASSES.get(name)(model, ctx)
     return model

@@ -20,7 +20,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import drop_unused_initializers
-from onnxflex.passes.pipeline import PASSES, PassContext
+from onnxflex.passes.context import PassContext
 
 QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -44,7 +44,6 @@ def _is_qdq(node: onnx.NodeProto, op_type: str | None = None) -> bool:
     return node.domain in QDQ_DOMAINS and node.op_type in ((op_type,) if op_type else QDQ_OPS)
 
 
-@PASSES.register("strip_qdq")
 def strip_qdq(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     """Returns ``model`` unchanged when it holds no Q/DQ nodes; raises UnsupportedModelError for a
     quantized model unless ``ctx.config.requantize``; otherwise mutates ``model`` into its float

@@ -5,8 +5,6 @@ from dataclasses import dataclass
 
 from onnx import TensorProto
 
-from onnxflex.registry import Registry
-
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -68,19 +66,3 @@ class Target:
     def symmetric_only(self) -> bool:
         """Every activation zero point must be 0 (the runtime has no zero-point arithmetic)."""
         return all(dtype == TensorProto.INT8 for dtype in self.act_dtypes)
-
-    def check(self, model) -> list:
-        """Static findings (runtimes.rules.Finding) of a QDQ model against this target's rules."""
-        from onnxflex.runtimes.rules import static_findings
-
-        return static_findings(model, self)
-
-
-TARGETS: Registry[Target] = Registry("target")
-
-
-def get_target(name: str) -> Target:
-    """The registered target ``name`` (the built-in targets register on first use)."""
-    from onnxflex.runtimes import onnxruntime, tensorrt  # noqa: F401  (they register the built-in targets)
-
-    return TARGETS.get(name)

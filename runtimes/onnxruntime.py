@@ -7,9 +7,9 @@ DynamicQuantizeLSTM (int8 W and R, activations quantized at run time; passes/rec
 """
 from __future__ import annotations
 
-from onnxflex.runtimes.base import TARGETS, Target
+from onnxflex.runtimes.base import Target
 
-ONNXRUNTIME = TARGETS.register("onnxruntime")(Target(name="onnxruntime", recurrent_ops=("LSTM",)))
+ONNXRUNTIME = Target(name="onnxruntime", recurrent_ops=("LSTM",))
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulNBits",
                    "DynamicQuantizeMatMul", "QLinearAdd", "DynamicQuantizeLSTM")

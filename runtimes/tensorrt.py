@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import TensorProto
 
-from onnxflex.runtimes.base import TARGETS, Target
+from onnxflex.runtimes.base import Target
 
-TENSORRT = TARGETS.register("tensorrt")(Target(
+TENSORRT = Target(
     name="tensorrt",
     act_dtype=TensorProto.INT8,
     act_dtypes=(TensorProto.INT8,),
@@ -33,7 +33,7 @@ TENSORRT = TARGETS.register("tensorrt")(Target(
     min_opset=13,
     max_opset=22,  # TensorRT 10's ONNX parser; TensorRT 8.6 reads up to 17, so onnxflex writes 13
     runtime_check="tensorrt-engine",
-))
+)
 
 FLOAT_TYPES = ("Float", "Half", "BFloat16", "FP32", "FP16", "BF16")
 

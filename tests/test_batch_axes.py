@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxflex
-from onnxflex.calib import InputOptions, check_calibration
+from onnxflex.calib import check_calibration
+from onnxflex.inputs import InputOptions
 from onnxflex.compare import compare_models
 from onnxflex.errors import CalibrationError
 

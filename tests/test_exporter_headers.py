@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxflex
-from onnxflex.calib import fixed_batch, input_dims
+from onnxflex.calib import fixed_batch
+from onnxflex.inputs import input_dims
 from onnxflex.compare import compare_models
 
 RTN = onnxflex.QuantConfig(method="rtn")
@@ -93,7 +94,7 @@ def invoke(*args):
 def test_the_installed_onnxruntime_limits_are_found_by_loading():
     import onnxruntime as ort
 
-    from onnxflex.ortcompat import max_ir_version, max_opset
+    from onnxflex.ort import max_ir_version, max_opset
 
     assert 7 <= max_ir_version() <= onnx.IR_VERSION and 13 <= max_opset() <= onnx.defs.onnx_opset_version()
     opts = ort.SessionOptions()
@@ -122,7 +123,7 @@ def test_an_ir_version_newer_than_onnxruntime_reads_quantizes_and_compares(tmp_p
 
 
 def test_an_opset_newer_than_onnxruntime_reads_is_converted_down(tmp_path):
-    from onnxflex.ortcompat import max_opset
+    from onnxflex.ort import max_opset
 
     newest = onnx.defs.onnx_opset_version()
     if newest <= max_opset():
@@ -135,7 +136,7 @@ def test_an_opset_newer_than_onnxruntime_reads_is_converted_down(tmp_path):
 def test_an_opset_onnxruntime_cannot_read_nor_onnx_lower_is_refused_in_one_line(tmp_path):
     import onnxruntime as ort
 
-    from onnxflex.ortcompat import max_opset
+    from onnxflex.ort import max_opset
 
     if max_opset() >= 28 or onnx.defs.onnx_opset_version() < 28:
         pytest.skip("needs an onnx that knows SwiGLU (opset 28) and an onnxruntime that does not")

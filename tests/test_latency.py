@@ -17,7 +17,7 @@ from onnxflex.calib import CalibrationSet
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
 from onnxflex.pipeline import build_plan
-from onnxflex.runtimes.base import get_target
+from onnxflex.runtimes.targets import get_target
 from onnxflex.verify import optimized_op_counts
 
 FAST = dict(method="rtn", optimize_latency=True, latency_threads=1, verify_samples=16)

@@ -18,7 +18,7 @@ from onnxflex.passes.recurrent import recurrent_layers
 from onnxflex.qparams import sqnr_db
 from onnxflex.rounding.converters import OpNode, find_converter
 from onnxflex.rounding.converters.recurrent import QUANTIZED
-from onnxflex.runtimes.base import get_target
+from onnxflex.runtimes.targets import get_target
 from onnxflex.verify import optimized_op_counts
 from zoo_models import zoo_models
 

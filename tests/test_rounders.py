@@ -8,7 +8,8 @@ import torch
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.config import METHODS, QuantConfig
 from onnxflex.rounding.adaround import AdaRounder
-from onnxflex.rounding.rounders import ROUNDERS, FlexRounder, RTNRounder, make_policy, make_rounder
+from onnxflex.rounding.methods import ROUNDERS, make_policy, make_rounder
+from onnxflex.rounding.rounders import FlexRounder, RTNRounder
 from onnxflex.rounding.signround import SignedDescent, SignRounder
 from onnxflex.rounding.quant import signed_range
 from onnxflex.checkpoint import FrozenRounder

@@ -15,7 +15,7 @@ from onnxflex.check import FLOAT_KERNELS, check, format_report
 from onnxflex.config import QuantConfig
 from onnxflex.errors import DeviceError
 from onnxflex.qparams import sqnr_db
-from onnxflex.runtimes.base import get_target
+from onnxflex.runtimes.targets import get_target
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

@@ -4,7 +4,7 @@ Per group of G input channels one step (scale [K/G, N] for a MatMul weight [K, N
 bits) are written as packed INT4 with DequantizeLinear(axis 0, block_size G), opset 21. On the bundled
 tiny LM at W4 and W3 with groups of 32, the learned rounders (FlexRound, SignRound) beat round-to-nearest
 in perplexity and in KL divergence to FP32, with a larger perplexity gain at 3 bits than at 4. Models run
-in onnxflex's sessions (capture.session): MatMulNBits at accuracy level 0, float activations, as the
+in onnxflex's sessions (ort.session): MatMulNBits at accuracy level 0, float activations, as the
 simulation computes them.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper, parser
 
 import onnxflex
 from helpers import MODELS
-from onnxflex.capture import MATMULNBITS_ACCURACY_LEVEL, session, session_options
+from onnxflex.ort import MATMULNBITS_ACCURACY_LEVEL, session, session_options
 from onnxflex.check import check
 from onnxflex.config import QuantConfig
 from onnxflex.emit.pack import unpack_int4
@@ -257,7 +257,7 @@ def test_blocked_weights_survive_a_checkpoint(tmp_path):
 
     from onnxflex.checkpoint import Checkpoint, FrozenRounder
     from onnxflex.rounding.reconstruct import BlockResult
-    from onnxflex.rounding.rounders import make_rounder
+    from onnxflex.rounding.methods import make_rounder
 
     w = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) * 0.1
     q = make_rounder("flexround", w, 1, 3, "mse", 16).export()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from onnxflex.rounding.rounders import ROUNDERS, AdamCosine, Rounder
+from onnxflex.rounding.rounders import AdamCosine, Rounder
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -21,7 +21,6 @@ class AdamConstantRounding(AdamCosine):
     constant_kinds = frozenset({"lr"})
 
 
-@ROUNDERS.register("adaround")
 class AdaRounder(Rounder):
     """AdaRound with the annealed regulariser λ · mean(1 − |2h(V) − 1|^β).
 

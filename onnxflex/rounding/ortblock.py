@@ -14,9 +14,10 @@ import torch
 from onnx import helper
 
 from onnxflex.blocks import Block
-from onnxflex.capture import session, with_probes
+from onnxflex.capture import with_probes
 from onnxflex.emit import emit
 from onnxflex.graph import NameScope
+from onnxflex.ort import session
 from onnxflex.passes.control_flow import expose_inner
 from onnxflex.qparams import QuantParams
 from onnxflex.rounding.torchify import QuantState

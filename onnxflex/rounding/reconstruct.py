@@ -29,7 +29,8 @@ from onnxflex.passes.select import concat_ties
 from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import MAX_SEARCH_VALUES, ActQuantizer, sample_values
 from onnxflex.rounding.ortblock import OrtBlock
-from onnxflex.rounding.rounders import EarlyStop, make_policy, make_rounder
+from onnxflex.rounding.methods import make_policy, make_rounder
+from onnxflex.rounding.rounders import EarlyStop
 from onnxflex.rounding.torchify import BlockModule, QuantState, bias_limit
 from onnxflex.runtimes.base import Target
 

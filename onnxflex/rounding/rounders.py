@@ -11,8 +11,7 @@ per output channel along ``axis``, zero point 0), and offers:
 
 A rounder class names its ``policy``: the StepPolicy that updates a block's parameters (Adam with
 cosine decay by default; SignRound's signed gradient descent in signround.py). RTN and FlexRound
-live here; AdaRound and SignRound in their own modules, imported at the end so that ROUNDERS is
-complete whichever module is imported first.
+live here; AdaRound and SignRound in their own modules; methods.py maps the --method names to them.
 """
 from __future__ import annotations
 
@@ -23,13 +22,10 @@ import numpy as np
 import torch
 
 from onnxflex.config import QuantConfig
-from onnxflex.registry import Registry
 from onnxflex.qparams import QuantizedWeight, channel_shape
 from onnxflex.rounding.quant import round_ste, signed_range
 
 ParamGroups = Sequence[tuple[Sequence[torch.nn.Parameter], str]]
-
-ROUNDERS: Registry[type] = Registry("rounding method")
 
 GRID = torch.linspace(0.5, 1.0, 21)
 SEARCH_CHUNK = 1 << 18  # weight values per step of the grid search
@@ -308,7 +304,6 @@ class Rounder(torch.nn.Module):
         return QuantizedWeight(ints, scale, np.zeros_like(scale, dtype=np.int8), axis, self.bits, self.group_size)
 
 
-@ROUNDERS.register("rtn")
 class RTNRounder(Rounder):
     """q = clamp(round(W / s)), s from min/max or the MSE grid; nothing is learned."""
 
@@ -316,7 +311,6 @@ class RTNRounder(Rounder):
         return torch.clamp(torch.round(self.weight / self.spread(self.init_scale)), self.qmin, self.qmax)
 
 
-@ROUNDERS.register("flexround")
 class FlexRounder(Rounder):
     """FlexRound: Ŵ = s1 · clamp(round_STE(W / (s1 · exp(δ2 + δ3 + δ4)))), s1 = s0 · exp(δ1).
 
@@ -352,20 +346,3 @@ class FlexRounder(Rounder):
 
     def integers(self) -> torch.Tensor:
         return torch.clamp(round_ste(self.weight / self.divisor()), self.qmin, self.qmax)
-
-
-def make_rounder(method: str, weight: torch.Tensor, axis: int, bits: int, scale_search: str,
-                 group_size: int = 0) -> Rounder:
-    return ROUNDERS.get(method)(weight, axis, bits, scale_search, group_size)
-
-
-def make_policy(method: str, rounders: Sequence[Rounder], groups: ParamGroups, config: QuantConfig
-                ) -> StepPolicy | None:
-    """The step policy of ``method`` for one block, or None when there is nothing to learn."""
-    if config.iters == 0 or not any(params for params, _ in groups):
-        return None
-    return ROUNDERS.get(method).policy(rounders, groups, config)
-
-
-from onnxflex.rounding import adaround, signround  # noqa: E402,F401  (they register themselves)
-

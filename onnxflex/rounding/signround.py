@@ -11,7 +11,7 @@ import torch
 
 from onnxflex.config import QuantConfig
 from onnxflex.rounding.quant import round_ste
-from onnxflex.rounding.rounders import ROUNDERS, AdamCosine, ParamGroups, Rounder, StepPolicy, absmax_per_step
+from onnxflex.rounding.rounders import AdamCosine, ParamGroups, Rounder, StepPolicy, absmax_per_step
 
 V_BOUND = 0.5
 CLIP_BOUNDS = (0.5, 1.0)
@@ -50,7 +50,6 @@ class SignedDescent(StepPolicy):
             self.acts.update(it)
 
 
-@ROUNDERS.register("signround")
 class SignRounder(Rounder):
     """SignRound on a symmetric grid: a per-weight offset v in [−0.5, 0.5] added before rounding and
     a per-channel (with a group size: per-group) clip factor α in [0.5, 1] on max|W|.
