@@ -305,7 +305,7 @@ def test_the_torch_if_matches_onnxruntime_on_every_branch(make, rates):
     from onnxflex.rounding.ortblock import extract_block
     from onnxflex.rounding.reconstruct import add_block_quantizers
     from onnxflex.rounding.torchify import BlockModule, QuantState
-    from onnxflex.runtimes.base import get_target
+    from onnxflex.runtimes.targets import get_target
 
     config = onnxflex.QuantConfig()
     plan, block = _if_block(make(), config)
