@@ -202,7 +202,8 @@ def _load_feeds(data, ref_model, cand_model, samples: int, inputs: InputOptions)
         raise ModelLoadError(f"the models have different inputs: {names} vs {cand}")
     path = Path(data)
     if not path.is_file():
-        raise CalibrationError(f"evaluation data {str(path)!r} does not exist; pass --data FILE.npz")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise CalibrationError(f"evaluation data {str(path)!r} {what}; pass --data FILE.npz")
     checked = check_calibration(read_npz(path, set(names)), ref_model, str(path), inputs)
     return checked.take(0, samples or checked.num_samples)
 

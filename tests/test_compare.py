@@ -83,7 +83,9 @@ def test_json_output_for_machines(quantized_paths):
 def test_missing_data_and_mismatched_models_are_errors(tmp_path, quantized_paths):
     w8, _ = quantized_paths
     missing = invoke("compare", CNN, w8, "--data", tmp_path / "nope.npz")
-    assert missing.exit_code == 2 and "nope.npz" in missing.stderr
+    assert missing.exit_code == 2 and "nope.npz' does not exist" in missing.stderr
+    folder = invoke("compare", CNN, w8, "--data", tmp_path)
+    assert folder.exit_code == 2 and "is not a file" in folder.stderr
     np.savez(tmp_path / "wrong.npz", pixels=np.zeros((4, 1, 16, 16), np.float32))
     wrong = invoke("compare", CNN, w8, "--data", tmp_path / "wrong.npz")
     assert wrong.exit_code == 2 and "no data for model input(s) input" in wrong.stderr
