@@ -116,11 +116,10 @@ def _quantize(model: Any, calibration: Any, config: QuantConfig, progress: bool,
                                "verification_samples": held.num_samples},
                   layers=layer_summary(report.pop("_plan"), params, config),
                   reconstruction=reconstruction_summary(config, report["blocks"], fixed or config.batch_size))
-    report["warnings"] = list(data.warnings) + report["warnings"]
     verification = report.pop("_verification")
     if verification is None:
-        _warn_unverified(report, data.num_samples, config)
-    report["warnings"] += [m for m in dict.fromkeys(logged) if m not in report["warnings"]]
+        _warn_unverified(data.num_samples, config)
+    report["warnings"] = list(dict.fromkeys(logged))  # calibration's, the plan's, verification's: all logged
     report["timings"]["total"] = time.perf_counter() - t0
     result = QuantResult(qmodel, report, params)
     failure = verification.failure() if verification is not None else None
@@ -130,11 +129,10 @@ def _quantize(model: Any, calibration: Any, config: QuantConfig, progress: bool,
     return result
 
 
-def _warn_unverified(report: dict, samples: int, config: QuantConfig) -> None:
-    """No sample was held out, so the emitted model was never run against FP32: say so on stderr and in
-    the report's warnings."""
+def _warn_unverified(samples: int, config: QuantConfig) -> None:
+    """No sample was held out, so the emitted model was never run against FP32: say so (on stderr, and
+    so in the report's warnings)."""
     message = (f"the output is UNVERIFIED: {samples} calibration samples leave none held out for verification "
                f"(verify_samples={config.verify_samples}, at most a quarter of the samples); give at least 4 "
                "samples with --verify-samples 1 or more to have it checked against FP32")
     log.warning(message)
-    report.setdefault("warnings", []).append(message)

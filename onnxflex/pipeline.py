@@ -128,8 +128,6 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         "plan": {"blocks": len(plan.blocks), "layers": len(plan.layers), "activation_points": len(plan.act_points),
                  "granularity": config.granularity},
         "verification": verification.to_dict() if verification else {},
-        "warnings": list(plan.warnings) + ([verification.chained_warning()] if verification and
-                                           verification.chained_warning() else []),
         **sections,
         "timings": timings,
         "_plan": plan,
@@ -142,8 +140,6 @@ def _verification(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, refer
                   config: QuantConfig, device, layout):
     """verify.verify on the held-out samples; when onnxruntime and the simulation part, the blocks are
     compared one by one (divergence.locate) and the result names the first block where they do."""
-    import dataclasses
-
     import torch
 
     from onnxflex.divergence import comparison_points, locate
