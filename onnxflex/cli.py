@@ -229,13 +229,11 @@ def compare(reference, candidate, data, as_json, **options) -> None:
     """
     from onnxflex.inputs import InputOptions
     from onnxflex.compare import GateOptions, compare_models, format_comparison
-    from onnxflex.config import parse_batch_axis, parse_fixed_input
 
     _setup_logging("warning")
     gates = GateOptions(min_sqnr=options.pop("min_sqnr"), min_agreement=options.pop("min_agreement"),
                         max_latency_ratio=options.pop("max_latency_ratio"))
-    inputs = InputOptions(dict(map(parse_batch_axis, options.pop("batch_axes"))),
-                          dict(map(parse_fixed_input, options.pop("fix_inputs"))))
+    inputs = InputOptions.from_specs(options.pop("batch_axes"), options.pop("fix_inputs"))
     result = compare_models(reference, candidate, data, gates=gates, inputs=inputs, **options)
     if as_json:
         from onnxflex.report import to_json

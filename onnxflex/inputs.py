@@ -26,10 +26,15 @@ class InputOptions:
     fixed: Mapping[str, float | tuple[float, ...]] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config) -> "InputOptions":
+    def from_specs(cls, batch_axes=(), fix_inputs=()) -> "InputOptions":
+        """From the flags' strings: ``batch_axes`` as NAME=AXIS, ``fix_inputs`` as NAME=VALUE."""
         from onnxflex.config import parse_batch_axis, parse_fixed_input
 
-        return cls(dict(map(parse_batch_axis, config.batch_axes)), dict(map(parse_fixed_input, config.fix_inputs)))
+        return cls(dict(map(parse_batch_axis, batch_axes)), dict(map(parse_fixed_input, fix_inputs)))
+
+    @classmethod
+    def from_config(cls, config) -> "InputOptions":
+        return cls.from_specs(config.batch_axes, config.fix_inputs)
 
 
 def model_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
