@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from onnxflex.blocks import Block, BlockPlan
 from onnxflex.calib import CalibrationSet
 from onnxflex.capture import with_probes as capture_probes
+from onnxflex.graph import DEFAULT_DOMAINS
 from onnxflex.qparams import sqnr_db
 
 # outputs of these ops are compared at the op's input: a Softmax in saturation turns a logit difference
@@ -66,7 +67,7 @@ def with_probes(qmodel: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.Model
     g = qmodel.graph
     inits = {t.name: t for t in g.initializer}
     produced = {o for n in g.node for o in n.output} | {i.name for i in g.input}
-    quantized = {n.input[0]: n for n in g.node if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx")
+    quantized = {n.input[0]: n for n in g.node if n.op_type == "QuantizeLinear" and n.domain in DEFAULT_DOMAINS
                  and len(n.input) >= 2 and n.input[1] in inits}
     outputs = {o.name for o in g.output}
     probes: dict[str, Probe] = {}

@@ -12,6 +12,7 @@ from onnx import helper
 from onnxflex.errors import ModelLoadError
 from onnxflex.extdata import load_offloaded, needs_file, weights_dir, write_model
 
+DEFAULT_DOMAINS = ("", "ai.onnx")  # the ONNX operator set, by both of its names
 MIN_OPSET = 1  # onnx's version converter has adapters from opset 1; canonicalize upgrades to 13
 
 
@@ -90,7 +91,7 @@ def node_attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
 
 def default_opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
+        if imp.domain in DEFAULT_DOMAINS:
             return imp.version
     raise ModelLoadError("model imports no default-domain opset; it is not a standard ONNX model")
 
@@ -98,7 +99,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 def set_default_opset(model: onnx.ModelProto, version: int) -> None:
     """Mutates ``model``: sets the default-domain opset import to ``version``."""
     for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
+        if imp.domain in DEFAULT_DOMAINS:
             imp.version = version
             return
     model.opset_import.add(domain="", version=version)

@@ -10,13 +10,13 @@ import onnx
 from onnx import helper
 
 from onnxflex.errors import UnsupportedModelError
+from onnxflex.graph import DEFAULT_DOMAINS
 
-STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Top-level nodes whose domain is not the standard ONNX domain, in graph order."""
-    return [n for n in model.graph.node if n.domain not in STANDARD_DOMAINS]
+    return [n for n in model.graph.node if n.domain not in DEFAULT_DOMAINS]
 
 
 def check_custom_ops(model: onnx.ModelProto) -> None:

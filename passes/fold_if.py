@@ -13,7 +13,7 @@ import onnx
 from onnx import helper
 
 from onnxflex.extdata import tensor_array
-from onnxflex.graph import NameScope, scope_names
+from onnxflex.graph import DEFAULT_DOMAINS, NameScope, scope_names
 from onnxflex.passes.control_flow import rename_outer_reads, subgraphs
 
 
@@ -31,7 +31,7 @@ def _fold_first(model: onnx.ModelProto) -> bool:
     g = model.graph
     consts = {t.name: t for t in g.initializer}
     for k, node in enumerate(g.node):
-        if node.op_type != "If" or node.domain not in ("", "ai.onnx") or node.input[0] not in consts:
+        if node.op_type != "If" or node.domain not in DEFAULT_DOMAINS or node.input[0] not in consts:
             continue
         taken = bool(np.asarray(tensor_array(consts[node.input[0]], model)).reshape(-1)[0])
         branch = next(sub for name, sub in subgraphs(node) if name == ("then_branch" if taken else "else_branch"))

@@ -23,7 +23,7 @@ import onnx
 
 from onnxflex.blocks import QuantLayer
 from onnxflex.config import QuantConfig
-from onnxflex.graph import node_attr
+from onnxflex.graph import DEFAULT_DOMAINS, node_attr
 from onnxflex.passes.control_flow import subgraphs
 from onnxflex.passes.select import FLOAT_TYPES
 from onnxflex.runtimes.base import Target
@@ -46,7 +46,7 @@ def recurrent_layers(model: onnx.ModelProto, target: Target, config: QuantConfig
     layers: list[QuantLayer] = []
     warnings: list[str] = []
     for node in model.graph.node:
-        if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in RECURRENT_OPS or node.domain not in DEFAULT_DOMAINS:
             continue
         if config.keeps_float(node.name, node.op_type):
             continue

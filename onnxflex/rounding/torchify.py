@@ -24,6 +24,7 @@ import torch
 
 from onnxflex.blocks import Block
 from onnxflex.extdata import tensor_array
+from onnxflex.graph import DEFAULT_DOMAINS
 from onnxflex.passes.control_flow import subgraphs
 from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
 from onnxflex.rounding.activation import ActQuantizer
@@ -33,7 +34,6 @@ from onnxflex.rounding.rounders import Rounder
 
 log = logging.getLogger("onnxflex")
 Observer = Callable[[str, torch.Tensor], None]
-DEFAULT_DOMAINS = ("", "ai.onnx")
 INT32_MAX = 2_147_483_520.0  # largest float32 below 2**31, so the int32 cast cannot overflow
 
 
