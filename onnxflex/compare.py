@@ -19,7 +19,7 @@ from onnxflex.capture import tensor_layout, with_probes
 from onnxflex.errors import CalibrationError, ModelLoadError
 from onnxflex.graph import graph_input_names, load_model
 from onnxflex.inputs import InputOptions
-from onnxflex.ort import session
+from onnxflex.ort import session, timing_sessions
 from onnxflex.timing import MAX_SECONDS, WIDTH, RatioEstimate, measure_ratio, ratio_gate
 
 PROVIDERS = ["CPUExecutionProvider"]
@@ -162,16 +162,10 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike, d
     return result
 
 
-WARMUP = 3
-
-
 def _time_pair(ref_model, cand_model, feed: dict, threads: int, min_rounds: int, width: float,
                seconds: float) -> RatioEstimate:
     """Both models on one batch, in one onnxruntime session each (warmed up), in interleaved rounds."""
-    ref_sess, cand_sess = session(ref_model, PROVIDERS, threads), session(cand_model, PROVIDERS, threads)
-    for _ in range(WARMUP):
-        ref_sess.run(None, feed)
-        cand_sess.run(None, feed)
+    ref_sess, cand_sess = timing_sessions([ref_model, cand_model], feed, threads)
     return measure_ratio(lambda: ref_sess.run(None, feed), lambda: cand_sess.run(None, feed),
                          min_rounds=max(min_rounds, 2), width=width, max_seconds=seconds)
 

@@ -34,7 +34,6 @@ log = logging.getLogger("onnxflex")
 
 MARGIN = 0.02  # a layer loses when keeping it in float saves more than this fraction of the model's time
 REPEATS = 21
-WARMUP = 3
 
 
 @dataclass
@@ -93,18 +92,15 @@ def synthetic_params(plan: BlockPlan, target, config: QuantConfig, sample: Calib
 
 def run_rounds(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeats: int, threads: int
                ) -> list[list[float]]:
-    """Milliseconds of one run over ``feed``, per model and round (``[model][round]``), after WARMUP
-    runs. Every round runs each model once, in an order shuffled per round (fixed seed), so that load
-    on the machine affects them alike and no model always runs right after another (it would inherit
-    that one's cache state)."""
+    """Milliseconds of one run over ``feed``, per model and round (``[model][round]``), after
+    ort.WARMUP runs. Every round runs each model once, in an order shuffled per round (fixed seed), so
+    that load on the machine affects them alike and no model always runs right after another (it
+    would inherit that one's cache state)."""
     import time
 
-    from onnxflex.ort import session
+    from onnxflex.ort import timing_sessions
 
-    sessions = [session(model, ["CPUExecutionProvider"], threads) for model in models]
-    for sess in sessions:
-        for _ in range(WARMUP):
-            sess.run(None, feed)
+    sessions = timing_sessions(models, feed, threads)
     times: list[list[float]] = [[] for _ in sessions]
     order = np.random.default_rng(0)
     for _ in range(repeats):

@@ -84,6 +84,18 @@ def session(model: onnx.ModelProto, providers: list[str], threads: int = 0,
     return sess
 
 
+WARMUP = 3  # runs of each session before it is timed
+
+
+def timing_sessions(models: list[onnx.ModelProto], feed: dict, threads: int) -> list[ort.InferenceSession]:
+    """CPU sessions of ``models`` for timing on ``feed``, each already run WARMUP times on it."""
+    sessions = [session(model, list(CPU), threads) for model in models]
+    for sess in sessions:
+        for _ in range(WARMUP):
+            sess.run(None, feed)
+    return sessions
+
+
 def load_error(model: onnx.ModelProto, providers=CPU, opts: ort.SessionOptions | None = None) -> str | None:
     """onnxruntime's one-line complaint when it cannot load ``model``, else None."""
     try:
