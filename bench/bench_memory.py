@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -56,6 +57,20 @@ def measure(model: Path, calib: Path, out: Path, options: dict) -> dict:
     figures = json.loads(stdout.strip().splitlines()[-1])
     figures["peak_rss_mib"] = usage.ru_maxrss / 1024
     return figures
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar) on the items exactly one of two models gets right."""
+    n = wins + losses
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_counts(ours: np.ndarray, theirs: np.ndarray) -> tuple[int, int, float]:
+    """(items only ``ours`` gets right, items only ``theirs`` does, sign_test_p of the two) for two
+    boolean arrays over the same items."""
+    wins, losses = int((ours & ~theirs).sum()), int((theirs & ~ours).sum())
+    return wins, losses, sign_test_p(wins, losses)
 
 
 def machine() -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -32,8 +31,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from bench_memory import machine, write_block  # noqa: E402  (bench/ is not a package)
+from bench_memory import machine, paired_counts, write_block  # noqa: E402  (bench/ is not a package)
 from zoo_models import ZooModel, zoo_models  # noqa: E402
+
+from onnxflex.qparams import sqnr_db  # noqa: E402
 
 HEADER = "## Against onnxruntime.quantization: the zoo of real exports"
 MARKER = "bench-zoo"
@@ -144,11 +145,6 @@ def short_error(exc: Exception) -> str:
     return text.rpartition(" Error ")[2][:200] if " Error " in text else text[-200:]
 
 
-def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    noise = float(np.sum((ref.astype(np.float64) - got) ** 2))
-    return float("inf") if noise == 0 else 10 * math.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise)
-
-
 def fidelity(ref: list[np.ndarray], got: list[np.ndarray], classes: bool) -> dict:
     out = {"sqnr_db": min(sqnr_db(r, g) for r, g in zip(ref, got))}
     if classes:
@@ -162,13 +158,6 @@ def latency_ratio(fp32: Path, quantized: Path, eval_npz: Path) -> float:
     cmp = compare_models(fp32, quantized, eval_npz, samples=TIMING_BATCH, batch_size=TIMING_BATCH, worst=0,
                          repeats=TIMING_REPEATS, threads=TIMING_THREADS)
     return cmp.latency_ratio
-
-
-def sign_test_p(wins: int, losses: int) -> float:
-    """Two-sided exact sign test on the positions exactly one of two models agrees with FP32 on."""
-    n = wins + losses
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n if n else 1.0
-    return min(1.0, 2 * tail)
 
 
 def bench_model(model: ZooModel, calib_samples: int, eval_samples: int, folder: Path) -> list[dict]:
@@ -221,12 +210,11 @@ def paired(rows: list[dict]) -> list[str]:
         if not ours or not peers:
             continue
         best = max(peers, key=lambda r: r["agrees"].mean())
-        wins = int((ours[0]["agrees"] & ~best["agrees"]).sum())
-        losses = int((best["agrees"] & ~ours[0]["agrees"]).sum())
+        wins, losses, p = paired_counts(ours[0]["agrees"], best["agrees"])
         lines.append(f"- {name}: flexround agrees with FP32's argmax on {ours[0]['agrees'].mean():.3f} of "
                      f"{ours[0]['agrees'].size} positions, onnxruntime's {best['setting'].split()[-1]} on "
                      f"{best['agrees'].mean():.3f}; flexround alone on {wins}, onnxruntime alone on {losses} "
-                     f"(exact sign test p = {sign_test_p(wins, losses):.2g}).")
+                     f"(exact sign test p = {p:.2g}).")
     return lines
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -43,7 +42,7 @@ BUNDLED = ("digits_cnn", "digits_vit", "tiny_lm")
 STANDARD = ("resnet18", "mobilenetv2", "vit_tiny")  # make_standard_models.BUILDERS, not imported: it pulls in torch
 STANDARD_DIR = ROOT / "bench" / ".models"  # make_standard_models.DEFAULT_DIR
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_memory import write_block  # noqa: E402  (bench/ is not a package)
+from bench_memory import paired_counts, write_block  # noqa: E402  (bench/ is not a package)
 
 HEADER = "## Against onnxruntime.quantization"
 MARKER = "compare-peers"
@@ -166,13 +165,6 @@ def evaluate(model: Path, name: str) -> tuple[float, np.ndarray, np.ndarray]:
     return float(right.mean()), predicted, right
 
 
-def sign_test_p(wins: int, losses: int) -> float:
-    """Two-sided exact sign test (McNemar) on the items exactly one of two models gets right."""
-    n = wins + losses
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
 def candidates(name: str, methods: list[str], samples: int, iters: int) -> list[tuple[str, str, str, dict]]:
     """(toolkit, setting label, child kind, options) for one model."""
     flex = [("W8A8", {"wbits": 8, "abits": 8})]
@@ -267,12 +259,11 @@ def paired(results: list[dict]) -> list[str]:
             if not ours or not peers:
                 continue
             best = max(peers, key=lambda r: r["metric"])
-            wins = int((ours[0]["right"] & ~best["right"]).sum())
-            losses = int((best["right"] & ~ours[0]["right"]).sum())
+            wins, losses, p = paired_counts(ours[0]["right"], best["right"])
             lines.append(f"- {name} {bits}: flexround {ours[0]['metric']:.3f} against onnxruntime's best, "
                          f"{best['setting']} {best['metric']:.3f}. Of the {len(best['right'])} eval images, "
                          f"flexround alone gets {wins} right and onnxruntime alone {losses}; exact sign test "
-                         f"p = {sign_test_p(wins, losses):.2g}.")
+                         f"p = {p:.2g}.")
     return lines
 
 
