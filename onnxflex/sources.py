@@ -171,24 +171,34 @@ def synthetic_calibration(model: onnx.ModelProto, config: QuantConfig) -> Calibr
         if not vi.type.tensor_type.shape.dim:  # a 0-d input: one value shared by every sample
             arrays[name] = _random_input(model, vi, [], rng)
             continue
-        arrays[name] = _random_input(model, vi, [n, *_sample_dims(vi, shapes.get(name))], rng)
+        shape = _synthetic_shape(vi, shapes.get(name), n, options.batch_axes.get(name))
+        arrays[name] = _random_input(model, vi, shape, rng)
     log.warning("no calibration data given: quantizing on %d synthetic samples drawn from the input signature; "
                 "accuracy will suffer — pass --calib with real inputs", n)
     return check_calibration(arrays, model, "synthetic data", options)
 
 
-def _sample_dims(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> list[int]:
+def _synthetic_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None, n: int,
+                     axis: int | None) -> list[int]:
+    """The shape of ``n`` synthetic samples of input ``vi``: the samples lie on ``axis`` (--batch-axis),
+    else on the one unknown dim when there is exactly one (a state ``[2, ?, 128]`` carries its batch
+    on axis 1), else on axis 0; ``given`` (--input-shape, the shape of one sample with 1 on that axis)
+    fills the other unknown dims."""
     dims = input_dims(vi)
+    unknown = [i for i, d in enumerate(dims) if d is None]
+    if axis is None:
+        axis = unknown[0] if len(unknown) == 1 else 0
     if given is not None:
-        if len(given) != len(dims) or any(d is not None and d != g for d, g in zip(dims[1:], given[1:])):
+        if len(given) != len(dims) or any(d is not None and d != g for i, (d, g) in enumerate(zip(dims, given))
+                                          if i != axis):
             raise CalibrationError(f"--input-shape {vi.name}:{'x'.join(map(str, given))} does not fit the model's "
                                    f"input {vi.name!r} of shape {show_dims(dims)}")
-        return list(given[1:])
-    if any(d is None or d == 0 for d in dims[1:]):
-        example = "x".join(str(d) if d else "N" for d in [1, *dims[1:]])
+        dims = list(given)
+    if any(d is None for i, d in enumerate(dims) if i != axis):
+        example = "x".join("1" if i == axis else str(d) if d else "N" for i, d in enumerate(dims))
         raise CalibrationError(f"no calibration data and input {vi.name!r} has unknown dimensions {show_dims(dims)}: "
                                f"pass --calib, or --input-shape {vi.name}:{example} with N filled in")
-    return dims[1:]
+    return [n if i == axis else d for i, d in enumerate(dims)]
 
 
 def _random_input(model, vi, shape: list[int], rng: np.random.Generator) -> np.ndarray:

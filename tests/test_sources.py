@@ -172,6 +172,23 @@ def test_synthetic_data_needs_input_shape_for_unknown_dims():
         synthetic_calibration(_dynamic_conv_model(), QuantConfig(input_shapes=("y:1x3x8x8",)))
 
 
+def test_synthetic_samples_lie_on_the_batch_axis_of_a_state_input():
+    """A streaming model's state [2, ?, 128] carries its batch on axis 1: synthetic samples go there
+    (the one unknown dim), and the hint for a missing shape puts its 1 on that axis."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["", ""])
+    state = helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x, state], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(CalibrationError, match=r"--input-shape x:1xN with N filled in"):
+        synthetic_calibration(model, QuantConfig())
+    data = synthetic_calibration(model, QuantConfig(input_shapes=("x:1x6",), synthetic_samples=10))
+    assert data.layout.axis("state") == 1 and data.layout.axis("x") == 0
+    assert data.arrays["x"].shape == (10, 6) and data.arrays["state"].shape == (10, 2, 4)  # samples first
+    data = synthetic_calibration(model, QuantConfig(input_shapes=("x:6x1",), batch_axes=("x=1",), synthetic_samples=10))
+    assert data.layout.axis("x") == 1 and data.arrays["x"].shape == (10, 6)
+
+
 def test_synthetic_token_ids_stay_below_the_vocabulary():
     table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "emb")
     w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
