@@ -3,7 +3,7 @@
 Upgrades opsets below 13 (per-channel DequantizeLinear needs 13) with onnx's version converter, names every node uniquely, pins the
 inputs --fix-input names (passes/pin_inputs.py), turns Constant nodes into initializers, drops
 Identity/Dropout, folds nodes whose inputs are all constant (weights fed through Transpose/Cast/Reshape
-become plain initializers), folds Shape of static shapes, inlines the branch an If with a constant
+become plain initializers), folds the known dims of shapes, inlines the branch an If with a constant
 condition takes (passes/fold_if.py), gives subgraph initializers names of their own and routes outer
 tensors into subgraphs through Identities (passes/control_flow.py), gives each weighted node its own
 copy of a shared weight or bias, sorts topologically and infers shapes. Graph input/output dims written
@@ -20,6 +20,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
+from onnxflex.inputs import known_dim
 from onnxflex.ort import clear_unknown_dims
 from onnxflex.passes.context import PassContext
 from onnxflex.passes.control_flow import (explicit_outer_reads, localize_outer_initializers,
@@ -55,6 +56,7 @@ def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     _fold_constants(model)
     while fold_constant_ifs(model):  # a folded branch may hold constants and Ifs that fold in turn
         _constants_to_initializers(model)
+        model = _infer(model)  # the inlined nodes' shapes, for the Shape dims they check
         _fold_constants(model)
     unique_subgraph_initializers(model)
     explicit_outer_reads(model, NameScope.of(model))
@@ -172,15 +174,20 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _fold_constants(model: onnx.ModelProto) -> None:
-    """Mutates: evaluates nodes whose inputs are all constant (and Shape of static shapes) once."""
+    """Mutates: evaluates nodes whose inputs are all constant once, and the dims of a shape that are
+    known: a Shape of a static shape, and a Gather of the known dims of a Shape (``state.shape[0]`` of
+    a state declared ``[2, ?, 128]``, an If condition that a streaming export checks)."""
     g = model.graph
     consts = {t.name: t for t in g.initializer}
-    static = _static_shapes(model)
+    declared = _declared_shapes(model)
+    shapes: dict[str, list[int | None]] = {}  # a kept Shape's output → the dims it holds
     keep = []
     for node in g.node:
-        values = _try_fold(node, consts, static, lambda t: tensor_array(t, model))
+        values = _try_fold(node, consts, declared, shapes, lambda t: tensor_array(t, model))
         if values is None:
             keep.append(node)
+            if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.input[0] in declared:
+                shapes[node.output[0]] = _shape_slice(node, declared[node.input[0]])
             continue
         for name, value in zip(node.output, values):
             tensor = numpy_helper.from_array(np.asarray(value), name)
@@ -192,13 +199,16 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     drop_unused_initializers(model)
 
 
-def _try_fold(node, consts, static, read=numpy_helper.to_array) -> list[np.ndarray] | None:
+def _try_fold(node, consts, declared, shapes, read=numpy_helper.to_array) -> list[np.ndarray] | None:
+    """The outputs of ``node`` when they are known before any run; ``declared`` maps a tensor to its
+    declared dims (None where unknown), ``shapes`` a kept Shape's output to the dims it holds."""
     if node.op_type in NOT_FOLDED or node.domain not in ("", "ai.onnx"):
         return None
-    if node.op_type == "Shape" and node.input[0] in static:
-        shape = np.array(static[node.input[0]], dtype=np.int64)
-        attrs = {a.name: a.i for a in node.attribute}
-        return [shape[attrs.get("start", 0):attrs.get("end", len(shape))]]
+    if node.op_type == "Shape" and node.input[0] in declared:
+        dims = _shape_slice(node, declared[node.input[0]])
+        return [np.array(dims, dtype=np.int64)] if None not in dims else None
+    if node.op_type == "Gather" and node.input[0] in shapes and node.input[1] in consts:
+        return _gather_known_dims(node, shapes[node.input[0]], read(consts[node.input[1]]))
     names = [i for i in node.input if i]
     if not names or not all(i in consts for i in names):
         return None
@@ -211,12 +221,27 @@ def _try_fold(node, consts, static, read=numpy_helper.to_array) -> list[np.ndarr
         return None
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+def _shape_slice(node: onnx.NodeProto, dims: list[int | None]) -> list[int | None]:
+    attrs = {a.name: a.i for a in node.attribute}
+    return list(dims)[attrs.get("start", 0):attrs.get("end", len(dims))]
+
+
+def _gather_known_dims(node: onnx.NodeProto, dims: list[int | None], indices: np.ndarray) -> list[np.ndarray] | None:
+    """A Gather of a Shape's output at constant indices, when every gathered dim is known."""
+    if any(a.name == "axis" and a.i != 0 for a in node.attribute) or not np.issubdtype(indices.dtype, np.integer):
+        return None
+    rank = len(dims)
+    picked = [dims[int(i)] if -rank <= int(i) < rank else None for i in indices.reshape(-1)]
+    return [np.array(picked, dtype=np.int64).reshape(indices.shape)] if picked and None not in picked else None
+
+
+def _declared_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Each tensor with a declared rank: its dims, None where unknown (see inputs.known_dim)."""
     shapes = {}
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         t = vi.type.tensor_type
-        if t.HasField("shape") and all(d.HasField("dim_value") and d.dim_value > 0 for d in t.shape.dim):
-            shapes[vi.name] = [d.dim_value for d in t.shape.dim]
+        if t.HasField("shape"):
+            shapes[vi.name] = [known_dim(d) for d in t.shape.dim]
     return shapes
 
 

@@ -22,6 +22,7 @@ import onnx
 from onnxflex.blocks import Block, BlockPlan, InnerPoint, QuantLayer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import default_opset, graph_input_names
+from onnxflex.passes.control_flow import reads
 
 IsSupported = Callable[[onnx.NodeProto, int], bool]  # (node, default-domain opset): runs in torch
 
@@ -136,8 +137,8 @@ def _single_tensor_cuts(model: onnx.ModelProto, uncounted: set[str]) -> list[int
     inits = {t.name for t in model.graph.initializer}
     last_use: dict[str, int] = {}
     for i, node in enumerate(nodes):
-        for name in node.input:
-            if name and name not in inits:
+        for name in reads(node):  # a subgraph's outer reads too: the tensor lives until the If/Loop runs
+            if name not in inits:
                 last_use[name] = i
     for out in model.graph.output:
         last_use[out.name] = len(nodes)
@@ -222,8 +223,8 @@ def _block_inputs(model, run) -> tuple[str, ...]:
     produced = {o for n in run for o in n.output if o}
     inputs: list[str] = []
     for node in run:
-        for name in node.input:
-            if name and name not in produced and name not in inits and name not in inputs:
+        for name in reads(node):
+            if name not in produced and name not in inits and name not in inputs:
                 inputs.append(name)
     return tuple(inputs)
 
