@@ -107,9 +107,10 @@ class TensorCache:
             self._dir = None
 
     def _allocate(self, key: Key, shape: tuple[int, ...], dtype) -> np.ndarray | DiskArray:
-        """A new entry for ``key``: in RAM while the RAM bound allows, else a file in the spill folder."""
+        """A new entry for ``key``: in RAM while the RAM bound allows, else a file in the spill folder
+        (a 0-d value, which a file of rows cannot hold, stays in RAM: it is one number)."""
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if self.ram_bytes + nbytes <= self.max_bytes:
+        if self.ram_bytes + nbytes <= self.max_bytes or not shape:
             array = np.empty(shape, dtype)
             self.ram_bytes += nbytes
         else:
