@@ -67,7 +67,7 @@ def synthetic_params(plan: BlockPlan, target, config: QuantConfig, sample: Calib
     Activation points inside control-flow subgraphs are left float here (only their weights are int8)."""
     import torch
 
-    from onnxflex.capture import channel_ranges
+    from onnxflex.probes import channel_ranges
     from onnxflex.rounding.reconstruct import add_block_quantizers
     from onnxflex.rounding.torchify import QuantState
 

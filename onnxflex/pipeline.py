@@ -10,7 +10,8 @@ import onnx
 
 from onnxflex.blocks import BlockPlan
 from onnxflex.calib import CalibrationSet, fixed_batch
-from onnxflex.capture import TensorCache, capture
+from onnxflex.cache import TensorCache
+from onnxflex.capture import capture
 from onnxflex.config import QuantConfig
 from onnxflex.device import resolve_device
 from onnxflex.errors import CalibrationError

@@ -27,9 +27,9 @@ import onnx
 from onnx import numpy_helper
 
 from onnxflex.calib import CalibrationSet
-from onnxflex.capture import channel_ranges
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import NameScope, consumers, node_attr
+from onnxflex.probes import channel_ranges
 
 SHAPE_ONLY = ("Shape", "Size")  # readers of the output's shape, not its values: the fold leaves them alone
 RANGE_FLOOR = 1e-3  # a channel's range is at least this fraction of the largest, so r stays bounded

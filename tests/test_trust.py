@@ -163,7 +163,8 @@ def test_spill_estimate_matches_what_capture_writes():
     import onnx
 
     from onnxflex.calib import load_npz
-    from onnxflex.capture import TensorCache, capture
+    from onnxflex.cache import Key, TensorCache
+    from onnxflex.capture import capture
     from onnxflex.config import QuantConfig
     from onnxflex.pipeline import build_plan
     from onnxflex.spill import spill_estimate, tensor_bytes
@@ -175,10 +176,10 @@ def test_spill_estimate_matches_what_capture_writes():
     cache = TensorCache(0)  # everything spills
     try:
         capture(plan.model, boundary, data, cache, ["CPUExecutionProvider"])
-        written = sum(cache["fp:" + n].nbytes for n in boundary)
+        written = sum(cache[Key.fp(n)].nbytes for n in boundary)
     finally:
         cache.close()
-    assert spill_estimate(plan.model, boundary, data, 0) == 2 * written  # fp: and q: copies
+    assert spill_estimate(plan.model, boundary, data, 0) == 2 * written  # the FP and quantized-run copies
     assert spill_estimate(plan.model, boundary, data, 2 * written) == 0
 
 

@@ -17,7 +17,7 @@ import torch
 
 from onnxflex.blocks import Block, BlockPlan
 from onnxflex.calib import CalibrationSet
-from onnxflex.capture import DiskArray, TensorCache
+from onnxflex.cache import DiskArray, Key, TensorCache
 from onnxflex.checkpoint import Checkpoint, FrozenRounder
 from onnxflex.config import QuantConfig
 from onnxflex.device import threads_for, torch_threads
@@ -59,17 +59,19 @@ class BlockData:
     def __init__(self, block: Block, cache: TensorCache, device: torch.device) -> None:
         self.layout = cache.layout
 
-        def load(key, name):
-            array = cache[key]
+        def load(name, array):
             if self.layout.shared(name):
                 return Shared(torch.from_numpy(np.array(array)).to(device))
             if isinstance(array, DiskArray):  # spilled: read batch by batch, RAM stays bounded
                 return RowReader(array, device)
             return torch.from_numpy(np.array(array)).to(device)
 
-        self.fp_inputs = {n: load("fp:" + n, n) for n in block.inputs}
-        self.fp_outputs = {n: load("fp:" + n, n) for n in block.outputs}
-        self.q_inputs = {n: load("q:" + n, n) if "q:" + n in cache else self.fp_inputs[n] for n in block.inputs}
+        fp_inputs = cache.fp_inputs(block)
+        self.fp_inputs = {n: load(n, a) for n, a in fp_inputs.items()}
+        self.fp_outputs = {n: load(n, a) for n, a in cache.fp_outputs(block).items()}
+        # an input the quantized path leaves as it is is the FP entry: loaded once, shared by both
+        self.q_inputs = {n: self.fp_inputs[n] if a is fp_inputs[n] else load(n, a)
+                         for n, a in cache.q_inputs(block).items()}
         self.num_samples = cache.num_samples
         self.device = device
 
@@ -285,14 +287,7 @@ def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: 
             values = dict(outputs)
             values.update({name: module.state.acts[name](inputs[name]) for name in module.input_points})
             for name, value in values.items():
-                array = value.cpu().numpy()
-                if data.layout.shared(name):
-                    if start == 0:
-                        cache.put("q:" + name, array)
-                    continue
-                if start == 0:
-                    cache.allocate("q:" + name, (n,) + array.shape[1:], array.dtype)
-                cache["q:" + name][start:start + len(array)] = array
+                cache.write(Key.q(name), start, value.cpu().numpy())
     return total / n
 
 
