@@ -36,6 +36,13 @@ class InputOptions:
     def from_config(cls, config) -> "InputOptions":
         return cls.from_specs(config.batch_axes, config.fix_inputs)
 
+    def batch_axis(self, vi: onnx.ValueInfoProto) -> int:
+        """The axis of input ``vi`` that carries the samples when no data says so: the one --batch-axis
+        gives, else the input's only unknown dim (a state ``[2, ?, 128]`` carries its batch on axis 1),
+        else axis 0."""
+        unknown = [k for k, d in enumerate(input_dims(vi)) if d is None]
+        return self.batch_axes.get(vi.name, unknown[0] if len(unknown) == 1 else 0)
+
 
 def model_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """The inputs fed at run time, by name, in graph order."""
