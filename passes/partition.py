@@ -1,5 +1,8 @@
 """partition: split the topologically sorted graph into reconstruction blocks.
 
+A planning function, not a graph pass (no ``Pass``, the model is only read): it groups the layers and
+activation points passes/select.py chose into the BlockPlan that capture and reconstruct walk.
+
 granularity 'layer': a block starts at each weighted node and runs to the next one.
 granularity 'block': a block ends wherever a single run-time tensor carries everything later nodes
 need (a residual unit becomes one block); a residual unit without attention that follows one with
@@ -22,11 +25,10 @@ import onnx
 from onnxflex.blocks import Block, BlockPlan, InnerPoint, QuantLayer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import default_opset, graph_input_names
+from onnxflex.placement import FLOAT_TYPES
 
 IsSupported = Callable[[onnx.NodeProto, int], bool]  # (node, default-domain opset): runs in torch
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-               onnx.TensorProto.DOUBLE}
 SHAPE_OPS = {"Shape", "Size"}
 ATTENTION_OPS = {"Softmax"}
 RESIDUAL_OPS = {"Add", "Sum"}
