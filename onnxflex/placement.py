@@ -7,12 +7,13 @@ need. Each answer lives here once, so a plan and the check of what it emitted ca
 """
 from __future__ import annotations
 
-from typing import Container, Iterable
+from typing import Container, Iterable, Mapping, Sequence
 
 import onnx
 from onnx import TensorProto
 
 from onnxflex.graph import node_attr
+from onnxflex.runtimes.base import WEIGHTED_OPS
 
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
 """Every floating-point element type: tensors that carry real-valued activations or weights."""
@@ -46,9 +47,28 @@ def weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
 def channel_axis(node: onnx.NodeProto, rank: int) -> int | None:
     """The output-channel axis along which a weight of ``rank`` dims gets one step per channel, or None
     where onnxflex does not quantize the node (not a weighted op, or a MatMul weight that is not 2-D)."""
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or (node.op_type == "MatMul" and rank != 2):
+    if node.op_type not in WEIGHTED_OPS or (node.op_type == "MatMul" and rank != 2):
         return None
     return weight_axes(node)[0]
+
+
+def declared_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor → element type, for the tensors the top-level graph declares (value_info, inputs, outputs;
+    a later declaration wins). Callers count an undeclared tensor as FLOAT."""
+    g = model.graph
+    return {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+
+
+def output_point(out: str, users: Mapping[str, Sequence[onnx.NodeProto]], absorb: Container[str],
+                 kept: Container[str] = ()) -> str:
+    """The tensor that carries a weighted op's output Q on a fusing target: its output ``out``, or, when
+    the only node reading ``out`` is an activation in ``absorb`` (the runtime fuses it into the op), that
+    activation's output. ``users``: tensor → the nodes that read it; ``kept``: tensors read as they are
+    (graph outputs), which stay the point."""
+    follow = users.get(out, [])
+    if out not in kept and len(follow) == 1 and follow[0].op_type in absorb:
+        return follow[0].output[0]
+    return out
 
 
 def residual_skips(nodes: Iterable[onnx.NodeProto], layer_outputs: Container[str],

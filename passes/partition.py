@@ -25,7 +25,7 @@ import onnx
 from onnxflex.blocks import Block, BlockPlan, InnerPoint, QuantLayer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import default_opset, graph_input_names
-from onnxflex.placement import FLOAT_TYPES
+from onnxflex.placement import FLOAT_TYPES, declared_types
 
 IsSupported = Callable[[onnx.NodeProto, int], bool]  # (node, default-domain opset): runs in torch
 
@@ -108,13 +108,12 @@ def side_tensors(model: onnx.ModelProto, weighted: set[str]) -> set[str]:
 
 def _side_activations(model: onnx.ModelProto, side: set[str], layers: tuple[QuantLayer, ...]) -> set[str]:
     """Float side tensors from which a layer's input is computed through float side tensors only."""
-    g = model.graph
-    typed = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    typed = declared_types(model)
 
     def float_side(name: str) -> bool:
         return name in side and typed.get(name, onnx.TensorProto.FLOAT) in FLOAT_TYPES
 
-    producer = {o: n for n in g.node for o in n.output if o}
+    producer = {o: n for n in model.graph.node for o in n.output if o}
     found: set[str] = set()
     stack = [layer.input for layer in layers if float_side(layer.input)]
     while stack:

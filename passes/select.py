@@ -13,7 +13,8 @@ from onnxflex.blocks import QuantLayer
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError, UnsupportedModelError
 from onnxflex.graph import consumers, graph_input_names, node_attr
-from onnxflex.placement import FLOAT_TYPES, QUANTIZABLE_TYPES, channel_axis, residual_skips
+from onnxflex.placement import (FLOAT_TYPES, QUANTIZABLE_TYPES, channel_axis, declared_types, output_point,
+                                residual_skips)
 from onnxflex.runtimes.base import Target
 
 
@@ -108,11 +109,7 @@ def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], ta
         node = by_name[layer.node]
         candidates = [layer.input]
         if target.quantize_outputs:
-            out = node.output[0]
-            follow = users.get(out, [])
-            if out not in outputs and len(follow) == 1 and follow[0].op_type in target.absorb:
-                out = follow[0].output[0]
-            candidates.append(out)
+            candidates.append(output_point(node.output[0], users, target.absorb, outputs))
         points += [t for t in candidates if t in float_tensors and t not in points]
     if target.quantize_residual_add:
         points += [t for t in residual_inputs(model, layers) if t in float_tensors and t not in points]
@@ -141,7 +138,6 @@ def concat_ties(model: onnx.ModelProto) -> dict[str, str]:
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
     """Tensors known to be of a type QuantizeLinear reads (from inputs and inferred value_info; DOUBLE is
     not one); unknown types count as float."""
-    g = model.graph
-    typed = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
-    names = set(graph_input_names(model)) | {o for n in g.node for o in n.output}
+    typed = declared_types(model)
+    names = set(graph_input_names(model)) | {o for n in model.graph.node for o in n.output}
     return {n for n in names if typed.get(n, onnx.TensorProto.FLOAT) in QUANTIZABLE_TYPES}

@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnxflex.graph import default_opset, node_attr
-from onnxflex.placement import BLOCKED_OPSET, PER_CHANNEL_OPSET, residual_skips, weight_axes
+from onnxflex.placement import BLOCKED_OPSET, PER_CHANNEL_OPSET, output_point, residual_skips, weight_axes
 from onnxflex.registry import Registry
 from onnxflex.runtimes.base import WEIGHTED_OPS, Target
 
@@ -230,8 +230,7 @@ def check_outputs(view: GraphView, target: Target) -> list[Finding]:
                                    f" {target.name} wants no Q on weighted-op outputs (it splits the op from "
                                    "what follows)", fallback=False))
             continue
-        if len(users) == 1 and users[0].op_type in target.absorb:
-            users = view.consumers.get(users[0].output[0], [])
+        users = view.consumers.get(output_point(node.output[0], view.consumers, target.absorb), [])
         if users and not any(u.op_type == "QuantizeLinear" for u in users):
             out.append(Finding(node.name, node.op_type, "output-q", f"output {node.output[0]!r} has no "
                                f"QuantizeLinear; {target.name} may keep the op in float", fallback=False))

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, defs, helper
 
 from onnxflex.placement import (BLOCKED_OPSET, FLOAT_TYPES, NUMPY_FLOAT_TYPES, PER_CHANNEL_OPSET,
-                                QUANTIZABLE_TYPES, channel_axis, residual_skips, weight_axes)
+                                QUANTIZABLE_TYPES, channel_axis, output_point, residual_skips, weight_axes)
 
 FLOATS = {TensorProto.FLOAT: "float", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
           TensorProto.DOUBLE: "double"}
@@ -87,3 +87,21 @@ def test_residual_skip_is_the_input_other_than_the_latest_layer():
     assert {k: v.name for k, v in skips.items()} == {"a": "s2", "s4": "s5"}
     assert list(residual_skips(nodes[:3], {"a", "b"}, ())) == ["a"]
     assert list(residual_skips(nodes, (), ())) == []
+
+
+def test_output_point_stops_at_a_graph_output_and_at_a_second_reader():
+    nodes = _nodes("""
+        a = Conv(x, w)
+        r = Relu(a)
+        b = Conv(r, w)
+        s = Sigmoid(b)
+        t = Relu(b)
+    """)
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    assert output_point("a", users, ("Relu", "Clip")) == "r"
+    assert output_point("a", users, ("Relu",), kept={"a"}) == "a", "a graph output is read as it is"
+    assert output_point("a", users, ()) == "a"
+    assert output_point("b", users, ("Relu", "Sigmoid")) == "b", "two readers: nothing is fused"
