@@ -19,11 +19,11 @@ from onnxflex.errors import CalibrationError, ModelLoadError
 from onnxflex.graph import graph_input_names, load_model
 from onnxflex.inputs import InputOptions
 from onnxflex.ort import session, timing_sessions
+from onnxflex.placement import NUMPY_FLOAT_TYPES
 from onnxflex.probes import tensor_layout, with_probes
 from onnxflex.timing import MAX_SECONDS, WIDTH, RatioEstimate, measure_ratio, ratio_gate
 
 PROVIDERS = ["CPUExecutionProvider"]
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ def _shared_tensors(ref_model, cand_model, skip: set[str]) -> list[str]:
     names = []
     for node in ref_model.graph.node:
         for o in node.output:
-            if o and o in cand_produced and o not in skip and typed.get(o, onnx.TensorProto.FLOAT) in FLOAT_TYPES:
+            if o and o in cand_produced and o not in skip and typed.get(o, onnx.TensorProto.FLOAT) in NUMPY_FLOAT_TYPES:
                 names.append(o)
     return names
 

@@ -12,7 +12,7 @@ from onnxflex.errors import ConfigError
 
 METHODS = ("rtn", "flexround", "adaround", "signround")
 GRANULARITIES = ("block", "layer")
-TARGETS = ("onnxruntime", "tensorrt")
+TARGETS = ("onnxruntime", "tensorrt", "onnxruntime-1.14")  # runtimes/targets.py's names (tests/test_targets.py)
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_SEARCH = ("minmax", "mse")
 METHOD_DEFAULT = -1  # iters or lr at -1: the method's own value, resolved when the config is built

@@ -1,5 +1,8 @@
 """partition: split the topologically sorted graph into reconstruction blocks.
 
+A planning function, not a graph pass (no ``Pass``, the model is only read): it groups the layers and
+activation points passes/select.py chose into the BlockPlan that capture and reconstruct walk.
+
 granularity 'layer': a block starts at each weighted node and runs to the next one.
 granularity 'block': a block ends wherever a single run-time tensor carries everything later nodes
 need (a residual unit becomes one block); a residual unit without attention that follows one with
@@ -23,11 +26,10 @@ from onnxflex.blocks import Block, BlockPlan, InnerPoint, QuantLayer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import default_opset, graph_input_names
 from onnxflex.passes.control_flow import reads
+from onnxflex.placement import FLOAT_TYPES, declared_types
 
 IsSupported = Callable[[onnx.NodeProto, int], bool]  # (node, default-domain opset): runs in torch
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-               onnx.TensorProto.DOUBLE}
 SHAPE_OPS = {"Shape", "Size"}
 ATTENTION_OPS = {"Softmax"}
 RESIDUAL_OPS = {"Add", "Sum"}
@@ -107,13 +109,12 @@ def side_tensors(model: onnx.ModelProto, weighted: set[str]) -> set[str]:
 
 def _side_activations(model: onnx.ModelProto, side: set[str], layers: tuple[QuantLayer, ...]) -> set[str]:
     """Float side tensors from which a layer's input is computed through float side tensors only."""
-    g = model.graph
-    typed = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    typed = declared_types(model)
 
     def float_side(name: str) -> bool:
         return name in side and typed.get(name, onnx.TensorProto.FLOAT) in FLOAT_TYPES
 
-    producer = {o: n for n in g.node for o in n.output if o}
+    producer = {o: n for n in model.graph.node for o in n.output if o}
     found: set[str] = set()
     stack = [layer.input for layer in layers if float_side(layer.input)]
     while stack:

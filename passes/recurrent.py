@@ -25,7 +25,7 @@ from onnxflex.blocks import QuantLayer
 from onnxflex.config import QuantConfig
 from onnxflex.graph import DEFAULT_DOMAINS, node_attr
 from onnxflex.passes.control_flow import subgraphs
-from onnxflex.passes.select import FLOAT_TYPES
+from onnxflex.placement import QUANTIZABLE_TYPES
 from onnxflex.runtimes.base import Target
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
@@ -72,7 +72,7 @@ def _float_reason(node: onnx.NodeProto, inits: dict, target: Target, config: Qua
     if node_attr(node, "layout", 0):
         return f"layout=1 (batch-major) has no {INTEGER_LSTM} form; export it with layout=0 (sequence-major)"
     weights = [node.input[k] if len(node.input) > k else "" for k in (1, 2)]
-    if not all(w in inits and inits[w].data_type in FLOAT_TYPES for w in weights):
+    if not all(w in inits and inits[w].data_type in QUANTIZABLE_TYPES for w in weights):
         return "its W and R are not float initializers (computed at run time), so there is nothing to quantize"
     return ""
 

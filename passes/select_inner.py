@@ -14,7 +14,8 @@ import onnx
 from onnxflex.blocks import InnerPoint, QuantLayer
 from onnxflex.config import QuantConfig
 from onnxflex.passes.control_flow import subgraphs
-from onnxflex.passes.select import FLOAT_TYPES, _channel_axis, check_float32
+from onnxflex.passes.select import check_float32
+from onnxflex.placement import QUANTIZABLE_TYPES as FLOAT_TYPES, channel_axis as _channel_axis
 from onnxflex.runtimes.base import Target
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}

@@ -17,6 +17,7 @@ from onnxflex.emit.pack import int4_initializer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import NameScope, default_opset, node_attr, set_default_opset
 from onnxflex.passes.control_flow import reads, rename_outer_reads, subgraphs
+from onnxflex.placement import BLOCKED_OPSET
 from onnxflex.qparams import QuantizedWeight, QuantParams
 from onnxflex.registry import Registry
 from onnxflex.runtimes.base import Target
@@ -25,7 +26,6 @@ Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
 STAGES: Registry[Stage] = Registry("emitter stage")
 ORDER = ("recurrent", "weights", "biases", "activations", "versions")
 NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
-BLOCKED_OPSET = 21  # DequantizeLinear's block_size and INT4 inputs
 
 
 def emit(model: onnx.ModelProto, params: QuantParams, target: Target) -> onnx.ModelProto:
