@@ -9,10 +9,9 @@ from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.config import METHODS, QuantConfig
 from onnxflex.rounding.adaround import AdaRounder
 from onnxflex.rounding.methods import ROUNDERS, make_policy, make_rounder
-from onnxflex.rounding.rounders import FlexRounder, RTNRounder
+from onnxflex.rounding.rounders import FlexRounder, FrozenRounder, RTNRounder
 from onnxflex.rounding.signround import SignedDescent, SignRounder
 from onnxflex.rounding.quant import signed_range
-from onnxflex.checkpoint import FrozenRounder
 from onnxflex.emit.pack import blocked_scale_shape
 
 

@@ -12,7 +12,8 @@ import torch
 from onnxflex.config import QuantConfig
 from onnxflex.registry import Registry
 from onnxflex.rounding.adaround import AdaRounder
-from onnxflex.rounding.rounders import FlexRounder, ParamGroups, Rounder, RTNRounder, StepPolicy
+from onnxflex.rounding.policies import ParamGroups, StepPolicy
+from onnxflex.rounding.rounders import FlexRounder, Rounder, RTNRounder
 from onnxflex.rounding.signround import SignRounder
 
 ROUNDERS: Registry[type] = Registry("rounding method")

@@ -18,7 +18,7 @@ import torch
 from onnxflex.blocks import Block, BlockPlan
 from onnxflex.calib import CalibrationSet
 from onnxflex.capture import DiskArray, TensorCache
-from onnxflex.checkpoint import Checkpoint, FrozenRounder
+from onnxflex.checkpoint import Checkpoint
 from onnxflex.config import QuantConfig
 from onnxflex.device import threads_for, torch_threads
 from onnxflex.extdata import tensor_array
@@ -30,7 +30,8 @@ from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import MAX_SEARCH_VALUES, ActQuantizer, sample_values
 from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.methods import make_policy, make_rounder
-from onnxflex.rounding.rounders import EarlyStop
+from onnxflex.rounding.policies import EarlyStop
+from onnxflex.rounding.rounders import FrozenRounder
 from onnxflex.rounding.torchify import BlockModule, QuantState, bias_limit
 from onnxflex.runtimes.base import Target
 
