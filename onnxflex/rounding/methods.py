@@ -28,6 +28,11 @@ def make_rounder(method: str, weight: torch.Tensor, axis: int, bits: int, scale_
     return ROUNDERS.get(method)(weight, axis, bits, scale_search, group_size)
 
 
+def reconstructs(method: str) -> bool:
+    """Whether the block loop learns anything for ``method`` (Rounder.reconstructs)."""
+    return ROUNDERS.get(method).reconstructs
+
+
 def make_policy(method: str, rounders: Sequence[Rounder], groups: ParamGroups, config: QuantConfig
                 ) -> StepPolicy | None:
     """The step policy of ``method`` for one block, or None when there is nothing to learn."""

@@ -29,7 +29,7 @@ from onnxflex.passes.select import concat_ties
 from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import MAX_SEARCH_VALUES, ActQuantizer, sample_values
 from onnxflex.rounding.ortblock import OrtBlock
-from onnxflex.rounding.methods import make_policy, make_rounder
+from onnxflex.rounding.methods import make_policy, make_rounder, reconstructs
 from onnxflex.rounding.policies import EarlyStop
 from onnxflex.rounding.rounders import FrozenRounder
 from onnxflex.rounding.torchify import BlockModule, QuantState, bias_limit
@@ -343,7 +343,7 @@ class BlockRunner:
         with self.loaded(block) as data:
             seed = self.config.seed * 1000 + index
             module = self.build(block, data, seed)
-            learns = isinstance(module, BlockModule) and self.config.method != "rtn"
+            learns = isinstance(module, BlockModule) and reconstructs(self.config.method)
             progress.start(self.config.iters if learns else 0, f"{block.name} ({index + 1}/{len(self.plan.blocks)})")
             before, steps = self.learn(module, data, seed, progress) if learns else (None, 0)
             self.freeze(module, block)

@@ -94,9 +94,13 @@ class Rounder(torch.nn.Module):
     the step tensors (``scale()``, FlexRound's δ1, SignRound's α) have ``grouped_view``'s scale shape.
 
     A rounder starts in eval mode; reconstruction switches it to training mode while it learns.
+    ``reconstructs``: whether its method learns against the FP block at all (its rounding parameters
+    and the activation steps); a method that does not (RTN, a data-free rounder) keeps the calibrated
+    start of both.
     """
 
     policy: type[StepPolicy] = AdamCosine
+    reconstructs = True
 
     def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse",
                  group_size: int = 0) -> None:
@@ -150,6 +154,8 @@ class Rounder(torch.nn.Module):
 
 class RTNRounder(Rounder):
     """q = clamp(round(W / s)), s from min/max or the MSE grid; nothing is learned."""
+
+    reconstructs = False
 
     def integers(self) -> torch.Tensor:
         return torch.clamp(torch.round(self.weight / self.spread(self.init_scale)), self.qmin, self.qmax)
