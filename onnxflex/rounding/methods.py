@@ -12,6 +12,7 @@ import torch
 from onnxflex.config import QuantConfig
 from onnxflex.registry import Registry
 from onnxflex.rounding.adaround import AdaRounder
+from onnxflex.rounding.hqq import HQQRounder
 from onnxflex.rounding.policies import ParamGroups, StepPolicy
 from onnxflex.rounding.rounders import FlexRounder, Rounder, RTNRounder
 from onnxflex.rounding.signround import SignRounder
@@ -21,6 +22,7 @@ ROUNDERS.register("rtn")(RTNRounder)
 ROUNDERS.register("flexround")(FlexRounder)
 ROUNDERS.register("adaround")(AdaRounder)
 ROUNDERS.register("signround")(SignRounder)
+ROUNDERS.register("hqq")(HQQRounder)
 
 
 def make_rounder(method: str, weight: torch.Tensor, axis: int, bits: int, scale_search: str,
