@@ -337,8 +337,9 @@ class BlockRunner:
         return module, result
 
     def quantize(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
-        """Block ``index`` built, learned (unless RTN or run in onnxruntime), frozen, and its quantized
-        outputs stored; its result's ``seconds`` count from the loading of its tensors."""
+        """Block ``index`` built, learned (unless its method does not reconstruct or it runs in
+        onnxruntime), frozen, and its quantized outputs stored; its result's ``seconds`` count from the
+        loading of its tensors."""
         started = time.perf_counter()
         with self.loaded(block) as data:
             seed = self.config.seed * 1000 + index
