@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from onnxflex.errors import ConfigError
 
-METHODS = ("rtn", "flexround", "adaround", "signround")
+METHODS = ("rtn", "flexround", "adaround", "signround", "hqq")
 GRANULARITIES = ("block", "layer")
 TARGETS = ("onnxruntime", "tensorrt", "onnxruntime-1.14")  # runtimes/targets.py's names (tests/test_targets.py)
 DEVICES = ("auto", "cpu", "cuda")
@@ -76,7 +76,8 @@ OPTION_HELP: dict[str, str] = {
     "group_size": "weight-only (abits 0) MatMul and Gemm weights: one step per group of this many input "
                   "channels (a power of two >= 16 dividing each layer's input dimension), written as blocked 4-bit "
                   "weights (wbits 2-4) that onnxruntime runs as MatMulNBits; 0 = one step per output channel",
-    "method": "rounding method: rtn (round to nearest, nothing learned) or a learned rounder",
+    "method": "rounding method: rtn (round to nearest, nothing learned), hqq (data-free refined steps) or a "
+              "learned rounder",
     "granularity": "reconstruction unit: block (a residual unit) or layer (one weighted op)",
     "target": "runtime the model is emitted for",
     "preset": "speed against quality of learned rounding, for the options left at -1: fast (a quarter of "

@@ -23,7 +23,7 @@ from onnxflex.errors import ConfigError
 from onnxflex.rounding.quant import fake_quant, round_ste
 from onnxflex.device import VALUES_PER_THREAD, threads_for, torch_threads
 from onnxflex.rounding.reconstruct import step_indices
-from onnxflex.rounding.rounders import AdamCosine, EarlyStop, StepPolicy
+from onnxflex.rounding.policies import AdamCosine, EarlyStop, StepPolicy
 
 
 def invoke(*args):

@@ -255,9 +255,10 @@ def test_blocked_weights_survive_a_checkpoint(tmp_path):
     """A resumed run restores blocked weights with their block size (checkpoint.py)."""
     import torch
 
-    from onnxflex.checkpoint import Checkpoint, FrozenRounder
+    from onnxflex.checkpoint import Checkpoint
     from onnxflex.rounding.reconstruct import BlockResult
     from onnxflex.rounding.methods import make_rounder
+    from onnxflex.rounding.rounders import FrozenRounder
 
     w = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) * 0.1
     q = make_rounder("flexround", w, 1, 3, "mse", 16).export()

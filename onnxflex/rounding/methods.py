@@ -12,7 +12,9 @@ import torch
 from onnxflex.config import QuantConfig
 from onnxflex.registry import Registry
 from onnxflex.rounding.adaround import AdaRounder
-from onnxflex.rounding.rounders import FlexRounder, ParamGroups, Rounder, RTNRounder, StepPolicy
+from onnxflex.rounding.hqq import HQQRounder
+from onnxflex.rounding.policies import ParamGroups, StepPolicy
+from onnxflex.rounding.rounders import FlexRounder, Rounder, RTNRounder
 from onnxflex.rounding.signround import SignRounder
 
 ROUNDERS: Registry[type] = Registry("rounding method")
@@ -20,11 +22,17 @@ ROUNDERS.register("rtn")(RTNRounder)
 ROUNDERS.register("flexround")(FlexRounder)
 ROUNDERS.register("adaround")(AdaRounder)
 ROUNDERS.register("signround")(SignRounder)
+ROUNDERS.register("hqq")(HQQRounder)
 
 
 def make_rounder(method: str, weight: torch.Tensor, axis: int, bits: int, scale_search: str,
                  group_size: int = 0) -> Rounder:
     return ROUNDERS.get(method)(weight, axis, bits, scale_search, group_size)
+
+
+def reconstructs(method: str) -> bool:
+    """Whether the block loop learns anything for ``method`` (Rounder.reconstructs)."""
+    return ROUNDERS.get(method).reconstructs
 
 
 def make_policy(method: str, rounders: Sequence[Rounder], groups: ParamGroups, config: QuantConfig

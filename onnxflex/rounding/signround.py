@@ -11,7 +11,8 @@ import torch
 
 from onnxflex.config import QuantConfig
 from onnxflex.rounding.quant import round_ste
-from onnxflex.rounding.rounders import AdamCosine, ParamGroups, Rounder, StepPolicy, absmax_per_step
+from onnxflex.rounding.policies import AdamCosine, ParamGroups, StepPolicy
+from onnxflex.rounding.rounders import Rounder, absmax_per_step
 
 V_BOUND = 0.5
 CLIP_BOUNDS = (0.5, 1.0)
