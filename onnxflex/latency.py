@@ -28,6 +28,7 @@ from onnxflex.blocks import BlockPlan
 from onnxflex.calib import CalibrationSet
 from onnxflex.config import QuantConfig
 from onnxflex.graph import load_model, name_nodes_uniquely
+from onnxflex.planning import place
 from onnxflex.qparams import QuantParams
 
 log = logging.getLogger("onnxflex")
@@ -123,10 +124,15 @@ def _emitted(plan: BlockPlan, target, config: QuantConfig, sample: CalibrationSe
     return emit(plan.model, synthetic_params(plan, target, config, sample), target)
 
 
+def _without(plan: BlockPlan, config: QuantConfig, nodes: tuple[str, ...]) -> BlockPlan:
+    """A timing variant: ``plan.model`` re-placed with ``nodes`` kept in float (its warnings unused)."""
+    return place(plan.model, config.replace(exclude_nodes=config.exclude_nodes + nodes))
+
+
 def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: CalibrationSet, config: QuantConfig,
-                        build_plan, progress) -> LatencyChoice:
-    """Measures as the module docstring says and returns the layers to keep in float. ``build_plan`` is
-    ``pipeline.build_plan`` (passed in to keep the import graph one-way)."""
+                        progress) -> LatencyChoice:
+    """Measures as the module docstring says and returns the layers to keep in float. ``plan`` is the
+    plan stage's (of the canonical model): each variant re-places that model, the passes do not rerun."""
     from onnxflex.runtimes.targets import get_target
 
     target = get_target(config.target)
@@ -139,8 +145,7 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
     name_nodes_uniquely(fp32)
     variants = [fp32, _emitted(plan, target, config, sample)]
     for k, name in enumerate(names):
-        without = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + (name,)))
-        variants.append(_emitted(without, target, config, sample))
+        variants.append(_emitted(_without(plan, config, (name,)), target, config, sample))
         progress.update(k + 1)
     progress.finish(f"latency: timing {len(variants)} variants of the model on a batch of {batch}")
     rounds = run_rounds(variants, feed, REPEATS, config.latency_threads)
@@ -163,7 +168,7 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
             row["kept_float"] = False
     chosen = int8
     if losers:
-        trial = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + tuple(losers)))
+        trial = _without(plan, config, tuple(losers))
         int8, chosen = latencies([variants[1], _emitted(trial, target, config, sample)], feed, REPEATS,
                                  config.latency_threads)
         if chosen >= int8:
