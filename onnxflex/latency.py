@@ -14,7 +14,8 @@ lose depends on the machine and the onnxruntime build, so they are measured, not
 3. The model with every loser in float (B) is timed against A; the losers stay in float only when B
    is faster, so the result is never slower than the plain placement (up to timing noise).
 
-The cost is one emit and one session per layer, so it suits models with tens of layers, not thousands.
+The cost is one emit and one session per layer (the graph passes run once: each variant re-selects and
+re-partitions the canonical model), so it suits models with tens of layers, not thousands.
 """
 from __future__ import annotations
 
