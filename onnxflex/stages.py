@@ -178,6 +178,8 @@ def reconstruct_blocks(refined: Refined, cache: TensorCache, checkpoint, device:
 
 @dataclass(frozen=True)
 class Emitted:
+    """The emit stage's record: the QDQ model as it is written."""
+
     model: onnx.ModelProto
     seconds: float
 
