@@ -187,10 +187,10 @@ def quantize(model, output, calib, dump_config, quiet, log_level, config_file, *
 def inspect(model, config_file, **options) -> None:
     """Print MODEL's block plan: blocks, quantizable layers, activation quant points, unsupported ops."""
     from onnxflex.graph import load_model
-    from onnxflex.pipeline import build_plan
+    from onnxflex.pipeline import plan as plan_stage
 
     _setup_logging("warning")
-    plan = build_plan(load_model(model), build_config(config_file, options))
+    plan = plan_stage(load_model(model), build_config(config_file, options)).plan  # quantize's first stage
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(plan.describe())

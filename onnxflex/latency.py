@@ -14,7 +14,8 @@ lose depends on the machine and the onnxruntime build, so they are measured, not
 3. The model with every loser in float (B) is timed against A; the losers stay in float only when B
    is faster, so the result is never slower than the plain placement (up to timing noise).
 
-The cost is one emit and one session per layer, so it suits models with tens of layers, not thousands.
+The cost is one emit and one session per layer (the graph passes run once: each variant re-selects and
+re-partitions the canonical model), so it suits models with tens of layers, not thousands.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from onnxflex.blocks import BlockPlan
 from onnxflex.calib import CalibrationSet
 from onnxflex.config import QuantConfig
 from onnxflex.graph import load_model, name_nodes_uniquely
+from onnxflex.planning import place
 from onnxflex.qparams import QuantParams
 
 log = logging.getLogger("onnxflex")
@@ -123,10 +125,15 @@ def _emitted(plan: BlockPlan, target, config: QuantConfig, sample: CalibrationSe
     return emit(plan.model, synthetic_params(plan, target, config, sample), target)
 
 
+def _without(plan: BlockPlan, config: QuantConfig, nodes: tuple[str, ...]) -> BlockPlan:
+    """A timing variant: ``plan.model`` re-placed with ``nodes`` kept in float (its warnings unused)."""
+    return place(plan.model, config.replace(exclude_nodes=config.exclude_nodes + nodes))
+
+
 def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: CalibrationSet, config: QuantConfig,
-                        build_plan, progress) -> LatencyChoice:
-    """Measures as the module docstring says and returns the layers to keep in float. ``build_plan`` is
-    ``pipeline.build_plan`` (passed in to keep the import graph one-way)."""
+                        progress) -> LatencyChoice:
+    """Measures as the module docstring says and returns the layers to keep in float. ``plan`` is the
+    plan stage's (of the canonical model): each variant re-places that model, the passes do not rerun."""
     from onnxflex.runtimes.targets import get_target
 
     target = get_target(config.target)
@@ -139,8 +146,7 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
     name_nodes_uniquely(fp32)
     variants = [fp32, _emitted(plan, target, config, sample)]
     for k, name in enumerate(names):
-        without = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + (name,)))
-        variants.append(_emitted(without, target, config, sample))
+        variants.append(_emitted(_without(plan, config, (name,)), target, config, sample))
         progress.update(k + 1)
     progress.finish(f"latency: timing {len(variants)} variants of the model on a batch of {batch}")
     rounds = run_rounds(variants, feed, REPEATS, config.latency_threads)
@@ -163,7 +169,7 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
             row["kept_float"] = False
     chosen = int8
     if losers:
-        trial = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + tuple(losers)))
+        trial = _without(plan, config, tuple(losers))
         int8, chosen = latencies([variants[1], _emitted(trial, target, config, sample)], feed, REPEATS,
                                  config.latency_threads)
         if chosen >= int8:

@@ -187,8 +187,8 @@ def test_too_little_free_disk_for_spills_is_refused_before_any_work(tmp_path, mo
     import collections
     import tempfile
 
-    import onnxflex.pipeline
     import onnxflex.spill
+    import onnxflex.stages
 
     usage = collections.namedtuple("usage", "total used free")
     one_mib_free = usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20)
@@ -197,7 +197,7 @@ def test_too_little_free_disk_for_spills_is_refused_before_any_work(tmp_path, mo
     def no_capture(*args, **kwargs):
         raise AssertionError("capture ran before the free-disk check")
 
-    monkeypatch.setattr(onnxflex.pipeline, "capture", no_capture)
+    monkeypatch.setattr(onnxflex.stages, "capture", no_capture)
     result = invoke("quantize", CNN, "--method", "rtn", "--calib", small_calib(tmp_path, 64), "--max-cache-mb", "1",
                     "-o", tmp_path / "q.onnx")
     assert result.exit_code == 2, result.output
