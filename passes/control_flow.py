@@ -5,9 +5,9 @@ An If whose condition folds to a constant (e.g. from an input pinned with --fix-
 the branch it takes (passes/fold_if.py), so its layers are ordinary top-level layers. The layers
 directly inside the subgraphs of the remaining top-level If/Loop/Scan nodes (passes/select_inner.py)
 get int8 weights and activation Q/DQ calibrated from the data, placed inside the subgraph by the
-emitter. A block holding an If whose branches have torch converters runs in torch (rounding/torchify.py
-runs the taken branch), so the taken branch's layers are learned; a block holding a Loop or Scan runs in
-onnxruntime, its layers rounded to nearest. Subgraphs nested two levels deep or more stay in float.
+emitter. A block holding an If, Loop or Scan whose subgraphs have torch converters runs in torch
+(rounding/torchify.py runs the taken branch, or the body once per iteration), so those layers are
+learned; otherwise the block runs in onnxruntime, its layers rounded to nearest.
 """
 from __future__ import annotations
 
@@ -143,10 +143,11 @@ def control_flow_warnings(model: onnx.ModelProto, inner_layers=(), in_torch=lamb
         names = [l.node for l in inner_layers if l.owner == node.name]
         head = f"node {node.name!r} ({node.op_type}) has subgraphs ({', '.join(n for n, _ in graphs)})"
         if names and in_torch(node):
+            where = ("over the unrolled iterations of its body" if node.op_type in ("Loop", "Scan") else
+                     "in the branch the calibration data takes")
             lines.append(f"{head}; {len(names)} layer(s) inside ({', '.join(names)}) get int8 weights, learned "
-                         "in the branch the calibration data takes (round-to-nearest in a branch it never takes), "
-                         "and activation Q/DQ calibrated from the data, their other nodes stay float; the block "
-                         "holding it runs in torch")
+                         f"{where} (round-to-nearest in a subgraph it never runs), and activation Q/DQ calibrated "
+                         "from the data, their other nodes stay float; the block holding it runs in torch")
         elif names:
             lines.append(f"{head}; {len(names)} layer(s) inside ({', '.join(names)}) get round-to-nearest int8 "
                          "weights and activation Q/DQ calibrated from the data (no learned rounding), their other "

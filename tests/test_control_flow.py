@@ -221,7 +221,10 @@ def test_layers_inside_if_and_loop_are_quantized_in_place(caplog):
     assert kernels.get("then_conv") == "QLinearConv" and kernels.get("loop_matmul") == "QLinearMatMul", kernels
     assert kernels.get("else_conv") == "Conv" and not report.ok, "the branch never taken runs a float Conv"
     warning = next(w for w in result.report["warnings"] if w.startswith("node 'by_sign' (If)"))
-    assert "2 layer(s) inside (else_conv, then_conv) get round-to-nearest int8 weights" in warning, warning
+    assert "2 layer(s) inside (else_conv, then_conv) get int8 weights, learned in the branch" in warning, warning
+    loop = next(w for w in result.report["warnings"] if w.startswith("node 'repeat' (Loop)"))
+    assert "learned over the unrolled iterations" in loop and "runs in torch" in loop, loop
+    assert all(b["runtime"] == "torch" for b in result.report["blocks"]), result.report["blocks"]
     sim = verification["onnxruntime_vs_simulation_sqnr_db"]["y"]
     assert sim >= 30, f"onnxruntime vs simulation {sim:.1f} dB < 30 dB"
     feeds = _positive_images(16, 7)
@@ -248,6 +251,7 @@ def scan_model() -> onnx.ModelProto:
 def test_a_matmul_inside_a_scan_body_is_an_integer_kernel():
     model = scan_model()
     result = onnxflex.quantize(model, _images(CALIB, 0), onnxflex.QuantConfig(method="rtn"), progress=False)
+    assert all(b["runtime"] == "torch" for b in result.report["blocks"]), result.report["blocks"]
     body = _subgraph(result.model, "per_channel", "body")
     assert _weight_dtype(result.model, "plane_matmul", body) == TensorProto.INT8
     verification = result.report["verification"]
@@ -380,3 +384,209 @@ def test_an_unpinned_if_runs_in_torch_and_its_taken_branch_is_learned(caplog):
           f"{block['loss_before']:.4g} -> {block['loss_after']:.4g}, onnxruntime vs simulation {sim:.1f} dB, "
           f"{db:.1f} dB against FP32")
     assert db >= 15, f"SQNR {db:.1f} dB < 15 dB against FP32 at W4A8"
+
+
+# --- Loop and Scan run in torch ---------------------------------------------------------------------------
+
+
+def _any(name: str, dtype: int = TensorProto.FLOAT, shape=None) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def loop_model(trips: int | None, go: bool | None, stop_after: int | None) -> onnx.ModelProto:
+    """x [N, 8] → Loop: v = tanh(v · W) + i (MatMul 'loop_mm'), scan output 2v; M the constant ``trips``
+    or omitted (an empty name), cond the constant ``go`` or omitted; the body's condition is i < ``stop_after``,
+    or its input passed through. Outputs: the final v and the stacked scan output [T, N, 8]."""
+    b = graphs._Builder(5)
+    cond = [helper.make_node("Less", ["i", "stop"], ["cond_out"], name="below_stop")] if stop_after is not None \
+        else [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going")]
+    body = helper.make_graph(cond + [
+        helper.make_node("MatMul", ["v_in", "loop_w"], ["mm"], name="loop_mm"),
+        helper.make_node("Tanh", ["mm"], ["t"], name="squash"),
+        helper.make_node("Cast", ["i"], ["fi"], name="index_float", to=TensorProto.FLOAT),
+        helper.make_node("Add", ["t", "fi"], ["v_out"], name="plus_index"),
+        helper.make_node("Add", ["v_out", "v_out"], ["twice"], name="twice")], "body",
+        [_any("i", TensorProto.INT64, []), _any("cond_in", TensorProto.BOOL, []), _any("v_in")],
+        [_any("cond_out", TensorProto.BOOL, []), _any("v_out"), _any("twice")],
+        [numpy_helper_from(b.rng.standard_normal((8, 8)).astype(np.float32) * 0.4, "loop_w"),
+         numpy_helper_from(np.array(stop_after or 0, np.int64), "stop")])
+    m = b.const("trips", np.array(trips, np.int64)) if trips is not None else ""
+    c = b.const("go", np.array(go)) if go is not None else ""
+    b.node("Loop", [m, c, "x"], ["v", "stacked"], name="loop", body=body)
+    return b.model("looped", [graphs._vector(features=8)], [_any("v", shape=[graphs.N, 8]),
+                                                              _any("stacked", shape=["T", graphs.N, 8])], opset=13)
+
+
+def scan_both_ways_model() -> onnx.ModelProto:
+    """x [N, 4, 8] → Scan with a state s [N, 8] (x's mean over axis 1) and two scanned inputs: x along
+    axis 1 forward and x transposed to [4, N, 8] along axis 0 backward; s = tanh(s · W + a + b) (MatMul
+    'scan_mm'); scan outputs s stacked on axis 1 and a·b stacked on axis -1 in reverse."""
+    b = graphs._Builder(6)
+    body = helper.make_graph([
+        helper.make_node("MatMul", ["s_in", "scan_w"], ["mm"], name="scan_mm"),
+        helper.make_node("Add", ["mm", "a"], ["ma"], name="plus_a"),
+        helper.make_node("Add", ["ma", "b"], ["mab"], name="plus_b"),
+        helper.make_node("Tanh", ["mab"], ["s_out"], name="squash"),
+        helper.make_node("Mul", ["a", "b"], ["ab"], name="product")], "body",
+        [_any("s_in"), _any("a"), _any("b")], [_any("s_out"), _any("s_seq"), _any("ab")],
+        [numpy_helper_from(b.rng.standard_normal((8, 8)).astype(np.float32) * 0.4, "scan_w")])
+    body.node.append(helper.make_node("Identity", ["s_out"], ["s_seq"], name="keep_state"))
+    b.node("ReduceMean", ["x"], ["s0"], name="start", axes=[1], keepdims=0)
+    b.node("Transpose", ["x"], ["xt"], name="time_major", perm=[1, 0, 2])
+    b.node("Scan", ["s0", "x", "xt"], ["s", "seq", "products"], name="scan", body=body, num_scan_inputs=2,
+           scan_input_axes=[1, 0], scan_input_directions=[0, 1], scan_output_axes=[1, -1],
+           scan_output_directions=[0, 1])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [graphs.N, 4, 8])
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in
+               (("s", [graphs.N, 8]), ("seq", [graphs.N, 4, 8]), ("products", [graphs.N, 8, 4]))]
+    return b.model("scanned_both_ways", [x], outputs, opset=13)
+
+
+def _float_block_module(model: onnx.ModelProto, op: str):
+    """The BlockModule (float) of the block holding the ``op`` node, and that block as an onnxruntime model."""
+    import torch
+
+    from onnxflex.graph import default_opset
+    from onnxflex.rounding.ortblock import extract_block
+    from onnxflex.rounding.reconstruct import add_block_quantizers
+    from onnxflex.rounding.torchify import BlockModule, QuantState
+    from onnxflex.runtimes.targets import get_target
+
+    config = onnxflex.QuantConfig()
+    plan = build_plan(model, config)
+    by_name = {n.name: n for n in plan.model.graph.node}
+    (block,) = [b for b in plan.blocks if any(by_name[n].op_type == op for n in b.nodes)]
+    assert not block.unsupported, block.unsupported
+    state = QuantState()
+    add_block_quantizers(block, plan.model, state, get_target("onnxruntime"), config, "rtn", torch.device("cpu"))
+    module = BlockModule(block, plan.model, default_opset(plan.model), state, torch.device("cpu"))
+    module.quantize = False
+    return module, extract_block(plan.model, block)
+
+
+@pytest.mark.parametrize("make, iterations", [
+    (lambda: loop_model(3, True, None), 3),  # M and cond
+    (lambda: loop_model(None, True, 2), 3),  # no M: the body's condition ends it after i = 2
+    (lambda: loop_model(3, None, None), 3),  # no cond
+    (lambda: loop_model(5, True, 1), 2),  # both: the condition ends it first
+    (scan_both_ways_model, 4)])
+def test_the_torch_loop_and_scan_match_onnxruntime(make, iterations):
+    """The float block holding the Loop or Scan, run by BlockModule (the body unrolled), against
+    onnxruntime on the same block extracted as a model."""
+    import torch
+
+    model = make()
+    op = next(n.op_type for n in model.graph.node if n.op_type in ("Loop", "Scan"))
+    module, standalone = _float_block_module(model, op)
+    shape = (4, 4, 8) if op == "Scan" else (4, 8)
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    expected = dict(zip(module.block.outputs, run_model(standalone, {"x": x})))
+    seen: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        got = module({"x": torch.from_numpy(x)}, observe=lambda name, v: seen.setdefault(name, []).append(v.numpy()))
+    for name in module.block.outputs:
+        assert got[name].shape == expected[name].shape, f"{name}: {tuple(got[name].shape)} != {expected[name].shape}"
+        worst = float(np.abs(got[name].numpy() - expected[name]).max())
+        assert worst < 1e-4, f"{op} {name} off by {worst:.3g}"
+    stacked = expected["stacked"].shape[0] if op == "Loop" else expected["seq"].shape[1]
+    assert stacked == iterations, f"{op} ran {stacked} iterations, not {iterations}"
+    assert module.ran == {(op.lower(), "body")}, module.ran
+    # calibration observes an act point inside the body at every iteration: the MatMul's input
+    point, steps = ("v_in", expected["stacked"][:-1] / 2) if op == "Loop" else ("s_in", expected["seq"][:, :-1])
+    assert len(seen[point]) == iterations, f"{point} observed {len(seen[point])} times in {iterations} iterations"
+    later = np.stack(seen[point][1:], axis=0 if op == "Loop" else 1)
+    np.testing.assert_allclose(later, steps, atol=1e-5, err_msg=f"{point}: observed values are not each iteration's")
+
+
+def loop_conv_model() -> onnx.ModelProto:
+    """conv1 → relu → Loop twice v = relu(Conv 'loop_conv'(v)) → conv2."""
+    b = graphs._Builder(7)
+    b.node("Conv", ["x", b.conv_weight("w1", 8, 3, 3), b.small("b1", (8,))], ["c1"], name="conv1", pads=[1, 1, 1, 1])
+    b.node("Relu", ["c1"], ["a"], name="relu1")
+    w = numpy_helper_from((b.rng.standard_normal((8, 8, 3, 3)) * np.sqrt(2 / 72)).astype(np.float32), "loop_cw")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Conv", ["v_in", "loop_cw"], ["cv"], name="loop_conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["cv"], ["v_out"], name="loop_relu")], "body",
+        [_any("i", TensorProto.INT64, []), _any("cond_in", TensorProto.BOOL, []), _any("v_in")],
+        [_any("cond_out", TensorProto.BOOL, []), _any("v_out")], [w])
+    b.node("Loop", [b.const("trips", np.array(2, np.int64)), b.const("go", np.array(True)), "a"], ["l"],
+           name="repeat", body=body)
+    b.node("Conv", ["l", b.conv_weight("w2", 8, 8, 3)], ["y"], name="conv2", pads=[1, 1, 1, 1])
+    return b.model("loop_conv", [graphs._image(size=8)], [graphs._out(graphs.N, 8, 8, 8)], opset=13)
+
+
+def frames_model() -> onnx.ModelProto:
+    """x [N, 3 frames, 4, 8, 8] → Scan per frame: Conv 'frame_conv' → Relu → Conv 'frame_conv2', stacked
+    on axis 1 → mean over the frames."""
+    b = graphs._Builder(2)
+    weights = [numpy_helper_from((b.rng.standard_normal((8, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(np.float32),
+                                 name) for name, c in (("frame_w", 4), ("frame_w2", 8))]
+    body = helper.make_graph(
+        [helper.make_node("Conv", ["frame", "frame_w"], ["fc"], name="frame_conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["fc"], ["fr"], name="frame_relu"),
+         helper.make_node("Conv", ["fr", "frame_w2"], ["fc2"], name="frame_conv2", pads=[1, 1, 1, 1])], "body",
+        [_any("frame")], [_any("fc2")], weights)
+    b.node("Scan", ["x"], ["s"], name="per_frame", body=body, num_scan_inputs=1, scan_input_axes=[1],
+           scan_output_axes=[1])
+    b.node("ReduceMean", ["s"], ["y"], name="over_frames", axes=[1], keepdims=0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [graphs.N, 3, 4, 8, 8])
+    return b.model("frames", [x], [graphs._out(graphs.N, 8, 8, 8)], opset=13)
+
+
+def _frames(n: int, seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((n, 3, 4, 8, 8)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("make, data, owner, layer", [(loop_conv_model, _images, "repeat", "loop_conv"),
+                                                      (frames_model, _frames, "per_frame", "frame_conv")])
+def test_layers_inside_loop_and_scan_bodies_are_learned(make, data, owner, layer):
+    """At W4A8 the body's layer is learned through the unrolled iterations: its integers differ from
+    round-to-nearest and the loss of the block holding the Loop/Scan falls; onnxruntime's run of the
+    emitted model agrees with the torch simulation, and the body runs the integer kernel."""
+    model = make()
+    results = {method: onnxflex.quantize(model, data(CALIB, 0), onnxflex.QuantConfig(
+        method=method, wbits=4, iters=40, batch_size=16), progress=False) for method in ("rtn", "flexround")}
+    learned = results["flexround"]
+    plan = build_plan(model, onnxflex.QuantConfig(wbits=4))
+    name = next(b.name for b in plan.blocks if owner in b.nodes)
+    block = next(b for b in learned.report["blocks"] if b["name"] == name)
+    assert block["runtime"] == "torch" and block["iters"] > 0, block
+    assert block["loss_after"] < block["loss_before"], f"loss {block['loss_before']:.4g} -> {block['loss_after']:.4g}"
+    ints = {m: _weight_ints(r.model, layer, _subgraph(r.model, owner, "body")) for m, r in results.items()}
+    changed = int(np.sum(ints["flexround"] != ints["rtn"]))
+    assert changed > 0, f"{layer} kept its round-to-nearest integers"
+    sim = learned.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
+    print(f"{layer} in {owner} at W4A8: {changed} of {ints['rtn'].size} integers moved off RTN, loss "
+          f"{block['loss_before']:.4g} -> {block['loss_after']:.4g}, onnxruntime vs simulation {sim:.1f} dB")
+    assert sim >= 30, f"onnxruntime vs simulation {sim:.1f} dB < 30 dB"
+    kernels = {l.node: l.kernel for l in check(learned.model).layers}  # onnxflex check --target onnxruntime
+    assert kernels.get(layer) == "QLinearConv", kernels
+
+
+def data_dependent_loop_model() -> onnx.ModelProto:
+    """x [N, 8] → Loop with M = 1 + (max(x) > 3): the batch's values decide between 1 and 2 iterations;
+    the final v is the output."""
+    model = loop_model(None, True, None)
+    g = model.graph
+    g.output.pop()
+    g.node.insert(0, helper.make_node("ReduceMax", ["x"], ["top"], name="top", keepdims=0))
+    g.node.insert(1, helper.make_node("Greater", ["top", "three"], ["big"], name="big"))
+    g.node.insert(2, helper.make_node("Cast", ["big"], ["extra"], name="extra", to=TensorProto.INT64))
+    g.node.insert(3, helper.make_node("Add", ["extra", "one"], ["m"], name="trip_count"))
+    g.initializer.extend([numpy_helper_from(np.array(3.0, np.float32), "three"),
+                          numpy_helper_from(np.array(1, np.int64), "one")])
+    next(n for n in g.node if n.op_type == "Loop").input[0] = "m"
+    return model
+
+
+def test_a_loop_whose_count_varies_with_the_batch_runs_in_onnxruntime(caplog):
+    """One calibration batch runs the Loop once, the other twice: the torch simulation takes a count
+    batch-wide, so the block falls back to onnxruntime with a warning naming the Loop."""
+    x = np.random.default_rng(0).uniform(-1, 1, (32, 8)).astype(np.float32)
+    x[20, 3] = 5.0  # only the second batch of 16 has a value above 3
+    with caplog.at_level("WARNING", logger="onnxflex"):
+        result = onnxflex.quantize(data_dependent_loop_model(), {"x": x},
+                                   onnxflex.QuantConfig(method="rtn", batch_size=16), progress=False)
+    assert "Loop node 'loop' ran 1 iterations on one calibration batch and 2 on another" in caplog.text, caplog.text
+    assert [b["runtime"] for b in result.report["blocks"]] == ["onnxruntime"], result.report["blocks"]
