@@ -15,6 +15,9 @@ from typing import Iterator
 
 import onnx
 
+CONTROL_FLOW = {"If", "Loop", "Scan"}
+Scope = list[tuple[onnx.GraphProto, str, str]]  # enclosing subgraphs, outermost first: (graph, owner, attribute)
+
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     """(attribute name, graph) for each graph attribute of ``node`` (GRAPH and GRAPHS kinds)."""
@@ -24,6 +27,25 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
         elif attr.type == onnx.AttributeProto.GRAPHS:
             for k, g in enumerate(attr.graphs):
                 yield f"{attr.name}[{k}]", g
+
+
+def control_flow_nodes(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, Scope]]:
+    """Every default-domain If/Loop/Scan node at any depth, outer ones first, with the subgraphs that
+    enclose it (empty for a top-level node)."""
+    def walk(g: onnx.GraphProto, scope: Scope):
+        for node in g.node:
+            if node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx"):
+                yield node, scope
+                for attr, sub in subgraphs(node):
+                    yield from walk(sub, scope + [(sub, node.name, attr)])
+
+    yield from walk(model.graph, [])
+
+
+def top_level_owner(model: onnx.ModelProto) -> dict[str, str]:
+    """Control-flow node name (any depth) → the name of the top-level node whose subgraphs hold it (itself
+    at the top level)."""
+    return {node.name: scope[0][1] if scope else node.name for node, scope in control_flow_nodes(model)}
 
 
 def outer_reads(graph: onnx.GraphProto) -> list[str]:
@@ -59,28 +81,38 @@ def count_nodes(graph: onnx.GraphProto) -> int:
 
 
 def localize_outer_initializers(model: onnx.ModelProto) -> None:
-    """Mutates: an outer initializer a subgraph reads is copied into that subgraph's own initializers,
-    so the top-level passes (dropping unused initializers, untying shared weights, replacing a weight
-    with its DequantizeLinear) never break the subgraph. Nested subgraphs get the copy at the top
-    subgraph, which they still see as outer scope."""
-    inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        for _, g in subgraphs(node):
-            own = {t.name for t in g.initializer} | {i.name for i in g.input}
-            for name in outer_reads(g):
-                if name in inits and name not in own:
-                    g.initializer.append(inits[name])
+    """Mutates: an outer initializer that the nodes of a subgraph (at any depth) read is copied into that
+    subgraph's own initializers, so the passes on the graph that holds it (dropping unused initializers,
+    untying shared weights, replacing a weight with its DequantizeLinear) never break the subgraph, and
+    a layer nested in a subgraph of a subgraph finds its weight in its own graph."""
+    _localize(model.graph, {})
+
+
+def _localize(g: onnx.GraphProto, outer: dict[str, onnx.TensorProto]) -> None:
+    visible = {**outer, **{t.name: t for t in g.initializer}}
+    for node in g.node:
+        for _, sub in subgraphs(node):
+            own = {t.name for t in sub.initializer} | {i.name for i in sub.input}
+            direct = {i for n in sub.node for i in n.input} | {o.name for o in sub.output}
+            sub.initializer.extend(visible[name] for name in outer_reads(sub)
+                                   if name in visible and name not in own and name in direct)
+            defined = own | {o for n in sub.node for o in n.output if o}
+            _localize(sub, {k: v for k, v in visible.items() if k not in defined})
 
 
 def unique_subgraph_initializers(model: onnx.ModelProto) -> None:
-    """Mutates: an initializer of a top-level node's subgraph whose name another scope also uses (an
-    outer weight copied in by localize_outer_initializers, or two branches' own 'w') gets a name of its
-    own, so that quantizers keyed by initializer name (QuantState, QuantParams) never mix two tensors."""
+    """Mutates: an initializer of a subgraph (at any depth) whose name another scope also uses (an outer
+    weight copied in by localize_outer_initializers, or two branches' own 'w') gets a name of its own,
+    so that quantizers keyed by initializer name (QuantState, QuantParams) never mix two tensors. Outer
+    scopes keep their names."""
     from onnxflex.graph import NameScope
 
     g = model.graph
     seen = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
-    scope = NameScope.of(model)
+    _unique_below(g, seen, NameScope.of(model))
+
+
+def _unique_below(g: onnx.GraphProto, seen: set[str], scope) -> None:
     for node in g.node:
         for _, sub in subgraphs(node):
             for t in sub.initializer:
@@ -89,14 +121,19 @@ def unique_subgraph_initializers(model: onnx.ModelProto) -> None:
                     _rename_local(sub, t.name, new)
                     t.name = new
                 seen.add(t.name)
+            _unique_below(sub, seen, scope)
 
 
 def local_layer_inputs(model: onnx.ModelProto, scope, weighted_ops=("Conv", "ConvTranspose", "Gemm", "MatMul")) -> None:
-    """Mutates: a weighted node in a subgraph of a top-level node that reads an outer-scope tensor as its
+    """Mutates: a weighted node in a subgraph (at any depth) that reads an outer-scope tensor as its
     activation reads it through a new Identity of its own subgraph. The activation's Q/DQ then sits in
     the same graph as the layer, where onnxruntime can fuse DQ → Conv/MatMul → Q (it fuses within one
     graph only). ``scope`` is the model's NameScope."""
-    for node in model.graph.node:
+    _local_inputs_below(model.graph, scope, weighted_ops)
+
+
+def _local_inputs_below(g: onnx.GraphProto, scope, weighted_ops) -> None:
+    for node in g.node:
         for _, sub in subgraphs(node):
             defined = {i.name for i in sub.input} | {t.name for t in sub.initializer}
             defined |= {o for n in sub.node for o in n.output if o}
@@ -115,6 +152,7 @@ def local_layer_inputs(model: onnx.ModelProto, scope, weighted_ops=("Conv", "Con
                 nodes = added + list(sub.node)
                 del sub.node[:]
                 sub.node.extend(nodes)
+            _local_inputs_below(sub, scope, weighted_ops)
 
 
 def _rename_local(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -129,18 +167,20 @@ def _rename_local(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def control_flow_warnings(model: onnx.ModelProto, inner_layers=(), in_torch=lambda node: False) -> list[str]:
-    """One line per top-level node with subgraphs, naming it and saying what is quantized inside it
-    (``inner_layers``: the QuantLayers passes/select_inner.py found, ``owner`` naming the node) and
+    """One line per top-level node with subgraphs, naming it and saying what is quantized inside it, at
+    any depth (``inner_layers``: the QuantLayers passes/select_inner.py found, ``owner`` naming the node
+    or a control-flow node nested in its subgraphs) and
     what stays float. ``in_torch(node)``: whether the block holding the node runs in torch (an If whose
     branches, and the rest of whose block, have torch converters), so that the layers of the branch the
     data takes are learned."""
     lines = []
+    top = top_level_owner(model)
     for node in model.graph.node:
         graphs = list(subgraphs(node))
         if not graphs:
             continue
         inner = sum(count_nodes(g) for _, g in graphs)
-        names = [l.node for l in inner_layers if l.owner == node.name]
+        names = [l.node for l in inner_layers if top.get(l.owner) == node.name]
         head = f"node {node.name!r} ({node.op_type}) has subgraphs ({', '.join(n for n, _ in graphs)})"
         if names and in_torch(node):
             where = ("over the unrolled iterations of its body" if node.op_type in ("Loop", "Scan") else
@@ -153,8 +193,9 @@ def control_flow_warnings(model: onnx.ModelProto, inner_layers=(), in_torch=lamb
                          "weights and activation Q/DQ calibrated from the data (no learned rounding), their other "
                          "nodes stay float; the block holding it runs in onnxruntime")
         else:
+            runtime = "torch" if in_torch(node) else "onnxruntime"
             lines.append(f"{head}; none of their {inner} node(s) is a quantizable layer directly inside it, so "
-                         "they stay in float; the block holding it runs in onnxruntime")
+                         f"they stay in float; the block holding it runs in {runtime}")
     return lines
 
 
@@ -203,32 +244,43 @@ def rename_outer_reads(graph: onnx.GraphProto, old: str, new: str) -> int:
 
 
 def expose_inner(model: onnx.ModelProto, points, scope) -> dict[str, str]:
-    """Mutates ``model``: each InnerPoint's tensor becomes an extra output of its control-flow node and
-    of the graph; returns tensor → graph output name. If: both branches output it, the branch that does
-    not compute it an empty float tensor. Loop and Scan: an extra scan output, stacked per iteration
-    (Scan's output axis 0). ``scope`` is the model's NameScope."""
-    by_name = {n.name: n for n in model.graph.node}
+    """Mutates ``model``: each InnerPoint's tensor becomes an extra output of its control-flow node, of
+    each control-flow node enclosing that one, and of the graph; returns tensor → graph output name. If:
+    both branches output it, the branch that does not compute it an empty float tensor. Loop and Scan:
+    an extra scan output, stacked per iteration (Scan's output axis 0). ``scope`` is the model's NameScope."""
+    nodes = {n.name: (n, enclosing) for n, enclosing in control_flow_nodes(model)}
     probes: dict[str, str] = {}
     for point in points:
-        node = by_name[point.owner]
-        graphs = dict(subgraphs(node))
-        out = scope.unique_name(f"{point.tensor}_probe")
-        inner = scope.unique_name(f"{point.tensor}_probe_inner")
-        graphs[point.graph].node.append(onnx.helper.make_node(
-            "Identity", [point.tensor], [inner], name=scope.unique_name(f"{point.tensor}_probe")))
-        graphs[point.graph].output.append(onnx.helper.make_tensor_value_info(inner, onnx.TensorProto.FLOAT, None))
-        if node.op_type == "If":
-            other = graphs["else_branch" if point.graph == "then_branch" else "then_branch"]
-            empty = scope.unique_name(f"{point.tensor}_not_taken")
-            other.node.append(onnx.helper.make_node(
-                "Constant", [], [empty], name=scope.unique_name(f"{point.tensor}_not_taken"),
-                value=onnx.helper.make_tensor(empty, onnx.TensorProto.FLOAT, [0], [])))
-            other.output.append(onnx.helper.make_tensor_value_info(empty, onnx.TensorProto.FLOAT, None))
-        elif node.op_type == "Scan":
-            for attr in node.attribute:
-                if attr.name in ("scan_output_axes", "scan_output_directions"):
-                    attr.ints.append(0)
-        node.output.append(out)
-        model.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-        probes[point.tensor] = out
+        (node, enclosing), tensor, attr = nodes[point.owner], point.tensor, point.graph
+        while True:
+            tensor = _expose_once(node, attr, tensor, point.tensor, scope)
+            if not enclosing:
+                break
+            _, owner, attr = enclosing[-1]
+            node, enclosing = nodes[owner]
+        model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+        probes[point.tensor] = tensor
     return probes
+
+
+def _expose_once(node: onnx.NodeProto, attr: str, tensor: str, base: str, scope) -> str:
+    """Mutates ``node``: ``tensor`` of its subgraph ``attr`` becomes a new output of the node; returns its name."""
+    graphs = dict(subgraphs(node))
+    out = scope.unique_name(f"{base}_probe")
+    inner = scope.unique_name(f"{base}_probe_inner")
+    graphs[attr].node.append(onnx.helper.make_node("Identity", [tensor], [inner],
+                                                   name=scope.unique_name(f"{base}_probe")))
+    graphs[attr].output.append(onnx.helper.make_tensor_value_info(inner, onnx.TensorProto.FLOAT, None))
+    if node.op_type == "If":
+        other = graphs["else_branch" if attr == "then_branch" else "then_branch"]
+        empty = scope.unique_name(f"{base}_not_taken")
+        other.node.append(onnx.helper.make_node(
+            "Constant", [], [empty], name=scope.unique_name(f"{base}_not_taken"),
+            value=onnx.helper.make_tensor(empty, onnx.TensorProto.FLOAT, [0], [])))
+        other.output.append(onnx.helper.make_tensor_value_info(empty, onnx.TensorProto.FLOAT, None))
+    elif node.op_type == "Scan":
+        for a in node.attribute:
+            if a.name in ("scan_output_axes", "scan_output_directions"):
+                a.ints.append(0)
+    node.output.append(out)
+    return out

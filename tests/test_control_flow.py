@@ -590,3 +590,133 @@ def test_a_loop_whose_count_varies_with_the_batch_runs_in_onnxruntime(caplog):
                                    onnxflex.QuantConfig(method="rtn", batch_size=16), progress=False)
     assert "Loop node 'loop' ran 1 iterations on one calibration batch and 2 on another" in caplog.text, caplog.text
     assert [b["runtime"] for b in result.report["blocks"]] == ["onnxruntime"], result.report["blocks"]
+
+
+# --- layers two subgraph levels deep ----------------------------------------------------------------------
+
+
+def _conv_graph(b: graphs._Builder, name: str, source: str, out: str, extra=(), inputs=()) -> onnx.GraphProto:
+    """A subgraph: Conv '{name}' 8→8 3x3 of ``source`` (then Relu) into ``out``, its weight its own."""
+    w = numpy_helper_from((b.rng.standard_normal((8, 8, 3, 3)) * np.sqrt(2 / 72)).astype(np.float32), f"{name}_w")
+    nodes = [helper.make_node("Conv", [source, w.name], [f"{name}_c"], name=name, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", [f"{name}_c"], [out], name=f"{name}_relu"), *extra]
+    outputs = [_any(o.name, o.type.tensor_type.elem_type, None) for o in inputs] + [_any(out)]
+    return helper.make_graph(nodes, f"{name}_graph", list(inputs), outputs, [w])
+
+
+def _loop_body(b: graphs._Builder, inner: onnx.NodeProto | None, name: str) -> onnx.GraphProto:
+    """A Loop body carrying v: ``inner`` (an If of v_in into 'branch_out'), or a Conv '{name}', then Relu."""
+    head = [_any("i", TensorProto.INT64, []), _any("cond_in", TensorProto.BOOL, []), _any("v_in")]
+    keep = helper.make_node("Identity", ["cond_in"], ["cond_out"], name=f"{name}_keep_going")
+    if inner is None:
+        g = _conv_graph(b, name, "v_in", "v_out", [keep])
+    else:
+        g = helper.make_graph([keep, helper.make_node("Equal", ["i", "zero_i"], ["first"], name="first"), inner,
+                               helper.make_node("Relu", ["branch_out"], ["v_out"], name="after_if")], "body", [],
+                              [_any("v_out")], [numpy_helper_from(np.array(0, np.int64), "zero_i")])
+    g.input.extend(head)
+    del g.output[:]
+    g.output.extend([_any("cond_out", TensorProto.BOOL, []), _any("v_out")])
+    return g
+
+
+def _around(b: graphs._Builder, name: str, middle) -> onnx.ModelProto:
+    """conv1 → relu → ``middle(b)`` (nodes from 'a' to 'g') → conv2."""
+    b.node("Conv", ["x", b.conv_weight("w1", 8, 3, 3), b.small("b1", (8,))], ["c1"], name="conv1", pads=[1, 1, 1, 1])
+    b.node("Relu", ["c1"], ["a"], name="relu1")
+    middle(b)
+    b.node("Conv", ["g", b.conv_weight("w2", 8, 8, 3)], ["y"], name="conv2", pads=[1, 1, 1, 1])
+    return b.model(name, [graphs._image(size=8)], [graphs._out(graphs.N, 8, 8, 8)], opset=13)
+
+
+def if_in_loop_model() -> onnx.ModelProto:
+    """A Loop (twice) whose body holds an If on i == 0: Conv 'first_conv' on the first iteration,
+    'later_conv' after; both branches run, two levels deep."""
+    def middle(b):
+        then_g = _conv_graph(b, "first_conv", "v_in", "first_out")
+        else_g = _conv_graph(b, "later_conv", "v_in", "later_out")
+        inner = helper.make_node("If", ["first"], ["branch_out"], name="by_iteration", then_branch=then_g,
+                                 else_branch=else_g)
+        b.node("Loop", [b.const("trips", np.array(2, np.int64)), b.const("go", np.array(True)), "a"], ["g"],
+               name="repeat", body=_loop_body(b, inner, "repeat"))
+
+    return _around(graphs._Builder(8), "if_in_loop", middle)
+
+
+def loop_in_if_model() -> onnx.ModelProto:
+    """An If on mean(x) > 0 whose then branch holds a Loop (twice) with Conv 'looped_conv' in its body;
+    the else branch a Conv 'else_conv'."""
+    def middle(b):
+        b.node("ReduceMean", ["x"], ["m"], name="mean", keepdims=0)
+        b.node("Greater", ["m", b.const("zero", np.array(0.0, np.float32))], ["positive"], name="positive")
+        loop = helper.make_node("Loop", ["trips_in", "go_in", "a"], ["then_out"], name="inner_repeat",
+                                body=_loop_body(b, None, "looped_conv"))
+        then_g = helper.make_graph([loop], "then", [], [_any("then_out")],
+                                   [numpy_helper_from(np.array(2, np.int64), "trips_in"),
+                                    numpy_helper_from(np.array(True), "go_in")])
+        b.node("If", ["positive"], ["g"], name="by_sign", then_branch=then_g,
+               else_branch=_conv_graph(b, "else_conv", "a", "else_out"))
+
+    return _around(graphs._Builder(9), "loop_in_if", middle)
+
+
+NESTED_RUNS = {if_in_loop_model: {("repeat", "body"), ("by_iteration", "then_branch"), ("by_iteration", "else_branch")},
+               loop_in_if_model: {("by_sign", "then_branch"), ("inner_repeat", "body")}}
+
+
+@pytest.mark.parametrize("make, op", [(if_in_loop_model, "Loop"), (loop_in_if_model, "If")])
+def test_nested_control_flow_in_torch_matches_onnxruntime(make, op):
+    """The float block holding an If in a Loop body (or a Loop in an If branch), run by BlockModule,
+    against onnxruntime on the same block extracted as a model."""
+    import torch
+
+    module, standalone = _float_block_module(make(), op)
+    assert module.block.inputs == ("x",), module.block.inputs
+    x = _positive_images(4, 3)["x"]
+    expected = dict(zip(module.block.outputs, run_model(standalone, {"x": x})))
+    with torch.no_grad():
+        got = module({"x": torch.from_numpy(x)})
+    for name in module.block.outputs:
+        worst = float(np.abs(got[name].numpy() - expected[name]).max())
+        assert worst < 1e-4, f"{make.__name__}: {name} off by {worst:.3g}"
+    assert module.ran == NESTED_RUNS[make], module.ran
+
+
+def _nested_graph(model: onnx.ModelProto, path: list[tuple[str, str]]) -> onnx.GraphProto:
+    g = model.graph
+    for node, attr in path:
+        g = _subgraph(onnx.helper.make_model(g), node, attr)
+    return g
+
+
+@pytest.mark.parametrize("make, learned, path", [
+    (if_in_loop_model, ("first_conv", "later_conv"), [("repeat", "body"), ("by_iteration", "{}")]),
+    (loop_in_if_model, ("looped_conv",), [("by_sign", "then_branch"), ("inner_repeat", "body")])])
+def test_layers_two_levels_deep_are_learned_and_integer_kernels(make, learned, path, caplog):
+    """Layers in a subgraph of a subgraph: int8 weights and activation Q/DQ in their own graph, learned
+    at W4A8 (integers off round-to-nearest), integer kernels in onnxruntime, and the simulation agrees
+    with onnxruntime's run of the emitted model."""
+    model = make()
+    results = {}
+    for method in ("rtn", "flexround"):
+        config = onnxflex.QuantConfig(method=method, wbits=4, iters=40, batch_size=16)
+        with caplog.at_level("WARNING", logger="onnxflex"):
+            results[method] = onnxflex.quantize(model, _positive_images(CALIB, 0), config, progress=False)
+    qmodel = results["flexround"].model
+    onnx.checker.check_model(qmodel, full_check=True)
+    kernels = {l.node: l.kernel for l in check(qmodel).layers}  # onnxflex check --target onnxruntime
+    moved = []
+    for layer in learned:
+        attr = "then_branch" if layer == "first_conv" else "else_branch"
+        steps = [(n, a.format(attr)) for n, a in path]
+        ints = [_weight_ints(r.model, layer, _nested_graph(r.model, steps)) for r in results.values()]
+        moved.append(int(np.sum(ints[0] != ints[1])))
+        assert kernels.get(layer) == "QLinearConv", kernels
+        assert "QuantizeLinear" in [n.op_type for n in _nested_graph(qmodel, steps).node], f"{layer}: no Q/DQ"
+    sim = results["flexround"].report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
+    print(f"{make.__name__} at W4A8: {dict(zip(learned, moved))} integers moved off RTN, onnxruntime vs "
+          f"simulation {sim:.1f} dB")
+    assert all(moved), f"a layer two levels deep kept its round-to-nearest integers: {dict(zip(learned, moved))}"
+    assert sim >= 30, f"onnxruntime vs simulation {sim:.1f} dB < 30 dB"
+    if make is loop_in_if_model:
+        assert "'by_sign': else_branch never ran on the calibration data; its layer(s) else_conv" in caplog.text

@@ -27,7 +27,7 @@ import torch
 from onnxflex.blocks import Block
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import DEFAULT_DOMAINS
-from onnxflex.passes.control_flow import subgraphs
+from onnxflex.passes.control_flow import CONTROL_FLOW, subgraphs
 from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.rounding.converters import OpNode, find_converter
@@ -37,7 +37,6 @@ from onnxflex.rounding.rounders import Rounder
 
 log = logging.getLogger("onnxflex")
 Observer = Callable[[str, torch.Tensor], None]
-CONTROL_FLOW = ("If", "Loop", "Scan")
 INT32_MAX = 2_147_483_520.0  # largest float32 below 2**31, so the int32 cast cannot overflow
 
 
