@@ -247,17 +247,25 @@ def expose_inner(model: onnx.ModelProto, points, scope) -> dict[str, str]:
     """Mutates ``model``: each InnerPoint's tensor becomes an extra output of its control-flow node, of
     each control-flow node enclosing that one, and of the graph; returns tensor → graph output name. If:
     both branches output it, the branch that does not compute it an empty float tensor. Loop and Scan:
-    an extra scan output, stacked per iteration (Scan's output axis 0). ``scope`` is the model's NameScope."""
+    an extra scan output, stacked per iteration (Scan's output axis 0); one that encloses the point's
+    own control-flow node (whose probe may change shape between iterations: an If there may not run the
+    point's branch) concatenates its flattened values instead. ``scope`` is the model's NameScope."""
     nodes = {n.name: (n, enclosing) for n, enclosing in control_flow_nodes(model)}
     probes: dict[str, str] = {}
     for point in points:
         (node, enclosing), tensor, attr = nodes[point.owner], point.tensor, point.graph
+        deeper = False
         while True:
-            tensor = _expose_once(node, attr, tensor, point.tensor, scope)
+            if deeper and node.op_type in ("Loop", "Scan"):
+                parent = enclosing[-1][0] if enclosing else model.graph
+                tensor = _accumulate_once(parent, node, attr, tensor, point.tensor, scope)
+            else:
+                tensor = _expose_once(node, attr, tensor, point.tensor, scope)
             if not enclosing:
                 break
             _, owner, attr = enclosing[-1]
             node, enclosing = nodes[owner]
+            deeper = True
         model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
         probes[point.tensor] = tensor
     return probes
@@ -283,4 +291,29 @@ def _expose_once(node: onnx.NodeProto, attr: str, tensor: str, base: str, scope)
             if a.name in ("scan_output_axes", "scan_output_directions"):
                 a.ints.append(0)
     node.output.append(out)
+    return out
+
+
+def _accumulate_once(parent: onnx.GraphProto, node: onnx.NodeProto, attr: str, tensor: str, base: str,
+                     scope) -> str:
+    """Mutates ``node`` and ``parent`` (the graph holding it): a new loop-carried value (a Loop's, or a
+    Scan's state) starting empty gathers ``tensor`` of its body, flattened, over every iteration; returns
+    the name of the node's new output that holds them all."""
+    body = dict(subgraphs(node))[attr]
+    first = 2 if node.op_type == "Loop" else 0
+    carried = len(body.input) - first if node.op_type == "Loop" else \
+        len(node.input) - next(a.i for a in node.attribute if a.name == "num_scan_inputs")
+    acc_in, flat, acc_out = (scope.unique_name(f"{base}_{s}") for s in ("gathered_in", "flat", "gathered"))
+    shape, start, out = (scope.unique_name(f"{base}_{s}") for s in ("flat_shape", "gather_start", "gathered_all"))
+    body.initializer.append(onnx.helper.make_tensor(shape, onnx.TensorProto.INT64, [1], [-1]))
+    body.node.extend([onnx.helper.make_node("Reshape", [tensor, shape], [flat], name=scope.unique_name(flat)),
+                      onnx.helper.make_node("Concat", [acc_in, flat], [acc_out], name=scope.unique_name(acc_out),
+                                            axis=0)])
+    body.input.insert(first + carried, onnx.helper.make_tensor_value_info(acc_in, onnx.TensorProto.FLOAT, None))
+    body.output.insert(1 + carried if node.op_type == "Loop" else carried,
+                       onnx.helper.make_tensor_value_info(acc_out, onnx.TensorProto.FLOAT, None))
+    parent.node.append(onnx.helper.make_node("Constant", [], [start], name=scope.unique_name(start),
+                                             value=onnx.helper.make_tensor(start, onnx.TensorProto.FLOAT, [0], [])))
+    node.input.insert(first + carried, start)
+    node.output.insert(carried, out)
     return out

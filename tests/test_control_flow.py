@@ -720,3 +720,22 @@ def test_layers_two_levels_deep_are_learned_and_integer_kernels(make, learned, p
     assert sim >= 30, f"onnxruntime vs simulation {sim:.1f} dB < 30 dB"
     if make is loop_in_if_model:
         assert "'by_sign': else_branch never ran on the calibration data; its layer(s) else_conv" in caplog.text
+
+
+def test_layers_two_levels_deep_in_an_onnxruntime_block_get_calibrated_qdq(caplog):
+    """A node with no torch converter (Celu) in the Loop body: the block runs in onnxruntime, the layers
+    in the If inside the body get round-to-nearest weights and Q/DQ calibrated through probes out of the
+    If and the Loop, and run as integer kernels."""
+    model = if_in_loop_model()
+    body = _subgraph(model, "repeat", "body")
+    after = next(n for n in body.node if n.name == "after_if")
+    after.op_type = "Celu"
+    with caplog.at_level("WARNING", logger="onnxflex"):
+        result = onnxflex.quantize(model, _positive_images(CALIB, 0), onnxflex.QuantConfig(method="rtn"),
+                                   progress=False)
+    assert "no torch converter for Loop (node 'repeat')" in caplog.text, caplog.text
+    assert "onnxruntime" in [b["runtime"] for b in result.report["blocks"]], result.report["blocks"]
+    kernels = {l.node: l.kernel for l in check(result.model).layers}
+    assert kernels.get("first_conv") == kernels.get("later_conv") == "QLinearConv", kernels
+    sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
+    assert sim >= 30, f"onnxruntime vs simulation {sim:.1f} dB < 30 dB"
