@@ -101,10 +101,11 @@ def _localize(g: onnx.GraphProto, outer: dict[str, onnx.TensorProto]) -> None:
 
 
 def unique_subgraph_initializers(model: onnx.ModelProto) -> None:
-    """Mutates: an initializer of a subgraph (at any depth) whose name another scope also uses (an outer
-    weight copied in by localize_outer_initializers, or two branches' own 'w') gets a name of its own,
-    so that quantizers keyed by initializer name (QuantState, QuantParams) never mix two tensors. Outer
-    scopes keep their names."""
+    """Mutates: a tensor a subgraph (at any depth) defines — initializer, graph input or node output —
+    whose name another scope also uses (an outer weight copied in by localize_outer_initializers, two
+    branches' own 'w' or 'out', two bodies' 'i') gets a name of its own, so that quantizers keyed by
+    name (QuantState, QuantParams) never mix two tensors and the emitter finds the one graph that
+    defines each. Outer scopes, and the top-level graph, keep their names."""
     from onnxflex.graph import NameScope
 
     g = model.graph
@@ -115,12 +116,16 @@ def unique_subgraph_initializers(model: onnx.ModelProto) -> None:
 def _unique_below(g: onnx.GraphProto, seen: set[str], scope) -> None:
     for node in g.node:
         for _, sub in subgraphs(node):
-            for t in sub.initializer:
-                if t.name in seen:
-                    new = scope.unique_name(t.name)
-                    _rename_local(sub, t.name, new)
-                    t.name = new
-                seen.add(t.name)
+            defined = [i.name for i in sub.input] + [t.name for t in sub.initializer]
+            defined += [o for n in sub.node for o in n.output if o]
+            renames = {name: scope.unique_name(name) for name in dict.fromkeys(defined) if name in seen}
+            for old, new in renames.items():
+                _rename_local(sub, old, new)
+                for value in list(sub.input) + list(sub.initializer) + list(sub.value_info):
+                    value.name = new if value.name == old else value.name
+                for n in sub.node:
+                    n.output[:] = [new if o == old else o for o in n.output]
+            seen.update(defined, renames.values())
             _unique_below(sub, seen, scope)
 
 

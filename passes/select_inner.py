@@ -15,6 +15,7 @@ import onnx
 from onnxflex.blocks import InnerPoint, QuantLayer
 from onnxflex.config import QuantConfig
 from onnxflex.passes.control_flow import CONTROL_FLOW, Scope, control_flow_nodes, subgraphs
+from onnxflex.passes.recurrent import inner_recurrent_layers
 from onnxflex.passes.select import FLOAT_TYPES, _channel_axis, check_float32
 from onnxflex.runtimes.base import Target
 
@@ -42,7 +43,7 @@ def select_inner(model: onnx.ModelProto, target: Target, config: QuantConfig
     for node, scope in control_flow_nodes(model):
         for attr, g in subgraphs(node):
             found = _layers_in(g, node.name, attr, target, config)
-            layers += found
+            layers += found + inner_recurrent_layers(g, node.name, attr, target, config)  # LSTM X: no point
             if config.abits == 0:
                 continue
             here = scope + [(g, node.name, attr)]

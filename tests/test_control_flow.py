@@ -633,8 +633,9 @@ def if_in_loop_model() -> onnx.ModelProto:
     """A Loop (twice) whose body holds an If on i == 0: Conv 'first_conv' on the first iteration,
     'later_conv' after; both branches run, two levels deep."""
     def middle(b):
-        then_g = _conv_graph(b, "first_conv", "v_in", "first_out")
-        else_g = _conv_graph(b, "later_conv", "v_in", "later_out")
+        # both branches name their output as the If does (canonicalize gives each its own name)
+        then_g = _conv_graph(b, "first_conv", "v_in", "branch_out")
+        else_g = _conv_graph(b, "later_conv", "v_in", "branch_out")
         inner = helper.make_node("If", ["first"], ["branch_out"], name="by_iteration", then_branch=then_g,
                                  else_branch=else_g)
         b.node("Loop", [b.const("trips", np.array(2, np.int64)), b.const("go", np.array(True)), "a"], ["g"],
@@ -739,3 +740,49 @@ def test_layers_two_levels_deep_in_an_onnxruntime_block_get_calibrated_qdq(caplo
     assert kernels.get("first_conv") == kernels.get("later_conv") == "QLinearConv", kernels
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
     assert sim >= 30, f"onnxruntime vs simulation {sim:.1f} dB < 30 dB"
+
+
+def lstm_in_if_model() -> onnx.ModelProto:
+    """x [N, 5, 8] → If(mean(x) > 0): then an LSTM 'branch_lstm' (hidden 16) over the steps, else a MatMul
+    'branch_mm' to 16 features → MatMul 'head' to 4."""
+    b = graphs._Builder(10)
+    rng = b.rng
+    lstm_w = [numpy_helper_from((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+              for n, s in (("lstm_w", (1, 64, 8)), ("lstm_r", (1, 64, 16)), ("lstm_b", (1, 128)))]
+    then_g = helper.make_graph([
+        helper.make_node("Transpose", ["x"], ["steps"], name="time_major", perm=[1, 0, 2]),
+        helper.make_node("LSTM", ["steps", "lstm_w", "lstm_r", "lstm_b"], ["seq"], name="branch_lstm", hidden_size=16),
+        helper.make_node("Squeeze", ["seq", "one_axis"], ["seq3"], name="drop_direction"),
+        helper.make_node("Transpose", ["seq3"], ["then_out"], name="batch_major", perm=[1, 0, 2])], "then", [],
+        [_any("then_out")], lstm_w + [numpy_helper_from(np.array([1], np.int64), "one_axis")])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "mm_w"], ["else_out"], name="branch_mm")], "else",
+                               [], [_any("else_out")],
+                               [numpy_helper_from((rng.standard_normal((8, 16)) * 0.3).astype(np.float32), "mm_w")])
+    b.node("ReduceMean", ["x"], ["m"], name="mean", keepdims=0)
+    b.node("Greater", ["m", b.const("zero", np.array(0.0, np.float32))], ["positive"], name="positive")
+    b.node("If", ["positive"], ["h"], name="by_sign", then_branch=then_g, else_branch=else_g)
+    b.node("MatMul", ["h", b.he("head_w", (16, 4), 16)], ["y"], name="head")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [graphs.N, 5, 8])
+    return b.model("lstm_in_if", [x], [graphs._out(graphs.N, 5, 4)], opset=13)
+
+
+def test_an_lstm_inside_a_branch_becomes_dynamic_quantize_lstm(caplog):
+    """An LSTM in an If branch is quantized like a top-level one: int8 W and R in the branch, run as
+    com.microsoft DynamicQuantizeLSTM, its input unquantized; the simulation agrees with onnxruntime."""
+    model = lstm_in_if_model()
+    data = {"x": np.random.default_rng(0).standard_normal((CALIB, 5, 8)).astype(np.float32) + 0.3}
+    with caplog.at_level("WARNING", logger="onnxflex"):
+        result = onnxflex.quantize(model, data, onnxflex.QuantConfig(method="rtn"), progress=False)
+    assert "'branch_lstm' (LSTM) inside a subgraph of 'by_sign' stays float" not in caplog.text, caplog.text
+    then_g = _subgraph(result.model, "by_sign", "then_branch")
+    ops = {n.op_type: n for n in then_g.node}
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops, list(ops)
+    inits = {t.name: t for t in then_g.initializer}
+    assert inits[ops["DynamicQuantizeLSTM"].input[1]].data_type == TensorProto.INT8
+    assert ops["DynamicQuantizeLSTM"].input[0] == "steps", "the LSTM's input got a Q/DQ"
+    sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
+    feeds = {"x": np.random.default_rng(7).standard_normal((16, 5, 8)).astype(np.float32) + 0.3}
+    db = sqnr_db(run_model(model, feeds)[0], run_model(result.model, feeds)[0])
+    print(f"LSTM in an If branch: onnxruntime vs simulation {sim:.1f} dB, {db:.1f} dB against FP32")
+    assert sim >= 30, f"onnxruntime vs simulation {sim:.1f} dB < 30 dB"
+    assert db >= 25, f"SQNR {db:.1f} dB < 25 dB against FP32"
