@@ -25,7 +25,7 @@ import onnx
 from onnxflex.blocks import Block, BlockPlan, InnerPoint, QuantLayer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import default_opset, graph_input_names
-from onnxflex.passes.control_flow import reads
+from onnxflex.passes.control_flow import reads, top_level_owner
 from onnxflex.placement import FLOAT_TYPES, declared_types
 
 IsSupported = Callable[[onnx.NodeProto, int], bool]  # (node, default-domain opset): runs in torch
@@ -64,6 +64,7 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
     inputs_of = [_block_inputs(model, rep + seg) for rep, seg in zip(repeated, segments)]
     first_reader = _first_readers(model, inputs_of)
     graph_outputs = {o.name for o in model.graph.output}
+    top = top_level_owner(model)  # a layer nested two subgraphs deep goes with its top-level node
     for k, seg in enumerate(segments):
         run = repeated[k] + seg
         names = [n.name for n in run]
@@ -76,8 +77,8 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
         owned = {n.name for n in seg}
         blocks.append(Block(f"block{k}", tuple(names), inputs_of[k], outputs,
                             tuple(l for n in seg for l in layers_of.get(n.name, ()))
-                            + tuple(l for l in inner_layers if l.owner in owned), points, unsupported,
-                            tuple(p for p in inner_points if p.owner in owned)))
+                            + tuple(l for l in inner_layers if top[l.owner] in owned), points, unsupported,
+                            tuple(p for p in inner_points if top[p.owner] in owned)))
     return BlockPlan(model, tuple(blocks), act_points, warnings)
 
 

@@ -57,9 +57,25 @@ def recurrent_layers(model: onnx.ModelProto, target: Target, config: QuantConfig
         bits = config.bits_for(node.name)
         layers += [QuantLayer(node.name, node.op_type, node.input[k], WEIGHT_AXIS, node.input[0], None, bits)
                    for k in (1, 2)]
-    warnings += [f"node {node.name!r} ({node.op_type}) inside a subgraph of {owner!r} stays float: recurrent "
-                 "layers are quantized at the top level only" for owner, node in _nested(model.graph)]
+    for owner, node, g in _nested(model.graph):
+        reason = _float_reason(node, {t.name: t for t in g.initializer}, target, config)
+        if reason and not config.keeps_float(node.name, node.op_type):
+            warnings.append(f"node {node.name!r} ({node.op_type}) inside a subgraph of {owner!r} stays float: "
+                            f"{reason}")
     return tuple(layers), tuple(warnings)
+
+
+def inner_recurrent_layers(g: onnx.GraphProto, owner: str, attr: str, target: Target, config: QuantConfig
+                           ) -> list[QuantLayer]:
+    """The QuantLayers (W then R) of the LSTMs directly in subgraph ``attr`` of control-flow node ``owner``
+    that ``target`` runs with integer kernels, their weights initializers of ``g``; no warnings
+    (recurrent_layers names those that stay float)."""
+    inits = {t.name: t for t in g.initializer}
+    return [QuantLayer(node.name, node.op_type, node.input[k], WEIGHT_AXIS, node.input[0], None,
+                       config.bits_for(node.name), 0, owner, attr)
+            for node in g.node if node.op_type in RECURRENT_OPS and node.domain in DEFAULT_DOMAINS
+            and not config.keeps_float(node.name, node.op_type) and not _float_reason(node, inits, target, config)
+            for k in (1, 2)]
 
 
 def _float_reason(node: onnx.NodeProto, inits: dict, target: Target, config: QuantConfig) -> str:
@@ -77,11 +93,12 @@ def _float_reason(node: onnx.NodeProto, inits: dict, target: Target, config: Qua
     return ""
 
 
-def _nested(g: onnx.GraphProto, owner: str = "") -> list[tuple[str, onnx.NodeProto]]:
+def _nested(g: onnx.GraphProto, owner: str = "") -> list[tuple[str, onnx.NodeProto, onnx.GraphProto]]:
+    """(top-level owner, recurrent node, the subgraph holding it) for every recurrent node in a subgraph."""
     found = []
     for node in g.node:
         if owner and node.op_type in RECURRENT_OPS:
-            found.append((owner, node))
+            found.append((owner, node, g))
         for _, sub in subgraphs(node):
             found += _nested(sub, owner or node.name)
     return found
