@@ -22,8 +22,8 @@ from __future__ import annotations
 import onnx
 
 from onnxflex.blocks import QuantLayer
-from onnxflex.config import QuantConfig
 from onnxflex.graph import DEFAULT_DOMAINS, node_attr
+from onnxflex.options import PlanOptions
 from onnxflex.passes.control_flow import subgraphs
 from onnxflex.passes.select import FLOAT_TYPES
 from onnxflex.runtimes.base import Target
@@ -38,7 +38,7 @@ STATE_PATH_OPS = {"Slice", "Split", "Gather", "Squeeze", "Unsqueeze", "Reshape",
                   "Identity", "Cast", "Flatten", "Expand"}
 
 
-def recurrent_layers(model: onnx.ModelProto, target: Target, config: QuantConfig
+def recurrent_layers(model: onnx.ModelProto, target: Target, config: PlanOptions
                      ) -> tuple[tuple[QuantLayer, ...], tuple[str, ...]]:
     """(the QuantLayers of the LSTMs ``target`` runs with integer kernels — W then R per node, in graph
     order —, one warning per recurrent node that stays float, subgraphs included)."""
@@ -62,7 +62,7 @@ def recurrent_layers(model: onnx.ModelProto, target: Target, config: QuantConfig
     return tuple(layers), tuple(warnings)
 
 
-def _float_reason(node: onnx.NodeProto, inits: dict, target: Target, config: QuantConfig) -> str:
+def _float_reason(node: onnx.NodeProto, inits: dict, target: Target, config: PlanOptions) -> str:
     """Why ``node`` cannot become an integer kernel on ``target`` ('' when it can)."""
     if node.op_type not in target.recurrent_ops:
         return f"{target.name} has no integer {node.op_type} kernel; its weights and state stay FP32"

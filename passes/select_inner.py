@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx
 
 from onnxflex.blocks import InnerPoint, QuantLayer
-from onnxflex.config import QuantConfig
+from onnxflex.options import PlanOptions
 from onnxflex.passes.control_flow import subgraphs
 from onnxflex.passes.select import FLOAT_TYPES, _channel_axis, check_float32
 from onnxflex.runtimes.base import Target
@@ -32,7 +32,7 @@ def initializers_of(model: onnx.ModelProto, layer: QuantLayer) -> dict[str, onnx
     return {t.name: t for t in g.initializer}
 
 
-def select_inner(model: onnx.ModelProto, target: Target, config: QuantConfig
+def select_inner(model: onnx.ModelProto, target: Target, config: PlanOptions
                  ) -> tuple[tuple[QuantLayer, ...], tuple[InnerPoint, ...], tuple[str, ...]]:
     """(inner layers, inner points, top-level points the inner layers read), in graph order."""
     layers: list[QuantLayer] = []
@@ -55,7 +55,7 @@ def select_inner(model: onnx.ModelProto, target: Target, config: QuantConfig
     return tuple(layers), tuple(inner), tuple(outer)
 
 
-def _layers_in(g: onnx.GraphProto, owner: str, attr: str, target: Target, config: QuantConfig) -> list[QuantLayer]:
+def _layers_in(g: onnx.GraphProto, owner: str, attr: str, target: Target, config: PlanOptions) -> list[QuantLayer]:
     inits = {t.name: t for t in g.initializer}
     found = []
     for node in g.node:
