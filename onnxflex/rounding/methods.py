@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from onnxflex.config import QuantConfig
+from onnxflex.options import RoundingOptions
 from onnxflex.registry import Registry
 from onnxflex.rounding.adaround import AdaRounder
 from onnxflex.rounding.rounders import FlexRounder, ParamGroups, Rounder, RTNRounder, StepPolicy
@@ -27,7 +27,7 @@ def make_rounder(method: str, weight: torch.Tensor, axis: int, bits: int, scale_
     return ROUNDERS.get(method)(weight, axis, bits, scale_search, group_size)
 
 
-def make_policy(method: str, rounders: Sequence[Rounder], groups: ParamGroups, config: QuantConfig
+def make_policy(method: str, rounders: Sequence[Rounder], groups: ParamGroups, config: RoundingOptions
                 ) -> StepPolicy | None:
     """The step policy of ``method`` for one block, or None when there is nothing to learn."""
     if config.iters == 0 or not any(params for params, _ in groups):

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from onnxflex.config import QuantConfig
+from onnxflex.options import RoundingOptions
 from onnxflex.qparams import QuantizedWeight, channel_shape
 from onnxflex.rounding.quant import round_ste, signed_range
 
@@ -105,7 +105,7 @@ class StepPolicy:
 
     keep_best = False
 
-    def __init__(self, rounders: Sequence["Rounder"], groups: ParamGroups, config: QuantConfig) -> None:
+    def __init__(self, rounders: Sequence["Rounder"], groups: ParamGroups, config: RoundingOptions) -> None:
         self.rounders = list({id(r): r for r in rounders}.values())
         self.params = list({id(p): p for params, _ in groups for p in params}.values())
         self.iters = self.end = config.iters
@@ -207,7 +207,7 @@ class AdamCosine(StepPolicy):
     constant_kinds: frozenset[str] = frozenset()
     BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
-    def __init__(self, rounders: Sequence["Rounder"], groups: ParamGroups, config: QuantConfig) -> None:
+    def __init__(self, rounders: Sequence["Rounder"], groups: ParamGroups, config: RoundingOptions) -> None:
         super().__init__(rounders, groups, config)
         lrs = {"lr": config.lr, "scale_lr": config.scale_lr, "act_lr": config.act_lr}
         self.groups = [(list(params), lrs[kind], kind in self.constant_kinds) for params, kind in groups if params]
