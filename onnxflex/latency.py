@@ -26,8 +26,8 @@ import onnx
 
 from onnxflex.blocks import BlockPlan
 from onnxflex.calib import CalibrationSet
-from onnxflex.config import QuantConfig
 from onnxflex.graph import load_model, name_nodes_uniquely
+from onnxflex.options import PlanOptions, RoundingOptions
 from onnxflex.qparams import QuantParams
 
 log = logging.getLogger("onnxflex")
@@ -59,7 +59,7 @@ class LatencyChoice:
                 f"{self.int8_ms:.3f} ms, chosen {self.chosen_ms:.3f} ms; kept in float: {kept}")
 
 
-def synthetic_params(plan: BlockPlan, target, config: QuantConfig, sample: CalibrationSet) -> QuantParams:
+def synthetic_params(plan: BlockPlan, target, config: RoundingOptions, sample: CalibrationSet) -> QuantParams:
     """The parameters a round-to-nearest run would export for ``plan`` (the same quantizers, ties and
     int32 biases as reconstruction sets up), weights on min/max steps and activations on the min/max
     of ``sample`` (the timed batch, shared inputs included): the emitted model's exact structure and zero points, for timing. Zero points matter,
@@ -117,19 +117,20 @@ def latencies(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeat
     return [float(np.median(t)) for t in run_rounds(models, feed, repeats, threads)]
 
 
-def _emitted(plan: BlockPlan, target, config: QuantConfig, sample: CalibrationSet) -> onnx.ModelProto:
+def _emitted(plan: BlockPlan, target, config: RoundingOptions, sample: CalibrationSet) -> onnx.ModelProto:
     from onnxflex.emit import emit
 
     return emit(plan.model, synthetic_params(plan, target, config, sample), target)
 
 
-def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: CalibrationSet, config: QuantConfig,
-                        build_plan, progress) -> LatencyChoice:
-    """Measures as the module docstring says and returns the layers to keep in float. ``build_plan`` is
-    ``pipeline.build_plan`` (passed in to keep the import graph one-way)."""
+def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: CalibrationSet, options: PlanOptions,
+                        config: RoundingOptions, threads: int, build_plan, progress) -> LatencyChoice:
+    """Measures as the module docstring says and returns the layers to keep in float. ``options`` built
+    ``plan``; ``config`` sets up its quantizers and the timed batch; ``threads``: onnxruntime's.
+    ``build_plan`` is ``pipeline.build_plan`` (passed in to keep the import graph one-way)."""
     from onnxflex.runtimes.targets import get_target
 
-    target = get_target(config.target)
+    target = get_target(options.target)
     batch = min(config.batch_size, data.num_samples)
     sample = data.take(0, batch)
     feed = sample.feeds()
@@ -139,11 +140,11 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
     name_nodes_uniquely(fp32)
     variants = [fp32, _emitted(plan, target, config, sample)]
     for k, name in enumerate(names):
-        without = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + (name,)))
+        without = build_plan(original, options.replace(exclude_nodes=options.exclude_nodes + (name,)))
         variants.append(_emitted(without, target, config, sample))
         progress.update(k + 1)
     progress.finish(f"latency: timing {len(variants)} variants of the model on a batch of {batch}")
-    rounds = run_rounds(variants, feed, REPEATS, config.latency_threads)
+    rounds = run_rounds(variants, feed, REPEATS, threads)
     fp32, int8 = float(np.median(rounds[0])), float(np.median(rounds[1]))
     rows, losers = [], []
     for name, times in zip(names, rounds[2:]):
@@ -163,9 +164,8 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
             row["kept_float"] = False
     chosen = int8
     if losers:
-        trial = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + tuple(losers)))
-        int8, chosen = latencies([variants[1], _emitted(trial, target, config, sample)], feed, REPEATS,
-                                 config.latency_threads)
+        trial = build_plan(original, options.replace(exclude_nodes=options.exclude_nodes + tuple(losers)))
+        int8, chosen = latencies([variants[1], _emitted(trial, target, config, sample)], feed, REPEATS, threads)
         if chosen >= int8:
             log.info("keeping %d slower layers in float did not speed the model up (%.3f vs %.3f ms); "
                      "all stay integer", len(losers), chosen, int8)
@@ -173,6 +173,6 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
             for row in rows:
                 row["kept_float"] = False
     choice = LatencyChoice(tuple(losers), round(fp32, 4), round(int8, 4), round(chosen, 4), batch,
-                           config.latency_threads, rows)
+                           threads, rows)
     log.info("%s", choice.describe())
     return choice
