@@ -14,6 +14,7 @@ from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.config import QuantConfig
 from onnxflex.errors import CalibrationError, VerificationError
 from onnxflex.graph import load_model, save_model_atomic, write_text_atomic
+from onnxflex.options import DataOptions, resolve
 from onnxflex.progress import Progress
 from onnxflex.report import layer_summary, reconstruction_summary, to_json, versions
 from onnxflex.sources import resolve_calibration
@@ -47,7 +48,7 @@ def unverified_path(output: str | os.PathLike) -> Path:
     return output.with_name(f"{stem}.unverified.onnx")
 
 
-def split_calibration(data: CalibrationSet, config: QuantConfig, batch: int | None):
+def split_calibration(data: CalibrationSet, config: DataOptions, batch: int | None):
     """(reconstruction set, verification set): the last ``verify_samples`` are held out."""
     n = data.num_samples if not config.calib_samples else min(config.calib_samples, data.num_samples)
     held = min(config.verify_samples, n // 4)
@@ -107,18 +108,20 @@ def _quantize(model: Any, calibration: Any, config: QuantConfig, progress: bool,
 
     t0 = time.perf_counter()
     original = load_model(model)
-    data = resolve_calibration(calibration, original, model, config)
+    resolved = resolve(config)
+    data = resolve_calibration(calibration, original, model, resolved.data)
     fixed = fixed_batch(original)
-    recon, held = split_calibration(data, config, fixed)
-    qmodel, report, params = run_pipeline(original, recon, held, config, Progress(progress))
-    report.update(config=config.to_dict(), versions=versions(), seed=config.seed,
+    recon, held = split_calibration(data, resolved.data, fixed)
+    qmodel, report, params = run_pipeline(original, recon, held, resolved, Progress(progress))
+    report.update(config=resolved.to_dict(), versions=versions(), seed=resolved.rounding.seed,
                   calibration={"source": data.source, "reconstruction_samples": recon.num_samples,
                                "verification_samples": held.num_samples},
-                  layers=layer_summary(report.pop("_plan"), params, config),
-                  reconstruction=reconstruction_summary(config, report["blocks"], fixed or config.batch_size))
+                  layers=layer_summary(report.pop("_plan"), params),
+                  reconstruction=reconstruction_summary(resolved.rounding, report["blocks"],
+                                                        fixed or resolved.rounding.batch_size))
     verification = report.pop("_verification")
     if verification is None:
-        _warn_unverified(data.num_samples, config)
+        _warn_unverified(data.num_samples, resolved.data)
     report["warnings"] = list(dict.fromkeys(logged))  # calibration's, the plan's, verification's: all logged
     report["timings"]["total"] = time.perf_counter() - t0
     result = QuantResult(qmodel, report, params)
@@ -129,7 +132,7 @@ def _quantize(model: Any, calibration: Any, config: QuantConfig, progress: bool,
     return result
 
 
-def _warn_unverified(samples: int, config: QuantConfig) -> None:
+def _warn_unverified(samples: int, config: DataOptions) -> None:
     """No sample was held out, so the emitted model was never run against FP32: say so (on stderr, and
     so in the report's warnings)."""
     message = (f"the output is UNVERIFIED: {samples} calibration samples leave none held out for verification "

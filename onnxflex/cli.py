@@ -14,10 +14,10 @@ from pathlib import Path
 import click
 
 from onnxflex.config import OPTION_HELP, QuantConfig, choices, read_toml
-from onnxflex.options import given_toml
 from onnxflex.errors import ConfigError, OnnxflexError, VerificationError
 from onnxflex.exits import (FAILED, INTERNAL, SIGINT_EXIT, SIGTERM_EXIT, Terminated, crash_log,
                             internal_error_line, sigterm_unwinds)
+from onnxflex.options import given_toml, resolve
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Flags whose name is not the field's name with dashes (repeatable options read better singular).
@@ -190,7 +190,7 @@ def inspect(model, config_file, **options) -> None:
     from onnxflex.pipeline import build_plan
 
     _setup_logging("warning")
-    plan = build_plan(load_model(model), build_config(config_file, options))
+    plan = build_plan(load_model(model), resolve(build_config(config_file, options)).plan)
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(plan.describe())

@@ -7,16 +7,18 @@ reads its own part and nothing else:
     PlanOptions      the graph passes and the plan (bits, groups, target, exclusions, pinned inputs)
     RoundingOptions  reconstruction: the method, its resolved schedule, step searches, threads, checkpoints
     CaptureOptions   where tensors are captured and how much RAM holds them
-    RefineOptions    the plan changes that need data: LayerNorm folding, latency placement, mixed-precision budgets
+    RefineOptions    which plan changes that need data run: LayerNorm folding, latency placement
+    Budgets          mixed precision: the budgets and what the allocation reads beside them
     VerifyOptions    the gate on the emitted model
     DataOptions      calibration and synthetic data, and how many samples are held out
 
 Field names are the QuantConfig's. A value read by two stages is copied into both records
-(``abits``: plan and rounding; ``seed``: rounding and data; ``fix_inputs``: plan and data); only
-``resolve`` builds the records, so the copies agree. Values a stage replaces during a run live in one
-record: ``batch_size`` (rounding; the pipeline passes it to verification and latency timing) and
-``exclude_nodes`` (plan). ``target`` and ``wbits`` live in the plan; a stage needing them beside its
-own record is given the plan's (or the Target object).
+(``abits``: plan and rounding; ``seed``: rounding and data; ``fix_inputs``: plan and data; ``wbits`` and
+``layer_bits``: plan and budgets; ``weight_scale``: rounding and budgets); only ``resolve`` builds the
+records, so the copies agree (``Resolved.to_dict`` refuses records that disagree). Values a stage
+replaces during a run live in one record: ``batch_size`` (rounding; the pipeline passes it to
+verification and latency timing) and ``exclude_nodes`` (plan). ``target`` lives in the plan; the
+stages after planning are given the Target object.
 """
 from __future__ import annotations
 
@@ -120,14 +122,28 @@ class CaptureOptions(_Record):
 
 @dataclass(frozen=True, kw_only=True)
 class RefineOptions(_Record):
-    """The data-driven plan changes: LayerNorm folding, latency placement and its threads, and the
-    mixed-precision budgets (floats; at most one non-zero)."""
+    """Which data-driven plan changes run: LayerNorm folding, latency placement (and its onnxruntime
+    threads); mixed precision runs when a Budgets value is set."""
 
     reparam_layernorm: bool
     optimize_latency: bool
     latency_threads: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budgets(_Record):
+    """What mixed precision reads: the budgets (floats; at most one non-zero, both 0: off), the widest
+    width ``wbits``, the ``layer_bits`` patterns that pin layers, and the weight step search."""
+
     bits_budget: float
     size_budget_mb: float
+    wbits: int
+    layer_bits: tuple[tuple[str, int], ...]
+    weight_scale: str
+
+    @property
+    def active(self) -> bool:
+        return bool(self.bits_budget or self.size_budget_mb)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +167,7 @@ class DataOptions(_Record):
 
 
 _PARTS = {"plan": PlanOptions, "rounding": RoundingOptions, "capture": CaptureOptions, "refine": RefineOptions,
-          "verify": VerifyOptions, "data": DataOptions}
+          "budgets": Budgets, "verify": VerifyOptions, "data": DataOptions}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,6 +178,7 @@ class Resolved:
     rounding: RoundingOptions
     capture: CaptureOptions
     refine: RefineOptions
+    budgets: Budgets
     verify: VerifyOptions
     data: DataOptions
 
@@ -175,8 +192,8 @@ class Resolved:
         for part in _PARTS:
             for key, value in dataclasses.asdict(getattr(self, part)).items():
                 if merged.setdefault(key, value) != value:
-                    raise ConfigError(f"{key} differs between the resolved records ({merged[key]!r}, {value!r}): "
-                                      "build them with onnxflex.options.resolve only")
+                    raise RuntimeError(f"{key} differs between the resolved records ({merged[key]!r}, "
+                                       f"{value!r}): replace it in every record that holds it")
         return plain({f.name: merged[f.name] for f in dataclasses.fields(QuantConfig)})
 
     def to_toml(self) -> str:

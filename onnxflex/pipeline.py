@@ -11,12 +11,12 @@ import onnx
 from onnxflex.blocks import BlockPlan
 from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.capture import TensorCache, capture
-from onnxflex.config import QuantConfig
 from onnxflex.device import resolve_device
 from onnxflex.errors import CalibrationError
 from onnxflex.emit import emit
 from onnxflex.extdata import offload
 from onnxflex.graph import load_model, name_nodes_uniquely
+from onnxflex.options import PlanOptions, Resolved, RoundingOptions, VerifyOptions
 from onnxflex.passes.control_flow import control_flow_warnings
 from onnxflex.passes.custom_ops import check_custom_ops
 from onnxflex.passes.partition import partition
@@ -31,7 +31,7 @@ from onnxflex.spill import check_free_disk
 log = logging.getLogger("onnxflex")
 
 
-def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
+def build_plan(model: onnx.ModelProto, config: PlanOptions) -> BlockPlan:
     """Run the graph passes and partition the result into blocks (no data needed)."""
     from onnxflex.rounding.torchify import torch_supported
 
@@ -54,9 +54,9 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
     return dataclasses.replace(plan, warnings=tuple(ctx.warnings))
 
 
-def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: CalibrationSet, config: QuantConfig,
+def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: CalibrationSet, config: Resolved,
                  progress: Progress):
-    """Returns (quantized model, report dict, QuantParams)."""
+    """Returns (quantized model, report dict, QuantParams). Each stage is given its part of ``config``."""
     import torch
 
     from onnxflex.rounding.reconstruct import reconstruct
@@ -64,32 +64,32 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
 
     timings = {}
     t = time.perf_counter()
-    torch.manual_seed(config.seed)
-    target = get_target(config.target)
-    device = resolve_device(config.device)
-    plan = build_plan(original, config)
+    torch.manual_seed(config.rounding.seed)
+    target = get_target(config.plan.target)
+    device = resolve_device(config.capture.device)
+    plan = build_plan(original, config.plan)
     check_custom_ops(plan.model)  # before any calibration work
     for warning in plan.warnings:
         log.warning(warning)
     fixed = fixed_batch(plan.model)
-    if fixed and fixed != config.batch_size:
+    if fixed and fixed != config.rounding.batch_size:
         log.info("the model's inputs fix the batch at %d; reconstruction uses batches of %d", fixed, fixed)
-        config = config.replace(batch_size=fixed)
-    _check_batch(recon, held, config)
+        config = config.replace(rounding=config.rounding.replace(batch_size=fixed))
+    _check_batch(recon, held, config.rounding)
     check_free_disk(plan.model, sorted({n for b in plan.blocks for n in b.inputs + b.outputs}), recon,
-                    config.max_cache_mb)
+                    config.capture.max_cache_mb)
     plan, config, sections = _adapt_plan(original, plan, recon, config, device.providers, progress, timings)
     checkpoint = None
-    if config.checkpoint_dir:
+    if config.rounding.checkpoint_dir:
         from onnxflex.checkpoint import Checkpoint, fingerprint
 
         # refuses a folder written for another run before any work starts
-        checkpoint = Checkpoint(config.checkpoint_dir,
+        checkpoint = Checkpoint(config.rounding.checkpoint_dir,
                                 fingerprint(plan.model, config.to_dict(), (recon.arrays, held.arrays, _shared(recon))))
     timings["passes"] = _lap(t)
 
     t = time.perf_counter()
-    cache = TensorCache(config.max_cache_mb << 20)
+    cache = TensorCache(config.capture.max_cache_mb << 20)
     try:
         boundary = sorted({n for b in plan.blocks for n in b.inputs + b.outputs})
         progress.start(recon.num_samples, "capture")
@@ -104,7 +104,7 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
 
         t = time.perf_counter()
         state = QuantState()
-        results, modules = reconstruct(plan, cache, state, target, config, torch.device(device.torch_device),
+        results, modules = reconstruct(plan, cache, state, target, config.rounding, torch.device(device.torch_device),
                                        progress, device.providers, checkpoint)
         timings["reconstruct"] = _lap(t)
     finally:
@@ -118,7 +118,8 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
     t = time.perf_counter()
     verification = None
     if held.num_samples:
-        verification = _verification(qmodel, plan, modules, reference, held, config, device, layout)
+        verification = _verification(qmodel, plan, modules, reference, held, config.verify,
+                                     config.rounding.batch_size, device, layout)
     timings["verify"] = _lap(t) + reference_seconds
 
     layers_of = {b.name: len(b.layers) for b in plan.blocks}
@@ -126,7 +127,7 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
         "blocks": [dict(name=r.name, layers=layers_of[r.name], runtime=r.runtime, loss_before=r.loss_before,
                         loss_after=r.loss_after, iters=r.iters, seconds=r.seconds) for r in results],
         "plan": {"blocks": len(plan.blocks), "layers": len(plan.layers), "activation_points": len(plan.act_points),
-                 "granularity": config.granularity},
+                 "granularity": config.plan.granularity},
         "verification": verification.to_dict() if verification else {},
         **sections,
         "timings": timings,
@@ -137,9 +138,10 @@ def run_pipeline(original: onnx.ModelProto, recon: CalibrationSet, held: Calibra
 
 
 def _verification(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, reference: dict, held: CalibrationSet,
-                  config: QuantConfig, device, layout):
-    """verify.verify on the held-out samples; when onnxruntime and the simulation part, the blocks are
-    compared one by one (divergence.locate) and the result names the first block where they do."""
+                  config: VerifyOptions, batch_size: int, device, layout):
+    """verify.verify on the held-out samples (simulated in batches of ``batch_size``); when onnxruntime
+    and the simulation part, the blocks are compared one by one (divergence.locate) and the result names
+    the first block where they do."""
     import torch
 
     from onnxflex.divergence import comparison_points, locate
@@ -148,13 +150,13 @@ def _verification(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, refer
 
     torch_device = torch.device(device.torch_device)
     at = comparison_points(plan.model)
-    simulated = simulate(modules, plan, held, torch_device, config.batch_size,
+    simulated = simulate(modules, plan, held, torch_device, batch_size,
                          layout.merged({t: layout.axis(o) for o, t in at.items()}), keep=tuple(at.values()))
     verification = verify(qmodel, reference, held, simulated, device.providers, config.verify_tolerance_db,
                           layout, at)
     if verification.failure() is None:
         return verification
-    batch = fixed_batch(plan.model) or config.batch_size
+    batch = fixed_batch(plan.model) or batch_size
     try:
         found = locate(qmodel, plan, modules, held, device.providers, batch, config.verify_tolerance_db,
                        torch_device)
@@ -169,34 +171,36 @@ def _verification(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, refer
     return verification
 
 
-def _adapt_plan(original: onnx.ModelProto, plan: BlockPlan, recon: CalibrationSet, config: QuantConfig,
-                providers, progress: Progress, timings: dict) -> tuple[BlockPlan, QuantConfig, dict]:
+def _adapt_plan(original: onnx.ModelProto, plan: BlockPlan, recon: CalibrationSet, config: Resolved,
+                providers, progress: Progress, timings: dict) -> tuple[BlockPlan, Resolved, dict]:
     """The plan changes that need calibration data, in order: latency placement (keeps slower layers in
     float: a new plan and a config excluding them), LayerNorm folding (mutates ``plan.model``), mixed
     precision (per-layer bits). Returns (plan, config, their report sections); adds to ``timings``."""
     sections: dict = {"latency_placement": {}, "layernorm_folds": [], "mixed_precision": {}}
-    if config.optimize_latency:
+    if config.refine.optimize_latency:
         from onnxflex.latency import choose_float_layers
 
         t = time.perf_counter()
-        choice = choose_float_layers(original, plan, recon, config, build_plan, progress)
+        choice = choose_float_layers(original, plan, recon, config.plan, config.rounding,
+                                     config.refine.latency_threads, build_plan, progress)
         timings["latency_placement"] = _lap(t)
         sections["latency_placement"] = choice.to_dict()
         if choice.float_layers:
-            config = config.replace(exclude_nodes=config.exclude_nodes + choice.float_layers)
-            plan = build_plan(original, config)
-    if config.reparam_layernorm and plan.act_points:
+            config = config.replace(plan=config.plan.replace(exclude_nodes=config.plan.exclude_nodes
+                                                             + choice.float_layers))
+            plan = build_plan(original, config.plan)
+    if config.refine.reparam_layernorm and plan.act_points:
         from onnxflex.passes.ln_reparam import reparam_layernorm
 
         sections["layernorm_folds"] = reparam_layernorm(plan.model, plan.act_points, recon, providers)
         if sections["layernorm_folds"]:
             log.info("folded per-channel ranges of %d LayerNorm outputs into their LayerNorms and readers",
                      len(sections["layernorm_folds"]))
-    if config.bits_budget or config.size_budget_mb:
+    if config.budgets.active:
         from onnxflex.mixed import choose_bits
 
         t = time.perf_counter()
-        plan, allocation = choose_bits(plan, recon, config, providers, progress)
+        plan, allocation = choose_bits(plan, recon, config.budgets, providers, progress)
         timings["mixed_precision"] = _lap(t)
         sections["mixed_precision"] = allocation.to_dict()
     return plan, config, sections
@@ -214,7 +218,7 @@ def _fp_reference(original: onnx.ModelProto, held: CalibrationSet, providers, la
     return run(reference, held, providers, layout=layout)
 
 
-def _check_batch(recon: CalibrationSet, held: CalibrationSet, config: QuantConfig) -> None:
+def _check_batch(recon: CalibrationSet, held: CalibrationSet, config: RoundingOptions) -> None:
     """Learned rounding trains on batches of ``batch_size``; fewer samples than one batch is an error."""
     if config.method == "rtn" or config.iters == 0 or recon.num_samples >= config.batch_size:
         return

@@ -21,7 +21,7 @@ def versions() -> dict[str, str]:
             "platform": platform.platform()}
 
 
-def layer_summary(plan, params, config) -> list[dict]:
+def layer_summary(plan, params) -> list[dict]:
     rows = []
     for layer in plan.layers:
         qw = params.weights.get(layer.weight)
@@ -35,9 +35,9 @@ def layer_summary(plan, params, config) -> list[dict]:
 
 
 def reconstruction_summary(config, blocks: list[dict], batch: int) -> dict:
-    """What the preset resolved to and what ran: steps per block at most, samples per step (``batch``:
-    the model's fixed batch where it has one), early-stop patience (0: off), the steps the blocks ran
-    in all and how many blocks stopped early."""
+    """What the preset resolved to (``config``: the run's RoundingOptions) and what ran: steps per block at
+    most, samples per step (``batch``: the model's fixed batch where it has one), early-stop patience
+    (0: off), the steps the blocks ran in all and how many blocks stopped early."""
     steps = [b["iters"] for b in blocks]
     return {"preset": config.preset, "iters": config.iters, "batch_size": batch, "early_stop": config.early_stop,
             "steps_run": sum(steps), "blocks_stopped_early": sum(0 < s < config.iters for s in steps)}
