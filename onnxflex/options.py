@@ -63,6 +63,8 @@ def method_lr(method: str, iters: int) -> float:
 
 
 class _Record:
+    """A stage's record: frozen; ``replace`` gives a copy with some fields changed."""
+
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)
 
@@ -143,6 +145,7 @@ class Budgets(_Record):
 
     @property
     def active(self) -> bool:
+        """True when a budget is set, so mixed precision runs."""
         return bool(self.bits_budget or self.size_budget_mb)
 
 
