@@ -34,6 +34,7 @@ class InputOptions:
 
     @classmethod
     def from_config(cls, config) -> "InputOptions":
+        """From a DataOptions' (or a QuantConfig's) ``batch_axes`` and ``fix_inputs``."""
         return cls.from_specs(config.batch_axes, config.fix_inputs)
 
     def batch_axis(self, vi: onnx.ValueInfoProto) -> int:

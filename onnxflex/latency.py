@@ -27,8 +27,8 @@ import onnx
 
 from onnxflex.blocks import BlockPlan
 from onnxflex.calib import CalibrationSet
-from onnxflex.config import QuantConfig
 from onnxflex.graph import load_model, name_nodes_uniquely
+from onnxflex.options import PlanOptions, RoundingOptions
 from onnxflex.planning import place
 from onnxflex.qparams import QuantParams
 
@@ -61,7 +61,7 @@ class LatencyChoice:
                 f"{self.int8_ms:.3f} ms, chosen {self.chosen_ms:.3f} ms; kept in float: {kept}")
 
 
-def synthetic_params(plan: BlockPlan, target, config: QuantConfig, sample: CalibrationSet) -> QuantParams:
+def synthetic_params(plan: BlockPlan, target, config: RoundingOptions, sample: CalibrationSet) -> QuantParams:
     """The parameters a round-to-nearest run would export for ``plan`` (the same quantizers, ties and
     int32 biases as reconstruction sets up), weights on min/max steps and activations on the min/max
     of ``sample`` (the timed batch, shared inputs included): the emitted model's exact structure and zero points, for timing. Zero points matter,
@@ -119,24 +119,26 @@ def latencies(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeat
     return [float(np.median(t)) for t in run_rounds(models, feed, repeats, threads)]
 
 
-def _emitted(plan: BlockPlan, target, config: QuantConfig, sample: CalibrationSet) -> onnx.ModelProto:
+def _emitted(plan: BlockPlan, target, config: RoundingOptions, sample: CalibrationSet) -> onnx.ModelProto:
     from onnxflex.emit import emit
 
     return emit(plan.model, synthetic_params(plan, target, config, sample), target)
 
 
-def _without(plan: BlockPlan, config: QuantConfig, nodes: tuple[str, ...]) -> BlockPlan:
+def _without(plan: BlockPlan, options: PlanOptions, nodes: tuple[str, ...]) -> BlockPlan:
     """A timing variant: ``plan.model`` re-placed with ``nodes`` kept in float (its warnings unused)."""
-    return place(plan.model, config.replace(exclude_nodes=config.exclude_nodes + nodes))
+    return place(plan.model, options.replace(exclude_nodes=options.exclude_nodes + nodes))
 
 
-def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: CalibrationSet, config: QuantConfig,
-                        progress) -> LatencyChoice:
+def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: CalibrationSet, options: PlanOptions,
+                        config: RoundingOptions, threads: int, progress) -> LatencyChoice:
     """Measures as the module docstring says and returns the layers to keep in float. ``plan`` is the
-    plan stage's (of the canonical model): each variant re-places that model, the passes do not rerun."""
+    plan stage's (of the canonical model, placed with ``options``): each variant re-places that model,
+    the passes do not rerun. ``config`` sets up its quantizers and the timed batch; ``threads``:
+    onnxruntime's."""
     from onnxflex.runtimes.targets import get_target
 
-    target = get_target(config.target)
+    target = get_target(options.target)
     batch = min(config.batch_size, data.num_samples)
     sample = data.take(0, batch)
     feed = sample.feeds()
@@ -146,10 +148,10 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
     name_nodes_uniquely(fp32)
     variants = [fp32, _emitted(plan, target, config, sample)]
     for k, name in enumerate(names):
-        variants.append(_emitted(_without(plan, config, (name,)), target, config, sample))
+        variants.append(_emitted(_without(plan, options, (name,)), target, config, sample))
         progress.update(k + 1)
     progress.finish(f"latency: timing {len(variants)} variants of the model on a batch of {batch}")
-    rounds = run_rounds(variants, feed, REPEATS, config.latency_threads)
+    rounds = run_rounds(variants, feed, REPEATS, threads)
     fp32, int8 = float(np.median(rounds[0])), float(np.median(rounds[1]))
     rows, losers = [], []
     for name, times in zip(names, rounds[2:]):
@@ -169,9 +171,8 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
             row["kept_float"] = False
     chosen = int8
     if losers:
-        trial = _without(plan, config, tuple(losers))
-        int8, chosen = latencies([variants[1], _emitted(trial, target, config, sample)], feed, REPEATS,
-                                 config.latency_threads)
+        trial = _without(plan, options, tuple(losers))
+        int8, chosen = latencies([variants[1], _emitted(trial, target, config, sample)], feed, REPEATS, threads)
         if chosen >= int8:
             log.info("keeping %d slower layers in float did not speed the model up (%.3f vs %.3f ms); "
                      "all stay integer", len(losers), chosen, int8)
@@ -179,6 +180,6 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
             for row in rows:
                 row["kept_float"] = False
     choice = LatencyChoice(tuple(losers), round(fp32, 4), round(int8, 4), round(chosen, 4), batch,
-                           config.latency_threads, rows)
+                           threads, rows)
     log.info("%s", choice.describe())
     return choice

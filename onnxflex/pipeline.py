@@ -26,6 +26,7 @@ from onnxflex.cache import TensorCache
 from onnxflex.config import QuantConfig
 from onnxflex.device import resolve_device
 from onnxflex.graph import load_model
+from onnxflex.options import Resolved, resolve
 from onnxflex.planning import build_plan, plan
 from onnxflex.progress import Progress
 from onnxflex.refiners import RefineContext, Refined, refine
@@ -36,8 +37,8 @@ from onnxflex.stages import (Captured, Emitted, Reconstructed, Samples, Verified
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """Everything a run made and the report is built from. ``config`` is the config as it ran (the
-    model's fixed batch, layers latency placement keeps in float), ``prepared_seconds`` the time from
+    """Everything a run made and the report is built from. ``config`` is the options as the run used
+    them (options.Resolved: the model's fixed batch, the layers latency placement keeps in float), ``prepared_seconds`` the time from
     the plan to the open checkpoint (the report's "passes")."""
 
     samples: Samples
@@ -49,7 +50,7 @@ class PipelineResult:
     prepared_seconds: float
 
     @property
-    def config(self) -> QuantConfig:
+    def config(self) -> Resolved:
         return self.refined.config
 
     @property
@@ -74,18 +75,19 @@ def run_pipeline(model: Any, calibration: Any, config: QuantConfig, progress: Pr
     import torch
 
     original = load_model(model)
-    data = resolve_calibration(calibration, original, model, config)
+    given = resolve(config)
+    data = resolve_calibration(calibration, original, model, given.data)
     t = time.perf_counter()
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    planned = plan(original, config)
-    admit(planned, config)
+    torch.manual_seed(given.rounding.seed)
+    device = resolve_device(given.capture.device)
+    planned = plan(original, given)
+    admit(planned, given)
     samples = hold_out(data, planned)
     refined = refine(planned, samples.recon,
                      RefineContext(original, planned.pass_warnings, device.providers, progress))
     checkpoint = open_checkpoint(refined, samples)
     prepared = round(time.perf_counter() - t, 3)
-    with closing(TensorCache(refined.config.max_cache_mb << 20)) as cache:
+    with closing(TensorCache(refined.config.capture.max_cache_mb << 20)) as cache:
         captured = capture_fp32(original, refined, samples, cache, device, progress)
         reconstructed = reconstruct_blocks(refined, cache, checkpoint, device, progress)
     emitted = emit_model(refined, reconstructed)

@@ -13,8 +13,8 @@ import onnx
 
 from onnxflex.blocks import BlockPlan
 from onnxflex.calib import fixed_batch
-from onnxflex.config import QuantConfig
 from onnxflex.graph import load_model
+from onnxflex.options import PlanOptions, Resolved
 from onnxflex.passes.control_flow import control_flow_warnings
 from onnxflex.passes.partition import partition
 from onnxflex.passes.pipeline import PassContext, run_passes
@@ -28,29 +28,30 @@ from onnxflex.runtimes.targets import get_target
 class Planned:
     """What the plan stage hands on: the block plan of the canonical model (``plan.model``), the
     warnings the graph passes gave (a re-placed plan repeats them), the batch the model's inputs fix
-    (None: dynamic) and the config as the run uses it (``batch_size`` is that fixed batch)."""
+    (None: dynamic) and the options as the run uses them (``rounding.batch_size`` is that fixed batch)."""
 
     plan: BlockPlan
     pass_warnings: tuple[str, ...]
     fixed_batch: int | None
-    config: QuantConfig
+    config: Resolved
 
 
-def plan(original: onnx.ModelProto, config: QuantConfig) -> Planned:
+def plan(original: onnx.ModelProto, config: Resolved) -> Planned:
     """Run the passes on a copy of ``original`` and place the layers (``original`` is not changed)."""
-    canonical, warnings = canonical_model(original, config)
+    canonical, warnings = canonical_model(original, config.plan)
     fixed = fixed_batch(canonical)
-    effective = config.replace(batch_size=fixed) if fixed and fixed != config.batch_size else config
-    return Planned(place(canonical, effective, warnings), warnings, fixed, effective)
+    if fixed and fixed != config.rounding.batch_size:
+        config = config.replace(rounding=config.rounding.replace(batch_size=fixed))
+    return Planned(place(canonical, config.plan, warnings), warnings, fixed, config)
 
 
-def canonical_model(model: onnx.ModelProto, config: QuantConfig) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+def canonical_model(model: onnx.ModelProto, config: PlanOptions) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     """(the canonical model, the passes' warnings); runs on a copy, since passes may mutate their input."""
     ctx = PassContext(config)
     return run_passes(load_model(model), ctx), tuple(ctx.warnings)
 
 
-def place(canonical: onnx.ModelProto, config: QuantConfig, warnings: tuple[str, ...] = ()) -> BlockPlan:
+def place(canonical: onnx.ModelProto, config: PlanOptions, warnings: tuple[str, ...] = ()) -> BlockPlan:
     """Select the quantizable layers and activation points of ``canonical`` (not changed) and partition
     it into blocks; the plan's warnings are ``warnings`` followed by those of the selection."""
     from onnxflex.rounding.torchify import torch_supported
@@ -73,9 +74,10 @@ def place(canonical: onnx.ModelProto, config: QuantConfig, warnings: tuple[str, 
     return dataclasses.replace(placed, warnings=tuple(found))
 
 
-def build_plan(model: onnx.ModelProto, config: QuantConfig) -> BlockPlan:
+def build_plan(model: onnx.ModelProto, config: PlanOptions) -> BlockPlan:
     """The block plan of ``model`` (passes, then ``place``)."""
-    return plan(model, config).plan
+    canonical, warnings = canonical_model(model, config)
+    return place(canonical, config, warnings)
 
 
 __all__ = ["Planned", "build_plan", "canonical_model", "place", "plan"]

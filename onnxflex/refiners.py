@@ -16,7 +16,7 @@ import onnx
 
 from onnxflex.blocks import BlockPlan
 from onnxflex.calib import CalibrationSet
-from onnxflex.config import QuantConfig
+from onnxflex.options import Resolved
 from onnxflex.planning import Planned, place
 from onnxflex.progress import Progress
 
@@ -37,27 +37,29 @@ class RefineContext:
 @dataclass(frozen=True)
 class Refinement:
     plan: BlockPlan
-    config: QuantConfig
+    config: Resolved
     section: Any
 
 
-def latency_placement(plan: BlockPlan, config: QuantConfig, data: CalibrationSet, ctx: RefineContext):
+def latency_placement(plan: BlockPlan, config: Resolved, data: CalibrationSet, ctx: RefineContext):
     """--optimize-latency (onnxflex/latency.py): the measured slower layers stay float, so the plan is
     re-placed with a config that excludes them."""
-    if not config.optimize_latency:
+    if not config.refine.optimize_latency:
         return None
     from onnxflex.latency import choose_float_layers
 
-    choice = choose_float_layers(ctx.original, plan, data, config, ctx.progress)
+    choice = choose_float_layers(ctx.original, plan, data, config.plan, config.rounding,
+                                 config.refine.latency_threads, ctx.progress)
     if choice.float_layers:
-        config = config.replace(exclude_nodes=config.exclude_nodes + choice.float_layers)
-        plan = place(plan.model, config, ctx.pass_warnings)
+        options = config.plan.replace(exclude_nodes=config.plan.exclude_nodes + choice.float_layers)
+        config = config.replace(plan=options)
+        plan = place(plan.model, options, ctx.pass_warnings)
     return Refinement(plan, config, choice.to_dict())
 
 
-def layernorm_folding(plan: BlockPlan, config: QuantConfig, data: CalibrationSet, ctx: RefineContext):
+def layernorm_folding(plan: BlockPlan, config: Resolved, data: CalibrationSet, ctx: RefineContext):
     """--reparam-layernorm (passes/ln_reparam.py): per-channel LayerNorm ranges folded into the model."""
-    if not config.reparam_layernorm or not plan.act_points:
+    if not config.refine.reparam_layernorm or not plan.act_points:
         return None
     from onnxflex.passes.ln_reparam import fold_layernorms
 
@@ -67,17 +69,17 @@ def layernorm_folding(plan: BlockPlan, config: QuantConfig, data: CalibrationSet
     return Refinement(plan, config, rows)
 
 
-def mixed_precision(plan: BlockPlan, config: QuantConfig, data: CalibrationSet, ctx: RefineContext):
+def mixed_precision(plan: BlockPlan, config: Resolved, data: CalibrationSet, ctx: RefineContext):
     """--bits-budget / --size-budget-mb (onnxflex/mixed.py): per-layer bits within the budget."""
-    if not (config.bits_budget or config.size_budget_mb):
+    if not config.budgets.active:
         return None
     from onnxflex.mixed import choose_bits
 
-    plan, allocation = choose_bits(plan, data, config, ctx.providers, ctx.progress)
+    plan, allocation = choose_bits(plan, data, config.budgets, ctx.providers, ctx.progress)
     return Refinement(plan, config, allocation.to_dict())
 
 
-Refiner = Callable[[BlockPlan, QuantConfig, CalibrationSet, RefineContext], "Refinement | None"]
+Refiner = Callable[[BlockPlan, Resolved, CalibrationSet, RefineContext], "Refinement | None"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class Refined:
     refiner's report section (REFINERS' order) and the seconds of the timed ones."""
 
     plan: BlockPlan
-    config: QuantConfig
+    config: Resolved
     sections: dict[str, Any]
     timings: dict[str, float]
 

@@ -30,7 +30,7 @@ def build_report(result, warnings: list[str], total_seconds: float) -> dict:
     return {
         "blocks": blocks,
         "plan": {"blocks": len(plan.blocks), "layers": len(plan.layers), "activation_points": len(plan.act_points),
-                 "granularity": config.granularity},
+                 "granularity": config.plan.granularity},
         "verification": verification.to_dict() if verification else {},
         **result.refined.sections,
         "timings": {**result.refined.timings, "passes": result.prepared_seconds,
@@ -38,11 +38,11 @@ def build_report(result, warnings: list[str], total_seconds: float) -> dict:
                     "emit": result.emitted.seconds, "verify": result.verified.seconds, "total": total_seconds},
         "config": config.to_dict(),
         "versions": versions(),
-        "seed": config.seed,
+        "seed": config.rounding.seed,
         "calibration": {"source": samples.source, "reconstruction_samples": samples.recon.num_samples,
                         "verification_samples": samples.held.num_samples},
         "layers": layer_summary(plan, result.params),
-        "reconstruction": reconstruction_summary(config, blocks),
+        "reconstruction": reconstruction_summary(config.rounding, blocks),
         "warnings": list(dict.fromkeys(warnings)),
     }
 
@@ -68,8 +68,8 @@ def layer_summary(plan, params) -> list[dict]:
 
 
 def reconstruction_summary(config, blocks: list[dict]) -> dict:
-    """What the preset resolved to and what ran: steps per block at most, samples per step (the run's
-    ``batch_size``: the model's fixed batch where it has one), early-stop patience (0: off), the steps
+    """What the preset resolved to (``config``: the run's RoundingOptions) and what ran: steps per block at
+    most, samples per step (its ``batch_size``: the model's fixed batch where it has one), early-stop patience (0: off), the steps
     the blocks ran in all and how many blocks stopped early."""
     steps = [b["iters"] for b in blocks]
     return {"preset": config.preset, "iters": config.iters, "batch_size": config.batch_size,

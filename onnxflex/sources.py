@@ -18,17 +18,18 @@ import numpy as np
 import onnx
 
 from onnxflex.calib import CalibrationSet, check_calibration, default_calibration_path, fixed_batch, load_npz, read_npz
-from onnxflex.config import QuantConfig, parse_input_shape
+from onnxflex.config import parse_input_shape
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import consumers, graph_input_names
 from onnxflex.images import IMAGE_SUFFIXES
 from onnxflex.inputs import NP_TYPES, InputOptions, input_dims, model_inputs, show_dims
+from onnxflex.options import DataOptions
 
 log = logging.getLogger("onnxflex")
 
 
 def resolve_calibration(calibration: Any, model: onnx.ModelProto, model_source: Any,
-                        config: QuantConfig) -> CalibrationSet:
+                        config: DataOptions) -> CalibrationSet:
     """Any accepted source (see the module docstring) → a CalibrationSet checked against ``model``, with
     ``config.batch_axes`` and ``config.fix_inputs`` applied (InputOptions). ``--input-shape`` shapes
     synthetic data only: with real data it is a warning (in the set's ``warnings``)."""
@@ -150,7 +151,7 @@ def _as_batch(array: np.ndarray, vi: onnx.ValueInfoProto, options: InputOptions)
     return np.expand_dims(array, options.batch_axis(vi))
 
 
-def synthetic_calibration(model: onnx.ModelProto, config: QuantConfig) -> CalibrationSet:
+def synthetic_calibration(model: onnx.ModelProto, config: DataOptions) -> CalibrationSet:
     """Random inputs shaped from the model's signature (``config.input_shapes`` fills unknown dims):
     standard-normal floats, token ids below the vocabulary size for Gather indices, ones otherwise."""
     shapes = dict(parse_input_shape(s) for s in config.input_shapes)

@@ -16,13 +16,13 @@ import onnx
 from onnxflex.calib import CalibrationSet
 from onnxflex.cache import TensorCache
 from onnxflex.capture import capture
-from onnxflex.config import QuantConfig
 from onnxflex.device import Device
 from onnxflex.emit import emit
 from onnxflex.errors import CalibrationError
 from onnxflex.extdata import offload
 from onnxflex.graph import load_model, name_nodes_uniquely
 from onnxflex.layout import Layout
+from onnxflex.options import DataOptions, Resolved, RoundingOptions
 from onnxflex.passes.custom_ops import check_custom_ops
 from onnxflex.planning import Planned
 from onnxflex.progress import Progress
@@ -45,28 +45,29 @@ class Samples:
     held: CalibrationSet
 
 
-def admit(planned: Planned, config: QuantConfig) -> None:
+def admit(planned: Planned, config: Resolved) -> None:
     """Before any calibration work: refuse custom ops onnxruntime cannot run, show the plan's warnings
-    and say when the model's fixed batch replaces ``config.batch_size`` (the caller's)."""
+    and say when the model's fixed batch replaces ``config``'s batch size (the caller's)."""
     check_custom_ops(planned.plan.model)
     for warning in planned.plan.warnings:
         log.warning(warning)
-    batch = planned.config.batch_size
-    if batch != config.batch_size:
+    batch = planned.config.rounding.batch_size
+    if batch != config.rounding.batch_size:
         log.info("the model's inputs fix the batch at %d; reconstruction uses batches of %d", batch, batch)
 
 
 def hold_out(data: CalibrationSet, planned: Planned) -> Samples:
     """Splits ``data`` (whole batches of the model's fixed batch, where it has one) and checks that the
     reconstruction samples fill a batch and that the capture's spill fits on disk."""
-    recon, held = split_calibration(data, planned.config, planned.fixed_batch)
-    _check_batch(recon, held, planned.config)
+    config = planned.config
+    recon, held = split_calibration(data, config.data, planned.fixed_batch)
+    _check_batch(recon, held, config.rounding)
     plan = planned.plan
-    check_free_disk(plan.model, boundary_tensors(plan), recon, planned.config.max_cache_mb)
+    check_free_disk(plan.model, boundary_tensors(plan), recon, config.capture.max_cache_mb)
     return Samples(data.source, data.num_samples, recon, held)
 
 
-def split_calibration(data: CalibrationSet, config: QuantConfig, batch: int | None):
+def split_calibration(data: CalibrationSet, config: DataOptions, batch: int | None):
     """(reconstruction set, verification set): the last ``verify_samples`` are held out."""
     n = data.num_samples if not config.calib_samples else min(config.calib_samples, data.num_samples)
     held = min(config.verify_samples, n // 4)
@@ -79,9 +80,11 @@ def split_calibration(data: CalibrationSet, config: QuantConfig, batch: int | No
     return data.take(0, used), data.take(used, used + held)
 
 
-def _check_batch(recon: CalibrationSet, held: CalibrationSet, config: QuantConfig) -> None:
+def _check_batch(recon: CalibrationSet, held: CalibrationSet, config: RoundingOptions) -> None:
     """Learned rounding trains on batches of ``batch_size``; fewer samples than one batch is an error."""
-    if config.method == "rtn" or config.iters == 0 or recon.num_samples >= config.batch_size:
+    from onnxflex.rounding.methods import reconstructs
+
+    if not reconstructs(config.method) or config.iters == 0 or recon.num_samples >= config.batch_size:
         return
     inputs = ", ".join(repr(n) for n in recon.arrays)
     raise CalibrationError(
@@ -99,12 +102,12 @@ def open_checkpoint(refined: Refined, samples: Samples):
     """The run's Checkpoint (config.checkpoint_dir), or None; refuses a folder written for another run
     before any work starts."""
     config = refined.config
-    if not config.checkpoint_dir:
+    if not config.rounding.checkpoint_dir:
         return None
     from onnxflex.checkpoint import Checkpoint, fingerprint
 
     shared = {k: np.asarray(v)[None] for k, v in samples.recon.shared.items()}  # one-sample arrays
-    return Checkpoint(config.checkpoint_dir, fingerprint(refined.plan.model, config.to_dict(),
+    return Checkpoint(config.rounding.checkpoint_dir, fingerprint(refined.plan.model, config.to_dict(),
                                                          (samples.recon.arrays, samples.held.arrays, shared)))
 
 
@@ -169,9 +172,9 @@ def reconstruct_blocks(refined: Refined, cache: TensorCache, checkpoint, device:
     from onnxflex.rounding.torchify import QuantState
 
     t = time.perf_counter()
-    target = get_target(refined.config.target)
+    target = get_target(refined.config.plan.target)
     state = QuantState()
-    results, modules = reconstruct(refined.plan, cache, state, target, refined.config,
+    results, modules = reconstruct(refined.plan, cache, state, target, refined.config.rounding,
                                    torch.device(device.torch_device), progress, device.providers, checkpoint)
     seconds = _lap(t)
     return Reconstructed(tuple(results), tuple(modules), state.export(target.act_dtype), seconds)
@@ -189,7 +192,7 @@ def emit_model(refined: Refined, reconstructed: Reconstructed) -> Emitted:
     """The QDQ model of the refined plan with the exported parameters (a large model's new integer
     weights go to disk too)."""
     t = time.perf_counter()
-    model = offload(emit(refined.plan.model, reconstructed.params, get_target(refined.config.target)))
+    model = offload(emit(refined.plan.model, reconstructed.params, get_target(refined.config.plan.target)))
     return Emitted(model, _lap(t))
 
 
@@ -207,7 +210,7 @@ def verify_model(emitted: Emitted, refined: Refined, reconstructed: Reconstructe
     warns that the output is unverified."""
     t = time.perf_counter()
     if not samples.held.num_samples:
-        _warn_unverified(samples.total, refined.config)
+        _warn_unverified(samples.total, refined.config.data)
         return Verified(None, _lap(t) + captured.reference_seconds)
     verification = _verification(emitted.model, refined, reconstructed.modules, captured, samples.held, device)
     return Verified(verification, _lap(t) + captured.reference_seconds)
@@ -225,10 +228,10 @@ def _verification(qmodel: onnx.ModelProto, refined: Refined, modules, captured: 
 
     plan, config, layout = refined.plan, refined.config, captured.layout
     at = comparison_points(plan.model)
-    simulated = simulate(list(modules), plan, held, torch.device(device.torch_device), config.batch_size,
+    simulated = simulate(list(modules), plan, held, torch.device(device.torch_device), config.rounding.batch_size,
                          layout.merged({t: layout.axis(o) for o, t in at.items()}), keep=tuple(at.values()))
     verification = verify(qmodel, captured.reference, held, simulated, device.providers,
-                          config.verify_tolerance_db, layout, at)
+                          config.verify.verify_tolerance_db, layout, at)
     if verification.failure() is None:
         return verification
     return _located(verification, qmodel, refined, modules, held, device)
@@ -243,8 +246,8 @@ def _located(verification, qmodel: onnx.ModelProto, refined: Refined, modules, h
 
     config = refined.config
     try:
-        found = locate(qmodel, refined.plan, list(modules), held, device.providers, config.batch_size,
-                       config.verify_tolerance_db, torch.device(device.torch_device))
+        found = locate(qmodel, refined.plan, list(modules), held, device.providers, config.rounding.batch_size,
+                       config.verify.verify_tolerance_db, torch.device(device.torch_device))
     except Exception as exc:  # the failure must still reach the user with its model, unlocalized
         log.debug("the block-by-block comparison failed", exc_info=True)
         return dataclasses.replace(verification, divergence_summary=(
@@ -256,7 +259,7 @@ def _located(verification, qmodel: onnx.ModelProto, refined: Refined, modules, h
     return verification
 
 
-def _warn_unverified(samples: int, config: QuantConfig) -> None:
+def _warn_unverified(samples: int, config: DataOptions) -> None:
     """No sample was held out, so the emitted model was never run against FP32: say so (on stderr, and
     so in the report's warnings)."""
     message = (f"the output is UNVERIFIED: {samples} calibration samples leave none held out for verification "

@@ -22,8 +22,8 @@ from __future__ import annotations
 import onnx
 
 from onnxflex.blocks import QuantLayer
-from onnxflex.config import QuantConfig
 from onnxflex.graph import DEFAULT_DOMAINS, node_attr
+from onnxflex.options import PlanOptions
 from onnxflex.passes.control_flow import subgraphs
 from onnxflex.placement import QUANTIZABLE_TYPES
 from onnxflex.runtimes.base import Target
@@ -38,7 +38,7 @@ STATE_PATH_OPS = {"Slice", "Split", "Gather", "Squeeze", "Unsqueeze", "Reshape",
                   "Identity", "Cast", "Flatten", "Expand"}
 
 
-def recurrent_layers(model: onnx.ModelProto, target: Target, config: QuantConfig
+def recurrent_layers(model: onnx.ModelProto, target: Target, config: PlanOptions
                      ) -> tuple[tuple[QuantLayer, ...], tuple[str, ...]]:
     """(the QuantLayers of the LSTMs ``target`` runs with integer kernels — W then R per node, in graph
     order —, one warning per recurrent node that stays float, subgraphs included)."""
@@ -65,7 +65,7 @@ def recurrent_layers(model: onnx.ModelProto, target: Target, config: QuantConfig
     return tuple(layers), tuple(warnings)
 
 
-def inner_recurrent_layers(g: onnx.GraphProto, owner: str, attr: str, target: Target, config: QuantConfig
+def inner_recurrent_layers(g: onnx.GraphProto, owner: str, attr: str, target: Target, config: PlanOptions
                            ) -> list[QuantLayer]:
     """The QuantLayers (W then R) of the LSTMs directly in subgraph ``attr`` of control-flow node ``owner``
     that ``target`` runs with integer kernels, their weights initializers of ``g``; no warnings
@@ -78,7 +78,7 @@ def inner_recurrent_layers(g: onnx.GraphProto, owner: str, attr: str, target: Ta
             for k in (1, 2)]
 
 
-def _float_reason(node: onnx.NodeProto, inits: dict, target: Target, config: QuantConfig) -> str:
+def _float_reason(node: onnx.NodeProto, inits: dict, target: Target, config: PlanOptions) -> str:
     """Why ``node`` cannot become an integer kernel on ``target`` ('' when it can)."""
     if node.op_type not in target.recurrent_ops:
         return f"{target.name} has no integer {node.op_type} kernel; its weights and state stay FP32"

@@ -10,15 +10,15 @@ from __future__ import annotations
 import onnx
 
 from onnxflex.blocks import QuantLayer
-from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError, UnsupportedModelError
 from onnxflex.graph import consumers, graph_input_names, node_attr
+from onnxflex.options import PlanOptions
 from onnxflex.placement import (FLOAT_TYPES, QUANTIZABLE_TYPES, channel_axis, declared_types, output_point,
                                 residual_skips)
 from onnxflex.runtimes.base import Target
 
 
-def select_layers(model: onnx.ModelProto, target: Target, config: QuantConfig) -> tuple[QuantLayer, ...]:
+def select_layers(model: onnx.ModelProto, target: Target, config: PlanOptions) -> tuple[QuantLayer, ...]:
     """The weighted nodes with a constant weight that the config does not exclude, in graph order."""
     inits = {t.name: t for t in model.graph.initializer}
     layers = []
@@ -52,7 +52,7 @@ def check_float32(node: onnx.NodeProto, weight: onnx.TensorProto) -> None:
             f"--exclude-node {node.name or '<its name>'}")
 
 
-def unmatched_patterns(model: onnx.ModelProto, layers, config: QuantConfig) -> list[str]:
+def unmatched_patterns(model: onnx.ModelProto, layers, config: PlanOptions) -> list[str]:
     """One warning per --exclude-node pattern that names no node of ``model`` (subgraphs included), per
     --exclude-op-type with no node of that type, and per --layer-bits pattern that names none of the
     quantized ``layers``: such a pattern is almost always a typo, and it changes nothing."""
@@ -75,7 +75,7 @@ def unmatched_patterns(model: onnx.ModelProto, layers, config: QuantConfig) -> l
     return out
 
 
-def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, config: QuantConfig) -> int:
+def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, config: PlanOptions) -> int:
     """The config's group size for a MatMul, or a Gemm with transB=0, with a constant 2-D weight [K, N]
     (groups along K); 0 (per channel) for every other op. Raises when K is not a multiple of it or the
     node's bits exceed 4."""
@@ -94,7 +94,7 @@ def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, confi
 
 
 def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], target: Target,
-                      config: QuantConfig) -> tuple[str, ...]:
+                      config: PlanOptions) -> tuple[str, ...]:
     """Tensors that get Q/DQ: every layer's activation input; for fusing targets its output (taken
     after a single following activation in ``target.absorb``); for targets that fuse residual Adds the
     skip input of each such Add. Empty for weight-only runs."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx
 
 from onnxflex.blocks import InnerPoint, QuantLayer
-from onnxflex.config import QuantConfig
+from onnxflex.options import PlanOptions
 from onnxflex.passes.control_flow import CONTROL_FLOW, Scope, control_flow_nodes, subgraphs
 from onnxflex.passes.recurrent import inner_recurrent_layers
 from onnxflex.passes.select import check_float32
@@ -34,7 +34,7 @@ def initializers_of(model: onnx.ModelProto, layer: QuantLayer) -> dict[str, onnx
     return {t.name: t for t in g.initializer}
 
 
-def select_inner(model: onnx.ModelProto, target: Target, config: QuantConfig
+def select_inner(model: onnx.ModelProto, target: Target, config: PlanOptions
                  ) -> tuple[tuple[QuantLayer, ...], tuple[InnerPoint, ...], tuple[str, ...]]:
     """(inner layers, inner points, top-level points the inner layers read), in graph order, a subgraph's
     own before those of the subgraphs nested in it."""
@@ -61,7 +61,7 @@ def _defined(g: onnx.GraphProto) -> set[str]:
     return {i.name for i in g.input} | {o for n in g.node for o in n.output if o}
 
 
-def _layers_in(g: onnx.GraphProto, owner: str, attr: str, target: Target, config: QuantConfig) -> list[QuantLayer]:
+def _layers_in(g: onnx.GraphProto, owner: str, attr: str, target: Target, config: PlanOptions) -> list[QuantLayer]:
     inits = {t.name: t for t in g.initializer}
     found = []
     for node in g.node:

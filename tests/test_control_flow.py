@@ -12,6 +12,7 @@ import onnxflex
 from helpers import run_model
 from onnxflex.check import check
 from onnxflex.errors import ConfigError
+from onnxflex.options import resolve
 from onnxflex.pipeline import build_plan
 from onnxflex.qparams import sqnr_db
 from onnxflex.verify import optimized_op_counts
@@ -65,7 +66,7 @@ def _weight_dtype(model: onnx.ModelProto, node_name: str, graph: onnx.GraphProto
 def test_pinned_input_folds_the_if_and_the_taken_branch_is_learned(caplog):
     model = streaming_model()
     config = onnxflex.QuantConfig(fix_inputs=("sr=16000",), iters=20, batch_size=16)
-    plan = build_plan(model, config)
+    plan = build_plan(model, resolve(config).plan)
     assert not [n for n in plan.model.graph.node if n.op_type == "If"]
     assert [l.node for l in plan.layers] == ["conv1", "conv_16k", "conv2"], [l.node for l in plan.layers]
     with caplog.at_level("WARNING", logger="onnxflex"):
@@ -129,14 +130,14 @@ def nested_model() -> onnx.ModelProto:
 
 
 def test_nested_ifs_on_a_pinned_input_fold_to_the_inner_branch():
-    plan = build_plan(nested_model(), onnxflex.QuantConfig(fix_inputs=("sr=16000",)))
+    plan = build_plan(nested_model(), resolve(onnxflex.QuantConfig(fix_inputs=("sr=16000",))).plan)
     assert not [n for n in plan.model.graph.node if n.op_type == "If"]
     assert [l.node for l in plan.layers] == ["conv1", "conv_16k", "conv2"], [l.node for l in plan.layers]
 
 
 def test_pinning_an_unknown_input_names_it():
     with pytest.raises(ConfigError, match=r"--fix-input rate=8000: the model has no input 'rate'"):
-        build_plan(streaming_model(), onnxflex.QuantConfig(fix_inputs=("rate=8000",)))
+        build_plan(streaming_model(), resolve(onnxflex.QuantConfig(fix_inputs=("rate=8000",))).plan)
 
 
 # --- layers inside subgraphs that do not fold -----------------------------------------------------------
@@ -293,7 +294,7 @@ def branch_first_model() -> onnx.ModelProto:
 
 
 def _if_block(model: onnx.ModelProto, config: onnxflex.QuantConfig):
-    plan = build_plan(model, config)
+    plan = build_plan(model, resolve(config).plan)
     by_name = {n.name: n for n in plan.model.graph.node}
     (block,) = [b for b in plan.blocks if any(by_name[n].op_type == "If" for n in b.nodes)]
     return plan, block
@@ -315,7 +316,7 @@ def test_the_torch_if_matches_onnxruntime_on_every_branch(make, rates):
     plan, block = _if_block(make(), config)
     assert not block.unsupported, block.unsupported
     state, device = QuantState(), torch.device("cpu")
-    add_block_quantizers(block, plan.model, state, get_target("onnxruntime"), config, "rtn", device)
+    add_block_quantizers(block, plan.model, state, get_target("onnxruntime"), resolve(config).rounding, "rtn", device)
     module = BlockModule(block, plan.model, default_opset(plan.model), state, device)
     module.quantize = False
     standalone = extract_block(plan.model, block)
@@ -452,13 +453,13 @@ def _float_block_module(model: onnx.ModelProto, op: str):
     from onnxflex.rounding.torchify import BlockModule, QuantState
     from onnxflex.runtimes.targets import get_target
 
-    config = onnxflex.QuantConfig()
-    plan = build_plan(model, config)
+    config = resolve(onnxflex.QuantConfig())
+    plan = build_plan(model, config.plan)
     by_name = {n.name: n for n in plan.model.graph.node}
     (block,) = [b for b in plan.blocks if any(by_name[n].op_type == op for n in b.nodes)]
     assert not block.unsupported, block.unsupported
     state = QuantState()
-    add_block_quantizers(block, plan.model, state, get_target("onnxruntime"), config, "rtn", torch.device("cpu"))
+    add_block_quantizers(block, plan.model, state, get_target("onnxruntime"), config.rounding, "rtn", torch.device("cpu"))
     module = BlockModule(block, plan.model, default_opset(plan.model), state, torch.device("cpu"))
     module.quantize = False
     return module, extract_block(plan.model, block)
@@ -548,7 +549,7 @@ def test_layers_inside_loop_and_scan_bodies_are_learned(make, data, owner, layer
     results = {method: onnxflex.quantize(model, data(CALIB, 0), onnxflex.QuantConfig(
         method=method, wbits=4, iters=40, batch_size=16), progress=False) for method in ("rtn", "flexround")}
     learned = results["flexround"]
-    plan = build_plan(model, onnxflex.QuantConfig(wbits=4))
+    plan = build_plan(model, resolve(onnxflex.QuantConfig(wbits=4)).plan)
     name = next(b.name for b in plan.blocks if owner in b.nodes)
     block = next(b for b in learned.report["blocks"] if b["name"] == name)
     assert block["runtime"] == "torch" and block["iters"] > 0, block

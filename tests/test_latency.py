@@ -16,6 +16,7 @@ from helpers import CNN
 from onnxflex.calib import CalibrationSet
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
+from onnxflex.options import resolve
 from onnxflex.pipeline import build_plan
 from onnxflex.runtimes.targets import get_target
 from onnxflex.verify import optimized_op_counts
@@ -24,7 +25,7 @@ FAST = dict(method="rtn", optimize_latency=True, latency_threads=1, verify_sampl
 
 
 def cnn_layers() -> list[str]:
-    return [layer.node for layer in build_plan(onnx.load(str(CNN)), QuantConfig()).layers]
+    return [layer.node for layer in build_plan(onnx.load(str(CNN)), resolve(QuantConfig()).plan).layers]
 
 
 def scripted(monkeypatch, *answers: list[float]) -> list[int]:
@@ -100,10 +101,10 @@ def test_synthetic_models_fuse_like_the_emitted_one():
 
     model = onnx.load(str(CNN))
     config = QuantConfig(method="rtn")
-    plan = build_plan(model, config)
+    plan = build_plan(model, resolve(config).plan)
     with np.load(CNN.with_suffix(".calib.npz")) as data:
         sample = CalibrationSet({"input": data["input"][:32]}, "test")
-    synthetic = latency._emitted(plan, get_target("onnxruntime"), config, sample)
+    synthetic = latency._emitted(plan, get_target("onnxruntime"), resolve(config).rounding, sample)
     real = onnxflex.quantize(CNN, config=config, progress=False).model
     assert optimized_op_counts(synthetic) == optimized_op_counts(real)
     assert optimized_op_counts(real).get("QLinearConv") == 8

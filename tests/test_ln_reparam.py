@@ -18,6 +18,7 @@ import onnxflex
 from helpers import MODELS, run_model
 from onnxflex.calib import CalibrationSet, load_npz
 from onnxflex.config import QuantConfig
+from onnxflex.options import resolve
 from onnxflex.passes.ln_reparam import find_layernorm_folds, fold_factors, fold_layernorms
 from onnxflex.pipeline import build_plan
 
@@ -86,7 +87,7 @@ def calibration(model: onnx.ModelProto, n: int = 64, seed: int = 2) -> Calibrati
 
 def folded_copy(model: onnx.ModelProto, data: CalibrationSet) -> tuple[onnx.ModelProto, onnx.ModelProto, list]:
     """(canonical model before the fold, after it, report rows); the plan given is left unchanged."""
-    plan = build_plan(model, QuantConfig())
+    plan = build_plan(model, resolve(QuantConfig()).plan)
     before = plan.model.SerializeToString()
     folded, rows = fold_layernorms(plan, data, CPU)
     assert plan.model.SerializeToString() == before, "fold_layernorms changed the plan it was given"
@@ -154,7 +155,7 @@ def test_no_fold_where_a_reader_cannot_absorb_it_and_no_shift_without_a_bias():
             m = MatMul (y, w)
             z = Add (m, y)
         }}""", gamma=rng.normal(1, 0.2, C), beta=rng.normal(0, 1, C), w=rng.normal(0, 0.3, (C, C)))
-    plan = build_plan(residual, QuantConfig())
+    plan = build_plan(residual, resolve(QuantConfig()).plan)
     assert find_layernorm_folds(plan.model, plan.act_points) == []
     no_bias = with_inits(f"""
         <ir_version: 8, opset_import: ["" : 17]>

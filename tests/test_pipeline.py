@@ -13,6 +13,7 @@ from graphs import matmul_bias_mlp
 from helpers import CNN
 from onnxflex.calib import load_npz
 from onnxflex.config import QuantConfig
+from onnxflex.options import resolve
 from onnxflex.pipeline import plan, run_pipeline
 from onnxflex.progress import Progress
 from onnxflex.refiners import REFINERS, RefineContext, Refinement, Step, refine
@@ -26,7 +27,7 @@ def test_the_report_records_the_batch_the_model_fixes():
     config says so (it said the caller's 32 before)."""
     x = np.random.default_rng(0).standard_normal((40, 32)).astype(np.float32)
     result = onnxflex.quantize(matmul_bias_mlp(), {"x": x}, RTN, progress=False)
-    assert RTN.batch_size != 1
+    assert resolve(RTN).rounding.batch_size != 1
     assert result.report["config"]["batch_size"] == 1, result.report["config"]
     assert result.report["reconstruction"]["batch_size"] == 1, result.report["reconstruction"]
 
@@ -34,12 +35,14 @@ def test_the_report_records_the_batch_the_model_fixes():
 def test_the_plan_stage_fixes_the_batch_and_leaves_the_model_alone():
     model = matmul_bias_mlp()
     before = model.SerializeToString()
-    planned = plan(model, RTN)
+    given = resolve(RTN)
+    planned = plan(model, given)
     assert model.SerializeToString() == before
-    assert planned.fixed_batch == 1 and planned.config == RTN.replace(batch_size=1)
-    assert plan(onnx.load(str(CNN)), RTN).config is RTN  # a dynamic batch keeps the caller's config
+    assert planned.fixed_batch == 1 and given.rounding.batch_size != 1
+    assert planned.config == given.replace(rounding=given.rounding.replace(batch_size=1))
+    assert plan(onnx.load(str(CNN)), given).config is given  # a dynamic batch keeps the caller's options
     with pytest.raises(dataclasses.FrozenInstanceError):
-        planned.config = RTN
+        planned.config = given
 
 
 def refiner_that(label: str, calls: list):
@@ -53,7 +56,7 @@ def refiner_that(label: str, calls: list):
 
 
 def test_refiners_run_in_order_each_on_the_plan_the_one_before_returned():
-    planned = plan(onnx.load(str(CNN)), RTN)
+    planned = plan(onnx.load(str(CNN)), resolve(RTN))
     calls: list = []
     steps = (Step("first", refiner_that("first", calls), {}, timed=True),
              Step("off", lambda plan, config, data, ctx: None, [], timed=True),

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from onnxflex.options import resolve
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.config import METHODS, QuantConfig
 from onnxflex.rounding.adaround import AdaRounder
@@ -197,7 +198,7 @@ def test_adaround_rounds_softly_only_while_training():
 def test_adaround_annealed_regulariser_drives_h_to_zero_or_one():
     w, x, y = layer_problem()
     r = AdaRounder(w, 0, 4, "mse")
-    config = QuantConfig(method="adaround", iters=200)
+    config = resolve(QuantConfig(method="adaround", iters=200)).rounding
     undecided = []
 
     def record(it, rounder):
@@ -218,7 +219,7 @@ def test_adaround_annealed_regulariser_drives_h_to_zero_or_one():
 def test_signround_steps_follow_the_linear_schedule_and_stay_in_range():
     w, x, y = layer_problem()
     r = SignRounder(w, 0, 4, "minmax")
-    config = QuantConfig(method="signround", iters=50)
+    config = resolve(QuantConfig(method="signround", iters=50)).rounding
     assert config.lr == pytest.approx(1 / 50)
     moves = []
     previous = {}
@@ -242,7 +243,7 @@ def test_signround_steps_follow_the_linear_schedule_and_stay_in_range():
 
 def test_best_loss_restore_returns_the_best_state():
     r = SignRounder(weight((4, 8)), 0, 4, "minmax")
-    policy = SignedDescent([r], r.param_groups(), QuantConfig(method="signround", iters=5))
+    policy = SignedDescent([r], r.param_groups(), resolve(QuantConfig(method="signround", iters=5)).rounding)
     states = []
     for it, loss in enumerate([3.0, 2.0, 0.5, 1.0, 4.0]):
         states.append((r.v.detach().clone(), r.alpha.detach().clone()))
@@ -256,9 +257,12 @@ def test_best_loss_restore_returns_the_best_state():
 
 
 def test_method_defaults_resolve_in_the_config():
-    assert (QuantConfig(method="signround").iters, QuantConfig(method="signround").lr) == (200, 1 / 200)
-    assert QuantConfig(method="signround", iters=400).lr == 1 / 400
-    assert QuantConfig(method="signround", iters=50, lr=0.01).lr == 0.01
-    assert (QuantConfig(method="flexround").iters, QuantConfig(method="flexround").lr) == (400, 3e-3)
-    assert QuantConfig(method="adaround").lr == 0.1
-    assert QuantConfig.from_toml is not None and "iters = 200" in QuantConfig(method="signround").to_toml()
+    def rounding(**options):
+        return resolve(QuantConfig(**options)).rounding
+
+    assert (rounding(method="signround").iters, rounding(method="signround").lr) == (200, 1 / 200)
+    assert rounding(method="signround", iters=400).lr == 1 / 400
+    assert rounding(method="signround", iters=50, lr=0.01).lr == 0.01
+    assert (rounding(method="flexround").iters, rounding(method="flexround").lr) == (400, 3e-3)
+    assert rounding(method="adaround").lr == 0.1
+    assert "iters = 200" in resolve(QuantConfig(method="signround")).to_toml()

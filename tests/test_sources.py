@@ -14,6 +14,7 @@ import onnxflex
 from helpers import CNN, MODELS
 from onnxflex.config import QuantConfig
 from onnxflex.errors import CalibrationError
+from onnxflex.options import resolve as resolve_options
 from onnxflex.sources import ImageFolder, resolve_calibration, synthetic_calibration
 
 FAST = dict(method="flexround", iters=10, seed=5, calib_samples=96)
@@ -41,7 +42,7 @@ class Reader:
 
 
 def resolve(source, model, config=QuantConfig()):
-    return resolve_calibration(source, model, None, config)
+    return resolve_calibration(source, model, None, resolve_options(config).data)
 
 
 def test_cli_reader_and_iterable_give_identical_files(tmp_path, calib_images):
@@ -163,13 +164,13 @@ def _dynamic_conv_model():
 
 def test_synthetic_data_needs_input_shape_for_unknown_dims():
     with pytest.raises(CalibrationError, match=r"input 'x' has unknown dimensions \[\?, 3, \?, \?\].*--input-shape x:1x3xNxN"):
-        synthetic_calibration(_dynamic_conv_model(), QuantConfig())
-    data = synthetic_calibration(_dynamic_conv_model(), QuantConfig(input_shapes=("x:1x3x8x8",), synthetic_samples=40))
+        synthetic_calibration(_dynamic_conv_model(), resolve_options(QuantConfig()).data)
+    data = synthetic_calibration(_dynamic_conv_model(), resolve_options(QuantConfig(input_shapes=("x:1x3x8x8",), synthetic_samples=40)).data)
     assert data.arrays["x"].shape == (40, 3, 8, 8) and data.arrays["x"].dtype == np.float32
     with pytest.raises(CalibrationError, match=r"does not fit the model's input 'x'"):
-        synthetic_calibration(_dynamic_conv_model(), QuantConfig(input_shapes=("x:1x4x8x8",)))
+        synthetic_calibration(_dynamic_conv_model(), resolve_options(QuantConfig(input_shapes=("x:1x4x8x8",))).data)
     with pytest.raises(CalibrationError, match="names y, which the model does not have"):
-        synthetic_calibration(_dynamic_conv_model(), QuantConfig(input_shapes=("y:1x3x8x8",)))
+        synthetic_calibration(_dynamic_conv_model(), resolve_options(QuantConfig(input_shapes=("y:1x3x8x8",))).data)
 
 
 def test_synthetic_samples_lie_on_the_batch_axis_of_a_state_input():
@@ -196,7 +197,7 @@ def test_synthetic_token_ids_stay_below_the_vocabulary():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     graph = helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["e"]),
                                helper.make_node("MatMul", ["e", "w"], ["y"])], "g", [ids], [y], [table, w])
-    data = synthetic_calibration(helper.make_model(graph), QuantConfig())
+    data = synthetic_calibration(helper.make_model(graph), resolve_options(QuantConfig()).data)
     assert data.arrays["ids"].dtype == np.int64 and 0 <= data.arrays["ids"].min() and data.arrays["ids"].max() < 50
 
 

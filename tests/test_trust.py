@@ -11,6 +11,7 @@ from onnx import TensorProto
 
 from helpers import CNN
 from onnxflex.cli import main
+from onnxflex.options import resolve
 
 CALIB = CNN.with_name("digits_cnn.calib.npz")
 
@@ -169,7 +170,7 @@ def test_spill_estimate_matches_what_capture_writes():
     from onnxflex.pipeline import build_plan
     from onnxflex.spill import spill_estimate, tensor_bytes
 
-    plan = build_plan(onnx.load(str(CNN)), QuantConfig())
+    plan = build_plan(onnx.load(str(CNN)), resolve(QuantConfig()).plan)
     data = load_npz(CALIB, plan.model).take(0, 20)
     boundary = sorted({n for b in plan.blocks for n in b.inputs + b.outputs})
     assert set(tensor_bytes(plan.model, boundary, data)) == set(boundary), "every boundary shape is inferred"
@@ -232,7 +233,7 @@ def test_a_model_computing_in_float16_or_double_is_bad_input_not_a_crash(tmp_pat
                               [helper.make_tensor_value_info("x", elem, ["N", 16])],
                               [helper.make_tensor_value_info("y", elem, ["N", 4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
-    folded = run_passes(model, PassContext(QuantConfig()))
+    folded = run_passes(model, PassContext(resolve(QuantConfig()).plan))
     assert {t.data_type for t in folded.graph.initializer} == {elem}, "folding keeps the layer's float type"
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((32, 16)).astype(dtype))

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from onnxflex.config import QuantConfig
+from onnxflex.options import RoundingOptions
 from onnxflex.registry import Registry
 from onnxflex.rounding.adaround import AdaRounder
 from onnxflex.rounding.hqq import HQQRounder
@@ -35,7 +35,7 @@ def reconstructs(method: str) -> bool:
     return ROUNDERS.get(method).reconstructs
 
 
-def make_policy(method: str, rounders: Sequence[Rounder], groups: ParamGroups, config: QuantConfig
+def make_policy(method: str, rounders: Sequence[Rounder], groups: ParamGroups, config: RoundingOptions
                 ) -> StepPolicy | None:
     """The step policy of ``method`` for one block, or None when there is nothing to learn."""
     if config.iters == 0 or not any(params for params, _ in groups):

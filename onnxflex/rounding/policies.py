@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from onnxflex.config import QuantConfig
+from onnxflex.options import RoundingOptions
 
 ParamGroups = Sequence[tuple[Sequence[torch.nn.Parameter], str]]
 
@@ -40,7 +40,7 @@ class StepPolicy:
 
     keep_best = False
 
-    def __init__(self, rounders: Sequence[Regularized], groups: ParamGroups, config: QuantConfig) -> None:
+    def __init__(self, rounders: Sequence[Regularized], groups: ParamGroups, config: RoundingOptions) -> None:
         self.rounders = list({id(r): r for r in rounders}.values())
         self.params = list({id(p): p for params, _ in groups for p in params}.values())
         self.iters = self.end = config.iters
@@ -142,7 +142,7 @@ class AdamCosine(StepPolicy):
     constant_kinds: frozenset[str] = frozenset()
     BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
-    def __init__(self, rounders: Sequence[Regularized], groups: ParamGroups, config: QuantConfig) -> None:
+    def __init__(self, rounders: Sequence[Regularized], groups: ParamGroups, config: RoundingOptions) -> None:
         super().__init__(rounders, groups, config)
         lrs = {"lr": config.lr, "scale_lr": config.scale_lr, "act_lr": config.act_lr}
         self.groups = [(list(params), lrs[kind], kind in self.constant_kinds) for params, kind in groups if params]

@@ -19,11 +19,11 @@ from onnxflex.blocks import Block, BlockPlan
 from onnxflex.calib import CalibrationSet
 from onnxflex.cache import DiskArray, Key, TensorCache
 from onnxflex.checkpoint import Checkpoint
-from onnxflex.config import QuantConfig
 from onnxflex.device import threads_for, torch_threads
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import default_opset
 from onnxflex.layout import Layout
+from onnxflex.options import RoundingOptions
 from onnxflex.progress import Progress
 from onnxflex.passes.select import concat_ties
 from onnxflex.passes.select_inner import initializers_of
@@ -114,7 +114,7 @@ class RowReader:
 
 
 def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState, target: Target,
-                         config: QuantConfig, method: str, device: torch.device) -> None:
+                         config: RoundingOptions, method: str, device: torch.device) -> None:
     """Mutates ``state``: a rounder per layer weight (inner layers' weights read from their subgraph),
     an activation quantizer per act point (inner points too)."""
     for layer in block.layers:
@@ -139,7 +139,7 @@ def _layer_weight(layer, model: onnx.ModelProto, device: torch.device) -> torch.
     return torch.from_numpy(tensor_array(init, model).astype(np.float32)).to(device)
 
 
-def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: QuantConfig,
+def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: RoundingOptions,
                      device: torch.device) -> list[str]:
     """Mutates ``module`` and its state: the layers of an If branch the calibration run never took
     (``module.ran``) get round-to-nearest rounders and leave the learned set, so nothing (a
@@ -157,7 +157,7 @@ def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: QuantC
 
 
 @torch.no_grad()
-def calibrate_activations(module, data: BlockData, config: QuantConfig, seed: int) -> None:
+def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed: int) -> None:
     """Initialise each act point's step from the FP block run on FP inputs. A point the data never
     reaches (inside an If branch never taken) has no values: its quantizer is disabled (the tensor stays
     float, and so does the int32 bias of a layer reading it). Returns those points."""
@@ -233,7 +233,7 @@ def evaluate(module, data: BlockData, batch: int) -> float:
     return total / data.num_samples
 
 
-def train(module: BlockModule, data: BlockData, config: QuantConfig, seed: int, progress: Progress) -> int:
+def train(module: BlockModule, data: BlockData, config: RoundingOptions, seed: int, progress: Progress) -> int:
     """Minimise the block loss plus the rounders' regularizer over random minibatches of the block's
     samples, with the method's step policy (Adam + cosine decay unless the rounder names another),
     for ``config.iters`` steps or until the loss plateaus (``config.early_stop``). Returns the steps
@@ -292,7 +292,7 @@ def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: 
     return total / n
 
 
-def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: QuantConfig,
+def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: RoundingOptions,
                 device: torch.device, progress: Progress, providers: tuple[str, ...] = ("CPUExecutionProvider",),
                 checkpoint: Checkpoint | None = None) -> tuple[list[BlockResult], list]:
     """The block loop. Mutates ``state`` (adds and trains quantizers) and ``cache`` (adds q: tensors);
@@ -320,7 +320,7 @@ class BlockRunner:
     """
 
     def __init__(self, plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target,
-                 config: QuantConfig, device: torch.device, providers: tuple[str, ...]) -> None:
+                 config: RoundingOptions, device: torch.device, providers: tuple[str, ...]) -> None:
         self.plan, self.cache, self.state, self.target = plan, cache, state, target
         self.config, self.device, self.providers = config, device, providers
         self.sizes = _initializer_sizes(plan.model)
