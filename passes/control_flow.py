@@ -15,6 +15,8 @@ from typing import Iterator
 
 import onnx
 
+from onnxflex.runtimes.base import RECURRENT_OPS, WEIGHTED_OPS
+
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 Scope = list[tuple[onnx.GraphProto, str, str]]  # enclosing subgraphs, outermost first: (graph, owner, attribute)
 
@@ -76,8 +78,10 @@ def reads(node: onnx.NodeProto) -> list[str]:
     return explicit + [n for n in subgraph_reads(node) if n not in explicit]
 
 
-def count_nodes(graph: onnx.GraphProto) -> int:
-    return sum(1 + sum(count_nodes(g) for _, g in subgraphs(n)) for n in graph.node)
+def count_nodes(*graphs: onnx.GraphProto, ops: tuple[str, ...] | None = None) -> int:
+    """The nodes of ``graphs`` at any depth (only those whose op_type is in ``ops``, when given)."""
+    return sum((ops is None or n.op_type in ops) + count_nodes(*(g for _, g in subgraphs(n)), ops=ops)
+               for graph in graphs for n in graph.node)
 
 
 def localize_outer_initializers(model: onnx.ModelProto) -> None:
@@ -184,7 +188,7 @@ def control_flow_warnings(model: onnx.ModelProto, inner_layers=(), in_torch=lamb
         graphs = list(subgraphs(node))
         if not graphs:
             continue
-        inner = sum(count_nodes(g) for _, g in graphs)
+        inner = count_nodes(*(g for _, g in graphs))
         names = [l.node for l in inner_layers if top.get(l.owner) == node.name]
         head = f"node {node.name!r} ({node.op_type}) has subgraphs ({', '.join(n for n, _ in graphs)})"
         if names and in_torch(node):
@@ -197,11 +201,10 @@ def control_flow_warnings(model: onnx.ModelProto, inner_layers=(), in_torch=lamb
             lines.append(f"{head}; {len(names)} layer(s) inside ({', '.join(names)}) get round-to-nearest int8 "
                          "weights and activation Q/DQ calibrated from the data (no learned rounding), their other "
                          "nodes stay float; the block holding it runs in onnxruntime")
-        else:
-            runtime = "torch" if in_torch(node) else "onnxruntime"
-            lines.append(f"{head}; none of their {inner} node(s) is a quantizable layer directly inside it, so "
-                         f"they stay in float; the block holding it runs in {runtime}")
-    return lines
+        elif weighted := count_nodes(*(g for _, g in graphs), ops=WEIGHTED_OPS + RECURRENT_OPS):
+            lines.append(f"{head}; its {weighted} Conv/Gemm/MatMul/recurrent node(s) inside (of {inner}) stay in "
+                         "float: none has a constant float weight it can quantize, or --exclude-node names them")
+    return lines  # a subgraph with no weighted node needs no line: its float nodes are float anyway
 
 
 def explicit_outer_reads(model: onnx.ModelProto, scope) -> None:

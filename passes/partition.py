@@ -25,7 +25,7 @@ import onnx
 from onnxflex.blocks import Block, BlockPlan, InnerPoint, QuantLayer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import default_opset, graph_input_names
-from onnxflex.passes.control_flow import reads, top_level_owner
+from onnxflex.passes.control_flow import reads, subgraphs, top_level_owner
 from onnxflex.placement import FLOAT_TYPES, declared_types
 
 IsSupported = Callable[[onnx.NodeProto, int], bool]  # (node, default-domain opset): runs in torch
@@ -72,8 +72,7 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
         later = {i for ins in inputs_of[k + 1:] for i in ins} | graph_outputs
         outputs = tuple(o for n in seg for o in n.output if o and o in later)
         points = tuple(p for p in act_points if p in produced or first_reader.get(p) == k)
-        unsupported = tuple(f"{n.op_type} (node {n.name!r})" for n in run
-                            if not is_supported(n, opset))
+        unsupported = tuple(_unsupported(n, opset, is_supported) for n in run if not is_supported(n, opset))
         owned = {n.name for n in seg}
         blocks.append(Block(f"block{k}", tuple(names), inputs_of[k], outputs,
                             tuple(l for n in seg for l in layers_of.get(n.name, ()))
@@ -202,6 +201,14 @@ def _is_residual(model, seg) -> bool:
             if outside and any(i in produced for i in node.input):
                 return True
     return False
+
+
+def _unsupported(node: onnx.NodeProto, opset: int, is_supported: IsSupported) -> str:
+    """``node`` named for the fallback warning; for an If, Loop or Scan also the first node of its
+    subgraphs (at any depth) that has no torch converter, the one the user would exclude or report."""
+    inner = next((n for _, g in subgraphs(node) for n in g.node if not is_supported(n, opset)), None)
+    where = f", for {_unsupported(inner, opset, is_supported)} inside it" if inner is not None else ""
+    return f"{node.op_type} (node {node.name!r}){where}"
 
 
 def _side_producers(model, seg, side) -> list[onnx.NodeProto]:

@@ -26,9 +26,8 @@ from onnxflex.graph import DEFAULT_DOMAINS, node_attr
 from onnxflex.options import PlanOptions
 from onnxflex.passes.control_flow import subgraphs
 from onnxflex.placement import QUANTIZABLE_TYPES
-from onnxflex.runtimes.base import Target
+from onnxflex.runtimes.base import RECURRENT_OPS, Target
 
-RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 INTEGER_LSTM = "DynamicQuantizeLSTM"
 STATE_INPUTS = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # initial_h, initial_c
 STATE_OUTPUTS = {"LSTM": (1, 2), "GRU": (1,), "RNN": (1,)}  # Y_h, Y_c
