@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from onnxflex.errors import ConfigError
+from onnxflex.rounding.table import METHODS
+from onnxflex.runtimes.targets import TARGETS as TARGET_TABLE
 
-METHODS = ("rtn", "flexround", "adaround", "signround", "hqq")
+TARGETS = tuple(TARGET_TABLE)  # --target names, in the table's order
 GRANULARITIES = ("block", "layer")
-TARGETS = ("onnxruntime", "tensorrt", "onnxruntime-1.14")  # runtimes/targets.py's names (tests/test_targets.py)
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_SEARCH = ("minmax", "mse")
 METHOD_DEFAULT = -1  # iters or lr at -1: the method's own value (onnxflex.options.resolve gives it)

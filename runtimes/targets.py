@@ -1,8 +1,8 @@
 """The deployment targets: ``--target`` name → Target, one explicit table.
 
 A new target is one Target record registered here (a variant of a runtime is a ``dataclasses.replace``
-of its Target), and its name in ``config.TARGETS``; a runtime with its own engine check or kernel list
-gets a module beside this one.
+of its Target); ``--target`` and the config read their names from this table. A runtime with its own
+engine check or kernel list gets a module beside this one.
 """
 from __future__ import annotations
 

@@ -9,8 +9,10 @@ from onnxflex.options import resolve
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.config import METHODS, QuantConfig
 from onnxflex.rounding.adaround import AdaRounder
-from onnxflex.rounding.methods import ROUNDERS, make_policy, make_rounder
-from onnxflex.rounding.rounders import FlexRounder, FrozenRounder, RTNRounder
+from onnxflex.rounding.methods import make_policy, make_rounder
+from onnxflex.rounding.table import ROUNDERS, rounder_class
+from onnxflex.errors import RegistryError
+from onnxflex.rounding.rounders import FlexRounder, FrozenRounder, Rounder, RTNRounder
 from onnxflex.rounding.signround import SignedDescent, SignRounder
 from onnxflex.rounding.quant import signed_range
 from onnxflex.emit.pack import blocked_scale_shape
@@ -58,8 +60,15 @@ def perturb(r, seed=1):
             r.alpha.copy_(0.5 + 0.5 * torch.rand(r.alpha.shape, generator=gen))
 
 
-def test_every_config_method_has_a_rounder():
-    assert sorted(METHODS) == ROUNDERS.names()
+def test_every_method_of_the_table_loads_its_rounder():
+    """ROUNDERS names its classes as "module:Class"; each must load, be a Rounder and say whether it
+    learns; an unknown name lists the known ones."""
+    assert METHODS == tuple(ROUNDERS) and METHODS[0] == "rtn"
+    for method in METHODS:
+        cls = rounder_class(method)
+        assert issubclass(cls, Rounder) and isinstance(cls.reconstructs, bool), method
+    with pytest.raises(RegistryError, match="unknown rounding method 'gptq'; known: adaround, flexround"):
+        rounder_class("gptq")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -83,7 +92,7 @@ def test_export_is_in_range_and_reproduces_fake_quant_exactly(method, bits, shap
     np.testing.assert_array_equal(frozen.fake_quant().numpy(), q.dequantize())
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if ROUNDERS.get(m).reconstructs])
+@pytest.mark.parametrize("method", [m for m in METHODS if rounder_class(m).reconstructs])
 def test_per_group_learned_rounders_start_at_rtn_and_learn_per_group_steps(method):
     w = weight((64, 8))
     r = make_rounder(method, w, 1, 4, "minmax", 16)

@@ -3,12 +3,14 @@ onnxruntime-1.14 target writes opset-18 models that onnxruntime runs with intege
 from __future__ import annotations
 
 import onnx
+import pytest
 from click.testing import CliRunner
 from onnx import version_converter
 
 from helpers import ROOT
 from onnxflex.cli import main
-from onnxflex.config import TARGETS as CONFIG_TARGETS
+from onnxflex.config import TARGETS as CONFIG_TARGETS, QuantConfig, choices
+from onnxflex.errors import ConfigError
 from onnxflex.graph import default_opset
 from onnxflex.runtimes.targets import TARGETS, get_target
 
@@ -16,9 +18,11 @@ MODEL = ROOT / "models" / "digits_cnn.onnx"
 CALIB = ROOT / "models" / "digits_cnn.calib.npz"
 
 
-def test_config_names_every_registered_target():
-    assert set(CONFIG_TARGETS) == set(TARGETS), f"config.TARGETS {CONFIG_TARGETS} vs the table {list(TARGETS)}"
+def test_every_registered_target_is_a_config_choice_under_its_own_name():
+    assert CONFIG_TARGETS == tuple(TARGETS) and choices()["target"] == CONFIG_TARGETS
     assert all(get_target(name).name == name for name in TARGETS)
+    with pytest.raises(ConfigError, match="onnxruntime-1.14"):
+        QuantConfig(target="onnxruntime-1.13")  # the error lists the table's names
 
 
 def test_onnxruntime_1_14_writes_opset_18_with_integer_kernels(tmp_path):
