@@ -39,10 +39,13 @@ class InputOptions:
 
     def batch_axis(self, vi: onnx.ValueInfoProto) -> int:
         """The axis of input ``vi`` that carries the samples when no data says so: the one --batch-axis
-        gives, else the input's only unknown dim (a state ``[2, ?, 128]`` carries its batch on axis 1),
+        gives, else the input's only unknown dim (a state ``[2, ?, 128]`` carries its batch on axis 1)
+        unless axis 0 is declared 1 (``[1, 1, 64, W]``: a model that fixes its batch at 1, W is a width),
         else axis 0."""
-        unknown = [k for k, d in enumerate(input_dims(vi)) if d is None]
-        return self.batch_axes.get(vi.name, unknown[0] if len(unknown) == 1 else 0)
+        dims = input_dims(vi)
+        unknown = [k for k, d in enumerate(dims) if d is None]
+        alone = unknown[0] if len(unknown) == 1 and dims[0] != 1 else 0
+        return self.batch_axes.get(vi.name, alone)
 
 
 def model_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

@@ -190,6 +190,20 @@ def test_synthetic_samples_lie_on_the_batch_axis_of_a_state_input():
     assert data.layout.axis("x") == 1 and data.arrays["x"].shape == (10, 6)
 
 
+def test_synthetic_samples_of_a_fixed_batch_of_1_lie_on_axis_0_not_on_the_free_width():
+    """An OCR export declares [1, 1, 64, W]: its batch is fixed at 1 and W is the text line's width, so
+    the samples go on axis 0 (they went on W, which made one sample 128 columns wide)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 64, "image_width"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(CalibrationError, match=r"--input-shape x:1x1x64xN with N filled in"):
+        synthetic_calibration(model, QuantConfig())
+    data = synthetic_calibration(model, QuantConfig(input_shapes=("x:1x1x64x160",), synthetic_samples=10))
+    assert data.layout.axis("x") == 0 and data.num_samples == 10
+    assert data.arrays["x"].shape == (10, 1, 64, 160)
+
+
 def test_synthetic_token_ids_stay_below_the_vocabulary():
     table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "emb")
     w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
