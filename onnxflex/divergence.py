@@ -4,9 +4,12 @@ When the emitted model's outputs in onnxruntime disagree with the torch simulati
 compared one by one, in plan order, on one batch of the verification samples: onnxruntime runs the
 emitted model with every block output exposed as an extra output, the simulation keeps every block
 output, and the first block with an output below the tolerance is named. Each block is also run alone
-in the simulation on onnxruntime's values of its inputs: when that agrees, the block's difference is
-*chained* (error carried in from upstream blocks, each within tolerance); when it does not, it is
-*local* (the block itself computes something else than onnxruntime's kernels).
+in the simulation on onnxruntime's values of its inputs and of the act points inside it: each inner
+point is quantized as the simulation computes it, compared with onnxruntime's, then replaced by
+onnxruntime's value, so that a block of many layers is judged point by point. When every point and
+output agrees, the block's difference is *chained* (rounding flips carried in from upstream, or from
+one point of the block to the next, each within tolerance); when one does not, it is *local* (the
+block itself computes something else than onnxruntime's kernels) and the tensor is named.
 
 An act point is read from onnxruntime as its QuantizeLinear output (integers, dequantized here), not
 as a float tensor: exposing the float tensor between a quantized op and its QuantizeLinear would keep
@@ -88,19 +91,22 @@ def with_probes(qmodel: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.Model
 @dataclass(frozen=True)
 class BlockComparison:
     """One block: its worst output ``tensor`` and that output's SQNR of onnxruntime against the chained
-    simulation (``chained_db``); ``local_db``: the lowest SQNR of its outputs against the block alone fed
-    onnxruntime's inputs (None when onnxruntime's inputs of the block could not all be read)."""
+    simulation (``chained_db``); ``local_db``: the lowest SQNR, at ``local_tensor``, of its outputs and
+    inner act points against the block alone fed onnxruntime's inputs and inner points (None when
+    onnxruntime's inputs of the block could not all be read)."""
 
     block: str
     ops: tuple[str, ...]
     tensor: str
     chained_db: float
     local_db: float | None
+    local_tensor: str = ""
 
     def to_dict(self) -> dict:
         return {"block": self.block, "ops": list(self.ops), "tensor": self.tensor,
                 "chained_sqnr_db": _finite(self.chained_db),
-                "local_sqnr_db": None if self.local_db is None else _finite(self.local_db)}
+                "local_sqnr_db": None if self.local_db is None else _finite(self.local_db),
+                "local_tensor": self.local_tensor}
 
 
 @dataclass(frozen=True)
@@ -140,11 +146,12 @@ class Divergence:
         if first.local_db is None:
             return text
         if first is local:
-            return text + f" (local: fed onnxruntime's inputs the block alone gives {first.local_db:.1f} dB)"
+            return text + (f" (local: fed onnxruntime's inputs the block alone gives {first.local_db:.1f} dB "
+                           f"at {first.local_tensor!r})")
         text += (f" (chained: fed onnxruntime's inputs it gives {first.local_db:.1f} dB, so the error comes "
                  "in from upstream")
         if local is not None:
-            text += f"; the first block that differs by itself is {local.block!r} at {local.tensor!r}, " \
+            text += f"; the first block that differs by itself is {local.block!r} at {local.local_tensor!r}, " \
                     f"{local.local_db:.1f} dB"
         return text + ")"
 
@@ -170,7 +177,8 @@ def locate(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, data: Calibr
     feeds = next(iter(data.batches(batch)))
     samples = min(batch, data.num_samples)
     sim_at = comparison_points(plan.model)
-    wanted = [t for b in plan.blocks for t in b.outputs] + list(sim_at.values())
+    inner = [p for b in plan.blocks for p in b.act_points if p not in b.inputs]  # judged point by point
+    wanted = [t for b in plan.blocks for t in b.outputs] + list(sim_at.values()) + inner
     probed, probes = with_probes(qmodel, wanted)
     sess = session(probed, list(providers))
     names = [o.name for o in sess.get_outputs()]
@@ -188,26 +196,36 @@ def locate(qmodel: onnx.ModelProto, plan: BlockPlan, modules: list, data: Calibr
             keep = tuple(compared[t] for t in block.outputs if compared[t] != t)
             inputs = {name: env[name] for name in block.inputs}
             env.update(module(inputs, keep=keep))
-            local = _local_outputs(module, block, ort, feeds, keep, device)
-            comparisons.append(_compare_block(block, plan.model, compared, env, ort, local))
+            local, points = _local_outputs(module, block, ort, feeds, keep, device)
+            comparisons.append(_compare_block(block, plan.model, compared, env, ort, local, points))
     return Divergence(samples, tolerance_db, tuple(comparisons), probe_db)
 
 
-def _local_outputs(module, block: Block, ort: dict, feeds: dict, keep, device) -> dict | None:
-    """The block alone on onnxruntime's values of its inputs, or None when one of them was not read."""
+def _local_outputs(module, block: Block, ort: dict, feeds: dict, keep, device) -> tuple[dict | None, dict]:
+    """(the block's outputs alone on onnxruntime's values of its inputs and inner act points, or None when
+    an input was not read; each inner point's SQNR, its simulated quantized value against onnxruntime's)."""
     import torch
 
     if any(name not in ort and name not in feeds for name in block.inputs):
-        return None
+        return None, {}
     inputs = {name: torch.from_numpy(np.asarray(ort[name] if name in ort else feeds[name])).to(device)
               for name in block.inputs}
-    return {k: v.cpu().numpy() for k, v in module(inputs, keep=keep).items()}
+    points: dict[str, float] = {}
+
+    def force(name: str, value):
+        act = module.state.acts.get(name)
+        if name not in ort or name in block.inputs or act is None:
+            return None
+        points[name] = sqnr_db(ort[name], act(value).cpu().numpy())
+        return torch.from_numpy(np.asarray(ort[name])).to(value.device)
+
+    return {k: v.cpu().numpy() for k, v in module(inputs, observe=force, keep=keep).items()}, points
 
 
 def _compare_block(block: Block, model: onnx.ModelProto, compared: dict, env: dict, ort: dict,
-                   local: dict | None) -> BlockComparison:
+                   local: dict | None, points: dict[str, float]) -> BlockComparison:
     """The block's float outputs that onnxruntime exposed: the one with the lowest chained SQNR, and the
-    lowest local SQNR over all of them (None when one could not be computed)."""
+    lowest local SQNR over them and the inner ``points`` (None when one could not be computed)."""
     nodes = set(block.nodes)
     ops = tuple(dict.fromkeys(n.op_type for n in model.graph.node if n.name in nodes))
     rows = []
@@ -223,8 +241,10 @@ def _compare_block(block: Block, model: onnx.ModelProto, compared: dict, env: di
     if not rows:
         return BlockComparison(block.name, ops, "", float("inf"), None)
     chained, tensor, _ = min(rows, key=lambda r: r[0])
-    alone = None if any(r[2] is None for r in rows) else min(r[2] for r in rows)
-    return BlockComparison(block.name, ops, tensor, chained, alone)
+    if any(r[2] is None for r in rows):
+        return BlockComparison(block.name, ops, tensor, chained, None)
+    alone, where = min([(r[2], r[1]) for r in rows] + [(db, name) for name, db in points.items()])
+    return BlockComparison(block.name, ops, tensor, chained, alone, where)
 
 
 def _finite(value: float) -> float:

@@ -73,6 +73,7 @@ def test_planted_divergence_names_the_block_and_keeps_the_result(planted):
     found = verification["divergence"]
     assert (found["first_block"], found["first_tensor"], found["first_kind"]) == ("block2", PLANTED, "local"), found
     rows = {b["block"]: b for b in found["blocks"]}
+    assert rows["block2"]["local_tensor"] == PLANTED and f"at {PLANTED!r})" in message, (rows["block2"], message)
     assert rows["block0"]["chained_sqnr_db"] >= 30 and rows["block1"]["chained_sqnr_db"] >= 30, rows
     # the block after it is simulated right: fed onnxruntime's input it agrees, only its chained value differs
     assert rows["block3"]["local_sqnr_db"] >= 30 > rows["block3"]["chained_sqnr_db"], rows["block3"]

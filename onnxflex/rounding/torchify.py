@@ -36,7 +36,9 @@ from onnxflex.rounding.loops import run_loop, run_scan
 from onnxflex.rounding.rounders import Rounder
 
 log = logging.getLogger("onnxflex")
-Observer = Callable[[str, torch.Tensor], None]
+# sees each act point's float value where it is made; a tensor it returns stands for the point's
+# quantized value (divergence.locate feeds onnxruntime's values so), None keeps the module's own
+Observer = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 INT32_MAX = 2_147_483_520.0  # largest float32 below 2**31, so the int32 cast cannot overflow
 
 
@@ -267,8 +269,8 @@ class BlockModule(torch.nn.Module):
         return run
 
     def _point(self, name: str, value: torch.Tensor, observe: Observer | None) -> torch.Tensor:
-        if observe is not None:
-            observe(name, value)
+        if observe is not None and (given := observe(name, value)) is not None:
+            return given
         act = self.state.acts.get(name)
         return act(value) if self.quantize and act is not None else value
 
