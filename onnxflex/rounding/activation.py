@@ -40,10 +40,10 @@ class ActQuantizer(torch.nn.Module):
         best = self._grid_point(lo, hi, 1.0)
         if search == "mse" and sample is not None and sample.numel():
             errors = []
+            work = torch.empty_like(sample)  # one buffer for every grid point: the sample is up to 4 MiB
             for ratio in CLIP_GRID.tolist():
                 s, z = self._grid_point(lo, hi, ratio)
-                q = torch.clamp(torch.round(sample / s) + z, self.qmin, self.qmax)
-                errors.append((float(((q - z) * s - sample).pow(2).mean()), ratio))
+                errors.append((_clip_error(sample, s, z, self.qmin, self.qmax, work), ratio))
             best = self._grid_point(lo, hi, min(errors)[1])
         s, z = best
         self.log_scale.copy_(torch.log(torch.tensor(s)))
@@ -61,6 +61,14 @@ class ActQuantizer(torch.nn.Module):
     def export(self) -> tuple[float, int]:
         """(scale, zero_point) as QuantizeLinear takes them; scale is the float32 value used in simulation."""
         return float(self.scale().detach().float()), int(self.zero_point)
+
+
+def _clip_error(sample: torch.Tensor, s: float, z: int, qmin: int, qmax: int, work: torch.Tensor) -> float:
+    """Mean of ((clamp(round(x / s) + z, qmin, qmax) − z) · s − x)² over ``sample``, computed in place
+    in ``work`` (same shape; overwritten), the same float operations as the out-of-place form."""
+    torch.div(sample, s, out=work)
+    work.round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).sub_(sample)
+    return float(work.pow_(2).mean())
 
 
 def sample_values(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

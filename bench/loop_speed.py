@@ -1,0 +1,147 @@
+"""Reconstruction loop speed against its arithmetic: per block, forward+backward FLOPs per sample, the
+wall time per optimisation step, the machine's measured FLOP rate, and their ratio.
+
+    python bench/loop_speed.py MODEL [--method flexround] [--iters 40] [--batch-size 32]
+                               [--input-shape x:1x3x48x192] [--calib FILE.npz] [--no-write] [-- quantize args]
+
+One quantize runs in this process with ``reconstruct.train`` wrapped: before a block trains, one
+forward of the block on a batch of its quantized inputs runs under torch's FlopCounterMode (it counts
+the convolutions' and matrix products' FLOPs from their shapes, 2 per multiply-add); forward+backward
+is taken as 3x the forward. The step time is the training loop's seconds over its steps. The machine's
+FLOP rate is the better of a float32 matmul and a 3x3 convolution microbenchmark, measured in the same
+run at the thread count the loop uses. ratio = step time / (FLOPs per step / FLOP rate): 1 would be a
+loop that does nothing but its arithmetic at the machine's peak.
+
+Writes a section between ``<!-- loop-speed -->`` markers into BENCHMARKS.md (one block per model
+name; ``--no-write`` prints only).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_memory import machine, write_block  # noqa: E402  (bench/ is not a package)
+
+HEADER = "## Reconstruction loop against its FLOPs"
+BIG = 10e6  # FLOP per sample from which the must-show target (ratio <= 3) applies
+
+
+def flop_rate(threads: int, repeats: int = 5) -> float:
+    """FLOP/s: the best of a 512^3 float32 matmul and a 64->64 3x3 convolution on 32x24x80, each the
+    best of ``repeats`` runs with ``threads`` torch threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        x, w = torch.randn(32, 64, 24, 80), torch.randn(64, 64, 3, 3)
+        cases = [(lambda: a @ b, 2 * 512 ** 3),
+                 (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 32 * 64 * 24 * 80 * 64 * 9)]
+        best = 0.0
+        for run, flops in cases:
+            run()
+            for _ in range(repeats):
+                t = time.perf_counter()
+                run()
+                best = max(best, flops / (time.perf_counter() - t))
+        return best
+    finally:
+        torch.set_num_threads(previous)
+
+
+def block_kind(block) -> str:
+    ops = sorted({layer.op_type for layer in block.layers}) or ["no layer"]
+    return f"{'+'.join(ops)} x{len(block.layers)}"
+
+
+def instrument(records: list[dict]):
+    """Wraps reconstruct.train so that each block's FLOPs, steps and loop seconds land in ``records``."""
+    import onnxflex.rounding.reconstruct as rec
+
+    train = rec.train
+
+    def timed(module, data, config, seed, progress):
+        batch = min(config.batch_size, data.num_samples)
+        idx = torch.arange(batch, device=data.device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            data.run(module, {k: v[idx] for k, v in data.q_inputs.items()})
+        t = time.perf_counter()
+        steps = train(module, data, config, seed, progress)
+        seconds = time.perf_counter() - t
+        records.append({"block": module.block.name, "kind": block_kind(module.block), "steps": steps,
+                        "seconds": seconds, "threads": torch.get_num_threads(),
+                        "flops": 3 * counter.get_total_flops() / batch, "batch": batch})
+        return steps
+
+    rec.train = timed
+    return lambda: setattr(rec, "train", train)
+
+
+def table(records: list[dict], rate: float) -> str:
+    rows = ["| block kind | blocks | MFLOP/sample (fwd+bwd) | step ms | FLOP-time ms | ratio (median, max) |",
+            "|---|---|---|---|---|---|"]
+    kinds: dict[str, list[dict]] = {}
+    for r in records:
+        if r["steps"]:
+            kinds.setdefault(r["kind"], []).append(r)
+    for kind, rs in sorted(kinds.items(), key=lambda kv: -max(r["flops"] for r in kv[1])):
+        ratios = [ratio(r, rate) for r in rs]
+        rows.append(f"| {kind} | {len(rs)} | {statistics.median(r['flops'] for r in rs) / 1e6:.1f} | "
+                    f"{statistics.median(step_ms(r) for r in rs):.1f} | "
+                    f"{statistics.median(r['flops'] * r['batch'] / rate * 1e3 for r in rs):.2f} | "
+                    f"{statistics.median(ratios):.1f}, {max(ratios):.1f} |")
+    return "\n".join(rows)
+
+
+def step_ms(r: dict) -> float:
+    return r["seconds"] / r["steps"] * 1e3
+
+
+def ratio(r: dict, rate: float) -> float:
+    return step_ms(r) / (r["flops"] * r["batch"] / rate * 1e3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--method", default="flexround")
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-write", action="store_true")
+    args, extra = parser.parse_known_args()
+    from onnxflex.cli import main as cli
+
+    records: list[dict] = []
+    undo = instrument(records)
+    command = ["quantize", args.model, "--method", args.method, "--iters", str(args.iters), "--batch-size",
+               str(args.batch_size), "--early-stop", "0", "--seed", "0", "--quiet",
+               "-o", "/tmp/loop_speed.q.onnx", *[e for e in extra if e != "--"]]
+    t = time.perf_counter()
+    try:
+        cli.main(command, standalone_mode=False)
+    finally:
+        undo()
+    wall = time.perf_counter() - t
+    threads = max((r["threads"] for r in records), default=1)
+    rate = flop_rate(threads)
+    big = [ratio(r, rate) for r in records if r["steps"] and r["flops"] >= BIG]
+    text = (f"`python bench/loop_speed.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); "
+            f"machine: {machine()}; measured rate {rate / 1e9:.1f} GFLOP/s at {threads} thread(s); quantize wall "
+            f"{wall:.0f} s.\n\n{table(records, rate)}\n\n"
+            f"Blocks of at least {BIG / 1e6:.0f} MFLOP/sample: {len(big)}, ratio median "
+            f"{statistics.median(big) if big else float('nan'):.1f}, max {max(big) if big else float('nan'):.1f} "
+            "(target: at most 3).\n")
+    print(text)
+    if not args.no_write:
+        write_block(HEADER, f"loop-speed-{Path(args.model).stem}", text)
+
+
+if __name__ == "__main__":
+    main()
