@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +40,7 @@ STANDARD = ("resnet18", "mobilenetv2", "vit_tiny")  # make_standard_models.BUILD
 STANDARD_DIR = ROOT / "bench" / ".models"  # make_standard_models.DEFAULT_DIR
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_memory import paired_counts, write_block  # noqa: E402  (bench/ is not a package)
+from child import run_measured  # noqa: E402
 
 HEADER = "## Against onnxruntime.quantization"
 MARKER = "compare-peers"
@@ -107,19 +105,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 def run_child(kind: str, model: Path, calib: Path, out: Path, options: dict) -> dict:
     """One quantization in a fresh child process: its wall time and its own peak RSS (MiB), or the error."""
-    with tempfile.TemporaryFile("w+") as errors:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, kind, str(model), str(calib), str(out),
-                                 json.dumps(options)], stdout=subprocess.PIPE, stderr=errors, text=True)
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        errors.seek(0)
-        stderr = errors.read()
-    if os.waitstatus_to_exitcode(status):
-        lines = [line for line in stderr.strip().splitlines() if line.strip()]
-        return {"error": (lines[-1] if lines else f"exit status {status}")[:200]}
-    figures = json.loads(stdout.strip().splitlines()[-1])
-    figures["peak_rss_mib"] = usage.ru_maxrss / 1024
-    return figures
+    return run_measured([sys.executable, "-c", CHILD, kind, str(model), str(calib), str(out), json.dumps(options)])
 
 
 def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
