@@ -10,13 +10,11 @@ from typing import Any
 
 import onnx
 
-from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.config import QuantConfig
-from onnxflex.errors import CalibrationError, VerificationError
-from onnxflex.graph import load_model, save_model_atomic, write_text_atomic
+from onnxflex.errors import VerificationError
+from onnxflex.graph import save_model_atomic, write_text_atomic
 from onnxflex.progress import Progress
-from onnxflex.report import layer_summary, reconstruction_summary, to_json, versions
-from onnxflex.sources import resolve_calibration
+from onnxflex.report import build_report, to_json
 
 log = logging.getLogger("onnxflex")
 
@@ -45,19 +43,6 @@ def unverified_path(output: str | os.PathLike) -> Path:
     output = Path(output)
     stem = output.name[:-len(".onnx")] if output.name.endswith(".onnx") else output.name
     return output.with_name(f"{stem}.unverified.onnx")
-
-
-def split_calibration(data: CalibrationSet, config: QuantConfig, batch: int | None):
-    """(reconstruction set, verification set): the last ``verify_samples`` are held out."""
-    n = data.num_samples if not config.calib_samples else min(config.calib_samples, data.num_samples)
-    held = min(config.verify_samples, n // 4)
-    used = n - held
-    if batch:
-        used, held = used - used % batch, held - held % batch
-    if used < 1:
-        raise CalibrationError(f"{data.source}: {n} calibration samples are too few; give at least "
-                               f"{max(2, batch or 1) * 2} samples")
-    return data.take(0, used), data.take(used, used + held)
 
 
 def quantize(model: Any, calibration: Any = None, config: QuantConfig | None = None, *,
@@ -106,33 +91,10 @@ def _quantize(model: Any, calibration: Any, config: QuantConfig, progress: bool,
     from onnxflex.pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    original = load_model(model)
-    data = resolve_calibration(calibration, original, model, config)
-    fixed = fixed_batch(original)
-    recon, held = split_calibration(data, config, fixed)
-    qmodel, report, params = run_pipeline(original, recon, held, config, Progress(progress))
-    report.update(config=config.to_dict(), versions=versions(), seed=config.seed,
-                  calibration={"source": data.source, "reconstruction_samples": recon.num_samples,
-                               "verification_samples": held.num_samples},
-                  layers=layer_summary(report.pop("_plan"), params, config),
-                  reconstruction=reconstruction_summary(config, report["blocks"], fixed or config.batch_size))
-    verification = report.pop("_verification")
-    if verification is None:
-        _warn_unverified(data.num_samples, config)
-    report["warnings"] = list(dict.fromkeys(logged))  # calibration's, the plan's, verification's: all logged
-    report["timings"]["total"] = time.perf_counter() - t0
-    result = QuantResult(qmodel, report, params)
-    failure = verification.failure() if verification is not None else None
+    run = run_pipeline(model, calibration, config, Progress(progress))
+    result = QuantResult(run.model, build_report(run, logged, time.perf_counter() - t0), run.params)
+    failure = run.verification.failure() if run.verification is not None else None
     if failure:
         raise VerificationError(f"{failure}; the simulation, or the place it is compared, is wrong: please report "
                                 "it with the model", result)
     return result
-
-
-def _warn_unverified(samples: int, config: QuantConfig) -> None:
-    """No sample was held out, so the emitted model was never run against FP32: say so (on stderr, and
-    so in the report's warnings)."""
-    message = (f"the output is UNVERIFIED: {samples} calibration samples leave none held out for verification "
-               f"(verify_samples={config.verify_samples}, at most a quarter of the samples); give at least 4 "
-               "samples with --verify-samples 1 or more to have it checked against FP32")
-    log.warning(message)

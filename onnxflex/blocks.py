@@ -52,8 +52,8 @@ class Block:
     act_points: activation tensors this block quantizes (produced here, or graph inputs first read here).
     unsupported: 'OpType (node name)' of nodes with no torch converter; the block then runs in onnxruntime.
     inner_points: activation quant points inside the subgraphs of this block's control-flow nodes (whose
-        layers are in ``layers`` with ``owner`` set); a block holding a Loop or Scan runs in onnxruntime,
-        one holding an If whose branches have torch converters in torch (rounding/torchify.py).
+        layers are in ``layers`` with ``owner`` set); a block holding an If, Loop or Scan whose subgraphs
+        have torch converters runs in torch (rounding/torchify.py), otherwise in onnxruntime.
     """
 
     name: str

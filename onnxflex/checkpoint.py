@@ -6,8 +6,8 @@ activation quantizers' state and its BlockResult. A run restarted with the same 
 finished blocks (recomputing their quantized outputs for the next block) and continues at the first
 missing one; a folder written for another model, config or data set is refused.
 
-A finished block's rounders are replaced by ``FrozenRounder`` in the uninterrupted run as well, so
-that both runs compute every later block from the same integers and write the same bytes.
+A finished block's rounders are replaced by ``rounders.FrozenRounder`` in the uninterrupted run as
+well, so that both runs compute every later block from the same integers and write the same bytes.
 """
 from __future__ import annotations
 
@@ -26,54 +26,10 @@ from onnx.external_data_helper import uses_external_data
 from onnxflex.errors import ConfigError
 from onnxflex.extdata import WEIGHTS_DIR_KEY, external_chunks, weights_dir
 from onnxflex.graph import _write_atomic
-from onnxflex.qparams import QuantizedWeight, channel_shape
+from onnxflex.qparams import QuantizedWeight
 
 FINGERPRINT = "fingerprint.json"
 _CHUNK = 16 << 20
-
-
-class FrozenRounder(torch.nn.Module):
-    """A finished layer's weight as exported integers and steps: fake_quant() = (ints − z) · s, the
-    values the emitted DequantizeLinear computes (per channel, or blocked). Holds no float weight and
-    learns nothing."""
-
-    def __init__(self, weight: QuantizedWeight, device: torch.device | str = "cpu") -> None:
-        super().__init__()
-        self.quantized = weight
-        self.axis, self.bits, self.block_size = weight.axis, weight.bits, weight.block_size
-        self.shape = channel_shape(weight.ints.ndim, weight.axis)
-        self.register_buffer("ints", torch.from_numpy(np.ascontiguousarray(weight.ints)).to(device))
-        self.register_buffer("step", torch.from_numpy(np.ascontiguousarray(weight.scale)).to(device))
-        self.register_buffer("zero_point", torch.from_numpy(np.ascontiguousarray(weight.zero_point)).to(device))
-        self.symmetric = not np.any(weight.zero_point)
-        self.train(False)
-
-    def param_groups(self) -> list:
-        return []
-
-    def regularizer(self, progress: float) -> None:
-        return None
-
-    def scale(self) -> torch.Tensor:
-        return self.step
-
-    def spread(self, steps: torch.Tensor) -> torch.Tensor:
-        """A scale-shaped tensor made broadcastable against the integers (QuantizedWeight.spread)."""
-        if not self.block_size:
-            return steps.reshape(self.shape)
-        full = steps.repeat_interleave(self.block_size, dim=self.axis)
-        return full.narrow(self.axis, 0, self.ints.shape[self.axis])
-
-    def integers(self) -> torch.Tensor:
-        return self.ints.float() - self.spread(self.zero_point.float())
-
-    def fake_quant(self) -> torch.Tensor:
-        if self.symmetric:  # one pass over the weight: int8 × float promotes to float, values exact
-            return self.ints * self.spread(self.step)
-        return self.integers() * self.spread(self.step)
-
-    def export(self) -> QuantizedWeight:
-        return self.quantized
 
 
 class Checkpoint:
@@ -173,4 +129,4 @@ def _data_hash(datasets: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["Checkpoint", "FrozenRounder", "fingerprint"]
+__all__ = ["Checkpoint", "fingerprint"]

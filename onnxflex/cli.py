@@ -17,6 +17,7 @@ from onnxflex.config import OPTION_HELP, QuantConfig, choices, read_toml
 from onnxflex.errors import ConfigError, OnnxflexError, VerificationError
 from onnxflex.exits import (FAILED, INTERNAL, SIGINT_EXIT, SIGTERM_EXIT, Terminated, crash_log,
                             internal_error_line, sigterm_unwinds)
+from onnxflex.options import given_toml, resolve
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Flags whose name is not the field's name with dashes (repeatable options read better singular).
@@ -150,10 +151,9 @@ def main() -> None:
 @config_options()
 def quantize(model, output, calib, dump_config, quiet, log_level, config_file, **options) -> None:
     """Quantize MODEL and write a QDQ model for the target runtime, with OUTPUT.report.json beside it."""
-    given = given_options(config_file, options)
-    config = QuantConfig.from_dict(given, source=str(config_file or "options"))
+    config = build_config(config_file, options)
     if dump_config:  # what the user gave, so that editing method or preset in the file takes effect
-        click.echo(config.given_toml(given), nl=False)
+        click.echo(given_toml(config), nl=False)
         return
     if model is None:
         raise click.UsageError("Missing argument 'MODEL'.")
@@ -187,10 +187,10 @@ def quantize(model, output, calib, dump_config, quiet, log_level, config_file, *
 def inspect(model, config_file, **options) -> None:
     """Print MODEL's block plan: blocks, quantizable layers, activation quant points, unsupported ops."""
     from onnxflex.graph import load_model
-    from onnxflex.pipeline import build_plan
+    from onnxflex.pipeline import plan as plan_stage
 
     _setup_logging("warning")
-    plan = build_plan(load_model(model), build_config(config_file, options))
+    plan = plan_stage(load_model(model), resolve(build_config(config_file, options))).plan  # quantize's first stage
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(plan.describe())

@@ -15,15 +15,15 @@ import numpy as np
 import onnx
 
 from onnxflex.calib import CalibrationSet, check_calibration, fixed_batch, read_npz
-from onnxflex.capture import tensor_layout, with_probes
 from onnxflex.errors import CalibrationError, ModelLoadError
 from onnxflex.graph import graph_input_names, load_model
 from onnxflex.inputs import InputOptions
 from onnxflex.ort import session, timing_sessions
+from onnxflex.placement import NUMPY_FLOAT_TYPES
+from onnxflex.probes import tensor_layout, with_probes
 from onnxflex.timing import MAX_SECONDS, WIDTH, RatioEstimate, measure_ratio, ratio_gate
 
 PROVIDERS = ["CPUExecutionProvider"]
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def _time_pair(ref_model, cand_model, feed: dict, threads: int, min_rounds: int,
 def _run_pair(ref_model, cand_model, ref_names: list[str], cand_names: list[str], data: CalibrationSet, batch: int,
               threads: int) -> dict[str, _Stats]:
     """Statistics of candidate tensor ``cand_names[i]`` against reference tensor ``ref_names[i]``, both
-    sample-major (batch axes found on the reference, capture.tensor_layout; a shared tensor, or one whose
+    sample-major (batch axes found on the reference, probes.tensor_layout; a shared tensor, or one whose
     samples are folded into another axis, counts as one sample per batch)."""
     ref_sess, cand_sess = session(ref_model, PROVIDERS, threads), session(cand_model, PROVIDERS, threads)
     layout = tensor_layout(ref_sess, ref_names, data, fixed_batch(ref_model), folded_as_shared=True)
@@ -219,7 +219,7 @@ def _shared_tensors(ref_model, cand_model, skip: set[str]) -> list[str]:
     names = []
     for node in ref_model.graph.node:
         for o in node.output:
-            if o and o in cand_produced and o not in skip and typed.get(o, onnx.TensorProto.FLOAT) in FLOAT_TYPES:
+            if o and o in cand_produced and o not in skip and typed.get(o, onnx.TensorProto.FLOAT) in NUMPY_FLOAT_TYPES:
                 names.append(o)
     return names
 

@@ -2,54 +2,23 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from onnxflex.errors import ConfigError
+from onnxflex.rounding.table import METHODS
+from onnxflex.runtimes.targets import TARGETS as TARGET_TABLE
 
-METHODS = ("rtn", "flexround", "adaround", "signround")
+TARGETS = tuple(TARGET_TABLE)  # --target names, in the table's order
 GRANULARITIES = ("block", "layer")
-TARGETS = ("onnxruntime", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_SEARCH = ("minmax", "mse")
-METHOD_DEFAULT = -1  # iters or lr at -1: the method's own value, resolved when the config is built
+METHOD_DEFAULT = -1  # iters or lr at -1: the method's own value (onnxflex.options.resolve gives it)
 PRESET_DEFAULT = -1  # batch_size or early_stop at -1: the preset's value, resolved likewise
-PRESETS = ("fast", "default", "best")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Preset:
-    """What a preset sets where an option is left at -1: the method's iterations times ``iters_scale``,
-    ``batch_size`` samples per step, and early stop after ``patience`` × iterations steps without
-    improvement (0: off; always off for AdaRound, whose regulariser anneals over every step)."""
-
-    iters_scale: float
-    batch_size: int
-    patience: float
-
-
-PRESET_VALUES = {"fast": Preset(iters_scale=0.25, batch_size=32, patience=0.2),
-                 "default": Preset(iters_scale=1.0, batch_size=32, patience=0.0),
-                 "best": Preset(iters_scale=2.5, batch_size=64, patience=0.0)}
+PRESETS = ("fast", "default", "best")  # their values: onnxflex.options.PRESET_VALUES
 MIN_BUDGET_BITS = 2  # the narrowest width mixed precision gives a layer (onnxflex.mixed)
-
-
-def method_iters(method: str) -> int:
-    """Reconstruction steps per block of the default preset when ``iters`` is -1: 400, SignRound 200 (its
-    paper's default); the other presets scale it (Preset.iters_scale)."""
-    return 200 if method == "signround" else 400
-
-
-def method_lr(method: str, iters: int) -> float:
-    """The rounding parameters' rate when ``lr`` is -1: Adam's 3e-3 for FlexRound's log-steps, 0.1
-    for AdaRound's logits (they must travel several units in a few hundred steps), and for SignRound
-    its first signed step 1/iters (it decays linearly to 0)."""
-    if method == "signround":
-        return 1.0 / max(iters, 1)
-    return 0.1 if method == "adaround" else 3e-3
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -76,7 +45,8 @@ OPTION_HELP: dict[str, str] = {
     "group_size": "weight-only (abits 0) MatMul and Gemm weights: one step per group of this many input "
                   "channels (a power of two >= 16 dividing each layer's input dimension), written as blocked 4-bit "
                   "weights (wbits 2-4) that onnxruntime runs as MatMulNBits; 0 = one step per output channel",
-    "method": "rounding method: rtn (round to nearest, nothing learned) or a learned rounder",
+    "method": "rounding method: rtn (round to nearest, nothing learned), hqq (data-free refined steps) or a "
+              "learned rounder",
     "granularity": "reconstruction unit: block (a residual unit) or layer (one weighted op)",
     "target": "runtime the model is emitted for",
     "preset": "speed against quality of learned rounding, for the options left at -1: fast (a quarter of "
@@ -180,26 +150,21 @@ class QuantConfig:
     latency_threads: int = 0
 
     def __post_init__(self) -> None:
+        """Checks every value and changes none: -1 stays -1 (``onnxflex.options.resolve`` gives the values a
+        run uses), so the object holds what the user gave."""
         _check_range("wbits", self.wbits, 2, 8)
         if self.abits not in (0, 8) or isinstance(self.abits, bool):
             raise ConfigError(f"abits={self.abits!r} is out of range: expected 8, or 0 for weight-only")
         _check_choice("method", self.method, METHODS)
         _check_choice("preset", self.preset, PRESETS)
         self._check_defaults()
-        self._resolve_preset()
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("target", self.target, TARGETS)
         _check_choice("device", self.device, DEVICES)
         _check_range("threads", self.threads, 0, 4096)
         _check_choice("weight_scale", self.weight_scale, SCALE_SEARCH)
         _check_choice("act_scale", self.act_scale, SCALE_SEARCH)
-        _check_range("iters", self.iters, 0, 1_000_000)
-        if self.lr == METHOD_DEFAULT:
-            object.__setattr__(self, "lr", method_lr(self.method, self.iters))
-        _check_range("batch_size", self.batch_size, 1, 65536)
-        self._check_early_stop()
-        for name in ("lr", "scale_lr", "act_lr"):
-            _check_range(name, getattr(self, name), 0.0, 1.0, float)
+        self._check_learning()
         _check_range("seed", self.seed, 0, 2**31 - 1)
         _check_range("max_cache_mb", self.max_cache_mb, 1, 1 << 30)
         _check_range("calib_samples", self.calib_samples, 0, 1 << 30)
@@ -209,6 +174,37 @@ class QuantConfig:
         _check_range("latency_threads", self.latency_threads, 0, 1024)
         if not isinstance(self.checkpoint_dir, str):
             raise ConfigError(f"checkpoint_dir={self.checkpoint_dir!r} must be a folder path (a string; '' = none)")
+        self._check_lists()
+        self._check_group_size()
+        self._check_budgets()
+
+    def _check_defaults(self) -> None:
+        """-1 means "the method's / preset's default"; any other negative value is refused naming it."""
+        for name, hi in (("iters", 1_000_000), ("batch_size", 65536), ("early_stop", 1_000_000)):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0 and value != -1:
+                raise ConfigError(f"{name}={value!r} is out of range: expected -1 (the default) or an int in "
+                                  f"[{0 if name != 'batch_size' else 1}, {hi}]")
+        if isinstance(self.lr, (int, float)) and self.lr < 0 and self.lr != -1:
+            raise ConfigError(f"lr={self.lr!r} is out of range: expected -1 (the method's default) or a float in "
+                              "[0.0, 1.0]")
+
+    def _check_learning(self) -> None:
+        """The reconstruction options, each at -1 (resolved later) or in its range; early stop cannot
+        cut AdaRound short."""
+        for name, lo, hi in (("iters", 0, 1_000_000), ("batch_size", 1, 65536), ("early_stop", 0, 1_000_000)):
+            if getattr(self, name) != PRESET_DEFAULT:
+                _check_range(name, getattr(self, name), lo, hi)
+        if self.early_stop != PRESET_DEFAULT and self.early_stop and self.method == "adaround":
+            raise ConfigError(f"early_stop={self.early_stop} does not work with method adaround: its regulariser "
+                              "anneals over all iterations and a stop before the end leaves weights rounded "
+                              "softly; pass early_stop=0 (or --early-stop 0), or use flexround or signround")
+        for name in ("lr", "scale_lr", "act_lr"):
+            if name != "lr" or self.lr != METHOD_DEFAULT:
+                _check_range(name, getattr(self, name), 0.0, 1.0, float)
+
+    def _check_lists(self) -> None:
+        """On/off options are booleans; the repeatable options are tuples of well-formed specs."""
         for f in dataclasses.fields(self):  # every on/off option: a string such as "yes" is no answer
             if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r} must be true or false")
@@ -227,38 +223,6 @@ class QuantConfig:
             raise ConfigError(f"layer_bits must be (pattern, bits) pairs, got {self.layer_bits!r}")
         for pattern, bits in self.layer_bits:
             _check_range(f"layer_bits[{pattern!r}]", bits, 2, 8)
-        self._check_group_size()
-        self._check_budgets()
-
-    def _check_defaults(self) -> None:
-        """-1 means "the method's / preset's default"; any other negative value is refused naming it."""
-        for name, hi in (("iters", 1_000_000), ("batch_size", 65536), ("early_stop", 1_000_000)):
-            value = getattr(self, name)
-            if isinstance(value, int) and not isinstance(value, bool) and value < 0 and value != -1:
-                raise ConfigError(f"{name}={value!r} is out of range: expected -1 (the default) or an int in "
-                                  f"[{0 if name != 'batch_size' else 1}, {hi}]")
-        if isinstance(self.lr, (int, float)) and self.lr < 0 and self.lr != -1:
-            raise ConfigError(f"lr={self.lr!r} is out of range: expected -1 (the method's default) or a float in "
-                              "[0.0, 1.0]")
-
-    def _resolve_preset(self) -> None:
-        """Options left at -1 take the preset's values (explicit values win): iters (the method's count
-        scaled), batch_size and early_stop. Runs before the range checks, which then see the result."""
-        preset = PRESET_VALUES[self.preset]
-        if self.iters == METHOD_DEFAULT:
-            object.__setattr__(self, "iters", max(1, round(method_iters(self.method) * preset.iters_scale)))
-        if self.batch_size == PRESET_DEFAULT:
-            object.__setattr__(self, "batch_size", preset.batch_size)
-        if self.early_stop == PRESET_DEFAULT and isinstance(self.iters, int):
-            patience = 0 if self.method == "adaround" else round(self.iters * preset.patience)
-            object.__setattr__(self, "early_stop", patience)
-
-    def _check_early_stop(self) -> None:
-        _check_range("early_stop", self.early_stop, 0, 1_000_000)
-        if self.early_stop and self.method == "adaround":
-            raise ConfigError(f"early_stop={self.early_stop} does not work with method adaround: its regulariser "
-                              "anneals over all iterations and a stop before the end leaves weights rounded "
-                              "softly; pass early_stop=0 (or --early-stop 0), or use flexround or signround")
 
     def _check_group_size(self) -> None:
         g = self.group_size
@@ -275,20 +239,17 @@ class QuantConfig:
 
     def _check_budgets(self) -> None:
         """Mixed-precision budgets: numbers (ints become floats), at most one of them set, an average
-        within the widths a layer may get (MIN_BUDGET_BITS to wbits)."""
-        for name in ("bits_budget", "size_budget_mb"):
-            value = getattr(self, name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, name, float(value))
-        _check_range("size_budget_mb", self.size_budget_mb, 0.0, float(1 << 30), float)
-        b = self.bits_budget
+        within the widths a layer may get (MIN_BUDGET_BITS to wbits). Ints are read as floats (the
+        config keeps the int; ``resolve`` gives the float)."""
+        _check_range("size_budget_mb", as_float(self.size_budget_mb), 0.0, float(1 << 30), float)
+        b = as_float(self.bits_budget)
         if not isinstance(b, float) or not (b == 0.0 or MIN_BUDGET_BITS <= b <= self.wbits):
             wider = f" (wbits={self.wbits} is the widest a layer gets: raise --wbits for a larger budget)" \
                 if isinstance(b, float) and b > self.wbits else ""
             raise ConfigError(f"bits_budget={b!r} is out of range: expected 0 (off) or an average in "
                               f"[{MIN_BUDGET_BITS}, {self.wbits}]{wider}")
         if b and self.size_budget_mb:
-            raise ConfigError(f"bits_budget={b:g} and size_budget_mb={self.size_budget_mb:g} are both set: "
+            raise ConfigError(f"bits_budget={b:g} and size_budget_mb={as_float(self.size_budget_mb):g} are both set: "
                               "give one budget (set the other to 0)")
 
     @classmethod
@@ -310,40 +271,23 @@ class QuantConfig:
         return cls.from_dict({**read_toml(path), **overrides}, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        out["layer_bits"] = dict(self.layer_bits)
-        return out
-
-    def given_toml(self, given: Mapping[str, Any]) -> str:
-        """Every option as the user gave it (``given``: the file's and the flags' values this config was
-        built from; the rest at their defaults, -1 staying -1), in a form ``from_toml`` reads back to this
-        config. Where the value the run uses differs, a comment gives it, so that editing ``method`` or
-        ``preset`` in the file changes what the -1 options resolve to."""
-        resolved = self.to_dict()
-        as_given = {f.name: given.get(f.name, f.default) for f in dataclasses.fields(self)}
-        as_given = {k: list(v) if isinstance(v, tuple) else v for k, v in as_given.items()}
-        if not isinstance(as_given["layer_bits"], Mapping):
-            as_given["layer_bits"] = dict(as_given["layer_bits"])
-        notes = {key: f"  # resolved: {_toml_value(resolved[key])}" for key, value in as_given.items()
-                 if value != resolved[key] and not isinstance(value, dict)}
-        return _toml(as_given, notes, ["# onnxflex quantize options as given; -1 = the method's or preset's "
-                                       "default. A comment gives", "# the value a run with this file uses where "
-                                       "it differs (it follows method and preset)."])
-
-    def to_toml(self) -> str:
-        """Every option with its effective value, in a form ``from_toml`` reads back unchanged."""
-        return _toml(self.to_dict(), {}, [])
-
-    def bits_for(self, node: str) -> int:
-        """Weight bits of ``node``: the first ``layer_bits`` pattern that matches its name, else wbits."""
-        return next((bits for pattern, bits in self.layer_bits if fnmatch.fnmatchcase(node, pattern)), self.wbits)
-
-    def keeps_float(self, node: str, op_type: str) -> bool:
-        """True when ``exclude_nodes`` (names or glob patterns) or ``exclude_op_types`` name this node."""
-        return op_type in self.exclude_op_types or any(fnmatch.fnmatchcase(node, p) for p in self.exclude_nodes)
+        """Every option as given (-1 where left to the method or preset), as plain TOML/JSON values."""
+        return plain(dataclasses.asdict(self))
 
     def replace(self, **changes: Any) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
+
+
+def as_float(value: Any) -> Any:
+    """An int budget as the float it stands for; anything else unchanged (the range check refuses it)."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Option values as TOML/JSON reads them: tuples become lists, ``layer_bits`` a {pattern: bits} table."""
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    out["layer_bits"] = dict(values["layer_bits"])
+    return out
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -361,18 +305,6 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise ConfigError(f"cannot write {value!r} as TOML")
-
-
 _SHAPE = re.compile(r"^([^:]+):(\d+(?:x\d+)*)$")
 
 
@@ -387,19 +319,6 @@ def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _FIXED = re.compile(rf"^([^=]+)=({_NUMBER}(?:,{_NUMBER})*)$")
 _AXIS = re.compile(r"^([^=]+)=(\d+)$")
-
-
-def _toml(values: Mapping, notes: Mapping[str, str], header: list[str]) -> str:
-    """``values`` as TOML: plain keys first (each followed by its ``notes`` entry), then one table per
-    mapping value."""
-    lines, tables = list(header), []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            tables.append(f"\n[{key}]")
-            tables += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()]
-        else:
-            lines.append(f"{key} = {_toml_value(value)}{notes.get(key, '')}")
-    return "\n".join(lines + tables) + "\n"
 
 
 def parse_fixed_input(spec: str) -> tuple[str, tuple[float, ...] | float]:

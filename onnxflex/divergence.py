@@ -22,8 +22,8 @@ from onnx import numpy_helper
 
 from onnxflex.blocks import Block, BlockPlan
 from onnxflex.calib import CalibrationSet
-from onnxflex.capture import with_probes as capture_probes
 from onnxflex.graph import DEFAULT_DOMAINS
+from onnxflex.probes import with_probes as probed_copy
 from onnxflex.qparams import sqnr_db
 
 # outputs of these ops are compared at the op's input: a Softmax in saturation turns a logit difference
@@ -81,7 +81,7 @@ def with_probes(qmodel: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.Model
             probes[name] = Probe(name, q.output[0], numpy_helper.to_array(inits[q.input[1]]), zero)
         elif name in produced:
             probes[name] = Probe(name, name)
-    probed, _ = capture_probes(qmodel, list(dict.fromkeys(p.output for p in probes.values())))
+    probed, _ = probed_copy(qmodel, list(dict.fromkeys(p.output for p in probes.values())))
     return probed, probes
 
 

@@ -112,10 +112,14 @@ def graph_input_names(model: onnx.ModelProto) -> list[str]:
 
 
 def name_nodes_uniquely(model: onnx.ModelProto) -> None:
-    """Mutates: empty or repeated node names become unique names derived from the op type."""
-    scope = NameScope(n.name for n in model.graph.node if n.name)
+    """Mutates: empty or repeated node names become unique names derived from the op type, across the
+    top-level graph (named first) and every subgraph (quantizers and control-flow runs key on them)."""
+    nodes = list(model.graph.node)
+    nodes += [m for n in model.graph.node for a in n.attribute
+              for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs) for m in all_nodes(sub)]
+    scope = NameScope(n.name for n in nodes if n.name)
     seen: set[str] = set()
-    for node in model.graph.node:
+    for node in nodes:
         if not node.name or node.name in seen:
             node.name = scope.unique_name(node.op_type)
         seen.add(node.name)

@@ -34,7 +34,18 @@ class InputOptions:
 
     @classmethod
     def from_config(cls, config) -> "InputOptions":
+        """From a DataOptions' (or a QuantConfig's) ``batch_axes`` and ``fix_inputs``."""
         return cls.from_specs(config.batch_axes, config.fix_inputs)
+
+    def batch_axis(self, vi: onnx.ValueInfoProto) -> int:
+        """The axis of input ``vi`` that carries the samples when no data says so: the one --batch-axis
+        gives, else the input's only unknown dim (a state ``[2, ?, 128]`` carries its batch on axis 1)
+        unless axis 0 is declared 1 (``[1, 1, 64, W]``: a model that fixes its batch at 1, W is a width),
+        else axis 0."""
+        dims = input_dims(vi)
+        unknown = [k for k, d in enumerate(dims) if d is None]
+        alone = unknown[0] if len(unknown) == 1 and dims[0] != 1 else 0
+        return self.batch_axes.get(vi.name, alone)
 
 
 def model_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

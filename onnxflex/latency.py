@@ -14,7 +14,8 @@ lose depends on the machine and the onnxruntime build, so they are measured, not
 3. The model with every loser in float (B) is timed against A; the losers stay in float only when B
    is faster, so the result is never slower than the plain placement (up to timing noise).
 
-The cost is one emit and one session per layer, so it suits models with tens of layers, not thousands.
+The cost is one emit and one session per layer (the graph passes run once: each variant re-selects and
+re-partitions the canonical model), so it suits models with tens of layers, not thousands.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ import onnx
 
 from onnxflex.blocks import BlockPlan
 from onnxflex.calib import CalibrationSet
-from onnxflex.config import QuantConfig
 from onnxflex.graph import load_model, name_nodes_uniquely
+from onnxflex.options import PlanOptions, RoundingOptions
+from onnxflex.planning import place
 from onnxflex.qparams import QuantParams
 
 log = logging.getLogger("onnxflex")
@@ -59,7 +61,7 @@ class LatencyChoice:
                 f"{self.int8_ms:.3f} ms, chosen {self.chosen_ms:.3f} ms; kept in float: {kept}")
 
 
-def synthetic_params(plan: BlockPlan, target, config: QuantConfig, sample: CalibrationSet) -> QuantParams:
+def synthetic_params(plan: BlockPlan, target, config: RoundingOptions, sample: CalibrationSet) -> QuantParams:
     """The parameters a round-to-nearest run would export for ``plan`` (the same quantizers, ties and
     int32 biases as reconstruction sets up), weights on min/max steps and activations on the min/max
     of ``sample`` (the timed batch, shared inputs included): the emitted model's exact structure and zero points, for timing. Zero points matter,
@@ -67,7 +69,7 @@ def synthetic_params(plan: BlockPlan, target, config: QuantConfig, sample: Calib
     Activation points inside control-flow subgraphs are left float here (only their weights are int8)."""
     import torch
 
-    from onnxflex.capture import channel_ranges
+    from onnxflex.probes import channel_ranges
     from onnxflex.rounding.reconstruct import add_block_quantizers
     from onnxflex.rounding.torchify import QuantState
 
@@ -117,19 +119,26 @@ def latencies(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], repeat
     return [float(np.median(t)) for t in run_rounds(models, feed, repeats, threads)]
 
 
-def _emitted(plan: BlockPlan, target, config: QuantConfig, sample: CalibrationSet) -> onnx.ModelProto:
+def _emitted(plan: BlockPlan, target, config: RoundingOptions, sample: CalibrationSet) -> onnx.ModelProto:
     from onnxflex.emit import emit
 
     return emit(plan.model, synthetic_params(plan, target, config, sample), target)
 
 
-def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: CalibrationSet, config: QuantConfig,
-                        build_plan, progress) -> LatencyChoice:
-    """Measures as the module docstring says and returns the layers to keep in float. ``build_plan`` is
-    ``pipeline.build_plan`` (passed in to keep the import graph one-way)."""
+def _without(plan: BlockPlan, options: PlanOptions, nodes: tuple[str, ...]) -> BlockPlan:
+    """A timing variant: ``plan.model`` re-placed with ``nodes`` kept in float (its warnings unused)."""
+    return place(plan.model, options.replace(exclude_nodes=options.exclude_nodes + nodes))
+
+
+def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: CalibrationSet, options: PlanOptions,
+                        config: RoundingOptions, threads: int, progress) -> LatencyChoice:
+    """Measures as the module docstring says and returns the layers to keep in float. ``plan`` is the
+    plan stage's (of the canonical model, placed with ``options``): each variant re-places that model,
+    the passes do not rerun. ``config`` sets up its quantizers and the timed batch; ``threads``:
+    onnxruntime's."""
     from onnxflex.runtimes.targets import get_target
 
-    target = get_target(config.target)
+    target = get_target(options.target)
     batch = min(config.batch_size, data.num_samples)
     sample = data.take(0, batch)
     feed = sample.feeds()
@@ -139,11 +148,10 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
     name_nodes_uniquely(fp32)
     variants = [fp32, _emitted(plan, target, config, sample)]
     for k, name in enumerate(names):
-        without = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + (name,)))
-        variants.append(_emitted(without, target, config, sample))
+        variants.append(_emitted(_without(plan, options, (name,)), target, config, sample))
         progress.update(k + 1)
     progress.finish(f"latency: timing {len(variants)} variants of the model on a batch of {batch}")
-    rounds = run_rounds(variants, feed, REPEATS, config.latency_threads)
+    rounds = run_rounds(variants, feed, REPEATS, threads)
     fp32, int8 = float(np.median(rounds[0])), float(np.median(rounds[1]))
     rows, losers = [], []
     for name, times in zip(names, rounds[2:]):
@@ -163,9 +171,8 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
             row["kept_float"] = False
     chosen = int8
     if losers:
-        trial = build_plan(original, config.replace(exclude_nodes=config.exclude_nodes + tuple(losers)))
-        int8, chosen = latencies([variants[1], _emitted(trial, target, config, sample)], feed, REPEATS,
-                                 config.latency_threads)
+        trial = _without(plan, options, tuple(losers))
+        int8, chosen = latencies([variants[1], _emitted(trial, target, config, sample)], feed, REPEATS, threads)
         if chosen >= int8:
             log.info("keeping %d slower layers in float did not speed the model up (%.3f vs %.3f ms); "
                      "all stay integer", len(losers), chosen, int8)
@@ -173,6 +180,6 @@ def choose_float_layers(original: onnx.ModelProto, plan: BlockPlan, data: Calibr
             for row in rows:
                 row["kept_float"] = False
     choice = LatencyChoice(tuple(losers), round(fp32, 4), round(int8, 4), round(chosen, 4), batch,
-                           config.latency_threads, rows)
+                           threads, rows)
     log.info("%s", choice.describe())
     return choice

@@ -1,7 +1,7 @@
 """Mixed precision (after Yvinec et al., 2308.07662): per-layer weight bits chosen from each layer's
 measured sensitivity so that the quantized weights meet a budget.
 
-Budgets (QuantConfig; one at a time):
+Budgets (onnxflex.options.Budgets; one at a time):
   bits_budget     average weight bits over the quantized layers, weighted by parameter count:
                   Σ_l bits_l · params_l ≤ bits_budget · Σ_l params_l. Layers kept in float are not
                   quantized layers and do not count.
@@ -38,8 +38,9 @@ import numpy as np
 
 from onnxflex.blocks import BlockPlan, QuantLayer
 from onnxflex.calib import CalibrationSet
-from onnxflex.config import MIN_BUDGET_BITS, QuantConfig
+from onnxflex.config import MIN_BUDGET_BITS
 from onnxflex.errors import ConfigError
+from onnxflex.options import Budgets
 from onnxflex.progress import Progress
 
 log = logging.getLogger("onnxflex")
@@ -145,7 +146,7 @@ def exact_pattern(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def choose_bits(plan: BlockPlan, data: CalibrationSet, config: QuantConfig, providers,
+def choose_bits(plan: BlockPlan, data: CalibrationSet, config: Budgets, providers,
                 progress: Progress | None = None) -> tuple[BlockPlan, Allocation]:
     """Measure the plan's layers on ``data`` and choose their bits within the config's budget;
     returns the plan with those bits (a new plan; ``plan`` is not changed) and the allocation.
@@ -180,7 +181,7 @@ def choose_bits(plan: BlockPlan, data: CalibrationSet, config: QuantConfig, prov
     return with_bits(plan, allocation.node_bits()), allocation
 
 
-def weight_units(plan: BlockPlan, config: QuantConfig) -> list[WeightChoice]:
+def weight_units(plan: BlockPlan, config: Budgets) -> list[WeightChoice]:
     """The plan's quantized weights in plan order, each with the nodes reading it; pinned when a
     ``layer_bits`` pattern names one of its nodes (the plan already gave it those bits). Layers inside
     control-flow subgraphs keep the bits the plan gave them and are not counted."""
@@ -204,7 +205,7 @@ def weight_units(plan: BlockPlan, config: QuantConfig) -> list[WeightChoice]:
     return list(units.values())
 
 
-def check_budget(units: Sequence[WeightChoice], widths: Mapping[str, tuple[int, ...]], config: QuantConfig) -> int:
+def check_budget(units: Sequence[WeightChoice], widths: Mapping[str, tuple[int, ...]], config: Budgets) -> int:
     """The budget in bits (floored); raises ConfigError when even the narrowest widths exceed it."""
     name = "bits_budget" if config.bits_budget else "size_budget_mb"
     lo = sum(min(_cost(u, b, name) for b in widths[u.weight]) for u in units)

@@ -21,7 +21,40 @@ def versions() -> dict[str, str]:
             "platform": platform.platform()}
 
 
-def layer_summary(plan, params, config) -> list[dict]:
+def build_report(result, warnings: list[str], total_seconds: float) -> dict:
+    """The run's report from pipeline.PipelineResult ``result``: ``warnings`` are those the run logged
+    (repeats dropped), ``total_seconds`` the whole run's time."""
+    config, plan, samples = result.config, result.plan, result.samples
+    blocks = block_rows(plan, result.reconstructed.results)
+    verification = result.verification
+    return {
+        "blocks": blocks,
+        "plan": {"blocks": len(plan.blocks), "layers": len(plan.layers), "activation_points": len(plan.act_points),
+                 "granularity": config.plan.granularity},
+        "verification": verification.to_dict() if verification else {},
+        **result.refined.sections,
+        "timings": {**result.refined.timings, "passes": result.prepared_seconds,
+                    "capture": result.captured.seconds, "reconstruct": result.reconstructed.seconds,
+                    "emit": result.emitted.seconds, "verify": result.verified.seconds, "total": total_seconds},
+        "config": config.to_dict(),
+        "versions": versions(),
+        "seed": config.rounding.seed,
+        "calibration": {"source": samples.source, "reconstruction_samples": samples.recon.num_samples,
+                        "verification_samples": samples.held.num_samples},
+        "layers": layer_summary(plan, result.params),
+        "reconstruction": reconstruction_summary(config.rounding, blocks),
+        "warnings": list(dict.fromkeys(warnings)),
+    }
+
+
+def block_rows(plan, results) -> list[dict]:
+    """One row per reconstructed block (rounding/reconstruct.BlockResult) with its layer count."""
+    layers_of = {b.name: len(b.layers) for b in plan.blocks}
+    return [dict(name=r.name, layers=layers_of[r.name], runtime=r.runtime, loss_before=r.loss_before,
+                 loss_after=r.loss_after, iters=r.iters, seconds=r.seconds) for r in results]
+
+
+def layer_summary(plan, params) -> list[dict]:
     rows = []
     for layer in plan.layers:
         qw = params.weights.get(layer.weight)
@@ -34,13 +67,14 @@ def layer_summary(plan, params, config) -> list[dict]:
     return rows
 
 
-def reconstruction_summary(config, blocks: list[dict], batch: int) -> dict:
-    """What the preset resolved to and what ran: steps per block at most, samples per step (``batch``:
-    the model's fixed batch where it has one), early-stop patience (0: off), the steps the blocks ran
-    in all and how many blocks stopped early."""
+def reconstruction_summary(config, blocks: list[dict]) -> dict:
+    """What the preset resolved to (``config``: the run's RoundingOptions) and what ran: steps per block at
+    most, samples per step (its ``batch_size``: the model's fixed batch where it has one), early-stop patience (0: off), the steps
+    the blocks ran in all and how many blocks stopped early."""
     steps = [b["iters"] for b in blocks]
-    return {"preset": config.preset, "iters": config.iters, "batch_size": batch, "early_stop": config.early_stop,
-            "steps_run": sum(steps), "blocks_stopped_early": sum(0 < s < config.iters for s in steps)}
+    return {"preset": config.preset, "iters": config.iters, "batch_size": config.batch_size,
+            "early_stop": config.early_stop, "steps_run": sum(steps),
+            "blocks_stopped_early": sum(0 < s < config.iters for s in steps)}
 
 
 def to_json(report: dict) -> str:

@@ -18,17 +18,18 @@ import numpy as np
 import onnx
 
 from onnxflex.calib import CalibrationSet, check_calibration, default_calibration_path, fixed_batch, load_npz, read_npz
-from onnxflex.config import QuantConfig, parse_input_shape
+from onnxflex.config import parse_input_shape
 from onnxflex.errors import CalibrationError
 from onnxflex.graph import consumers, graph_input_names
 from onnxflex.images import IMAGE_SUFFIXES
 from onnxflex.inputs import NP_TYPES, InputOptions, input_dims, model_inputs, show_dims
+from onnxflex.options import DataOptions
 
 log = logging.getLogger("onnxflex")
 
 
 def resolve_calibration(calibration: Any, model: onnx.ModelProto, model_source: Any,
-                        config: QuantConfig) -> CalibrationSet:
+                        config: DataOptions) -> CalibrationSet:
     """Any accepted source (see the module docstring) → a CalibrationSet checked against ``model``, with
     ``config.batch_axes`` and ``config.fix_inputs`` applied (InputOptions). ``--input-shape`` shapes
     synthetic data only: with real data it is a warning (in the set's ``warnings``)."""
@@ -145,14 +146,12 @@ def _as_batch(array: np.ndarray, vi: onnx.ValueInfoProto, options: InputOptions)
     """A single sample (one dim short of a batched input) with its batch axis put back: the one given by
     --batch-axis, else the input's only unknown dim, else axis 0."""
     dims = input_dims(vi)
-    unknown = [k for k, d in enumerate(dims) if d is None]
-    if array.ndim != len(dims) - 1 or not unknown:
+    if array.ndim != len(dims) - 1 or None not in dims:
         return array
-    axis = options.batch_axes.get(vi.name, unknown[0] if len(unknown) == 1 else 0)
-    return np.expand_dims(array, axis)
+    return np.expand_dims(array, options.batch_axis(vi))
 
 
-def synthetic_calibration(model: onnx.ModelProto, config: QuantConfig) -> CalibrationSet:
+def synthetic_calibration(model: onnx.ModelProto, config: DataOptions) -> CalibrationSet:
     """Random inputs shaped from the model's signature (``config.input_shapes`` fills unknown dims):
     standard-normal floats, token ids below the vocabulary size for Gather indices, ones otherwise."""
     shapes = dict(parse_input_shape(s) for s in config.input_shapes)
@@ -171,23 +170,17 @@ def synthetic_calibration(model: onnx.ModelProto, config: QuantConfig) -> Calibr
         if not vi.type.tensor_type.shape.dim:  # a 0-d input: one value shared by every sample
             arrays[name] = _random_input(model, vi, [], rng)
             continue
-        shape = _synthetic_shape(vi, shapes.get(name), n, options.batch_axes.get(name))
+        shape = _synthetic_shape(vi, shapes.get(name), n, options.batch_axis(vi))
         arrays[name] = _random_input(model, vi, shape, rng)
     log.warning("no calibration data given: quantizing on %d synthetic samples drawn from the input signature; "
                 "accuracy will suffer — pass --calib with real inputs", n)
     return check_calibration(arrays, model, "synthetic data", options)
 
 
-def _synthetic_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None, n: int,
-                     axis: int | None) -> list[int]:
-    """The shape of ``n`` synthetic samples of input ``vi``: the samples lie on ``axis`` (--batch-axis),
-    else on the one unknown dim when there is exactly one (a state ``[2, ?, 128]`` carries its batch
-    on axis 1), else on axis 0; ``given`` (--input-shape, the shape of one sample with 1 on that axis)
-    fills the other unknown dims."""
+def _synthetic_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None, n: int, axis: int) -> list[int]:
+    """The shape of ``n`` synthetic samples of input ``vi``, the samples on ``axis`` (InputOptions.batch_axis);
+    ``given`` (--input-shape, the shape of one sample with 1 on that axis) fills the other unknown dims."""
     dims = input_dims(vi)
-    unknown = [i for i, d in enumerate(dims) if d is None]
-    if axis is None:
-        axis = unknown[0] if len(unknown) == 1 else 0
     if given is not None:
         if len(given) != len(dims) or any(d is not None and d != g for i, (d, g) in enumerate(zip(dims, given))
                                           if i != axis):

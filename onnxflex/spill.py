@@ -1,8 +1,8 @@
 """The free-disk check before a run: what the capture cache will spill, estimated from the plan.
 
-Capture keeps every block boundary tensor over the calibration samples (``fp:``), and reconstruction
-adds the quantized path's block outputs and inputs (``q:``), about as many again; what exceeds
-``max_cache_mb`` goes to files in a temporary folder (capture.TensorCache). Shapes come from onnx's
+Capture keeps every block boundary tensor over the calibration samples (the FP run, ``Key.fp``), and
+reconstruction adds the quantized path's block outputs and inputs (``Key.q``), about as many again; what
+exceeds ``max_cache_mb`` goes to files in a temporary folder (cache.TensorCache). Shapes come from onnx's
 shape inference with the inputs fixed to one calibration sample, so the check costs no model run;
 tensors whose shape inference cannot tell are not counted (the estimate is then low, never high).
 """
@@ -15,6 +15,7 @@ import tempfile
 import numpy as np
 import onnx
 
+from onnxflex.cache import Run
 from onnxflex.calib import CalibrationSet
 from onnxflex.errors import DiskSpaceError
 
@@ -65,10 +66,10 @@ def tensor_bytes(model: onnx.ModelProto, tensors: list[str], data: CalibrationSe
 
 
 def spill_estimate(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, max_bytes: int) -> int:
-    """Bytes the cache will write to disk: the ``fp:`` and ``q:`` copies of ``tensors`` (the plan's
-    block boundaries) over ``data``'s samples, less the ``max_bytes`` kept in RAM."""
+    """Bytes the cache will write to disk: one copy of ``tensors`` (the plan's block
+    boundaries) per Run the cache holds (FP and quantized) over ``data``'s samples, less the ``max_bytes`` kept in RAM."""
     per_sample = sum(tensor_bytes(model, tensors, data).values())
-    return max(0, 2 * per_sample * data.num_samples - max_bytes)
+    return max(0, len(Run) * per_sample * data.num_samples - max_bytes)
 
 
 def check_free_disk(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, max_cache_mb: int) -> None:

@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 
 from onnxflex.calib import CalibrationSet, fixed_batch
-from onnxflex.capture import tensor_layout
 from onnxflex.extdata import needs_file
 from onnxflex.graph import all_nodes
 from onnxflex.errors import VerificationError
 from onnxflex.layout import Layout
 from onnxflex.ort import remove_runtime_file, runtime_file, session, session_options
+from onnxflex.probes import tensor_layout
 from onnxflex.qparams import sqnr_db
 
 
@@ -94,7 +94,7 @@ def check_model(model: onnx.ModelProto) -> None:
 def run(model: onnx.ModelProto, data: CalibrationSet, providers, batch: int = 64,
         layout: Layout | None = None) -> dict[str, np.ndarray]:
     """All outputs of ``model`` over ``data``, run in batches (of the model's fixed batch, if it has one),
-    each sample-major (``layout`` gives their batch axes [default: found by capture.tensor_layout]; a
+    each sample-major (``layout`` gives their batch axes [default: found by probes.tensor_layout]; a
     shared output once)."""
     fixed = fixed_batch(model)
     sess = session(model, list(providers))

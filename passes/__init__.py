@@ -1,4 +1,5 @@
-"""Graph passes: canonicalize, fold BatchNorm, select quantizable layers, partition into blocks."""
+"""Graph passes (canonicalize, fold BatchNorm, ...) and the planning functions after them: select
+quantizable layers, partition into blocks (these read the model and return a plan; they are not Pass)."""
 if __name__ != "onnxflex.passes":
     raise ImportError(
         f"passes/ is installed as 'onnxflex.passes' and must be imported under that name, not {__name__!r}; "

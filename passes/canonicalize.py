@@ -19,7 +19,8 @@ from onnx.reference import ReferenceEvaluator
 
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.extdata import tensor_array
-from onnxflex.graph import MIN_OPSET, NameScope, default_opset, drop_unused_initializers, name_nodes_uniquely
+from onnxflex.graph import (DEFAULT_DOMAINS, MIN_OPSET, NameScope, default_opset, drop_unused_initializers,
+                            name_nodes_uniquely)
 from onnxflex.inputs import known_dim
 from onnxflex.ort import clear_unknown_dims
 from onnxflex.passes.context import PassContext
@@ -119,7 +120,7 @@ def _graph_constants_to_initializers(g: onnx.GraphProto) -> None:
             _graph_constants_to_initializers(sub)
     keep = []
     for node in g.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+        if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and len(node.attribute) == 1:
             value = _constant_value(node)
             if value is not None:
                 g.initializer.append(numpy_helper.from_array(value, node.output[0]))
@@ -186,7 +187,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
         values = _try_fold(node, consts, declared, shapes, lambda t: tensor_array(t, model))
         if values is None:
             keep.append(node)
-            if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.input[0] in declared:
+            if node.op_type == "Shape" and node.domain in DEFAULT_DOMAINS and node.input[0] in declared:
                 shapes[node.output[0]] = _shape_slice(node, declared[node.input[0]])
             continue
         for name, value in zip(node.output, values):
@@ -202,7 +203,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
 def _try_fold(node, consts, declared, shapes, read=numpy_helper.to_array) -> list[np.ndarray] | None:
     """The outputs of ``node`` when they are known before any run; ``declared`` maps a tensor to its
     declared dims (None where unknown), ``shapes`` a kept Shape's output to the dims it holds."""
-    if node.op_type in NOT_FOLDED or node.domain not in ("", "ai.onnx"):
+    if node.op_type in NOT_FOLDED or node.domain not in DEFAULT_DOMAINS:
         return None
     if node.op_type == "Shape" and node.input[0] in declared:
         dims = _shape_slice(node, declared[node.input[0]])

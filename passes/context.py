@@ -6,14 +6,15 @@ from typing import Protocol
 
 import onnx
 
-from onnxflex.config import QuantConfig
+from onnxflex.options import PlanOptions
 
 
 @dataclass
 class PassContext:
-    """What passes may read (the config) and the one thing they may add to (warnings for the user)."""
+    """What passes may read (the plan's options, onnxflex.options.PlanOptions) and the one thing they may add
+    to (warnings for the user)."""
 
-    config: QuantConfig
+    config: PlanOptions
     warnings: list[str] = field(default_factory=list)
 
 

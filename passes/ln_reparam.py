@@ -1,4 +1,4 @@
-"""reparam_layernorm: fold per-channel LayerNorm output ranges into γ/β and the next MatMul/Gemm (RepQuant).
+"""fold_layernorms: fold per-channel LayerNorm output ranges into γ/β and the next MatMul/Gemm (RepQuant).
 
 LayerNorm outputs of transformers have a few channels whose range is many times the others', so a
 single per-tensor step either clips them or leaves the other channels with a handful of levels. Per
@@ -20,16 +20,18 @@ readers, which see only the shape, are allowed too).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxflex.blocks import BlockPlan
 from onnxflex.calib import CalibrationSet
-from onnxflex.capture import channel_ranges
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import NameScope, consumers, node_attr
+from onnxflex.probes import channel_ranges
 
 SHAPE_ONLY = ("Shape", "Size")  # readers of the output's shape, not its values: the fold leaves them alone
 RANGE_FLOOR = 1e-3  # a channel's range is at least this fraction of the largest, so r stays bounded
@@ -171,15 +173,18 @@ def _dtype(tensor: onnx.TensorProto) -> np.dtype:
     return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
 
 
-def reparam_layernorm(model: onnx.ModelProto, points: tuple[str, ...], data: CalibrationSet,
-                      providers) -> list[dict]:
-    """Mutates ``model``: folds every foldable LayerNorm among ``points`` (see the module docstring).
-    Returns one report row per fold: output tensor, readers, whether the shift was folded, and the
-    largest/smallest channel range ratio before the fold."""
-    folds = find_layernorm_folds(model, points)
+def fold_layernorms(plan: BlockPlan, data: CalibrationSet, providers) -> tuple[BlockPlan, list[dict]]:
+    """Folds every foldable LayerNorm among ``plan.act_points`` (see the module docstring), with the
+    ranges ``plan.model`` gives on ``data``. Returns (the plan with a folded copy of the model, or
+    ``plan`` itself when nothing folds; ``plan`` is not changed) and one report row per fold: output
+    tensor, readers, whether the shift was folded, and the largest/smallest channel range ratio before
+    the fold."""
+    folds = find_layernorm_folds(plan.model, plan.act_points)
     if not folds:
-        return []
-    ranges = channel_ranges(model, [f.output for f in folds], data, providers)
+        return plan, []
+    ranges = channel_ranges(plan.model, [f.output for f in folds], data, providers)
+    model = onnx.ModelProto()
+    model.CopyFrom(plan.model)
     rows = []
     for fold in folds:
         lo, hi = ranges[fold.output]
@@ -187,4 +192,4 @@ def reparam_layernorm(model: onnx.ModelProto, points: tuple[str, ...], data: Cal
         apply_fold(model, fold, r, m)
         rows.append({"tensor": fold.output, "readers": [x.node for x in fold.readers], "shift": fold.shifts,
                      "range_ratio": round(float(r.max() / r.min()), 3)})
-    return rows
+    return dataclasses.replace(plan, model=model), rows

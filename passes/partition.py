@@ -1,5 +1,8 @@
 """partition: split the topologically sorted graph into reconstruction blocks.
 
+A planning function, not a graph pass (no ``Pass``, the model is only read): it groups the layers and
+activation points passes/select.py chose into the BlockPlan that capture and reconstruct walk.
+
 granularity 'layer': a block starts at each weighted node and runs to the next one.
 granularity 'block': a block ends wherever a single run-time tensor carries everything later nodes
 need (a residual unit becomes one block); a residual unit without attention that follows one with
@@ -22,12 +25,11 @@ import onnx
 from onnxflex.blocks import Block, BlockPlan, InnerPoint, QuantLayer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import default_opset, graph_input_names
-from onnxflex.passes.control_flow import reads
+from onnxflex.passes.control_flow import reads, subgraphs, top_level_owner
+from onnxflex.placement import FLOAT_TYPES, declared_types
 
 IsSupported = Callable[[onnx.NodeProto, int], bool]  # (node, default-domain opset): runs in torch
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-               onnx.TensorProto.DOUBLE}
 SHAPE_OPS = {"Shape", "Size"}
 ATTENTION_OPS = {"Softmax"}
 RESIDUAL_OPS = {"Add", "Sum"}
@@ -62,6 +64,7 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
     inputs_of = [_block_inputs(model, rep + seg) for rep, seg in zip(repeated, segments)]
     first_reader = _first_readers(model, inputs_of)
     graph_outputs = {o.name for o in model.graph.output}
+    top = top_level_owner(model)  # a layer nested two subgraphs deep goes with its top-level node
     for k, seg in enumerate(segments):
         run = repeated[k] + seg
         names = [n.name for n in run]
@@ -69,13 +72,12 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
         later = {i for ins in inputs_of[k + 1:] for i in ins} | graph_outputs
         outputs = tuple(o for n in seg for o in n.output if o and o in later)
         points = tuple(p for p in act_points if p in produced or first_reader.get(p) == k)
-        unsupported = tuple(f"{n.op_type} (node {n.name!r})" for n in run
-                            if not is_supported(n, opset))
+        unsupported = tuple(_unsupported(n, opset, is_supported) for n in run if not is_supported(n, opset))
         owned = {n.name for n in seg}
         blocks.append(Block(f"block{k}", tuple(names), inputs_of[k], outputs,
                             tuple(l for n in seg for l in layers_of.get(n.name, ()))
-                            + tuple(l for l in inner_layers if l.owner in owned), points, unsupported,
-                            tuple(p for p in inner_points if p.owner in owned)))
+                            + tuple(l for l in inner_layers if top[l.owner] in owned), points, unsupported,
+                            tuple(p for p in inner_points if top[p.owner] in owned)))
     return BlockPlan(model, tuple(blocks), act_points, warnings)
 
 
@@ -107,13 +109,12 @@ def side_tensors(model: onnx.ModelProto, weighted: set[str]) -> set[str]:
 
 def _side_activations(model: onnx.ModelProto, side: set[str], layers: tuple[QuantLayer, ...]) -> set[str]:
     """Float side tensors from which a layer's input is computed through float side tensors only."""
-    g = model.graph
-    typed = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    typed = declared_types(model)
 
     def float_side(name: str) -> bool:
         return name in side and typed.get(name, onnx.TensorProto.FLOAT) in FLOAT_TYPES
 
-    producer = {o: n for n in g.node for o in n.output if o}
+    producer = {o: n for n in model.graph.node for o in n.output if o}
     found: set[str] = set()
     stack = [layer.input for layer in layers if float_side(layer.input)]
     while stack:
@@ -200,6 +201,14 @@ def _is_residual(model, seg) -> bool:
             if outside and any(i in produced for i in node.input):
                 return True
     return False
+
+
+def _unsupported(node: onnx.NodeProto, opset: int, is_supported: IsSupported) -> str:
+    """``node`` named for the fallback warning; for an If, Loop or Scan also the first node of its
+    subgraphs (at any depth) that has no torch converter, the one the user would exclude or report."""
+    inner = next((n for _, g in subgraphs(node) for n in g.node if not is_supported(n, opset)), None)
+    where = f", for {_unsupported(inner, opset, is_supported)} inside it" if inner is not None else ""
+    return f"{node.op_type} (node {node.name!r}){where}"
 
 
 def _side_producers(model, seg, side) -> list[onnx.NodeProto]:

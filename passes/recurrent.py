@@ -22,13 +22,12 @@ from __future__ import annotations
 import onnx
 
 from onnxflex.blocks import QuantLayer
-from onnxflex.config import QuantConfig
 from onnxflex.graph import DEFAULT_DOMAINS, node_attr
+from onnxflex.options import PlanOptions
 from onnxflex.passes.control_flow import subgraphs
-from onnxflex.passes.select import FLOAT_TYPES
-from onnxflex.runtimes.base import Target
+from onnxflex.placement import QUANTIZABLE_TYPES
+from onnxflex.runtimes.base import RECURRENT_OPS, Target
 
-RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 INTEGER_LSTM = "DynamicQuantizeLSTM"
 STATE_INPUTS = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # initial_h, initial_c
 STATE_OUTPUTS = {"LSTM": (1, 2), "GRU": (1,), "RNN": (1,)}  # Y_h, Y_c
@@ -38,7 +37,7 @@ STATE_PATH_OPS = {"Slice", "Split", "Gather", "Squeeze", "Unsqueeze", "Reshape",
                   "Identity", "Cast", "Flatten", "Expand"}
 
 
-def recurrent_layers(model: onnx.ModelProto, target: Target, config: QuantConfig
+def recurrent_layers(model: onnx.ModelProto, target: Target, config: PlanOptions
                      ) -> tuple[tuple[QuantLayer, ...], tuple[str, ...]]:
     """(the QuantLayers of the LSTMs ``target`` runs with integer kernels — W then R per node, in graph
     order —, one warning per recurrent node that stays float, subgraphs included)."""
@@ -57,12 +56,28 @@ def recurrent_layers(model: onnx.ModelProto, target: Target, config: QuantConfig
         bits = config.bits_for(node.name)
         layers += [QuantLayer(node.name, node.op_type, node.input[k], WEIGHT_AXIS, node.input[0], None, bits)
                    for k in (1, 2)]
-    warnings += [f"node {node.name!r} ({node.op_type}) inside a subgraph of {owner!r} stays float: recurrent "
-                 "layers are quantized at the top level only" for owner, node in _nested(model.graph)]
+    for owner, node, g in _nested(model.graph):
+        reason = _float_reason(node, {t.name: t for t in g.initializer}, target, config)
+        if reason and not config.keeps_float(node.name, node.op_type):
+            warnings.append(f"node {node.name!r} ({node.op_type}) inside a subgraph of {owner!r} stays float: "
+                            f"{reason}")
     return tuple(layers), tuple(warnings)
 
 
-def _float_reason(node: onnx.NodeProto, inits: dict, target: Target, config: QuantConfig) -> str:
+def inner_recurrent_layers(g: onnx.GraphProto, owner: str, attr: str, target: Target, config: PlanOptions
+                           ) -> list[QuantLayer]:
+    """The QuantLayers (W then R) of the LSTMs directly in subgraph ``attr`` of control-flow node ``owner``
+    that ``target`` runs with integer kernels, their weights initializers of ``g``; no warnings
+    (recurrent_layers names those that stay float)."""
+    inits = {t.name: t for t in g.initializer}
+    return [QuantLayer(node.name, node.op_type, node.input[k], WEIGHT_AXIS, node.input[0], None,
+                       config.bits_for(node.name), 0, owner, attr)
+            for node in g.node if node.op_type in RECURRENT_OPS and node.domain in DEFAULT_DOMAINS
+            and not config.keeps_float(node.name, node.op_type) and not _float_reason(node, inits, target, config)
+            for k in (1, 2)]
+
+
+def _float_reason(node: onnx.NodeProto, inits: dict, target: Target, config: PlanOptions) -> str:
     """Why ``node`` cannot become an integer kernel on ``target`` ('' when it can)."""
     if node.op_type not in target.recurrent_ops:
         return f"{target.name} has no integer {node.op_type} kernel; its weights and state stay FP32"
@@ -72,16 +87,17 @@ def _float_reason(node: onnx.NodeProto, inits: dict, target: Target, config: Qua
     if node_attr(node, "layout", 0):
         return f"layout=1 (batch-major) has no {INTEGER_LSTM} form; export it with layout=0 (sequence-major)"
     weights = [node.input[k] if len(node.input) > k else "" for k in (1, 2)]
-    if not all(w in inits and inits[w].data_type in FLOAT_TYPES for w in weights):
+    if not all(w in inits and inits[w].data_type in QUANTIZABLE_TYPES for w in weights):
         return "its W and R are not float initializers (computed at run time), so there is nothing to quantize"
     return ""
 
 
-def _nested(g: onnx.GraphProto, owner: str = "") -> list[tuple[str, onnx.NodeProto]]:
+def _nested(g: onnx.GraphProto, owner: str = "") -> list[tuple[str, onnx.NodeProto, onnx.GraphProto]]:
+    """(top-level owner, recurrent node, the subgraph holding it) for every recurrent node in a subgraph."""
     found = []
     for node in g.node:
         if owner and node.op_type in RECURRENT_OPS:
-            found.append((owner, node))
+            found.append((owner, node, g))
         for _, sub in subgraphs(node):
             found += _nested(sub, owner or node.name)
     return found

@@ -1,18 +1,24 @@
-"""select: which weighted nodes get quantized weights and which tensors get activation Q/DQ."""
+"""select: which weighted nodes get quantized weights and which tensors get activation Q/DQ.
+
+These are planning functions, not graph passes (no ``Pass``, nothing rewritten): they read the
+canonical model and return the QuantLayers and activation points that passes/partition.py groups into
+a BlockPlan. The placement facts they rely on (float types, weight axes, residual skips) live in
+onnxflex/placement.py, shared with the check rules (runtimes/rules.py).
+"""
 from __future__ import annotations
 
 import onnx
 
 from onnxflex.blocks import QuantLayer
-from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError, UnsupportedModelError
 from onnxflex.graph import consumers, graph_input_names, node_attr
+from onnxflex.options import PlanOptions
+from onnxflex.placement import (FLOAT_TYPES, QUANTIZABLE_TYPES, channel_axis, declared_types, output_point,
+                                residual_skips)
 from onnxflex.runtimes.base import Target
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
-
-def select_layers(model: onnx.ModelProto, target: Target, config: QuantConfig) -> tuple[QuantLayer, ...]:
+def select_layers(model: onnx.ModelProto, target: Target, config: PlanOptions) -> tuple[QuantLayer, ...]:
     """The weighted nodes with a constant weight that the config does not exclude, in graph order."""
     inits = {t.name: t for t in model.graph.initializer}
     layers = []
@@ -22,10 +28,10 @@ def select_layers(model: onnx.ModelProto, target: Target, config: QuantConfig) -
         if len(node.input) < 2 or node.input[1] not in inits:
             continue
         weight = inits[node.input[1]]
-        if weight.data_type not in FLOAT_TYPES | {onnx.TensorProto.DOUBLE}:
+        if weight.data_type not in FLOAT_TYPES:
             continue
         check_float32(node, weight)
-        axis = _channel_axis(node, len(weight.dims))
+        axis = channel_axis(node, len(weight.dims))
         if axis is None:
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
@@ -46,7 +52,7 @@ def check_float32(node: onnx.NodeProto, weight: onnx.TensorProto) -> None:
             f"--exclude-node {node.name or '<its name>'}")
 
 
-def unmatched_patterns(model: onnx.ModelProto, layers, config: QuantConfig) -> list[str]:
+def unmatched_patterns(model: onnx.ModelProto, layers, config: PlanOptions) -> list[str]:
     """One warning per --exclude-node pattern that names no node of ``model`` (subgraphs included), per
     --exclude-op-type with no node of that type, and per --layer-bits pattern that names none of the
     quantized ``layers``: such a pattern is almost always a typo, and it changes nothing."""
@@ -69,7 +75,7 @@ def unmatched_patterns(model: onnx.ModelProto, layers, config: QuantConfig) -> l
     return out
 
 
-def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, config: QuantConfig) -> int:
+def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, config: PlanOptions) -> int:
     """The config's group size for a MatMul, or a Gemm with transB=0, with a constant 2-D weight [K, N]
     (groups along K); 0 (per channel) for every other op. Raises when K is not a multiple of it or the
     node's bits exceed 4."""
@@ -87,20 +93,8 @@ def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, confi
     return g
 
 
-def _channel_axis(node: onnx.NodeProto, rank: int) -> int | None:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if node_attr(node, "transB", 0) else 1
-    if node.op_type == "MatMul" and rank == 2:
-        return 1
-    return None
-
-
 def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], target: Target,
-                      config: QuantConfig) -> tuple[str, ...]:
+                      config: PlanOptions) -> tuple[str, ...]:
     """Tensors that get Q/DQ: every layer's activation input; for fusing targets its output (taken
     after a single following activation in ``target.absorb``); for targets that fuse residual Adds the
     skip input of each such Add. Empty for weight-only runs."""
@@ -115,11 +109,7 @@ def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], ta
         node = by_name[layer.node]
         candidates = [layer.input]
         if target.quantize_outputs:
-            out = node.output[0]
-            follow = users.get(out, [])
-            if out not in outputs and len(follow) == 1 and follow[0].op_type in target.absorb:
-                out = follow[0].output[0]
-            candidates.append(out)
+            candidates.append(output_point(node.output[0], users, target.absorb, outputs))
         points += [t for t in candidates if t in float_tensors and t not in points]
     if target.quantize_residual_add:
         points += [t for t in residual_inputs(model, layers) if t in float_tensors and t not in points]
@@ -129,18 +119,9 @@ def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], ta
 def residual_inputs(model: onnx.ModelProto, layers: tuple[QuantLayer, ...]) -> list[str]:
     """The skip input of each Add that joins a layer's output with another run-time tensor: the input
     that is not the output of the latest layer feeding the Add (the one the runtime fuses the Add into)."""
-    inits = {t.name for t in model.graph.initializer}
     layer_nodes = {layer.node for layer in layers}
-    position = {o: k for k, n in enumerate(model.graph.node) if n.name in layer_nodes for o in n.output}
-    skips = []
-    for node in model.graph.node:
-        if node.op_type != "Add" or len(node.input) != 2 or any(i in inits or not i for i in node.input):
-            continue
-        fused = [i for i in node.input if i in position]
-        if fused:
-            main = max(fused, key=position.__getitem__)
-            skips += [i for i in node.input if i != main and i not in skips]
-    return skips
+    layer_outputs = {o for n in model.graph.node if n.name in layer_nodes for o in n.output}
+    return list(residual_skips(model.graph.node, layer_outputs, {t.name for t in model.graph.initializer}))
 
 
 def concat_ties(model: onnx.ModelProto) -> dict[str, str]:
@@ -155,8 +136,8 @@ def concat_ties(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    """Tensors known to be float (from inputs and inferred value_info); unknown types count as float."""
-    g = model.graph
-    typed = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
-    names = set(graph_input_names(model)) | {o for n in g.node for o in n.output}
-    return {n for n in names if typed.get(n, onnx.TensorProto.FLOAT) in FLOAT_TYPES}
+    """Tensors known to be of a type QuantizeLinear reads (from inputs and inferred value_info; DOUBLE is
+    not one); unknown types count as float."""
+    typed = declared_types(model)
+    names = set(graph_input_names(model)) | {o for n in model.graph.node for o in n.output}
+    return {n for n in names if typed.get(n, onnx.TensorProto.FLOAT) in QUANTIZABLE_TYPES}

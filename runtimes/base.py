@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from onnx import TensorProto
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # weights W and R, state carried between steps
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnxflex.graph import default_opset, node_attr
+from onnxflex.placement import BLOCKED_OPSET, PER_CHANNEL_OPSET, output_point, residual_skips, weight_axes
 from onnxflex.registry import Registry
 from onnxflex.runtimes.base import WEIGHTED_OPS, Target
 
 DTYPE_NAMES = {v: k for k, v in TensorProto.DataType.items()}
-BLOCKED_MIN_OPSET = 21
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,12 @@ class GraphView:
         return [n for n in self.nodes if n.op_type in WEIGHTED_OPS and len(n.input) > 1
                 and (n.input[1] in self.inits or self.weight_dq(n) is not None)]
 
+    @cached_property
+    def residual_skips(self) -> dict[str, onnx.NodeProto]:
+        """Skip tensor → its Add for the Adds a weighted layer feeds (onnxflex.placement.residual_skips),
+        named as the tensor reaches the Add (a DQ output, or the raw tensor when Q/DQ are missing)."""
+        return residual_skips(self.nodes, {n.output[0] for n in self.layers}, self.inits)
+
     def zero_point(self, qdq: onnx.NodeProto) -> tuple[np.ndarray | None, int]:
         """(zero point values or None, integer dtype) of a Q or DQ node; no zero point means uint8."""
         if len(qdq.input) > 2 and qdq.input[2]:
@@ -89,17 +95,6 @@ def static_findings(model: onnx.ModelProto, target: Target) -> list[Finding]:
     return [f for name in RULES for f in RULES.get(name)(view, target)]
 
 
-def weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
-    """(output-channel axis, input-channel axis) of a weighted node's weight."""
-    if node.op_type == "Conv":
-        return 0, 1
-    if node.op_type == "ConvTranspose":
-        return 1, 0
-    if node.op_type == "Gemm" and node_attr(node, "transB", 0):
-        return 0, 1
-    return 1, 0
-
-
 def _name(dtype: int) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype))
 
@@ -110,11 +105,11 @@ def check_opset(view: GraphView, target: Target) -> list[Finding]:
     if view.opset < target.min_opset or view.opset > (target.max_opset or view.opset):
         upper = target.max_opset or "newest"
         out.append(Finding("(model)", "", "opset", f"default-domain opset {view.opset} is outside "
-                           f"[{target.min_opset}, {upper}] that {target.name} reads; per-channel "
-                           "DequantizeLinear needs 13 — re-emit with onnxflex or convert the opset"))
+                           f"[{target.min_opset}, {upper}] that {target.name} reads; per-channel DequantizeLinear "
+                           f"needs {PER_CHANNEL_OPSET} — re-emit with onnxflex or convert the opset"))
     blocked = [n for n in view.nodes if n.op_type == "DequantizeLinear" and node_attr(n, "block_size", 0)]
-    if blocked and view.opset < BLOCKED_MIN_OPSET:
-        out += [Finding(n.name, n.op_type, "opset", f"block_size needs opset {BLOCKED_MIN_OPSET}, the model "
+    if blocked and view.opset < BLOCKED_OPSET:
+        out += [Finding(n.name, n.op_type, "opset", f"block_size needs opset {BLOCKED_OPSET}, the model "
                         f"imports {view.opset}") for n in blocked]
     return out
 
@@ -156,9 +151,9 @@ def _weight_encoding(view: GraphView, node, dq, target: Target) -> list[Finding]
             kind = "blocked" if block else "per-channel"
             out.append(Finding(node.name, node.op_type, "weight-axis", f"{where}: {kind} DequantizeLinear on "
                                f"axis {axis} (scale {list(scale.shape)}); {node.op_type} needs axis {want}"))
-        elif not block and view.opset < 13:
+        elif not block and view.opset < PER_CHANNEL_OPSET:
             out.append(Finding(node.name, node.op_type, "opset", f"{where}: per-channel DequantizeLinear needs "
-                               f"opset 13, the model imports {view.opset}"))
+                               f"opset {PER_CHANNEL_OPSET}, the model imports {view.opset}"))
     zp, _ = view.zero_point(dq)
     if zp is not None and np.any(zp != 0):
         out.append(Finding(node.name, node.op_type, "zero-point", f"{where} has a non-zero zero point; "
@@ -225,7 +220,7 @@ def check_bias(view: GraphView, target: Target) -> list[Finding]:
 def check_outputs(view: GraphView, target: Target) -> list[Finding]:
     """Output Q where the target fuses DQ → op → Q (warning when missing), none where it does not."""
     out = []
-    skips = set(residual_skips(view)) if target.quantize_residual_add else set()
+    skips = set(view.residual_skips) if target.quantize_residual_add else set()
     for node in view.layers:
         users = view.consumers.get(node.output[0], [])
         if not target.quantize_outputs:
@@ -235,8 +230,7 @@ def check_outputs(view: GraphView, target: Target) -> list[Finding]:
                                    f" {target.name} wants no Q on weighted-op outputs (it splits the op from "
                                    "what follows)", fallback=False))
             continue
-        if len(users) == 1 and users[0].op_type in target.absorb:
-            users = view.consumers.get(users[0].output[0], [])
+        users = view.consumers.get(output_point(node.output[0], view.consumers, target.absorb), [])
         if users and not any(u.op_type == "QuantizeLinear" for u in users):
             out.append(Finding(node.name, node.op_type, "output-q", f"output {node.output[0]!r} has no "
                                f"QuantizeLinear; {target.name} may keep the op in float", fallback=False))
@@ -253,26 +247,9 @@ def check_residual_adds(view: GraphView, target: Target) -> list[Finding]:
     if not target.quantize_residual_add:
         return []
     out = []
-    for skip, add in residual_skips(view).items():
+    for skip, add in view.residual_skips.items():
         out += act_findings(view, add, skip, target, "residual-add")
     return out
-
-
-def residual_skips(view: GraphView) -> dict[str, onnx.NodeProto]:
-    """Skip tensor → its Add, for each Add of two run-time tensors of which at least one a weighted op
-    writes directly: the skip is the input other than the latest such op's output. The skip tensor is
-    named as it reaches the Add (a DQ output, or the raw tensor when Q/DQ are missing)."""
-    layers = {id(n) for n in view.layers}
-    layer_out = {n.output[0]: k for k, n in enumerate(view.nodes) if id(n) in layers}
-    skips = {}
-    for node in view.nodes:
-        if node.op_type != "Add" or len(node.input) != 2 or any(i in view.inits for i in node.input):
-            continue
-        fused = [i for i in node.input if i in layer_out]
-        if fused:
-            main = max(fused, key=layer_out.__getitem__)
-            skips.update({i: node for i in node.input if i != main})
-    return skips
 
 
 @RULES.register("concat-scales")

@@ -35,7 +35,7 @@ TENSORRT = Target(
     runtime_check="tensorrt-engine",
 )
 
-FLOAT_TYPES = ("Float", "Half", "BFloat16", "FP32", "FP16", "BF16")
+FLOAT_FORMATS = ("Float", "Half", "BFloat16", "FP32", "FP16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _layer_precision(layer) -> tuple[str, str, str]:
         precision = "int8"
     elif "Int4" in formats or "INT4" in formats:
         precision = "int4"
-    elif any(f in formats for f in FLOAT_TYPES):
+    elif any(f in formats for f in FLOAT_FORMATS):
         precision = "float"
     else:
         precision = "unknown"

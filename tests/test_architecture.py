@@ -132,3 +132,25 @@ def test_onnxruntime_only_in_its_module():
 def test_session_uses_sees_each_form():
     source = "import onnxruntime as rt\nfrom onnxruntime import SessionOptions\nrt.InferenceSession(b'')\n"
     assert [u.split(":")[0] for u in session_uses(ast.parse(source))] == ["1", "2", "3"]
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(tree: ast.AST, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'name (N lines)' of every function or method in ``tree`` longer than ``limit`` lines (def to end)."""
+    return [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > limit]
+
+
+def test_no_function_over_60_lines():
+    found = {module: long for module, path in package_modules().items()
+             if (long := long_functions(ast.parse(path.read_text())))}
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines (split them): {found}"
+
+
+def test_long_functions_sees_one():
+    body = "\n".join(f"    x{k} = {k}" for k in range(MAX_FUNCTION_LINES))
+    assert long_functions(ast.parse(f"def f():\n{body}\n")) == [f"f ({MAX_FUNCTION_LINES + 1} lines)"]
+    assert long_functions(ast.parse("def g():\n    pass\n")) == []

@@ -248,23 +248,35 @@ def _subgraph_ops(model: onnx.ModelProto) -> list[str]:
     return ops
 
 
+def test_a_weighted_node_left_float_inside_a_branch_is_named():
+    """--exclude-node on the If's inner Conv keeps it float, and the If's warning says a weighted node
+    inside stays in float (a branch with none gets no warning: see the Loop and Scan cases below)."""
+    model = if_model()
+    result = onnxflex.quantize(model, calibration(model), rtn(exclude_nodes=("inner_conv",)), progress=False)
+    expected = ("node 'branch' (If) has subgraphs (else_branch, then_branch); its 1 Conv/Gemm/MatMul/recurrent "
+                "node(s) inside (of 3) stay in float")
+    assert any(w.startswith(expected) for w in result.report["warnings"]), result.report["warnings"]
+
+
 @pytest.mark.parametrize("build, node, op, attrs, inner", [
     (if_model, "branch", "If", "else_branch, then_branch", 3),
     (loop_model, "repeat", "Loop", "body", 3),
     (scan_model, "per_channel", "Scan", "body", 2),
 ], ids=["If", "Loop", "Scan"])
 def test_control_flow_quantizes_its_layers_in_place_and_the_rest(caplog, build, node, op, attrs, inner):
-    """The If's then branch holds a Conv (quantized inside the branch, its block run in torch); the Loop
-    and Scan bodies hold no layer and stay float. The outer Convs are integer kernels either way."""
+    """The If's then branch holds a Conv (quantized inside the branch, its block run in torch, and a
+    warning says so); the Loop and Scan bodies hold no weighted node and stay float with no warning
+    about them. The outer Convs are integer kernels either way."""
     model = build()
     with caplog.at_level("WARNING", logger="onnxflex"):
         result = onnxflex.quantize(model, calibration(model), rtn(), progress=False)
     head = f"node {node!r} ({op}) has subgraphs ({attrs}); "
-    expected = head + ("1 layer(s) inside (inner_conv) get int8 weights, learned in the branch the calibration "
-                       "data takes" if op == "If" else
-                       f"none of their {inner} node(s) is a quantizable layer directly inside it, so they stay in float")
-    assert any(w.startswith(expected) for w in result.report["warnings"]), result.report["warnings"]
-    assert expected in caplog.text
+    if op == "If":
+        expected = head + "1 layer(s) inside (inner_conv) get int8 weights, learned in the branch the calibration data takes"
+        assert any(w.startswith(expected) for w in result.report["warnings"]), result.report["warnings"]
+        assert expected in caplog.text
+    else:
+        assert not any(head in w for w in result.report["warnings"]), result.report["warnings"]
     qmodel = result.model
     onnx.checker.check_model(qmodel, full_check=True)
     inside = _subgraph_ops(qmodel)

@@ -16,6 +16,7 @@ from helpers import CNN
 from onnxflex.cli import main
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
+from onnxflex.options import resolve
 
 
 def invoke(*args):
@@ -113,7 +114,7 @@ def _reads_dq(node, path) -> bool:
 
 def test_report_has_config_versions_losses_layers_verification_and_timings(quantized_cnn):
     report = quantized_cnn(method="rtn").report
-    assert report["config"] == QuantConfig(method="rtn").to_dict()
+    assert report["config"] == resolve(QuantConfig(method="rtn")).to_dict()
     assert {"onnxflex", "onnx", "onnxruntime", "torch", "numpy", "python"} <= set(report["versions"])
     assert all({"loss_before", "loss_after", "seconds"} <= set(b) for b in report["blocks"])
     assert all({"bits", "scale_min", "scale_max", "int_min", "int_max"} <= set(l) for l in report["layers"])

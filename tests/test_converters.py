@@ -274,6 +274,14 @@ SHAPE_CASES = [
     case("Range", np.array(10, np.int64), np.array(-3, np.int64), np.array(-4, np.int64), id="int"),
     case("Trilu", f32(2, 4, 5), np.array(1, np.int64), id="upper-k1", opset=14),
     case("Trilu", f32(4, 4), id="lower", upper=0, opset=14),
+    case("DepthToSpace", f32(2, 8, 3, 4), id="dcr", blocksize=2, opset=11),
+    case("DepthToSpace", f32(1, 18, 2, 3), id="crd", blocksize=3, mode="CRD", opset=13),
+    case("DepthToSpace", f32(1, 4, 2, 2), id="opset1", blocksize=2, opset=9),
+    case("SpaceToDepth", f32(2, 3, 4, 6), blocksize=2),
+    case("CumSum", f32(3, 5), np.array(1, np.int64), id="axis1"),
+    case("CumSum", f32(2, 4, 3), np.array(-2, np.int32), id="exclusive-reverse", exclusive=1, reverse=1),
+    case("CumSum", ints(6).astype(np.int32), np.array(0, np.int64), id="int32-exclusive", exclusive=1),
+    case("CumSum", ints(4, 3), np.array(0, np.int64), id="int64-reverse", reverse=1),
     case("Constant", id="tensor", value=numpy_helper.from_array(f32(2, 3))),
     case("Constant", id="value-float", value_float=2.5),
     case("Constant", id="value-floats", value_floats=[1.0, 2.0]),
@@ -379,6 +387,8 @@ def test_gradient_reaches_conv_weight():
     ("Resize", {"mode": "linear"}, [(1, 2, 3, 4), None, torch.tensor([1.0, 1.0, 2.0, 1.5])], 0),
     ("Pad", {"mode": "reflect"}, [(2, 5), torch.tensor([1, 2, 0, 3])], 0),
     ("Slice", {}, [(4, 5), torch.tensor([-1]), torch.tensor([-5]), torch.tensor([1]), torch.tensor([-2])], 0),
+    ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}, [(1, 8, 2, 3)], 0),
+    ("CumSum", {"exclusive": 1, "reverse": 1}, [(3, 4), torch.tensor(1)], 0),
 ])
 def test_gradient_reaches_data_input(op, attrs, shapes, wrt):
     inputs = [torch.randn(s, requires_grad=True) if isinstance(s, tuple) else s for s in shapes]

@@ -64,7 +64,7 @@ def test_bad_options_exit_2(tmp_path):
 # A bug planted in each command's entry point, where the CLI calls into the library.
 BUGS = {
     "quantize": ("onnxflex.api", "quantize", ["quantize", CNN, "-o", "OUT"]),
-    "inspect": ("onnxflex.pipeline", "build_plan", ["inspect", CNN]),
+    "inspect": ("onnxflex.pipeline", "plan", ["inspect", CNN]),
     "compare": ("onnxflex.compare", "compare_models", ["compare", CNN, CNN, "--data", EVAL]),
     "check": ("onnxflex.check", "check", ["check", CNN]),
 }

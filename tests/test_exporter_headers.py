@@ -12,6 +12,7 @@ import onnxflex
 from onnxflex.calib import fixed_batch
 from onnxflex.inputs import input_dims
 from onnxflex.compare import compare_models
+from onnxflex.options import resolve
 
 RTN = onnxflex.QuantConfig(method="rtn")
 MIN_SQNR = 15.0  # W8A8 on an 8x4 MatMul calibrated on 30 samples lands at 20-40 dB; broken feeding at < 5
@@ -70,7 +71,7 @@ def test_minus1_dims_of_an_opset_11_export_survive_the_opset_upgrade(tmp_path):
         helper.make_node("Reshape", ["t", "shape"], ["y"], name="reshape")], "g", [x], [y], [w, shape])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     model.ir_version = 6
-    plan = build_plan(model, RTN)
+    plan = build_plan(model, resolve(RTN).plan)
     inferred = {d.dim_value for vi in plan.model.graph.value_info for d in vi.type.tensor_type.shape.dim
                 if d.HasField("dim_value")}
     assert min(inferred, default=1) > 0, f"the canonical model declares dims {sorted(inferred)}"

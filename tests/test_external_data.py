@@ -136,7 +136,7 @@ def test_spilled_capture_gives_the_same_model_as_one_held_in_ram(tmp_path):
 
 
 def test_disk_array_reads_and_writes_rows(tmp_path):
-    from onnxflex.capture import DiskArray
+    from onnxflex.cache import DiskArray
 
     values = np.arange(5 * 3 * 2, dtype=np.float32).reshape(5, 3, 2)
     array = DiskArray(tmp_path / "a.bin", values.shape, values.dtype)

@@ -18,6 +18,7 @@ from onnx import TensorProto, numpy_helper
 
 import graphs  # tests/graphs.py; tests/ is on pytest's pythonpath
 import onnxflex
+from onnxflex.options import resolve
 from onnxflex.passes.pipeline import PassContext, run_passes
 from onnxflex.qparams import sqnr_db
 from onnxflex.verify import optimized_op_counts
@@ -160,7 +161,7 @@ def test_fold_only_per_channel_constants(op, shape, folds, affine):
     """fold_bias_add absorbs a constant Add/Mul into the Conv/Gemm before it only when the constant
     varies along the output channels alone; a folded model computes what the original does."""
     model = graphs.affine_after(op, shape, affine)
-    folded = run_passes(model, PassContext(rtn_config()))
+    folded = run_passes(model, PassContext(resolve(rtn_config()).plan))
     kept = [n.op_type for n in folded.graph.node if n.op_type == affine]
     assert len(kept) == (0 if folds else 1), f"{op} then {affine} {list(shape)}: {'not ' * folds}folded"
     if folds:

@@ -16,6 +16,7 @@ from helpers import CNN
 from onnxflex.calib import CalibrationSet
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
+from onnxflex.options import resolve
 from onnxflex.pipeline import build_plan
 from onnxflex.runtimes.targets import get_target
 from onnxflex.verify import optimized_op_counts
@@ -24,7 +25,7 @@ FAST = dict(method="rtn", optimize_latency=True, latency_threads=1, verify_sampl
 
 
 def cnn_layers() -> list[str]:
-    return [layer.node for layer in build_plan(onnx.load(str(CNN)), QuantConfig()).layers]
+    return [layer.node for layer in build_plan(onnx.load(str(CNN)), resolve(QuantConfig()).plan).layers]
 
 
 def scripted(monkeypatch, *answers: list[float]) -> list[int]:
@@ -40,15 +41,32 @@ def scripted(monkeypatch, *answers: list[float]) -> list[int]:
     return calls
 
 
+def count_pass_runs(monkeypatch) -> list[int]:
+    """Counts the runs of the graph passes (planning.run_passes) in its one element."""
+    import onnxflex.planning as planning
+
+    count, run = [0], planning.run_passes
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(planning, "run_passes", counted)
+    return count
+
+
 def test_slower_integer_layers_are_kept_in_float(monkeypatch):
     names = cnn_layers()
     slow = {names[0], names[-1]}
     # FP32 2.0 ms, all integer 1.0 ms; keeping a slow layer float saves 0.1 ms, any other costs 0.1 ms
     per_layer = [0.9 if n in slow else 1.1 for n in names]
     calls = scripted(monkeypatch, [2.0, 1.0] + per_layer, [1.0, 0.8])
+    passes = count_pass_runs(monkeypatch)
     result = onnxflex.quantize(CNN, config=QuantConfig(**FAST), progress=False)
     placement = result.report["latency_placement"]
     assert calls == [len(names) + 2, 2], calls
+    assert passes == [1], f"the graph passes ran {passes} times; each variant re-places the canonical model"
+    assert result.report["config"]["exclude_nodes"] == [n for n in names if n in slow], "the config as it ran"
     assert set(placement["float_layers"]) == slow, placement
     assert placement["chosen_ms"] == 0.8 and placement["predicted_ratio_vs_fp32"] == 0.4, placement
     assert [r["layer"] for r in placement["layers"] if r["kept_float"]] == [n for n in names if n in slow]
@@ -83,10 +101,10 @@ def test_synthetic_models_fuse_like_the_emitted_one():
 
     model = onnx.load(str(CNN))
     config = QuantConfig(method="rtn")
-    plan = build_plan(model, config)
+    plan = build_plan(model, resolve(config).plan)
     with np.load(CNN.with_suffix(".calib.npz")) as data:
         sample = CalibrationSet({"input": data["input"][:32]}, "test")
-    synthetic = latency._emitted(plan, get_target("onnxruntime"), config, sample)
+    synthetic = latency._emitted(plan, get_target("onnxruntime"), resolve(config).rounding, sample)
     real = onnxflex.quantize(CNN, config=config, progress=False).model
     assert optimized_op_counts(synthetic) == optimized_op_counts(real)
     assert optimized_op_counts(real).get("QLinearConv") == 8

@@ -1,4 +1,4 @@
-"""RepQuant-style LayerNorm reparameterization (passes/ln_reparam.py).
+"""RepQuant-style LayerNorm reparameterization (passes/ln_reparam.py, the refine stage's layernorm_folding).
 
 The fold is exact before quantization (the bundled ViT and LM, the op and decomposed forms, MatMul and
 Gemm readers), it is refused where a reader could not absorb it, the emitted model keeps per-tensor
@@ -18,7 +18,8 @@ import onnxflex
 from helpers import MODELS, run_model
 from onnxflex.calib import CalibrationSet, load_npz
 from onnxflex.config import QuantConfig
-from onnxflex.passes.ln_reparam import find_layernorm_folds, fold_factors, reparam_layernorm
+from onnxflex.options import resolve
+from onnxflex.passes.ln_reparam import find_layernorm_folds, fold_factors, fold_layernorms
 from onnxflex.pipeline import build_plan
 
 CPU = ["CPUExecutionProvider"]
@@ -85,12 +86,14 @@ def calibration(model: onnx.ModelProto, n: int = 64, seed: int = 2) -> Calibrati
 
 
 def folded_copy(model: onnx.ModelProto, data: CalibrationSet) -> tuple[onnx.ModelProto, onnx.ModelProto, list]:
-    """(canonical model before the fold, after it, report rows)."""
-    plan = build_plan(model, QuantConfig())
-    before = onnx.ModelProto()
-    before.CopyFrom(plan.model)
-    rows = reparam_layernorm(plan.model, plan.act_points, data, CPU)
-    return before, plan.model, rows
+    """(canonical model before the fold, after it, report rows); the plan given is left unchanged."""
+    plan = build_plan(model, resolve(QuantConfig()).plan)
+    before = plan.model.SerializeToString()
+    folded, rows = fold_layernorms(plan, data, CPU)
+    assert plan.model.SerializeToString() == before, "fold_layernorms changed the plan it was given"
+    assert (folded.model is plan.model) == (not rows), "a new model copy exactly when something folds"
+    assert folded.blocks == plan.blocks and folded.act_points == plan.act_points
+    return plan.model, folded.model, rows
 
 
 def assert_exact(before, after, feeds, label):
@@ -152,7 +155,7 @@ def test_no_fold_where_a_reader_cannot_absorb_it_and_no_shift_without_a_bias():
             m = MatMul (y, w)
             z = Add (m, y)
         }}""", gamma=rng.normal(1, 0.2, C), beta=rng.normal(0, 1, C), w=rng.normal(0, 0.3, (C, C)))
-    plan = build_plan(residual, QuantConfig())
+    plan = build_plan(residual, resolve(QuantConfig()).plan)
     assert find_layernorm_folds(plan.model, plan.act_points) == []
     no_bias = with_inits(f"""
         <ir_version: 8, opset_import: ["" : 17]>

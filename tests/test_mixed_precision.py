@@ -25,6 +25,7 @@ from onnxflex.cli import main
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
 from onnxflex.mixed import MIB_BITS, exact_pattern, solve
+from onnxflex.options import resolve
 from onnxflex.pipeline import build_plan
 from onnxflex.qparams import sqnr_db
 
@@ -134,7 +135,7 @@ def test_bits_budget_is_kept_and_sensitive_layers_get_more_bits():
 def test_generated_layer_bits_reproduce_the_allocation():
     result = quantize_branches(bits_budget=4.0)
     table = result.report["mixed_precision"]["layer_bits"]
-    plan = build_plan(branches_model(), QuantConfig(layer_bits=tuple(table.items())))
+    plan = build_plan(branches_model(), resolve(QuantConfig(layer_bits=tuple(table.items()))).plan)
     assert {l.node: l.bits for l in plan.layers} == bits_by_node(result)
     assert exact_pattern("a[1]*?") == "a[[]1][*][?]"
 

@@ -13,6 +13,7 @@ import onnxflex
 from helpers import CNN, run_model
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError, UnsupportedModelError
+from onnxflex.options import resolve
 from onnxflex.passes.pipeline import PassContext, run_passes
 from onnxflex.pipeline import build_plan
 from onnxflex.qparams import sqnr_db
@@ -20,7 +21,7 @@ from onnxflex.qparams import sqnr_db
 
 def test_bn_folding_is_exact_on_the_bundled_cnn():
     model = onnx.load(str(CNN))
-    folded = run_passes(model, PassContext(QuantConfig()))
+    folded = run_passes(model, PassContext(resolve(QuantConfig()).plan))
     ops = [n.op_type for n in folded.graph.node]
     assert "BatchNormalization" not in ops and ops.count("Conv") == 8
     x = np.random.default_rng(0).standard_normal((16, 1, 16, 16)).astype(np.float32)
@@ -29,18 +30,18 @@ def test_bn_folding_is_exact_on_the_bundled_cnn():
 
 
 def test_block_plan_keeps_residual_units_whole():
-    plan = build_plan(onnx.load(str(CNN)), QuantConfig())
+    plan = build_plan(onnx.load(str(CNN)), resolve(QuantConfig()).plan)
     assert [len(b.layers) for b in plan.blocks] == [1, 2, 3, 2, 1]
     assert all(len(b.inputs) == 1 and len(b.outputs) == 1 for b in plan.blocks)
     nodes = [n for b in plan.blocks for n in b.nodes]
     assert sorted(nodes) == sorted(n.name for n in plan.model.graph.node), "every node in exactly one block"
-    layer_plan = build_plan(onnx.load(str(CNN)), QuantConfig(granularity="layer"))
+    layer_plan = build_plan(onnx.load(str(CNN)), resolve(QuantConfig(granularity="layer")).plan)
     assert [len(b.layers) for b in layer_plan.blocks] == [1] * 9
     assert max(len(b.inputs) for b in layer_plan.blocks) == 2, "a residual skip crosses layer blocks"
 
 
 def test_weight_only_plan_has_no_activation_points():
-    assert build_plan(onnx.load(str(CNN)), QuantConfig(abits=0)).act_points == ()
+    assert build_plan(onnx.load(str(CNN)), resolve(QuantConfig(abits=0)).plan).act_points == ()
 
 
 def test_emitted_graph_structure(quantized_cnn):
@@ -72,7 +73,7 @@ def test_emitted_graph_structure(quantized_cnn):
 def test_emitted_model_declares_no_inferred_shapes(quantized_cnn):
     """The canonical model carries onnx's inferred shapes; onnxruntime runs a graph declaring them
     10-15 % slower, so the emitted model leaves them out (graph inputs and outputs keep theirs)."""
-    assert len(build_plan(onnx.load(str(CNN)), QuantConfig()).model.graph.value_info) > 0
+    assert len(build_plan(onnx.load(str(CNN)), resolve(QuantConfig()).plan).model.graph.value_info) > 0
     model = quantized_cnn(method="rtn", wbits=8, abits=8).model
     assert len(model.graph.value_info) == 0
     assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["N", 1, 16, 16]

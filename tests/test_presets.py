@@ -20,10 +20,11 @@ from helpers import CNN, run_model, top1
 from onnxflex.cli import main
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
+from onnxflex.options import resolve
 from onnxflex.rounding.quant import fake_quant, round_ste
 from onnxflex.device import VALUES_PER_THREAD, threads_for, torch_threads
 from onnxflex.rounding.reconstruct import step_indices
-from onnxflex.rounding.rounders import AdamCosine, EarlyStop, StepPolicy
+from onnxflex.rounding.policies import AdamCosine, EarlyStop, StepPolicy
 
 
 def invoke(*args):
@@ -39,7 +40,7 @@ def invoke(*args):
     ("adaround", "fast", 100, 32, 0),  # early stop would cut AdaRound's annealing short
 ])
 def test_presets_resolve_iterations_batch_and_early_stop(method, preset, iters, batch, early_stop):
-    config = QuantConfig(method=method, preset=preset)
+    config = resolve(QuantConfig(method=method, preset=preset)).rounding
     got = (config.iters, config.batch_size, config.early_stop)
     assert got == (iters, batch, early_stop), f"{method} --preset {preset}: (iters, batch, early stop) {got}"
     if method == "signround":
@@ -47,11 +48,12 @@ def test_presets_resolve_iterations_batch_and_early_stop(method, preset, iters, 
 
 
 def test_explicit_values_win_over_the_preset():
-    config = QuantConfig(preset="fast", iters=300, batch_size=8, early_stop=0)
+    config = resolve(QuantConfig(preset="fast", iters=300, batch_size=8, early_stop=0)).rounding
     assert (config.iters, config.batch_size, config.early_stop) == (300, 8, 0)
-    partly = QuantConfig(preset="best", iters=7)
+    partly = resolve(QuantConfig(preset="best", iters=7)).rounding
     assert (partly.iters, partly.batch_size, partly.early_stop) == (7, 64, 0)
-    assert QuantConfig(preset="fast", iters=500).early_stop == 100, "the fast patience is a fifth of the iterations"
+    assert resolve(QuantConfig(preset="fast", iters=500)).rounding.early_stop == 100, \
+        "the fast patience is a fifth of the iterations"
 
 
 def test_bad_preset_and_early_stop_values_are_config_errors():
@@ -79,7 +81,7 @@ def test_dump_config_keeps_the_preset_defaults_and_comments_what_they_resolve_to
     assert invoke("quantize", "--dump-config", "--config", pinned).stdout == result.stdout
     path = tmp_path / "q.toml"
     path.write_text('preset = "best"\nearly_stop = 30\n')
-    config = QuantConfig.from_toml(path, iters=200)
+    config = resolve(QuantConfig.from_toml(path, iters=200)).rounding
     assert (config.preset, config.iters, config.batch_size, config.early_stop) == ("best", 200, 64, 30)
 
 
@@ -92,7 +94,7 @@ def _run(policy: StepPolicy, patience: int, loss) -> int:
 
 
 def test_early_stop_cuts_a_plateau_and_anneals_over_the_tail():
-    config = QuantConfig(iters=400, early_stop=40)
+    config = resolve(QuantConfig(iters=400, early_stop=40)).rounding
     flat = AdamCosine([], [], config)
     steps = _run(flat, 40, lambda it: 1.0 + 0.2 * math.sin(it))  # noisy, but no trend
     assert steps < 150, f"a flat loss ran {steps} of 400 steps"
@@ -164,7 +166,7 @@ def test_fused_fake_quant_matches_the_unfused_straight_through_form(signed):
 
 
 def test_written_out_adam_matches_torch_adam_with_lambdalr():
-    config = QuantConfig(iters=60)
+    config = resolve(QuantConfig(iters=60)).rounding
     gen = torch.Generator().manual_seed(0)
     shapes = [(10, 3), (16, 4, 3, 3), (4,), ()]
     mine = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]

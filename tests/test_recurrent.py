@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxflex
 from helpers import run_model
 from onnxflex.check import check, format_report
+from onnxflex.options import resolve
 from onnxflex.passes.recurrent import recurrent_layers
 from onnxflex.qparams import sqnr_db
 from onnxflex.rounding.converters import OpNode, find_converter
@@ -199,7 +200,7 @@ def test_lstm_stays_float_where_dynamic_quantize_lstm_cannot_express_it(caplog):
     """layout=1 has no DynamicQuantizeLSTM form (onnxruntime runs no batch-major LSTM at all), and a
     weight-only run (--abits 0) must not quantize activations: one warning naming the node each."""
     layers, warnings = recurrent_layers(_rnn_model("LSTM", layout=1), get_target("onnxruntime"),
-                                        onnxflex.QuantConfig())
+                                        resolve(onnxflex.QuantConfig()).plan)
     assert not layers and len(warnings) == 1 and "'rnn'" in warnings[0] and "layout=1" in warnings[0], warnings
     model = _with_output_gemm(_rnn_model("LSTM"))
     with caplog.at_level(logging.WARNING, logger="onnxflex"):

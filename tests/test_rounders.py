@@ -5,14 +5,16 @@ import numpy as np
 import pytest
 import torch
 
+from onnxflex.options import resolve
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.config import METHODS, QuantConfig
 from onnxflex.rounding.adaround import AdaRounder
-from onnxflex.rounding.methods import ROUNDERS, make_policy, make_rounder
-from onnxflex.rounding.rounders import FlexRounder, RTNRounder
+from onnxflex.rounding.methods import make_policy, make_rounder
+from onnxflex.rounding.table import ROUNDERS, rounder_class
+from onnxflex.errors import RegistryError
+from onnxflex.rounding.rounders import FlexRounder, FrozenRounder, Rounder, RTNRounder
 from onnxflex.rounding.signround import SignedDescent, SignRounder
 from onnxflex.rounding.quant import signed_range
-from onnxflex.checkpoint import FrozenRounder
 from onnxflex.emit.pack import blocked_scale_shape
 
 
@@ -58,8 +60,15 @@ def perturb(r, seed=1):
             r.alpha.copy_(0.5 + 0.5 * torch.rand(r.alpha.shape, generator=gen))
 
 
-def test_every_config_method_has_a_rounder():
-    assert sorted(METHODS) == ROUNDERS.names()
+def test_every_method_of_the_table_loads_its_rounder():
+    """ROUNDERS names its classes as "module:Class"; each must load, be a Rounder and say whether it
+    learns; an unknown name lists the known ones."""
+    assert METHODS == tuple(ROUNDERS) and METHODS[0] == "rtn"
+    for method in METHODS:
+        cls = rounder_class(method)
+        assert issubclass(cls, Rounder) and isinstance(cls.reconstructs, bool), method
+    with pytest.raises(RegistryError, match="unknown rounding method 'gptq'; known: adaround, flexround"):
+        rounder_class("gptq")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -83,7 +92,7 @@ def test_export_is_in_range_and_reproduces_fake_quant_exactly(method, bits, shap
     np.testing.assert_array_equal(frozen.fake_quant().numpy(), q.dequantize())
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if rounder_class(m).reconstructs])
 def test_per_group_learned_rounders_start_at_rtn_and_learn_per_group_steps(method):
     w = weight((64, 8))
     r = make_rounder(method, w, 1, 4, "minmax", 16)
@@ -198,7 +207,7 @@ def test_adaround_rounds_softly_only_while_training():
 def test_adaround_annealed_regulariser_drives_h_to_zero_or_one():
     w, x, y = layer_problem()
     r = AdaRounder(w, 0, 4, "mse")
-    config = QuantConfig(method="adaround", iters=200)
+    config = resolve(QuantConfig(method="adaround", iters=200)).rounding
     undecided = []
 
     def record(it, rounder):
@@ -219,7 +228,7 @@ def test_adaround_annealed_regulariser_drives_h_to_zero_or_one():
 def test_signround_steps_follow_the_linear_schedule_and_stay_in_range():
     w, x, y = layer_problem()
     r = SignRounder(w, 0, 4, "minmax")
-    config = QuantConfig(method="signround", iters=50)
+    config = resolve(QuantConfig(method="signround", iters=50)).rounding
     assert config.lr == pytest.approx(1 / 50)
     moves = []
     previous = {}
@@ -243,7 +252,7 @@ def test_signround_steps_follow_the_linear_schedule_and_stay_in_range():
 
 def test_best_loss_restore_returns_the_best_state():
     r = SignRounder(weight((4, 8)), 0, 4, "minmax")
-    policy = SignedDescent([r], r.param_groups(), QuantConfig(method="signround", iters=5))
+    policy = SignedDescent([r], r.param_groups(), resolve(QuantConfig(method="signround", iters=5)).rounding)
     states = []
     for it, loss in enumerate([3.0, 2.0, 0.5, 1.0, 4.0]):
         states.append((r.v.detach().clone(), r.alpha.detach().clone()))
@@ -257,9 +266,12 @@ def test_best_loss_restore_returns_the_best_state():
 
 
 def test_method_defaults_resolve_in_the_config():
-    assert (QuantConfig(method="signround").iters, QuantConfig(method="signround").lr) == (200, 1 / 200)
-    assert QuantConfig(method="signround", iters=400).lr == 1 / 400
-    assert QuantConfig(method="signround", iters=50, lr=0.01).lr == 0.01
-    assert (QuantConfig(method="flexround").iters, QuantConfig(method="flexround").lr) == (400, 3e-3)
-    assert QuantConfig(method="adaround").lr == 0.1
-    assert QuantConfig.from_toml is not None and "iters = 200" in QuantConfig(method="signround").to_toml()
+    def rounding(**options):
+        return resolve(QuantConfig(**options)).rounding
+
+    assert (rounding(method="signround").iters, rounding(method="signround").lr) == (200, 1 / 200)
+    assert rounding(method="signround", iters=400).lr == 1 / 400
+    assert rounding(method="signround", iters=50, lr=0.01).lr == 0.01
+    assert (rounding(method="flexround").iters, rounding(method="flexround").lr) == (400, 3e-3)
+    assert rounding(method="adaround").lr == 0.1
+    assert "iters = 200" in resolve(QuantConfig(method="signround")).to_toml()

@@ -14,6 +14,7 @@ import onnxflex
 from helpers import CNN, MODELS
 from onnxflex.config import QuantConfig
 from onnxflex.errors import CalibrationError
+from onnxflex.options import resolve as resolve_options
 from onnxflex.sources import ImageFolder, resolve_calibration, synthetic_calibration
 
 FAST = dict(method="flexround", iters=10, seed=5, calib_samples=96)
@@ -41,7 +42,7 @@ class Reader:
 
 
 def resolve(source, model, config=QuantConfig()):
-    return resolve_calibration(source, model, None, config)
+    return resolve_calibration(source, model, None, resolve_options(config).data)
 
 
 def test_cli_reader_and_iterable_give_identical_files(tmp_path, calib_images):
@@ -163,13 +164,13 @@ def _dynamic_conv_model():
 
 def test_synthetic_data_needs_input_shape_for_unknown_dims():
     with pytest.raises(CalibrationError, match=r"input 'x' has unknown dimensions \[\?, 3, \?, \?\].*--input-shape x:1x3xNxN"):
-        synthetic_calibration(_dynamic_conv_model(), QuantConfig())
-    data = synthetic_calibration(_dynamic_conv_model(), QuantConfig(input_shapes=("x:1x3x8x8",), synthetic_samples=40))
+        synthetic_calibration(_dynamic_conv_model(), resolve_options(QuantConfig()).data)
+    data = synthetic_calibration(_dynamic_conv_model(), resolve_options(QuantConfig(input_shapes=("x:1x3x8x8",), synthetic_samples=40)).data)
     assert data.arrays["x"].shape == (40, 3, 8, 8) and data.arrays["x"].dtype == np.float32
     with pytest.raises(CalibrationError, match=r"does not fit the model's input 'x'"):
-        synthetic_calibration(_dynamic_conv_model(), QuantConfig(input_shapes=("x:1x4x8x8",)))
+        synthetic_calibration(_dynamic_conv_model(), resolve_options(QuantConfig(input_shapes=("x:1x4x8x8",))).data)
     with pytest.raises(CalibrationError, match="names y, which the model does not have"):
-        synthetic_calibration(_dynamic_conv_model(), QuantConfig(input_shapes=("y:1x3x8x8",)))
+        synthetic_calibration(_dynamic_conv_model(), resolve_options(QuantConfig(input_shapes=("y:1x3x8x8",))).data)
 
 
 def test_synthetic_samples_lie_on_the_batch_axis_of_a_state_input():
@@ -189,6 +190,20 @@ def test_synthetic_samples_lie_on_the_batch_axis_of_a_state_input():
     assert data.layout.axis("x") == 1 and data.arrays["x"].shape == (10, 6)
 
 
+def test_synthetic_samples_of_a_fixed_batch_of_1_lie_on_axis_0_not_on_the_free_width():
+    """An OCR export declares [1, 1, 64, W]: its batch is fixed at 1 and W is the text line's width, so
+    the samples go on axis 0 (they went on W, which made one sample 128 columns wide)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 64, "image_width"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(CalibrationError, match=r"--input-shape x:1x1x64xN with N filled in"):
+        synthetic_calibration(model, QuantConfig())
+    data = synthetic_calibration(model, QuantConfig(input_shapes=("x:1x1x64x160",), synthetic_samples=10))
+    assert data.layout.axis("x") == 0 and data.num_samples == 10
+    assert data.arrays["x"].shape == (10, 1, 64, 160)
+
+
 def test_synthetic_token_ids_stay_below_the_vocabulary():
     table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "emb")
     w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
@@ -196,7 +211,7 @@ def test_synthetic_token_ids_stay_below_the_vocabulary():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     graph = helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["e"]),
                                helper.make_node("MatMul", ["e", "w"], ["y"])], "g", [ids], [y], [table, w])
-    data = synthetic_calibration(helper.make_model(graph), QuantConfig())
+    data = synthetic_calibration(helper.make_model(graph), resolve_options(QuantConfig()).data)
     assert data.arrays["ids"].dtype == np.int64 and 0 <= data.arrays["ids"].min() and data.arrays["ids"].max() < 50
 
 

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper
 
 import graphs  # tests/graphs.py; tests/ is on pytest's pythonpath
 import onnxflex
+from onnxflex.options import resolve
 from onnxflex.passes.control_flow import subgraph_reads
 from onnxflex.pipeline import build_plan
 
@@ -63,7 +64,7 @@ def _data(condition: str) -> dict[str, np.ndarray]:
 def test_an_if_on_a_declared_state_dim_folds_and_its_layer_is_top_level():
     """``bool(state.shape[0])`` with state declared [2, ?, 4] is true before any run: the If folds into
     its then branch, whose Conv becomes an ordinary top-level layer."""
-    plan = build_plan(_model("state"), onnxflex.QuantConfig(method="rtn"))
+    plan = build_plan(_model("state"), resolve(onnxflex.QuantConfig(method="rtn")).plan)
     assert not [n.name for n in plan.model.graph.node if n.op_type == "If"], "the If on state.shape[0] stayed"
     layers = {layer.node for layer in plan.layers}
     assert {"conv1", "conv2", "conv3"} < layers and any("conv_then" in name for name in layers), layers
@@ -75,7 +76,7 @@ def test_a_block_reads_every_outer_tensor_its_if_branches_read():
     may land blocks earlier. The block holding the If must take the routed tensors as inputs (it used to
     fail with a KeyError in the torch run), and the model quantizes and runs."""
     model = _model("mode")
-    plan = build_plan(model, onnxflex.QuantConfig(method="rtn"))
+    plan = build_plan(model, resolve(onnxflex.QuantConfig(method="rtn")).plan)
     by_name = {n.name: n for n in plan.model.graph.node}
     for block in plan.blocks:
         made = {o for name in block.nodes for o in by_name[name].output}

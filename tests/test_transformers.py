@@ -20,6 +20,7 @@ import onnxflex
 from helpers import MODELS, run_model, top1
 from onnxflex.cli import main
 from onnxflex.config import QuantConfig
+from onnxflex.options import resolve
 from onnxflex.pipeline import build_plan
 
 VIT = MODELS / "digits_vit.onnx"
@@ -81,7 +82,7 @@ def test_lm_matmul_weights_fit_groups_of_32():
 
 @pytest.mark.parametrize("path, first_layer_block", [(VIT, 1), (LM, 0)], ids=["vit", "lm"])
 def test_block_plan_has_one_block_per_transformer_layer(path, first_layer_block):
-    plan = build_plan(onnx.load(str(path)), QuantConfig())
+    plan = build_plan(onnx.load(str(path)), resolve(QuantConfig()).plan)
     by_name = {n.name: n for n in plan.model.graph.node}
     softmax = [sum(by_name[n].op_type == "Softmax" for n in b.nodes) for b in plan.blocks]
     layers = slice(first_layer_block, first_layer_block + LAYERS)
@@ -93,7 +94,7 @@ def test_block_plan_has_one_block_per_transformer_layer(path, first_layer_block)
 def test_lm_side_tensors_are_recomputed_not_captured():
     """Each layer block reads one float tensor (the residual stream) and the graph's int inputs; the
     mask nodes it repeats make only int/bool/mask tensors, so every node outside them is in one block."""
-    plan = build_plan(onnx.load(str(LM)), QuantConfig())
+    plan = build_plan(onnx.load(str(LM)), resolve(QuantConfig()).plan)
     g = plan.model.graph
     float_inputs = {i.name for i in g.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     for block in plan.blocks[1:]:
@@ -105,7 +106,7 @@ def test_lm_side_tensors_are_recomputed_not_captured():
     assert repeated, "the causal and padding masks are made once and read by every layer"
     ops = collections.Counter(n.op_type for n in repeated)
     assert not ops.keys() & {"MatMul", "Softmax", "LayerNormalization"}, f"repeated nodes: {dict(ops)}"
-    layer_plan = build_plan(onnx.load(str(LM)), QuantConfig(granularity="layer"))
+    layer_plan = build_plan(onnx.load(str(LM)), resolve(QuantConfig(granularity="layer")).plan)
     side = {o for n in repeated for o in n.output}
     assert not any(side & set(b.inputs) for b in layer_plan.blocks), "a side tensor crosses a layer block"
 

@@ -11,6 +11,7 @@ from onnx import TensorProto
 
 from helpers import CNN
 from onnxflex.cli import main
+from onnxflex.options import resolve
 
 CALIB = CNN.with_name("digits_cnn.calib.npz")
 
@@ -163,22 +164,23 @@ def test_spill_estimate_matches_what_capture_writes():
     import onnx
 
     from onnxflex.calib import load_npz
-    from onnxflex.capture import TensorCache, capture
+    from onnxflex.cache import Key, TensorCache
+    from onnxflex.capture import capture
     from onnxflex.config import QuantConfig
     from onnxflex.pipeline import build_plan
     from onnxflex.spill import spill_estimate, tensor_bytes
 
-    plan = build_plan(onnx.load(str(CNN)), QuantConfig())
+    plan = build_plan(onnx.load(str(CNN)), resolve(QuantConfig()).plan)
     data = load_npz(CALIB, plan.model).take(0, 20)
     boundary = sorted({n for b in plan.blocks for n in b.inputs + b.outputs})
     assert set(tensor_bytes(plan.model, boundary, data)) == set(boundary), "every boundary shape is inferred"
     cache = TensorCache(0)  # everything spills
     try:
         capture(plan.model, boundary, data, cache, ["CPUExecutionProvider"])
-        written = sum(cache["fp:" + n].nbytes for n in boundary)
+        written = sum(cache[Key.fp(n)].nbytes for n in boundary)
     finally:
         cache.close()
-    assert spill_estimate(plan.model, boundary, data, 0) == 2 * written  # fp: and q: copies
+    assert spill_estimate(plan.model, boundary, data, 0) == 2 * written  # the FP and quantized-run copies
     assert spill_estimate(plan.model, boundary, data, 2 * written) == 0
 
 
@@ -186,8 +188,8 @@ def test_too_little_free_disk_for_spills_is_refused_before_any_work(tmp_path, mo
     import collections
     import tempfile
 
-    import onnxflex.pipeline
     import onnxflex.spill
+    import onnxflex.stages
 
     usage = collections.namedtuple("usage", "total used free")
     one_mib_free = usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20)
@@ -196,7 +198,7 @@ def test_too_little_free_disk_for_spills_is_refused_before_any_work(tmp_path, mo
     def no_capture(*args, **kwargs):
         raise AssertionError("capture ran before the free-disk check")
 
-    monkeypatch.setattr(onnxflex.pipeline, "capture", no_capture)
+    monkeypatch.setattr(onnxflex.stages, "capture", no_capture)
     result = invoke("quantize", CNN, "--method", "rtn", "--calib", small_calib(tmp_path, 64), "--max-cache-mb", "1",
                     "-o", tmp_path / "q.onnx")
     assert result.exit_code == 2, result.output
@@ -231,7 +233,7 @@ def test_a_model_computing_in_float16_or_double_is_bad_input_not_a_crash(tmp_pat
                               [helper.make_tensor_value_info("x", elem, ["N", 16])],
                               [helper.make_tensor_value_info("y", elem, ["N", 4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
-    folded = run_passes(model, PassContext(QuantConfig()))
+    folded = run_passes(model, PassContext(resolve(QuantConfig()).plan))
     assert {t.data_type for t in folded.graph.initializer} == {elem}, "folding keeps the layer's float type"
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((32, 16)).astype(dtype))

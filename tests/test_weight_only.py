@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper, parser
 
 import onnxflex
 from helpers import MODELS
+from onnxflex.options import resolve
 from onnxflex.ort import MATMULNBITS_ACCURACY_LEVEL, session, session_options
 from onnxflex.check import check
 from onnxflex.config import QuantConfig
@@ -244,10 +245,10 @@ def test_bad_group_sizes_are_config_errors(changes, message):
 
 def test_group_size_must_divide_the_matmul_input_dimension():
     with pytest.raises(UnsupportedModelError, match=r"input dimension 48 is not a multiple of group_size=32"):
-        build_plan(matmul_gemm_model(k=48), QuantConfig(abits=0, wbits=4, group_size=32))
+        build_plan(matmul_gemm_model(k=48), resolve(QuantConfig(abits=0, wbits=4, group_size=32)).plan)
     with pytest.raises(ConfigError, match="layer_bits gives node"):
-        build_plan(matmul_gemm_model(), QuantConfig(abits=0, wbits=4, group_size=16, layer_bits=(("*", 8),)))
-    plan = build_plan(matmul_gemm_model(k=48), QuantConfig(abits=0, wbits=4, group_size=16))
+        build_plan(matmul_gemm_model(), resolve(QuantConfig(abits=0, wbits=4, group_size=16, layer_bits=(("*", 8),))).plan)
+    plan = build_plan(matmul_gemm_model(k=48), resolve(QuantConfig(abits=0, wbits=4, group_size=16)).plan)
     assert [(l.op_type, l.group_size) for l in plan.layers] == [("MatMul", 16), ("Gemm", 16)]
 
 
@@ -255,9 +256,10 @@ def test_blocked_weights_survive_a_checkpoint(tmp_path):
     """A resumed run restores blocked weights with their block size (checkpoint.py)."""
     import torch
 
-    from onnxflex.checkpoint import Checkpoint, FrozenRounder
+    from onnxflex.checkpoint import Checkpoint
     from onnxflex.rounding.reconstruct import BlockResult
     from onnxflex.rounding.methods import make_rounder
+    from onnxflex.rounding.rounders import FrozenRounder
 
     w = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) * 0.1
     q = make_rounder("flexround", w, 1, 3, "mse", 16).export()

@@ -17,6 +17,7 @@ from onnxflex.emit.pack import int4_initializer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import NameScope, default_opset, node_attr, set_default_opset
 from onnxflex.passes.control_flow import reads, rename_outer_reads, subgraphs
+from onnxflex.placement import BLOCKED_OPSET
 from onnxflex.qparams import QuantizedWeight, QuantParams
 from onnxflex.registry import Registry
 from onnxflex.runtimes.base import Target
@@ -25,7 +26,6 @@ Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
 STAGES: Registry[Stage] = Registry("emitter stage")
 ORDER = ("recurrent", "weights", "biases", "activations", "versions")
 NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
-BLOCKED_OPSET = 21  # DequantizeLinear's block_size and INT4 inputs
 
 
 def emit(model: onnx.ModelProto, params: QuantParams, target: Target) -> onnx.ModelProto:
@@ -93,13 +93,21 @@ def _blocked_dq_node(g: onnx.GraphProto, scope, base: str, qw: QuantizedWeight) 
 
 @STAGES.register("recurrent")
 def quantize_recurrent(model, params, target):
-    """Each top-level LSTM whose W and R are both quantized becomes com.microsoft DynamicQuantizeLSTM
-    (passes/recurrent.py) under the LSTM's name, with its other inputs and attributes as they were
+    """Each LSTM (top level or in a subgraph) whose W and R are both quantized becomes com.microsoft
+    DynamicQuantizeLSTM (passes/recurrent.py) under the LSTM's name, with its other inputs and attributes as they were
     (``layout`` is 0 or absent: the pass keeps layout=1 LSTMs float)."""
+    scope = NameScope.of(model)
+    replaced = [name for g in all_graphs(model.graph) for name in _integer_lstms(g, scope, params)]
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def _integer_lstms(g: onnx.GraphProto, scope, params: QuantParams) -> list[str]:
+    """Mutates ``g``: its LSTMs with quantized W and R become DynamicQuantizeLSTM; returns the float
+    weights replaced."""
     from onnxflex.passes.recurrent import INTEGER_LSTM
 
-    scope = NameScope.of(model)
-    g = model.graph
     inits = {t.name for t in g.initializer}
     replaced: list[str] = []
     for k, node in enumerate(g.node):
@@ -116,9 +124,7 @@ def quantize_recurrent(model, params, target):
         replaced += [node.input[1], node.input[2]]
         g.node[k].CopyFrom(fused)
     _drop_unread(g, replaced)
-    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return model
+    return replaced
 
 
 def _integer_lstm_weight(g: onnx.GraphProto, scope, name: str, qw: QuantizedWeight) -> tuple[str, str, str]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from onnxflex.rounding.rounders import AdamCosine, Rounder
+from onnxflex.rounding.policies import AdamCosine
+from onnxflex.rounding.rounders import Rounder
 
 ZETA, GAMMA = 1.1, -0.1
 

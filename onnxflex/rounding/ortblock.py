@@ -14,11 +14,11 @@ import torch
 from onnx import helper
 
 from onnxflex.blocks import Block
-from onnxflex.capture import with_probes
 from onnxflex.emit import emit
 from onnxflex.graph import NameScope
 from onnxflex.ort import session
 from onnxflex.passes.control_flow import expose_inner
+from onnxflex.probes import with_probes
 from onnxflex.qparams import QuantParams
 from onnxflex.rounding.torchify import QuantState
 from onnxflex.runtimes.base import Target

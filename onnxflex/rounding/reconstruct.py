@@ -17,20 +17,21 @@ import torch
 
 from onnxflex.blocks import Block, BlockPlan
 from onnxflex.calib import CalibrationSet
-from onnxflex.capture import DiskArray, TensorCache
-from onnxflex.checkpoint import Checkpoint, FrozenRounder
-from onnxflex.config import QuantConfig
+from onnxflex.cache import DiskArray, Key, TensorCache
+from onnxflex.checkpoint import Checkpoint
 from onnxflex.device import threads_for, torch_threads
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import default_opset
 from onnxflex.layout import Layout
+from onnxflex.options import RoundingOptions
 from onnxflex.progress import Progress
 from onnxflex.passes.select import concat_ties
 from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import MAX_SEARCH_VALUES, ActQuantizer, sample_values
 from onnxflex.rounding.ortblock import OrtBlock
-from onnxflex.rounding.methods import make_policy, make_rounder
-from onnxflex.rounding.rounders import EarlyStop
+from onnxflex.rounding.methods import make_policy, make_rounder, reconstructs
+from onnxflex.rounding.policies import EarlyStop
+from onnxflex.rounding.rounders import FrozenRounder
 from onnxflex.rounding.torchify import BlockModule, QuantState, bias_limit
 from onnxflex.runtimes.base import Target
 
@@ -59,17 +60,19 @@ class BlockData:
     def __init__(self, block: Block, cache: TensorCache, device: torch.device) -> None:
         self.layout = cache.layout
 
-        def load(key, name):
-            array = cache[key]
+        def load(name, array):
             if self.layout.shared(name):
                 return Shared(torch.from_numpy(np.array(array)).to(device))
             if isinstance(array, DiskArray):  # spilled: read batch by batch, RAM stays bounded
                 return RowReader(array, device)
             return torch.from_numpy(np.array(array)).to(device)
 
-        self.fp_inputs = {n: load("fp:" + n, n) for n in block.inputs}
-        self.fp_outputs = {n: load("fp:" + n, n) for n in block.outputs}
-        self.q_inputs = {n: load("q:" + n, n) if "q:" + n in cache else self.fp_inputs[n] for n in block.inputs}
+        fp_inputs = cache.fp_inputs(block)
+        self.fp_inputs = {n: load(n, a) for n, a in fp_inputs.items()}
+        self.fp_outputs = {n: load(n, a) for n, a in cache.fp_outputs(block).items()}
+        # an input the quantized path leaves as it is is the FP entry: loaded once, shared by both
+        self.q_inputs = {n: self.fp_inputs[n] if a is fp_inputs[n] else load(n, a)
+                         for n, a in cache.q_inputs(block).items()}
         self.num_samples = cache.num_samples
         self.device = device
 
@@ -111,7 +114,7 @@ class RowReader:
 
 
 def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState, target: Target,
-                         config: QuantConfig, method: str, device: torch.device) -> None:
+                         config: RoundingOptions, method: str, device: torch.device) -> None:
     """Mutates ``state``: a rounder per layer weight (inner layers' weights read from their subgraph),
     an activation quantizer per act point (inner points too)."""
     for layer in block.layers:
@@ -136,7 +139,7 @@ def _layer_weight(layer, model: onnx.ModelProto, device: torch.device) -> torch.
     return torch.from_numpy(tensor_array(init, model).astype(np.float32)).to(device)
 
 
-def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: QuantConfig,
+def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: RoundingOptions,
                      device: torch.device) -> list[str]:
     """Mutates ``module`` and its state: the layers of an If branch the calibration run never took
     (``module.ran``) get round-to-nearest rounders and leave the learned set, so nothing (a
@@ -154,7 +157,7 @@ def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: QuantC
 
 
 @torch.no_grad()
-def calibrate_activations(module, data: BlockData, config: QuantConfig, seed: int) -> None:
+def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed: int) -> None:
     """Initialise each act point's step from the FP block run on FP inputs. A point the data never
     reaches (inside an If branch never taken) has no values: its quantizer is disabled (the tensor stays
     float, and so does the int32 bias of a layer reading it). Returns those points."""
@@ -230,7 +233,7 @@ def evaluate(module, data: BlockData, batch: int) -> float:
     return total / data.num_samples
 
 
-def train(module: BlockModule, data: BlockData, config: QuantConfig, seed: int, progress: Progress) -> int:
+def train(module: BlockModule, data: BlockData, config: RoundingOptions, seed: int, progress: Progress) -> int:
     """Minimise the block loss plus the rounders' regularizer over random minibatches of the block's
     samples, with the method's step policy (Adam + cosine decay unless the rounder names another),
     for ``config.iters`` steps or until the loss plateaus (``config.early_stop``). Returns the steps
@@ -285,97 +288,173 @@ def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: 
             values = dict(outputs)
             values.update({name: module.state.acts[name](inputs[name]) for name in module.input_points})
             for name, value in values.items():
-                array = value.cpu().numpy()
-                if data.layout.shared(name):
-                    if start == 0:
-                        cache.put("q:" + name, array)
-                    continue
-                if start == 0:
-                    cache.allocate("q:" + name, (n,) + array.shape[1:], array.dtype)
-                cache["q:" + name][start:start + len(array)] = array
+                cache.write(Key.q(name), start, value.cpu().numpy())
     return total / n
 
 
-def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: QuantConfig,
+def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: RoundingOptions,
                 device: torch.device, progress: Progress, providers: tuple[str, ...] = ("CPUExecutionProvider",),
                 checkpoint: Checkpoint | None = None) -> tuple[list[BlockResult], list]:
     """The block loop. Mutates ``state`` (adds and trains quantizers) and ``cache`` (adds q: tensors);
     returns each block's result and its frozen module (a BlockModule, or an OrtBlock for blocks with
     ops the torch side cannot express). With ``checkpoint``, blocks saved there are restored instead
     of learned, and each newly finished block is saved."""
+    runner = BlockRunner(plan, cache, state, target, config, device, providers)
+    if checkpoint is not None:
+        runner = CheckpointedRunner(runner, checkpoint)
     results, modules = [], []
-    sizes = _initializer_sizes(plan.model)
-    for k, block in enumerate(plan.blocks):
-        t0 = time.perf_counter()
-        data = BlockData(block, cache, device)
-        largest = max([config.batch_size * data.largest_sample()] + [sizes.get(l.weight, 0) for l in block.layers])
-        with torch_threads(threads_for(largest, device, config.threads)):
-            saved = checkpoint.load(k, block.name) if checkpoint is not None else None
-            if saved is not None:
-                module = _resumed_block(block, plan, state, target, config, saved, device, providers)
-                store_quantized_outputs(module, data, cache, config.batch_size)
-                results.append(BlockResult(**saved["result"]))
-                modules.append(module)
-                progress.finish(f"{block.name}: restored from {checkpoint.folder}")
-                continue
-            seed = config.seed * 1000 + k
-            module = _block_runner(block, plan, state, target, config, data, seed, device, providers)
-            learns = isinstance(module, BlockModule) and config.method != "rtn"
-            progress.start(config.iters if learns else 0, f"{block.name} ({k + 1}/{len(plan.blocks)})")
-            steps = 0
-            if learns:
-                before = evaluate(module, data, config.batch_size)
-                start = [p.detach().clone() for params, _ in module.learnable() for p in params]
-                steps = train(module, data, config, seed, progress)
-                after = evaluate(module, data, config.batch_size)
-                if after > before:
-                    _restore(module, start)
-                    log.info("%s: learning ended at a higher loss (%.4g > %.4g); kept the round-to-nearest "
-                             "start", block.name, after, before)
-            _freeze(module, block, state, device)
-            after = store_quantized_outputs(module, data, cache, config.batch_size)
-            if not learns:  # nothing changed the block: the loss before is the loss after
-                before = after
-        runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
-        results.append(BlockResult(block.name, before, after, steps, time.perf_counter() - t0, runtime))
-        if checkpoint is not None:
-            checkpoint.save(k, block.name, results[-1], {l.weight: state.rounders[l.weight].export()
-                                                         for l in block.layers},
-                            {p: state.acts[p] for p in block.all_points if p in state.acts})
-        stopped = f" (loss plateaued: {steps} of {config.iters} steps)" if learns and 0 < steps < config.iters else ""
-        progress.finish(f"{block.name}: loss {before:.4g} -> {after:.4g}{stopped}")
+    for index, block in enumerate(plan.blocks):
+        module, result = runner.run(index, block, progress)
+        results.append(result)
         modules.append(module)
     return results, modules
 
 
-def _freeze(module, block: Block, state: QuantState, device: torch.device) -> None:
-    """Mutates ``state`` and ``module``: the block's rounders become FrozenRounders of their exported
-    integers, and the float weights the module kept for calibration are dropped. Later blocks, the
-    simulation and a resumed run all see the same integers, and memory keeps int8 weights only."""
-    for layer in block.layers:
-        state.rounders[layer.weight] = FrozenRounder(state.rounders[layer.weight].export(), device)
-    if isinstance(module, BlockModule):
-        module.own_rounders = torch.nn.ModuleList(state.rounders[l.weight] for l in block.layers)
+class BlockRunner:
+    """What every block of one reconstruction shares, and the steps that take one block from its
+    cached tensors to its frozen module: build (quantizers, module, calibration), learn, freeze, store
+    its quantized outputs for the next block; or resume it from a checkpoint's saved state.
+
+    Mutates ``state`` (adds, trains and freezes quantizers) and ``cache`` (adds q: tensors). Blocks
+    must be run in plan order: each reads the q: tensors of the blocks before it.
+    """
+
+    def __init__(self, plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target,
+                 config: RoundingOptions, device: torch.device, providers: tuple[str, ...]) -> None:
+        self.plan, self.cache, self.state, self.target = plan, cache, state, target
+        self.config, self.device, self.providers = config, device, providers
+        self.sizes = _initializer_sizes(plan.model)
+
+    def run(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
+        """Block ``index`` quantized, learned and frozen; its progress line finished."""
+        module, result = self.quantize(index, block, progress)
+        progress.finish(self.summary(result))
+        return module, result
+
+    def quantize(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
+        """Block ``index`` built, learned (unless its method does not reconstruct or it runs in
+        onnxruntime), frozen, and its quantized outputs stored; its result's ``seconds`` count from the
+        loading of its tensors."""
+        started = time.perf_counter()
+        with self.loaded(block) as data:
+            seed = self.config.seed * 1000 + index
+            module = self.build(block, data, seed)
+            learns = isinstance(module, BlockModule) and reconstructs(self.config.method)
+            progress.start(self.config.iters if learns else 0, f"{block.name} ({index + 1}/{len(self.plan.blocks)})")
+            before, steps = self.learn(module, data, seed, progress) if learns else (None, 0)
+            self.freeze(module, block)
+            after = store_quantized_outputs(module, data, self.cache, self.config.batch_size)
+        if before is None:  # nothing changed the block: the loss before is the loss after
+            before = after
+        runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
+        return module, BlockResult(block.name, before, after, steps, time.perf_counter() - started, runtime)
+
+    def summary(self, result: BlockResult) -> str:
+        stopped = f" (loss plateaued: {result.iters} of {self.config.iters} steps)" \
+            if 0 < result.iters < self.config.iters else ""
+        return f"{result.name}: loss {result.loss_before:.4g} -> {result.loss_after:.4g}{stopped}"
+
+    @contextlib.contextmanager
+    def loaded(self, block: Block):
+        """The block's tensors on the device (BlockData), with torch's threads sized for its largest
+        tensor while the block computes."""
+        data = BlockData(block, self.cache, self.device)
+        largest = max([self.config.batch_size * data.largest_sample()]
+                      + [self.sizes.get(l.weight, 0) for l in block.layers])
+        with torch_threads(threads_for(largest, self.device, self.config.threads)):
+            yield data
+
+    def build(self, block: Block, data: BlockData, seed: int) -> BlockModule | OrtBlock:
+        """A calibrated BlockModule, or an OrtBlock with RTN weights when a node has no torch converter
+        (or its converter rejects an attribute)."""
+        problem = f"no torch converter for {', '.join(block.unsupported)}" if block.unsupported else ""
+        if not problem:
+            self._add_quantizers(block, self.config.method)
+            module = BlockModule(block, self.plan.model, default_opset(self.plan.model), self.state, self.device)
+            try:
+                unseen = calibrate_activations(module, data, self.config, seed)
+                untaken = keep_untaken_rtn(module, self.plan.model, self.config, self.device)
+                _warn_not_reached(block, unseen, untaken)
+                make_room_for_biases(block, self.state)
+                return module
+            except NotImplementedError as exc:
+                problem = str(exc)
+        log.warning("%s: %s; its weights fall back to round-to-nearest and the block runs in onnxruntime — "
+                    "exclude its nodes with --exclude-node to keep them in float instead", block.name, problem)
+        self._add_quantizers(block, "rtn")
+        module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
+        _warn_not_reached(block, calibrate_activations(module, data, self.config, seed))
+        make_room_for_biases(block, self.state)
+        return module
+
+    def learn(self, module: BlockModule, data: BlockData, seed: int, progress: Progress) -> tuple[float, int]:
+        """Trains the block's rounders and activation steps; (loss before, steps run). Learning that ends
+        at a higher loss than it started from is undone: the round-to-nearest start is kept."""
+        before = evaluate(module, data, self.config.batch_size)
+        start = [p.detach().clone() for params, _ in module.learnable() for p in params]
+        steps = train(module, data, self.config, seed, progress)
+        after = evaluate(module, data, self.config.batch_size)
+        if after > before:
+            _restore(module, start)
+            log.info("%s: learning ended at a higher loss (%.4g > %.4g); kept the round-to-nearest start",
+                     module.block.name, after, before)
+        return before, steps
+
+    def freeze(self, module: BlockModule | OrtBlock, block: Block) -> None:
+        """Mutates ``state`` and ``module``: the block's rounders become FrozenRounders of their exported
+        integers, and the float weights the module kept for calibration are dropped. Later blocks, the
+        simulation and a resumed run all see the same integers, and memory keeps int8 weights only."""
         for layer in block.layers:
-            module.constants.pop(layer.weight, None)
+            self.state.rounders[layer.weight] = FrozenRounder(self.state.rounders[layer.weight].export(), self.device)
+        if isinstance(module, BlockModule):
+            module.own_rounders = torch.nn.ModuleList(self.state.rounders[l.weight] for l in block.layers)
+            for layer in block.layers:
+                module.constants.pop(layer.weight, None)
+
+    def resume(self, block: Block, saved: dict) -> BlockModule | OrtBlock:
+        """A finished block rebuilt from its checkpoint (``Checkpoint.load``): frozen weights and restored
+        activation steps; its quantized outputs stored again for the next block."""
+        with self.loaded(block) as data:
+            runtime = saved["result"]["runtime"]
+            self._add_quantizers(block, "rtn" if runtime == "onnxruntime" else self.config.method)
+            for name, weight in saved["weights"].items():
+                self.state.rounders[name] = FrozenRounder(weight, self.device)
+            for name, act in saved["acts"].items():
+                self.state.acts[name].load_state_dict(act["state"])
+                self.state.acts[name].enabled = act["enabled"]
+            if runtime == "onnxruntime":
+                module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
+            else:
+                module = BlockModule(block, self.plan.model, default_opset(self.plan.model), self.state, self.device)
+                for layer in block.layers:
+                    module.constants.pop(layer.weight, None)
+            store_quantized_outputs(module, data, self.cache, self.config.batch_size)
+        return module
+
+    def _add_quantizers(self, block: Block, method: str) -> None:
+        add_block_quantizers(block, self.plan.model, self.state, self.target, self.config, method, self.device)
 
 
-def _resumed_block(block, plan, state, target, config, saved, device, providers):
-    """A finished block rebuilt from its checkpoint: frozen weights and restored activation steps."""
-    runtime = saved["result"]["runtime"]
-    add_block_quantizers(block, plan.model, state, target, config,
-                         "rtn" if runtime == "onnxruntime" else config.method, device)
-    for name, weight in saved["weights"].items():
-        state.rounders[name] = FrozenRounder(weight, device)
-    for name, act in saved["acts"].items():
-        state.acts[name].load_state_dict(act["state"])
-        state.acts[name].enabled = act["enabled"]
-    if runtime == "onnxruntime":
-        return OrtBlock(block, plan.model, state, target, providers, device)
-    module = BlockModule(block, plan.model, default_opset(plan.model), state, device)
-    for layer in block.layers:
-        module.constants.pop(layer.weight, None)
-    return module
+class CheckpointedRunner:
+    """A BlockRunner behind a checkpoint: a block saved there is resumed instead of learned, and each
+    block it learns is saved (its result, exported weights and activation quantizers) once finished."""
+
+    def __init__(self, runner: BlockRunner, checkpoint: Checkpoint) -> None:
+        self.runner, self.checkpoint = runner, checkpoint
+
+    def run(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
+        saved = self.checkpoint.load(index, block.name)
+        if saved is not None:
+            module = self.runner.resume(block, saved)
+            progress.finish(f"{block.name}: restored from {self.checkpoint.folder}")
+            return module, BlockResult(**saved["result"])
+        module, result = self.runner.quantize(index, block, progress)
+        state = self.runner.state
+        self.checkpoint.save(index, block.name, result, {l.weight: state.rounders[l.weight].export()
+                                                         for l in block.layers},
+                             {p: state.acts[p] for p in block.all_points if p in state.acts})
+        progress.finish(self.runner.summary(result))
+        return module, result
 
 
 @torch.no_grad()
@@ -383,30 +462,6 @@ def _restore(module: BlockModule, values: list[torch.Tensor]) -> None:
     params = [p for group, _ in module.learnable() for p in group]
     for p, v in zip(params, values, strict=True):
         p.copy_(v)
-
-
-def _block_runner(block, plan, state, target, config, data, seed, device, providers):
-    """A calibrated BlockModule, or an OrtBlock with RTN weights when a node has no torch converter
-    (or its converter rejects an attribute)."""
-    problem = f"no torch converter for {', '.join(block.unsupported)}" if block.unsupported else ""
-    if not problem:
-        add_block_quantizers(block, plan.model, state, target, config, config.method, device)
-        module = BlockModule(block, plan.model, default_opset(plan.model), state, device)
-        try:
-            unseen = calibrate_activations(module, data, config, seed)
-            untaken = keep_untaken_rtn(module, plan.model, config, device)
-            _warn_not_reached(block, unseen, untaken)
-            make_room_for_biases(block, state)
-            return module
-        except NotImplementedError as exc:
-            problem = str(exc)
-    log.warning("%s: %s; its weights fall back to round-to-nearest and the block runs in onnxruntime — "
-                "exclude its nodes with --exclude-node to keep them in float instead", block.name, problem)
-    add_block_quantizers(block, plan.model, state, target, config, "rtn", device)
-    module = OrtBlock(block, plan.model, state, target, providers, device)
-    _warn_not_reached(block, calibrate_activations(module, data, config, seed))
-    make_room_for_biases(block, state)
-    return module
 
 
 def make_room_for_biases(block: Block, state: QuantState) -> None:

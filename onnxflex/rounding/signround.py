@@ -9,9 +9,10 @@ from typing import Sequence
 
 import torch
 
-from onnxflex.config import QuantConfig
+from onnxflex.options import RoundingOptions
 from onnxflex.rounding.quant import round_ste
-from onnxflex.rounding.rounders import AdamCosine, ParamGroups, Rounder, StepPolicy, absmax_per_step
+from onnxflex.rounding.policies import AdamCosine, ParamGroups, StepPolicy
+from onnxflex.rounding.rounders import Rounder, absmax_per_step
 
 V_BOUND = 0.5
 CLIP_BOUNDS = (0.5, 1.0)
@@ -28,7 +29,7 @@ class SignedDescent(StepPolicy):
 
     keep_best = True
 
-    def __init__(self, rounders: Sequence[Rounder], groups: ParamGroups, config: QuantConfig) -> None:
+    def __init__(self, rounders: Sequence[Rounder], groups: ParamGroups, config: RoundingOptions) -> None:
         super().__init__(rounders, groups, config)
         self.lr = config.lr
         self.signed = [p for params, kind in groups if kind != "act_lr" for p in params]

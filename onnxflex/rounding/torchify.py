@@ -6,10 +6,12 @@ quantized value as soon as it is produced (so every consumer sees the same value
 QDQ graph), and all other initializers are constants. A quantized recurrent layer (an LSTM the emitter
 writes as DynamicQuantizeLSTM) runs as that kernel computes it (converters/recurrent.py).
 
-An If runs in the interpreter itself (its branches need the outer scope, which a pure converter does not
-see): its condition is evaluated, and the taken branch's nodes run through the same lookup, with the
-outer tensors visible, so a layer inside it is a rounder by name and its act points are quantized where
-they are produced, as at the top level. ``BlockModule.ran`` records which branches ran.
+If, Loop and Scan run in the interpreter itself (their subgraphs need the outer scope, which a pure
+converter does not see): an If's condition is evaluated and the taken branch's nodes run through the
+same lookup, with the outer tensors visible; a Loop or Scan body runs once per iteration, unrolled
+(rounding/loops.py), its graph inputs bound to that iteration's values. So a layer inside a subgraph (at
+any depth) is a rounder by name, and its act points are quantized where they are produced (or bound, for
+a body input), as at the top level. ``BlockModule.ran`` records which subgraphs ran.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ import torch
 from onnxflex.blocks import Block
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import DEFAULT_DOMAINS
-from onnxflex.passes.control_flow import subgraphs
+from onnxflex.passes.control_flow import CONTROL_FLOW, subgraphs
 from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.rounding.converters import OpNode, find_converter
 from onnxflex.rounding.converters.recurrent import QUANTIZED as QUANTIZED_RECURRENT
+from onnxflex.rounding.loops import run_loop, run_scan
 from onnxflex.rounding.rounders import Rounder
 
 log = logging.getLogger("onnxflex")
@@ -90,21 +93,28 @@ class QuantState:
 
 
 def torch_supported(node: onnx.NodeProto, opset: int) -> bool:
-    """Whether BlockModule can run ``node``: a registered converter (and no subgraph), or an If whose
-    branches hold only such nodes (nested Ifs too)."""
-    if node.op_type == "If" and node.domain in DEFAULT_DOMAINS:
+    """Whether BlockModule can run ``node``: a registered converter (and no subgraph), or an If, a Loop or
+    a Scan (opset 9 on: Scan 8 has a batch axis of its own) whose subgraphs hold only such nodes, at any
+    depth."""
+    if _control_flow(node) and (node.op_type != "Scan" or opset >= 9):
         return all(torch_supported(n, opset) for _, g in subgraphs(node) for n in g.node)
     return find_converter(node.op_type, opset, node.domain) is not None and not any(subgraphs(node))
 
 
+def _control_flow(node: onnx.NodeProto) -> bool:
+    return node.op_type in CONTROL_FLOW and node.domain in DEFAULT_DOMAINS
+
+
 @dataclass(frozen=True)
 class Branch:
-    """An If branch compiled for the interpreter: its steps (as BlockModule.nodes), output names, and
-    its own initializers other than layer weights (which stand in by name through their rounders)."""
+    """A subgraph (If branch, Loop or Scan body) compiled for the interpreter: its steps (as
+    BlockModule.nodes), graph input and output names, and its own initializers other than layer weights
+    (which stand in by name through their rounders)."""
 
     steps: list
     outputs: tuple[str, ...]
     constants: dict[str, torch.Tensor]
+    inputs: tuple[str, ...] = ()
 
 
 class BlockModule(torch.nn.Module):
@@ -121,9 +131,10 @@ class BlockModule(torch.nn.Module):
         by_name = {n.name: n for n in model.graph.node}
         self._recurrent = {l.node for l in block.layers if l.op_type in QUANTIZED_RECURRENT}
         self._weights = {l.weight for l in block.layers}
-        self.branches: dict[str, dict[str, Branch]] = {}  # If node → graph attribute → Branch
+        self.device = device
+        self.branches: dict[str, dict[str, Branch]] = {}  # control-flow node → graph attribute → Branch
         inner_weights: list[onnx.TensorProto] = []
-        # (node, float converter, converter of its integer kernel or None); an If has no converter
+        # (node, float converter, converter of its integer kernel or None); If/Loop/Scan have no converter
         self.nodes = self._compile([by_name[name] for name in block.nodes], opset, model, device, inner_weights)
         used = {i for node, _, _ in self.nodes for i in node.inputs}
         self.constants = {t.name: torch.from_numpy(tensor_array(t, model).copy()).to(device)
@@ -134,7 +145,8 @@ class BlockModule(torch.nn.Module):
         self.input_points = [p for p in block.act_points if p in block.inputs]
         self.quantize = True
         self._fixed: dict[str, torch.Tensor] | None = None
-        self.ran: set[tuple[str, str]] = set()  # (If node, branch attribute) of every branch run so far
+        self.ran: set[tuple[str, str]] = set()  # (node, graph attribute) of every subgraph run so far
+        self.trips: dict[str, int] = {}  # Loop node → iterations in the float (calibration) runs
 
     def _compile(self, protos: list[onnx.NodeProto], opset: int, model: onnx.ModelProto, device: torch.device,
                  inner_weights: list[onnx.TensorProto]) -> list:
@@ -143,7 +155,7 @@ class BlockModule(torch.nn.Module):
         steps = []
         for proto in protos:
             node = OpNode.from_proto(proto, opset)
-            if proto.op_type == "If" and proto.domain in DEFAULT_DOMAINS:
+            if _control_flow(proto):
                 self.branches[proto.name] = {}
                 for attr, g in subgraphs(proto):
                     inner_weights += [t for t in g.initializer if t.name in self._weights]
@@ -151,7 +163,7 @@ class BlockModule(torch.nn.Module):
                                  for t in g.initializer if t.name not in self._weights}
                     self.branches[proto.name][attr] = Branch(
                         self._compile(list(g.node), opset, model, device, inner_weights),
-                        tuple(o.name for o in g.output), constants)
+                        tuple(o.name for o in g.output), constants, tuple(i.name for i in g.input))
                 steps.append((node, None, None))
                 continue
             convert = find_converter(node.op_type, opset, node.domain)
@@ -195,7 +207,7 @@ class BlockModule(torch.nn.Module):
         """Mutates ``env``: adds the outputs of ``steps``, act points quantized where they are made."""
         for node, convert, kernel in steps:
             if convert is None:
-                values = self._if(node, env, weights, observe)
+                values = self._control_flow(node, env, weights, observe)
             else:
                 inputs = [self._value(name, env, weights) for name in node.inputs]
                 if self.quantize and kernel is not None:
@@ -204,20 +216,55 @@ class BlockModule(torch.nn.Module):
             for name, value in zip(node.outputs, values):
                 env[name] = self._point(name, value, observe) if name in self.state.acts else value
 
-    def _if(self, node: OpNode, env: dict, weights: dict, observe: Observer | None) -> list[torch.Tensor]:
-        """The taken branch's outputs. The condition is one value for the whole batch (ONNX: a
-        one-element bool tensor), as onnxruntime sees it on the same batch; the branch runs on a copy of
-        ``env`` with its initializers added, so outer tensors are visible and its own do not leak out."""
-        cond = self._value(node.inputs[0], env, weights)
-        if cond.numel() != 1:
-            raise NotImplementedError(f"If node {node.name!r}: condition of shape {tuple(cond.shape)} "
-                                      "is not one value")
-        taken = "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"
-        self.ran.add((node.name, taken))
-        branch = self.branches[node.name][taken]
-        inner = {**env, **branch.constants}  # a branch's own initializer shadows an outer tensor
-        self._run(branch.steps, inner, weights, observe)
-        return [self._value(name, inner, weights) for name in branch.outputs]
+    def _control_flow(self, node: OpNode, env: dict, weights: dict, observe: Observer | None) -> list:
+        """The outputs of an If (the taken branch's: its condition is one value for the whole batch, as
+        onnxruntime sees it on the same batch), a Loop or a Scan (rounding/loops.py)."""
+        if node.op_type == "If":
+            cond = self._value(node.inputs[0], env, weights)
+            if cond.numel() != 1:
+                raise NotImplementedError(f"If node {node.name!r}: condition of shape {tuple(cond.shape)} "
+                                          "is not one value")
+            taken = "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"
+            self.ran.add((node.name, taken))
+            return self._body(node, taken, env, weights, observe)([])
+        inputs = [self._value(name, env, weights) for name in node.inputs]
+        body = self._body(node, "body", env, weights, observe)
+        if node.op_type == "Scan":
+            values, count = run_scan(node, inputs, body)
+        else:
+            values, count = run_loop(node, inputs, body, self.device)
+            self._check_trips(node, count)
+        if count:
+            self.ran.add((node.name, "body"))
+        return values
+
+    def _check_trips(self, node: OpNode, count: int) -> None:
+        """In the float runs (calibration on every batch), a Loop must run as often on every batch: the
+        simulation takes a data-dependent count batch-wide, which stands for each sample only if it
+        does not vary."""
+        if self.quantize:
+            return
+        seen = self.trips.setdefault(node.name, count)
+        if seen != count:
+            raise NotImplementedError(f"Loop node {node.name!r} ran {seen} iterations on one calibration batch "
+                                      f"and {count} on another: its iteration count depends on the data, which "
+                                      "the torch simulation can only take batch-wide")
+
+    def _body(self, node: OpNode, attr: str, env: dict, weights: dict, observe: Observer | None):
+        """A callable running subgraph ``attr`` of ``node`` once: body input values (ONNX order) → its
+        output values. It runs on a copy of ``env`` with the subgraph's initializers and inputs added, so
+        outer tensors are visible and its own do not leak out; a body input that is an act point is
+        quantized as it is bound."""
+        branch = self.branches[node.name][attr]
+
+        def run(values: list) -> list[torch.Tensor]:
+            inner = {**env, **branch.constants}  # a subgraph's own initializer shadows an outer tensor
+            for name, value in zip(branch.inputs, values):
+                inner[name] = self._point(name, value, observe) if name in self.state.acts else value
+            self._run(branch.steps, inner, weights, observe)
+            return [self._value(name, inner, weights) for name in branch.outputs]
+
+        return run
 
     def _point(self, name: str, value: torch.Tensor, observe: Observer | None) -> torch.Tensor:
         if observe is not None:

@@ -104,6 +104,29 @@ def tile(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     return (inputs[0].repeat(const_ints(inputs[1])),)
 
 
+@converter("DepthToSpace", since=1)
+def depth_to_space(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """[N, C, H, W] → [N, C/b², H·b, W·b] for ``blocksize`` b, channels read as (b, b, C/b²) in mode DCR
+    (the default, and opset 1's only mode) or (C/b², b, b) in mode CRD (torch's pixel_shuffle)."""
+    x, b = inputs[0], int(node.attr("blocksize"))
+    n, c, h, w = x.shape
+    if node.attr("mode", "DCR") == "CRD":
+        y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    else:
+        y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    return (y.reshape(n, c // (b * b), h * b, w * b),)
+
+
+@converter("SpaceToDepth", since=1)
+def space_to_depth(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """[N, C, H, W] → [N, C·b², H/b, W/b] for ``blocksize`` b, the (row, column) offset in the block
+    outermost in the new channels (the inverse of DepthToSpace in mode DCR)."""
+    x, b = inputs[0], int(node.attr("blocksize"))
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    return (y.reshape(n, c * b * b, h // b, w // b),)
+
+
 # --- joining and splitting -----------------------------------------------------------------------
 
 
@@ -219,6 +242,20 @@ def gather_elements(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tens
     axis = int(node.attr("axis", 0)) % data.dim()
     indices = torch.where(indices < 0, indices + data.shape[axis], indices)
     return (torch.gather(data, axis, indices),)
+
+
+@converter("CumSum", since=11)
+def cumsum(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """Running sum along the constant ``axis`` input, in the input's dtype; ``exclusive=1`` leaves each
+    element out of its own sum (the first is 0), ``reverse=1`` sums from the end. Exporters write it
+    for position ids computed from an attention mask."""
+    x, axis = inputs[0], const_ints(inputs[1])[0] % max(inputs[0].dim(), 1)
+    reverse = bool(node.attr("reverse", 0))
+    y = torch.cumsum(x.flip(axis) if reverse else x, axis, dtype=x.dtype)
+    if node.attr("exclusive", 0):
+        first = torch.zeros_like(y.narrow(axis, 0, 1))
+        y = torch.cat([first, y.narrow(axis, 0, y.shape[axis] - 1)], axis)
+    return (y.flip(axis) if reverse else y,)
 
 
 # --- shape queries -------------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Placement facts: what ONNX itself fixes about where Q/DQ may go, read by the planner and the checker.
+
+The planner (passes/select.py, passes/partition.py), the emitter (emit/qdq.py) and the static check
+rules (runtimes/rules.py) all need the same answers: which element types are float, which axis of a
+weight is its output channel, which input of a residual Add is the skip, which opset blocked weights
+need. Each answer lives here once, so a plan and the check of what it emitted cannot disagree.
+"""
+from __future__ import annotations
+
+from typing import Container, Iterable, Mapping, Sequence
+
+import onnx
+from onnx import TensorProto
+
+from onnxflex.graph import node_attr
+from onnxflex.runtimes.base import WEIGHTED_OPS
+
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
+"""Every floating-point element type: tensors that carry real-valued activations or weights."""
+
+QUANTIZABLE_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16})
+"""The float types QuantizeLinear reads and DequantizeLinear writes (no DOUBLE): only tensors of these
+types can take an activation Q/DQ pair or be replaced by a dequantized weight."""
+
+NUMPY_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE})
+"""The float types numpy holds (no BFLOAT16), so onnxruntime's Python API can return them for comparison."""
+
+PER_CHANNEL_OPSET = 13
+"""DequantizeLinear takes a per-axis scale (``axis``) from this default-domain opset on."""
+
+BLOCKED_OPSET = 21
+"""DequantizeLinear takes ``block_size`` and INT4/UINT4 inputs from this default-domain opset on."""
+
+
+def weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
+    """(output-channel axis, input-channel axis) of a weighted node's weight (input 1): Conv [M, C/g, ...]
+    (0, 1); ConvTranspose [C, M/g, ...] (1, 0); Gemm (0, 1) with transB=1, else [K, N] (1, 0) like MatMul."""
+    if node.op_type == "Conv":
+        return 0, 1
+    if node.op_type == "ConvTranspose":
+        return 1, 0
+    if node.op_type == "Gemm" and node_attr(node, "transB", 0):
+        return 0, 1
+    return 1, 0
+
+
+def channel_axis(node: onnx.NodeProto, rank: int) -> int | None:
+    """The output-channel axis along which a weight of ``rank`` dims gets one step per channel, or None
+    where onnxflex does not quantize the node (not a weighted op, or a MatMul weight that is not 2-D)."""
+    if node.op_type not in WEIGHTED_OPS or (node.op_type == "MatMul" and rank != 2):
+        return None
+    return weight_axes(node)[0]
+
+
+def declared_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor → element type, for the tensors the top-level graph declares (value_info, inputs, outputs;
+    a later declaration wins). Callers count an undeclared tensor as FLOAT."""
+    g = model.graph
+    return {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+
+
+def output_point(out: str, users: Mapping[str, Sequence[onnx.NodeProto]], absorb: Container[str],
+                 kept: Container[str] = ()) -> str:
+    """The tensor that carries a weighted op's output Q on a fusing target: its output ``out``, or, when
+    the only node reading ``out`` is an activation in ``absorb`` (the runtime fuses it into the op), that
+    activation's output. ``users``: tensor → the nodes that read it; ``kept``: tensors read as they are
+    (graph outputs), which stay the point."""
+    follow = users.get(out, [])
+    if out not in kept and len(follow) == 1 and follow[0].op_type in absorb:
+        return follow[0].output[0]
+    return out
+
+
+def residual_skips(nodes: Iterable[onnx.NodeProto], layer_outputs: Container[str],
+                   constants: Container[str]) -> dict[str, onnx.NodeProto]:
+    """Skip tensor → its Add, in graph order, for each Add of two run-time tensors (neither in
+    ``constants``) of which at least one is in ``layer_outputs`` (tensors weighted ops write): the skip
+    is the input other than the output of the latest such op, the one a runtime fuses the Add into.
+    A tensor that is the skip of several Adds maps to the last of them."""
+    nodes = list(nodes)
+    position = {o: k for k, n in enumerate(nodes) for o in n.output if o in layer_outputs}
+    skips: dict[str, onnx.NodeProto] = {}
+    for node in nodes:
+        if node.op_type != "Add" or len(node.input) != 2 or any(i in constants or not i for i in node.input):
+            continue
+        fused = [i for i in node.input if i in position]
+        if fused:
+            main = max(fused, key=position.__getitem__)
+            skips.update({i: node for i in node.input if i != main})
+    return skips

@@ -1,0 +1,89 @@
+"""The tensor store between capture and reconstruction: typed keys, the block accessors, the RAM bound."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxflex.blocks import Block
+from onnxflex.cache import DiskArray, Key, Run, TensorCache
+from onnxflex.layout import Layout
+
+BLOCK = Block("b0", ("conv",), inputs=("x", "rate"), outputs=("y",), layers=())
+
+
+def filled(max_bytes: int, seed: int = 0) -> tuple[TensorCache, dict[str, np.ndarray]]:
+    """A cache holding the FP run of BLOCK's tensors over 6 samples, written 4 then 2 samples at a time
+    (as capture writes batches); ``rate`` is shared (one value for every sample)."""
+    rng = np.random.default_rng(seed)
+    values = {"x": rng.standard_normal((6, 3, 2)).astype(np.float32),
+              "y": rng.standard_normal((6, 5)).astype(np.float32), "rate": np.float32(16000.0)}
+    cache = TensorCache(max_bytes)
+    cache.record(Layout({"rate": None}), 6)
+    for start, stop in ((0, 4), (4, 6)):
+        for name in ("x", "y"):
+            cache.write(Key.fp(name), start, values[name][start:stop])
+        cache.write(Key.fp("rate"), start, np.asarray(values["rate"] + start))  # a later batch is not kept
+    return cache, values
+
+
+def test_keys_are_typed_and_name_the_run():
+    assert Key.fp("x") == Key(Run.FP, "x") and Key.q("x") == Key(Run.Q, "x")
+    assert Key.fp("x") != Key.q("x") and len({Key.fp("x"), Key.q("x"), Key.fp("x")}) == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Key.fp("x").tensor = "y"
+    cache, _ = filled(1 << 20)
+    assert Key.fp("x") in cache and Key.q("x") not in cache and "fp:x" not in cache
+    cache.close()
+
+
+@pytest.mark.parametrize("max_bytes", [1 << 20, 0], ids=["ram", "spilled"])
+def test_accessors_give_the_block_tensors_as_written(max_bytes):
+    cache, values = filled(max_bytes)
+    try:
+        assert cache.spilled == (max_bytes == 0)
+        fp_in, fp_out = cache.fp_inputs(BLOCK), cache.fp_outputs(BLOCK)
+        assert list(fp_in) == ["x", "rate"] and list(fp_out) == ["y"]
+        kind = DiskArray if max_bytes == 0 else np.ndarray
+        assert isinstance(fp_in["x"], kind) and isinstance(fp_out["y"], kind)
+        np.testing.assert_array_equal(np.asarray(fp_in["x"]), values["x"])
+        np.testing.assert_array_equal(np.asarray(fp_out["y"]), values["y"])
+        assert float(np.asarray(fp_in["rate"])) == 16000.0, "a shared tensor keeps its first batch's value"
+    finally:
+        cache.close()
+
+
+def test_q_inputs_fall_back_to_the_fp_entry_itself():
+    cache, values = filled(1 << 20)
+    try:
+        q_x = values["x"] * 0.5
+        cache.write(Key.q("x"), 0, q_x)
+        q_in, fp_in = cache.q_inputs(BLOCK), cache.fp_inputs(BLOCK)
+        np.testing.assert_array_equal(q_in["x"], q_x)
+        np.testing.assert_array_equal(cache.fp_inputs(BLOCK)["x"], values["x"])
+        assert q_in["rate"] is fp_in["rate"], "an input without a quantized value is the FP entry, not a copy"
+    finally:
+        cache.close()
+
+
+def test_ram_bound_spills_what_does_not_fit_and_close_removes_the_files():
+    x_bytes = 6 * 3 * 2 * 4
+    cache, values = filled(x_bytes)  # x fits, y (written next) spills
+    folder = Path(cache[Key.fp("y")].path).parent
+    assert isinstance(cache[Key.fp("x")], np.ndarray) and isinstance(cache[Key.fp("y")], DiskArray)
+    assert isinstance(cache[Key.fp("rate")], np.ndarray), "a 0-d value stays in RAM past the bound"
+    assert cache.ram_bytes == x_bytes + 4 and folder.is_dir()
+    np.testing.assert_array_equal(cache[Key.fp("y")][np.array([5, 0])], values["y"][[5, 0]])
+    cache.close()
+    assert not folder.exists() and not cache.spilled and Key.fp("x") not in cache
+
+
+def test_a_rewrite_from_sample_zero_replaces_the_entry():
+    cache, _ = filled(0)
+    try:
+        cache.write(Key.fp("y"), 0, np.ones((6, 5), np.float32))
+        np.testing.assert_array_equal(np.asarray(cache[Key.fp("y")]), np.ones((6, 5), np.float32))
+    finally:
+        cache.close()
