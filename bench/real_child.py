@@ -6,7 +6,10 @@ KIND is ``onnxflex`` (OPTIONS are QuantConfig fields), ``ort_static`` (onnxrunti
 QDQ, per channel: ``types`` as ACT_WEIGHT QuantType names, ``calibrate``, ``batch``) or ``ort_nbits``
 (MatMulNBitsQuantizer's round-to-nearest: ``block_size``). Both onnxruntime kinds read the same npz,
 each input sliced along its samples axis (``axes``, default 0) and the pinned inputs (``fixed``) fed as
-given. Prints one JSON line: the seconds taken, and for onnxflex whether its own verification passed.
+given. A model below opset 13 is converted to 13 (onnx.version_converter) before quantize_static, whose
+per-channel DequantizeLinear needs the ``axis`` of opset 13 (it writes an invalid model otherwise); the
+row's note says so. Prints one JSON line: the seconds taken, the child's own peak RSS, and for onnxflex
+whether its own verification passed.
 """
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ import sys
 import time
 
 import numpy as np
+
+from child import peak_rss_mib
+
+PER_CHANNEL_OPSET = 13
 
 
 def npz_reader(model: str, calib: str, batch: int, axes: dict, fixed: dict):
@@ -59,10 +66,25 @@ def quantize_ort_static(model: str, calib: str, out: str, options: dict) -> dict
 
     act, weight = options["types"].split("_")
     reader = npz_reader(model, calib, options["batch"], options.get("axes", {}), options.get("fixed", {}))
-    quantize_static(model, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+    source, figures = upgraded(model, out)
+    quantize_static(source, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=getattr(QuantType, act), weight_type=getattr(QuantType, weight),
                     calibrate_method=getattr(CalibrationMethod, options["calibrate"]))
-    return {}
+    return figures
+
+
+def upgraded(model: str, out: str) -> tuple[str, dict]:
+    """(``model``, {}) at opset 13 or above, else (its opset-13 conversion written beside ``out``, a note)."""
+    import onnx
+    from onnx import version_converter
+
+    loaded = onnx.load(model)
+    opset = next(o.version for o in loaded.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= PER_CHANNEL_OPSET:
+        return model, {}
+    path = f"{out}.opset{PER_CHANNEL_OPSET}.onnx"
+    onnx.save(version_converter.convert_version(loaded, PER_CHANNEL_OPSET), path)
+    return path, {"note": f"opset {opset} converted to {PER_CHANNEL_OPSET} first"}
 
 
 def quantize_ort_nbits(model: str, calib: str, out: str, options: dict) -> dict:
@@ -86,7 +108,7 @@ def main() -> None:
     started = time.perf_counter()
     figures = KINDS[kind](model, calib, out, options)
     print()
-    print(json.dumps({"seconds": time.perf_counter() - started, **figures}))
+    print(json.dumps({"seconds": time.perf_counter() - started, **figures, "peak_rss_mib": peak_rss_mib()}))
 
 
 if __name__ == "__main__":
