@@ -1,6 +1,8 @@
 """onnxflex against onnxruntime.quantization on pretrained models that ship inside PyPI wheels.
 
     python bench/real_models.py [--models ppocr_rec ppocr_cls ...] [--methods rtn flexround adaround signround]
+                                [--bits W8A8 W4A8 W4] [--presets default fast] [--iters N]
+                                [--types U8S8 S8S8 U8S4] [--calibrators MinMax Entropy Percentile]
                                 [--calib-samples 64] [--eval-samples 128] [--timeout 1800]
                                 [--cache ~/.cache/onnxflex-bench] [--dir /tmp/onnxflex-real] [--quick]
 
@@ -15,6 +17,7 @@ decision (argmax, thresholded pixel or anchor, speech frame) differs from FP32's
 onnxruntime row at the same bits that agrees with FP32 most (only-ours / only-theirs counts, exact
 sign test), the output SQNR against FP32, and onnxruntime's CPU latency against FP32 (onnxflex.compare).
 ``--quick``: 4 calibration and 8 evaluation samples, onnxflex rtn W8A8 and onnxruntime MinMax U8S8 only.
+A row whose settings were cut for time says so in its label (``--preset fast``, ``iters=N``).
 Writes its section into BENCHMARKS.md between markers unless ``--no-write``.
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ HEADER = "## Real pretrained models against onnxruntime.quantization"
 MARKER = "real-models"
 METHODS = ("rtn", "flexround", "adaround", "signround")
 PRESETS = ("default", "fast")
+BITS = ("W8A8", "W4A8", "W4")
 CALIBRATORS = ("MinMax", "Entropy", "Percentile")
 TYPES = {"U8S8": "QUInt8_QInt8", "S8S8": "QInt8_QInt8", "U8S4": "QUInt8_QInt4"}
 TIMING_THREADS = 1
@@ -83,32 +87,35 @@ def matmul_share(path: Path) -> float:
     return by_kind["matmul"] / max(sum(by_kind.values()), 1)
 
 
-def candidates(task: Task, methods: list[str], weight_only: bool, quick: bool) -> list[dict]:
-    """The rows of one model: toolkit, setting label, bits, child kind and its options."""
-    settings = [("W8A8", {"wbits": 8, "abits": 8})]
-    if not quick:
-        settings.append(("W4A8", {"wbits": 4, "abits": 8}))
-        if weight_only:
-            settings.append(("W4", {"wbits": 4, "abits": 0, "group_size": 32}))
+def candidates(task: Task, args, weight_only: bool) -> list[dict]:
+    """The rows of one model: toolkit, setting label, bits, child kind and its options, for the bits,
+    methods, presets, onnxruntime types and calibrators ``args`` asks for (W4 only where ``weight_only``)."""
+    settings = {"W8A8": {"wbits": 8, "abits": 8}, "W4A8": {"wbits": 4, "abits": 8},
+                "W4": {"wbits": 4, "abits": 0, "group_size": 32}}
     inputs = {"fix_inputs": list(task.fix_inputs), "batch_axes": list(task.batch_axes)}
+    tuning = {} if args.iters < 0 else {"iters": args.iters}
     rows = []
-    for bits, opts in settings:
-        for method in ["rtn"] if quick else methods:
-            for preset in ["default"] if method == "rtn" else PRESETS:
-                label = f"{method} {bits}" + (" g32" if opts.get("group_size") else "") + \
-                        (f" --preset {preset}" if preset != "default" else "")
+    for bits in [b for b in args.bits if b != "W4" or weight_only]:
+        for method in args.methods:
+            for preset in ["default"] if method == "rtn" else args.presets:
+                label = f"{method} {bits}" + (" g32" if bits == "W4" else "") + \
+                        (f" --preset {preset}" if preset != "default" else "") + \
+                        (f" iters={args.iters}" if tuning and method != "rtn" else "")
                 rows.append({"toolkit": "onnxflex", "setting": label, "bits": bits, "kind": "onnxflex",
-                             "options": {**opts, **inputs, "method": method, "preset": preset, "calib_samples": 0,
+                             "options": {**settings[bits], **inputs, **(tuning if method != "rtn" else {}),
+                                         "method": method, "preset": preset, "calib_samples": 0,
                                          "verify_samples": 0}})
     axes = dict(spec.split("=") for spec in task.batch_axes)
     reader = {"batch": task.batch, "axes": {k: int(v) for k, v in axes.items()},
               "fixed": {k: float(v) for k, v in (spec.split("=") for spec in task.fix_inputs)}}
-    pairs = [("U8S8", "MinMax")] if quick else [(t, c) for t in ("U8S8", "S8S8", "U8S4") for c in CALIBRATORS]
-    for types, calibrate in pairs:
-        rows.append({"toolkit": "onnxruntime", "setting": f"quantize_static {calibrate} {types}",
-                     "bits": "W4A8" if types == "U8S4" else "W8A8", "kind": "ort_static",
-                     "options": {**reader, "types": TYPES[types], "calibrate": calibrate}})
-    if weight_only and not quick:
+    for types in args.types:
+        if ("W4A8" if types == "U8S4" else "W8A8") not in args.bits:
+            continue
+        for calibrate in args.calibrators:
+            rows.append({"toolkit": "onnxruntime", "setting": f"quantize_static {calibrate} {types}",
+                         "bits": "W4A8" if types == "U8S4" else "W8A8", "kind": "ort_static",
+                         "options": {**reader, "types": TYPES[types], "calibrate": calibrate}})
+    if weight_only and "W4" in args.bits:
         rows.append({"toolkit": "onnxruntime", "setting": "MatMulNBits RTN W4 g32", "bits": "W4", "kind": "ort_nbits",
                      "options": {"block_size": 32}})
     return rows
@@ -144,7 +151,7 @@ def bench_model(task: Task, args, folder: Path) -> list[dict]:
                 "metric": task.metric(fp32, fp32, eval_set), "items": len(decisions), "bytes": model_bytes(task.path)}]
     print(format_row(results[0]), flush=True)
     weight_only = matmul_share(task.path) > 0.5
-    for spec in candidates(task, args.methods, weight_only, args.quick):
+    for spec in candidates(task, args, weight_only):
         out = folder / f"{task.name}.{re.sub(r'[^A-Za-z0-9]+', '_', spec['setting'])}.onnx"
         row = {"model": task.name, **{k: spec[k] for k in ("toolkit", "setting", "bits")}}
         row.update(run_measured([sys.executable, str(ROOT / "bench" / "real_child.py"), spec["kind"], str(task.path),
@@ -167,7 +174,7 @@ def format_row(r: dict) -> str:
     """One markdown table row; a failed or timed-out row names why and leaves the figures empty."""
     head = f"| {r['model']} | {r['toolkit']} | {r['setting']} |"
     if "error" in r:
-        return f"{head} failed: {r['error'].replace('|', '/')} |||||||"
+        return f"{head} failed: {r['error'].replace('|', '/')} ||||||||"
     if r["toolkit"] == "FP32":
         return f"{head} {format_metric(r['metric'])} | {r['items']} items | | | | | | {r['bytes'] / 2**20:.1f} MiB |"
     changed = f"{int((~r['agree']).sum())} of {len(r['agree'])}"
@@ -224,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--bits", nargs="+", default=list(BITS), choices=BITS, help="W4: weight-only, groups of 32")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS, help="for the learned rounders")
+    parser.add_argument("--iters", type=int, default=-1, help="onnxflex iterations per block (-1: the preset's)")
+    parser.add_argument("--types", nargs="+", default=list(TYPES), choices=list(TYPES), help="onnxruntime's")
+    parser.add_argument("--calibrators", nargs="+", default=list(CALIBRATORS), choices=CALIBRATORS)
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--eval-samples", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per quantization child")
@@ -236,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = sys.argv[1:] if argv is None else argv
     if args.quick:
         args.calib_samples, args.eval_samples = QUICK_SAMPLES
+        args.methods, args.bits, args.types, args.calibrators = ["rtn"], ["W8A8"], ["U8S8"], ["MinMax"]
     started = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "load": " ".join(f"{v:.1f}" for v in os.getloadavg())}
     clock = time.perf_counter()
