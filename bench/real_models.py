@@ -212,8 +212,10 @@ def report(results: list[dict], args, started: dict, seconds: float) -> str:
             f"{started['load']}.\n\n{models}\n\n"
             f"Both toolkits calibrate on the same {args.calib_samples} samples (seed {SEED_CALIB}); the table is on "
             f"{args.eval_samples} others (seed {SEED_EVAL}; the VAD: 512-sample chunks of 4 streams, the state "
-            "streamed). onnxflex: `calib_samples=0, verify_samples=0`, its default and `--preset fast` "
-            "iterations; weight-only rows only where MatMul/Gemm hold most weights. onnxruntime: "
+            "streamed). onnxflex: `calib_samples=0, verify_samples=0`, the learned rounders at "
+            f"{' and '.join('--preset ' + p for p in args.presets)}"
+            + ("" if args.iters < 0 else f" cut to {args.iters} iterations per block") +
+            "; weight-only rows only where MatMul/Gemm hold most weights. onnxruntime: "
             "`quantize_static(quant_format=QDQ, per_channel=True)` (U8S4: uint8 activations, int4 weights), "
             "no `quant_pre_process`. Task metric: recognisers, line and character accuracy of the CTC greedy "
             "decode against the rendered text; classifier, accuracy on the 0/180 labels; DB text detector, IoU "

@@ -149,9 +149,11 @@ def test_report_writes_rows_failures_and_pairs(monkeypatch):
               "agree": np.array([1, 0, 0, 1], bool)}
     failed = {"model": "ppocr_cls", "toolkit": "onnxruntime", "setting": "quantize_static Entropy U8S8",
               "bits": "W8A8", "error": "timed out after 60 s"}
-    args = argparse.Namespace(argv=["--quick"], models=["ppocr_cls"], calib_samples=4, eval_samples=4, note="")
+    args = argparse.Namespace(argv=["--quick"], models=["ppocr_cls"], calib_samples=4, eval_samples=4, note="",
+                              presets=["fast"], iters=20)
     text = real_models.report([fp32, ours, theirs, failed], args, {"date": "2026-01-01 00:00 UTC", "load": "0.1"}, 60)
     assert "`python bench/real_models.py --quick`, 2026-01-01 00:00 UTC" in text and "test machine" in text
+    assert "--preset fast cut to 20 iterations per block" in text
     table = [line for line in text.splitlines() if line.startswith("| ppocr_cls")]
     assert len(table) == 4 and all(line.count("|") == 12 for line in table), table
     assert "| rtn W8A8 | accuracy 0.750 | 1 of 4 | +1 / -0 vs MinMax U8S8, p = 1 | 25.0 | 3.0 s | 300 MiB | 0.90 |" \
