@@ -40,6 +40,10 @@ def run_measured(argv: list[str], timeout: float | None = None) -> dict:
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), errors.seek(0)
         stdout, stderr = out.read(), errors.read()
+    if proc.returncode < 0:  # its stderr's last line is then some earlier warning, not the cause
+        name = signal.Signals(-proc.returncode).name
+        cause = " (the kernel's out-of-memory killer sends this)" if name == "SIGKILL" else ""
+        return {"error": f"killed by {name}{cause}"}
     if proc.returncode:
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         return {"error": (lines[-1] if lines else f"exit status {proc.returncode}")[:200]}

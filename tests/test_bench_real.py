@@ -201,3 +201,9 @@ def test_real_child_quantizes_the_bundled_cnn(tmp_path, kind, options):
                    for p in (ROOT / "models" / "digits_cnn.onnx", out))
     agree = float((fp32.argmax(-1) == quant.argmax(-1)).mean())
     assert agree >= 0.9, f"{kind}: argmax agreement {agree:.3f} < 0.9 on 16 calibration digits"
+
+
+def test_child_killed_by_a_signal_says_which():
+    got = run_measured([sys.executable, "-c", "import os, signal, sys; print('noise', file=sys.stderr); "
+                        "os.kill(os.getpid(), signal.SIGKILL)"], timeout=30)
+    assert got == {"error": "killed by SIGKILL (the kernel's out-of-memory killer sends this)"}, got
