@@ -18,7 +18,7 @@ onnxruntime row at the same bits that agrees with FP32 most (only-ours / only-th
 sign test), the output SQNR against FP32, and onnxruntime's CPU latency against FP32 (onnxflex.compare).
 ``--quick``: 4 calibration and 8 evaluation samples, onnxflex rtn W8A8 and onnxruntime MinMax U8S8 only.
 A row whose settings were cut for time says so in its label (``--preset fast``, ``iters=N``).
-Writes its section into BENCHMARKS.md between markers unless ``--no-write``.
+Writes its section into BENCHMARKS.md between markers unless ``--no-write`` (``--part NAME``: a section of its own).
 """
 from __future__ import annotations
 
@@ -73,12 +73,14 @@ def fetch(wheel: str, cache: Path) -> Path:
 
 
 def matmul_share(path: Path) -> float:
-    """Share of the weight values held by MatMul/Gemm (against Conv, ConvTranspose and those) in the
-    main graph: weight-only 4-bit rows are run where it is over a half."""
+    """Share of the weight values (initializers and Constant nodes) held by MatMul/Gemm against Conv,
+    ConvTranspose and those in the main graph: weight-only 4-bit rows are run where it is over a half."""
     import onnx
 
     model = onnx.load(str(path))
     sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    sizes.update({n.output[0]: int(np.prod(a.t.dims)) for n in model.graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value"})  # where Paddle exports keep them
     by_kind = {"matmul": 0, "conv": 0}
     for node in model.graph.node:
         kind = "matmul" if node.op_type in ("MatMul", "Gemm") else "conv" if node.op_type.startswith("Conv") else ""
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/onnxflex-real"))
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sample counts, rtn and one onnxruntime row")
     parser.add_argument("--note", default="", help="a sentence about this run, written above the table")
+    parser.add_argument("--part", default="", help="write a separate section of that name (another cut of the rows)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
@@ -260,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     text = report(results, args, started, time.perf_counter() - clock)
     print(text)
     if not args.no_write:
-        write_block(HEADER, MARKER, text)
+        write_block(f"{HEADER}: {args.part}" if args.part else HEADER,
+                    f"{MARKER}-{re.sub(r'[^a-z0-9]+', '-', args.part.lower())}" if args.part else MARKER, text)
     print(f"done in {time.perf_counter() - clock:.0f} s")
 
 

@@ -207,3 +207,19 @@ def test_child_killed_by_a_signal_says_which():
     got = run_measured([sys.executable, "-c", "import os, signal, sys; print('noise', file=sys.stderr); "
                         "os.kill(os.getpid(), signal.SIGKILL)"], timeout=30)
     assert got == {"error": "killed by SIGKILL (the kernel's out-of-memory killer sends this)"}, got
+
+
+def test_matmul_share_counts_constant_node_weights(tmp_path):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    conv_w = numpy_helper.from_array(np.zeros((4, 1, 3, 3), np.float32), "conv_w")  # 36 values, an initializer
+    matmul_w = helper.make_node("Constant", [], ["mm_w"], value=numpy_helper.from_array(np.zeros((4 * 26, 4), np.float32)))
+    graph = helper.make_graph(
+        [matmul_w, helper.make_node("Conv", ["x", "conv_w"], ["y"]), helper.make_node("Flatten", ["y"], ["f"]),
+         helper.make_node("MatMul", ["f", "mm_w"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 28, 28])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)], [conv_w])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    share = real_models.matmul_share(tmp_path / "m.onnx")
+    assert share == pytest.approx(416 / 452), f"MatMul share {share:.3f}"
