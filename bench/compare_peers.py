@@ -16,7 +16,7 @@ U8S8 and S8S8; for the classifiers also 4-bit QInt4 weights), plus for tiny_lm o
 needs the ``onnx_ir`` package). Both toolkits see the same first ``--calib-samples`` samples of
 ``<model>.calib.npz``. Each row gives the task metric on ``<model>.eval.npz`` (top-1, or perplexity for
 tiny_lm), how many eval predictions (argmax) differ from FP32's, the output SQNR against FP32 on that
-set, quantization wall time and peak RSS of the child (ru_maxrss from os.wait4), the onnxruntime CPU
+set, quantization wall time and peak RSS of the child (its own VmHWM), the onnxruntime CPU
 latency ratio against FP32 (onnxflex.compare: alternating runs, median, same batch and threads) and the
 file size. For the classifiers, FlexRound is paired with the best onnxruntime row at W8A8 and at W4A8:
 the images only one of them gets right, with the exact sign test. Writes its section into BENCHMARKS.md
@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +40,7 @@ STANDARD = ("resnet18", "mobilenetv2", "vit_tiny")  # make_standard_models.BUILD
 STANDARD_DIR = ROOT / "bench" / ".models"  # make_standard_models.DEFAULT_DIR
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_memory import paired_counts, write_block  # noqa: E402  (bench/ is not a package)
+from child import run_measured  # noqa: E402
 
 HEADER = "## Against onnxruntime.quantization"
 MARKER = "compare-peers"
@@ -53,6 +51,8 @@ TIMING_REPEATS = 30
 CHILD = """
 import json, sys, time
 import numpy as np
+sys.path.insert(0, sys.argv.pop())  # bench/, for child.peak_rss_mib
+from child import peak_rss_mib
 kind, model, calib, out, options = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
 
 
@@ -101,25 +101,14 @@ elif kind == "ort_nbits":
     quantizer.process()
     quantizer.model.save_model_to_file(out, False)
 print()  # onnxruntime's GPTQ draws a progress bar without a final newline
-print(json.dumps({"seconds": time.perf_counter() - t0}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}))
 """
 
 
 def run_child(kind: str, model: Path, calib: Path, out: Path, options: dict) -> dict:
     """One quantization in a fresh child process: its wall time and its own peak RSS (MiB), or the error."""
-    with tempfile.TemporaryFile("w+") as errors:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, kind, str(model), str(calib), str(out),
-                                 json.dumps(options)], stdout=subprocess.PIPE, stderr=errors, text=True)
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        errors.seek(0)
-        stderr = errors.read()
-    if os.waitstatus_to_exitcode(status):
-        lines = [line for line in stderr.strip().splitlines() if line.strip()]
-        return {"error": (lines[-1] if lines else f"exit status {status}")[:200]}
-    figures = json.loads(stdout.strip().splitlines()[-1])
-    figures["peak_rss_mib"] = usage.ru_maxrss / 1024
-    return figures
+    return run_measured([sys.executable, "-c", CHILD, kind, str(model), str(calib), str(out), json.dumps(options),
+                         str(ROOT / "bench")])
 
 
 def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
