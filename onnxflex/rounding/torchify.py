@@ -119,6 +119,31 @@ class Branch:
     inputs: tuple[str, ...] = ()
 
 
+def release_schedule(steps: list, branches: dict[str, dict[str, Branch]], keep: tuple[str, ...]) -> list:
+    """For each top-level step, the tensors no later step reads (nor a block output in ``keep``): they
+    can leave the interpreter's environment once it has run. A control-flow step reads, besides its own
+    inputs, every outer tensor its subgraphs name."""
+    last: dict[str, int] = {}
+    for index, step in enumerate(steps):
+        for name in _reads(step, branches):
+            last[name] = index
+    schedule: list[list[str]] = [[] for _ in steps]
+    for name, index in last.items():
+        if name not in keep:
+            schedule[index].append(name)
+    return schedule
+
+
+def _reads(step, branches: dict[str, dict[str, Branch]]) -> set[str]:
+    node = step[0]
+    names = {name for name in node.inputs if name}
+    for branch in branches.get(node.name, {}).values():
+        for inner in branch.steps:
+            names |= _reads(inner, branches)
+        names |= set(branch.outputs)
+    return names
+
+
 class BlockModule(torch.nn.Module):
     """A block as a torch module: ``forward({input name: tensor}) -> {output name: tensor}``.
 
@@ -149,6 +174,7 @@ class BlockModule(torch.nn.Module):
         self._fixed: dict[str, torch.Tensor] | None = None
         self.ran: set[tuple[str, str]] = set()  # (node, graph attribute) of every subgraph run so far
         self.trips: dict[str, int] = {}  # Loop node → iterations in the float (calibration) runs
+        self.released = release_schedule(self.nodes, self.branches, block.outputs)
 
     def _compile(self, protos: list[onnx.NodeProto], opset: int, model: onnx.ModelProto, device: torch.device,
                  inner_weights: list[onnx.TensorProto]) -> list:
@@ -201,13 +227,18 @@ class BlockModule(torch.nn.Module):
             weights = self._fixed
         else:
             weights = {l.weight: self.state.rounders[l.weight].fake_quant() for l in self.block.layers}
-        self._run(self.nodes, env, weights, observe)
-        kept = {name: env[name] for name in keep if name in env and name not in feeds}
+        kept: dict[str, torch.Tensor] = {}
+        self._run(self.nodes, env, weights, observe, release=self.released, kept=(keep, kept))
+        kept = {name: value for name, value in kept.items() if name not in feeds}
         return {**kept, **{name: env[name] for name in self.block.outputs}}
 
-    def _run(self, steps: list, env: dict, weights: dict, observe: Observer | None) -> None:
-        """Mutates ``env``: adds the outputs of ``steps``, act points quantized where they are made."""
-        for node, convert, kernel in steps:
+    def _run(self, steps: list, env: dict, weights: dict, observe: Observer | None,
+             release: list | None = None, kept: tuple | None = None) -> None:
+        """Mutates ``env``: adds the outputs of ``steps``, act points quantized where they are made.
+        With ``release`` (the top-level steps' schedule), each tensor leaves ``env`` after its last
+        reader, so that a long block without gradients holds a few tensors at a time, not all of them;
+        ``kept`` (names, dict) collects the named inner tensors before they go."""
+        for index, (node, convert, kernel) in enumerate(steps):
             if convert is None:
                 values = self._control_flow(node, env, weights, observe)
             else:
@@ -217,6 +248,10 @@ class BlockModule(torch.nn.Module):
                 values = convert(node, inputs)
             for name, value in zip(node.outputs, values):
                 env[name] = self._point(name, value, observe) if name in self.state.acts else value
+                if kept is not None and name in kept[0]:
+                    kept[1][name] = env[name]
+            for name in release[index] if release is not None else ():
+                env.pop(name, None)
 
     def _control_flow(self, node: OpNode, env: dict, weights: dict, observe: Observer | None) -> list:
         """The outputs of an If (the taken branch's: its condition is one value for the whole batch, as
