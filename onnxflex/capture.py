@@ -10,8 +10,21 @@ from onnxflex.ort import session
 from onnxflex.probes import tensor_layout, with_probes
 
 
+CAPTURE_BATCH = 64  # samples per onnxruntime run of the probed model, at most
+
+
+def capture_batch(per_sample: int, max_bytes: int) -> int:
+    """Samples per capture run: CAPTURE_BATCH, or fewer when one run's probed outputs (``per_sample``
+    bytes a sample) would pass a quarter of the cache's RAM bound ``max_bytes``: onnxruntime returns a
+    run's outputs all at once, beside what the cache already holds (a 736x736 detector's boundaries over 32
+    samples are 6 GB)."""
+    if per_sample <= 0:
+        return CAPTURE_BATCH
+    return max(1, min(CAPTURE_BATCH, max_bytes // 4 // per_sample))
+
+
 def capture(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, cache: TensorCache,
-            providers: list[str], batch: int = 64, progress=None) -> None:
+            providers: list[str], batch: int = CAPTURE_BATCH, progress=None) -> None:
     """Run ``model`` over ``data`` and store each tensor in ``cache`` as its FP run (``Key.fp(name)``),
     samples on dim 0 (a shared tensor once); records each tensor's batch axis in ``cache.layout``."""
     probed, probes = with_probes(model, tensors)

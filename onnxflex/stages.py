@@ -15,7 +15,7 @@ import onnx
 
 from onnxflex.calib import CalibrationSet
 from onnxflex.cache import TensorCache
-from onnxflex.capture import capture
+from onnxflex.capture import capture, capture_batch
 from onnxflex.device import Device
 from onnxflex.emit import emit
 from onnxflex.errors import CalibrationError
@@ -29,7 +29,7 @@ from onnxflex.progress import Progress
 from onnxflex.qparams import QuantParams
 from onnxflex.refiners import Refined
 from onnxflex.runtimes.targets import get_target
-from onnxflex.spill import check_free_disk
+from onnxflex.spill import MIB, check_free_disk, tensor_bytes
 
 log = logging.getLogger("onnxflex")
 
@@ -130,7 +130,9 @@ def capture_fp32(original: onnx.ModelProto, refined: Refined, samples: Samples, 
     boundary = boundary_tensors(refined.plan)
     recon = samples.recon
     progress.start(recon.num_samples, "capture")
-    capture(refined.plan.model, boundary, recon, cache, device.providers, progress=progress.update)
+    per_sample = sum(tensor_bytes(refined.plan.model, boundary, recon).values())
+    batch = capture_batch(per_sample, refined.config.capture.max_cache_mb * MIB)
+    capture(refined.plan.model, boundary, recon, cache, device.providers, batch=batch, progress=progress.update)
     layout = cache.layout
     progress.finish(f"captured {len(boundary)} tensors over {recon.num_samples} samples"
                     + (" (spilled to disk)" if cache.spilled else ""))

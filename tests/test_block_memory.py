@@ -91,3 +91,33 @@ def test_a_long_block_without_gradients_peaks_at_a_few_tensors():
     released_mb, held_mb = map(float, run.stdout.split()[-2:])
     assert released_mb < 200, (released_mb, held_mb)  # tensors of 32 MB: a few at a time
     assert held_mb > 700, (released_mb, held_mb)  # all 31 of them
+
+
+def test_capture_runs_fewer_samples_at_once_when_their_outputs_would_pass_a_quarter_of_the_cache():
+    from onnxflex.capture import CAPTURE_BATCH, capture_batch
+
+    assert capture_batch(0, 1 << 30) == CAPTURE_BATCH  # sizes unknown: the default
+    assert capture_batch(1 << 20, 1 << 30) == CAPTURE_BATCH
+    assert capture_batch(184 << 20, 2048 << 20) == 2  # a 736x736 detector's boundaries
+    assert capture_batch(1 << 30, 1 << 20) == 1
+
+
+def test_the_pipeline_sizes_its_capture_runs_from_the_plan(monkeypatch):
+    """With a 1 MiB cache the bundled CNN's boundaries over 64 samples pass its quarter: capture runs in
+    smaller batches (test_external_data checks that the model is byte for byte the same)."""
+    import onnxflex
+    import onnxflex.stages as stages
+    from helpers import CNN
+
+    batches = []
+    real = stages.capture
+
+    def spy(*args, batch, **kwargs):
+        batches.append(batch)
+        return real(*args, batch=batch, **kwargs)
+
+    monkeypatch.setattr(stages, "capture", spy)
+    for mb in (2048, 1):
+        onnxflex.quantize(CNN, None, onnxflex.QuantConfig(method="rtn", calib_samples=64, verify_samples=0,
+                                                          max_cache_mb=mb), progress=False)
+    assert batches[0] == 64 and 1 <= batches[1] < 64, batches
