@@ -121,3 +121,20 @@ def test_the_pipeline_sizes_its_capture_runs_from_the_plan(monkeypatch):
         onnxflex.quantize(CNN, None, onnxflex.QuantConfig(method="rtn", calib_samples=64, verify_samples=0,
                                                           max_cache_mb=mb), progress=False)
     assert batches[0] == 64 and 1 <= batches[1] < 64, batches
+
+
+def test_runs_without_gradients_take_fewer_samples_when_a_batch_would_pass_a_quarter_of_the_cache():
+    import torch
+
+    from onnxflex.rounding.reconstruct import INNER_TENSORS, BlockData, Shared
+
+    data = BlockData.__new__(BlockData)  # the sizes only: no cache or block needed
+    data.fp_inputs = {"x": torch.zeros(64, 1000), "bias": Shared(torch.zeros(10 ** 6))}
+    data.fp_outputs = {"y": torch.zeros(64, 3000)}
+    per_sample = 4 * (4000 + INNER_TENSORS * 3000)
+    data.max_bytes = 1 << 30
+    assert data.nograd_batch(32) == 32
+    data.max_bytes = 4 * per_sample * 5 + 3
+    assert data.nograd_batch(32) == 5
+    data.max_bytes = 1
+    assert data.nograd_batch(32) == 1

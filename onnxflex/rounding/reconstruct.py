@@ -38,6 +38,7 @@ from onnxflex.runtimes.base import Target
 log = logging.getLogger("onnxflex")
 
 INDEX_CHUNK = 64  # steps of minibatch indices drawn, and copied to the device, at a time
+INNER_TENSORS = 4  # a block run without gradients holds about this many of its largest tensor at a time
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,23 @@ class BlockData:
                          for n, a in cache.q_inputs(block).items()}
         self.num_samples = cache.num_samples
         self.device = device
+        self.max_bytes = cache.max_bytes
 
     def run(self, module, inputs: dict[str, torch.Tensor], observe=None) -> dict[str, torch.Tensor]:
         """``module`` on sample-major ``inputs``; its outputs sample-major."""
         feeds = {k: self.layout.to_model(k, v) for k, v in inputs.items()}
         outputs = module(feeds) if observe is None else module(feeds, observe=observe)
         return {k: self.layout.to_samples(k, v) for k, v in outputs.items()}
+
+    def nograd_batch(self, size: int) -> int:
+        """Samples per batch for the block's runs without gradients (calibration, evaluation, the
+        quantized outputs): ``size``, or fewer when a batch's boundary tensors plus INNER_TENSORS of its
+        largest would pass a quarter of the cache's RAM bound (a 736x736 detector's head block held
+        2 GB more at 32 samples than at 8). Training batches are the method's and stay ``size``."""
+        tensors = [t for t in (*self.fp_inputs.values(), *self.fp_outputs.values()) if not isinstance(t, Shared)]
+        sizes = [int(np.prod(t.shape[1:], dtype=np.int64)) for t in tensors]
+        per_sample = 4 * (sum(sizes) + INNER_TENSORS * max(sizes, default=0))
+        return max(1, min(size, self.max_bytes // 4 // max(per_sample, 1)))
 
     def largest_sample(self) -> int:
         """Values per sample of the block's largest input or output."""
@@ -177,7 +189,7 @@ def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed
             samples[name].append(_thinned(value.detach().reshape(-1).cpu(), size, data.num_samples, thin))
 
     module.quantize = False
-    for batch in _batches(data.fp_inputs, data.num_samples, config.batch_size):
+    for batch in _batches(data.fp_inputs, data.num_samples, data.nograd_batch(config.batch_size)):
         data.run(module, batch, observe=observe)
     module.quantize = True
     gen = torch.Generator().manual_seed(seed)
@@ -343,7 +355,7 @@ class BlockRunner:
             progress.start(self.config.iters if learns else 0, f"{block.name} ({index + 1}/{len(self.plan.blocks)})")
             before, steps = self.learn(module, data, seed, progress) if learns else (None, 0)
             self.freeze(module, block)
-            after = store_quantized_outputs(module, data, self.cache, self.config.batch_size)
+            after = store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size))
         if before is None:  # nothing changed the block: the loss before is the loss after
             before = after
         runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
@@ -390,10 +402,10 @@ class BlockRunner:
     def learn(self, module: BlockModule, data: BlockData, seed: int, progress: Progress) -> tuple[float, int]:
         """Trains the block's rounders and activation steps; (loss before, steps run). Learning that ends
         at a higher loss than it started from is undone: the round-to-nearest start is kept."""
-        before = evaluate(module, data, self.config.batch_size)
+        before = evaluate(module, data, data.nograd_batch(self.config.batch_size))
         start = [p.detach().clone() for params, _ in module.learnable() for p in params]
         steps = train(module, data, self.config, seed, progress)
-        after = evaluate(module, data, self.config.batch_size)
+        after = evaluate(module, data, data.nograd_batch(self.config.batch_size))
         if after > before:
             _restore(module, start)
             log.info("%s: learning ended at a higher loss (%.4g > %.4g); kept the round-to-nearest start",
@@ -428,7 +440,7 @@ class BlockRunner:
                 module = BlockModule(block, self.plan.model, default_opset(self.plan.model), self.state, self.device)
                 for layer in block.layers:
                     module.constants.pop(layer.weight, None)
-            store_quantized_outputs(module, data, self.cache, self.config.batch_size)
+            store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size))
         return module
 
     def _add_quantizers(self, block: Block, method: str) -> None:
