@@ -18,6 +18,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 import onnxflex
+from onnxflex.check import check
 from onnxflex.config import QuantConfig
 from onnxflex.emit.pack import unpack_int4
 from onnxflex.errors import ConfigError
@@ -181,6 +182,10 @@ def test_blocked_asymmetric_weights_emit_uint4_and_fuse_to_matmulnbits_with_zero
     assert len(fused[0].input) >= 4 and fused[0].input[3], f"MatMulNBits without zero_points: {list(fused[0].input)}"
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
     assert sim >= 60.0, f"{method}: onnxruntime vs simulation SQNR {sim:.1f} dB < 60 dB"
+    rules = {f.rule for f in check(model).findings}
+    assert not rules & {"zero-point", "weight-dtype"}, f"onnxflex check flags the asymmetric weights: {rules}"
+    trt = {f.rule for f in check(model, "tensorrt").findings}
+    assert "weight-dtype" in trt, f"tensorrt should refuse UINT4 weights: {trt}"
 
 
 def test_per_channel_asymmetric_weights_are_uint8_with_zero_points(calib):
@@ -194,6 +199,10 @@ def test_per_channel_asymmetric_weights_are_uint8_with_zero_points(calib):
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
     assert sim >= 60.0, f"onnxruntime vs simulation SQNR {sim:.1f} dB < 60 dB"
     assert all(r["int_min"] >= 0 and r["int_max"] <= 15 for r in result.report["layers"])
+    rules = {f.rule for f in check(result.model).findings}
+    assert not rules & {"zero-point", "weight-dtype"}, f"onnxflex check flags the asymmetric weights: {rules}"
+    trt = {f.rule for f in check(result.model, "tensorrt").findings}
+    assert {"zero-point", "weight-dtype"} & trt, f"tensorrt takes no weight zero points: {trt}"
 
 
 def test_symmetric_grid_stays_signed_int4_without_zero_points(calib):
