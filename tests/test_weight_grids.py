@@ -222,3 +222,17 @@ def test_tiny_lm_weight_only_default_is_asymmetric_and_every_matmul_fuses(tmp_pa
     assert len(fused) == 25 and all(len(n.input) >= 4 and n.input[3] for n in fused), len(fused)
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["logits"]
     assert sim >= 60.0, f"onnxruntime vs simulation SQNR {sim:.1f} dB < 60 dB"
+
+
+def test_asymmetric_weights_survive_a_checkpoint(tmp_path):
+    """A resumed run restores uint8 integers and zero points as they were (checkpoint.py)."""
+    from onnxflex.checkpoint import Checkpoint
+    from onnxflex.rounding.reconstruct import BlockResult
+
+    q = make_rounder("flexround", skewed_weight(), 1, 3, "mse", 16, asymmetric=True).export()
+    folder = Checkpoint(tmp_path, {"model": "m", "config": "c", "calibration data": "d"})
+    folder.save(0, "block0", BlockResult("block0", 1.0, 0.5, 10, 0.1), {"w": q}, {})
+    restored = folder.load(0, "block0")["weights"]["w"]
+    assert restored.asymmetric and restored.zero_point.dtype == np.uint8 and restored.block_size == 16
+    np.testing.assert_array_equal(restored.zero_point, q.zero_point)
+    np.testing.assert_array_equal(FrozenRounder(restored).fake_quant().numpy(), q.dequantize())
