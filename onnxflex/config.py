@@ -15,6 +15,8 @@ TARGETS = tuple(TARGET_TABLE)  # --target names, in the table's order
 GRANULARITIES = ("block", "layer")
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_SEARCH = ("minmax", "mse")
+WEIGHT_GRIDS = ("auto", "symmetric", "asymmetric")  # what each means: weight_grid_of
+ASYMMETRIC_AUTO_BITS = 4  # weight_grid auto: asymmetric for weight-only runs of at most this many bits
 METHOD_DEFAULT = -1  # iters or lr at -1: the method's own value (onnxflex.options.resolve gives it)
 PRESET_DEFAULT = -1  # batch_size or early_stop at -1: the preset's value, resolved likewise
 PRESETS = ("fast", "default", "best")  # their values: onnxflex.options.PRESET_VALUES
@@ -24,7 +26,7 @@ MIN_BUDGET_BITS = 2  # the narrowest width mixed precision gives a layer (onnxfl
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the options that take one of a fixed set."""
     return {"method": METHODS, "granularity": GRANULARITIES, "target": TARGETS, "device": DEVICES,
-            "weight_scale": SCALE_SEARCH, "act_scale": SCALE_SEARCH, "preset": PRESETS}
+            "weight_scale": SCALE_SEARCH, "act_scale": SCALE_SEARCH, "preset": PRESETS, "weight_grid": WEIGHT_GRIDS}
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
@@ -65,6 +67,9 @@ OPTION_HELP: dict[str, str] = {
     "act_lr": "learning rate of the activation step sizes",
     "weight_scale": "initial weight step: min/max or an MSE grid search",
     "act_scale": "initial activation step: min/max or an MSE grid search",
+    "weight_grid": "weight integer grid: symmetric (signed, zero point 0), asymmetric (unsigned with a zero point "
+                   "per channel or group; weight-only runs on targets that take weight zero points), or auto "
+                   "(asymmetric for weight-only runs at 4 bits or fewer where the target takes them, else symmetric)",
     "reparam_layernorm": "fold per-channel LayerNorm output ranges into the LayerNorm and the MatMul/Gemm reading "
                          "it, so one per-tensor activation step serves every channel (exact in float)",
     "seed": "random seed; a seed gives byte-identical output on one machine",
@@ -127,6 +132,7 @@ class QuantConfig:
     act_lr: float = 2e-4
     weight_scale: str = "mse"
     act_scale: str = "mse"
+    weight_grid: str = "auto"
     reparam_layernorm: bool = True
     seed: int = 0
     device: str = "auto"
@@ -176,7 +182,19 @@ class QuantConfig:
             raise ConfigError(f"checkpoint_dir={self.checkpoint_dir!r} must be a folder path (a string; '' = none)")
         self._check_lists()
         self._check_group_size()
+        self._check_weight_grid()
         self._check_budgets()
+
+    def _check_weight_grid(self) -> None:
+        _check_choice("weight_grid", self.weight_grid, WEIGHT_GRIDS)
+        if self.weight_grid != "asymmetric":
+            return
+        if not TARGET_TABLE.get(self.target).weight_only_zero_points:
+            raise ConfigError(f"weight_grid='asymmetric' needs weight zero points, which target {self.target!r} "
+                              "does not take: use weight_grid='symmetric' (or 'auto'), or another target")
+        if self.abits != 0:
+            raise ConfigError(f"weight_grid='asymmetric' is built for weight-only runs (abits 0), got abits="
+                              f"{self.abits}: pass abits=0, or weight_grid='symmetric' (or 'auto')")
 
     def _check_defaults(self) -> None:
         """-1 means "the method's / preset's default"; any other negative value is refused naming it."""
@@ -276,6 +294,16 @@ class QuantConfig:
 
     def replace(self, **changes: Any) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
+
+
+def weight_grid_of(config: QuantConfig) -> str:
+    """The grid a run with ``config`` uses, 'symmetric' or 'asymmetric': ``weight_grid`` unless it is
+    'auto', which is asymmetric for weight-only runs (abits 0) of at most ASYMMETRIC_AUTO_BITS wbits on
+    a target that takes weight zero points (Target.weight_only_zero_points), else symmetric."""
+    if config.weight_grid != "auto":
+        return config.weight_grid
+    takes = TARGET_TABLE.get(config.target).weight_only_zero_points
+    return "asymmetric" if takes and config.abits == 0 and config.wbits <= ASYMMETRIC_AUTO_BITS else "symmetric"
 
 
 def as_float(value: Any) -> Any:

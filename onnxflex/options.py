@@ -27,7 +27,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from onnxflex.config import METHOD_DEFAULT, PRESET_DEFAULT, QuantConfig, as_float, plain
+from onnxflex.config import METHOD_DEFAULT, PRESET_DEFAULT, QuantConfig, as_float, plain, weight_grid_of
 from onnxflex.errors import ConfigError
 
 
@@ -96,7 +96,8 @@ class PlanOptions(_Record):
 @dataclass(frozen=True, kw_only=True)
 class RoundingOptions(_Record):
     """What reconstruction reads: the method with its resolved schedule (``iters``, ``batch_size``,
-    ``early_stop``, ``lr``: never -1 here), step searches, the block seed base, threads, checkpoints."""
+    ``early_stop``, ``lr``: never -1 here), step searches, the weight grid (``weight_grid``: 'symmetric'
+    or 'asymmetric' here, never 'auto'), the block seed base, threads, checkpoints."""
 
     method: str
     preset: str
@@ -108,6 +109,7 @@ class RoundingOptions(_Record):
     act_lr: float
     weight_scale: str
     act_scale: str
+    weight_grid: str
     abits: int
     seed: int
     threads: int
@@ -219,7 +221,8 @@ def resolve(config: QuantConfig) -> Resolved:
     values.update(iters=iters, early_stop=early_stop,
                   batch_size=preset.batch_size if config.batch_size == PRESET_DEFAULT else config.batch_size,
                   lr=method_lr(config.method, iters) if config.lr == METHOD_DEFAULT else config.lr,
-                  bits_budget=as_float(config.bits_budget), size_budget_mb=as_float(config.size_budget_mb))
+                  bits_budget=as_float(config.bits_budget), size_budget_mb=as_float(config.size_budget_mb),
+                  weight_grid=weight_grid_of(config))
     return Resolved(**{part: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
                        for part, cls in _PARTS.items()})
 

@@ -16,12 +16,14 @@ class QuantizedWeight:
     """A weight as the emitter writes it: ``w ≈ (ints - zero_point) * scale``, DequantizeLinear's
     ``axis`` and ``block_size`` semantics.
 
-    ints: int8 array with the weight's shape (values within ``bits``).
+    ints: int8 array with the weight's shape (values within ``bits``, signed), zero_point int8 zeros
+        (symmetric); or, on an asymmetric grid, ints and zero_point uint8 (values in [0, 2^bits − 1]).
     block_size 0: per channel, ``axis`` the output-channel axis, scale float32 [channels] and
-        zero_point int8 [channels] (zeros for symmetric weights).
+        zero_point [channels].
     block_size G > 0: blocked (opset 21), ``axis`` the blocked (input-channel) axis, one step per G
-        consecutive elements along it: scale float32 and zero_point int8 of shape
-        ``emit.pack.blocked_scale_shape(ints.shape, axis, G)``; the emitter writes the integers as INT4.
+        consecutive elements along it: scale float32 and zero_point of shape
+        ``emit.pack.blocked_scale_shape(ints.shape, axis, G)``; the emitter writes the integers (and an
+        asymmetric weight's zero points) as INT4 / UINT4.
     """
 
     ints: np.ndarray
@@ -30,6 +32,11 @@ class QuantizedWeight:
     axis: int
     bits: int
     block_size: int = 0
+
+    @property
+    def asymmetric(self) -> bool:
+        """Unsigned integers with zero points (else signed, zero point 0)."""
+        return self.ints.dtype == np.uint8
 
     def spread(self, values: np.ndarray) -> np.ndarray:
         """A scale-shaped array (scale or zero point) made broadcastable against ``ints``."""

@@ -17,7 +17,10 @@ class Target:
     act_dtype: integer type onnxflex writes for quantized activations (UINT8 → asymmetric with a zero
         point, INT8 → symmetric, zero point 0).
     act_dtypes: activation types the runtime runs as integers (what `onnxflex check` accepts).
-    weight_dtype: integer type of weights (always symmetric, zero point 0, one step per output channel).
+    weight_dtype: integer type of weights on a symmetric grid (zero point 0, one step per output channel).
+    weight_only_zero_points: weight-only layers (float activations) may use asymmetric weights, UINT8 per
+        channel or blocked UINT4 with a zero point per step (onnxruntime: MatMulNBits with zero_points);
+        what ``weight_grid=auto`` reads.
     blocked_weight_dtypes / blocked_weight_ops: 4-bit types a weight may use with one blocked axis
         (DequantizeLinear ``block_size``, opset 21), and the ops that run such weights.
     int32_bias: True → the bias goes in as int32 through DequantizeLinear with scale s_x·s_w;
@@ -45,6 +48,7 @@ class Target:
     act_dtype: int = TensorProto.UINT8
     act_dtypes: tuple[int, ...] = (TensorProto.UINT8, TensorProto.INT8)
     weight_dtype: int = TensorProto.INT8
+    weight_only_zero_points: bool = False
     blocked_weight_dtypes: tuple[int, ...] = (TensorProto.INT4, TensorProto.UINT4)
     blocked_weight_ops: tuple[str, ...] = ("MatMul", "Gemm")
     int32_bias: bool = True

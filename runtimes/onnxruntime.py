@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from onnxflex.runtimes.base import Target
 
-ONNXRUNTIME = Target(name="onnxruntime", recurrent_ops=("LSTM",))
+ONNXRUNTIME = Target(name="onnxruntime", recurrent_ops=("LSTM",), weight_only_zero_points=True)
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulNBits",
                    "DynamicQuantizeMatMul", "QLinearAdd", "DynamicQuantizeLSTM")

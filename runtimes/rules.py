@@ -117,7 +117,8 @@ def check_opset(view: GraphView, target: Target) -> list[Finding]:
 @RULES.register("weight-qdq")
 def check_weights(view: GraphView, target: Target) -> list[Finding]:
     """The weight reads an integer constant through DequantizeLinear, per channel on the output axis
-    (or blocked on the input axis for 4-bit weight-only ops), with zero point 0."""
+    (or blocked on the input axis for 4-bit weight-only ops), with zero point 0 (a weight-only layer
+    of a target with ``weight_only_zero_points`` may be asymmetric: uint8 / UINT4 with zero points)."""
     out = []
     for node in view.layers:
         dq = view.weight_dq(node)
@@ -134,13 +135,15 @@ def _weight_encoding(view: GraphView, node, dq, target: Target) -> list[Finding]
     scale = view.array(dq.input[1])
     block = node_attr(dq, "block_size", 0)
     where = f"weight {node.input[1]!r}"
+    # an asymmetric weight (unsigned, with zero points) is fine on a weight-only layer of a target that takes them
+    zero_points_ok = target.weight_only_zero_points and view.from_op(node.input[0], "DequantizeLinear") is None
     if block:
         if ints.data_type not in target.blocked_weight_dtypes or node.op_type not in target.blocked_weight_ops:
             return [Finding(node.name, node.op_type, "weight-dtype", f"{where}: blocked {_name(ints.data_type)} "
                             f"on {node.op_type} is not run by {target.name} (it runs blocked "
                             f"{'/'.join(map(_name, target.blocked_weight_dtypes))} on "
                             f"{'/'.join(target.blocked_weight_ops)})")]
-    elif ints.data_type != target.weight_dtype:
+    elif ints.data_type != target.weight_dtype and not (zero_points_ok and ints.data_type == TensorProto.UINT8):
         return [Finding(node.name, node.op_type, "weight-dtype", f"{where} is {_name(ints.data_type)}; "
                         f"{target.name} runs {_name(target.weight_dtype)} weights")]
     out = []
@@ -155,7 +158,7 @@ def _weight_encoding(view: GraphView, node, dq, target: Target) -> list[Finding]
             out.append(Finding(node.name, node.op_type, "opset", f"{where}: per-channel DequantizeLinear needs "
                                f"opset {PER_CHANNEL_OPSET}, the model imports {view.opset}"))
     zp, _ = view.zero_point(dq)
-    if zp is not None and np.any(zp != 0):
+    if zp is not None and np.any(zp != 0) and not zero_points_ok:
         out.append(Finding(node.name, node.op_type, "zero-point", f"{where} has a non-zero zero point; "
                            f"{target.name} runs symmetric weights only"))
     return out

@@ -1,7 +1,8 @@
 """Weight-only mode (abits 0, group_size G): blocked 4-bit MatMul weights that onnxruntime runs as MatMulNBits.
 
 Per group of G input channels one step (scale [K/G, N] for a MatMul weight [K, N]); the integers (2-4
-bits) are written as packed INT4 with DequantizeLinear(axis 0, block_size G), opset 21. On the bundled
+bits) are written as packed UINT4 with UINT4 zero points (weight_grid auto: asymmetric on onnxruntime;
+tests/test_weight_grids.py has the symmetric INT4 form) with DequantizeLinear(axis 0, block_size G), opset 21. On the bundled
 tiny LM at W4 and W3 with groups of 32, the learned rounders (FlexRound, SignRound) beat round-to-nearest
 in perplexity and in KL divergence to FP32, with a larger perplexity gain at 3 bits than at 4. Models run
 in onnxflex's sessions (ort.session): MatMulNBits at accuracy level 0, float activations, as the
@@ -124,7 +125,7 @@ def test_lm_weight_only_runs_as_matmulnbits_and_matches_the_simulation(weight_on
     assert sim >= 60.0, f"{method}: onnxruntime vs simulation SQNR {sim:.1f} dB < 60 dB"
     rows = [r for r in result.report["layers"] if r["op_type"] == "MatMul"]
     assert len(rows) == LM_MATMULS and {r["group_size"] for r in rows} == {GROUP}, rows[:2]
-    assert all(-8 <= r["int_min"] and r["int_max"] <= 7 for r in rows)
+    assert all(0 <= r["int_min"] and r["int_max"] <= 15 for r in rows)  # asymmetric by default (weight_grid auto)
 
 
 def test_verification_session_runs_matmulnbits_at_accuracy_level_0(weight_only_lm, tmp_path):
@@ -156,17 +157,20 @@ def test_lm_weight_only_graph_and_bytes(weight_only_lm):
     for node in weighted:
         dq = producer[node.input[1]]
         attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
-        w, s = inits[dq.input[0]], inits[dq.input[1]]
-        assert len(dq.input) == 2, f"{node.name}: no zero point expected (symmetric)"
-        assert w.data_type == TensorProto.INT4 and attrs == {"axis": 0, "block_size": GROUP}, (node.name, attrs)
+        assert len(dq.input) == 3, f"{node.name}: a zero point expected (weight_grid auto: asymmetric at W3)"
+        w, s, z = (inits[name] for name in dq.input)
+        assert w.data_type == z.data_type == TensorProto.UINT4 and attrs == {"axis": 0, "block_size": GROUP}, \
+            (node.name, attrs)
         k, n = w.dims
-        assert list(s.dims) == [k // GROUP, n] and s.data_type == TensorProto.FLOAT, (node.name, list(s.dims))
-        ints = unpack_int4(np.frombuffer(w.raw_data, np.uint8), k * n, signed=True)
-        assert -4 <= ints.min() and ints.max() <= 3, f"{node.name}: W3 integers in [{ints.min()}, {ints.max()}]"
-        q_bytes += len(w.raw_data) + numpy_helper.to_array(s).nbytes
+        assert list(s.dims) == list(z.dims) == [k // GROUP, n] and s.data_type == TensorProto.FLOAT, \
+            (node.name, list(s.dims))
+        ints = unpack_int4(np.frombuffer(w.raw_data, np.uint8), k * n, signed=False)
+        assert ints.max() <= 7, f"{node.name}: W3 integers in [{ints.min()}, {ints.max()}]"
+        q_bytes += len(w.raw_data) + numpy_helper.to_array(s).nbytes + len(z.raw_data)
     ratio = fp_bytes / q_bytes
-    print(f"\nMatMul weight bytes: FP32 {fp_bytes}, INT4 + scales {q_bytes} ({ratio:.2f}x smaller)", file=sys.stderr)
-    assert ratio >= 3.5, f"MatMul weights shrink {ratio:.2f}x (FP32 {fp_bytes} B, INT4 + scales {q_bytes} B) < 3.5x"
+    print(f"\nMatMul weight bytes: FP32 {fp_bytes}, UINT4 + scales + zero points {q_bytes} ({ratio:.2f}x smaller)",
+          file=sys.stderr)
+    assert ratio >= 3.5, f"MatMul weights shrink {ratio:.2f}x (FP32 {fp_bytes} B, quantized {q_bytes} B) < 3.5x"
 
 
 # ---- small models built in code ----
@@ -200,8 +204,8 @@ def test_small_model_blocks_matmul_and_gemm_weights():
     dqs = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
     by_op = {n.op_type: n for n in g.node}
     mm, gemm = dqs[by_op["MatMul"].input[1]], dqs[by_op["Gemm"].input[1]]
-    assert inits[mm.input[0]].data_type == TensorProto.INT4 and list(inits[mm.input[1]].dims) == [4, 16]
-    assert inits[gemm.input[0]].data_type == TensorProto.INT4 and list(inits[gemm.input[1]].dims) == [1, 8]
+    assert inits[mm.input[0]].data_type == TensorProto.UINT4 and list(inits[mm.input[1]].dims) == [4, 16]
+    assert inits[gemm.input[0]].data_type == TensorProto.UINT4 and list(inits[gemm.input[1]].dims) == [1, 8]
     assert [l["group_size"] for l in result.report["layers"]] == [16, 16]
     kernels = {layer.node: layer.kernel for layer in check(result.model).layers}
     # onnxruntime 1.31 leaves this MatMul (-> Relu -> Gemm) unfused whatever the Gemm's weight is

@@ -80,12 +80,18 @@ def _replace_initializer_uses(g: onnx.GraphProto, old: str, new: str) -> None:
 def _blocked_dq_node(g: onnx.GraphProto, scope, base: str, qw: QuantizedWeight) -> str:
     """Adds a packed INT4 initializer (2-4 bit values in the 4-bit container), its float32 scale of
     blocked shape and a DequantizeLinear(axis, block_size) with no zero point (symmetric: 0) to ``g``;
-    returns its output name. onnxruntime fuses it with a MatMul reading it into MatMulNBits."""
+    an asymmetric weight is UINT4 with a UINT4 zero point of the scale's shape instead. Returns the
+    DequantizeLinear's output name. onnxruntime fuses it with a MatMul reading it into MatMulNBits
+    (with zero_points when asymmetric)."""
     q_name, s_name = scope.unique_name(f"{base}_quantized"), scope.unique_name(f"{base}_scale")
-    g.initializer.extend([int4_initializer(qw.ints, q_name, signed=True),
+    g.initializer.extend([int4_initializer(qw.ints, q_name, signed=not qw.asymmetric),
                           numpy_helper.from_array(qw.scale.astype(np.float32), s_name)])
+    inputs = [q_name, s_name]
+    if qw.asymmetric:
+        inputs.append(scope.unique_name(f"{base}_zero_point"))
+        g.initializer.append(int4_initializer(qw.zero_point, inputs[-1], signed=False))
     out = scope.unique_name(f"{base}_dequantized")
-    g.node.append(helper.make_node("DequantizeLinear", [q_name, s_name], [out],
+    g.node.append(helper.make_node("DequantizeLinear", inputs, [out],
                                    name=scope.unique_name(f"{base}_DequantizeLinear"), axis=qw.axis,
                                    block_size=qw.block_size))
     return out
@@ -152,7 +158,8 @@ def _drop_unread(g: onnx.GraphProto, names: list[str]) -> None:
 def quantize_weights(model, params, target):
     """Each quantized weight becomes int8 integers + per-channel DequantizeLinear (symmetric, zp 0), or,
     when it has a block size, INT4 integers + blocked DequantizeLinear (the versions stage then raises
-    the opset to 21), in the graph (top level or subgraph) whose initializer it is."""
+    the opset to 21), in the graph (top level or subgraph) whose initializer it is. Asymmetric weights
+    are uint8 / UINT4 with their zero points."""
     scope = NameScope.of(model)
     for g in all_graphs(model.graph):
         own = {t.name for t in g.initializer}
@@ -161,6 +168,9 @@ def quantize_weights(model, params, target):
                 continue
             if qw.block_size:
                 out = _blocked_dq_node(g, scope, name, qw)
+            elif qw.asymmetric:
+                out = _dq_node(g, scope, name, qw.ints.astype(np.uint8), qw.scale.astype(np.float32),
+                               qw.zero_point.astype(np.uint8), qw.axis)
             else:
                 out = _dq_node(g, scope, name, qw.ints.astype(np.int8), qw.scale.astype(np.float32),
                                qw.zero_point.astype(np.int8), qw.axis)

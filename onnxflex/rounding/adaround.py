@@ -4,6 +4,8 @@
 
 with ζ = 1.1, γ = −0.1 (the rectified sigmoid reaches 0 and 1 at finite V). The step s [C] (or per group) is the
 round-to-nearest step of the configured scale search and stays fixed; only V (weight-shaped) learns.
+On an asymmetric grid the integer zero point z of each step is added before the clamp to [0, 2^b − 1]
+and stays at its start (an integer shift leaves the choice of rounding up or down unchanged).
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ class AdaRounder(Rounder):
     BETA_START, BETA_END = 20.0, 2.0
 
     def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse",
-                 group_size: int = 0) -> None:
-        super().__init__(weight, axis, bits, scale_search, group_size)
+                 group_size: int = 0, asymmetric: bool = False) -> None:
+        super().__init__(weight, axis, bits, scale_search, group_size, asymmetric)
         self.register_buffer("floor", torch.zeros_like(self.weight))
         self.v = torch.nn.Parameter(torch.zeros_like(self.weight))
         self._start()
@@ -75,7 +77,7 @@ class AdaRounder(Rounder):
 
     def integers(self) -> torch.Tensor:
         offset = self.h() if self.training else (self.v >= 0).to(self.weight.dtype)
-        return torch.clamp(self.floor + offset, self.qmin, self.qmax)
+        return torch.clamp(self.shift(self.floor + offset), self.qmin, self.qmax)
 
     def beta(self, progress: float) -> float | None:
         """β at ``progress`` = iteration / iterations; None during the warm-up."""

@@ -15,11 +15,17 @@ small ones, so the step fits the bulk of the weights. Working in step units make
 weight's magnitude. Each channel (group) keeps the step of least lp error seen, s0 included, so it is
 never worse than round-to-nearest on that measure. Nothing is learned from data: the block loop only
 calibrates the activation steps, as for RTN.
+
+On an asymmetric grid (q = clamp(round(W / s) + z, 0, qmax), Ŵ = s · (q − z)) each round fits both: the
+step by least squares on the levels q − z, then the zero point as the integer nearest to the mean of
+q − (W − E) / s (HQQ's own zero-point update, rounded because the emitted zero points are integers).
+The start is grid.py's (step, zero point); the pair of least lp error seen is kept.
 """
 from __future__ import annotations
 
 import torch
 
+from onnxflex.rounding.grid import rounding_error
 from onnxflex.rounding.rounders import Rounder, grouped_view
 
 
@@ -30,9 +36,38 @@ class HQQRounder(Rounder):
     P, ROUNDS, BETA, KAPPA = 0.7, 20, 1.0, 1.01
 
     def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse",
-                 group_size: int = 0) -> None:
-        super().__init__(weight, axis, bits, scale_search, group_size)
-        self.register_buffer("step", self.refined(self.init_scale))
+                 group_size: int = 0, asymmetric: bool = False) -> None:
+        super().__init__(weight, axis, bits, scale_search, group_size, asymmetric)
+        if asymmetric:
+            step, zero = self.refined_pair(self.init_scale, self.init_zero)
+            self.register_buffer("step", step)
+            self.register_buffer("fit_zero", zero)
+        else:
+            self.register_buffer("step", self.refined(self.init_scale))
+
+    @torch.no_grad()
+    def refined_pair(self, start: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step, zero point) of least lp error per channel (group) over the rounds from the asymmetric
+        start (``start``'s shape each)."""
+        view, dims, shape = grouped_view(self.weight, self.axis, self.group_size)
+        keep = [1 if d in dims else n for d, n in enumerate(view.shape)]
+        s, z = start.reshape(keep), zero.reshape(keep)
+        best_s, best_z = s, z
+        best_err = rounding_error(view, s, z, dims, self.qmax, self.P)
+        beta = self.BETA
+        for _ in range(self.ROUNDS):
+            q = torch.clamp(torch.round(view / s) + z, 0, self.qmax)
+            target = view - s * _shrink(view / s - (q - z), beta, self.P)
+            levels = q - z
+            num, den = _sum(target * levels, dims), _sum(levels * levels, dims)
+            s = torch.where(den > 0, num / den.clamp_min(1e-12), s).clamp_min(1e-12)
+            z = torch.round(_sum(q - target / s, dims) / (view.numel() // s.numel())).clamp(0, self.qmax)
+            err = rounding_error(view, s, z, dims, self.qmax, self.P)
+            better = err < best_err
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+            best_err = torch.where(better, err, best_err)
+            beta *= self.KAPPA
+        return best_s.reshape(shape), best_z.reshape(shape)
 
     @torch.no_grad()
     def refined(self, start: torch.Tensor) -> torch.Tensor:
@@ -59,6 +94,9 @@ class HQQRounder(Rounder):
     def scale(self) -> torch.Tensor:
         return self.step
 
+    def zero(self) -> torch.Tensor | None:
+        return self.fit_zero if self.asymmetric else None
+
     @torch.no_grad()
     def raise_steps(self, floor: torch.Tensor) -> int:
         """As Rounder.raise_steps, on the refined steps (the ones this rounder rounds with)."""
@@ -68,7 +106,7 @@ class HQQRounder(Rounder):
         return int(low.sum())
 
     def integers(self) -> torch.Tensor:
-        return torch.clamp(torch.round(self.weight / self.spread(self.step)), self.qmin, self.qmax)
+        return torch.clamp(self.shift(torch.round(self.weight / self.spread(self.step))), self.qmin, self.qmax)
 
 
 def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:

@@ -13,7 +13,11 @@ from onnxflex.rounding.table import rounder_class
 
 
 def make_rounder(method: str, weight: torch.Tensor, axis: int, bits: int, scale_search: str,
-                 group_size: int = 0) -> Rounder:
+                 group_size: int = 0, asymmetric: bool = False) -> Rounder:
+    """The rounder of ``method`` for one weight, on a symmetric grid or (``asymmetric``) an unsigned
+    grid with a zero point per step (Rounder)."""
+    if asymmetric:
+        return rounder_class(method)(weight, axis, bits, scale_search, group_size, asymmetric=True)
     return rounder_class(method)(weight, axis, bits, scale_search, group_size)
 
 

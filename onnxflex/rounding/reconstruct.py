@@ -133,7 +133,7 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
         inits = initializers_of(model, layer)
         w = _layer_weight(layer, model, device)
         state.rounders[layer.weight] = make_rounder(method, w, layer.axis, layer.bits, config.weight_scale,
-                                                    layer.group_size)
+                                                    layer.group_size, config.weight_grid == "asymmetric")
         if layer.bias and target.int32_bias and config.abits:
             state.int32_biases[layer.bias] = (layer.weight, layer.input)
             b = tensor_array(inits[layer.bias], model).astype(np.float32)
@@ -161,7 +161,7 @@ def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: Roundi
     for layer in untaken:
         module.state.rounders[layer.weight] = make_rounder(
             "rtn", _layer_weight(layer, model, device), layer.axis, layer.bits, config.weight_scale,
-            layer.group_size)
+            layer.group_size, config.weight_grid == "asymmetric")
     names = {l.weight for l in untaken}
     module.own_rounders = torch.nn.ModuleList(module.state.rounders[l.weight] for l in module.block.layers
                                               if l.weight not in names)

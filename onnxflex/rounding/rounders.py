@@ -1,7 +1,9 @@
 """Weight rounders behind one interface.
 
-Every rounder holds one float weight and its quantization grid (signed ``bits``, symmetric, one step
-per output channel along ``axis``, zero point 0), and offers:
+Every rounder holds one float weight and its quantization grid: symmetric (signed ``bits``, one step
+per output channel along ``axis`` or per group, zero point 0) or asymmetric (unsigned ``bits``, a step
+s and an integer zero point z per channel or group: q = clamp(round(W / s) + z, 0, 2^b − 1),
+Ŵ = s · (q − z); grid.py finds the start), and offers:
   fake_quant() -> Tensor   the quantized-then-dequantized weight, differentiable (straight-through);
                            in training mode a rounder may round softly (AdaRound), in eval mode
                            (the default outside reconstruction) it is exactly what export() writes;
@@ -21,7 +23,8 @@ import torch
 
 from onnxflex.qparams import QuantizedWeight, channel_shape
 from onnxflex.rounding.policies import AdamCosine, StepPolicy
-from onnxflex.rounding.quant import round_ste, signed_range
+from onnxflex.rounding.grid import init_asymmetric_grid
+from onnxflex.rounding.quant import round_ste, signed_range, unsigned_range
 
 GRID = torch.linspace(0.5, 1.0, 21)
 SEARCH_CHUNK = 1 << 18  # weight values per step of the grid search
@@ -93,6 +96,9 @@ class Rounder(torch.nn.Module):
     step covers G consecutive elements along the input axis 1 - ``axis`` of one output channel, and
     the step tensors (``scale()``, FlexRound's δ1, SignRound's α) have ``grouped_view``'s scale shape.
 
+    ``asymmetric``: the grid is unsigned with a zero point per step (``zero()``, float integers of the
+    steps' shape); ``integers()`` then returns q in [0, 2^b − 1] and ``fake_quant`` is (q − z) · s.
+
     A rounder starts in eval mode; reconstruction switches it to training mode while it learns.
     ``reconstructs``: whether its method learns against the FP block at all (its rounding parameters
     and the activation steps); a method that does not (RTN, a data-free rounder) keeps the calibrated
@@ -103,13 +109,21 @@ class Rounder(torch.nn.Module):
     reconstructs = True
 
     def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse",
-                 group_size: int = 0) -> None:
+                 group_size: int = 0, asymmetric: bool = False) -> None:
         super().__init__()
         self.register_buffer("weight", weight.detach().float().clone())
-        self.axis, self.bits, self.group_size = axis, bits, group_size
-        self.qmin, self.qmax = signed_range(bits)
+        self.axis, self.bits, self.group_size, self.asymmetric = axis, bits, group_size, asymmetric
         self.shape = channel_shape(weight.ndim, axis)
-        self.register_buffer("init_scale", init_weight_scale(self.weight, axis, bits, scale_search, group_size))
+        if asymmetric:
+            self.qmin, self.qmax = unsigned_range(bits)
+            view, dims, shape = grouped_view(self.weight, axis, group_size)
+            scale, zero = init_asymmetric_grid(view, dims, bits, scale_search)
+            self.register_buffer("init_scale", scale.reshape(shape))
+            self.register_buffer("init_zero", zero.reshape(shape))
+        else:
+            self.qmin, self.qmax = signed_range(bits)
+            self.register_buffer("init_scale", init_weight_scale(self.weight, axis, bits, scale_search, group_size))
+            self.init_zero = None
         self.train(False)
 
     def spread(self, steps: torch.Tensor) -> torch.Tensor:
@@ -128,6 +142,15 @@ class Rounder(torch.nn.Module):
     def scale(self) -> torch.Tensor:
         return self.init_scale
 
+    def zero(self) -> torch.Tensor | None:
+        """The zero points (steps' shape, integer values in float; differentiable where learned), or
+        None on a symmetric grid."""
+        return self.init_zero
+
+    def shift(self, levels: torch.Tensor) -> torch.Tensor:
+        """``levels`` (weight-shaped) plus the zero points on an asymmetric grid; unchanged otherwise."""
+        return levels + self.spread(self.zero()) if self.asymmetric else levels
+
     @torch.no_grad()
     def raise_steps(self, floor: torch.Tensor) -> int:
         """Mutates: the starting steps below ``floor`` (``init_scale``'s shape) are raised to it, before
@@ -141,24 +164,31 @@ class Rounder(torch.nn.Module):
         raise NotImplementedError
 
     def fake_quant(self) -> torch.Tensor:
+        if self.asymmetric:
+            return (self.integers() - self.spread(self.zero())) * self.spread(self.scale())
         return self.integers() * self.spread(self.scale())
 
     @torch.no_grad()
     def export(self) -> QuantizedWeight:
-        """Per channel on ``axis``, or blocked (block_size G) on the input axis 1 - ``axis``."""
-        ints = torch.round(self.integers()).to(torch.int8).cpu().numpy()
+        """Per channel on ``axis``, or blocked (block_size G) on the input axis 1 - ``axis``; int8
+        integers and zero points 0, or on an asymmetric grid uint8 integers and zero points."""
         scale = self.scale().detach().float().cpu().numpy().astype(np.float32)
         axis = 1 - self.axis if self.group_size else self.axis
+        if self.asymmetric:
+            ints = torch.round(self.integers()).to(torch.uint8).cpu().numpy()
+            zero = torch.round(self.zero().detach()).to(torch.uint8).cpu().numpy()
+            return QuantizedWeight(ints, scale, zero, axis, self.bits, self.group_size)
+        ints = torch.round(self.integers()).to(torch.int8).cpu().numpy()
         return QuantizedWeight(ints, scale, np.zeros_like(scale, dtype=np.int8), axis, self.bits, self.group_size)
 
 
 class RTNRounder(Rounder):
-    """q = clamp(round(W / s)), s from min/max or the MSE grid; nothing is learned."""
+    """q = clamp(round(W / s) (+ z)), s (and z) from min/max or the MSE grid; nothing is learned."""
 
     reconstructs = False
 
     def integers(self) -> torch.Tensor:
-        return torch.clamp(torch.round(self.weight / self.spread(self.init_scale)), self.qmin, self.qmax)
+        return torch.clamp(self.shift(torch.round(self.weight / self.spread(self.init_scale))), self.qmin, self.qmax)
 
 
 class FlexRounder(Rounder):
@@ -168,12 +198,20 @@ class FlexRounder(Rounder):
     δ4 (per input channel, Conv weights only) start at 0, so the first forward equals RTN bit for bit
     (exp(0) = 1 exactly; storing log s0 instead would not round-trip). Dividing by a learned
     element-wise scale makes the update of δ2 proportional to |W| (the reciprocal rule).
+
+    On an asymmetric grid the zero points z0 (grid.py) learn as well, as z0 + ZERO_GAIN · δz (δz in the
+    deltas' rate group, starting at 0): at Adam's per-step size of about lr, the gain lets z travel a
+    few integers over a run.
     """
 
+    ZERO_GAIN = 10.0
+
     def __init__(self, weight: torch.Tensor, axis: int, bits: int, scale_search: str = "mse",
-                 group_size: int = 0) -> None:
-        super().__init__(weight, axis, bits, scale_search, group_size)
+                 group_size: int = 0, asymmetric: bool = False) -> None:
+        super().__init__(weight, axis, bits, scale_search, group_size, asymmetric)
         self.delta1 = torch.nn.Parameter(torch.zeros_like(self.init_scale))
+        if asymmetric:  # z = round_STE(z0 + ZERO_GAIN · δz): the zero points learn too
+            self.delta_zero = torch.nn.Parameter(torch.zeros_like(self.init_zero))
         self.delta2 = torch.nn.Parameter(torch.zeros_like(self.weight))
         self.delta3 = torch.nn.Parameter(torch.zeros([weight.shape[axis] if d == axis else 1
                                                       for d in range(weight.ndim)]))
@@ -183,10 +221,19 @@ class FlexRounder(Rounder):
 
     def param_groups(self):
         deltas = [self.delta2, self.delta3] + ([self.delta4] if self.has_delta4 else [])
+        if self.asymmetric:
+            deltas.append(self.delta_zero)
         return [([self.delta1], "scale_lr"), (deltas, "lr")]
 
     def scale(self) -> torch.Tensor:
         return self.init_scale * torch.exp(self.delta1)
+
+    def zero(self) -> torch.Tensor | None:
+        """The learned zero points, integers in [0, qmax] (straight-through rounding): inside the range
+        a shift by an integer changes nothing, so δz learns from the weights clamped at either end."""
+        if not self.asymmetric:
+            return None
+        return torch.clamp(round_ste(self.init_zero + self.ZERO_GAIN * self.delta_zero), self.qmin, self.qmax)
 
     def divisor(self) -> torch.Tensor:
         exponent = self.delta2 + self.delta3
@@ -195,7 +242,7 @@ class FlexRounder(Rounder):
         return self.spread(self.scale()) * torch.exp(exponent)
 
     def integers(self) -> torch.Tensor:
-        return torch.clamp(round_ste(self.weight / self.divisor()), self.qmin, self.qmax)
+        return torch.clamp(self.shift(round_ste(self.weight / self.divisor())), self.qmin, self.qmax)
 
 
 class FrozenRounder(torch.nn.Module):
