@@ -60,6 +60,11 @@ def place(canonical: onnx.ModelProto, config: PlanOptions, warnings: tuple[str, 
     found = list(warnings)
     layers = select_layers(canonical, target, config)
     floats = latency_floats(canonical, layers, target, config)
+    if floats and len(floats) == len(layers):  # an all-float model is no quantized model
+        found.append(f"the latency rule would keep every one of the {len(layers)} layers float (each sums fewer "
+                     f"than {target.float_depth} products per output), so all stay integer; such a model may "
+                     "run slower than FP32 on the CPU (the report's latency_rules section has the ratio)")
+        floats = ()
     layers = tuple(layer for layer in layers if layer not in {f for f, _ in floats})
     points = activation_points(canonical, layers, target, config)  # recurrent layers take float inputs
     recurrent, recurrent_warnings = recurrent_layers(canonical, target, config)

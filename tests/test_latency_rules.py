@@ -185,3 +185,14 @@ def test_check_still_fails_a_deep_float_layer():
     assert not report.ok
     assert {f.node for f in report.fallbacks} == {"a"}, format_report(report)
     assert "b" in {f.node for f in report.findings if f.rule == "latency-float"}
+
+
+def test_a_model_of_only_shallow_layers_stays_integer_with_a_warning():
+    model = _model(HEADER + """
+net (float[N, 8, 12, 12] x) => (float[N, 8, 12, 12] y) {
+    d = Conv <group = 8, pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, wd)
+    y = Sigmoid (d)
+}""", wd=(8, 1, 3, 3))
+    plan = _plan(model)
+    assert [layer.node for layer in plan.layers] == ["d"] and plan.latency_floats == ()
+    assert any("would keep every one of the 1 layers float" in w for w in plan.warnings), plan.warnings
