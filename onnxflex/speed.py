@@ -40,40 +40,39 @@ MIN_ROUNDS = 5
 MAX_ROUNDS = 200
 
 
-def element_counts(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:
-    """Tensor → element count per sample, from onnx shape inference with the graph inputs fixed to the
-    shapes in ``feed`` (batch: axis 0 of the first input); {} when inference fails."""
+def inferred_shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Tensor → shape, from onnx shape inference with the graph inputs fixed to the shapes in ``feed``
+    (``model`` is not changed); tensors left with an unknown dim are absent, and {} when inference fails."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     del fixed.graph.value_info[:]
-    batch = 1
     for vi in fixed.graph.input:
         if vi.name in feed and vi.type.HasField("tensor_type"):
-            shape = np.shape(feed[vi.name])
-            batch = batch if batch > 1 or not shape else max(int(shape[0]), 1)
             vi.type.tensor_type.shape.Clear()
-            for d in shape:
+            for d in np.shape(feed[vi.name]):
                 vi.type.tensor_type.shape.dim.add().dim_value = int(d)
     try:
         inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
     except Exception:  # onnx raises several types (and a >2 GB proto cannot be inferred in memory)
         log.debug("shape inference for the latency cost model failed", exc_info=True)
         return {}
-    counts = {}
+    shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         dims = vi.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            counts[vi.name] = int(np.prod([d.dim_value for d in dims])) / batch
-    return counts
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
+    return shapes
 
 
 def predicted_ratio(plan, feed: dict[str, np.ndarray]) -> float | None:
     """The cost model's (module docstring) quantized / FP32 cost of ``plan`` (its canonical model,
-    integer layers and activation points) on ``feed``'s shapes; None when no layer's output has a shape."""
+    integer layers and activation points) on ``feed``'s shapes; None when no weighted layer's output
+    has a known shape. A MatMul of two activations costs its MACs in both (K: its first input's last dim)."""
     from onnxflex.placement import reduction_depth
 
     model = plan.model
-    counts = element_counts(model, feed)
+    shapes = inferred_shapes(model, feed)
+    counts = {name: int(np.prod(shape)) for name, shape in shapes.items()}
     dims = {t.name: t.dims for t in model.graph.initializer}
     integer = {layer.node for layer in plan.layers}
     fp32 = quantized = 0.0
@@ -87,8 +86,10 @@ def predicted_ratio(plan, feed: dict[str, np.ndarray]) -> float | None:
             fp32 += macs
             quantized += INT_MAC * macs + REQUANT * out if node.name in integer else macs
         else:
-            fp32 += ELEMENT * out
-            quantized += ELEMENT * out
+            k = shapes.get(node.input[0], (1,))[-1:] if node.op_type == "MatMul" else ()
+            cost = (k[0] if k else ELEMENT) * out
+            fp32 += cost
+            quantized += cost
     quantized += _boundaries(model, plan.act_points, integer, counts)
     return round(quantized / fp32, 3) if known and fp32 else None
 
