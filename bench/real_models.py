@@ -4,6 +4,7 @@
                                 [--bits W8A8 W4A8 W4] [--presets default fast] [--iters N]
                                 [--types U8S8 S8S8 U8S4] [--calibrators MinMax Entropy Percentile]
                                 [--calib-samples 64] [--eval-samples 128] [--timeout 1800]
+                                [--latency-rules on|off|both]
                                 [--cache ~/.cache/onnxflex-bench] [--dir /tmp/onnxflex-real] [--quick]
 
 The wheels (versions pinned in bench/real_tasks.py) are fetched with ``pip download --no-deps`` into
@@ -52,6 +53,7 @@ TIMING_THREADS = 1
 TIMING_REPEATS = 20
 QUICK_SAMPLES = (4, 8)
 SEED_CALIB, SEED_EVAL = 1, 2
+LATENCY_RULES = {"on": (True,), "off": (False,), "both": (True, False)}  # onnxflex rows per --latency-rules
 
 
 def fetch(wheel: str, cache: Path) -> Path:
@@ -99,14 +101,16 @@ def candidates(task: Task, args, weight_only: bool) -> list[dict]:
     rows = []
     for bits in [b for b in args.bits if b != "W4" or weight_only]:
         for method in args.methods:
-            for preset in ["default"] if method == "rtn" else args.presets:
+            for preset, rules in [(p, r) for p in (["default"] if method == "rtn" else args.presets)
+                                  for r in LATENCY_RULES[getattr(args, "latency_rules", "on")]]:
                 label = f"{method} {bits}" + (" g32" if bits == "W4" else "") + \
                         (f" --preset {preset}" if preset != "default" else "") + \
-                        (f" iters={args.iters}" if tuning and method != "rtn" else "")
+                        (f" iters={args.iters}" if tuning and method != "rtn" else "") + \
+                        ("" if rules else " --no-latency-rules")
                 rows.append({"toolkit": "onnxflex", "setting": label, "bits": bits, "kind": "onnxflex",
                              "options": {**settings[bits], **inputs, **(tuning if method != "rtn" else {}),
                                          "method": method, "preset": preset, "calib_samples": 0,
-                                         "verify_samples": 0}})
+                                         "verify_samples": 0, "latency_rules": rules}})
     axes = dict(spec.split("=") for spec in task.batch_axes)
     reader = {"batch": task.batch, "axes": {k: int(v) for k, v in axes.items()},
               "fixed": {k: float(v) for k, v in (spec.split("=") for spec in task.fix_inputs)}}
@@ -245,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per quantization child")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "onnxflex-bench")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/onnxflex-real"))
+    parser.add_argument("--latency-rules", choices=list(LATENCY_RULES), default="on",
+                        help="onnxflex rows with the latency rules (on, the default), without them (off), or both")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sample counts, rtn and one onnxruntime row")
     parser.add_argument("--note", default="", help="a sentence about this run, written above the table")
     parser.add_argument("--part", default="", help="write a separate section of that name (another cut of the rows)")

@@ -75,12 +75,14 @@ class Block:
 class BlockPlan:
     """The canonical model and its ordered blocks. Every node of the graph is in exactly one block,
     except side nodes (masks, position ids: made from constants, int inputs and input shapes) that a
-    later block reading their results repeats (passes/partition.py)."""
+    later block reading their results repeats (passes/partition.py). ``latency_floats``: (node, op type,
+    reduction depth) of the weighted layers the latency rule keeps float (passes/select.latency_floats)."""
 
     model: onnx.ModelProto
     blocks: tuple[Block, ...]
     act_points: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    latency_floats: tuple[tuple[str, str, int], ...] = field(default=())
 
     @property
     def layers(self) -> tuple[QuantLayer, ...]:
@@ -96,4 +98,7 @@ class BlockPlan:
             lines.append(f"      in: {', '.join(b.inputs)}  out: {', '.join(b.outputs)}")
             if b.unsupported:
                 lines.append(f"      runs in onnxruntime (no torch converter for {', '.join(b.unsupported)})")
+        if self.latency_floats:
+            lines.append("kept float by the latency rule (reduction depth): "
+                         + ", ".join(f"{op}:{node} ({depth})" for node, op, depth in self.latency_floats))
         return "\n".join(lines)

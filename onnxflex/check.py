@@ -22,7 +22,7 @@ import onnx
 
 from onnxflex.graph import all_nodes, load_model, node_attr
 from onnxflex.registry import Registry
-from onnxflex.runtimes.rules import Finding, GraphView, recurrent_nodes, static_findings
+from onnxflex.runtimes.rules import LATENCY_FLOAT, Finding, GraphView, recurrent_nodes, static_findings
 from onnxflex.runtimes.targets import get_target
 
 FLOAT_KERNELS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "LSTM")
@@ -30,8 +30,9 @@ FLOAT_KERNELS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedG
 
 @dataclass(frozen=True)
 class LayerStatus:
-    """One weighted node: ``integer`` is False when a fallback finding names it; ``kernel`` is what the
-    runtime made of it (onnxruntime's optimized op, or TensorRT precisions), '' when not known."""
+    """One weighted node: ``integer`` is False when a fallback or latency-float finding names it;
+    ``kernel`` is what the runtime made of it (onnxruntime's optimized op, or TensorRT precisions), ''
+    when not known."""
 
     node: str
     op_type: str
@@ -78,8 +79,8 @@ def check(model: str | os.PathLike | onnx.ModelProto, target: str = "onnxruntime
     else:
         result = RuntimeResult(not_verified=(f"{spec.runtime_check} check not run (--static-only); placement "
                                              "and encoding were checked statically only",))
-    findings += result.findings
-    failed = {f.node for f in findings if f.fallback}
+    findings = by_design(findings + list(result.findings))
+    failed = {f.node for f in findings if f.fallback or f.rule == LATENCY_FLOAT}  # float either way
     inner = subgraph_layers(proto)
     layers = tuple(LayerStatus(n.name, n.op_type, n.name not in failed, result.kernels.get(n.name, ""))
                    for n in list(view.layers) + recurrent_nodes(view, spec) + inner)
@@ -88,6 +89,14 @@ def check(model: str | os.PathLike | onnx.ModelProto, target: str = "onnxruntime
             f"the static rules cover top-level layers; the {len(inner)} layer(s) inside If/Loop/Scan subgraphs "
             "are judged by the runtime check alone",))
     return CheckReport(source, spec.name, tuple(findings), layers, result.ops, result.not_verified)
+
+
+def by_design(findings: list[Finding]) -> list[Finding]:
+    """``findings`` without the fallbacks of layers kept float by the latency rule (a LATENCY_FLOAT
+    warning names each and its reason): a float weight, float inputs and a float kernel are what that
+    rule meant, not a placement that failed."""
+    intended = {f.node for f in findings if f.rule == LATENCY_FLOAT}
+    return [f for f in findings if f.node not in intended or f.rule == LATENCY_FLOAT]
 
 
 @dataclass(frozen=True)
@@ -179,11 +188,14 @@ def format_report(report: CheckReport) -> str:
     for f in report.findings:
         where = f"{f.node} ({f.op_type})" if f.op_type else f.node
         lines.append(f"  {'FALLBACK' if f.fallback else 'warning '}  {where}  [{f.rule}] {f.message}")
+    intended = {f.node for f in report.findings if f.rule == LATENCY_FLOAT}
     integer = sum(l.integer for l in report.layers)
-    lines.append(f"layers: {integer} of {len(report.layers)} run as integers on {report.target}")
+    floats = f" ({len(intended)} float by the latency rule)" if intended else ""
+    lines.append(f"layers: {integer} of {len(report.layers)} run as integers on {report.target}{floats}")
     for layer in report.layers:
         kernel = f" -> {layer.kernel}" if layer.kernel else ""
-        lines.append(f"  {'ok      ' if layer.integer else 'FALLBACK'}  {layer.node} ({layer.op_type}){kernel}")
+        state = "float   " if layer.node in intended else "ok      " if layer.integer else "FALLBACK"
+        lines.append(f"  {state}  {layer.node} ({layer.op_type}){kernel}")
     if report.runtime_ops:
         lines.append("onnxruntime optimized graph: " + ", ".join(f"{k}×{c}" for k, c in report.runtime_ops.items()))
     lines += [f"not verified: {line}" for line in report.not_verified]

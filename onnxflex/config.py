@@ -102,6 +102,10 @@ OPTION_HELP: dict[str, str] = {
     "checkpoint_dir": "folder for per-block checkpoints; a killed run restarted with the same arguments resumes there",
     "optimize_latency": "time every layer as integer and as float in onnxruntime on this machine (one calibration "
                         "batch) and keep in float the layers that make the model slower as integers",
+    "latency_rules": "keep float the weighted layers that sum too few products per output to gain as integers "
+                     "on the target (depthwise convs, convs over 1-3 channels, MatMuls with a small K: reduction "
+                     "depth below the target's float_depth, 32 on onnxruntime, off on tensorrt), unless only "
+                     "integer layers read their output; static, and the report names them",
     "latency_threads": "onnxruntime threads for --optimize-latency timing (0 = onnxruntime's default); use the "
                        "thread count the model will be deployed with",
     "requantize": "accept an already-quantized (QDQ) model: dequantize its weights to float, drop its Q/DQ "
@@ -153,6 +157,7 @@ class QuantConfig:
     checkpoint_dir: str = ""
     requantize: bool = False
     optimize_latency: bool = False
+    latency_rules: bool = True
     latency_threads: int = 0
 
     def __post_init__(self) -> None:

@@ -83,6 +83,7 @@ class PlanOptions(_Record):
     layer_bits: tuple[tuple[str, int], ...]
     fix_inputs: tuple[str, ...]
     requantize: bool
+    latency_rules: bool
 
     def bits_for(self, node: str) -> int:
         """Weight bits of ``node``: the first ``layer_bits`` pattern that matches its name, else wbits."""

@@ -7,7 +7,8 @@
     capture      stages.capture_fp32   → Captured     FP32 block boundaries into the cache, FP32 outputs
     reconstruct  stages.reconstruct_blocks → Reconstructed  the block loop, exported parameters
     emit         stages.emit_model     → Emitted      the QDQ model
-    verify       stages.verify_model   → Verified     onnxruntime against the simulation and FP32
+    verify       stages.verify_model   → Verified     onnxruntime against the simulation and FP32;
+                                                      the latency ratio vs FP32 (report-only)
 
 ``run_pipeline`` returns a PipelineResult holding the records; report.build_report makes the report
 from it, api.quantize wraps both in a QuantResult.
@@ -91,7 +92,7 @@ def run_pipeline(model: Any, calibration: Any, config: QuantConfig, progress: Pr
         captured = capture_fp32(original, refined, samples, cache, device, progress)
         reconstructed = reconstruct_blocks(refined, cache, checkpoint, device, progress)
     emitted = emit_model(refined, reconstructed)
-    verified = verify_model(emitted, refined, reconstructed, captured, samples, device)
+    verified = verify_model(emitted, refined, reconstructed, captured, samples, device, original)
     return PipelineResult(samples, refined, captured, reconstructed, emitted, verified, prepared)
 
 

@@ -44,6 +44,22 @@ def weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
     return 1, 0
 
 
+def reduction_depth(node: onnx.NodeProto, dims: Sequence[int]) -> int:
+    """Products summed into each output element of weighted ``node`` with a weight of shape ``dims``:
+    Conv [M, C/g, kh, kw] → C/g·kh·kw (a depthwise conv: kh·kw); ConvTranspose [C, M/g, kh, kw] →
+    C/g·kh·kw (an upper bound: strides spread the taps over the outputs); MatMul and Gemm → K, the
+    weight's input-channel axis. The integer kernel's per-output cost is repaid only by a deep sum."""
+    dims = [int(d) for d in dims]
+    spatial = 1
+    for d in dims[2:]:
+        spatial *= d
+    if node.op_type == "ConvTranspose":
+        return max(dims[0] // max(int(node_attr(node, "group", 1)), 1), 1) * spatial
+    if node.op_type == "Conv":
+        return dims[1] * spatial
+    return dims[weight_axes(node)[1]]
+
+
 def channel_axis(node: onnx.NodeProto, rank: int) -> int | None:
     """The output-channel axis along which a weight of ``rank`` dims gets one step per channel, or None
     where onnxflex does not quantize the node (not a weighted op, or a MatMul weight that is not 2-D)."""

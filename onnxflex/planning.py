@@ -19,7 +19,7 @@ from onnxflex.passes.control_flow import control_flow_warnings
 from onnxflex.passes.partition import partition
 from onnxflex.passes.pipeline import PassContext, run_passes
 from onnxflex.passes.recurrent import recurrent_layers, state_tensors
-from onnxflex.passes.select import activation_points, select_layers, unmatched_patterns
+from onnxflex.passes.select import activation_points, latency_floats, select_layers, unmatched_patterns
 from onnxflex.passes.select_inner import select_inner
 from onnxflex.runtimes.targets import get_target
 
@@ -59,6 +59,13 @@ def place(canonical: onnx.ModelProto, config: PlanOptions, warnings: tuple[str, 
     target = get_target(config.target)
     found = list(warnings)
     layers = select_layers(canonical, target, config)
+    floats = latency_floats(canonical, layers, target, config)
+    if floats and len(floats) == len(layers):  # an all-float model is no quantized model
+        found.append(f"the latency rule would keep every one of the {len(layers)} layers float (each sums fewer "
+                     f"than {target.float_depth} products per output), so all stay integer; such a model may "
+                     "run slower than FP32 on the CPU (the report's latency_rules section has the ratio)")
+        floats = ()
+    layers = tuple(layer for layer in layers if layer not in {f for f, _ in floats})
     points = activation_points(canonical, layers, target, config)  # recurrent layers take float inputs
     recurrent, recurrent_warnings = recurrent_layers(canonical, target, config)
     found.extend(recurrent_warnings)
@@ -71,7 +78,8 @@ def place(canonical: onnx.ModelProto, config: PlanOptions, warnings: tuple[str, 
     in_torch = {n for b in placed.blocks if not b.unsupported for n in b.nodes}  # an If there runs in torch
     found.extend(control_flow_warnings(canonical, inner_layers, lambda node: node.name in in_torch))
     found.extend(unmatched_patterns(canonical, layers + recurrent + inner_layers, config))
-    return dataclasses.replace(placed, warnings=tuple(found))
+    return dataclasses.replace(placed, warnings=tuple(found),
+                               latency_floats=tuple((l.node, l.op_type, depth) for l, depth in floats))
 
 
 def build_plan(model: onnx.ModelProto, config: PlanOptions) -> BlockPlan:

@@ -32,6 +32,7 @@ def build_report(result, warnings: list[str], total_seconds: float) -> dict:
         "plan": {"blocks": len(plan.blocks), "layers": len(plan.layers), "activation_points": len(plan.act_points),
                  "granularity": config.plan.granularity},
         "verification": verification.to_dict() if verification else {},
+        "latency_rules": result.verified.latency,
         **result.refined.sections,
         "timings": {**result.refined.timings, "passes": result.prepared_seconds,
                     "capture": result.captured.seconds, "reconstruct": result.reconstructed.seconds,
@@ -45,6 +46,17 @@ def build_report(result, warnings: list[str], total_seconds: float) -> dict:
         "reconstruction": reconstruction_summary(config.rounding, blocks),
         "warnings": list(dict.fromkeys(warnings)),
     }
+
+
+def timeless(report: dict) -> dict:
+    """``report`` without what the wall clock decides (timings, per-block seconds, the measured
+    latency): what two runs with the same inputs and seed give identically."""
+    from onnxflex.speed import MEASURED_KEYS
+
+    out = {k: v for k, v in report.items() if k != "timings"}
+    out["blocks"] = [{k: v for k, v in b.items() if k != "seconds"} for b in report.get("blocks", [])]
+    out["latency_rules"] = {k: v for k, v in report.get("latency_rules", {}).items() if k not in MEASURED_KEYS}
+    return out
 
 
 def block_rows(plan, results) -> list[dict]:
@@ -75,6 +87,18 @@ def reconstruction_summary(config, blocks: list[dict]) -> dict:
     return {"preset": config.preset, "iters": config.iters, "batch_size": config.batch_size,
             "early_stop": config.early_stop, "steps_run": sum(steps),
             "blocks_stopped_early": sum(0 < s < config.iters for s in steps)}
+
+
+def latency_lines(section: dict) -> list[str]:
+    """The summary's line on the latency_rules section (none when it is empty)."""
+    if not section:
+        return []
+    kept = section["kept_float"]
+    floats = f"; {len(kept)} layer(s) kept float by the latency rule" if kept else ""
+    predicted, measured = section["predicted_ratio_vs_fp32"], section["measured_ratio_vs_fp32"]
+    shown = f"{measured:.2f}" if measured is not None else f"not measured ({section['measured']['skipped']})"
+    return [f"latency vs FP32 (onnxruntime CPU): predicted {predicted if predicted is not None else 'unknown'}, "
+            f"measured {shown}{floats}"]
 
 
 def to_json(report: dict) -> str:
@@ -115,6 +139,7 @@ def summary(report: dict) -> str:
     kernels = {k: c for k, c in ops.items() if k.startswith("QLinear") or k in ("QGemm", "MatMulNBits", "DynamicQuantizeLSTM")}
     if ops:
         lines.append("onnxruntime integer kernels: " + (", ".join(f"{k}×{c}" for k, c in kernels.items()) or "none"))
+    lines += latency_lines(report.get("latency_rules") or {})
     cfg = report["config"]
     group = f" (MatMul/Gemm groups of {cfg['group_size']})" if cfg.get("group_size") else ""
     mixed = report.get("mixed_precision")

@@ -200,22 +200,52 @@ def emit_model(refined: Refined, reconstructed: Reconstructed) -> Emitted:
 
 @dataclass(frozen=True)
 class Verified:
-    """The verify stage's record: verify.Verification, or None when no sample was held out."""
+    """The verify stage's record: verify.Verification, or None when no sample was held out, and the
+    report's ``latency_rules`` section (speed.latency_section: predicted and measured ratio vs FP32)."""
 
     verification: Any
     seconds: float
+    latency: dict = dataclasses.field(default_factory=dict)
 
 
 def verify_model(emitted: Emitted, refined: Refined, reconstructed: Reconstructed, captured: Captured,
-                 samples: Samples, device: Device) -> Verified:
+                 samples: Samples, device: Device, original: onnx.ModelProto | None = None) -> Verified:
     """Runs the emitted model against the simulation and FP32 on the held-out samples; without any,
-    warns that the output is unverified."""
+    warns that the output is unverified. Then times it against ``original`` (the user's FP32 model;
+    None: not timed) for the latency_rules section, which changes nothing emitted."""
     t = time.perf_counter()
+    verification = None
     if not samples.held.num_samples:
         _warn_unverified(samples.total, refined.config.data)
-        return Verified(None, _lap(t) + captured.reference_seconds)
-    verification = _verification(emitted.model, refined, reconstructed.modules, captured, samples.held, device)
-    return Verified(verification, _lap(t) + captured.reference_seconds)
+    else:
+        verification = _verification(emitted.model, refined, reconstructed.modules, captured, samples.held, device)
+    latency = latency_rules(emitted.model, refined, samples, original)
+    return Verified(verification, _lap(t) + captured.reference_seconds, latency)
+
+
+def latency_rules(qmodel: onnx.ModelProto, refined: Refined, samples: Samples,
+                  original: onnx.ModelProto | None) -> dict:
+    """The latency_rules section (onnxflex/speed.py): the cost model on the shapes of one batch (held
+    out, else of reconstruction), the ratio measured on one held-out batch when there is one. A
+    measurement that cannot run is noted in the section, never raised: it decides nothing."""
+    from onnxflex.calib import fixed_batch
+    from onnxflex.speed import latency_section, measured_ratio
+
+    config, plan = refined.config, refined.plan
+    data = samples.held if samples.held.num_samples else samples.recon
+    batch = fixed_batch(plan.model) or min(config.rounding.batch_size, data.num_samples)
+    feed = data.feeds(0, batch) if 0 < batch <= data.num_samples else {}
+    skipped = ("no FP32 model to time against" if original is None else "no held-out samples"
+               if not samples.held.num_samples else f"fewer held-out samples than the model's batch {batch}"
+               if not feed else "")
+    timed = {"measured_ratio_vs_fp32": None, "measured": {"skipped": skipped}}
+    if not skipped:
+        try:
+            timed = measured_ratio(original, qmodel, feed, config.refine.latency_threads)
+        except Exception as exc:  # onnxruntime raises several unrelated types; the section only reports
+            log.debug("timing the emitted model failed", exc_info=True)
+            timed["measured"]["skipped"] = f"onnxruntime could not time it: {type(exc).__name__}: {exc}"[:300]
+    return latency_section(plan, get_target(config.plan.target), config.plan.latency_rules, feed, timed)
 
 
 def _verification(qmodel: onnx.ModelProto, refined: Refined, modules, captured: Captured, held: CalibrationSet,

@@ -14,7 +14,7 @@ from onnxflex.errors import ConfigError, UnsupportedModelError
 from onnxflex.graph import consumers, graph_input_names, node_attr
 from onnxflex.options import PlanOptions
 from onnxflex.placement import (FLOAT_TYPES, QUANTIZABLE_TYPES, channel_axis, declared_types, output_point,
-                                residual_skips)
+                                reduction_depth, residual_skips)
 from onnxflex.runtimes.base import Target
 
 
@@ -39,6 +39,33 @@ def select_layers(model: onnx.ModelProto, target: Target, config: PlanOptions) -
         group = _group_size(node, weight, bits, config)
         layers.append(QuantLayer(node.name, node.op_type, weight.name, axis, node.input[0], bias, bits, group))
     return tuple(layers)
+
+
+def latency_floats(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], target: Target,
+                   config: PlanOptions) -> tuple[tuple[QuantLayer, int], ...]:
+    """(layer, reduction depth) of the ``layers`` the latency rule keeps float, in graph order: those of
+    depth below ``target.float_depth`` (placement.reduction_depth), except a layer whose output point
+    (placement.output_point) is read only by layers that stay integer, as their input — floating it
+    would keep its output Q/DQ and add a float op. A layer kept by that exception makes its own
+    producers' readers integer, so the exception is applied until nothing changes (deterministic: no
+    timing). Empty when the rule is off (``config.latency_rules``, a target without ``float_depth``)
+    or for weight-only runs, which put no Q/DQ on activations."""
+    if not config.latency_rules or not target.float_depth or config.abits == 0:
+        return ()
+    dims = {t.name: t.dims for t in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    depth = {l.node: reduction_depth(by_name[l.node], dims[l.weight]) for l in layers}
+    floated = {name for name, d in depth.items() if d < target.float_depth}
+    users, outputs = consumers(model), {o.name for o in model.graph.output}
+    points = {name: output_point(by_name[name].output[0], users, target.absorb, outputs) for name in floated}
+    names = {l.node for l in layers}
+    while True:
+        integer = names - floated
+        kept = {name for name in floated if points[name] not in outputs and users.get(points[name])
+                and all(r.name in integer and r.input[0] == points[name] for r in users[points[name]])}
+        if not kept:
+            return tuple((l, depth[l.node]) for l in layers if l.node in floated)
+        floated -= kept
 
 
 def check_float32(node: onnx.NodeProto, weight: onnx.TensorProto) -> None:

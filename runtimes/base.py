@@ -38,6 +38,10 @@ class Target:
     Versions and checking:
     min_opset / max_opset: default-domain opsets the emitted model may use (per-channel
         DequantizeLinear needs 13; the runtime's parser reads up to max_opset; 0 = no known limit).
+    float_depth: a weighted layer whose reduction depth (products summed per output element:
+        Cin/groups·kh·kw for Conv, K for MatMul/Gemm; onnxflex.placement.reduction_depth) is below this
+        runs slower as an integer kernel with its Q/DQ than in float, so the plan keeps it float unless
+        every reader of its output is an integer layer (passes/select.latency_floats); 0 = off.
     recurrent_ops: recurrent ops the runtime runs with integer weights (onnxruntime: LSTM as
         com.microsoft DynamicQuantizeLSTM); the others stay float (passes/recurrent.py).
     runtime_check: how `onnxflex check` asks the runtime itself ('onnxruntime-graph': read the optimized
@@ -59,6 +63,7 @@ class Target:
     min_opset: int = 13
     max_opset: int = 0
     weighted_ops: tuple[str, ...] = WEIGHTED_OPS
+    float_depth: int = 0
     recurrent_ops: tuple[str, ...] = ()
     runtime_check: str = "onnxruntime-graph"
 

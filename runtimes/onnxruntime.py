@@ -4,12 +4,17 @@ Weights int8 symmetric per output channel, activations uint8 per tensor, Q/DQ ar
 and an int32 bias through DequantizeLinear, so that the QDQ optimizer of onnxruntime fuses
 DQ → Conv/Gemm/MatMul → Q into QLinearConv / QGemm / QLinearMatMul. LSTMs become com.microsoft
 DynamicQuantizeLSTM (int8 W and R, activations quantized at run time; passes/recurrent.py).
+
+On the CPU an integer kernel pays a fixed cost per output element (requantization, and the Q/DQ at a
+float neighbour) that only a deep enough sum of products repays: depthwise convolutions, convolutions
+over 1-3 input channels and MatMuls with a small K measured slower as QLinearConv / QLinearMatMul than
+in float, so layers of reduction depth below ``float_depth`` (32) stay float by default.
 """
 from __future__ import annotations
 
 from onnxflex.runtimes.base import Target
 
-ONNXRUNTIME = Target(name="onnxruntime", recurrent_ops=("LSTM",), weight_only_zero_points=True)
+ONNXRUNTIME = Target(name="onnxruntime", recurrent_ops=("LSTM",), weight_only_zero_points=True, float_depth=32)
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulNBits",
                    "DynamicQuantizeMatMul", "QLinearAdd", "DynamicQuantizeLSTM")

@@ -16,7 +16,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnxflex.graph import default_opset, node_attr
-from onnxflex.placement import BLOCKED_OPSET, PER_CHANNEL_OPSET, output_point, residual_skips, weight_axes
+from onnxflex.placement import (BLOCKED_OPSET, PER_CHANNEL_OPSET, output_point, reduction_depth, residual_skips,
+                                weight_axes)
 from onnxflex.registry import Registry
 from onnxflex.runtimes.base import WEIGHTED_OPS, Target
 
@@ -274,6 +275,45 @@ def check_concat_scales(view: GraphView, target: Target) -> list[Finding]:
                                f"{len(qparams)} different steps; {target.name} needs one step for all of "
                                "them to concatenate integers"))
     return out
+
+
+LATENCY_FLOAT = "latency-float"
+
+
+@RULES.register(LATENCY_FLOAT)
+def check_latency_floats(view: GraphView, target: Target) -> list[Finding]:
+    """A float layer (float weight initializer) that the latency rule keeps float on ``target``: depth
+    below ``target.float_depth`` and its output not read only by integer layers through Q/DQ (the rule
+    of passes/select.latency_floats, on the emitted graph). A warning with the reason; onnxflex.check
+    drops that layer's fallback findings, which all follow from its being float by design."""
+    if not target.float_depth:
+        return []
+    out = []
+    for node in view.layers:
+        if node.input[1] not in view.inits:
+            continue
+        depth = reduction_depth(node, view.inits[node.input[1]].dims)
+        if depth < target.float_depth and not _integer_readers(view, node, target.absorb):
+            out.append(Finding(node.name, node.op_type, LATENCY_FLOAT, f"float by design: it sums {depth} "
+                               f"products per output, below {target.name}'s float_depth {target.float_depth}, "
+                               "so it runs faster in float than as an integer kernel with its Q/DQ "
+                               "(quantize with --no-latency-rules to make it integer)", fallback=False))
+    return out
+
+
+def _integer_readers(view: GraphView, node: onnx.NodeProto, absorb: tuple[str, ...]) -> bool:
+    """True when every reader of ``node``'s output point is a QuantizeLinear whose DequantizeLinears are
+    read only by integer layers (weight through DQ), as their activation input."""
+    outputs = {o.name for o in view.model.graph.output}
+    point = output_point(node.output[0], view.consumers, absorb, outputs)
+    users = view.consumers.get(point, [])
+    if point in outputs or not users or any(u.op_type != "QuantizeLinear" for u in users):
+        return False
+    dqs = [d for q in users for d in view.consumers.get(q.output[0], [])]
+    readers = [r for d in dqs for r in view.consumers.get(d.output[0], [])]
+    return bool(readers) and all(d.op_type == "DequantizeLinear" for d in dqs) and all(
+        r in view.layers and view.weight_dq(r) is not None and r.input[0] in {d.output[0] for d in dqs}
+        for r in readers)
 
 
 RECURRENT_KINDS = ("LSTM", "GRU", "RNN")

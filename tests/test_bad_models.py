@@ -269,7 +269,8 @@ def test_control_flow_quantizes_its_layers_in_place_and_the_rest(caplog, build, 
     about them. The outer Convs are integer kernels either way."""
     model = build()
     with caplog.at_level("WARNING", logger="onnxflex"):
-        result = onnxflex.quantize(model, calibration(model), rtn(), progress=False)
+        result = onnxflex.quantize(model, calibration(model), rtn(latency_rules=False),  # every outer Conv integer
+                                   progress=False)
     head = f"node {node!r} ({op}) has subgraphs ({attrs}); "
     if op == "If":
         expected = head + "1 layer(s) inside (inner_conv) get int8 weights, learned in the branch the calibration data takes"
@@ -314,7 +315,7 @@ def test_no_quantizable_layer_is_exit_1(tmp_path):
 def qdq_model():
     """conv_bias_add quantized once by onnxflex (RTN, min/max weight steps), with its float original."""
     fp = graphs.conv_bias_add(0)
-    result = onnxflex.quantize(fp, calibration(fp), rtn(weight_scale="minmax"), progress=False)
+    result = onnxflex.quantize(fp, calibration(fp), rtn(weight_scale="minmax", latency_rules=False), progress=False)
     return fp, result
 
 
@@ -342,8 +343,8 @@ def test_requantize_recovers_the_float_model_and_quantizes_afresh(qdq_model):
     """Requantizing with the same RTN min/max settings finds exactly the first run's weight integers:
     the dequantized weights lie on the grid, and their max |w| is 127 steps."""
     fp, first = qdq_model
-    again = onnxflex.quantize(first.model, calibration(fp), rtn(weight_scale="minmax", requantize=True),
-                              progress=False)
+    again = onnxflex.quantize(first.model, calibration(fp), rtn(weight_scale="minmax", requantize=True,
+                                                                 latency_rules=False), progress=False)
     assert any(w.startswith("requantize: dropped ") for w in again.report["warnings"]), again.report["warnings"]
     onnx.checker.check_model(again.model, full_check=True)
 

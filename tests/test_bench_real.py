@@ -133,6 +133,10 @@ def test_candidates_follow_the_flags():
     assert "iters" not in rows[0]["options"] and rows[1]["options"]["iters"] == 20
     with_matmuls = [r["setting"] for r in real_models.candidates(task, args, weight_only=True)]
     assert "rtn W4 g32" in with_matmuls and "MatMulNBits RTN W4 g32" in with_matmuls
+    args.latency_rules, args.methods, args.types = "both", ["rtn"], ["U8S8"]
+    rows = real_models.candidates(task, args, weight_only=False)
+    assert [r["setting"] for r in rows][:2] == ["rtn W8A8", "rtn W8A8 --no-latency-rules"], rows
+    assert [r["options"]["latency_rules"] for r in rows[:2]] == [True, False]
 
 
 # --- the result table -------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def test_calibration_nan_is_refused(tmp_path):
 
 def test_quiet_rtn_run_writes_model_and_report(tmp_path):
     out = tmp_path / "sub" / "q.onnx"
-    result = invoke("quantize", CNN, "--method", "rtn", "--quiet", "-o", out)
+    result = invoke("quantize", CNN, "--method", "rtn", "--quiet", "--no-latency-rules", "-o", out)
     assert result.exit_code == 0, result.output
     assert result.output == ""
     report = json.loads((tmp_path / "sub" / "q.onnx.report.json").read_text())
@@ -89,10 +89,13 @@ def test_quiet_rtn_run_writes_model_and_report(tmp_path):
 
 
 def test_inspect_shows_the_block_plan():
-    result = invoke("inspect", CNN)
+    result = invoke("inspect", CNN)  # the stem (depth 9) and the 1x1 skip (depth 16) stay float
     assert result.exit_code == 0
-    assert result.output.startswith("5 blocks, 9 quantizable layers")
-    layer = invoke("inspect", CNN, "--granularity", "layer")
+    assert result.output.startswith("4 blocks, 7 quantizable layers"), result.output
+    assert "kept float by the latency rule (reduction depth): Conv:/stem/stem.0/stem.0.0/Conv (9)" in result.output
+    every = invoke("inspect", CNN, "--no-latency-rules")
+    assert every.output.startswith("5 blocks, 9 quantizable layers")
+    layer = invoke("inspect", CNN, "--granularity", "layer", "--no-latency-rules")
     assert layer.output.startswith("9 blocks, 9 quantizable layers")
 
 

@@ -47,7 +47,8 @@ KEPT = {
 
 
 def rtn_config(**changes) -> onnxflex.QuantConfig:
-    return onnxflex.QuantConfig(method="rtn", wbits=8, abits=8, **changes)
+    """RTN W8A8 with the latency rule off: these tests check that every weighted node is quantized."""
+    return onnxflex.QuantConfig(method="rtn", wbits=8, abits=8, **{"latency_rules": False, **changes})
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -23,7 +23,8 @@ import json
 import sys
 import onnxflex
 from onnxflex.config import QuantConfig
-options = dict(method="flexround", iters=40, batch_size=16, calib_samples=96, verify_samples=16, seed=3)
+options = dict(method="flexround", iters=40, batch_size=16, calib_samples=96, verify_samples=16, seed=3,
+               latency_rules=False)  # five blocks to kill between
 if sys.argv[2]:
     options["checkpoint_dir"] = sys.argv[2]
 result = onnxflex.quantize({model!r}, None, QuantConfig(**options), progress=False)
@@ -72,7 +73,8 @@ def test_killed_run_resumes_and_writes_the_same_bytes(tmp_path):
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     folder = tmp_path / "ckpt"
-    onnxflex.quantize(CNN, None, QuantConfig(method="rtn", checkpoint_dir=str(folder)), progress=False)
+    onnxflex.quantize(CNN, None, QuantConfig(method="rtn", checkpoint_dir=str(folder), latency_rules=False),
+                      progress=False)  # five blocks
     assert len(block_files(folder)) == 5
     with pytest.raises(ConfigError, match="config differs") as err:
         onnxflex.quantize(CNN, None, QuantConfig(method="rtn", wbits=6, checkpoint_dir=str(folder)), progress=False)

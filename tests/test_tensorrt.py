@@ -116,7 +116,8 @@ def test_onnxruntime_emitted_models_pass_the_onnxruntime_check(emitted, name):
     report = check(emitted["onnxruntime"][name].model, "onnxruntime")
     assert report.ok, format_report(report)
     left = {k: v for k, v in report.runtime_ops.items() if k in FLOAT_KERNELS}
-    float_layers = [l.node for l in report.layers if l.kernel in FLOAT_KERNELS]
+    by_design = {f.node for f in report.findings if f.rule == "latency-float"}  # shallow layers kept float
+    float_layers = [l.node for l in report.layers if l.kernel in FLOAT_KERNELS and l.node not in by_design]
     assert not float_layers, f"{name}: float kernels left in onnxruntime's optimized graph: {left}"
 
 
@@ -131,7 +132,9 @@ def test_cnn_emitted_for_each_target_passes_its_check(quantized_cnn):
     assert trt.ok and len(trt.layers) == 9, format_report(trt)
     ort = check(quantized_cnn(method="rtn", wbits=8, abits=8).model, "onnxruntime")
     assert ort.ok, format_report(ort)
-    assert {l.kernel for l in ort.layers} == {"QLinearConv", "QGemm"}, ort.layers
+    assert {l.kernel for l in ort.layers if l.integer} == {"QLinearConv", "QGemm"}, ort.layers
+    assert {l.node for l in ort.layers if not l.integer} == {"/stem/stem.0/stem.0.0/Conv",
+                                                             "/stage2/stage2.0/skip/skip.0/Conv"}, ort.layers
     crossed = check(quantized_cnn(method="rtn", wbits=8, abits=8).model, "tensorrt", runtime=False)
     assert not crossed.ok and {f.rule for f in crossed.fallbacks} >= {"act-dtype", "bias"}
 
@@ -294,6 +297,8 @@ def test_bundled_transformers_pass_the_check_of_their_target(name, target):
     result = onnxflex.quantize(path, config=QuantConfig(target=target, method="rtn"), progress=False)
     report = check(result.model, target)
     assert report.ok and report.layers, format_report(report)
-    assert not [l.node for l in report.layers if l.kernel in FLOAT_KERNELS], format_report(report)
+    by_design = {f.node for f in report.findings if f.rule == "latency-float"}  # the 4x4 patch conv (depth 16)
+    assert not [l.node for l in report.layers if l.kernel in FLOAT_KERNELS and l.node not in by_design], \
+        format_report(report)
     print(f"{name} {target} W8A8 RTN: {len(report.layers)} integer layers, "
           f"{min(result.report['verification']['quantized_vs_fp32_sqnr_db'].values()):.1f} dB vs FP32")
