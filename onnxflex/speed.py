@@ -114,15 +114,16 @@ def _boundaries(model: onnx.ModelProto, points, integer: set[str], counts: dict[
 
 
 def measured_ratio(fp32: onnx.ModelProto, quantized: onnx.ModelProto, feed: dict[str, np.ndarray],
-                   threads: int = 0, seconds: float = MEASURE_SECONDS) -> dict:
+                   threads: int = 0, seconds: float | None = None) -> dict:
     """Times ``fp32`` (the user's model, copied and its nodes named uniquely for onnxruntime) against
     ``quantized`` on ``feed`` (each session given the inputs it declares), CPU, ``threads`` intra-op
     threads (0: onnxruntime's choice), ort.WARMUP runs each, then rounds alternating which model runs
-    first until ``seconds`` have passed (at least MIN_ROUNDS, at most MAX_ROUNDS rounds). Neither
+    first until ``seconds`` (default MEASURE_SECONDS) have passed (at least MIN_ROUNDS, at most MAX_ROUNDS rounds). Neither
     model is changed. Returns the median per-round ratio and the medians in milliseconds."""
     from onnxflex import ort
     from onnxflex.graph import load_model, name_nodes_uniquely
 
+    seconds = MEASURE_SECONDS if seconds is None else seconds
     reference = load_model(fp32)
     name_nodes_uniquely(reference)
     sessions = [ort.session(m, list(ort.CPU), threads) for m in (reference, quantized)]
