@@ -15,6 +15,7 @@ TARGETS = tuple(TARGET_TABLE)  # --target names, in the table's order
 GRANULARITIES = ("block", "layer")
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_SEARCH = ("minmax", "mse")
+ACT_SCALE_SEARCH = ("minmax", "mse", "percentile")  # rounding/actrange.py defines the percentile range
 METHOD_DEFAULT = -1  # iters or lr at -1: the method's own value (onnxflex.options.resolve gives it)
 PRESET_DEFAULT = -1  # batch_size or early_stop at -1: the preset's value, resolved likewise
 PRESETS = ("fast", "default", "best")  # their values: onnxflex.options.PRESET_VALUES
@@ -24,7 +25,7 @@ MIN_BUDGET_BITS = 2  # the narrowest width mixed precision gives a layer (onnxfl
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the options that take one of a fixed set."""
     return {"method": METHODS, "granularity": GRANULARITIES, "target": TARGETS, "device": DEVICES,
-            "weight_scale": SCALE_SEARCH, "act_scale": SCALE_SEARCH, "preset": PRESETS}
+            "weight_scale": SCALE_SEARCH, "act_scale": ACT_SCALE_SEARCH, "preset": PRESETS}
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
@@ -64,7 +65,10 @@ OPTION_HELP: dict[str, str] = {
     "scale_lr": "learning rate of the weight step sizes (signround steps its clip factors with lr)",
     "act_lr": "learning rate of the activation step sizes",
     "weight_scale": "initial weight step: min/max or an MSE grid search",
-    "act_scale": "initial activation step: min/max or an MSE grid search",
+    "act_scale": "initial activation step: percentile (a signed grid ends at the 99.999th percentile of the "
+                 "magnitudes over all calibration values; an unsigned grid clips its maximum at that percentile "
+                 "of the positive values and its minimum at that of the negative ones), min/max, or an MSE grid "
+                 "search over shrunk min/max ranges",
     "reparam_layernorm": "fold per-channel LayerNorm output ranges into the LayerNorm and the MatMul/Gemm reading "
                          "it, so one per-tensor activation step serves every channel (exact in float)",
     "seed": "random seed; a seed gives byte-identical output on one machine",
@@ -126,7 +130,7 @@ class QuantConfig:
     scale_lr: float = 1e-3
     act_lr: float = 2e-4
     weight_scale: str = "mse"
-    act_scale: str = "mse"
+    act_scale: str = "percentile"
     reparam_layernorm: bool = True
     seed: int = 0
     device: str = "auto"
@@ -163,7 +167,7 @@ class QuantConfig:
         _check_choice("device", self.device, DEVICES)
         _check_range("threads", self.threads, 0, 4096)
         _check_choice("weight_scale", self.weight_scale, SCALE_SEARCH)
-        _check_choice("act_scale", self.act_scale, SCALE_SEARCH)
+        _check_choice("act_scale", self.act_scale, ACT_SCALE_SEARCH)
         self._check_learning()
         _check_range("seed", self.seed, 0, 2**31 - 1)
         _check_range("max_cache_mb", self.max_cache_mb, 1, 1 << 30)
