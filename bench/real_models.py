@@ -42,6 +42,8 @@ from bench_memory import machine, paired_counts, write_block  # noqa: E402  (ben
 from child import run_measured  # noqa: E402
 from real_tasks import TASKS, Samples, Task  # noqa: E402
 
+from onnxflex.config import ACT_SCALE_SEARCH  # noqa: E402
+
 HEADER = "## Real pretrained models against onnxruntime.quantization"
 MARKER = "real-models"
 METHODS = ("rtn", "flexround", "adaround", "signround")
@@ -99,18 +101,21 @@ def candidates(task: Task, args, weight_only: bool) -> list[dict]:
     inputs = {"fix_inputs": list(task.fix_inputs), "batch_axes": list(task.batch_axes)}
     tuning = {} if args.iters < 0 else {"iters": args.iters}
     rows = []
+    asked = [{"act_scale": a} for a in getattr(args, "act_scales", [])]
     for bits in [b for b in args.bits if b != "W4" or weight_only]:
-        for method in args.methods:
-            for preset, rules in [(p, r) for p in (["default"] if method == "rtn" else args.presets)
-                                  for r in LATENCY_RULES[getattr(args, "latency_rules", "on")]]:
-                label = f"{method} {bits}" + (" g32" if bits == "W4" else "") + \
-                        (f" --preset {preset}" if preset != "default" else "") + \
-                        (f" iters={args.iters}" if tuning and method != "rtn" else "") + \
-                        ("" if rules else " --no-latency-rules")
-                rows.append({"toolkit": "onnxflex", "setting": label, "bits": bits, "kind": "onnxflex",
-                             "options": {**settings[bits], **inputs, **(tuning if method != "rtn" else {}),
-                                         "method": method, "preset": preset, "calib_samples": 0,
-                                         "verify_samples": 0, "latency_rules": rules}})
+        scales = asked if asked and bits != "W4" else [{}]  # weight-only rows have no activation steps
+        for method, preset, scale, rules in [(m, p, a, r) for m in args.methods
+                                             for p in (["default"] if m == "rtn" else args.presets) for a in scales
+                                             for r in LATENCY_RULES[getattr(args, "latency_rules", "on")]]:
+            label = f"{method} {bits}" + (" g32" if bits == "W4" else "") + \
+                    (f" --preset {preset}" if preset != "default" else "") + \
+                    (f" iters={args.iters}" if tuning and method != "rtn" else "") + \
+                    (f" --act-scale {scale['act_scale']}" if scale else "") + \
+                    ("" if rules else " --no-latency-rules")
+            rows.append({"toolkit": "onnxflex", "setting": label, "bits": bits, "kind": "onnxflex",
+                         "options": {**settings[bits], **inputs, **(tuning if method != "rtn" else {}),
+                                     **scale, "method": method, "preset": preset,
+                                     "calib_samples": 0, "verify_samples": 0, "latency_rules": rules}})
     axes = dict(spec.split("=") for spec in task.batch_axes)
     reader = {"batch": task.batch, "axes": {k: int(v) for k, v in axes.items()},
               "fixed": {k: float(v) for k, v in (spec.split("=") for spec in task.fix_inputs)}}
@@ -242,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bits", nargs="+", default=list(BITS), choices=BITS, help="W4: weight-only, groups of 32")
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS, help="for the learned rounders")
     parser.add_argument("--iters", type=int, default=-1, help="onnxflex iterations per block (-1: the preset's)")
+    parser.add_argument("--act-scales", nargs="+", default=[], choices=ACT_SCALE_SEARCH,
+                        help="onnxflex rows once per initial activation step (default: the config's default only)")
     parser.add_argument("--types", nargs="+", default=list(TYPES), choices=list(TYPES), help="onnxruntime's")
     parser.add_argument("--calibrators", nargs="+", default=list(CALIBRATORS), choices=CALIBRATORS)
     parser.add_argument("--calib-samples", type=int, default=64)

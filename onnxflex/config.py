@@ -17,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SCALE_SEARCH = ("minmax", "mse")
 WEIGHT_GRIDS = ("auto", "symmetric", "asymmetric")  # what each means: weight_grid_of
 ASYMMETRIC_AUTO_BITS = 4  # weight_grid auto: asymmetric for weight-only runs of at most this many bits
+ACT_SCALE_SEARCH = ("minmax", "mse", "percentile")  # rounding/actrange.py defines the percentile range
 METHOD_DEFAULT = -1  # iters or lr at -1: the method's own value (onnxflex.options.resolve gives it)
 PRESET_DEFAULT = -1  # batch_size or early_stop at -1: the preset's value, resolved likewise
 PRESETS = ("fast", "default", "best")  # their values: onnxflex.options.PRESET_VALUES
@@ -26,7 +27,7 @@ MIN_BUDGET_BITS = 2  # the narrowest width mixed precision gives a layer (onnxfl
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the options that take one of a fixed set."""
     return {"method": METHODS, "granularity": GRANULARITIES, "target": TARGETS, "device": DEVICES,
-            "weight_scale": SCALE_SEARCH, "act_scale": SCALE_SEARCH, "preset": PRESETS, "weight_grid": WEIGHT_GRIDS}
+            "weight_scale": SCALE_SEARCH, "act_scale": ACT_SCALE_SEARCH, "preset": PRESETS, "weight_grid": WEIGHT_GRIDS}
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
@@ -66,7 +67,10 @@ OPTION_HELP: dict[str, str] = {
     "scale_lr": "learning rate of the weight step sizes (signround steps its clip factors with lr)",
     "act_lr": "learning rate of the activation step sizes",
     "weight_scale": "initial weight step: min/max or an MSE grid search",
-    "act_scale": "initial activation step: min/max or an MSE grid search",
+    "act_scale": "initial activation step: percentile (a signed grid ends at the 99.999th percentile of the "
+                 "magnitudes over all calibration values; an unsigned grid clips its maximum at that percentile "
+                 "of the positive values and its minimum at that of the negative ones), min/max, or an MSE grid "
+                 "search over shrunk min/max ranges",
     "weight_grid": "weight integer grid: symmetric (signed, zero point 0), asymmetric (unsigned with a zero point "
                    "per channel or group; weight-only runs on targets that take weight zero points), or auto "
                    "(asymmetric for weight-only runs at 4 bits or fewer where the target takes them, else symmetric)",
@@ -135,7 +139,7 @@ class QuantConfig:
     scale_lr: float = 1e-3
     act_lr: float = 2e-4
     weight_scale: str = "mse"
-    act_scale: str = "mse"
+    act_scale: str = "percentile"
     weight_grid: str = "auto"
     reparam_layernorm: bool = True
     seed: int = 0
@@ -174,7 +178,7 @@ class QuantConfig:
         _check_choice("device", self.device, DEVICES)
         _check_range("threads", self.threads, 0, 4096)
         _check_choice("weight_scale", self.weight_scale, SCALE_SEARCH)
-        _check_choice("act_scale", self.act_scale, SCALE_SEARCH)
+        _check_choice("act_scale", self.act_scale, ACT_SCALE_SEARCH)
         self._check_learning()
         _check_range("seed", self.seed, 0, 2**31 - 1)
         _check_range("max_cache_mb", self.max_cache_mb, 1, 1 << 30)

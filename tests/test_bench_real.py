@@ -133,6 +133,12 @@ def test_candidates_follow_the_flags():
     assert "iters" not in rows[0]["options"] and rows[1]["options"]["iters"] == 20
     with_matmuls = [r["setting"] for r in real_models.candidates(task, args, weight_only=True)]
     assert "rtn W4 g32" in with_matmuls and "MatMulNBits RTN W4 g32" in with_matmuls
+    args.act_scales = ["mse", "percentile"]
+    rows = real_models.candidates(task, args, weight_only=True)
+    scaled = [(r["setting"], r["options"].get("act_scale")) for r in rows if r["toolkit"] == "onnxflex"]
+    assert scaled[:2] == [("rtn W8A8 --act-scale mse", "mse"), ("rtn W8A8 --act-scale percentile", "percentile")]
+    assert ("rtn W4 g32", None) in scaled and len(scaled) == 6, scaled  # weight-only rows once, without
+    args.act_scales = []
     args.latency_rules, args.methods, args.types = "both", ["rtn"], ["U8S8"]
     rows = real_models.candidates(task, args, weight_only=False)
     assert [r["setting"] for r in rows][:2] == ["rtn W8A8", "rtn W8A8 --no-latency-rules"], rows

@@ -354,7 +354,9 @@ def test_an_unpinned_if_runs_in_torch_and_its_taken_branch_is_learned(caplog):
             "sr": np.array(16000, np.int64)}
     results = {}
     for method in ("rtn", "flexround"):
-        config = onnxflex.QuantConfig(method=method, wbits=4, iters=200, batch_size=16)
+        # lr 1e-3: at FlexRound's 3e-3 this one small 4-bit Conv's rounding overshoots (its loss climbs
+        # mid-run, ends above the start, and learn() undoes it); at 1e-3 it falls on seeds 0, 1 and 2
+        config = onnxflex.QuantConfig(method=method, wbits=4, iters=200, batch_size=16, lr=1e-3)
         with caplog.at_level("WARNING", logger="onnxflex"):
             results[method] = onnxflex.quantize(model, data, config, progress=False)
     learned, rtn = results["flexround"], results["rtn"]

@@ -27,7 +27,8 @@ from onnxflex.options import RoundingOptions
 from onnxflex.progress import Progress
 from onnxflex.passes.select import concat_ties
 from onnxflex.passes.select_inner import initializers_of
-from onnxflex.rounding.activation import MAX_SEARCH_VALUES, ActQuantizer, sample_values
+from onnxflex.rounding.activation import ActQuantizer
+from onnxflex.rounding.actrange import PointValues
 from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.methods import make_policy, make_rounder, reconstructs
 from onnxflex.rounding.policies import EarlyStop
@@ -170,52 +171,49 @@ def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: Roundi
 
 @torch.no_grad()
 def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed: int) -> None:
-    """Initialise each act point's step from the FP block run on FP inputs. A point the data never
-    reaches (inside an If branch never taken) has no values: its quantizer is disabled (the tensor stays
-    float, and so does the int32 bias of a layer reading it). Returns those points."""
-    points = [p for p in module.block.all_points if p in module.state.acts]
+    """Initialise each act point's step from the FP block run on FP inputs, by ``config.act_scale``
+    (rounding/actrange.py: what is kept of the values, and the percentile range). A point the data
+    never reaches (inside an If branch never taken) has no values: its quantizer is disabled (the
+    tensor stays float, and so does the int32 bias of a layer reading it). Returns those points."""
+    acts = module.state.acts
+    points = [p for p in module.block.all_points if p in acts]
     if not points:
         return []
-    ranges: dict[str, list[float]] = {}
-    samples: dict[str, list[torch.Tensor]] = {p: [] for p in points}
+    wanted = set(points)
+    size = data.nograd_batch(config.batch_size)
+    batches = -(-data.num_samples // size)
+    pooled = {id(acts[p]): PointValues(batches, keep_sample=config.act_scale == "mse") for p in points}
     thin = torch.Generator().manual_seed(seed + 1)
 
     def observe(name, value):
-        if name in samples:
-            lo, hi = float(value.min()), float(value.max())
-            old = ranges.get(name, [lo, hi])
-            ranges[name] = [min(old[0], lo), max(old[1], hi)]
-            size = value.shape[data.layout.axis(name)] if not data.layout.shared(name) and value.ndim else 1
-            samples[name].append(_thinned(value.detach().reshape(-1).cpu(), size, data.num_samples, thin))
+        if name in wanted:
+            rows = value.shape[data.layout.axis(name)] if not data.layout.shared(name) and value.ndim else 1
+            pooled[id(acts[name])].add(name, value.detach().reshape(-1).cpu(), rows, data.num_samples, thin)
 
     module.quantize = False
-    for batch in _batches(data.fp_inputs, data.num_samples, data.nograd_batch(config.batch_size)):
+    for batch in _batches(data.fp_inputs, data.num_samples, size):
         data.run(module, batch, observe=observe)
     module.quantize = True
-    gen = torch.Generator().manual_seed(seed)
-    tied: dict[int, list[str]] = {}  # points sharing one quantizer calibrate on their joint values
-    unseen = [p for p in points if p not in ranges]
+    unseen = [p for p in points if p not in pooled[id(acts[p])].sizes]
     for name in unseen:
-        module.state.acts[name].enabled = False
+        acts[name].enabled = False
+    tied: dict[int, list[str]] = {}  # points sharing one quantizer calibrate on their joint values
     for name in points:
-        if name in ranges:
-            tied.setdefault(id(module.state.acts[name]), []).append(name)
-    for names in tied.values():
-        sample = sample_values(torch.cat([s for n in names for s in samples[n]]), gen)
-        lo, hi = min(ranges[n][0] for n in names), max(ranges[n][1] for n in names)
-        module.state.acts[names[0]].calibrate(lo, hi, sample, config.act_scale)
+        if name not in unseen:
+            tied.setdefault(id(acts[name]), []).append(name)
+    gen = torch.Generator().manual_seed(seed)
+    for key, names in tied.items():
+        _calibrate_point(acts[names[0]], pooled[key], names, config.act_scale, gen)
     return unseen
 
 
-def _thinned(flat: torch.Tensor, batch: int, samples: int, gen: torch.Generator) -> torch.Tensor:
-    """All of a batch's values while the whole calibration set's values of this tensor stay within
-    4 × MAX_SEARCH_VALUES; beyond that a random share of MAX_SEARCH_VALUES, so that what calibration
-    keeps does not grow with the number of samples."""
-    total = flat.numel() * samples // max(batch, 1)
-    if total <= 4 * MAX_SEARCH_VALUES:
-        return flat
-    keep = -(-MAX_SEARCH_VALUES * flat.numel() // total)
-    return flat[torch.randint(0, flat.numel(), (keep,), generator=gen)]
+def _calibrate_point(act: ActQuantizer, values: PointValues, names: list[str], search: str,
+                     gen: torch.Generator) -> None:
+    """Mutates ``act``: its step and zero point from ``values`` (of the points ``names``) by ``search``."""
+    if search == "percentile":
+        act.calibrate(*values.percentile_range(act.signed), None, "minmax")
+    else:
+        act.calibrate(values.lo, values.hi, values.sample(names, gen), search)
 
 
 def _batches(tensors: dict[str, torch.Tensor], n: int, size: int):
@@ -400,16 +398,17 @@ class BlockRunner:
         return module
 
     def learn(self, module: BlockModule, data: BlockData, seed: int, progress: Progress) -> tuple[float, int]:
-        """Trains the block's rounders and activation steps; (loss before, steps run). Learning that ends
-        at a higher loss than it started from is undone: the round-to-nearest start is kept."""
+        """Trains the block's rounders and activation steps; (loss before, steps run). Learning that does
+        not end at a loss <= the one it started from (a higher loss, or NaN) is undone, with a warning:
+        the round-to-nearest start is kept."""
         before = evaluate(module, data, data.nograd_batch(self.config.batch_size))
         start = [p.detach().clone() for params, _ in module.learnable() for p in params]
         steps = train(module, data, self.config, seed, progress)
         after = evaluate(module, data, data.nograd_batch(self.config.batch_size))
-        if after > before:
+        if not after <= before:
             _restore(module, start)
-            log.info("%s: learning ended at a higher loss (%.4g > %.4g); kept the round-to-nearest start",
-                     module.block.name, after, before)
+            log.warning("%s: learning ended at loss %.4g, not below its start %.4g; kept the round-to-nearest "
+                        "start", module.block.name, after, before)
         return before, steps
 
     def freeze(self, module: BlockModule | OrtBlock, block: Block) -> None:

@@ -95,9 +95,31 @@ def mean(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
 
 # --- unary maps without attributes ---------------------------------------------------------------
 
+
+class _Sqrt(torch.autograd.Function):
+    """√x whose gradient is 0 where √x is 0 (or NaN), not torch.sqrt's inf: a magnitude
+    √(re² + im²) of an STFT bin that is exactly 0 would otherwise turn the block loss's gradient into
+    NaN (0 · inf) and every parameter behind it with it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = torch.sqrt(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.where(y > 0, grad / (2 * y), torch.zeros_like(grad))
+
+
+def sqrt(x: Tensor) -> Tensor:
+    """Element-wise √x with a zero gradient at 0 (_Sqrt)."""
+    return _Sqrt.apply(x)
+
 # op_type → (since, torch function). All are element-wise and keep the input's shape and dtype.
 _UNARY: dict[str, tuple[int, Callable[[Tensor], Tensor]]] = {
-    "Sqrt": (6, torch.sqrt),
+    "Sqrt": (6, sqrt),
     "Exp": (6, torch.exp),
     "Log": (6, torch.log),
     "Neg": (6, torch.neg),

@@ -1,0 +1,111 @@
+"""What activation calibration keeps of each act point's values while the FP block runs over the
+calibration batches: the range, the far tails for the percentile range, and for the MSE search a
+thinned sample. Memory is bounded by the tails' length (a 100,000th of the values) and the sample's
+cap, not by the number of samples.
+
+The percentile range (``--act-scale percentile``), with p = PERCENTILE (99.999 %) and the nearest-rank
+percentile (the ⌈p·n⌉-th smallest of n values):
+
+- signed (symmetric) grid: ±(the p-th percentile of |x| over all n values, zeros included);
+- unsigned (asymmetric) grid: the maximum clipped at the p-th percentile of the positive values, the
+  minimum at minus the p-th percentile of |x| over the negative values (each side on its own count);
+  a side with no values ends at 0.
+
+Both are exact over every calibration value of a point with its own quantizer: each side keeps its
+largest ⌊(1 − p)·N⌋ + 1 magnitudes, N an upper bound of the values it will see (the first batch's
+count times the number of batches). Points that share one quantizer (Concat inputs on a target that
+ties their scales) pool their values; their tails are sized by the points seen so far, so a point's
+first batch can be cut shorter than the pooled rank needs and the range then ends at most that far
+inside the pooled percentile.
+"""
+from __future__ import annotations
+
+import torch
+
+from onnxflex.rounding.activation import MAX_SEARCH_VALUES, sample_values
+
+PERCENTILE = (99_999, 100_000)  # p as an exact fraction, so ranks are integer arithmetic
+
+
+def tail_length(count: int) -> int:
+    """0-based position, from the largest, of the p-th percentile among ``count`` values."""
+    num, den = PERCENTILE
+    return (den - num) * count // den
+
+
+class Tails:
+    """The largest magnitudes of one side of a stream of values (a 1-D float tensor each time)."""
+
+    def __init__(self) -> None:
+        self.top = torch.empty(0)
+        self.count = 0
+
+    def add(self, magnitudes: torch.Tensor, bound: int) -> None:
+        """Keep the ``tail_length(bound) + 1`` largest of what was kept and ``magnitudes`` (≥ 0)."""
+        self.count += magnitudes.numel()
+        both = torch.cat([self.top, magnitudes.float()])
+        keep = min(tail_length(bound) + 1, both.numel())
+        self.top = torch.topk(both, keep, sorted=True).values
+
+    def percentile(self, count: int | None = None) -> float:
+        """The p-th percentile of the side's ``count`` values (default: its own count); 0 when empty."""
+        count = self.count if count is None else count
+        if count == 0 or not self.top.numel():
+            return 0.0
+        return float(self.top[min(tail_length(count), self.top.numel() - 1)])
+
+
+class PointValues:
+    """One activation quantizer's observations, the act points sharing it pooled: range, both sides'
+    tails, and (for the MSE search) each point's thinned values."""
+
+    def __init__(self, batches: int, keep_sample: bool) -> None:
+        self.batches, self.keep_sample = batches, keep_sample
+        self.lo, self.hi = float("inf"), float("-inf")
+        self.positive, self.negative = Tails(), Tails()
+        self.count = 0
+        self.sizes: dict[str, int] = {}  # per act point: its first batch's value count
+        self.samples: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, name: str, flat: torch.Tensor, rows: int, samples: int, gen: torch.Generator) -> None:
+        """``flat``: one batch's values of act point ``name`` on the CPU, ``rows`` of the ``samples``
+        calibration samples (for a shared tensor: 1 of 1)."""
+        self.lo, self.hi = min(self.lo, float(flat.min())), max(self.hi, float(flat.max()))
+        self.sizes.setdefault(name, flat.numel())
+        bound = self.batches * sum(self.sizes.values())  # the first batch is the largest
+        self.count += flat.numel()
+        self.positive.add(flat[flat > 0], bound)
+        self.negative.add(-flat[flat < 0], bound)
+        if self.keep_sample:
+            self.samples.setdefault(name, []).append(_thinned(flat, rows, samples, gen))
+
+    def percentile_range(self, signed: bool) -> tuple[float, float]:
+        """(lo, hi) as the module docstring defines them."""
+        if signed:
+            edge = _merged_percentile(self.positive, self.negative, self.count)
+            return -edge, edge
+        return -self.negative.percentile(), self.positive.percentile()
+
+    def sample(self, names: list[str], gen: torch.Generator) -> torch.Tensor | None:
+        """The MSE search's values: the points' thinned values in ``names``' order, then sampled."""
+        if not self.keep_sample:
+            return None
+        return sample_values(torch.cat([s for n in names for s in self.samples[n]]), gen)
+
+
+def _merged_percentile(a: Tails, b: Tails, count: int) -> float:
+    both = torch.sort(torch.cat([a.top, b.top]), descending=True).values
+    if count == 0 or not both.numel():
+        return 0.0
+    return float(both[min(tail_length(count), both.numel() - 1)])
+
+
+def _thinned(flat: torch.Tensor, batch: int, samples: int, gen: torch.Generator) -> torch.Tensor:
+    """All of a batch's values while the whole calibration set's values of this tensor stay within
+    4 × MAX_SEARCH_VALUES; beyond that a random share of MAX_SEARCH_VALUES, so that what calibration
+    keeps does not grow with the number of samples."""
+    total = flat.numel() * samples // max(batch, 1)
+    if total <= 4 * MAX_SEARCH_VALUES:
+        return flat
+    keep = -(-MAX_SEARCH_VALUES * flat.numel() // total)
+    return flat[torch.randint(0, flat.numel(), (keep,), generator=gen)]
