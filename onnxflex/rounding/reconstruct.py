@@ -28,6 +28,7 @@ from onnxflex.progress import Progress
 from onnxflex.passes.select import concat_ties
 from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import MAX_SEARCH_VALUES, ActQuantizer, sample_values
+from onnxflex.rounding.heap import reused_pages
 from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.methods import make_policy, make_rounder, reconstructs
 from onnxflex.rounding.policies import EarlyStop
@@ -233,6 +234,7 @@ def evaluate(module, data: BlockData, batch: int) -> float:
     return total / data.num_samples
 
 
+@reused_pages()  # freed step tensors stay in the process: steps stop page-faulting (rounding/heap.py)
 def train(module: BlockModule, data: BlockData, config: RoundingOptions, seed: int, progress: Progress) -> int:
     """Minimise the block loss plus the rounders' regularizer over random minibatches of the block's
     samples, with the method's step policy (Adam + cosine decay unless the rounder names another),
