@@ -32,6 +32,7 @@ from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.rounding.converters import OpNode, find_converter
 from onnxflex.rounding.converters.recurrent import QUANTIZED as QUANTIZED_RECURRENT
+from onnxflex.rounding.fusion import fuse_steps
 from onnxflex.rounding.loops import run_loop, run_scan
 from onnxflex.rounding.rounders import Rounder
 
@@ -142,6 +143,12 @@ class BlockModule(torch.nn.Module):
         self.constants = {t.name: torch.from_numpy(tensor_array(t, model).copy()).to(device)
                           for t in list(model.graph.initializer) + inner_weights
                           if t.name in used or t.name in self._weights}
+        # the steps with exact element-wise chains fused (rounding/fusion.py); ``plain`` keeps them all,
+        # for a caller that asks for inner tensors by name (``keep``) or sets ``fused`` off
+        self.plain, self.fused = self.nodes, True
+        if not self.branches:
+            protected = set(block.outputs) | set(block.all_points) | set(state.acts)
+            self.nodes = fuse_steps(self.nodes, self._constant_value, protected, set(block.outputs))
         self.own_rounders = torch.nn.ModuleList(state.rounders[l.weight] for l in block.layers)
         self.own_acts = torch.nn.ModuleList(state.acts[p] for p in block.act_points if p in state.acts)
         self.input_points = [p for p in block.act_points if p in block.inputs]
@@ -175,6 +182,13 @@ class BlockModule(torch.nn.Module):
             steps.append((node, convert, kernel))
         return steps
 
+    def _constant_value(self, name: str) -> np.ndarray | None:
+        """A constant tensor's value (an initializer, or a Constant step's output), else None."""
+        if name in self.constants and name not in self._weights:
+            return self.constants[name].cpu().numpy()
+        made = [(node, convert) for node, convert, _ in self.plain if node.op_type == "Constant" and name in node.outputs]
+        return made[0][1](made[0][0], [])[0].numpy() if made else None
+
     @contextmanager
     def fixed_weights(self):
         """Within it, every quantized forward reuses one ``fake_quant()`` per weight, taken on entry
@@ -201,7 +215,7 @@ class BlockModule(torch.nn.Module):
             weights = self._fixed
         else:
             weights = {l.weight: self.state.rounders[l.weight].fake_quant() for l in self.block.layers}
-        self._run(self.nodes, env, weights, observe)
+        self._run(self.nodes if self.fused and not keep else self.plain, env, weights, observe)
         kept = {name: env[name] for name in keep if name in env and name not in feeds}
         return {**kept, **{name: env[name] for name in self.block.outputs}}
 
