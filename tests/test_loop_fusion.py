@@ -45,7 +45,8 @@ def _paddle_hardswish(opset: int = 11, extra_reader: bool = False):
         helper.make_node("Conv", ["hswish", "w2"], ["y" if not extra_reader else "c2"], name="conv2")]
     if extra_reader:
         nodes.append(helper.make_node("Add", ["c2", "bn"], ["y"], name="residual"))
-    graph = helper.make_graph(nodes, "paddle_hswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+    graph = helper.make_graph(nodes, "paddle_hswish",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 12, 12])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 7

@@ -186,7 +186,8 @@ class BlockModule(torch.nn.Module):
         """A constant tensor's value (an initializer, or a Constant step's output), else None."""
         if name in self.constants and name not in self._weights:
             return self.constants[name].cpu().numpy()
-        made = [(node, convert) for node, convert, _ in self.plain if node.op_type == "Constant" and name in node.outputs]
+        made = [(node, convert) for node, convert, _ in self.plain
+                if node.op_type == "Constant" and name in node.outputs]
         return made[0][1](made[0][0], [])[0].numpy() if made else None
 
     @contextmanager
