@@ -1,6 +1,6 @@
 """Loop speed-ups that must not change a bit: the fused HardSwish chain (outputs and gradients equal to
 the unfused interpreter steps', exactly), the activation fake quantizer's one-comparison mask (equal to
-the earlier five-op form), and the heap context (restores glibc's settings)."""
+the earlier five-op form), and the heap context (sets glibc's thresholds and resets them)."""
 from __future__ import annotations
 
 import numpy as np
@@ -165,12 +165,8 @@ class _Recorder:
         self.calls.append(("mallopt", param, value))
         return 1
 
-    def malloc_trim(self, pad):
-        self.calls.append(("trim", pad))
-        return 1
 
-
-def test_reused_pages_sets_the_thresholds_and_restores_the_defaults_even_on_error(monkeypatch):
+def test_reused_pages_sets_the_thresholds_and_resets_them_even_on_error(monkeypatch):
     libc = _Recorder()
     monkeypatch.setattr(heap, "_libc", lambda: libc)
     with pytest.raises(RuntimeError):
@@ -179,7 +175,7 @@ def test_reused_pages_sets_the_thresholds_and_restores_the_defaults_even_on_erro
                 pass
             assert libc.calls == [("mallopt", p, v) for p, v in heap.KEEP.items()]
             raise RuntimeError("a step failed")
-    restored = [("mallopt", p, v) for p, v in heap.DEFAULTS.items()] + [("trim", 0)]
+    restored = [("mallopt", p, v) for p, v in heap.AFTER.items()]
     assert libc.calls[len(heap.KEEP):] == restored, libc.calls
     assert heap._depth == 0
 
