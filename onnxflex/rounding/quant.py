@@ -46,13 +46,14 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin, qmax):
         u = x / scale
         q, unclamped = _integers(u, zero_point, qmin, qmax)
-        # 1.0 where clamp passed round(u) + z through, else 0.0: both are integers, so |difference| is
-        # 0 or at least 1 (float arithmetic; a boolean mask would be several times slower)
-        inside = unclamped.sub_(q).abs_().clamp_max_(1.0).neg_().add_(1.0)
+        # 1.0 where clamp passed round(u) + z through, else 0.0, in one comparison (for finite x; a NaN
+        # is outside). Kept as float: the backward multiplies by it, which a boolean mask makes slower
+        inside = torch.eq(unclamped, q, out=unclamped)
         levels = q.sub_(zero_point)
         out = levels * scale
         if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(inside, torch.addcmul(levels, u, inside, value=-1.0))  # q − z − x/s inside
+            # q − z − x/s inside, q − z outside, written over u (no longer needed)
+            ctx.save_for_backward(inside, torch.addcmul(levels, u, inside, value=-1.0, out=u))
         else:
             ctx.save_for_backward(inside)
         return out

@@ -29,6 +29,7 @@ from onnxflex.passes.select import concat_ties
 from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.rounding.actrange import PointValues
+from onnxflex.rounding.heap import reused_pages
 from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.methods import make_policy, make_rounder, reconstructs
 from onnxflex.rounding.policies import EarlyStop
@@ -243,6 +244,7 @@ def evaluate(module, data: BlockData, batch: int) -> float:
     return total / data.num_samples
 
 
+@reused_pages()  # freed step tensors stay in the process: steps stop page-faulting (rounding/heap.py)
 def train(module: BlockModule, data: BlockData, config: RoundingOptions, seed: int, progress: Progress) -> int:
     """Minimise the block loss plus the rounders' regularizer over random minibatches of the block's
     samples, with the method's step policy (Adam + cosine decay unless the rounder names another),
@@ -257,8 +259,8 @@ def train(module: BlockModule, data: BlockData, config: RoundingOptions, seed: i
     module.train()
     try:
         for it, idx in enumerate(step_indices(seed, data.num_samples, batch, config.iters, data.device)):
-            out = data.run(module, {k: v[idx] for k, v in data.q_inputs.items()})
-            loss = block_loss(out, {k: v[idx] for k, v in data.fp_outputs.items()})
+            out = data.run(module, {k: rows(v, idx) for k, v in data.q_inputs.items()})
+            loss = block_loss(out, {k: rows(v, idx) for k, v in data.fp_outputs.items()})
             policy.zero_grad()
             (loss + policy.penalty(it)).backward()
             value = loss.item()
@@ -271,6 +273,12 @@ def train(module: BlockModule, data: BlockData, config: RoundingOptions, seed: i
     finally:
         module.eval()
     return steps
+
+
+def rows(values, idx: torch.Tensor) -> torch.Tensor:
+    """``values[idx]`` along dim 0; a tensor through index_select (the same copy, several times faster
+    on the CPU than advanced indexing), a Shared or RowReader by its own indexing."""
+    return values.index_select(0, idx) if isinstance(values, torch.Tensor) else values[idx]
 
 
 def step_indices(seed: int, n: int, batch: int, steps: int, device: torch.device):

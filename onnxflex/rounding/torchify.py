@@ -32,6 +32,7 @@ from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.rounding.converters import OpNode, find_converter
 from onnxflex.rounding.converters.recurrent import QUANTIZED as QUANTIZED_RECURRENT
+from onnxflex.rounding.fusion import fuse_steps
 from onnxflex.rounding.loops import run_loop, run_scan
 from onnxflex.rounding.rounders import Rounder
 
@@ -167,6 +168,12 @@ class BlockModule(torch.nn.Module):
         self.constants = {t.name: torch.from_numpy(tensor_array(t, model).copy()).to(device)
                           for t in list(model.graph.initializer) + inner_weights
                           if t.name in used or t.name in self._weights}
+        # the steps with exact element-wise chains fused (rounding/fusion.py); ``plain`` keeps them all,
+        # for a caller that asks for inner tensors by name (``keep``) or sets ``fused`` off
+        self.plain, self.fused = self.nodes, True
+        if not self.branches:
+            protected = set(block.outputs) | set(block.all_points) | set(state.acts)
+            self.nodes = fuse_steps(self.nodes, self._constant_value, protected, set(block.outputs))
         self.own_rounders = torch.nn.ModuleList(state.rounders[l.weight] for l in block.layers)
         self.own_acts = torch.nn.ModuleList(state.acts[p] for p in block.act_points if p in state.acts)
         self.input_points = [p for p in block.act_points if p in block.inputs]
@@ -174,7 +181,9 @@ class BlockModule(torch.nn.Module):
         self._fixed: dict[str, torch.Tensor] | None = None
         self.ran: set[tuple[str, str]] = set()  # (node, graph attribute) of every subgraph run so far
         self.trips: dict[str, int] = {}  # Loop node → iterations in the float (calibration) runs
-        self.released = release_schedule(self.nodes, self.branches, block.outputs)
+        # each tensor's last reader, in the fused and in the plain steps
+        self.released = tuple(release_schedule(steps, self.branches, block.outputs)
+                              for steps in (self.nodes, self.plain))
 
     def _compile(self, protos: list[onnx.NodeProto], opset: int, model: onnx.ModelProto, device: torch.device,
                  inner_weights: list[onnx.TensorProto]) -> list:
@@ -200,6 +209,14 @@ class BlockModule(torch.nn.Module):
             kernel = QUANTIZED_RECURRENT[node.op_type] if proto.name in self._recurrent else None
             steps.append((node, convert, kernel))
         return steps
+
+    def _constant_value(self, name: str) -> np.ndarray | None:
+        """A constant tensor's value (an initializer, or a Constant step's output), else None."""
+        if name in self.constants and name not in self._weights:
+            return self.constants[name].cpu().numpy()
+        made = [(node, convert) for node, convert, _ in self.plain
+                if node.op_type == "Constant" and name in node.outputs]
+        return made[0][1](made[0][0], [])[0].numpy() if made else None
 
     @contextmanager
     def fixed_weights(self):
@@ -227,8 +244,10 @@ class BlockModule(torch.nn.Module):
             weights = self._fixed
         else:
             weights = {l.weight: self.state.rounders[l.weight].fake_quant() for l in self.block.layers}
+        fused = self.fused and not keep
         kept: dict[str, torch.Tensor] = {}
-        self._run(self.nodes, env, weights, observe, release=self.released, kept=(keep, kept))
+        self._run(self.nodes if fused else self.plain, env, weights, observe,
+                  release=self.released[0 if fused else 1], kept=(keep, kept))
         kept = {name: value for name, value in kept.items() if name not in feeds}
         return {**kept, **{name: env[name] for name in self.block.outputs}}
 

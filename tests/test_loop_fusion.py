@@ -1,0 +1,189 @@
+"""Loop speed-ups that must not change a bit: the fused HardSwish chain (outputs and gradients equal to
+the unfused interpreter steps', exactly), the activation fake quantizer's one-comparison mask (equal to
+the earlier five-op form), and the heap context (sets glibc's thresholds and resets them)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxflex
+from onnxflex.graph import default_opset
+from onnxflex.options import resolve
+from onnxflex.pipeline import build_plan
+from onnxflex.rounding import heap
+from onnxflex.rounding.activation import ActQuantizer
+from onnxflex.rounding.quant import _FakeQuant, _integers
+from onnxflex.rounding.reconstruct import add_block_quantizers
+from onnxflex.rounding.torchify import BlockModule, QuantState
+from onnxflex.runtimes.targets import get_target
+
+
+def _const(name: str, value: float) -> list:
+    """A Constant node as Paddle2ONNX writes one (a 1-element float tensor)."""
+    tensor = numpy_helper.from_array(np.array([value], np.float32), name)
+    return [helper.make_node("Constant", [], [name], name=name, value=tensor)]
+
+
+def _paddle_hardswish(opset: int = 11, extra_reader: bool = False):
+    """Conv → BatchNormalization → HardSwish as Paddle2ONNX exports it at opset 11 (Add 3, Clip 0..6,
+    Mul with the BN output, Div 6, constants as Constant nodes) → Conv. With ``extra_reader`` the BN
+    output also feeds an Add to the second conv's output (then the chain must stay unfused)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in [
+        ("w1", rng.standard_normal((8, 3, 3, 3)) * 0.4), ("w2", rng.standard_normal((8, 8, 1, 1)) * 0.3),
+        ("g", rng.uniform(0.5, 1.5, 8)), ("b", rng.standard_normal(8) * 0.1),
+        ("m", rng.standard_normal(8) * 0.1), ("v", rng.uniform(0.5, 1.5, 8))]]
+    nodes = _const("three", 3.0) + _const("zero", 0.0) + _const("six", 6.0) + _const("six_d", 6.0) + [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn"], name="bn1"),
+        helper.make_node("Add", ["bn", "three"], ["Add@0"], name="Add@0"),
+        helper.make_node("Clip", ["Add@0", "zero", "six"], ["Clip@0"], name="Clip@0"),
+        helper.make_node("Mul", ["bn", "Clip@0"], ["Mul@0"], name="Mul@0"),
+        helper.make_node("Div", ["Mul@0", "six_d"], ["hswish"], name="Div@0"),
+        helper.make_node("Conv", ["hswish", "w2"], ["y" if not extra_reader else "c2"], name="conv2")]
+    if extra_reader:
+        nodes.append(helper.make_node("Add", ["c2", "bn"], ["y"], name="residual"))
+    graph = helper.make_graph(nodes, "paddle_hswish",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 12, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+def _module(model, method: str = "flexround") -> BlockModule:
+    config = onnxflex.QuantConfig(method=method)
+    plan = build_plan(model, resolve(config).plan)
+    block = next(b for b in plan.blocks if "Div@0" in b.nodes)
+    state = QuantState()
+    add_block_quantizers(block, plan.model, state, get_target("onnxruntime"), resolve(config).rounding, method,
+                         torch.device("cpu"))
+    for act in state.acts.values():  # a step that clamps part of the range, so both gradient cases occur
+        act.calibrate(-4.0, 4.0, None, "minmax")
+    return BlockModule(block, plan.model, default_opset(plan.model), state, torch.device("cpu"))
+
+
+def _inputs() -> torch.Tensor:
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1)) * 2.0
+    return x
+
+
+def _outputs_and_grads(module: BlockModule, fused: bool):
+    module.fused = fused
+    module.zero_grad(set_to_none=True)
+    module.train()
+    out = module({"x": _inputs()})
+    loss = sum((v * torch.linspace(-1, 1, v.numel()).reshape(v.shape)).sum() for v in out.values())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in out.items()}, grads
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def test_a_paddle_hardswish_chain_is_fused_and_exact_in_outputs_and_gradients():
+    module = _module(_paddle_hardswish())
+    ops = [n.op_type for n, _, _ in module.nodes]
+    assert "HardSwish" in ops and "Clip" not in ops and "Div" not in ops, ops
+    fused, fused_grads = _outputs_and_grads(module, True)
+    plain, plain_grads = _outputs_and_grads(module, False)
+    assert fused_grads.keys() == plain_grads.keys() and len(plain_grads) >= 3, sorted(plain_grads)
+    for name in plain:
+        assert torch.equal(_bits(fused[name]), _bits(plain[name])), f"output {name} differs"
+    for name in plain_grads:
+        diff = float((fused_grads[name] - plain_grads[name]).abs().max())
+        assert torch.equal(_bits(fused_grads[name]), _bits(plain_grads[name])), f"grad {name}: max diff {diff}"
+
+
+def test_the_fused_hardswish_gradient_is_exact_at_the_clip_boundaries():
+    """x + 3 at exactly 0 and 6 (the clamp passes the gradient there), beyond them, ±0 and inf."""
+    from onnxflex.rounding.fusion import _HardSwish
+
+    x = torch.tensor([-3.0, 3.0, -3.0000002, 3.0000002, -0.0, 0.0, -1e30, 1e30, float("inf"), -float("inf"),
+                      0.1, -2.9, 2.9] + torch.randn(200, generator=torch.Generator().manual_seed(2)).mul(4).tolist())
+    three, zero, six = (torch.tensor([v]) for v in (3.0, 0.0, 6.0))
+    grad = torch.linspace(-2, 2, x.numel())
+    a = x.clone().requires_grad_()
+    plain = torch.div(torch.mul(a, torch.clamp(torch.add(a, three), zero, six)), six)
+    plain.backward(grad)
+    b = x.clone().requires_grad_()
+    fused = _HardSwish.apply(b, three, lambda t: torch.clamp(t, zero, six), six)
+    fused.backward(grad)
+    assert torch.equal(_bits(fused.detach()), _bits(plain.detach()))
+    assert torch.equal(_bits(b.grad), _bits(a.grad)), (b.grad - a.grad).abs().max()
+
+
+def test_a_chain_whose_input_has_another_reader_stays_unfused():
+    module = _module(_paddle_hardswish(extra_reader=True))
+    ops = [n.op_type for n, _, _ in module.nodes]
+    assert "HardSwish" not in ops and "Div" in ops, ops
+
+
+class _Old(torch.autograd.Function):
+    """The fake quantizer's earlier forward: the inside mask from |round(u) + z − q| in five ops."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        u = x / scale
+        q, unclamped = _integers(u, zero_point, qmin, qmax)
+        inside = unclamped.sub_(q).abs_().clamp_max_(1.0).neg_().add_(1.0)
+        levels = q.sub_(zero_point)
+        ctx.save_for_backward(inside, torch.addcmul(levels, u, inside, value=-1.0))
+        return levels * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, saved = ctx.saved_tensors
+        return grad * inside, (grad * saved).sum().reshape(()), None, None, None
+
+
+@pytest.mark.parametrize("zero, qmin, qmax", [(128.0, 0, 255), (0.0, -128, 127), (0.0, 0, 255)])
+def test_the_fake_quantizer_equals_its_earlier_form_bit_for_bit(zero, qmin, qmax):
+    s = 0.0123
+    edges = [-0.0, 0.0, 1e30, -1e30, 0.5 * s, -0.5 * s, 1.5 * s, 127.5 * s, -128.5 * s, 255.5 * s, 1e-9, -1e-9]
+    x = torch.cat([torch.randn(20_000, generator=torch.Generator().manual_seed(4)) * 3, torch.tensor(edges)])
+    grad = torch.linspace(-1, 1, x.numel())
+    results = []
+    for fn in (_Old, _FakeQuant):
+        xx, ss = x.clone().requires_grad_(), torch.tensor(s, requires_grad=True)
+        y = fn.apply(xx, ss, torch.tensor(zero), qmin, qmax)
+        y.backward(grad)
+        results.append((y.detach(), xx.grad, ss.grad))
+    for old, new, what in zip(*results, ("output", "grad x", "grad scale")):
+        assert torch.equal(_bits(old), _bits(new)), f"{what} differs"
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+
+def test_reused_pages_sets_the_thresholds_and_resets_them_even_on_error(monkeypatch):
+    libc = _Recorder()
+    monkeypatch.setattr(heap, "_libc", lambda: libc)
+    with pytest.raises(RuntimeError):
+        with heap.reused_pages():
+            with heap.reused_pages():  # nested: the outer one's settings hold, nothing set twice
+                pass
+            assert libc.calls == [("mallopt", p, v) for p, v in heap.KEEP.items()]
+            raise RuntimeError("a step failed")
+    restored = [("mallopt", p, v) for p, v in heap.AFTER.items()]
+    assert libc.calls[len(heap.KEEP):] == restored, libc.calls
+    assert heap._depth == 0
+
+
+def test_reused_pages_runs_on_this_c_library_and_is_a_no_op_elsewhere(monkeypatch):
+    with heap.reused_pages():  # the real one (glibc here, or none)
+        torch.ones(1 << 20).sum()
+    monkeypatch.setattr(heap, "_libc", lambda: None)
+    with heap.reused_pages():
+        pass
+    assert heap._depth == 0
