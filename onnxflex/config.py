@@ -110,7 +110,8 @@ OPTION_HELP: dict[str, str] = {
                      "on the target (depthwise convs, convs over 1-3 channels, MatMuls with a small K: reduction "
                      "depth below the target's float_depth, 32 on onnxruntime, off on tensorrt), unless only "
                      "integer layers read their output; static, and the report names them",
-    "latency_threads": "onnxruntime threads for --optimize-latency timing (0 = onnxruntime's default); use the "
+    "latency_threads": "onnxruntime threads for --optimize-latency timing and the report's measured latency ratio "
+                       "(0 = onnxruntime's default); use the "
                        "thread count the model will be deployed with",
     "requantize": "accept an already-quantized (QDQ) model: dequantize its weights to float, drop its Q/DQ "
                   "pairs and quantize afresh (without it such a model is refused)",
