@@ -45,6 +45,13 @@ class Key:
         return cls(Run.Q, tensor)
 
 
+def batch_within(size: int, per_sample: int, max_bytes: int) -> int:
+    """At most ``size`` samples, and at least 1: fewer when their ``per_sample`` bytes each would pass a
+    quarter of the cache's RAM bound ``max_bytes``, so that one batch's tensors, held beside what the
+    cache keeps, stay a fraction of it."""
+    return max(1, min(size, max_bytes // 4 // max(per_sample, 1)))
+
+
 class TensorCache:
     """Arrays by Key with samples on dim 0 (shared tensors, see ``layout``, once), in RAM up to
     ``max_bytes`` and DiskArray files beyond."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from onnxflex.cache import Key, TensorCache
+from onnxflex.cache import Key, TensorCache, batch_within
 from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.ort import session
 from onnxflex.probes import tensor_layout, with_probes
@@ -18,9 +18,7 @@ def capture_batch(per_sample: int, max_bytes: int) -> int:
     bytes a sample) would pass a quarter of the cache's RAM bound ``max_bytes``: onnxruntime returns a
     run's outputs all at once, beside what the cache already holds (a 736x736 detector's boundaries over 32
     samples are 6 GB)."""
-    if per_sample <= 0:
-        return CAPTURE_BATCH
-    return max(1, min(CAPTURE_BATCH, max_bytes // 4 // per_sample))
+    return batch_within(CAPTURE_BATCH, per_sample, max_bytes)
 
 
 def capture(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, cache: TensorCache,

@@ -1,11 +1,13 @@
 """Model I/O and small graph queries shared by passes, capture and the emitter."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -14,6 +16,9 @@ from onnxflex.extdata import load_offloaded, needs_file, weights_dir, write_mode
 
 DEFAULT_DOMAINS = ("", "ai.onnx")  # the ONNX operator set, by both of its names
 MIN_OPSET = 1  # onnx's version converter has adapters from opset 1; canonicalize upgrades to 13
+SMALL_INIT = 4096  # initializers up to this many elements stay in the shape model (shape constants)
+
+log = logging.getLogger("onnxflex")
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -141,6 +146,42 @@ def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
         for name in node.input:
             if name:
                 out.setdefault(name, []).append(node)
+    return out
+
+
+def static_shapes(model: onnx.ModelProto, feeds: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Tensor → (shape, element type), for the tensors that onnx's shape inference gives a fully known
+    shape when the graph inputs take the shapes of ``feeds`` (arrays; inputs not in it are left out);
+    {} when inference fails. It runs on a model of the nodes, those inputs and the small initializers
+    (shape constants): bigger weights become typed inputs, so their data is never read or copied."""
+    from onnx import shape_inference
+
+    graph = onnx.GraphProto()
+    graph.node.extend(model.graph.node)
+    graph.output.extend(model.graph.output)
+    for vi in model.graph.input:
+        if vi.name in feeds:
+            shape = np.shape(feeds[vi.name])
+            graph.input.append(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, shape))
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) <= SMALL_INIT and init.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(init)
+        else:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    shaped = helper.make_model(graph, opset_imports=model.opset_import)
+    shaped.ir_version = model.ir_version
+    try:
+        inferred = shape_inference.infer_shapes(shaped, data_prop=True)
+    except Exception as exc:  # onnx raises several types; shapes only feed estimates, never stop a run
+        log.debug("shape inference failed: %s", exc)
+        return {}
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            out[vi.name] = (tuple(int(d.dim_value) for d in dims), vi.type.tensor_type.elem_type)
     return out
 
 

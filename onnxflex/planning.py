@@ -65,7 +65,8 @@ def place(canonical: onnx.ModelProto, config: PlanOptions, warnings: tuple[str, 
                      f"than {target.float_depth} products per output), so all stay integer; such a model may "
                      "run slower than FP32 on the CPU (the report's latency_rules section has the ratio)")
         floats = ()
-    layers = tuple(layer for layer in layers if layer not in {f for f, _ in floats})
+    floated = {layer for layer, _ in floats}
+    layers = tuple(layer for layer in layers if layer not in floated)
     points = activation_points(canonical, layers, target, config)  # recurrent layers take float inputs
     recurrent, recurrent_warnings = recurrent_layers(canonical, target, config)
     found.extend(recurrent_warnings)

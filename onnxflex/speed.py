@@ -18,15 +18,12 @@ is why it is only reported.
 """
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
 import onnx
 
-from onnxflex.graph import consumers
-
-log = logging.getLogger("onnxflex")
+from onnxflex.graph import consumers, static_shapes
 
 INT_MAC = 0.5
 REQUANT = 16.0
@@ -40,30 +37,6 @@ MIN_ROUNDS = 5
 MAX_ROUNDS = 200
 
 
-def inferred_shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """Tensor → shape, from onnx shape inference with the graph inputs fixed to the shapes in ``feed``
-    (``model`` is not changed); tensors left with an unknown dim are absent, and {} when inference fails."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    del fixed.graph.value_info[:]
-    for vi in fixed.graph.input:
-        if vi.name in feed and vi.type.HasField("tensor_type"):
-            vi.type.tensor_type.shape.Clear()
-            for d in np.shape(feed[vi.name]):
-                vi.type.tensor_type.shape.dim.add().dim_value = int(d)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
-    except Exception:  # onnx raises several types (and a >2 GB proto cannot be inferred in memory)
-        log.debug("shape inference for the latency cost model failed", exc_info=True)
-        return {}
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        dims = vi.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
-    return shapes
-
-
 def predicted_ratio(plan, feed: dict[str, np.ndarray]) -> float | None:
     """The cost model's (module docstring) quantized / FP32 cost of ``plan`` (its canonical model,
     integer layers and activation points) on ``feed``'s shapes; None when no weighted layer's output
@@ -71,7 +44,7 @@ def predicted_ratio(plan, feed: dict[str, np.ndarray]) -> float | None:
     from onnxflex.placement import reduction_depth
 
     model = plan.model
-    shapes = inferred_shapes(model, feed)
+    shapes = {name: shape for name, (shape, _) in static_shapes(model, feed).items()}
     counts = {name: int(np.prod(shape)) for name, shape in shapes.items()}
     dims = {t.name: t.dims for t in model.graph.initializer}
     integer = {layer.node for layer in plan.layers}

@@ -14,54 +14,27 @@ import tempfile
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from onnxflex.cache import Run
 from onnxflex.calib import CalibrationSet
 from onnxflex.errors import DiskSpaceError
+from onnxflex.graph import static_shapes
 
 log = logging.getLogger("onnxflex")
 
 MIB = 1 << 20
-SMALL_INIT = 4096  # initializers up to this many elements stay in the shape model (shape constants)
 
 
 def tensor_bytes(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet) -> dict[str, int]:
     """Bytes per sample of each of ``tensors`` whose shape inference finds a static shape, on one sample
     of ``data`` (fed in the model's layout)."""
-    from onnx import helper, shape_inference
-
-    feeds = data.feeds(0, 1)
-    graph = onnx.GraphProto()
-    graph.node.extend(model.graph.node)
-    graph.output.extend(model.graph.output)
-    for vi in model.graph.input:
-        if vi.name in feeds:
-            value = np.asarray(feeds[vi.name])
-            graph.input.append(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, value.shape))
-    for init in model.graph.initializer:  # big weights become typed inputs: inference needs their shape only
-        if int(np.prod(init.dims)) <= SMALL_INIT and init.data_location != onnx.TensorProto.EXTERNAL:
-            graph.initializer.append(init)
-        else:
-            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    shaped = helper.make_model(graph, opset_imports=model.opset_import)
-    shaped.ir_version = model.ir_version
-    try:
-        inferred = shape_inference.infer_shapes(shaped, data_prop=True)
-    except Exception as exc:  # inference is an estimate's helper, never a reason to stop the run
-        log.debug("shape inference for the spill estimate failed: %s", exc)
-        return {}
-    known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
-             + list(inferred.graph.input)}
+    shapes = static_shapes(model, data.feeds(0, 1))
     out = {}
     for name in tensors:
-        vi = known.get(name)
-        if vi is None or not vi.type.HasField("tensor_type"):
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-        elem = vi.type.tensor_type.elem_type
-        if None in dims or not elem:
-            continue
-        out[name] = int(np.prod(dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize
+        if name in shapes and shapes[name][1]:
+            shape, elem = shapes[name]
+            out[name] = int(np.prod(shape)) * np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize
     return out
 
 

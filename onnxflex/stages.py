@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxflex.calib import CalibrationSet
+from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.cache import TensorCache
 from onnxflex.capture import capture, capture_batch
 from onnxflex.device import Device
@@ -29,6 +29,7 @@ from onnxflex.progress import Progress
 from onnxflex.qparams import QuantParams
 from onnxflex.refiners import Refined
 from onnxflex.runtimes.targets import get_target
+from onnxflex.speed import latency_section, measured_ratio
 from onnxflex.spill import MIB, check_free_disk, tensor_bytes
 
 log = logging.getLogger("onnxflex")
@@ -228,16 +229,18 @@ def latency_rules(qmodel: onnx.ModelProto, refined: Refined, samples: Samples,
     """The latency_rules section (onnxflex/speed.py): the cost model on the shapes of one batch (held
     out, else of reconstruction), the ratio measured on one held-out batch when there is one. A
     measurement that cannot run is noted in the section, never raised: it decides nothing."""
-    from onnxflex.calib import fixed_batch
-    from onnxflex.speed import latency_section, measured_ratio
-
     config, plan = refined.config, refined.plan
     data = samples.held if samples.held.num_samples else samples.recon
     batch = fixed_batch(plan.model) or min(config.rounding.batch_size, data.num_samples)
     feed = data.feeds(0, batch) if 0 < batch <= data.num_samples else {}
-    skipped = ("no FP32 model to time against" if original is None else "no held-out samples"
-               if not samples.held.num_samples else f"fewer held-out samples than the model's batch {batch}"
-               if not feed else "")
+    if original is None:
+        skipped = "no FP32 model to time against"
+    elif not samples.held.num_samples:
+        skipped = "no held-out samples"
+    elif not feed:
+        skipped = f"fewer held-out samples than the model's batch {batch}"
+    else:
+        skipped = ""
     timed = {"measured_ratio_vs_fp32": None, "measured": {"skipped": skipped}}
     if not skipped:
         try:

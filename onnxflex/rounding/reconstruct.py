@@ -17,7 +17,7 @@ import torch
 
 from onnxflex.blocks import Block, BlockPlan
 from onnxflex.calib import CalibrationSet
-from onnxflex.cache import DiskArray, Key, TensorCache
+from onnxflex.cache import DiskArray, Key, TensorCache, batch_within
 from onnxflex.checkpoint import Checkpoint
 from onnxflex.device import threads_for, torch_threads
 from onnxflex.extdata import tensor_array
@@ -91,16 +91,19 @@ class BlockData:
         quantized outputs): ``size``, or fewer when a batch's boundary tensors plus INNER_TENSORS of its
         largest would pass a quarter of the cache's RAM bound (a 736x736 detector's head block held
         2 GB more at 32 samples than at 8). Training batches are the method's and stay ``size``."""
-        tensors = [t for t in (*self.fp_inputs.values(), *self.fp_outputs.values()) if not isinstance(t, Shared)]
-        sizes = [int(np.prod(t.shape[1:], dtype=np.int64)) for t in tensors]
+        sizes = [_per_sample(t) for t in (*self.fp_inputs.values(), *self.fp_outputs.values())
+                 if not isinstance(t, Shared)]
         per_sample = 4 * (sum(sizes) + INNER_TENSORS * max(sizes, default=0))
-        return max(1, min(size, self.max_bytes // 4 // max(per_sample, 1)))
+        return batch_within(size, per_sample, self.max_bytes)
 
     def largest_sample(self) -> int:
         """Values per sample of the block's largest input or output."""
-        tensors = [*self.fp_inputs.values(), *self.fp_outputs.values()]
-        return max(int(np.prod(t.shape if isinstance(t, Shared) else t.shape[1:], dtype=np.int64))
-                   for t in tensors)
+        return max(_per_sample(t) for t in (*self.fp_inputs.values(), *self.fp_outputs.values()))
+
+
+def _per_sample(tensor) -> int:
+    """Values of one sample of a block tensor (a Shared value: all of it)."""
+    return int(np.prod(tensor.shape if isinstance(tensor, Shared) else tensor.shape[1:], dtype=np.int64))
 
 
 class Shared:
