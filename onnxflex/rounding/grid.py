@@ -14,7 +14,7 @@ import torch
 
 from onnxflex.rounding.quant import unsigned_range
 
-RATIOS = torch.linspace(0.5, 1.0, 21)  # the symmetric search's clip ratios (rounders.GRID)
+RATIOS = torch.linspace(0.5, 1.0, 21)  # clip ratios of the weight step searches, symmetric and asymmetric
 
 
 def reduce_over(x: torch.Tensor, dims: tuple[int, ...], op: str) -> torch.Tensor:

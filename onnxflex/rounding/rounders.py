@@ -23,10 +23,9 @@ import torch
 
 from onnxflex.qparams import QuantizedWeight, channel_shape
 from onnxflex.rounding.policies import AdamCosine, StepPolicy
-from onnxflex.rounding.grid import init_asymmetric_grid
+from onnxflex.rounding.grid import RATIOS, init_asymmetric_grid
 from onnxflex.rounding.quant import round_ste, signed_range, unsigned_range
 
-GRID = torch.linspace(0.5, 1.0, 21)
 SEARCH_CHUNK = 1 << 18  # weight values per step of the grid search
 
 
@@ -75,9 +74,9 @@ def init_weight_scale(w: torch.Tensor, axis: int, bits: int, search: str, group_
 
 def _grid_search(view: torch.Tensor, absmax: torch.Tensor, dims: tuple[int, ...], qmin: int, qmax: int
                  ) -> torch.Tensor:
-    """The step absmax·ratio/qmax, ratio on GRID, of least squared rounding error over ``dims``."""
+    """The step absmax·ratio/qmax, ratio on grid.RATIOS, of least squared rounding error over ``dims``."""
     best_err, best = None, absmax / qmax
-    for ratio in GRID.tolist():
+    for ratio in RATIOS.tolist():
         s = absmax * ratio / qmax
         err = torch.div(view, s).round_().clamp_(qmin, qmax).mul_(s).sub_(view).square_()
         err = err.sum(dim=dims, keepdim=True) if dims else err
