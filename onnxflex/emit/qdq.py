@@ -168,12 +168,10 @@ def quantize_weights(model, params, target):
                 continue
             if qw.block_size:
                 out = _blocked_dq_node(g, scope, name, qw)
-            elif qw.asymmetric:
-                out = _dq_node(g, scope, name, qw.ints.astype(np.uint8), qw.scale.astype(np.float32),
-                               qw.zero_point.astype(np.uint8), qw.axis)
             else:
-                out = _dq_node(g, scope, name, qw.ints.astype(np.int8), qw.scale.astype(np.float32),
-                               qw.zero_point.astype(np.int8), qw.axis)
+                dtype = np.uint8 if qw.asymmetric else np.int8
+                out = _dq_node(g, scope, name, qw.ints.astype(dtype), qw.scale.astype(np.float32),
+                               qw.zero_point.astype(dtype), qw.axis)
             _replace_initializer_uses(g, name, out)
     return _sorted(model)
 
