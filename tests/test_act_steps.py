@@ -91,3 +91,90 @@ def test_an_outlier_leaves_the_percentile_step_alone_and_runs_repeat_byte_for_by
     assert s_pct < s_minmax / 50, f"percentile step {s_pct:.4g} vs min/max {s_minmax:.4g}"
     digests = {hashlib.sha256(m.SerializeToString()).hexdigest() for m in runs["percentile"]}
     assert len(digests) == 1, "two percentile runs wrote different models"
+
+
+def sorted_tails(batches: list[tuple[str, np.ndarray]], count: int) -> dict[int, list[np.ndarray]]:
+    """Each side's kept magnitudes after every batch, by a full sort of what was kept and the whole new
+    batch (the bound as PointValues sizes it: ``count`` batches of the points' first sizes)."""
+    sizes: dict[str, int] = {}
+    kept = {1: np.empty(0, np.float32), -1: np.empty(0, np.float32)}
+    history: dict[int, list[np.ndarray]] = {1: [], -1: []}
+    for name, values in batches:
+        sizes.setdefault(name, values.size)
+        keep = tail_length(count * sum(sizes.values())) + 1
+        for sign in kept:
+            side = (values[values * sign > 0] * sign).astype(np.float32)
+            kept[sign] = np.sort(np.concatenate([kept[sign], side]))[::-1][:keep]
+            history[sign].append(kept[sign])
+    return history
+
+
+def value_sets(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """400,000 values of one kind: ties at the top, many zeros, one-sided, or heavy-tailed."""
+    n = 400_000
+    if kind == "ties":  # a handful of levels: the smallest kept value is tied with many new ones
+        return rng.integers(-6, 7, n).astype(np.float32)
+    if kind == "zeros":
+        values = rng.standard_normal(n).astype(np.float32)
+        values[rng.random(n) < 0.7] = 0.0
+        return values
+    if kind == "positive":
+        return np.abs(rng.standard_t(3, n)).astype(np.float32) + 1e-3
+    if kind == "negative":
+        return -np.round(np.abs(rng.standard_t(3, n)) * 8).astype(np.float32) / 8 - 0.125
+    return rng.standard_t(2, n).astype(np.float32)
+
+
+BATCH_SIZES = [90_000, 61_000, 90_000, 1, 17, 89_999, 40_000, 28_983]  # first the largest; sums to 400,000
+
+
+@pytest.mark.parametrize("kind", ["ties", "zeros", "positive", "negative", "heavy"])
+def test_streamed_tails_are_the_largest_values_of_a_full_sort(kind):
+    """Batches of uneven sizes: after every batch each side keeps exactly the multiset a full sort of
+    what was kept plus the whole batch keeps, and the final ranges are the nearest-rank percentiles."""
+    values = value_sets(kind, np.random.default_rng(4))
+    bounds = np.cumsum([0] + BATCH_SIZES)
+    batches = [("t", values[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    pooled = PointValues(batches=len(batches), keep_sample=False)
+    expected = sorted_tails(batches, len(batches))
+    gen = torch.Generator().manual_seed(0)
+    for i, (name, chunk) in enumerate(batches):
+        pooled.add(name, torch.from_numpy(chunk), 1, 1, gen)
+        for sign, tails in ((1, pooled.positive), (-1, pooled.negative)):
+            np.testing.assert_array_equal(tails.top.numpy(), expected[sign][i], err_msg=f"side {sign}, batch {i}")
+    positive, negative = values[values > 0], -values[values < 0]
+    assert (pooled.positive.count, pooled.negative.count) == (positive.size, negative.size)
+    assert pooled.percentile_range(signed=False) == (-nearest_rank(negative), nearest_rank(positive))
+    edge = nearest_rank(np.abs(values))
+    assert pooled.percentile_range(signed=True) == (-edge, edge)
+    assert (pooled.lo, pooled.hi) == (float(values.min()), float(values.max()))
+
+
+def test_pooled_points_keep_what_a_full_sort_keeps():
+    """Two points sharing a quantizer, the second first seen after the first's batches began: the bound
+    grows when it arrives, and the kept tails still match the full sort after every batch."""
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_t(3, 240_000).astype(np.float32), np.round(rng.standard_t(3, 300_000) * 4) / 4
+    batches = [("a", a[:120_000]), ("b", b[:150_000].astype(np.float32)), ("a", a[120_000:]),
+               ("b", b[150_000:].astype(np.float32))]
+    pooled = PointValues(batches=2, keep_sample=False)
+    expected = sorted_tails(batches, 2)
+    gen = torch.Generator().manual_seed(0)
+    for i, (name, chunk) in enumerate(batches):
+        pooled.add(name, torch.from_numpy(chunk), 1, 1, gen)
+        for sign, tails in ((1, pooled.positive), (-1, pooled.negative)):
+            np.testing.assert_array_equal(tails.top.numpy(), expected[sign][i], err_msg=f"side {sign}, batch {i}")
+
+
+def test_a_full_side_sorts_only_the_values_beyond_its_floor(monkeypatch):
+    """Once a side holds all its tail, a batch's values at or below the smallest kept one never reach the
+    sort: after the first batch (one topk per side) topk sees a few values per batch, not the batch."""
+    from onnxflex.rounding import actrange
+
+    seen: list[int] = []
+    topk = torch.topk
+    monkeypatch.setattr(actrange.torch, "topk", lambda t, k, **kw: seen.append(t.numel()) or topk(t, k, **kw))
+    values = np.random.default_rng(6).standard_normal(1_000_000).astype(np.float32)
+    streamed(values, 100_000)
+    assert min(seen[:2]) >= 40_000, seen
+    assert sum(seen[2:]) < 1_000, f"values sorted after the first batch: {seen}"

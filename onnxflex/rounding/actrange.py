@@ -37,12 +37,24 @@ class Tails:
     """The largest magnitudes of one side of a stream of values (a 1-D float tensor each time)."""
 
     def __init__(self) -> None:
-        self.top = torch.empty(0)
+        self.top = torch.empty(0)  # sorted, largest first
         self.count = 0
 
-    def add(self, magnitudes: torch.Tensor, bound: int) -> None:
-        """Keep the ``tail_length(bound) + 1`` largest of what was kept and ``magnitudes`` (≥ 0)."""
-        self.count += magnitudes.numel()
+    def floor(self, bound: int) -> float:
+        """The magnitude a new value must exceed to change what is kept: the smallest kept one once the
+        tails hold all the ``tail_length(bound) + 1`` values that ``bound`` needs, else 0."""
+        if self.top.numel() and self.top.numel() >= tail_length(bound) + 1:
+            return float(self.top[-1])
+        return 0.0
+
+    def add(self, magnitudes: torch.Tensor, bound: int, count: int | None = None) -> None:
+        """Mutates: counts ``count`` new values (default: ``magnitudes.numel()``) and keeps the
+        ``tail_length(bound) + 1`` largest of what was kept and ``magnitudes`` (> 0). ``magnitudes`` may
+        leave out the new values not above ``floor(bound)``: none of them can displace a kept value
+        (one equal to the smallest kept adds an equal value), so what is kept is the same multiset."""
+        self.count += magnitudes.numel() if count is None else count
+        if not magnitudes.numel():
+            return
         both = torch.cat([self.top, magnitudes.float()])
         keep = min(tail_length(bound) + 1, both.numel())
         self.top = torch.topk(both, keep, sorted=True).values
@@ -70,12 +82,14 @@ class PointValues:
     def add(self, name: str, flat: torch.Tensor, rows: int, samples: int, gen: torch.Generator) -> None:
         """``flat``: one batch's values of act point ``name`` on the CPU, ``rows`` of the ``samples``
         calibration samples (for a shared tensor: 1 of 1)."""
-        self.lo, self.hi = min(self.lo, float(flat.min())), max(self.hi, float(flat.max()))
+        lo, hi = (float(v) for v in torch.aminmax(flat))
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self.sizes.setdefault(name, flat.numel())
         bound = self.batches * sum(self.sizes.values())  # the first batch is the largest
         self.count += flat.numel()
-        self.positive.add(flat[flat > 0], bound)
-        self.negative.add(-flat[flat < 0], bound)
+        for tails, sign, extreme in ((self.positive, 1, hi), (self.negative, -1, lo)):
+            magnitudes, count = _side(flat, sign, extreme, tails.floor(bound))
+            tails.add(magnitudes, bound, count)
         if self.keep_sample:
             self.samples.setdefault(name, []).append(_thinned(flat, rows, samples, gen))
 
@@ -91,6 +105,20 @@ class PointValues:
         if not self.keep_sample:
             return None
         return sample_values(torch.cat([s for n in names for s in self.samples[n]]), gen)
+
+
+def _side(flat: torch.Tensor, sign: int, extreme: float, floor: float) -> tuple[torch.Tensor, int]:
+    """(the magnitudes of the values of ``flat`` on side ``sign`` (1: > 0, -1: < 0) beyond ``floor``
+    (≥ 0) in magnitude, the number of values on that side). ``extreme``: the batch's max (side 1) or
+    min (side -1); when it is not beyond ``floor`` no value is, and none is gathered."""
+    side = flat > 0 if sign > 0 else flat < 0
+    count = int(torch.count_nonzero(side))
+    if not count or sign * extreme <= floor:
+        return flat.new_empty(0), count
+    if floor:  # a full side: only the few values beyond its smallest kept one
+        side = flat > floor if sign > 0 else flat < -floor
+    picked = flat[side]
+    return (picked if sign > 0 else -picked), count
 
 
 def _merged_percentile(a: Tails, b: Tails, count: int) -> float:
