@@ -69,16 +69,17 @@ class TensorCache:
         self.layout = self.layout.merged(layout.axes)
         self.num_samples = num_samples
 
-    def write(self, key: Key, start: int, rows: np.ndarray) -> None:
+    def write(self, key: Key, start: int, rows: np.ndarray, total: int | None = None) -> None:
         """Mutates: stores ``rows`` (samples on dim 0) as samples ``start:start + len(rows)`` of ``key``,
-        a new entry of ``num_samples`` rows when ``start`` is 0 (it replaces an older one). A shared
-        tensor (``layout``) is one value for every sample: stored whole from the first batch only."""
+        a new entry of ``total`` rows (default ``num_samples``: the first ``total`` samples when fewer)
+        when ``start`` is 0 (it replaces an older one). A shared tensor (``layout``) is one value for
+        every sample: stored whole from the first batch only."""
         if self.layout.shared(key.tensor):
             if start == 0:
                 self._allocate(key, rows.shape, rows.dtype)[...] = rows
             return
         if start == 0:
-            self._allocate(key, (self.num_samples,) + rows.shape[1:], rows.dtype)
+            self._allocate(key, (self.num_samples if total is None else total,) + rows.shape[1:], rows.dtype)
         self._arrays[key][start:start + len(rows)] = rows
 
     def fp_inputs(self, block: Block) -> dict[str, np.ndarray | DiskArray]:

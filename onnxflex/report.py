@@ -60,10 +60,12 @@ def timeless(report: dict) -> dict:
 
 
 def block_rows(plan, results) -> list[dict]:
-    """One row per reconstructed block (rounding/reconstruct.BlockResult) with its layer count."""
+    """One row per reconstructed block (rounding/reconstruct.BlockResult) with its layer count and the
+    number of calibration samples its losses are over (``loss_samples``)."""
     layers_of = {b.name: len(b.layers) for b in plan.blocks}
     return [dict(name=r.name, layers=layers_of[r.name], runtime=r.runtime, loss_before=r.loss_before,
-                 loss_after=r.loss_after, iters=r.iters, seconds=r.seconds) for r in results]
+                 loss_after=r.loss_after, loss_samples=r.samples, iters=r.iters, seconds=r.seconds)
+            for r in results]
 
 
 def layer_summary(plan, params) -> list[dict]:
@@ -87,6 +89,17 @@ def reconstruction_summary(config, blocks: list[dict]) -> dict:
     return {"preset": config.preset, "iters": config.iters, "batch_size": config.batch_size,
             "early_stop": config.early_stop, "steps_run": sum(steps),
             "blocks_stopped_early": sum(0 < s < config.iters for s in steps)}
+
+
+def loss_sample_lines(report: dict) -> list[str]:
+    """The summary's line saying that the block losses are on fewer samples than reconstruction has
+    (a method that learns nothing: rounding/reconstruct.UNLEARNED_LOSS_SAMPLES); none when on all."""
+    total = report["calibration"]["reconstruction_samples"]
+    counts = {b["loss_samples"] for b in report["blocks"] if 0 < b.get("loss_samples", 0) < total}
+    if not counts:
+        return []
+    return [f"block losses on {', '.join(map(str, sorted(counts)))} of the {total} calibration samples "
+            "(the method learns nothing; the losses are only reported)"]
 
 
 def latency_lines(section: dict) -> list[str]:
@@ -125,6 +138,7 @@ def summary(report: dict) -> str:
     for b in report["blocks"]:
         lines.append(f"{b['name']:<12}{b['layers']:>7}{b['runtime']:>10}{b['loss_before']:>14.4g}"
                      f"{b['loss_after']:>13.4g}{b['seconds']:>9.1f}")
+    lines += loss_sample_lines(report)
     rec = report.get("reconstruction")
     if rec and rec["steps_run"]:
         stop = f"early stop after {rec['early_stop']} flat steps" if rec["early_stop"] else "no early stop"

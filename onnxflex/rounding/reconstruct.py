@@ -41,11 +41,15 @@ log = logging.getLogger("onnxflex")
 
 INDEX_CHUNK = 64  # steps of minibatch indices drawn, and copied to the device, at a time
 INNER_TENSORS = 4  # a block run without gradients holds about this many of its largest tensor at a time
+# When no block learns (rtn, hqq), the quantized path only reports each block's loss and feeds the next
+# blocks' quantized inputs, which only those losses read: it runs on this many samples, not all.
+UNLEARNED_LOSS_SAMPLES = 8
 
 
 @dataclass(frozen=True)
 class BlockResult:
-    """``iters``: the optimisation steps the block ran (fewer than configured after an early stop)."""
+    """``iters``: the optimisation steps the block ran (fewer than configured after an early stop);
+    ``samples``: how many calibration samples the losses are over (0: not recorded)."""
 
     name: str
     loss_before: float
@@ -53,6 +57,7 @@ class BlockResult:
     iters: int
     seconds: float
     runtime: str = "torch"
+    samples: int = 0
 
 
 class BlockData:
@@ -294,22 +299,24 @@ def step_indices(seed: int, n: int, batch: int, steps: int, device: torch.device
 
 
 @torch.no_grad()
-def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: int) -> float:
-    """Run the frozen block on the quantized path and keep its outputs (and quantized graph inputs),
-    batch by batch into the cache (which spills to disk beyond its RAM bound). Returns the block loss
-    of those outputs against the FP outputs, as ``evaluate`` computes it."""
-    n = data.num_samples
+def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: int, samples: int) -> float:
+    """Run the frozen block on the quantized path over the first ``samples`` calibration samples and keep
+    its outputs (and quantized graph inputs), batch by batch into the cache as entries of ``samples``
+    rows (it spills to disk beyond its RAM bound). Returns the block loss of those outputs against the
+    FP outputs, as ``evaluate`` computes it."""
+    n = min(samples, data.num_samples)
     total = 0.0
     with fixed_weights(module):
         for start in range(0, n, batch):
-            inputs = {k: v[start:start + batch] for k, v in data.q_inputs.items()}
+            stop = min(start + batch, n)
+            inputs = {k: v[start:stop] for k, v in data.q_inputs.items()}
             outputs = dict(data.run(module, inputs))
-            target = {k: v[start:start + batch] for k, v in data.fp_outputs.items()}
-            total += float(block_loss(outputs, target)) * min(batch, n - start)
+            target = {k: v[start:stop] for k, v in data.fp_outputs.items()}
+            total += float(block_loss(outputs, target)) * (stop - start)
             values = dict(outputs)
             values.update({name: module.state.acts[name](inputs[name]) for name in module.input_points})
             for name, value in values.items():
-                cache.write(Key.q(name), start, value.cpu().numpy())
+                cache.write(Key.q(name), start, value.cpu().numpy(), total=n)
     return total / n
 
 
@@ -345,6 +352,8 @@ class BlockRunner:
         self.plan, self.cache, self.state, self.target = plan, cache, state, target
         self.config, self.device, self.providers = config, device, providers
         self.sizes = _initializer_sizes(plan.model)
+        learned = reconstructs(config.method)  # else no block learns: the losses need only a few samples
+        self.loss_samples = cache.num_samples if learned else min(UNLEARNED_LOSS_SAMPLES, cache.num_samples)
 
     def run(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
         """Block ``index`` quantized, learned and frozen; its progress line finished."""
@@ -364,16 +373,24 @@ class BlockRunner:
             progress.start(self.config.iters if learns else 0, f"{block.name} ({index + 1}/{len(self.plan.blocks)})")
             before, steps = self.learn(module, data, seed, progress) if learns else (None, 0)
             self.freeze(module, block)
-            after = store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size))
+            after = self.store(module, data)
         if before is None:  # nothing changed the block: the loss before is the loss after
             before = after
         runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
-        return module, BlockResult(block.name, before, after, steps, time.perf_counter() - started, runtime)
+        return module, BlockResult(block.name, before, after, steps, time.perf_counter() - started, runtime,
+                                   self.loss_samples)
+
+    def store(self, module: BlockModule | OrtBlock, data: BlockData) -> float:
+        """store_quantized_outputs over the run's ``loss_samples``; returns the block loss on them."""
+        return store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size),
+                                       self.loss_samples)
 
     def summary(self, result: BlockResult) -> str:
         stopped = f" (loss plateaued: {result.iters} of {self.config.iters} steps)" \
             if 0 < result.iters < self.config.iters else ""
-        return f"{result.name}: loss {result.loss_before:.4g} -> {result.loss_after:.4g}{stopped}"
+        on = f" (on {result.samples} of {self.cache.num_samples} samples)" \
+            if 0 < result.samples < self.cache.num_samples else ""
+        return f"{result.name}: loss {result.loss_before:.4g} -> {result.loss_after:.4g}{on}{stopped}"
 
     @contextlib.contextmanager
     def loaded(self, block: Block):
@@ -450,7 +467,7 @@ class BlockRunner:
                 module = BlockModule(block, self.plan.model, default_opset(self.plan.model), self.state, self.device)
                 for layer in block.layers:
                     module.constants.pop(layer.weight, None)
-            store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size))
+            self.store(module, data)
         return module
 
     def _add_quantizers(self, block: Block, method: str) -> None:

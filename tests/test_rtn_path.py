@@ -1,0 +1,116 @@
+"""A method that learns nothing (rtn, hqq) runs the quantized path on UNLEARNED_LOSS_SAMPLES samples only:
+it only reports the block losses and feeds the next blocks' quantized inputs, so what is emitted is the
+model a run over every sample emits, byte for byte."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import graphs  # tests/graphs.py; tests/ is on pytest's pythonpath
+import onnxflex
+from onnxflex.cache import Run, TensorCache
+from onnxflex.report import summary
+from onnxflex.rounding import reconstruct
+
+CALIB = 48  # 36 reconstruct, 12 held out for verification
+
+
+def branchy_model() -> onnx.ModelProto:
+    """conv1 → Celu (no torch converter: its block runs in onnxruntime) → conv2; If(mean(x) > 0): then a
+    Conv, else a Conv → conv3."""
+    b = graphs._Builder(3)
+
+    def conv(name: str, c_in: int, x: str, y: str) -> None:
+        b.node("Conv", [x, b.conv_weight(f"{name}_w", 8, c_in, 3), b.small(f"{name}_b", (8,))], [y], name=name,
+               pads=[1, 1, 1, 1])
+
+    conv("conv1", 3, "x", "c1")
+    b.node("Celu", ["c1"], ["a"], name="celu")
+    conv("conv2", 8, "a", "c2")
+    b.node("ReduceMean", ["x"], ["m"], name="mean", keepdims=0)
+    b.node("Greater", ["m", b.const("zero", np.array(0.0, np.float32))], ["positive"], name="positive")
+    branches = {}
+    for side in ("then", "else"):
+        w = b.conv_weight(f"{side}_w", 8, 8, 3)
+        inits = [t for t in b.inits if t.name == w]
+        b.inits = [t for t in b.inits if t.name != w]  # the weight lives in the branch
+        node = helper.make_node("Conv", ["c2", w], [f"{side}_out"], name=f"{side}_conv", pads=[1, 1, 1, 1])
+        branches[f"{side}_branch"] = helper.make_graph(
+            [node], f"{side}_graph", [], [helper.make_tensor_value_info(f"{side}_out", TensorProto.FLOAT, None)], inits)
+    b.node("If", ["positive"], ["g"], name="by_sign", **branches)
+    conv("conv3", 8, "g", "y")
+    return b.model("branchy", [graphs._image(size=8)], [graphs._out(graphs.N, 8, 8, 8)], opset=13)
+
+
+def images(seed: int = 0) -> dict[str, np.ndarray]:
+    """CALIB images, their means of both signs so that either If branch runs on some batches."""
+    x = np.random.default_rng(seed).standard_normal((CALIB, 3, 8, 8)).astype(np.float32)
+    return {"x": x + np.linspace(-0.3, 0.3, CALIB, dtype=np.float32)[:, None, None, None]}
+
+
+def q_rows(monkeypatch) -> list[int]:
+    """Spies on TensorCache.write: the rows of every q: entry allocated from then on."""
+    rows: list[int] = []
+    write = TensorCache.write
+
+    def spy(self, key, start, values, total=None):
+        if key.run is Run.Q and start == 0 and not self.layout.shared(key.tensor):
+            rows.append(self.num_samples if total is None else total)
+        return write(self, key, start, values, total)
+
+    monkeypatch.setattr(TensorCache, "write", spy)
+    return rows
+
+
+def quantized(method: str, **options) -> onnxflex.QuantResult:
+    bits = dict(wbits=4, abits=0) if method == "hqq" else dict(wbits=8, abits=8)
+    config = onnxflex.QuantConfig(method=method, seed=0, latency_rules=False, **bits, **options)
+    return onnxflex.quantize(branchy_model(), images(), config, progress=False)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_an_unlearned_method_emits_the_bytes_of_an_all_sample_run(method, monkeypatch):
+    """The q: entries hold UNLEARNED_LOSS_SAMPLES rows and every block's losses are on that many samples,
+    through a torch block, an onnxruntime block and an If block; with the constant above the sample count
+    every row is run, and the emitted bytes are the same."""
+    rows = q_rows(monkeypatch)
+    few = quantized(method)
+    samples = few.report["calibration"]["reconstruction_samples"]
+    assert set(rows) == {reconstruct.UNLEARNED_LOSS_SAMPLES} == {8}, rows
+    assert {b["loss_samples"] for b in few.report["blocks"]} == {8}, few.report["blocks"]
+    assert {b["runtime"] for b in few.report["blocks"]} == {"torch", "onnxruntime"}, few.report["blocks"]
+    assert any(n.op_type == "If" for n in few.model.graph.node)
+    rows.clear()
+    monkeypatch.setattr(reconstruct, "UNLEARNED_LOSS_SAMPLES", 10 ** 6)
+    every = quantized(method)
+    assert set(rows) == {samples}, rows
+    assert {b["loss_samples"] for b in every.report["blocks"]} == {samples}
+    assert few.model.SerializeToString() == every.model.SerializeToString(), f"{method}: the emitted bytes differ"
+    assert np.isfinite([b["loss_after"] for b in few.report["blocks"]]).all()
+
+
+def test_the_report_says_the_losses_are_on_8_samples():
+    report = quantized("rtn").report
+    samples = report["calibration"]["reconstruction_samples"]
+    assert f"block losses on 8 of the {samples} calibration samples" in summary(report), summary(report)
+
+
+def test_a_learned_method_runs_the_quantized_path_on_every_sample(monkeypatch):
+    rows = q_rows(monkeypatch)
+    report = quantized("flexround", iters=4, batch_size=8).report
+    samples = report["calibration"]["reconstruction_samples"]
+    assert set(rows) == {samples}, rows
+    assert {b["loss_samples"] for b in report["blocks"]} == {samples}, report["blocks"]
+    assert "block losses on" not in summary(report)
+
+
+def test_a_resumed_unlearned_run_writes_the_same_bytes(tmp_path, monkeypatch):
+    """Every block restored from its checkpoint stores its 8 quantized rows again for the next block."""
+    first = quantized("rtn", checkpoint_dir=str(tmp_path))
+    rows = q_rows(monkeypatch)
+    again = quantized("rtn", checkpoint_dir=str(tmp_path))
+    assert rows and set(rows) == {8}, rows
+    assert again.model.SerializeToString() == first.model.SerializeToString()
+    assert [b["loss_after"] for b in again.report["blocks"]] == [b["loss_after"] for b in first.report["blocks"]]
