@@ -8,9 +8,9 @@ One quantize runs in this process with ``reconstruct.train`` wrapped: before a b
 forward of the block on a batch of its quantized inputs runs under torch's FlopCounterMode (it counts
 the convolutions' and matrix products' FLOPs from their shapes, 2 per multiply-add); forward+backward
 is taken as 3x the forward. The step time is the training loop's seconds over its steps. The machine's
-FLOP rate is the better of a float32 matmul and a 3x3 convolution microbenchmark, measured in the same
-run at the thread count the loop uses. ratio = step time / (FLOPs per step / FLOP rate): 1 would be a
-loop that does nothing but its arithmetic at the machine's peak.
+FLOP rate is onnxflex.budget.measure_rate (a float32 matmul microbenchmark, the rate the step budget's
+--time-budget uses), measured in the same run at the thread count the loop uses. ratio = step time /
+(FLOPs per step / FLOP rate): 1 would be a loop that does nothing but its arithmetic at that rate.
 
 Writes a section between ``<!-- loop-speed -->`` markers into BENCHMARKS.md (one block per model
 name; ``--no-write`` prints only).
@@ -35,25 +35,13 @@ BIG = 10e6  # FLOP per sample from which the must-show target (ratio <= 3) appli
 
 
 def flop_rate(threads: int, repeats: int = 5) -> float:
-    """FLOP/s: the best of a 512^3 float32 matmul and a 64->64 3x3 convolution on 32x24x80, each the
-    best of ``repeats`` runs with ``threads`` torch threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(512, 512), torch.randn(512, 512)
-        x, w = torch.randn(32, 64, 24, 80), torch.randn(64, 64, 3, 3)
-        cases = [(lambda: a @ b, 2 * 512 ** 3),
-                 (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 32 * 64 * 24 * 80 * 64 * 9)]
-        best = 0.0
-        for run, flops in cases:
-            run()
-            for _ in range(repeats):
-                t = time.perf_counter()
-                run()
-                best = max(best, flops / (time.perf_counter() - t))
-        return best
-    finally:
-        torch.set_num_threads(previous)
+    """FLOP/s with ``threads`` torch threads: budget.measure_rate (the rate ``--time-budget`` converts
+    minutes with), run for about ``repeats`` × its default time."""
+    from onnxflex.budget import RATE_SECONDS, measure_rate
+    from onnxflex.device import torch_threads
+
+    with torch_threads(threads):
+        return measure_rate("cpu", RATE_SECONDS * repeats)
 
 
 def block_kind(block) -> str:

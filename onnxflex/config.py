@@ -21,6 +21,8 @@ ACT_SCALE_SEARCH = ("minmax", "mse", "percentile")  # rounding/actrange.py defin
 METHOD_DEFAULT = -1  # iters or lr at -1: the method's own value (onnxflex.options.resolve gives it)
 PRESET_DEFAULT = -1  # batch_size or early_stop at -1: the preset's value, resolved likewise
 PRESETS = ("fast", "default", "best")  # their values: onnxflex.options.PRESET_VALUES
+MAX_STEP_BUDGET = 1000.0  # step_budget: at most this many FP forward passes over the samples
+MAX_TIME_BUDGET = 10080.0  # time_budget: at most a week, in minutes
 MIN_BUDGET_BITS = 2  # the narrowest width mixed precision gives a layer (onnxflex.mixed)
 
 
@@ -52,8 +54,8 @@ OPTION_HELP: dict[str, str] = {
               "learned rounder",
     "granularity": "reconstruction unit: block (a residual unit) or layer (one weighted op)",
     "target": "runtime the model is emitted for",
-    "preset": "speed against quality of learned rounding, for the options left at -1: fast (a quarter of "
-              "the method's iterations, early stop on a loss plateau), default, best (2.5x the iterations, "
+    "preset": "speed against quality of learned rounding, for the options left at -1: fast (at most a quarter "
+              "of the method's iterations, early stop on a loss plateau, a step budget of one FP pass), default, best (2.5x the iterations, "
               "batches of 64); the report gives what it resolved to",
     "iters": "optimisation steps per block; -1: the method's default (400, signround 200) times the "
              "preset's scale (fast 1/4, best 2.5)",
@@ -62,6 +64,15 @@ OPTION_HELP: dict[str, str] = {
                   "over as many more and stop (the report gives the steps run); 0 = off; -1: the preset's "
                   "(fast: a fifth of the iterations; default, best: off); adaround needs 0 (its regulariser "
                   "anneals over every iteration)",
+    "step_budget": "optimisation work for the whole reconstruction as a multiple of one FP forward pass over the "
+                   "reconstruction samples, shared among the blocks by how much round-to-nearest loses on them per "
+                   "FLOP spent (each block at most its iterations; a block left without steps keeps "
+                   "round-to-nearest); 0 = off (every block runs its iterations); -1: the preset's (fast 1, "
+                   "default and best off)",
+    "time_budget": "minutes of learning for the whole reconstruction, shared among the blocks like step_budget and "
+                   "converted to FLOPs with a FLOP rate measured on this machine at the start, so the output "
+                   "depends on the machine and its load; 0 = off; replaces the preset's step budget (not both: "
+                   "leave step_budget at -1)",
     "lr": "learning rate of the rounding parameters; -1: the method's default "
           "(flexround 3e-3, adaround 0.1, signround 1/iters)",
     "scale_lr": "learning rate of the weight step sizes (signround steps its clip factors with lr)",
@@ -136,6 +147,8 @@ class QuantConfig:
     iters: int = METHOD_DEFAULT
     batch_size: int = PRESET_DEFAULT
     early_stop: int = PRESET_DEFAULT
+    step_budget: float = float(PRESET_DEFAULT)
+    time_budget: float = 0.0
     lr: float = float(METHOD_DEFAULT)
     scale_lr: float = 1e-3
     act_lr: float = 2e-4
@@ -181,6 +194,7 @@ class QuantConfig:
         _check_choice("weight_scale", self.weight_scale, SCALE_SEARCH)
         _check_choice("act_scale", self.act_scale, ACT_SCALE_SEARCH)
         self._check_learning()
+        self._check_step_budgets()
         _check_range("seed", self.seed, 0, 2**31 - 1)
         _check_range("max_cache_mb", self.max_cache_mb, 1, 1 << 30)
         _check_range("calib_samples", self.calib_samples, 0, 1 << 30)
@@ -230,6 +244,17 @@ class QuantConfig:
         for name in ("lr", "scale_lr", "act_lr"):
             if name != "lr" or self.lr != METHOD_DEFAULT:
                 _check_range(name, getattr(self, name), 0.0, 1.0, float)
+
+    def _check_step_budgets(self) -> None:
+        """step_budget: -1 (the preset's) or a multiple in [0, MAX_STEP_BUDGET]; time_budget: minutes in
+        [0, MAX_TIME_BUDGET]; not both set."""
+        step, minutes = as_float(self.step_budget), as_float(self.time_budget)
+        if step != PRESET_DEFAULT:
+            _check_range("step_budget", step, 0.0, MAX_STEP_BUDGET, float)
+        _check_range("time_budget", minutes, 0.0, MAX_TIME_BUDGET, float)
+        if step != PRESET_DEFAULT and minutes:
+            raise ConfigError(f"step_budget={step:g} and time_budget={minutes:g} are both set: give one (leave "
+                              "step_budget at -1 with --time-budget)")
 
     def _check_lists(self) -> None:
         """On/off options are booleans; the repeatable options are tuples of well-formed specs."""

@@ -177,8 +177,8 @@ def static_shapes(model: onnx.ModelProto, feeds: dict[str, Any]) -> dict[str, tu
         return {}
     out = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        if not vi.type.HasField("tensor_type"):
-            continue
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue  # no shape at all is an unknown rank, not a scalar
         dims = vi.type.tensor_type.shape.dim
         if all(d.HasField("dim_value") for d in dims):
             out[vi.name] = (tuple(int(d.dim_value) for d in dims), vi.type.tensor_type.elem_type)

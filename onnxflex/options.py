@@ -35,14 +35,19 @@ from onnxflex.errors import ConfigError
 class Preset:
     """What a preset sets where an option is left at -1: the method's iterations times ``iters_scale``,
     ``batch_size`` samples per step, and early stop after ``patience`` × iterations steps without
-    improvement (0: off; always off for AdaRound, whose regulariser anneals over every step)."""
+    improvement (0: off; always off for AdaRound, whose regulariser anneals over every step), and a
+    step budget of ``step_budget`` FP forward passes over the samples where ``step_budget`` is -1 (0: off;
+    onnxflex/budget.py)."""
 
     iters_scale: float
     batch_size: int
     patience: float
+    step_budget: float = 0.0
 
 
-PRESET_VALUES = {"fast": Preset(iters_scale=0.25, batch_size=32, patience=0.2),
+FAST_STEP_BUDGET = 1.0  # fast: the learning costs about one more FP pass over the samples than RTN
+
+PRESET_VALUES = {"fast": Preset(iters_scale=0.25, batch_size=32, patience=0.2, step_budget=FAST_STEP_BUDGET),
                  "default": Preset(iters_scale=1.0, batch_size=32, patience=0.0),
                  "best": Preset(iters_scale=2.5, batch_size=64, patience=0.0)}
 
@@ -97,7 +102,8 @@ class PlanOptions(_Record):
 @dataclass(frozen=True, kw_only=True)
 class RoundingOptions(_Record):
     """What reconstruction reads: the method with its resolved schedule (``iters``, ``batch_size``,
-    ``early_stop``, ``lr``: never -1 here), step searches, the weight grid (``weight_grid``: 'symmetric'
+    ``early_stop``, ``lr``: never -1 here), the step budgets (``step_budget`` never -1 here, 0 with a
+    ``time_budget``; onnxflex/budget.py), step searches, the weight grid (``weight_grid``: 'symmetric'
     or 'asymmetric' here, never 'auto'), the block seed base, threads, checkpoints."""
 
     method: str
@@ -105,6 +111,8 @@ class RoundingOptions(_Record):
     iters: int
     batch_size: int
     early_stop: int
+    step_budget: float
+    time_budget: float
     lr: float
     scale_lr: float
     act_lr: float
@@ -209,8 +217,9 @@ class Resolved:
 
 
 def resolve(config: QuantConfig) -> Resolved:
-    """The options a run with ``config`` uses: -1 iterations, batch size, early stop and rate take the
-    method's and preset's values (explicit values win); budgets become floats. ``config`` is unchanged."""
+    """The options a run with ``config`` uses: -1 iterations, batch size, early stop, step budget and rate
+    take the method's and preset's values (explicit values win; a time budget turns the preset's step
+    budget off); budgets become floats. ``config`` is unchanged."""
     preset = PRESET_VALUES[config.preset]
     iters = config.iters
     if iters == METHOD_DEFAULT:
@@ -223,9 +232,17 @@ def resolve(config: QuantConfig) -> Resolved:
                   batch_size=preset.batch_size if config.batch_size == PRESET_DEFAULT else config.batch_size,
                   lr=method_lr(config.method, iters) if config.lr == METHOD_DEFAULT else config.lr,
                   bits_budget=as_float(config.bits_budget), size_budget_mb=as_float(config.size_budget_mb),
-                  weight_grid=weight_grid_of(config))
+                  weight_grid=weight_grid_of(config), time_budget=as_float(config.time_budget),
+                  step_budget=_step_budget(config, preset))
     return Resolved(**{part: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
                        for part, cls in _PARTS.items()})
+
+
+def _step_budget(config: QuantConfig, preset: Preset) -> float:
+    """The step budget a run uses: the given one, else 0 beside a time budget, else the preset's."""
+    if config.step_budget != PRESET_DEFAULT:
+        return as_float(config.step_budget)
+    return 0.0 if config.time_budget else preset.step_budget
 
 
 def given_toml(config: QuantConfig) -> str:

@@ -5,6 +5,7 @@
     refine       refiners.refine       → Refined      latency placement, LayerNorm folding, mixed
                                                       precision: (plan, data) → plan, in REFINERS' order
     capture      stages.capture_fp32   → Captured     FP32 block boundaries into the cache, FP32 outputs
+    step budget  stages.step_budget    → StepBudget   steps per block (budget.py), None when off
     reconstruct  stages.reconstruct_blocks → Reconstructed  the block loop, exported parameters
     emit         stages.emit_model     → Emitted      the QDQ model
     verify       stages.verify_model   → Verified     onnxruntime against the simulation and FP32;
@@ -33,7 +34,7 @@ from onnxflex.progress import Progress
 from onnxflex.refiners import RefineContext, Refined, refine
 from onnxflex.sources import resolve_calibration
 from onnxflex.stages import (Captured, Emitted, Reconstructed, Samples, Verified, admit, capture_fp32, emit_model,
-                             hold_out, open_checkpoint, reconstruct_blocks, verify_model)
+                             hold_out, open_checkpoint, reconstruct_blocks, step_budget, verify_model)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ def run_pipeline(model: Any, calibration: Any, config: QuantConfig, progress: Pr
     prepared = round(time.perf_counter() - t, 3)
     with closing(TensorCache(refined.config.capture.max_cache_mb << 20)) as cache:
         captured = capture_fp32(original, refined, samples, cache, device, progress)
-        reconstructed = reconstruct_blocks(refined, cache, checkpoint, device, progress)
+        budget = step_budget(refined, samples, device)
+        reconstructed = reconstruct_blocks(refined, cache, checkpoint, device, progress, budget)
     emitted = emit_model(refined, reconstructed)
     verified = verify_model(emitted, refined, reconstructed, captured, samples, device, original)
     return PipelineResult(samples, refined, captured, reconstructed, emitted, verified, prepared)

@@ -26,6 +26,7 @@ def build_report(result, warnings: list[str], total_seconds: float) -> dict:
     (repeats dropped), ``total_seconds`` the whole run's time."""
     config, plan, samples = result.config, result.plan, result.samples
     blocks = block_rows(plan, result.reconstructed.results)
+    budget = result.reconstructed.budget
     verification = result.verification
     return {
         "blocks": blocks,
@@ -43,7 +44,8 @@ def build_report(result, warnings: list[str], total_seconds: float) -> dict:
         "calibration": {"source": samples.source, "reconstruction_samples": samples.recon.num_samples,
                         "verification_samples": samples.held.num_samples},
         "layers": layer_summary(plan, result.params),
-        "reconstruction": reconstruction_summary(config.rounding, blocks),
+        "reconstruction": reconstruction_summary(config.rounding, blocks, budget),
+        "step_budget": budget.to_dict() if budget is not None else {},
         "warnings": list(dict.fromkeys(warnings)),
     }
 
@@ -81,14 +83,26 @@ def layer_summary(plan, params) -> list[dict]:
     return rows
 
 
-def reconstruction_summary(config, blocks: list[dict]) -> dict:
+def reconstruction_summary(config, blocks: list[dict], budget=None) -> dict:
     """What the preset resolved to (``config``: the run's RoundingOptions) and what ran: steps per block at
     most, samples per step (its ``batch_size``: the model's fixed batch where it has one), early-stop patience (0: off), the steps
-    the blocks ran in all and how many blocks stopped early."""
+    the blocks ran in all and how many blocks stopped early (before their own steps: ``budget``'s,
+    a budget.StepBudget, or ``config.iters``)."""
     steps = [b["iters"] for b in blocks]
+    planned = [budget.iters_of(i) if budget is not None else config.iters for i in range(len(blocks))]
     return {"preset": config.preset, "iters": config.iters, "batch_size": config.batch_size,
-            "early_stop": config.early_stop, "steps_run": sum(steps),
-            "blocks_stopped_early": sum(0 < s < config.iters for s in steps)}
+            "early_stop": config.early_stop, "steps_run": sum(steps), "steps_planned": sum(planned),
+            "blocks_stopped_early": sum(0 < s < p for s, p in zip(steps, planned))}
+
+
+def budget_lines(section: dict) -> list[str]:
+    """The summary's line on the step_budget section (none when it is empty)."""
+    if not section:
+        return []
+    rows = section["blocks"]
+    learned = sum(1 for b in rows if b["steps"])
+    return [f"step budget ({section['basis']}): {section['spent_flops'] / max(section['budget_flops'], 1e-30):.0%} "
+            f"spent; {learned} of {len(rows)} block(s) learned, the others keep round-to-nearest"]
 
 
 def loss_sample_lines(report: dict) -> list[str]:
@@ -144,6 +158,7 @@ def summary(report: dict) -> str:
         stop = f"early stop after {rec['early_stop']} flat steps" if rec["early_stop"] else "no early stop"
         lines.append(f"preset {rec['preset']}: up to {rec['iters']} steps per block of {rec['batch_size']} samples, "
                      f"{stop}; {rec['steps_run']} steps run, {rec['blocks_stopped_early']} block(s) stopped early")
+    lines += budget_lines(report.get("step_budget") or {})
     v = report.get("verification", {})
     for name, db in v.get("quantized_vs_fp32_sqnr_db", {}).items():
         sim = v["onnxruntime_vs_simulation_sqnr_db"].get(name)

@@ -1,6 +1,7 @@
 """The data stages after the plan, each a function returning a frozen record: hold out the
-verification samples, capture (FP32 tensors into the cache, FP32 reference outputs), reconstruct
-(the block loop), emit (the QDQ model) and verify (onnxruntime against the simulation and FP32).
+verification samples, capture (FP32 tensors into the cache, FP32 reference outputs), the step
+budget (steps per block), reconstruct (the block loop), emit (the QDQ model) and verify
+(onnxruntime against the simulation and FP32).
 onnxflex/pipeline.py calls them in order."""
 from __future__ import annotations
 
@@ -155,20 +156,31 @@ def fp_reference(original: onnx.ModelProto, held: CalibrationSet, providers, lay
     return run(reference, held, providers, layout=layout)
 
 
+def step_budget(refined: Refined, samples: Samples, device: Device):
+    """The run's budget.StepBudget (steps per block from step_budget or time_budget), or None when
+    both are off or the method learns nothing."""
+    from onnxflex.budget import plan_budget
+
+    return plan_budget(refined.plan, samples.recon, refined.config.rounding, device.torch_device)
+
+
 @dataclass(frozen=True)
 class Reconstructed:
     """The block loop's record: per-block results (rounding/reconstruct.BlockResult), the frozen block
-    modules (for simulation) and the exported parameters the emitter writes."""
+    modules (for simulation), the exported parameters the emitter writes and the step budget the
+    blocks ran under (budget.StepBudget, or None)."""
 
     results: tuple[Any, ...]
     modules: tuple[Any, ...]
     params: QuantParams
     seconds: float
+    budget: Any = None
 
 
 def reconstruct_blocks(refined: Refined, cache: TensorCache, checkpoint, device: Device,
-                       progress: Progress) -> Reconstructed:
-    """rounding/reconstruct.reconstruct over the refined plan, reading (and adding to) ``cache``."""
+                       progress: Progress, budget=None) -> Reconstructed:
+    """rounding/reconstruct.reconstruct over the refined plan, reading (and adding to) ``cache``, each
+    block's steps from ``budget`` (budget.StepBudget; None: the config's iterations)."""
     import torch
 
     from onnxflex.rounding.reconstruct import reconstruct
@@ -178,9 +190,9 @@ def reconstruct_blocks(refined: Refined, cache: TensorCache, checkpoint, device:
     target = get_target(refined.config.plan.target)
     state = QuantState()
     results, modules = reconstruct(refined.plan, cache, state, target, refined.config.rounding,
-                                   torch.device(device.torch_device), progress, device.providers, checkpoint)
+                                   torch.device(device.torch_device), progress, device.providers, checkpoint, budget)
     seconds = _lap(t)
-    return Reconstructed(tuple(results), tuple(modules), state.export(target.act_dtype), seconds)
+    return Reconstructed(tuple(results), tuple(modules), state.export(target.act_dtype), seconds, budget)
 
 
 @dataclass(frozen=True)
@@ -309,4 +321,4 @@ def _lap(t0: float) -> float:
 
 __all__ = ["Captured", "Emitted", "Reconstructed", "Samples", "Verified", "admit", "capture_fp32",
            "emit_model", "hold_out", "open_checkpoint", "reconstruct_blocks", "split_calibration",
-           "verify_model"]
+           "step_budget", "verify_model"]

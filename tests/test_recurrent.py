@@ -312,7 +312,8 @@ def test_vad_lstm_stream_keeps_single_call_fidelity():
     calib = _audio_chunks(11, 4, CALIB // 4)
     _, states = _stream(fp32, calib)
     feeds = {"input": calib.reshape(-1, 576), "state": np.concatenate(states, axis=1), "sr": np.array(16000)}
-    config = onnxflex.QuantConfig(preset="fast", fix_inputs=tuple(f"{k}={v}" for k, v in zoo.fix_inputs.items()))
+    # step_budget 0: every block runs fast's iterations (under the budget the margin is 1.1 dB, not 1.0)
+    config = onnxflex.QuantConfig(preset="fast", step_budget=0, fix_inputs=tuple(f"{k}={v}" for k, v in zoo.fix_inputs.items()))
     result = onnxflex.quantize(fp32, feeds, config, progress=False)
     assert _nodes(result.model, "DynamicQuantizeLSTM"), "the LSTM was not quantized"
     assert "DynamicQuantizeLSTM" in {l.kernel for l in check(result.model).layers}

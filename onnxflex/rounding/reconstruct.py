@@ -141,7 +141,7 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
     an activation quantizer per act point (inner points too)."""
     for layer in block.layers:
         inits = initializers_of(model, layer)
-        w = _layer_weight(layer, model, device)
+        w = layer_weight(layer, model, device)
         state.rounders[layer.weight] = make_rounder(method, w, layer.axis, layer.bits, config.weight_scale,
                                                     layer.group_size, config.weight_grid == "asymmetric")
         if layer.bias and target.int32_bias and config.abits:
@@ -156,7 +156,8 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
             ActQuantizer(config.abits, target.act_symmetric).to(device)
 
 
-def _layer_weight(layer, model: onnx.ModelProto, device: torch.device) -> torch.Tensor:
+def layer_weight(layer, model: onnx.ModelProto, device: torch.device) -> torch.Tensor:
+    """The float32 weight of ``layer`` (its own graph's initializer) on ``device``."""
     init = initializers_of(model, layer)[layer.weight]
     return torch.from_numpy(tensor_array(init, model).astype(np.float32)).to(device)
 
@@ -170,7 +171,7 @@ def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: Roundi
                and (l.owner, l.graph) not in module.ran]
     for layer in untaken:
         module.state.rounders[layer.weight] = make_rounder(
-            "rtn", _layer_weight(layer, model, device), layer.axis, layer.bits, config.weight_scale,
+            "rtn", layer_weight(layer, model, device), layer.axis, layer.bits, config.weight_scale,
             layer.group_size, config.weight_grid == "asymmetric")
     names = {l.weight for l in untaken}
     module.own_rounders = torch.nn.ModuleList(module.state.rounders[l.weight] for l in module.block.layers
@@ -322,12 +323,13 @@ def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: 
 
 def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: RoundingOptions,
                 device: torch.device, progress: Progress, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                checkpoint: Checkpoint | None = None) -> tuple[list[BlockResult], list]:
+                checkpoint: Checkpoint | None = None, budget=None) -> tuple[list[BlockResult], list]:
     """The block loop. Mutates ``state`` (adds and trains quantizers) and ``cache`` (adds q: tensors);
     returns each block's result and its frozen module (a BlockModule, or an OrtBlock for blocks with
     ops the torch side cannot express). With ``checkpoint``, blocks saved there are restored instead
-    of learned, and each newly finished block is saved."""
-    runner = BlockRunner(plan, cache, state, target, config, device, providers)
+    of learned, and each newly finished block is saved. ``budget`` (budget.StepBudget, or None: every
+    block ``config.iters``) gives each block's steps."""
+    runner = BlockRunner(plan, cache, state, target, config, device, providers, budget)
     if checkpoint is not None:
         runner = CheckpointedRunner(runner, checkpoint)
     results, modules = [], []
@@ -344,21 +346,26 @@ class BlockRunner:
     its quantized outputs for the next block; or resume it from a checkpoint's saved state.
 
     Mutates ``state`` (adds, trains and freezes quantizers) and ``cache`` (adds q: tensors). Blocks
-    must be run in plan order: each reads the q: tensors of the blocks before it.
+    must be run in plan order: each reads the q: tensors of the blocks before it. ``budget``
+    (budget.StepBudget or None) sets each block's steps (``iters_of``).
     """
 
     def __init__(self, plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target,
-                 config: RoundingOptions, device: torch.device, providers: tuple[str, ...]) -> None:
+                 config: RoundingOptions, device: torch.device, providers: tuple[str, ...], budget=None) -> None:
         self.plan, self.cache, self.state, self.target = plan, cache, state, target
-        self.config, self.device, self.providers = config, device, providers
+        self.config, self.device, self.providers, self.budget = config, device, providers, budget
         self.sizes = _initializer_sizes(plan.model)
         learned = reconstructs(config.method)  # else no block learns: the losses need only a few samples
         self.loss_samples = cache.num_samples if learned else min(UNLEARNED_LOSS_SAMPLES, cache.num_samples)
 
+    def iters_of(self, index: int) -> int:
+        """The steps block ``index`` learns: the budget's share, else ``config.iters``."""
+        return self.config.iters if self.budget is None else self.budget.iters_of(index)
+
     def run(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
         """Block ``index`` quantized, learned and frozen; its progress line finished."""
         module, result = self.quantize(index, block, progress)
-        progress.finish(self.summary(result))
+        progress.finish(self.summary(index, result))
         return module, result
 
     def quantize(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
@@ -369,9 +376,10 @@ class BlockRunner:
         with self.loaded(block) as data:
             seed = self.config.seed * 1000 + index
             module = self.build(block, data, seed)
-            learns = isinstance(module, BlockModule) and reconstructs(self.config.method)
-            progress.start(self.config.iters if learns else 0, f"{block.name} ({index + 1}/{len(self.plan.blocks)})")
-            before, steps = self.learn(module, data, seed, progress) if learns else (None, 0)
+            iters = self.iters_of(index)
+            learns = isinstance(module, BlockModule) and reconstructs(self.config.method) and iters > 0
+            progress.start(iters if learns else 0, f"{block.name} ({index + 1}/{len(self.plan.blocks)})")
+            before, steps = self.learn(module, data, seed, progress, iters) if learns else (None, 0)
             self.freeze(module, block)
             after = self.store(module, data)
         if before is None:  # nothing changed the block: the loss before is the loss after
@@ -385,9 +393,11 @@ class BlockRunner:
         return store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size),
                                        self.loss_samples)
 
-    def summary(self, result: BlockResult) -> str:
-        stopped = f" (loss plateaued: {result.iters} of {self.config.iters} steps)" \
-            if 0 < result.iters < self.config.iters else ""
+    def summary(self, index: int, result: BlockResult) -> str:
+        """Block ``index``'s progress line: its loss before and after (and on how many samples, when not
+        all), and an early stop against its own steps."""
+        iters = self.iters_of(index)
+        stopped = f" (loss plateaued: {result.iters} of {iters} steps)" if 0 < result.iters < iters else ""
         on = f" (on {result.samples} of {self.cache.num_samples} samples)" \
             if 0 < result.samples < self.cache.num_samples else ""
         return f"{result.name}: loss {result.loss_before:.4g} -> {result.loss_after:.4g}{on}{stopped}"
@@ -425,13 +435,15 @@ class BlockRunner:
         make_room_for_biases(block, self.state)
         return module
 
-    def learn(self, module: BlockModule, data: BlockData, seed: int, progress: Progress) -> tuple[float, int]:
-        """Trains the block's rounders and activation steps; (loss before, steps run). Learning that does
-        not end at a loss <= the one it started from (a higher loss, or NaN) is undone, with a warning:
-        the round-to-nearest start is kept."""
+    def learn(self, module: BlockModule, data: BlockData, seed: int, progress: Progress,
+              iters: int) -> tuple[float, int]:
+        """Trains the block's rounders and activation steps for at most ``iters`` steps (its schedule
+        spans them); (loss before, steps run). Learning that does not end at a loss <= the one it
+        started from (a higher loss, or NaN) is undone, with a warning: the round-to-nearest start is kept."""
         before = evaluate(module, data, data.nograd_batch(self.config.batch_size))
         start = [p.detach().clone() for params, _ in module.learnable() for p in params]
-        steps = train(module, data, self.config, seed, progress)
+        config = self.config if iters == self.config.iters else self.config.replace(iters=iters)
+        steps = train(module, data, config, seed, progress)
         after = evaluate(module, data, data.nograd_batch(self.config.batch_size))
         if not after <= before:
             _restore(module, start)
@@ -492,7 +504,7 @@ class CheckpointedRunner:
         self.checkpoint.save(index, block.name, result, {l.weight: state.rounders[l.weight].export()
                                                          for l in block.layers},
                              {p: state.acts[p] for p in block.all_points if p in state.acts})
-        progress.finish(self.runner.summary(result))
+        progress.finish(self.runner.summary(index, result))
         return module, result
 
 

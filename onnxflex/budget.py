@@ -1,0 +1,258 @@
+"""The step budget: a fixed amount of optimisation work for the whole reconstruction, proportional
+to the model's own cost, spent on the blocks where it helps most.
+
+Units are FLOPs (2 per multiply-add). A weighted layer's forward FLOPs per sample are
+2 × reduction depth (placement.reduction_depth) × its output elements (graph.static_shapes on one
+batch); a block's are the sum of its layers'. One optimisation step of a block costs
+
+    FWD_BWD × samples per step × per-sample FLOPs + micro-batches × STEP_FIXED_FLOPS
+
+(forward and backward are about three forwards; STEP_FIXED_FLOPS is the per-step overhead of the loop
+measured as FLOP-equivalents). A block's score is its relative round-to-nearest weight error
+(||W − Q_rtn(W)|| / ||W|| over its weights, on the min/max grid) × its FLOPs ÷ its step cost: what
+learning can recover, per FLOP spent. ``split`` gives the blocks in score order MIN_STEPS steps
+each while the budget lasts, then tops them up in proportion to score, each capped at the method's
+iterations; a block given 0 steps keeps round-to-nearest weights and calibrated activation steps.
+
+The budget is ``step_budget`` × the calibration set's FP forward FLOPs (per-sample FLOPs of every
+block × the reconstruction samples), or ``time_budget`` minutes × the FLOP rate ``measure_rate``
+finds on this machine (the output then depends on the machine).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+FWD_BWD = 3  # forward + backward of one step, in forwards
+STEP_FIXED_FLOPS = 15e6  # per-step overhead of the loop (launches, optimiser, indexing) as FLOP-equivalents
+MIN_STEPS = 20  # the fewest steps worth taking on a block: below it learning barely moves from the start
+RATE_SIZE = 256  # the rate microbenchmark multiplies two RATE_SIZE² float32 matrices
+RATE_SECONDS = 0.2  # ... for about this long
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """What the split reads of one block: per-sample forward FLOPs, relative RTN weight error, the
+    FLOPs of one step, and ``fixed``: why the block cannot learn ('' when it can)."""
+
+    name: str
+    flops: float
+    error: float
+    step_flops: float
+    fixed: str = ""
+
+    @property
+    def score(self) -> float:
+        """Error × FLOPs per step FLOP; 0 for a block that cannot learn."""
+        return 0.0 if self.fixed else self.error * self.flops / self.step_flops
+
+
+@dataclass(frozen=True)
+class BlockSteps:
+    """One block's share: its cost record, the steps it learns and why."""
+
+    cost: BlockCost
+    steps: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    """The planned steps per block (plan order) under ``budget_flops``; ``basis`` says where the
+    budget came from, ``rate`` is the measured FLOP/s for a time budget (None otherwise)."""
+
+    budget_flops: float
+    basis: str
+    blocks: tuple[BlockSteps, ...]
+    rate: float | None = None
+
+    def iters_of(self, index: int) -> int:
+        """The steps block ``index`` (plan order) learns."""
+        return self.blocks[index].steps
+
+    @property
+    def spent_flops(self) -> float:
+        return sum(b.steps * b.cost.step_flops for b in self.blocks)
+
+    def to_dict(self) -> dict:
+        """The report's ``step_budget`` section."""
+        return {"budget_flops": self.budget_flops, "basis": self.basis, "spent_flops": self.spent_flops,
+                "flop_rate": self.rate, "min_steps": MIN_STEPS, "step_fixed_flops": STEP_FIXED_FLOPS,
+                "blocks": [{"name": b.cost.name, "steps": b.steps, "score": b.cost.score,
+                            "flops_per_sample": b.cost.flops, "rtn_error": b.cost.error,
+                            "step_flops": b.cost.step_flops, "reason": b.reason} for b in self.blocks]}
+
+
+def step_cost(per_sample_flops: float, samples_per_step: int, micro_batches: int = 1) -> float:
+    """FLOPs of one optimisation step of a block of ``per_sample_flops`` forward FLOPs per sample,
+    over ``samples_per_step`` samples in ``micro_batches`` forward/backward passes."""
+    return FWD_BWD * samples_per_step * per_sample_flops + micro_batches * STEP_FIXED_FLOPS
+
+
+def split(budget_flops: float, blocks: list[BlockCost], cap: int) -> StepBudget:
+    """Steps per block (module docstring): MIN_STEPS (at most ``cap``) to the learnable blocks in
+    score order while the budget lasts (a block whose first steps no longer fit is passed over for
+    cheaper ones), the rest in proportion to score among those, at most ``cap`` each. The steps'
+    cost never passes ``budget_flops``."""
+    steps = [0] * len(blocks)
+    left = budget_flops
+    order = sorted((i for i, b in enumerate(blocks) if not b.fixed), key=lambda i: (-blocks[i].score, i))
+    first = min(MIN_STEPS, cap)
+    for i in order:
+        if first * blocks[i].step_flops <= left:
+            steps[i] = first
+            left -= first * blocks[i].step_flops
+    left = _top_up(steps, left, [i for i in order if steps[i]], blocks, cap)
+    rank = {i: r for r, i in enumerate(order)}
+    shares = tuple(BlockSteps(b, steps[i], _reason(b, steps[i], cap, rank.get(i), len(order)))
+                   for i, b in enumerate(blocks))
+    return StepBudget(float(budget_flops), "", shares)
+
+
+def _top_up(steps: list[int], left: float, chosen: list[int], blocks: list[BlockCost], cap: int) -> float:
+    """Mutates ``steps``: ``left`` FLOPs shared among ``chosen`` (in score order) in proportion to score,
+    round after round while a share buys a step (a block at ``cap`` leaves the next rounds); what no
+    share buys goes, in score order, to the blocks it still buys steps for. Returns what is left."""
+    open_ = [i for i in chosen if steps[i] < cap and blocks[i].score > 0]
+    while open_ and left > 0:
+        pool, total = left, sum(blocks[i].score for i in open_)
+        for i in open_:
+            left -= _buy(steps, i, pool * blocks[i].score / total, blocks[i].step_flops, cap)
+        if left == pool:
+            break
+        open_ = [i for i in open_ if steps[i] < cap]
+    for i in open_:
+        left -= _buy(steps, i, left, blocks[i].step_flops, cap)
+    return left
+
+
+def _buy(steps: list[int], i: int, flops: float, step_flops: float, cap: int) -> float:
+    """Mutates ``steps[i]``: as many more steps as ``flops`` pays for, up to ``cap``. Returns their cost."""
+    extra = max(0, min(cap - steps[i], math.floor(flops / step_flops)))
+    steps[i] += extra
+    return extra * step_flops
+
+
+def _reason(block: BlockCost, steps: int, cap: int, rank: int | None, ranked: int) -> str:
+    """Why ``block`` got ``steps``, in words."""
+    if block.fixed:
+        return f"{block.fixed}: keeps round-to-nearest"
+    if not steps:
+        return (f"the budget was spent before its first {min(MIN_STEPS, cap)} steps (score rank {rank + 1} "
+                f"of {ranked}): keeps round-to-nearest")
+    if steps == cap:
+        return f"all {cap} steps of the method's schedule"
+    return f"{steps} of {cap} steps: its share of the budget by score (rank {rank + 1} of {ranked})"
+
+
+def layer_flops(model: onnx.ModelProto, layers, feed: dict[str, np.ndarray], batch: int) -> dict[str, float]:
+    """Per-sample forward FLOPs of each layer (QuantLayer) of ``model``: 2 × reduction depth × output
+    elements, the output's shape inferred with the graph inputs of ``feed`` (``batch`` samples). A layer
+    whose output has no inferred shape (inside a subgraph, or unknown) counts one output position:
+    2 × its weight's elements."""
+    from onnxflex.graph import static_shapes
+    from onnxflex.passes.select_inner import initializers_of
+    from onnxflex.placement import reduction_depth
+
+    shapes = static_shapes(model, feed)
+    nodes = {n.name: n for n in model.graph.node}
+    flops = {}
+    for layer in layers:
+        dims = list(initializers_of(model, layer)[layer.weight].dims)
+        node = nodes.get(layer.node) if not layer.owner else None
+        known = shapes.get(node.output[0]) if node is not None else None
+        if node is None or known is None:
+            flops[layer.node] = 2.0 * float(np.prod(dims, dtype=np.float64))
+            continue
+        out = float(np.prod(known[0], dtype=np.float64)) / batch
+        flops[layer.node] = 2.0 * reduction_depth(node, dims) * out
+    return flops
+
+
+def rtn_error(block, model: onnx.ModelProto, weight_grid: str) -> float:
+    """||W − Q_rtn(W)|| / ||W|| over all of ``block``'s weights together, each on its min/max grid of its
+    bits, axis and groups (0 for a block without weights)."""
+    import torch
+
+    from onnxflex.rounding.methods import make_rounder
+    from onnxflex.rounding.reconstruct import layer_weight
+
+    err = norm = 0.0
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        for layer in block.layers:
+            w = layer_weight(layer, model, cpu)
+            rounder = make_rounder("rtn", w, layer.axis, layer.bits, "minmax", layer.group_size,
+                                   weight_grid == "asymmetric")
+            err += float(torch.sum((rounder.fake_quant() - w) ** 2))
+            norm += float(torch.sum(w ** 2))
+    return math.sqrt(err / norm) if norm > 0 else 0.0
+
+
+def block_costs(plan, data, config, micro_batches: int = 1) -> list[BlockCost]:
+    """BlockCost of every block of ``plan`` (blocks.BlockPlan) on the reconstruction samples ``data``
+    (calib.CalibrationSet), steps of ``config.batch_size`` samples (options.RoundingOptions)."""
+    from onnxflex.calib import fixed_batch
+
+    batch = fixed_batch(plan.model) or 1
+    per_layer = layer_flops(plan.model, plan.layers, data.feeds(0, batch), batch)
+    per_step = min(config.batch_size, data.num_samples)
+    costs = []
+    for block in plan.blocks:
+        flops = sum(per_layer[layer.node] for layer in block.layers)
+        fixed = f"no torch converter for {', '.join(block.unsupported)}" if block.unsupported else ""
+        error = 0.0 if fixed else rtn_error(block, plan.model, config.weight_grid)
+        costs.append(BlockCost(block.name, flops, error, step_cost(flops, per_step, micro_batches), fixed))
+    return costs
+
+
+def plan_budget(plan, data, config, device: str = "cpu") -> StepBudget | None:
+    """The run's StepBudget (module docstring) for ``plan`` on ``data`` under ``config``
+    (options.RoundingOptions: ``step_budget``, ``time_budget``, ``iters`` as each block's cap); None when
+    both budgets are 0 or the method learns nothing, so every block runs ``config.iters`` steps."""
+    import dataclasses
+
+    from onnxflex.rounding.methods import reconstructs
+
+    if not reconstructs(config.method) or not (config.step_budget or config.time_budget):
+        return None
+    costs = block_costs(plan, data, config)
+    rate = None
+    if config.time_budget:
+        rate = measure_rate(device)
+        budget = config.time_budget * 60.0 * rate
+        basis = f"time_budget {config.time_budget:g} min at the measured {rate / 1e9:.2f} GFLOP/s"
+    else:
+        forward = sum(c.flops for c in costs) * data.num_samples
+        budget = config.step_budget * forward
+        basis = (f"step_budget {config.step_budget:g} x {forward:.4g} FP forward FLOPs "
+                 f"({data.num_samples} samples)")
+    return dataclasses.replace(split(budget, costs, config.iters), basis=basis, rate=rate)
+
+
+def measure_rate(device: str = "cpu", seconds: float = RATE_SECONDS) -> float:
+    """FLOP/s of a RATE_SIZE² float32 matmul on ``device`` at torch's current threads: the best of the
+    runs that fit in about ``seconds`` (at least three)."""
+    import torch
+
+    dev = torch.device(device)
+    a = torch.randn(RATE_SIZE, RATE_SIZE, device=dev)
+    b = torch.randn(RATE_SIZE, RATE_SIZE, device=dev)
+    flops = 2.0 * RATE_SIZE ** 3
+    best, runs, start = 0.0, 0, time.perf_counter()
+    with torch.no_grad():
+        (a @ b).sum().item()  # warm-up: first call allocates and, on CUDA, initialises
+        while runs < 3 or time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            (a @ b).sum().item()  # .item() waits for an accelerator
+            best = max(best, flops / max(time.perf_counter() - t, 1e-9))
+            runs += 1
+    return best
+
+
+__all__ = ["BlockCost", "BlockSteps", "FWD_BWD", "MIN_STEPS", "STEP_FIXED_FLOPS", "StepBudget", "block_costs",
+           "layer_flops", "measure_rate", "plan_budget", "rtn_error", "split", "step_cost"]

@@ -1,0 +1,186 @@
+"""The step budget (onnxflex/budget.py): FLOPs from shapes, the split of a budget over blocks, the
+fast preset's budget end to end, the options that set it, and a budget that is off or covers every
+block changing nothing."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxflex
+from helpers import CNN, run_model
+from onnxflex.blocks import QuantLayer
+from onnxflex.budget import (FWD_BWD, MIN_STEPS, STEP_FIXED_FLOPS, BlockCost, layer_flops, measure_rate, split,
+                             step_cost)
+from onnxflex.cli import main
+from onnxflex.config import QuantConfig
+from onnxflex.errors import ConfigError
+from onnxflex.options import FAST_STEP_BUDGET, resolve
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _three_layer_model(batch) -> onnx.ModelProto:
+    """x[batch, 3, 8, 8] → Conv 3→4 3x3 pad 1 → reshape [batch, 16, 16] → MatMul [16, 8] →
+    Flatten → Gemm (transB) [5, 128]."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("wc", (4, 3, 3, 3)), ("wm", (16, 8)), ("wg", (5, 128)))]
+    inits.append(numpy_helper.from_array(np.array([-1, 16, 16], np.int64), "shape"))
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["c", "shape"], ["r"], name="reshape"),
+             helper.make_node("MatMul", ["r", "wm"], ["m"], name="matmul"),
+             helper.make_node("Flatten", ["m"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wg"], ["y"], name="gemm", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+LAYERS = (QuantLayer("conv", "Conv", "wc", 0, "x"), QuantLayer("matmul", "MatMul", "wm", 1, "r"),
+          QuantLayer("gemm", "Gemm", "wg", 0, "f"))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layer_flops_of_conv_matmul_and_gemm_match_hand_counts(batch):
+    model = _three_layer_model(batch)
+    flops = layer_flops(model, LAYERS, {"x": np.zeros((batch, 3, 8, 8), np.float32)}, batch)
+    hand = {"conv": 2 * (3 * 3 * 3) * (4 * 8 * 8),  # depth C·kh·kw per output, 4x8x8 outputs
+            "matmul": 2 * 16 * (16 * 8),  # K = 16 per output, 16x8 outputs
+            "gemm": 2 * 128 * 5}  # K = 128 per output, 5 outputs
+    assert flops == hand, f"per-sample FLOPs {flops}, by hand {hand}"
+
+
+def test_a_layer_without_an_inferred_shape_counts_one_output_position():
+    model = _three_layer_model(1)
+    flops = layer_flops(model, LAYERS, {}, 1)  # no feed: no shape is known
+    assert flops == {"conv": 2 * 4 * 3 * 3 * 3, "matmul": 2 * 16 * 8, "gemm": 2 * 5 * 128}, flops
+
+
+def test_step_cost_counts_forward_backward_per_sample_and_the_fixed_overhead():
+    assert step_cost(1e6, 32) == FWD_BWD * 32 * 1e6 + STEP_FIXED_FLOPS
+    assert step_cost(1e6, 32, micro_batches=4) == FWD_BWD * 32 * 1e6 + 4 * STEP_FIXED_FLOPS
+
+
+def _costs(*scores_and_costs, fixed=()) -> list[BlockCost]:
+    """BlockCosts whose score is the given value (error = score × step FLOPs / FLOPs, FLOPs 1)."""
+    blocks = [BlockCost(f"b{i}", 1.0, score * cost, cost) for i, (score, cost) in enumerate(scores_and_costs)]
+    return blocks + [BlockCost(f"f{i}", 1.0, 0.5, 10.0, fixed=why) for i, why in enumerate(fixed)]
+
+
+def test_split_gives_min_steps_in_score_order_while_the_budget_lasts():
+    blocks = _costs((1.0, 10.0), (3.0, 10.0), (2.0, 10.0), fixed=("no torch converter for Foo (n)",))
+    planned = split(2 * MIN_STEPS * 10.0 + 5.0, blocks, cap=100)  # two blocks' first steps, and a little
+    steps = [b.steps for b in planned.blocks]
+    assert steps == [0, MIN_STEPS, MIN_STEPS, 0], f"steps {steps}: the two best scores get MIN_STEPS first"
+    assert "budget was spent" in planned.blocks[0].reason and "round-to-nearest" in planned.blocks[0].reason
+    assert planned.blocks[3].reason.startswith("no torch converter for Foo (n)")
+    assert planned.spent_flops <= planned.budget_flops
+    assert [planned.iters_of(i) for i in range(4)] == steps
+
+
+def test_split_tops_up_by_score_caps_at_the_iterations_and_keeps_to_the_total():
+    blocks = _costs((2.0, 10.0), (1.0, 10.0), (4.0, 1000.0))
+    budget = 3000.0 + 2 * MIN_STEPS * 10.0 + MIN_STEPS * 1000.0
+    planned = split(budget, blocks, cap=400)
+    steps = [b.steps for b in planned.blocks]
+    extra = [s - MIN_STEPS for s in steps]
+    print(f"steps {steps} under {budget:.0f} FLOPs, spent {planned.spent_flops:.0f}")
+    assert planned.spent_flops <= budget
+    assert all(MIN_STEPS <= s <= 400 for s in steps), steps
+    assert extra[1] > 0 and 1.6 <= extra[0] / extra[1] <= 2.4, \
+        f"top-up steps of two blocks of one cost must follow their scores 2:1: {extra}"
+    assert budget - planned.spent_flops < 1000.0, "what is left must not buy another step of an uncapped block"
+    rich = split(1e12, blocks, cap=400)
+    assert [b.steps for b in rich.blocks] == [400] * 3 and "all 400 steps" in rich.blocks[0].reason
+    short = split(1e12, blocks, cap=7)
+    assert [b.steps for b in short.blocks] == [7] * 3, "a cap below MIN_STEPS caps the first steps too"
+    assert [b.steps for b in split(0.0, blocks, cap=400).blocks] == [0, 0, 0]
+
+
+def test_fast_sets_a_step_budget_and_a_time_budget_replaces_it():
+    assert resolve(QuantConfig(preset="fast")).rounding.step_budget == FAST_STEP_BUDGET == 1.0
+    assert resolve(QuantConfig()).rounding.step_budget == 0.0, "the default preset has no budget"
+    assert resolve(QuantConfig(step_budget=2)).rounding.step_budget == 2.0
+    timed = resolve(QuantConfig(preset="fast", time_budget=1.5)).rounding
+    assert (timed.step_budget, timed.time_budget) == (0.0, 1.5)
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(step_budget=1.0, time_budget=2.0), "both set"),
+    (dict(step_budget=0.0, time_budget=2.0), "both set"),
+    (dict(step_budget=-2.0), "step_budget=-2.0 is out of range"),
+    (dict(step_budget="lots"), "step_budget='lots' is out of range"),
+    (dict(time_budget=-1.0), "time_budget=-1.0 is out of range"),
+])
+def test_bad_budgets_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantConfig(**values)
+
+
+@pytest.mark.parametrize("flags", [["--step-budget", "1", "--time-budget", "2"], ["--step-budget", "-3"],
+                                   ["--time-budget", "-1"], ["--time-budget", "soon"]])
+def test_bad_budget_flags_exit_2(tmp_path, flags):
+    result = invoke("quantize", CNN, "--preset", "fast", "-o", tmp_path / "q.onnx", *flags)
+    assert result.exit_code == 2, (result.exit_code, result.output)
+
+
+def test_measure_rate_is_quick_and_plausible():
+    t = time.perf_counter()
+    rate = measure_rate()
+    seconds = time.perf_counter() - t
+    print(f"measured {rate / 1e9:.2f} GFLOP/s in {seconds:.2f} s")
+    assert 1e8 < rate < 1e15 and seconds < 2.0
+
+
+def test_preset_fast_writes_a_valid_model_and_the_step_budget_section(tmp_path, cnn_eval):
+    out = tmp_path / "fast.onnx"
+    result = invoke("quantize", CNN, "--preset", "fast", "--device", "cpu", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "step budget (step_budget 1 x" in result.stdout
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    report = json.loads((tmp_path / "fast.onnx.report.json").read_text())
+    section = report["step_budget"]
+    ran = [b["iters"] for b in report["blocks"]]
+    planned = [b["steps"] for b in section["blocks"]]
+    print(f"budget {section['budget_flops']:.3g} FLOPs, spent {section['spent_flops']:.3g}; planned {planned}, ran {ran}")
+    assert [b["name"] for b in section["blocks"]] == [b["name"] for b in report["blocks"]]
+    assert 0 < section["spent_flops"] <= section["budget_flops"]
+    assert all(r <= p for r, p in zip(ran, planned)) and any(planned), (planned, ran)
+    assert all(b["reason"] and b["score"] >= 0 for b in section["blocks"])
+    assert report["reconstruction"]["steps_planned"] == sum(planned)
+    logits = run_model(out, {"input": cnn_eval["input"][:16]})[0]
+    assert np.isfinite(logits).all()
+
+
+def _model_bytes(tmp_path, name, *flags) -> bytes:
+    out = tmp_path / f"{name}.onnx"
+    result = invoke("quantize", CNN, "--device", "cpu", "--seed", "0", "--quiet", "-o", out, *flags)
+    assert result.exit_code == 0, result.output
+    return out.read_bytes()
+
+
+def test_no_budget_and_a_budget_covering_every_block_run_the_old_schedule(tmp_path):
+    off = _model_bytes(tmp_path, "off", "--preset", "fast", "--step-budget", "0")
+    explicit = _model_bytes(tmp_path, "explicit", "--iters", "100", "--early-stop", "20", "--batch-size", "32")
+    assert off == explicit, "--preset fast --step-budget 0 must run fast's schedule with no budget"
+    ample = tmp_path / "ample.onnx"
+    assert _model_bytes(tmp_path, "ample", "--preset", "fast", "--step-budget", "1000") == off, \
+        "a budget that pays every block's iterations must change nothing"
+    assert json.loads((tmp_path / "off.onnx.report.json").read_text())["step_budget"] == {}
+    assert ample.exists()
+
+
+def test_a_time_budget_reports_the_measured_rate(tmp_path):
+    config = QuantConfig(preset="fast", time_budget=0.001, calib_samples=96, verify_samples=16)
+    report = onnxflex.quantize(CNN, config=config, progress=False).report
+    section = report["step_budget"]
+    assert section["flop_rate"] > 0 and section["basis"].startswith("time_budget 0.001 min")
+    assert section["budget_flops"] == pytest.approx(0.001 * 60 * section["flop_rate"])
