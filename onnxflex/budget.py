@@ -193,20 +193,21 @@ def rtn_error(block, model: onnx.ModelProto, weight_grid: str) -> float:
     return math.sqrt(err / norm) if norm > 0 else 0.0
 
 
-def block_costs(plan, data, config, micro_batches: int = 1) -> list[BlockCost]:
+def block_costs(plan, data, config) -> list[BlockCost]:
     """BlockCost of every block of ``plan`` (blocks.BlockPlan) on the reconstruction samples ``data``
-    (calib.CalibrationSet), steps of ``config.batch_size`` samples (options.RoundingOptions)."""
+    (calib.CalibrationSet), steps of ``config.accumulate`` micro-batches of ``config.batch_size``
+    samples (options.RoundingOptions)."""
     from onnxflex.calib import fixed_batch
 
     batch = fixed_batch(plan.model) or 1
     per_layer = layer_flops(plan.model, plan.layers, data.feeds(0, batch), batch)
-    per_step = min(config.batch_size, data.num_samples)
+    per_step = min(config.batch_size * config.accumulate, data.num_samples)
     costs = []
     for block in plan.blocks:
         flops = sum(per_layer[layer.node] for layer in block.layers)
         fixed = f"no torch converter for {', '.join(block.unsupported)}" if block.unsupported else ""
         error = 0.0 if fixed else rtn_error(block, plan.model, config.weight_grid)
-        costs.append(BlockCost(block.name, flops, error, step_cost(flops, per_step, micro_batches), fixed))
+        costs.append(BlockCost(block.name, flops, error, step_cost(flops, per_step, config.accumulate), fixed))
     return costs
 
 

@@ -12,12 +12,13 @@ reads its own part and nothing else:
     VerifyOptions    the gate on the emitted model
     DataOptions      calibration and synthetic data, and how many samples are held out
 
-Field names are the QuantConfig's. A value read by two stages is copied into both records
+Field names are the QuantConfig's, but for PLANNED_FIELDS, which no option sets. A value read by two stages is copied into both records
 (``abits``: plan and rounding; ``seed``: rounding and data; ``fix_inputs``: plan and data; ``wbits`` and
 ``layer_bits``: plan and budgets; ``weight_scale``: rounding and budgets); only ``resolve`` builds the
 records, so the copies agree (``Resolved.to_dict`` refuses records that disagree). Values a stage
 replaces during a run live in one record: ``batch_size`` (rounding; the pipeline passes it to
-verification and latency timing) and ``exclude_nodes`` (plan). ``target`` lives in the plan; the
+verification and latency timing), ``accumulate`` (rounding; set by planning for a fixed-batch model)
+and ``exclude_nodes`` (plan). ``target`` lives in the plan; the
 stages after planning are given the Target object.
 """
 from __future__ import annotations
@@ -104,7 +105,9 @@ class RoundingOptions(_Record):
     """What reconstruction reads: the method with its resolved schedule (``iters``, ``batch_size``,
     ``early_stop``, ``lr``: never -1 here), the step budgets (``step_budget`` never -1 here, 0 with a
     ``time_budget``; onnxflex/budget.py), step searches, the weight grid (``weight_grid``: 'symmetric'
-    or 'asymmetric' here, never 'auto'), the block seed base, threads, checkpoints."""
+    or 'asymmetric' here, never 'auto'), the block seed base, threads, checkpoints. ``accumulate``
+    (micro-batches of ``batch_size`` summed per step) is no option: planning sets it for a model with
+    a fixed batch (planning.fixed_batch_rounding), 1 everywhere else."""
 
     method: str
     preset: str
@@ -123,6 +126,7 @@ class RoundingOptions(_Record):
     seed: int
     threads: int
     checkpoint_dir: str
+    accumulate: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +184,8 @@ class DataOptions(_Record):
     seed: int
 
 
+PLANNED_FIELDS = frozenset({"accumulate"})  # record fields a stage sets, not the user: no QuantConfig option
+
 _PARTS = {"plan": PlanOptions, "rounding": RoundingOptions, "capture": CaptureOptions, "refine": RefineOptions,
           "budgets": Budgets, "verify": VerifyOptions, "data": DataOptions}
 
@@ -234,7 +240,8 @@ def resolve(config: QuantConfig) -> Resolved:
                   bits_budget=as_float(config.bits_budget), size_budget_mb=as_float(config.size_budget_mb),
                   weight_grid=weight_grid_of(config), time_budget=as_float(config.time_budget),
                   step_budget=_step_budget(config, preset))
-    return Resolved(**{part: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+    return Resolved(**{part: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)
+                                    if f.name not in PLANNED_FIELDS})
                        for part, cls in _PARTS.items()})
 
 

@@ -14,7 +14,7 @@ import onnx
 from onnxflex.blocks import BlockPlan
 from onnxflex.calib import fixed_batch
 from onnxflex.graph import load_model
-from onnxflex.options import PlanOptions, Resolved
+from onnxflex.options import PlanOptions, Resolved, RoundingOptions
 from onnxflex.passes.control_flow import control_flow_warnings
 from onnxflex.passes.partition import partition
 from onnxflex.passes.pipeline import PassContext, run_passes
@@ -23,12 +23,15 @@ from onnxflex.passes.select import activation_points, latency_floats, select_lay
 from onnxflex.passes.select_inner import select_inner
 from onnxflex.runtimes.targets import get_target
 
+ACCUMULATE_SHARE = 0.25  # of the requested batch: micro-batches per step on a fixed-batch model
+
 
 @dataclass(frozen=True)
 class Planned:
     """What the plan stage hands on: the block plan of the canonical model (``plan.model``), the
     warnings the graph passes gave (a re-placed plan repeats them), the batch the model's inputs fix
-    (None: dynamic) and the options as the run uses them (``rounding.batch_size`` is that fixed batch)."""
+    (None: dynamic) and the options as the run uses them (``rounding.batch_size`` is that fixed batch,
+    ``rounding.accumulate`` the micro-batches each learning step then sums: see ``fixed_batch_rounding``)."""
 
     plan: BlockPlan
     pass_warnings: tuple[str, ...]
@@ -41,8 +44,17 @@ def plan(original: onnx.ModelProto, config: Resolved) -> Planned:
     canonical, warnings = canonical_model(original, config.plan)
     fixed = fixed_batch(canonical)
     if fixed and fixed != config.rounding.batch_size:
-        config = config.replace(rounding=config.rounding.replace(batch_size=fixed))
+        config = config.replace(rounding=fixed_batch_rounding(config.rounding, fixed))
     return Planned(place(canonical, config.plan, warnings), warnings, fixed, config)
+
+
+def fixed_batch_rounding(rounding: RoundingOptions, fixed: int) -> RoundingOptions:
+    """``rounding`` for a model whose inputs fix the batch at ``fixed`` samples: batches of ``fixed``;
+    where that is fewer samples than requested, each step sums ``accumulate`` = ACCUMULATE_SHARE of
+    the requested batch_size micro-batches (at least 1), since a step on one sample is too noisy to
+    learn from (issue 16: FlexRound behind onnxruntime's calibrators on a [1,1,64,W] OCR model)."""
+    accumulate = max(1, round(ACCUMULATE_SHARE * rounding.batch_size)) if fixed < rounding.batch_size else 1
+    return rounding.replace(batch_size=fixed, accumulate=accumulate)
 
 
 def canonical_model(model: onnx.ModelProto, config: PlanOptions) -> tuple[onnx.ModelProto, tuple[str, ...]]:
@@ -89,4 +101,4 @@ def build_plan(model: onnx.ModelProto, config: PlanOptions) -> BlockPlan:
     return place(canonical, config, warnings)
 
 
-__all__ = ["Planned", "build_plan", "canonical_model", "place", "plan"]
+__all__ = ["ACCUMULATE_SHARE", "Planned", "build_plan", "canonical_model", "fixed_batch_rounding", "place", "plan"]

@@ -85,13 +85,15 @@ def layer_summary(plan, params) -> list[dict]:
 
 def reconstruction_summary(config, blocks: list[dict], budget=None) -> dict:
     """What the preset resolved to (``config``: the run's RoundingOptions) and what ran: steps per block at
-    most, samples per step (its ``batch_size``: the model's fixed batch where it has one), early-stop patience (0: off), the steps
+    most, samples per micro-batch (its ``batch_size``: the model's fixed batch where it has one), micro-batches
+    per step (``accumulate``: more than 1 only on a fixed-batch model), early-stop patience (0: off), the steps
     the blocks ran in all and how many blocks stopped early (before their own steps: ``budget``'s,
     a budget.StepBudget, or ``config.iters``)."""
     steps = [b["iters"] for b in blocks]
     planned = [budget.iters_of(i) if budget is not None else config.iters for i in range(len(blocks))]
     return {"preset": config.preset, "iters": config.iters, "batch_size": config.batch_size,
-            "early_stop": config.early_stop, "steps_run": sum(steps), "steps_planned": sum(planned),
+            "accumulate": config.accumulate, "early_stop": config.early_stop, "steps_run": sum(steps),
+            "steps_planned": sum(planned),
             "blocks_stopped_early": sum(0 < s < p for s, p in zip(steps, planned))}
 
 
@@ -156,7 +158,8 @@ def summary(report: dict) -> str:
     rec = report.get("reconstruction")
     if rec and rec["steps_run"]:
         stop = f"early stop after {rec['early_stop']} flat steps" if rec["early_stop"] else "no early stop"
-        lines.append(f"preset {rec['preset']}: up to {rec['iters']} steps per block of {rec['batch_size']} samples, "
+        size = f"{rec['accumulate']} x {rec['batch_size']}" if rec.get("accumulate", 1) > 1 else rec["batch_size"]
+        lines.append(f"preset {rec['preset']}: up to {rec['iters']} steps per block of {size} samples, "
                      f"{stop}; {rec['steps_run']} steps run, {rec['blocks_stopped_early']} block(s) stopped early")
     lines += budget_lines(report.get("step_budget") or {})
     v = report.get("verification", {})

@@ -39,7 +39,7 @@ def test_the_plan_stage_fixes_the_batch_and_leaves_the_model_alone():
     planned = plan(model, given)
     assert model.SerializeToString() == before
     assert planned.fixed_batch == 1 and given.rounding.batch_size != 1
-    assert planned.config == given.replace(rounding=given.rounding.replace(batch_size=1))
+    assert planned.config == given.replace(rounding=given.rounding.replace(batch_size=1, accumulate=8))
     assert plan(onnx.load(str(CNN)), given).config is given  # a dynamic batch keeps the caller's options
     with pytest.raises(dataclasses.FrozenInstanceError):
         planned.config = given

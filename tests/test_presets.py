@@ -114,7 +114,7 @@ def test_early_stop_in_a_run_records_the_steps_each_block_ran():
     steps = [b["iters"] for b in report["blocks"]]
     assert steps and all(0 < s < 60 for s in steps), f"steps run per block with early stop 10 of 200: {steps}"
     rec = report["reconstruction"]
-    assert rec == {"preset": "default", "iters": 200, "batch_size": 16, "early_stop": 10,
+    assert rec == {"preset": "default", "iters": 200, "batch_size": 16, "accumulate": 1, "early_stop": 10,
                    "steps_run": sum(steps), "steps_planned": 200 * len(steps), "blocks_stopped_early": len(steps)}, rec
     full = onnxflex.quantize(CNN, config=QuantConfig(early_stop=0, **{**frozen, "iters": 30}), progress=False)
     assert [b["iters"] for b in full.report["blocks"]] == [30] * len(steps)

@@ -40,6 +40,7 @@ from onnxflex.runtimes.base import Target
 log = logging.getLogger("onnxflex")
 
 INDEX_CHUNK = 64  # steps of minibatch indices drawn, and copied to the device, at a time
+HELD_MIN = 8  # samples no step drew that are enough to check learning on data it never saw
 INNER_TENSORS = 4  # a block run without gradients holds about this many of its largest tensor at a time
 # When no block learns (rtn, hqq), the quantized path only reports each block's loss and feeds the next
 # blocks' quantized inputs, which only those losses read: it runs on this many samples, not all.
@@ -244,21 +245,39 @@ def fixed_weights(module):
 
 @torch.no_grad()
 def evaluate(module, data: BlockData, batch: int) -> float:
-    total = 0.0
+    """The block loss of the quantized path against the FP outputs over all samples, ``batch`` at a time."""
+    return _mean_loss(module, data, [slice(start, start + batch) for start in range(0, data.num_samples, batch)])
+
+
+@torch.no_grad()
+def evaluate_rows(module, data: BlockData, indices: torch.Tensor, batch: int) -> float:
+    """``evaluate`` on the samples ``indices`` (int64, dim 0) only."""
+    indices = indices.to(data.device)
+    return _mean_loss(module, data, [indices[start:start + batch] for start in range(0, len(indices), batch)])
+
+
+def _mean_loss(module, data: BlockData, parts: list) -> float:
+    """The sample-weighted mean block loss over ``parts`` (slices or index tensors of dim 0)."""
+    total, count = 0.0, 0
     with fixed_weights(module):
-        for start in range(0, data.num_samples, batch):
-            inputs = {k: v[start:start + batch] for k, v in data.q_inputs.items()}
-            target = {k: v[start:start + batch] for k, v in data.fp_outputs.items()}
-            total += float(block_loss(data.run(module, inputs), target)) * min(batch, data.num_samples - start)
-    return total / data.num_samples
+        for part in parts:
+            pick = (lambda v: v[part]) if isinstance(part, slice) else (lambda v: rows(v, part))
+            size = len(range(data.num_samples)[part]) if isinstance(part, slice) else len(part)
+            inputs = {k: pick(v) for k, v in data.q_inputs.items()}
+            target = {k: pick(v) for k, v in data.fp_outputs.items()}
+            total += float(block_loss(data.run(module, inputs), target)) * size
+            count += size
+    return total / count
 
 
 @reused_pages()  # freed step tensors stay in the process: steps stop page-faulting (rounding/heap.py)
 def train(module: BlockModule, data: BlockData, config: RoundingOptions, seed: int, progress: Progress) -> int:
     """Minimise the block loss plus the rounders' regularizer over random minibatches of the block's
     samples, with the method's step policy (Adam + cosine decay unless the rounder names another),
-    for ``config.iters`` steps or until the loss plateaus (``config.early_stop``). Returns the steps
-    run. The module is in training mode only inside this loop (AdaRound rounds softly there)."""
+    for ``config.iters`` steps or until the loss plateaus (``config.early_stop``). A step sums the
+    gradients of ``config.accumulate`` micro-batches (each loss / accumulate; the regularizer once) and
+    reports their mean loss. Returns the steps run. The module is in training mode only inside this
+    loop (AdaRound rounds softly there)."""
     policy = make_policy(config.method, list(module.own_rounders), module.learnable(), config)
     if policy is None:
         return 0
@@ -267,12 +286,13 @@ def train(module: BlockModule, data: BlockData, config: RoundingOptions, seed: i
     steps = 0
     module.train()
     try:
-        for it, idx in enumerate(step_indices(seed, data.num_samples, batch, config.iters, data.device)):
-            out = data.run(module, {k: rows(v, idx) for k, v in data.q_inputs.items()})
-            loss = block_loss(out, {k: rows(v, idx) for k, v in data.fp_outputs.items()})
+        groups = step_groups(seed, data.num_samples, batch, config.iters, config.accumulate, data.device)
+        for it, group in enumerate(groups):
             policy.zero_grad()
-            (loss + policy.penalty(it)).backward()
-            value = loss.item()
+            penalty = policy.penalty(it)
+            losses = [step_backward(module, data, idx, len(group), penalty if k == 0 else 0.0)
+                      for k, idx in enumerate(group)]
+            value = sum(losses) / len(losses)
             policy.step(it, value)
             progress.update(it + 1, f"loss {value:.3g}")
             steps = it + 1
@@ -284,10 +304,48 @@ def train(module: BlockModule, data: BlockData, config: RoundingOptions, seed: i
     return steps
 
 
+def step_backward(module: BlockModule, data: BlockData, idx: torch.Tensor, accumulate: int,
+                  extra: torch.Tensor | float = 0.0) -> float:
+    """Forward and backward of the micro-batch ``idx`` (sample indices): adds the gradients of its block
+    loss / ``accumulate``, plus ``extra`` (the step's regularizer), to the parameters' ``.grad``.
+    Returns its block loss."""
+    out = data.run(module, {k: rows(v, idx) for k, v in data.q_inputs.items()})
+    loss = block_loss(out, {k: rows(v, idx) for k, v in data.fp_outputs.items()})
+    scaled = loss if accumulate == 1 else loss / accumulate  # one micro-batch: the plain loss's gradient
+    (scaled + extra).backward()
+    return loss.item()
+
+
 def rows(values, idx: torch.Tensor) -> torch.Tensor:
     """``values[idx]`` along dim 0; a tensor through index_select (the same copy, several times faster
     on the CPU than advanced indexing), a Shared or RowReader by its own indexing."""
     return values.index_select(0, idx) if isinstance(values, torch.Tensor) else values[idx]
+
+
+def step_groups(seed: int, n: int, batch: int, steps: int, accumulate: int, device: torch.device):
+    """Each step's micro-batches: a list of ``accumulate`` [batch] index tensors, consecutive draws of
+    ``step_indices`` (accumulate 1 draws exactly what step_indices does, one micro-batch per step)."""
+    draws = step_indices(seed, n, batch, steps * accumulate, device)
+    for _ in range(steps):
+        yield [next(draws) for _ in range(accumulate)]
+
+
+def unseen_rows(seed: int, n: int, batch: int, config: RoundingOptions, steps: int) -> torch.Tensor | None:
+    """The sample indices (sorted int64) that none of the first ``steps`` steps of ``train``'s draws
+    (``step_groups`` over ``config.iters`` steps of ``config.accumulate`` micro-batches) drew, or None
+    as soon as fewer than HELD_MIN remain undrawn: it stops drawing there, so its cost is bounded by
+    the draws that cover the samples, not by ``steps``."""
+    drawn = torch.zeros(n, dtype=torch.bool)
+    undrawn = n
+    groups = step_groups(seed, n, batch, config.iters, config.accumulate, torch.device("cpu"))
+    for _, group in zip(range(steps), groups):
+        for idx in group:
+            fresh = idx.unique()
+            undrawn -= int((~drawn[fresh]).sum())
+            drawn[fresh] = True
+        if undrawn < HELD_MIN:
+            return None
+    return None if undrawn < HELD_MIN else torch.nonzero(~drawn).reshape(-1)
 
 
 def step_indices(seed: int, n: int, batch: int, steps: int, device: torch.device):
@@ -438,18 +496,44 @@ class BlockRunner:
     def learn(self, module: BlockModule, data: BlockData, seed: int, progress: Progress,
               iters: int) -> tuple[float, int]:
         """Trains the block's rounders and activation steps for at most ``iters`` steps (its schedule
-        spans them); (loss before, steps run). Learning that does not end at a loss <= the one it
-        started from (a higher loss, or NaN) is undone, with a warning: the round-to-nearest start is kept."""
-        before = evaluate(module, data, data.nograd_batch(self.config.batch_size))
+        spans them); (loss before, steps run). Learning is undone, with a warning, keeping the
+        round-to-nearest start, when it does not end at a loss <= the one it started from (a higher
+        loss, or NaN), or when it raises the loss on the samples no step drew (``held_out_rose``; only
+        where at least HELD_MIN were never drawn)."""
+        batch = data.nograd_batch(self.config.batch_size)
+        before = evaluate(module, data, batch)
         start = [p.detach().clone() for params, _ in module.learnable() for p in params]
         config = self.config if iters == self.config.iters else self.config.replace(iters=iters)
         steps = train(module, data, config, seed, progress)
-        after = evaluate(module, data, data.nograd_batch(self.config.batch_size))
+        after = evaluate(module, data, batch)
         if not after <= before:
             _restore(module, start)
             log.warning("%s: learning ended at loss %.4g, not below its start %.4g; kept the round-to-nearest "
                         "start", module.block.name, after, before)
+        elif self.held_out_rose(module, data, seed, steps, start, config):
+            _restore(module, start)
         return before, steps
+
+    def held_out_rose(self, module: BlockModule, data: BlockData, seed: int, steps: int,
+                      start: list[torch.Tensor], config: RoundingOptions) -> bool:
+        """True (with a warning naming the block) when the block loss on the samples that none of the
+        ``steps`` steps of ``config``'s schedule drew (``unseen_rows``) is higher with the learned parameters than with ``start``;
+        False when fewer than HELD_MIN were never drawn. ``module``'s parameters are as learned on return."""
+        batch = min(config.batch_size, data.num_samples)
+        held = unseen_rows(seed, data.num_samples, batch, config, steps)
+        if held is None:
+            return False
+        size = data.nograd_batch(self.config.batch_size)
+        learned = [p.detach().clone() for params, _ in module.learnable() for p in params]
+        after = evaluate_rows(module, data, held, size)
+        _restore(module, start)
+        before = evaluate_rows(module, data, held, size)
+        _restore(module, learned)
+        if after <= before:
+            return False
+        log.warning("%s: learning raised the loss on the %d samples no step drew from %.4g to %.4g; kept the "
+                    "round-to-nearest start", module.block.name, len(held), before, after)
+        return True
 
     def freeze(self, module: BlockModule | OrtBlock, block: Block) -> None:
         """Mutates ``state`` and ``module``: the block's rounders become FrozenRounders of their exported
