@@ -184,3 +184,19 @@ def test_a_time_budget_reports_the_measured_rate(tmp_path):
     section = report["step_budget"]
     assert section["flop_rate"] > 0 and section["basis"].startswith("time_budget 0.001 min")
     assert section["budget_flops"] == pytest.approx(0.001 * 60 * section["flop_rate"])
+
+
+def test_a_fixed_batch_models_step_costs_every_micro_batch(tmp_path):
+    """A fixed-batch-1 model learns in steps of ``accumulate`` micro-batches of one sample: the budget
+    costs each step at all of its samples plus the fixed cost once per micro-batch."""
+    from graphs import matmul_bias_mlp
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(matmul_bias_mlp(), path)
+    config = QuantConfig(method="flexround", preset="fast", calib_samples=64, verify_samples=8)
+    report = onnxflex.quantize(path, config=config, progress=False).report
+    accumulate = report["reconstruction"]["accumulate"]
+    assert report["reconstruction"]["batch_size"] == 1 and accumulate > 1, report["reconstruction"]
+    rows = report["step_budget"]["blocks"]
+    assert rows and all(b["step_flops"] == pytest.approx(step_cost(b["flops_per_sample"], accumulate, accumulate))
+                        for b in rows), rows

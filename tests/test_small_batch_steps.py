@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 
 import numpy as np
 import onnx
@@ -127,7 +128,8 @@ def test_unseen_rows_are_the_samples_no_step_drew_and_stop_early_on_a_million_st
 
 
 def _runner(config) -> BlockRunner:
-    return BlockRunner(build_plan(gemm_mlp(), resolve(QuantConfig()).plan), None, QuantState(),
+    cache = types.SimpleNamespace(num_samples=64)  # BlockRunner reads only its sample count here
+    return BlockRunner(build_plan(gemm_mlp(), resolve(QuantConfig()).plan), cache, QuantState(),
                        get_target("onnxruntime"), config, CPU, ("CPUExecutionProvider",))
 
 
@@ -150,7 +152,7 @@ def _learn_with(monkeypatch, caplog, worse_on_held: bool):
     monkeypatch.setattr(reconstruct, "train", fake_train)
     monkeypatch.setattr(reconstruct, "evaluate", lambda module, data, batch: next(losses))
     with caplog.at_level(logging.WARNING, logger="onnxflex"):
-        _runner(config).learn(module, data, seed=0, progress=None)
+        _runner(config).learn(module, data, seed=0, progress=None, iters=config.iters)
     return module, start
 
 
