@@ -4,8 +4,8 @@ torch's own clamp backward builds its pass-through mask as two comparisons and a
 boolean tensors, then selects with ``where``; on the CPU each of those boolean ops costs 2 to 5 times a
 float op (BENCHMARKS.md, "Reconstruction loop per step: float masks"). The gradient it computes,
 ``grad`` where ``low ≤ x ≤ high`` and +0 elsewhere, is also what ``hardtanh_backward`` computes with
-the strict test ``low' < x < high'``; for float32 ``x`` the two tests agree exactly when ``low'`` is the float32 just below
-``low`` and ``high'`` the one just above ``high``. Outputs and gradients are therefore bit for bit torch's,
+the strict test ``low' < x < high'``; for float32 ``x`` the two tests agree exactly when ``low'`` is
+the float32 just below ``low`` and ``high'`` the one just above ``high``. Outputs and gradients are therefore bit for bit torch's,
 for every finite and infinite ``x``; only a NaN ``x`` differs (torch blocks its gradient, this passes it,
 and the loss is NaN then either way).
 """
