@@ -223,28 +223,9 @@ def average_pool(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor,
 
 @converter("GlobalAveragePool", since=1)
 def global_average_pool(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
-    """Mean over all spatial axes, kept as size 1 (gradient: _SpatialMean)."""
+    """Mean over all spatial axes, kept as size 1."""
     x = inputs[0]
-    dims = tuple(range(2, x.dim()))
-    if torch.is_grad_enabled() and x.requires_grad and x.is_floating_point():
-        return (_SpatialMean.apply(x, dims),)
-    return (x.mean(dim=dims, keepdim=True),)
-
-
-class _SpatialMean(torch.autograd.Function):
-    """x.mean(dims, keepdim=True) with the gradient grad / n broadcast over the reduced axes as an
-    expanded view. torch's mean backward expands first and divides the full-size view, one pass
-    over the activation of a block's squeeze-excite branch; the values are the same, n times fewer
-    divisions."""
-
-    @staticmethod
-    def forward(ctx, x, dims):
-        ctx.shape, ctx.count = x.shape, math.prod(x.shape[d] for d in dims)
-        return x.mean(dim=dims, keepdim=True)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (grad / ctx.count).expand(ctx.shape), None
+    return (x.mean(dim=tuple(range(2, x.dim())), keepdim=True),)
 
 
 @converter("GlobalMaxPool", since=1)
