@@ -2,7 +2,7 @@
 
 Exporters that know no HardSwish op (Paddle2ONNX at opset 11, older torch exports) write it as
 ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)``: four passes over the activation forward, and backward the
-clamp's boolean masks plus three more products, each a trip through memory on the CPU. torch's
+clamp's mask plus three more products, each a trip through memory on the CPU. torch's
 ``hardswish`` computes ``x * min(max(x + 3, 0), 6) / 6`` in float32 in the same order, so its forward
 is bit for bit the chain's. Its own backward is not (it takes ``x / 3 + 0.5``), so the fused step's
 backward recomputes the chain's gradient exactly as autograd would for the four ops:
