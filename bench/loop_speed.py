@@ -1,7 +1,7 @@
 """Reconstruction loop speed against its arithmetic: per block, forward+backward FLOPs per sample, the
 wall time per optimisation step, the machine's measured FLOP rate, and their ratio.
 
-    python bench/loop_speed.py MODEL [--method flexround] [--iters 40] [--batch-size 32]
+    python bench/loop_speed.py MODEL [--method flexround] [--iters 40] [--batch-size 32] [--cpu-time]
                                [--input-shape x:1x3x48x192] [--calib FILE.npz] [--no-write] [-- quantize args]
 
 One quantize runs in this process with ``reconstruct.train`` wrapped: before a block trains, one
@@ -11,6 +11,10 @@ is taken as 3x the forward. The step time is the training loop's seconds over it
 FLOP rate is onnxflex.budget.measure_rate (a float32 matmul microbenchmark, the rate the step budget's
 --time-budget uses), measured in the same run at the thread count the loop uses. ratio = step time /
 (FLOPs per step / FLOP rate): 1 would be a loop that does nothing but its arithmetic at that rate.
+
+``--cpu-time`` runs torch at one thread and times each block's loop by this process's CPU time
+(time.process_time) instead of wall time: on a machine whose cores other work shares, wall time counts
+the waits for a core, CPU time only the loop's own work (at one thread they are the same when idle).
 
 Writes a section between ``<!-- loop-speed -->`` markers into BENCHMARKS.md (one block per model
 name; ``--no-write`` prints only).
@@ -49,8 +53,9 @@ def block_kind(block) -> str:
     return f"{'+'.join(ops)} x{len(block.layers)}"
 
 
-def instrument(records: list[dict]):
-    """Wraps reconstruct.train so that each block's FLOPs, steps and loop seconds land in ``records``."""
+def instrument(records: list[dict], clock=time.perf_counter):
+    """Wraps reconstruct.train so that each block's FLOPs, steps and loop seconds (by ``clock``) land in
+    ``records``."""
     import onnxflex.rounding.reconstruct as rec
 
     train = rec.train
@@ -60,9 +65,9 @@ def instrument(records: list[dict]):
         idx = torch.arange(batch, device=data.device)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             data.run(module, {k: v[idx] for k, v in data.q_inputs.items()})
-        t = time.perf_counter()
+        t = clock()
         steps = train(module, data, config, seed, progress)
-        seconds = time.perf_counter() - t
+        seconds = clock() - t
         records.append({"block": module.block.name, "kind": block_kind(module.block), "steps": steps,
                         "seconds": seconds, "threads": torch.get_num_threads(),
                         "flops": 3 * counter.get_total_flops() / batch, "batch": batch})
@@ -102,12 +107,16 @@ def main() -> None:
     parser.add_argument("--method", default="flexround")
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="torch at one thread, each loop timed by process CPU time (for a shared machine)")
     parser.add_argument("--no-write", action="store_true")
     args, extra = parser.parse_known_args()
     from onnxflex.cli import main as cli
 
+    if args.cpu_time:
+        torch.set_num_threads(1)
     records: list[dict] = []
-    undo = instrument(records)
+    undo = instrument(records, time.process_time if args.cpu_time else time.perf_counter)
     command = ["quantize", args.model, "--method", args.method, "--iters", str(args.iters), "--batch-size",
                str(args.batch_size), "--early-stop", "0", "--seed", "0", "--quiet",
                "-o", "/tmp/loop_speed.q.onnx", *[e for e in extra if e != "--"]]
@@ -121,8 +130,8 @@ def main() -> None:
     rate = flop_rate(threads)
     big = [ratio(r, rate) for r in records if r["steps"] and r["flops"] >= BIG]
     text = (f"`python bench/loop_speed.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); "
-            f"machine: {machine()}; measured rate {rate / 1e9:.1f} GFLOP/s at {threads} thread(s); quantize wall "
-            f"{wall:.0f} s.\n\n{table(records, rate)}\n\n"
+            f"machine: {machine()}; measured rate {rate / 1e9:.1f} GFLOP/s at {threads} thread(s); step times "
+            f"by {'process CPU' if args.cpu_time else 'wall'} time; quantize wall {wall:.0f} s.\n\n{table(records, rate)}\n\n"
             f"Blocks of at least {BIG / 1e6:.0f} MFLOP/sample: {len(big)}, ratio median "
             f"{statistics.median(big) if big else float('nan'):.1f}, max {max(big) if big else float('nan'):.1f} "
             "(target: at most 3).\n")

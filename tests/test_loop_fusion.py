@@ -1,6 +1,7 @@
 """Loop speed-ups that must not change a bit: the fused HardSwish chain (outputs and gradients equal to
 the unfused interpreter steps', exactly), the activation fake quantizer's one-comparison mask (equal to
-the earlier five-op form), and the heap context (sets glibc's thresholds and resets them)."""
+the earlier five-op form), the one-pass clamp gradient (equal to torch's), and the heap context (sets
+glibc's thresholds and resets them)."""
 from __future__ import annotations
 
 import numpy as np
@@ -111,7 +112,7 @@ def test_the_fused_hardswish_gradient_is_exact_at_the_clip_boundaries():
     plain = torch.div(torch.mul(a, torch.clamp(torch.add(a, three), zero, six)), six)
     plain.backward(grad)
     b = x.clone().requires_grad_()
-    fused = _HardSwish.apply(b, three, lambda t: torch.clamp(t, zero, six), six)
+    fused = _HardSwish.apply(b, three, six)
     fused.backward(grad)
     assert torch.equal(_bits(fused.detach()), _bits(plain.detach()))
     assert torch.equal(_bits(b.grad), _bits(a.grad)), (b.grad - a.grad).abs().max()
@@ -187,3 +188,39 @@ def test_reused_pages_runs_on_this_c_library_and_is_a_no_op_elsewhere(monkeypatc
     with heap.reused_pages():
         pass
     assert heap._depth == 0
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 6.0), (-1.5, 2.25), (0.0, 1.0), (-3.4028234663852886e38, 1e-3)])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_clamp_equals_torch_clamp_bit_for_bit_with_its_one_pass_gradient(bounds, as_tensor):
+    """Outputs and gradients of rounding.clamp against torch.clamp's autograd at the bounds, their float32
+    neighbours, ±0 and ±inf; the fast gradient is the one that ran."""
+    from onnxflex.rounding.clamp import clamp
+
+    lo, hi = bounds
+    with np.errstate(over="ignore"):
+        near = [float(np.nextafter(np.float32(b), np.float32(t))) for b in bounds for t in (-np.inf, np.inf)]
+    x = torch.tensor([lo, hi, *near, -0.0, 0.0, float("inf"), -float("inf"), 1e30, -1e30]
+                     + torch.randn(500, generator=torch.Generator().manual_seed(5)).mul(3).tolist())
+    grad = torch.linspace(-2, 2, x.numel())
+    low, high = (torch.tensor(lo), torch.tensor(hi)) if as_tensor else (lo, hi)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    plain, fast = torch.clamp(a, low, high), clamp(b, low, high)
+    assert type(fast.grad_fn).__name__ == "_ClampBackward", fast.grad_fn
+    plain.backward(grad)
+    fast.backward(grad)
+    assert torch.equal(_bits(fast.detach()), _bits(plain.detach()))
+    assert torch.equal(_bits(b.grad), _bits(a.grad)), (b.grad - a.grad).abs().max()
+
+
+def test_clamp_is_torch_clamp_where_its_gradient_would_not_be_exact():
+    """float64 input, a bound that learns, a bound with several values: torch's own clamp runs."""
+    from onnxflex.rounding.clamp import clamp
+
+    x = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    assert type(clamp(x, 0.0, 1.0).grad_fn).__name__ != "_ClampBackward"
+    y = torch.randn(10, requires_grad=True)
+    assert type(clamp(y, torch.tensor(0.0, requires_grad=True), torch.tensor(1.0)).grad_fn).__name__ \
+        != "_ClampBackward"
+    out = clamp(y, torch.zeros(10), torch.ones(10))
+    assert type(out.grad_fn).__name__ != "_ClampBackward" and torch.equal(out, y.clamp(0.0, 1.0))

@@ -48,3 +48,26 @@ def test_loop_speed_ratio_and_flop_rate():
     # 100 ms a step for 1e7 FLOP at 1e9 FLOP/s (10 ms): 10x
     assert bench.ratio(record, 1e9) == pytest.approx(10.0)
     assert "| Conv x1 | 1 | 1.0 | 100.0 | 10.00 | 10.0, 10.0 |" in bench.table([record], 1e9)
+
+
+def test_instrument_times_each_loop_by_the_clock_it_is_given(monkeypatch):
+    """--cpu-time passes time.process_time: the record's seconds are that clock's, FLOPs from a forward."""
+    import types
+
+    import onnxflex.rounding.reconstruct as rec
+
+    bench = _bench()
+    ticks = iter([10.0, 12.5])
+    monkeypatch.setattr(rec, "train", lambda module, data, config, seed, progress: 5)
+    weight = torch.randn(8, 4)
+    data = types.SimpleNamespace(num_samples=6, device=torch.device("cpu"), q_inputs={"x": torch.randn(6, 4)},
+                                 run=lambda module, feeds: {"y": feeds["x"] @ weight.T})
+    module = types.SimpleNamespace(block=types.SimpleNamespace(name="b0", layers=[]))
+    records: list[dict] = []
+    undo = bench.instrument(records, clock=lambda: next(ticks))
+    try:
+        assert rec.train(module, data, types.SimpleNamespace(batch_size=4), 0, None) == 5
+    finally:
+        undo()
+    assert records[0]["seconds"] == 2.5 and records[0]["steps"] == 5, records
+    assert records[0]["flops"] == 3 * 2 * 4 * 8, records  # 3x the forward's 2·4·8 per sample

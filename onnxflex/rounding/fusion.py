@@ -2,7 +2,7 @@
 
 Exporters that know no HardSwish op (Paddle2ONNX at opset 11, older torch exports) write it as
 ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)``: four passes over the activation forward, and backward the
-clamp's boolean masks plus three more products, each a trip through memory on the CPU. torch's
+clamp's mask plus three more products, each a trip through memory on the CPU. torch's
 ``hardswish`` computes ``x * min(max(x + 3, 0), 6) / 6`` in float32 in the same order, so its forward
 is bit for bit the chain's. Its own backward is not (it takes ``x / 3 + 0.5``), so the fused step's
 backward recomputes the chain's gradient exactly as autograd would for the four ops:
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from onnxflex.rounding.clamp import passed
 from onnxflex.rounding.converters import OpNode
 
 Step = tuple  # (OpNode, converter, integer kernel or None), as BlockModule compiles them
@@ -101,7 +102,6 @@ def _fused_step(chain: list[Step]) -> Step:
     """One step for the steps [Add, Clip, Mul, Div] of a HardSwish chain: outputs the Div's, inputs
     the chain's outside inputs (x first)."""
     add, clip, mul, div = (step[0] for step in chain)
-    clip_fn = chain[1][1]
     x = next(n for n in mul.inputs if n != clip.outputs[0])
     inner = {n.outputs[0] for n in (add, clip, mul, div)}
     outside = [x] + [i for n in (add, clip, mul, div) for i in n.inputs if i and i not in inner and i != x]
@@ -114,9 +114,7 @@ def _fused_step(chain: list[Step]) -> Step:
             for n, fn, _ in chain:
                 env.update(zip(n.outputs, fn(n, [env.get(i) if i else None for i in n.inputs])))
             return (env[div.outputs[0]],)
-        bounds = [env.get(i) if i else None for i in clip.inputs[1:]]
-        return (_HardSwish.apply(value, env[next(i for i in add.inputs if i != x)],
-                                 lambda t: clip_fn(clip, [t, *bounds])[0], env[div.inputs[1]]),)
+        return (_HardSwish.apply(value, env[next(i for i in add.inputs if i != x)], env[div.inputs[1]]),)
 
     return node, run, None
 
@@ -124,20 +122,21 @@ def _fused_step(chain: list[Step]) -> Step:
 class _HardSwish(torch.autograd.Function):
     """Forward torch's hardswish (bit for bit the chain's forward, see the module docstring). Backward
     the gradient autograd computes for the unfused chain, in the same float operations: DivBackward's
-    g = grad / 6, MulBackward's g·clip and g·x, the clamp's pass-through where, their sum at x."""
+    g = grad / 6, MulBackward's g·clip and g·x, the clamp's pass-through (clamp.passed: its exact
+    one-pass form of torch's mask and where), their sum at x. The clip bounds are 0 and 6: the chain
+    is fused only with those."""
 
     @staticmethod
-    def forward(ctx, x, shift, clip, divisor):
-        ctx.shift, ctx.clip, ctx.divisor = shift, clip, divisor
+    def forward(ctx, x, shift, divisor):
+        ctx.shift, ctx.divisor = shift, divisor
         ctx.save_for_backward(x)
         return F.hardswish(x)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
+        low, high = HARDSWISH_CONSTANTS["Clip"]
         g = grad / ctx.divisor
         shifted = torch.add(x, ctx.shift)
-        clipped = ctx.clip(shifted)
-        # clamp passes the gradient where min ≤ x + 3 ≤ max, exactly where clamping changed nothing
-        through = torch.eq(clipped, shifted)
-        return g * clipped + torch.where(through, g * x, 0.0), None, None, None
+        through = passed(g * x, shifted, low, high)
+        return shifted.clamp_(low, high).mul_(g).add_(through), None, None

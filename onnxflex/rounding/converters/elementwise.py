@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
+from onnxflex.rounding.clamp import clamp
 from onnxflex.rounding.converters.registry import OpNode, converter, numpy_value, optional_input, unsupported
 
 Tensor = torch.Tensor
@@ -195,7 +196,7 @@ def selu(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
 def hard_sigmoid(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """clip(alpha * x + beta, 0, 1); alpha 0.2 and beta 0.5 by default (not torch's 1/6, 1/2)."""
     alpha, beta = float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
-    return (torch.clamp(alpha * inputs[0] + beta, 0.0, 1.0),)
+    return (clamp(alpha * inputs[0] + beta, 0.0, 1.0),)
 
 
 @converter("Gelu", since=20)
@@ -210,8 +211,8 @@ def gelu(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
 @converter("Clip", since=6)
 def clip_attrs(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """clamp(x, min, max) with float attributes min and max (opsets 6–10)."""
-    return (torch.clamp(inputs[0], float(node.attr("min", -3.4028234663852886e38)),
-                        float(node.attr("max", 3.4028234663852886e38))),)
+    return (clamp(inputs[0], float(node.attr("min", -3.4028234663852886e38)),
+                  float(node.attr("max", 3.4028234663852886e38))),)
 
 
 @converter("Clip", since=11)
@@ -220,7 +221,9 @@ def clip(node: OpNode, inputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     low, high = optional_input(inputs, 1), optional_input(inputs, 2)
     if low is None and high is None:
         return (inputs[0],)
-    return (torch.clamp(inputs[0], low, high),)
+    if low is None or high is None:  # one-sided: torch's clamp (clamp's fast gradient needs both bounds)
+        return (torch.clamp(inputs[0], low, high),)
+    return (clamp(inputs[0], low, high),)
 
 
 # --- comparison, logic, selection ----------------------------------------------------------------
