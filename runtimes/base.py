@@ -32,6 +32,9 @@ class Target:
     absorb: activations that follow a weighted op and sit before its output Q (the runtime fuses them).
     quantize_residual_add: Q/DQ on the skip input of an Add that joins a weighted op's output with
         another run-time tensor, so that the runtime fuses the Add into that op.
+    fuse_silu: a SiLU, Mul(x, Sigmoid(x)), that reads an act point's DequantizeLinear is written as the
+        runtime's one-op form (onnxruntime: com.microsoft QuickGelu, alpha 1; emit/silu.py), which it
+        cannot form itself once it has given each reader of the DequantizeLinear its own copy.
     shared_concat_scales: every quantized input of a Concat must use one step (the runtime concatenates
         integers in place).
 
@@ -60,6 +63,7 @@ class Target:
     absorb: tuple[str, ...] = ("Relu", "Clip")
     quantize_residual_add: bool = False
     shared_concat_scales: bool = False
+    fuse_silu: bool = False
     min_opset: int = 13
     max_opset: int = 0
     weighted_ops: tuple[str, ...] = WEIGHTED_OPS

@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxflex.emit.pack import int4_initializer
+from onnxflex.emit.silu import fuse_silu
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import NameScope, default_opset, node_attr, set_default_opset
 from onnxflex.passes.control_flow import reads, rename_outer_reads, subgraphs
@@ -24,7 +25,7 @@ from onnxflex.runtimes.base import Target
 
 Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
 STAGES: Registry[Stage] = Registry("emitter stage")
-ORDER = ("recurrent", "weights", "biases", "activations", "versions")
+ORDER = ("recurrent", "weights", "biases", "activations", "silu", "versions")
 NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 
 
@@ -232,6 +233,9 @@ def _qdq_pair(g: onnx.GraphProto, scope, tensor: str, act) -> None:
                          name=scope.unique_name(f"{tensor}_QuantizeLinear")),
         helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
                          name=scope.unique_name(f"{tensor}_DequantizeLinear"))])
+
+
+STAGES.register("silu")(fuse_silu)
 
 
 @STAGES.register("versions")

@@ -1,0 +1,127 @@
+"""The ``silu`` emitter stage: on onnxruntime a SiLU between integer layers is written as QuickGelu.
+
+Tiny models written as ONNX text; quantized with rtn (nothing learned) so each run takes a second.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx.parser
+
+import onnxflex
+from helpers import run_model
+from onnxflex.check import check, format_report
+from onnxflex.config import QuantConfig
+from onnxflex.emit import emit
+from onnxflex.emit.silu import fuse_silu
+from onnxflex.options import resolve
+from onnxflex.ort import session, session_options
+from onnxflex.planning import build_plan
+from onnxflex.runtimes.onnxruntime import ONNXRUNTIME
+from onnxflex.runtimes.tensorrt import TENSORRT
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
+
+# A (3x3 over 16 channels) → SiLU → B (3x3 over 32) → SiLU (the graph output's producer, y read as is)
+SILU = HEADER + """
+net (float[N, 16, 10, 10] x) => (float[N, 16, 10, 10] y) {
+    a = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, wa)
+    sa = Sigmoid (a)
+    ma = Mul (a, sa)
+    b = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (ma, wb)
+    sb = Sigmoid (b)
+    y = Mul (sb, b)
+}"""
+WEIGHTS = dict(wa=(32, 16, 3, 3), wb=(16, 32, 3, 3))
+
+
+def _model(text: str = SILU, **shapes) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    for node in model.graph.node:
+        node.name = node.output[0]
+    rng = np.random.default_rng(0)
+    model.graph.initializer.extend(
+        onnx.numpy_helper.from_array((rng.standard_normal(s) * (2.0 / np.prod(s[1:])) ** 0.5).astype(np.float32), n)
+        for n, s in (shapes or WEIGHTS).items())
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _data(n: int, seed: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((n, 16, 10, 10)).astype(np.float32)}
+
+
+def _quantize(model, **options):
+    return onnxflex.quantize(model, _data(32), QuantConfig(method="rtn", verify_samples=8, **options), progress=False)
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(ref ** 2) / max(np.sum((ref - out) ** 2), 1e-30)))
+
+
+def test_silu_after_an_integer_conv_is_one_quickgelu_reading_the_dequantized_output():
+    result = _quantize(_model())
+    g = result.model.graph
+    fused = [n for n in g.node if n.op_type == "QuickGelu"]
+    assert len(fused) == 2 and "Sigmoid" not in _ops(result.model), _ops(result.model)
+    producer = {o: n for n in g.node for o in n.output}
+    for node in fused:
+        assert node.domain == "com.microsoft" and onnx.helper.get_attribute_value(node.attribute[0]) == 1.0
+        assert producer[node.input[0]].op_type == "DequantizeLinear", node
+    assert [n.name for n in fused] == ["ma", "y"] and fused[1].output[0] == "y"  # the Mul's name and output
+    assert any(o.domain == "com.microsoft" for o in result.model.opset_import)
+    onnx.checker.check_model(result.model, full_check=True)
+    report = check(result.model)
+    assert report.ok, format_report(report)
+    assert result.report["verification"]["quantized_vs_fp32_sqnr_db"]["y"] >= 25.0, result.report["verification"]
+
+
+def test_onnxruntime_runs_the_fused_silu_on_one_dequantized_copy(tmp_path):
+    result = _quantize(_model())
+    path = tmp_path / "optimized.onnx"
+    session(result.model, ["CPUExecutionProvider"], threads=1, opts=session_options(optimized_path=str(path)))
+    ops = _ops(onnx.load(path))
+    # unfused, onnxruntime copies each SiLU's DequantizeLinear for its Sigmoid and its Mul (four in all)
+    assert ops.count("QuickGelu") == 2 and "Sigmoid" not in ops and "Mul" not in ops, ops
+    assert ops.count("DequantizeLinear") == 2 and ops.count("QLinearConv") == 2, ops
+
+
+def test_fused_emission_matches_the_two_op_emission():
+    model = _model()
+    result = _quantize(model)
+    canonical = build_plan(model, resolve(QuantConfig(method="rtn")).plan).model
+    unfused = emit(canonical, result.params, dataclasses.replace(ONNXRUNTIME, fuse_silu=False))
+    assert _ops(unfused).count("Sigmoid") == 2 and "QuickGelu" not in _ops(unfused)
+    feeds = _data(8, seed=5)
+    (fused_out,), (plain_out,) = run_model(result.model, feeds), run_model(unfused, feeds)
+    sqnr = _sqnr(plain_out, fused_out)
+    assert sqnr >= 45.0, f"fused vs two-op SiLU: SQNR {sqnr:.1f} dB < 45 dB"
+
+
+def test_tensorrt_and_weight_only_keep_sigmoid_and_mul():
+    assert not TENSORRT.fuse_silu
+    trt = _quantize(_model(), target="tensorrt")
+    assert "QuickGelu" not in _ops(trt.model) and _ops(trt.model).count("Sigmoid") == 2
+    weight_only = _quantize(_model(), abits=0)  # no act DQ: onnxruntime fuses the float SiLU itself
+    assert "QuickGelu" not in _ops(weight_only.model) and _ops(weight_only.model).count("Sigmoid") == 2
+
+
+def test_a_sigmoid_read_elsewhere_or_a_float_input_is_not_fused():
+    # d is a DequantizeLinear's output, but its Sigmoid is also a graph output; x is no DQ's output
+    model = onnx.parser.parse_model(HEADER + """
+net (uint8[N, 4] q, float[N, 4] x) => (float[N, 4] y, float[N, 4] s, float[N, 4] z) <float sc = {0.1}, uint8 zp = {128}> {
+    d = DequantizeLinear (q, sc, zp)
+    s = Sigmoid (d)
+    y = Mul (d, s)
+    t = Sigmoid (x)
+    z = Mul (x, t)
+}""")
+    out = fuse_silu(model, None, ONNXRUNTIME)
+    assert _ops(out) == ["DequantizeLinear", "Sigmoid", "Mul", "Sigmoid", "Mul"], _ops(out)
+    assert not any(o.domain == "com.microsoft" for o in out.opset_import)
