@@ -14,8 +14,7 @@ import onnxflex
 from helpers import run_model
 from onnxflex.check import check, format_report
 from onnxflex.config import QuantConfig
-from onnxflex.emit import emit
-from onnxflex.emit.silu import fuse_silu
+from onnxflex.emit import STAGES, emit
 from onnxflex.options import resolve
 from onnxflex.ort import session, session_options
 from onnxflex.planning import build_plan
@@ -115,13 +114,14 @@ def test_tensorrt_and_weight_only_keep_sigmoid_and_mul():
 def test_a_sigmoid_read_elsewhere_or_a_float_input_is_not_fused():
     # d is a DequantizeLinear's output, but its Sigmoid is also a graph output; x is no DQ's output
     model = onnx.parser.parse_model(HEADER + """
-net (uint8[N, 4] q, float[N, 4] x) => (float[N, 4] y, float[N, 4] s, float[N, 4] z) <float sc = {0.1}, uint8 zp = {128}> {
+net (uint8[N, 4] q, float[N, 4] x) => (float[N, 4] y, float[N, 4] s, float[N, 4] z)
+    <float sc = {0.1}, uint8 zp = {128}> {
     d = DequantizeLinear (q, sc, zp)
     s = Sigmoid (d)
     y = Mul (d, s)
     t = Sigmoid (x)
     z = Mul (x, t)
 }""")
-    out = fuse_silu(model, None, ONNXRUNTIME)
+    out = STAGES.get("silu")(model, None, ONNXRUNTIME)
     assert _ops(out) == ["DequantizeLinear", "Sigmoid", "Mul", "Sigmoid", "Mul"], _ops(out)
     assert not any(o.domain == "com.microsoft" for o in out.opset_import)

@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxflex.emit.pack import int4_initializer
-from onnxflex.emit.silu import fuse_silu
+from onnxflex.emit.silu import SILU_DOMAIN, fuse_silus
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import NameScope, default_opset, node_attr, set_default_opset
 from onnxflex.passes.control_flow import reads, rename_outer_reads, subgraphs
@@ -105,9 +105,15 @@ def quantize_recurrent(model, params, target):
     (``layout`` is 0 or absent: the pass keeps layout=1 LSTMs float)."""
     scope = NameScope.of(model)
     replaced = [name for g in all_graphs(model.graph) for name in _integer_lstms(g, scope, params)]
-    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if replaced:
+        _import_domain(model, "com.microsoft")
     return model
+
+
+def _import_domain(model: onnx.ModelProto, domain: str) -> None:
+    """Mutates ``model``: imports opset 1 of ``domain`` unless it already imports a version of it."""
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def _integer_lstms(g: onnx.GraphProto, scope, params: QuantParams) -> list[str]:
@@ -235,7 +241,13 @@ def _qdq_pair(g: onnx.GraphProto, scope, tensor: str, act) -> None:
                          name=scope.unique_name(f"{tensor}_DequantizeLinear"))])
 
 
-STAGES.register("silu")(fuse_silu)
+@STAGES.register("silu")
+def fuse_silu(model, params, target):
+    """Where ``target.fuse_silu``: in every graph, a SiLU that reads a DequantizeLinear becomes one
+    QuickGelu (emit/silu.py says why)."""
+    if target.fuse_silu and sum(fuse_silus(g) for g in all_graphs(model.graph)):
+        _import_domain(model, SILU_DOMAIN)
+    return model
 
 
 @STAGES.register("versions")

@@ -1,4 +1,4 @@
-"""The ``silu`` emitter stage: a SiLU that reads a dequantized activation becomes one com.microsoft QuickGelu.
+"""The rewrite behind the ``silu`` emitter stage (emit/qdq.py): a SiLU reading a DequantizeLinear as one QuickGelu.
 
 A SiLU exported as ``Mul(x, Sigmoid(x))`` fuses into onnxruntime's QuickGelu (alpha 1) in a float
 model. When ``x`` is the DequantizeLinear of an act point (a Conv's output Q/DQ), onnxruntime first
@@ -14,30 +14,16 @@ import onnx
 from onnx import helper
 
 from onnxflex.passes.control_flow import reads
-from onnxflex.qparams import QuantParams
-from onnxflex.runtimes.base import Target
 
 FUSED_SILU = "QuickGelu"
 SILU_DOMAIN = "com.microsoft"
 
 
-def fuse_silu(model: onnx.ModelProto, params: QuantParams, target: Target) -> onnx.ModelProto:
-    """Mutates ``model`` where ``target.fuse_silu``: in every graph, each ``Mul(x, Sigmoid(x))`` (either
-    input order) whose ``x`` a DequantizeLinear writes and whose Sigmoid output only that Mul reads (not
-    a graph output) becomes ``QuickGelu(x, alpha=1)`` under the Mul's name and output; the Sigmoid goes.
-    The com.microsoft opset is imported when a SiLU was fused."""
-    if not target.fuse_silu:
-        return model
-    from onnxflex.emit.qdq import all_graphs
-
-    fused = sum(_fuse_graph(g) for g in all_graphs(model.graph))
-    if fused and not any(o.domain == SILU_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(SILU_DOMAIN, 1))
-    return model
-
-
-def _fuse_graph(g: onnx.GraphProto) -> int:
-    """Mutates ``g`` as fuse_silu says; returns how many SiLUs it fused."""
+def fuse_silus(g: onnx.GraphProto) -> int:
+    """Mutates ``g`` (its nodes only, not nested graphs): each ``Mul(x, Sigmoid(x))`` (either input order)
+    whose ``x`` a DequantizeLinear writes and whose Sigmoid output only that Mul reads (not a graph
+    output) becomes ``QuickGelu(x, alpha=1)`` in SILU_DOMAIN under the Mul's name and output; the
+    Sigmoid goes. Returns how many SiLUs it fused (the caller imports SILU_DOMAIN when any)."""
     producer = {o: n for n in g.node for o in n.output if o}
     readers: dict[str, int] = {}
     for node in g.node:
