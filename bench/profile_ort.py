@@ -1,12 +1,12 @@
 """Where onnxruntime spends a model's time: per-op-type milliseconds of the optimized graph, one thread.
 
-    python bench/profile_ort.py model.onnx [other.onnx ...] --data eval.npz [--runs 50] [--save-optimized DIR]
+    python bench/profile_ort.py model.onnx [other.onnx ...] --data eval.npz [--batch 1] [--runs 50] [--save-optimized DIR]
 
 For each model: the op types of the graph onnxruntime runs after its optimizer (QLinearConv where a
 DQ → Conv → Q was fused; a DequantizeLinear or QuantizeLinear left over is a float island), and the time
 each op type took, summed over ``--runs`` runs from onnxruntime's profiler and divided by the run
-count. Models are profiled one after another on the same input (the first sample of ``--data``, or
-zeros of the declared shapes), so compare them within one call.
+count. Models are profiled one after another on the same input (the first ``--batch`` samples of
+``--data``, or zeros of the declared shapes), so compare them within one call.
 """
 from __future__ import annotations
 
@@ -24,16 +24,17 @@ ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int
 WARMUP = 5
 
 
-def feed_for(session, data: str | None) -> dict[str, np.ndarray]:
-    """The first sample of ``data`` (an .npz keyed by input name), else zeros of the declared shapes."""
+def feed_for(session, data: str | None, batch: int) -> dict[str, np.ndarray]:
+    """The first ``batch`` samples of ``data`` (an .npz keyed by input name), else zeros of the declared
+    shapes (batch 1 where a dimension is symbolic)."""
     if data:
         arrays = np.load(data)
-        return {i.name: arrays[i.name][:1] for i in session.get_inputs()}
+        return {i.name: arrays[i.name][:batch] for i in session.get_inputs()}
     return {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], ORT_TYPES[i.type])
             for i in session.get_inputs()}
 
 
-def profile(path: str, data: str | None, runs: int, optimized: str | None) -> dict:
+def profile(path: str, data: str | None, batch: int, runs: int, optimized: str | None) -> dict:
     """{'nodes': op type → count in the optimized graph, 'ms': op type → milliseconds per run}."""
     import onnxruntime as ort
 
@@ -42,7 +43,7 @@ def profile(path: str, data: str | None, runs: int, optimized: str | None) -> di
     so.intra_op_num_threads = so.inter_op_num_threads = 1
     so.optimized_model_filepath = optimized or os.path.join(work, "optimized.onnx")
     session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    feed = feed_for(session, data)
+    feed = feed_for(session, data, batch)
     graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
     nodes = collections.Counter(n.op_type for n in graph.node)
     so = ort.SessionOptions()
@@ -68,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--data", help="an .npz of inputs keyed by input name (first sample used)")
+    parser.add_argument("--batch", type=int, default=1, help="samples of --data per run")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--save-optimized", help="write each optimized graph to this folder")
     args = parser.parse_args()
@@ -77,7 +79,7 @@ def main() -> None:
         if args.save_optimized:
             os.makedirs(args.save_optimized, exist_ok=True)
             optimized = os.path.join(args.save_optimized, os.path.basename(path) + ".optimized.onnx")
-        results[path] = profile(path, args.data, args.runs, optimized)
+        results[path] = profile(path, args.data, args.batch, args.runs, optimized)
     for path, r in results.items():
         total = sum(r["ms"].values())
         print(f"\n{path}: {total:.3f} ms per run in kernels, {sum(r['nodes'].values())} nodes")
