@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxflex.emit.pack import int4_initializer
 from onnxflex.emit.silu import SILU_DOMAIN, fuse_silus
+from onnxflex.emit.softmax import SOFTMAX_OPSET, softmax_before_transpose
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import NameScope, default_opset, node_attr, set_default_opset
 from onnxflex.passes.control_flow import reads, rename_outer_reads, subgraphs
@@ -25,7 +26,7 @@ from onnxflex.runtimes.base import Target
 
 Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
 STAGES: Registry[Stage] = Registry("emitter stage")
-ORDER = ("recurrent", "weights", "biases", "activations", "silu", "versions")
+ORDER = ("recurrent", "weights", "biases", "activations", "silu", "softmax", "versions")
 NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 
 
@@ -247,6 +248,17 @@ def fuse_silu(model, params, target):
     QuickGelu (emit/silu.py says why)."""
     if target.fuse_silu and sum(fuse_silus(g) for g in all_graphs(model.graph)):
         _import_domain(model, SILU_DOMAIN)
+    return model
+
+
+@STAGES.register("softmax")
+def move_softmaxes(model, params, target):
+    """Where ``target.softmax_before_transpose`` and the model's opset has one-axis Softmax: in every
+    graph, a Softmax that would normalise a transposed tensor along a slow axis runs before the
+    Transpose instead (emit/softmax.py: the same values)."""
+    if target.softmax_before_transpose and default_opset(model) >= SOFTMAX_OPSET:
+        for g in all_graphs(model.graph):
+            softmax_before_transpose(g)
     return model
 
 

@@ -1,4 +1,5 @@
-"""The ``silu`` emitter stage: on onnxruntime a SiLU between integer layers is written as QuickGelu.
+"""The onnxruntime emitter's rewrites: a SiLU between integer layers written as QuickGelu (``silu``), a
+Softmax along an early axis of a Transpose run before it (``softmax``).
 
 Tiny models written as ONNX text; quantized with rtn (nothing learned) so each run takes a second.
 """
@@ -125,3 +126,43 @@ net (uint8[N, 4] q, float[N, 4] x) => (float[N, 4] y, float[N, 4] s, float[N, 4]
     out = STAGES.get("silu")(model, None, ONNXRUNTIME)
     assert _ops(out) == ["DequantizeLinear", "Sigmoid", "Mul", "Sigmoid", "Mul"], _ops(out)
     assert not any(o.domain == "com.microsoft" for o in out.opset_import)
+
+
+# a YOLOv8 box head: bins on axis 2 of [N, 4, 16, A], transposed to axis 1 for Softmax, then summed by a Conv
+BOX_HEAD = HEADER + """
+net (float[N, 4, 16, 30] x) => (float[N, 16, 4, 30] y, float[N, 4, 30, 16] z) {
+    t = Transpose <perm = [0, 2, 1, 3]> (x)
+    y = Softmax <axis = 1> (t)
+    u = Transpose <perm = [0, 1, 3, 2]> (x)
+    z = Softmax <axis = -1> (u)
+}"""
+
+
+def test_a_softmax_along_an_early_axis_of_a_transpose_runs_before_it_with_the_same_values():
+    model = onnx.parser.parse_model(BOX_HEAD)
+    out = STAGES.get("softmax")(_copy(model), None, ONNXRUNTIME)
+    got = [(n.op_type, n.input[0], n.output[0], onnx.helper.get_attribute_value(n.attribute[0])) for n in out.graph.node]
+    assert got == [("Softmax", "x", "t", 2), ("Transpose", "t", "y", [0, 2, 1, 3]),  # axis 1 of t is axis 2 of x
+                   ("Transpose", "x", "u", [0, 1, 3, 2]), ("Softmax", "u", "z", -1)], got  # already last: kept
+    onnx.checker.check_model(out, full_check=True)
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 4, 16, 30)).astype(np.float32) * 4}
+    for before, after in zip(run_model(model, feeds), run_model(out, feeds)):
+        np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-7)
+    assert _ops(STAGES.get("softmax")(_copy(model), None, TENSORRT)) == _ops(model)
+
+
+def test_a_transpose_read_elsewhere_or_an_opset_11_softmax_stays_in_front():
+    shared = onnx.parser.parse_model(HEADER + """
+net (float[N, 4, 16, 30] x) => (float[N, 16, 4, 30] y, float[N, 16, 4, 30] t) {
+    t = Transpose <perm = [0, 2, 1, 3]> (x)
+    y = Softmax <axis = 1> (t)
+}""")
+    assert _ops(STAGES.get("softmax")(_copy(shared), None, ONNXRUNTIME)) == ["Transpose", "Softmax"]
+    old = onnx.parser.parse_model(BOX_HEAD.replace('"" : 17', '"" : 11'))  # Softmax then flattens axes 1..3
+    assert _ops(STAGES.get("softmax")(_copy(old), None, ONNXRUNTIME)) == _ops(old)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
