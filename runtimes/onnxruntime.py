@@ -16,13 +16,15 @@ Sigmoid and the Mul share (on YOLO-style detectors the unfused SiLUs and their e
 cost about a third of the run). A Softmax along an early axis of a Transpose's output runs before the
 Transpose, along the axis that is then one of the last two (``softmax_before_transpose``): the CPU
 Softmax moves any other axis to the end with a general strided transpose (8x slower on a YOLOv8 box head).
+A Concat whose output is quantized reads its float inputs through Q/DQ on that output's step
+(``quantize_concat_inputs``), the same integers, so that it runs as QLinearConcat.
 """
 from __future__ import annotations
 
 from onnxflex.runtimes.base import Target
 
 ONNXRUNTIME = Target(name="onnxruntime", recurrent_ops=("LSTM",), weight_only_zero_points=True, float_depth=32,
-                     fuse_silu=True, softmax_before_transpose=True)
+                     fuse_silu=True, softmax_before_transpose=True, quantize_concat_inputs=True)
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulNBits",
                    "DynamicQuantizeMatMul", "QLinearAdd", "DynamicQuantizeLSTM")

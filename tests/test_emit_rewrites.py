@@ -1,5 +1,6 @@
 """The onnxruntime emitter's rewrites: a SiLU between integer layers written as QuickGelu (``silu``), a
-Softmax along an early axis of a Transpose run before it (``softmax``).
+Softmax along an early axis of a Transpose run before it (``softmax``), a quantized Concat's float
+inputs quantized on its step (``concat``).
 
 Tiny models written as ONNX text; quantized with rtn (nothing learned) so each run takes a second.
 """
@@ -166,3 +167,42 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
+
+
+# A → (Sigmoid, read also by the graph output z) ⊕ A → C: the Concat's output is C's quantized input
+CONCAT = HEADER + """
+net (float[N, 16, 10, 10] x) => (float[N, 16, 10, 10] y, float[N, 32, 10, 10] z) {
+    a = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, wa)
+    s = Sigmoid (a)
+    z = Relu (s)
+    c = Concat <axis = 1> (s, a)
+    y = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (c, wc)
+}"""
+CONCAT_WEIGHTS = dict(wa=(32, 16, 3, 3), wc=(16, 64, 3, 3))
+
+
+def test_a_quantized_concat_reads_its_float_inputs_on_its_own_step_and_runs_on_integers(tmp_path):
+    model = _model(CONCAT, **CONCAT_WEIGHTS)
+    result = _quantize(model)
+    g = result.model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    concat = next(n for n in g.node if n.op_type == "Concat")
+    dqs = [producer[i] for i in concat.input]
+    assert [d.op_type for d in dqs] == ["DequantizeLinear"] * 2, dqs
+    output_q = next(n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == concat.output[0])
+    assert producer[dqs[0].input[0]].input == ["s", output_q.input[1], output_q.input[2]]  # on the Concat's step
+    assert producer[dqs[1].input[0]].input[1] != output_q.input[1]  # a keeps its own act point's step
+    assert next(n for n in g.node if n.op_type == "Relu").input == ["s"]  # the other reader reads float
+    path = tmp_path / "optimized.onnx"
+    session(result.model, ["CPUExecutionProvider"], threads=1, opts=session_options(optimized_path=str(path)))
+    assert "QLinearConcat" in _ops(onnx.load(path)) and "Concat" not in _ops(onnx.load(path)), _ops(onnx.load(path))
+
+    canonical = build_plan(model, resolve(QuantConfig(method="rtn")).plan).model
+    plain = emit(canonical, result.params, dataclasses.replace(ONNXRUNTIME, quantize_concat_inputs=False))
+    assert _ops(plain).count("QuantizeLinear") == _ops(result.model).count("QuantizeLinear") - 1
+    feeds = _data(8, seed=9)
+    for got, want in zip(run_model(result.model, feeds), run_model(plain, feeds)):
+        np.testing.assert_array_equal(got, want)  # the same integers: rounding before the Concat changes nothing
+    trt = _quantize(model, target="tensorrt")
+    concat = next(n for n in trt.model.graph.node if n.op_type == "Concat")
+    assert "s" in concat.input, "tensorrt's Concat reads the float Sigmoid output as before"

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxflex.emit.concat import quantize_concat_inputs
 from onnxflex.emit.pack import int4_initializer
 from onnxflex.emit.silu import SILU_DOMAIN, fuse_silus
 from onnxflex.emit.softmax import SOFTMAX_OPSET, softmax_before_transpose
@@ -26,7 +27,7 @@ from onnxflex.runtimes.base import Target
 
 Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
 STAGES: Registry[Stage] = Registry("emitter stage")
-ORDER = ("recurrent", "weights", "biases", "activations", "silu", "softmax", "versions")
+ORDER = ("recurrent", "weights", "biases", "activations", "concat", "silu", "softmax", "versions")
 NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 
 
@@ -240,6 +241,18 @@ def _qdq_pair(g: onnx.GraphProto, scope, tensor: str, act) -> None:
                          name=scope.unique_name(f"{tensor}_QuantizeLinear")),
         helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
                          name=scope.unique_name(f"{tensor}_DequantizeLinear"))])
+
+
+@STAGES.register("concat")
+def quantize_concats(model, params, target):
+    """Where ``target.quantize_concat_inputs``: in every graph, the float inputs of a Concat whose output
+    is quantized are quantized with its step, for the Concat alone (emit/concat.py: the same integers)."""
+    if not target.quantize_concat_inputs:
+        return model
+    scope = NameScope.of(model)
+    for g in all_graphs(model.graph):
+        quantize_concat_inputs(g, scope)
+    return _sorted(model)
 
 
 @STAGES.register("silu")
