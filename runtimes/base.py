@@ -32,6 +32,15 @@ class Target:
     absorb: activations that follow a weighted op and sit before its output Q (the runtime fuses them).
     quantize_residual_add: Q/DQ on the skip input of an Add that joins a weighted op's output with
         another run-time tensor, so that the runtime fuses the Add into that op.
+    fuse_silu: a SiLU, Mul(x, Sigmoid(x)), that reads an act point's DequantizeLinear is written as the
+        runtime's one-op form (onnxruntime: com.microsoft QuickGelu, alpha 1; emit/silu.py), which it
+        cannot form itself once it has given each reader of the DequantizeLinear its own copy.
+    quantize_concat_inputs: a Concat whose output is an act point reads each float input through a Q/DQ
+        pair of that point's step (the same integers; emit/concat.py), so that the runtime concatenates
+        integers (onnxruntime: QLinearConcat) instead of floats between Q/DQ.
+    softmax_before_transpose: a Softmax that reads a Transpose along an axis before the last two, which
+        is one of the last two before the Transpose, runs first (the same values; emit/softmax.py): the
+        runtime's Softmax along such an axis pays a general strided transpose (onnxruntime CPU).
     shared_concat_scales: every quantized input of a Concat must use one step (the runtime concatenates
         integers in place).
 
@@ -60,6 +69,9 @@ class Target:
     absorb: tuple[str, ...] = ("Relu", "Clip")
     quantize_residual_add: bool = False
     shared_concat_scales: bool = False
+    fuse_silu: bool = False
+    softmax_before_transpose: bool = False
+    quantize_concat_inputs: bool = False
     min_opset: int = 13
     max_opset: int = 0
     weighted_ops: tuple[str, ...] = WEIGHTED_OPS

@@ -9,12 +9,22 @@ On the CPU an integer kernel pays a fixed cost per output element (requantizatio
 float neighbour) that only a deep enough sum of products repays: depthwise convolutions, convolutions
 over 1-3 input channels and MatMuls with a small K measured slower as QLinearConv / QLinearMatMul than
 in float, so layers of reduction depth below ``float_depth`` (32) stay float by default.
+
+A SiLU (Sigmoid → Mul) between two integer layers is written as com.microsoft QuickGelu (``fuse_silu``):
+onnxruntime fuses it that way in a float model, but not once it has copied the DequantizeLinear the
+Sigmoid and the Mul share (on YOLO-style detectors the unfused SiLUs and their extra DequantizeLinears
+cost about a third of the run). A Softmax along an early axis of a Transpose's output runs before the
+Transpose, along the axis that is then one of the last two (``softmax_before_transpose``): the CPU
+Softmax moves any other axis to the end with a general strided transpose (8x slower on a YOLOv8 box head).
+A Concat whose output is quantized reads its float inputs through Q/DQ on that output's step
+(``quantize_concat_inputs``), the same integers, so that it runs as QLinearConcat.
 """
 from __future__ import annotations
 
 from onnxflex.runtimes.base import Target
 
-ONNXRUNTIME = Target(name="onnxruntime", recurrent_ops=("LSTM",), weight_only_zero_points=True, float_depth=32)
+ONNXRUNTIME = Target(name="onnxruntime", recurrent_ops=("LSTM",), weight_only_zero_points=True, float_depth=32,
+                     fuse_silu=True, softmax_before_transpose=True, quantize_concat_inputs=True)
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulNBits",
                    "DynamicQuantizeMatMul", "QLinearAdd", "DynamicQuantizeLSTM")

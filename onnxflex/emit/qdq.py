@@ -13,7 +13,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxflex.emit.concat import quantize_concat_inputs
 from onnxflex.emit.pack import int4_initializer
+from onnxflex.emit.silu import SILU_DOMAIN, fuse_silus
+from onnxflex.emit.softmax import SOFTMAX_OPSET, softmax_before_transpose
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import NameScope, default_opset, node_attr, set_default_opset
 from onnxflex.passes.control_flow import reads, rename_outer_reads, subgraphs
@@ -24,7 +27,7 @@ from onnxflex.runtimes.base import Target
 
 Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
 STAGES: Registry[Stage] = Registry("emitter stage")
-ORDER = ("recurrent", "weights", "biases", "activations", "versions")
+ORDER = ("recurrent", "weights", "biases", "activations", "concat", "silu", "softmax", "versions")
 NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 
 
@@ -104,9 +107,15 @@ def quantize_recurrent(model, params, target):
     (``layout`` is 0 or absent: the pass keeps layout=1 LSTMs float)."""
     scope = NameScope.of(model)
     replaced = [name for g in all_graphs(model.graph) for name in _integer_lstms(g, scope, params)]
-    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if replaced:
+        _import_domain(model, "com.microsoft")
     return model
+
+
+def _import_domain(model: onnx.ModelProto, domain: str) -> None:
+    """Mutates ``model``: imports opset 1 of ``domain`` unless it already imports a version of it."""
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def _integer_lstms(g: onnx.GraphProto, scope, params: QuantParams) -> list[str]:
@@ -232,6 +241,38 @@ def _qdq_pair(g: onnx.GraphProto, scope, tensor: str, act) -> None:
                          name=scope.unique_name(f"{tensor}_QuantizeLinear")),
         helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
                          name=scope.unique_name(f"{tensor}_DequantizeLinear"))])
+
+
+@STAGES.register("concat")
+def quantize_concats(model, params, target):
+    """Where ``target.quantize_concat_inputs``: in every graph, the float inputs of a Concat whose output
+    is quantized are quantized with its step, for the Concat alone (emit/concat.py: the same integers)."""
+    if not target.quantize_concat_inputs:
+        return model
+    scope = NameScope.of(model)
+    for g in all_graphs(model.graph):
+        quantize_concat_inputs(g, scope)
+    return _sorted(model)
+
+
+@STAGES.register("silu")
+def fuse_silu(model, params, target):
+    """Where ``target.fuse_silu``: in every graph, a SiLU that reads a DequantizeLinear becomes one
+    QuickGelu (emit/silu.py says why)."""
+    if target.fuse_silu and sum(fuse_silus(g) for g in all_graphs(model.graph)):
+        _import_domain(model, SILU_DOMAIN)
+    return model
+
+
+@STAGES.register("softmax")
+def move_softmaxes(model, params, target):
+    """Where ``target.softmax_before_transpose`` and the model's opset has one-axis Softmax: in every
+    graph, a Softmax that would normalise a transposed tensor along a slow axis runs before the
+    Transpose instead (emit/softmax.py: the same values)."""
+    if target.softmax_before_transpose and default_opset(model) >= SOFTMAX_OPSET:
+        for g in all_graphs(model.graph):
+            softmax_before_transpose(g)
+    return model
 
 
 @STAGES.register("versions")
