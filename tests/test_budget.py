@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxflex
 from helpers import CNN, run_model
 from onnxflex.blocks import QuantLayer
-from onnxflex.budget import (FWD_BWD, MIN_STEPS, STEP_FIXED_FLOPS, BlockCost, layer_flops, measure_rate, split,
-                             step_cost)
+from onnxflex.budget import (FWD_BWD, MIN_STEPS, STEP_FIXED_FLOPS, WEIGHT_STEP_FLOPS, BlockCost, layer_flops,
+                             measure_rate, split, step_cost)
 from onnxflex.cli import main
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
@@ -67,6 +67,8 @@ def test_a_layer_without_an_inferred_shape_counts_one_output_position():
 def test_step_cost_counts_forward_backward_per_sample_and_the_fixed_overhead():
     assert step_cost(1e6, 32) == FWD_BWD * 32 * 1e6 + STEP_FIXED_FLOPS
     assert step_cost(1e6, 32, micro_batches=4) == FWD_BWD * 32 * 1e6 + 4 * STEP_FIXED_FLOPS
+    # a weight is rounded once per step, whatever the micro-batches
+    assert step_cost(1e6, 32, 4, weights=5000) == FWD_BWD * 32 * 1e6 + 4 * STEP_FIXED_FLOPS + WEIGHT_STEP_FLOPS * 5000
 
 
 def _costs(*scores_and_costs, fixed=()) -> list[BlockCost]:
@@ -198,5 +200,5 @@ def test_a_fixed_batch_models_step_costs_every_micro_batch(tmp_path):
     accumulate = report["reconstruction"]["accumulate"]
     assert report["reconstruction"]["batch_size"] == 1 and accumulate > 1, report["reconstruction"]
     rows = report["step_budget"]["blocks"]
-    assert rows and all(b["step_flops"] == pytest.approx(step_cost(b["flops_per_sample"], accumulate, accumulate))
-                        for b in rows), rows
+    assert rows and all(b["weights"] > 0 and b["step_flops"] == pytest.approx(
+        step_cost(b["flops_per_sample"], accumulate, accumulate, b["weights"])) for b in rows), rows
