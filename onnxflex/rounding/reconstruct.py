@@ -434,12 +434,23 @@ class BlockRunner:
         self.plan, self.cache, self.state, self.target = plan, cache, state, target
         self.config, self.device, self.providers, self.budget = config, device, providers, budget
         self.sizes = _initializer_sizes(plan.model)
-        learned = reconstructs(config.method)  # else no block learns: the losses need only a few samples
-        self.loss_samples = cache.num_samples if learned else min(UNLEARNED_LOSS_SAMPLES, cache.num_samples)
+        learned = reconstructs(config.method)
+        # a block learns on its inputs' q: rows of every sample; after the last block that learns, the
+        # quantized path only reports each block's loss, which needs only a few samples
+        learners = [i for i, b in enumerate(plan.blocks) if learned and self.iters_of(i) > 0 and not b.unsupported]
+        self.last_learner = max(learners, default=-1)
 
     def iters_of(self, index: int) -> int:
         """The steps block ``index`` learns: the budget's share, else ``config.iters``."""
         return self.config.iters if self.budget is None else self.budget.iters_of(index)
+
+    def loss_samples(self, index: int) -> int:
+        """The samples block ``index``'s quantized path runs on (its q: rows, its losses): all of them up
+        to the last block that learns (its inputs are the earlier blocks' q: rows), UNLEARNED_LOSS_SAMPLES
+        after it (a method that learns nothing, or blocks a step budget gives no steps: only their
+        reported losses read them; the emitted weights and steps are the same either way)."""
+        n = self.cache.num_samples
+        return n if index <= self.last_learner else min(UNLEARNED_LOSS_SAMPLES, n)
 
     def run(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
         """Block ``index`` quantized, learned and frozen; its progress line finished."""
@@ -460,17 +471,16 @@ class BlockRunner:
             progress.start(iters if learns else 0, f"{block.name} ({index + 1}/{len(self.plan.blocks)})")
             before, steps = self.learn(module, data, seed, progress, iters) if learns else (None, 0)
             self.freeze(module, block)
-            after = self.store(module, data)
+            after = self.store(module, data, self.loss_samples(index))
         if before is None:  # nothing changed the block: the loss before is the loss after
             before = after
         runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
         return module, BlockResult(block.name, before, after, steps, time.perf_counter() - started, runtime,
-                                   self.loss_samples)
+                                   self.loss_samples(index))
 
-    def store(self, module: BlockModule | OrtBlock, data: BlockData) -> float:
-        """store_quantized_outputs over the run's ``loss_samples``; returns the block loss on them."""
-        return store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size),
-                                       self.loss_samples)
+    def store(self, module: BlockModule | OrtBlock, data: BlockData, samples: int) -> float:
+        """store_quantized_outputs over ``samples`` samples; returns the block loss on them."""
+        return store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size), samples)
 
     def summary(self, index: int, result: BlockResult) -> str:
         """Block ``index``'s progress line: its loss before and after (and on how many samples, when not
@@ -567,7 +577,7 @@ class BlockRunner:
             for layer in block.layers:
                 module.constants.pop(layer.weight, None)
 
-    def resume(self, block: Block, saved: dict) -> BlockModule | OrtBlock:
+    def resume(self, index: int, block: Block, saved: dict) -> BlockModule | OrtBlock:
         """A finished block rebuilt from its checkpoint (``Checkpoint.load``): frozen weights and restored
         activation steps; its quantized outputs stored again for the next block."""
         with self.loaded(block) as data:
@@ -584,7 +594,7 @@ class BlockRunner:
                 module = BlockModule(block, self.plan.model, default_opset(self.plan.model), self.state, self.device)
                 for layer in block.layers:
                     module.constants.pop(layer.weight, None)
-            self.store(module, data)
+            self.store(module, data, self.loss_samples(index))
         return module
 
     def _add_quantizers(self, block: Block, method: str) -> None:
@@ -601,7 +611,7 @@ class CheckpointedRunner:
     def run(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
         saved = self.checkpoint.load(index, block.name)
         if saved is not None:
-            module = self.runner.resume(block, saved)
+            module = self.runner.resume(index, block, saved)
             progress.finish(f"{block.name}: restored from {self.checkpoint.folder}")
             return module, BlockResult(**saved["result"])
         module, result = self.runner.quantize(index, block, progress)
