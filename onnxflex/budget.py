@@ -6,9 +6,13 @@ Units are FLOPs (2 per multiply-add). A weighted layer's forward FLOPs per sampl
 batch); a block's are the sum of its layers'. One optimisation step of a block costs
 
     FWD_BWD × samples per step × per-sample FLOPs + micro-batches × STEP_FIXED_FLOPS
+        + WEIGHT_STEP_FLOPS × the block's weight elements
 
-(forward and backward are about three forwards; STEP_FIXED_FLOPS is the per-step overhead of the loop
-measured as FLOP-equivalents). A block's score is its relative round-to-nearest weight error
+(forward and backward are about three forwards; STEP_FIXED_FLOPS is the per-micro-batch overhead of
+the loop measured as FLOP-equivalents; WEIGHT_STEP_FLOPS is what rounding a weight value costs once
+per step, fake_quant forward and backward and the optimiser's update of its parameters, which a block
+with a large weight and few output positions, an 8,210-class Gemm head, spends far more on than on
+its products). A block's score is its relative round-to-nearest weight error
 (||W − Q_rtn(W)|| / ||W|| over its weights, on the min/max grid) × its FLOPs ÷ its step cost: what
 learning can recover, per FLOP spent. ``split`` gives the blocks in score order MIN_STEPS steps
 each while the budget lasts, then tops them up in proportion to score, each capped at the method's
@@ -27,8 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxflex.runtimes.base import RECURRENT_OPS
+
 FWD_BWD = 3  # forward + backward of one step, in forwards
 STEP_FIXED_FLOPS = 15e6  # per-step overhead of the loop (launches, optimiser, indexing) as FLOP-equivalents
+# FLOP-equivalents per weight value per step: FlexRound's fake_quant forward + backward of 0.15-2 M value
+# weights measured 840-1,500 at measure_rate's matmul rate on one thread (an 8 M value weight: 8,000)
+WEIGHT_STEP_FLOPS = 1000
 MIN_STEPS = 20  # the fewest steps worth taking on a block: below it learning barely moves from the start
 RATE_SIZE = 256  # the rate microbenchmark multiplies two RATE_SIZE² float32 matrices
 RATE_SECONDS = 0.2  # ... for about this long
@@ -37,13 +46,14 @@ RATE_SECONDS = 0.2  # ... for about this long
 @dataclass(frozen=True)
 class BlockCost:
     """What the split reads of one block: per-sample forward FLOPs, relative RTN weight error, the
-    FLOPs of one step, and ``fixed``: why the block cannot learn ('' when it can)."""
+    FLOPs of one step, ``fixed``: why the block cannot learn ('' when it can), and its weight values."""
 
     name: str
     flops: float
     error: float
     step_flops: float
     fixed: str = ""
+    weights: int = 0
 
     @property
     def score(self) -> float:
@@ -82,15 +92,19 @@ class StepBudget:
         """The report's ``step_budget`` section."""
         return {"budget_flops": self.budget_flops, "basis": self.basis, "spent_flops": self.spent_flops,
                 "flop_rate": self.rate, "min_steps": MIN_STEPS, "step_fixed_flops": STEP_FIXED_FLOPS,
+                "weight_step_flops": WEIGHT_STEP_FLOPS,
                 "blocks": [{"name": b.cost.name, "steps": b.steps, "score": b.cost.score,
                             "flops_per_sample": b.cost.flops, "rtn_error": b.cost.error,
-                            "step_flops": b.cost.step_flops, "reason": b.reason} for b in self.blocks]}
+                            "weights": b.cost.weights, "step_flops": b.cost.step_flops, "reason": b.reason}
+                           for b in self.blocks]}
 
 
-def step_cost(per_sample_flops: float, samples_per_step: int, micro_batches: int = 1) -> float:
-    """FLOPs of one optimisation step of a block of ``per_sample_flops`` forward FLOPs per sample,
-    over ``samples_per_step`` samples in ``micro_batches`` forward/backward passes."""
-    return FWD_BWD * samples_per_step * per_sample_flops + micro_batches * STEP_FIXED_FLOPS
+def step_cost(per_sample_flops: float, samples_per_step: int, micro_batches: int = 1, weights: int = 0) -> float:
+    """FLOPs of one optimisation step of a block of ``per_sample_flops`` forward FLOPs per sample and
+    ``weights`` weight values, over ``samples_per_step`` samples in ``micro_batches`` forward/backward
+    passes (that share one fake_quant per weight)."""
+    return (FWD_BWD * samples_per_step * per_sample_flops + micro_batches * STEP_FIXED_FLOPS
+            + WEIGHT_STEP_FLOPS * weights)
 
 
 def split(budget_flops: float, blocks: list[BlockCost], cap: int) -> StepBudget:
@@ -149,28 +163,57 @@ def _reason(block: BlockCost, steps: int, cap: int, rank: int | None, ranked: in
     return f"{steps} of {cap} steps: its share of the budget by score (rank {rank + 1} of {ranked})"
 
 
-def layer_flops(model: onnx.ModelProto, layers, feed: dict[str, np.ndarray], batch: int) -> dict[str, float]:
-    """Per-sample forward FLOPs of each layer (QuantLayer) of ``model``: 2 × reduction depth × output
-    elements, the output's shape inferred with the graph inputs of ``feed`` (``batch`` samples). A layer
-    whose output has no inferred shape (inside a subgraph, or unknown) counts one output position:
-    2 × its weight's elements."""
+def layer_flops(model: onnx.ModelProto, layers, feed: dict[str, np.ndarray], batch: int,
+                shapes: dict[str, tuple[tuple[int, ...], int]] | None = None) -> dict[str, float]:
+    """Per-sample forward FLOPs of the node of each layer (QuantLayer) of ``model``, keyed by node name
+    (a recurrent node's W and R layers together): 2 × reduction depth × output
+    elements, the output's shape inferred with the graph inputs of ``feed`` (``batch`` samples), or
+    looked up in ``shapes`` (tensor → (shape, type) on that batch, e.g. ``known_shapes``) when given.
+    A recurrent layer (LSTM, GRU: W or R) multiplies
+    its weight once per time step and sample: 2 × its elements × the steps of its input X. A layer
+    whose shape is not known (inside a subgraph, or unknown) counts one output position (one time
+    step): 2 × its weight's elements."""
     from onnxflex.graph import static_shapes
     from onnxflex.passes.select_inner import initializers_of
-    from onnxflex.placement import reduction_depth
 
-    shapes = static_shapes(model, feed)
+    shapes = static_shapes(model, feed) if shapes is None else shapes
     nodes = {n.name: n for n in model.graph.node}
-    flops = {}
+    flops: dict[str, float] = {}
     for layer in layers:
         dims = list(initializers_of(model, layer)[layer.weight].dims)
         node = nodes.get(layer.node) if not layer.owner else None
-        known = shapes.get(node.output[0]) if node is not None else None
-        if node is None or known is None:
-            flops[layer.node] = 2.0 * float(np.prod(dims, dtype=np.float64))
-            continue
-        out = float(np.prod(known[0], dtype=np.float64)) / batch
-        flops[layer.node] = 2.0 * reduction_depth(node, dims) * out
+        value = _node_flops(node, dims, shapes, batch)
+        recurrent = layer.op_type in RECURRENT_OPS  # W and R: two layers of one node
+        flops[layer.node] = flops.get(layer.node, 0.0) + value if recurrent else value
     return flops
+
+
+def _node_flops(node: onnx.NodeProto | None, dims: list[int], shapes: dict, batch: int) -> float:
+    """layer_flops of one weight of ``dims`` in ``node`` (None: a node inside a subgraph)."""
+    from onnxflex.placement import reduction_depth
+
+    weight = 2.0 * float(np.prod(dims, dtype=np.float64))
+    if node is None:
+        return weight
+    if node.op_type in RECURRENT_OPS:
+        x = shapes.get(node.input[0])  # [T, N, K] or [N, T, K]: T·N products per weight value
+        return weight if x is None else weight * _rows(x[0]) / batch
+    known = shapes.get(node.output[0])
+    if known is None:
+        return weight
+    return 2.0 * reduction_depth(node, dims) * float(np.prod(known[0], dtype=np.float64)) / batch
+
+
+def _rows(shape: tuple[int, ...]) -> float:
+    """Elements of ``shape`` over its last axis (the vectors a weight multiplies)."""
+    return float(np.prod(shape[:-1], dtype=np.float64))
+
+
+def weight_values(model: onnx.ModelProto, layer) -> int:
+    """Elements of ``layer``'s weight (its own graph's initializer)."""
+    from onnxflex.passes.select_inner import initializers_of
+
+    return int(np.prod(initializers_of(model, layer)[layer.weight].dims, dtype=np.int64))
 
 
 def rtn_error(block, model: onnx.ModelProto, weight_grid: str) -> float:
@@ -193,27 +236,60 @@ def rtn_error(block, model: onnx.ModelProto, weight_grid: str) -> float:
     return math.sqrt(err / norm) if norm > 0 else 0.0
 
 
-def block_costs(plan, data, config) -> list[BlockCost]:
+def known_shapes(plan, feed: dict[str, np.ndarray], batch: int, cache=None) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Tensor → (shape, type) of ``plan``'s model with the graph inputs of ``feed`` (graph.static_shapes),
+    plus, for each block with a layer whose shape that leaves unknown (a Reshape to a shape computed
+    from data), the block's own inference (graph.block_shapes) on its captured inputs in ``cache``
+    (cache.TensorCache; None: none), ``batch`` samples as in the feed."""
+    from onnxflex.graph import block_shapes, static_shapes
+
+    shapes = static_shapes(plan.model, feed)
+    if cache is None:
+        return shapes
+    nodes = {n.name: n for n in plan.model.graph.node}
+    for block in plan.blocks:
+        wanted = [_shape_tensor(nodes[layer.node]) for layer in block.layers if not layer.owner and layer.node in nodes]
+        if all(name in shapes for name in wanted):
+            continue
+        layout = cache.layout
+        feeds = {name: layout.to_model(name, np.asarray(value if layout.shared(name) else value[:batch]))
+                 for name, value in cache.fp_inputs(block).items()}
+        shapes = {**block_shapes(plan.model, block.nodes, feeds), **shapes}
+    return shapes
+
+
+def _shape_tensor(node: onnx.NodeProto) -> str:
+    """The tensor whose shape layer_flops reads for ``node``: a recurrent node's input X, else its output."""
+    return node.input[0] if node.op_type in RECURRENT_OPS else node.output[0]
+
+
+def block_costs(plan, data, config, cache=None) -> list[BlockCost]:
     """BlockCost of every block of ``plan`` (blocks.BlockPlan) on the reconstruction samples ``data``
     (calib.CalibrationSet), steps of ``config.accumulate`` micro-batches of ``config.batch_size``
-    samples (options.RoundingOptions)."""
+    samples (options.RoundingOptions); ``cache`` (the captured TensorCache, or None) gives the shapes
+    inference cannot (known_shapes)."""
     from onnxflex.calib import fixed_batch
 
     batch = fixed_batch(plan.model) or 1
-    per_layer = layer_flops(plan.model, plan.layers, data.feeds(0, batch), batch)
+    feed = data.feeds(0, batch)
+    per_layer = layer_flops(plan.model, plan.layers, feed, batch, known_shapes(plan, feed, batch, cache))
     per_step = min(config.batch_size * config.accumulate, data.num_samples)
+    sizes = {layer.weight: weight_values(plan.model, layer) for layer in plan.layers}
     costs = []
     for block in plan.blocks:
-        flops = sum(per_layer[layer.node] for layer in block.layers)
+        flops = sum(per_layer[node] for node in dict.fromkeys(layer.node for layer in block.layers))
         fixed = f"no torch converter for {', '.join(block.unsupported)}" if block.unsupported else ""
         error = 0.0 if fixed else rtn_error(block, plan.model, config.weight_grid)
-        costs.append(BlockCost(block.name, flops, error, step_cost(flops, per_step, config.accumulate), fixed))
+        weights = sum(sizes[layer.weight] for layer in block.layers)
+        costs.append(BlockCost(block.name, flops, error, step_cost(flops, per_step, config.accumulate, weights), fixed,
+                               weights))
     return costs
 
 
-def plan_budget(plan, data, config, device: str = "cpu") -> StepBudget | None:
+def plan_budget(plan, data, config, device: str = "cpu", cache=None) -> StepBudget | None:
     """The run's StepBudget (module docstring) for ``plan`` on ``data`` under ``config``
-    (options.RoundingOptions: ``step_budget``, ``time_budget``, ``iters`` as each block's cap); None when
+    (options.RoundingOptions: ``step_budget``, ``time_budget``, ``iters`` as each block's cap; ``cache``:
+    the captured tensors, for shapes inference cannot give); None when
     both budgets are 0 or the method learns nothing, so every block runs ``config.iters`` steps."""
     import dataclasses
 
@@ -221,7 +297,7 @@ def plan_budget(plan, data, config, device: str = "cpu") -> StepBudget | None:
 
     if not reconstructs(config.method) or not (config.step_budget or config.time_budget):
         return None
-    costs = block_costs(plan, data, config)
+    costs = block_costs(plan, data, config, cache)
     rate = None
     if config.time_budget:
         rate = measure_rate(device)
@@ -255,5 +331,6 @@ def measure_rate(device: str = "cpu", seconds: float = RATE_SECONDS) -> float:
     return best
 
 
-__all__ = ["BlockCost", "BlockSteps", "FWD_BWD", "MIN_STEPS", "STEP_FIXED_FLOPS", "StepBudget", "block_costs",
-           "layer_flops", "measure_rate", "plan_budget", "rtn_error", "split", "step_cost"]
+__all__ = ["BlockCost", "BlockSteps", "FWD_BWD", "MIN_STEPS", "STEP_FIXED_FLOPS", "StepBudget", "WEIGHT_STEP_FLOPS",
+           "block_costs", "known_shapes", "layer_flops", "measure_rate", "plan_budget", "rtn_error", "split",
+           "step_cost", "weight_values"]

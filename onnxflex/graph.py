@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxflex.errors import ModelLoadError
 from onnxflex.extdata import load_offloaded, needs_file, weights_dir, write_model
@@ -17,6 +17,9 @@ from onnxflex.extdata import load_offloaded, needs_file, weights_dir, write_mode
 DEFAULT_DOMAINS = ("", "ai.onnx")  # the ONNX operator set, by both of its names
 MIN_OPSET = 1  # onnx's version converter has adapters from opset 1; canonicalize upgrades to 13
 SMALL_INIT = 4096  # initializers up to this many elements stay in the shape model (shape constants)
+INTEGER_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
+                           onnx.TensorProto.INT64, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
+                           onnx.TensorProto.UINT32, onnx.TensorProto.UINT64})
 
 log = logging.getLogger("onnxflex")
 
@@ -154,16 +157,87 @@ def static_shapes(model: onnx.ModelProto, feeds: dict[str, Any]) -> dict[str, tu
     shape when the graph inputs take the shapes of ``feeds`` (arrays; inputs not in it are left out);
     {} when inference fails. It runs on a model of the nodes, those inputs and the small initializers
     (shape constants): bigger weights become typed inputs, so their data is never read or copied."""
+    typed = [helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, np.shape(feeds[vi.name]))
+             for vi in model.graph.input if vi.name in feeds]
+    return _inferred_shapes(model, model.graph.node, typed, [], model.graph.output, set())
+
+
+def block_shapes(model: onnx.ModelProto, nodes: Iterable[str], feeds: dict[str, np.ndarray]
+                 ) -> dict[str, tuple[tuple[int, ...], int]]:
+    """static_shapes of the top-level nodes named ``nodes`` alone (a block), their outside inputs given
+    by ``feeds`` (captured arrays in the model's layout): it knows what whole-model inference cannot,
+    a Reshape to a shape computed from data upstream, or from Shape through ops onnx's inference does
+    not propagate values through (Mul before opset 14). An integer feed of at most SMALL_INIT values
+    goes in as a constant (its value), and so do the values ``shape_values`` computes."""
+    wanted = set(nodes)
+    picked = [n for n in model.graph.node if n.name in wanted]
+    typed, constants = [], []
+    for name, value in feeds.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "iu" and array.size <= SMALL_INIT:
+            constants.append(numpy_helper.from_array(array, name))
+        else:
+            elem = helper.np_dtype_to_tensor_dtype(array.dtype)
+            typed.append(helper.make_tensor_value_info(name, elem, array.shape))
+    constants += shape_values(model, picked, feeds)
+    given = {vi.name for vi in typed} | {t.name for t in constants}
+    return _inferred_shapes(model, picked, typed, constants, [], given)
+
+
+def shape_values(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: dict[str, np.ndarray]
+                 ) -> list[onnx.TensorProto]:
+    """The small integer tensors that ``nodes`` (in order) compute from shapes and integer constants
+    alone: a Shape of a feed, and a node whose inputs are all such values, integer feeds or integer
+    initializers (of at most SMALL_INIT values), evaluated with onnx.reference; [] when it fails."""
+    from onnx.reference import ReferenceEvaluator
+
+    small = {i.name: i for i in model.graph.initializer
+             if int(np.prod(i.dims)) <= SMALL_INIT and i.data_type in INTEGER_TYPES}
+    known = set(small) | {k for k, v in feeds.items() if np.asarray(v).dtype.kind in "iu"}
+    steps = []
+    for node in nodes:
+        inputs = [i for i in node.input if i]
+        shape_of_feed = node.op_type == "Shape" and inputs and inputs[0] in feeds
+        if node.domain in DEFAULT_DOMAINS and not _has_subgraph(node) and (
+                shape_of_feed or (inputs and all(i in known for i in inputs))):
+            steps.append(node)
+            known.update(node.output)
+    if not steps:
+        return []
+    produced = [o for n in steps for o in n.output]
+    graph = helper.make_graph(steps, "shape_values", [], [helper.make_tensor_value_info(o, 0, None) for o in produced],
+                              [small[i] for i in small if any(i in n.input for n in steps)])
+    read = {i for n in steps for i in n.input} - set(produced) - set(small)
+    graph.input.extend(helper.make_tensor_value_info(i, 0, None) for i in read)
+    try:
+        values = ReferenceEvaluator(helper.make_model(graph, opset_imports=model.opset_import)).run(
+            None, {i: np.asarray(feeds[i]) for i in read})
+    except Exception as exc:  # only estimates hang on these values
+        log.debug("shape values failed: %s", exc)
+        return []
+    return [numpy_helper.from_array(np.asarray(v), name) for name, v in zip(produced, values)
+            if np.asarray(v).dtype.kind in "iu" and np.asarray(v).size <= SMALL_INIT]
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _inferred_shapes(model: onnx.ModelProto, nodes, typed: list, constants: list, outputs, given: set[str]
+                     ) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Shape inference (static_shapes) on ``nodes`` with the graph inputs ``typed`` (ValueInfoProtos),
+    the initializers ``constants`` and the model's small initializers not named in ``given`` (the
+    bigger ones typed inputs)."""
     from onnx import shape_inference
 
     graph = onnx.GraphProto()
-    graph.node.extend(model.graph.node)
-    graph.output.extend(model.graph.output)
-    for vi in model.graph.input:
-        if vi.name in feeds:
-            shape = np.shape(feeds[vi.name])
-            graph.input.append(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, shape))
+    graph.node.extend(nodes)
+    graph.output.extend(outputs)
+    graph.input.extend(typed)
+    graph.initializer.extend(constants)
     for init in model.graph.initializer:
+        if init.name in given:
+            continue
         if int(np.prod(init.dims)) <= SMALL_INIT and init.data_location != onnx.TensorProto.EXTERNAL:
             graph.initializer.append(init)
         else:

@@ -91,7 +91,7 @@ def run_pipeline(model: Any, calibration: Any, config: QuantConfig, progress: Pr
     prepared = round(time.perf_counter() - t, 3)
     with closing(TensorCache(refined.config.capture.max_cache_mb << 20)) as cache:
         captured = capture_fp32(original, refined, samples, cache, device, progress)
-        budget = step_budget(refined, samples, device)
+        budget = step_budget(refined, samples, device, cache)
         reconstructed = reconstruct_blocks(refined, cache, checkpoint, device, progress, budget)
     emitted = emit_model(refined, reconstructed)
     verified = verify_model(emitted, refined, reconstructed, captured, samples, device, original)

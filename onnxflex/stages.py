@@ -156,12 +156,13 @@ def fp_reference(original: onnx.ModelProto, held: CalibrationSet, providers, lay
     return run(reference, held, providers, layout=layout)
 
 
-def step_budget(refined: Refined, samples: Samples, device: Device):
+def step_budget(refined: Refined, samples: Samples, device: Device, cache: TensorCache | None = None):
     """The run's budget.StepBudget (steps per block from step_budget or time_budget), or None when
-    both are off or the method learns nothing."""
+    both are off or the method learns nothing; ``cache`` (captured) gives the shapes of tensors that
+    shape inference leaves unknown."""
     from onnxflex.budget import plan_budget
 
-    return plan_budget(refined.plan, samples.recon, refined.config.rounding, device.torch_device)
+    return plan_budget(refined.plan, samples.recon, refined.config.rounding, device.torch_device, cache)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxflex
 from helpers import CNN, run_model
 from onnxflex.blocks import QuantLayer
-from onnxflex.budget import (FWD_BWD, MIN_STEPS, STEP_FIXED_FLOPS, BlockCost, layer_flops, measure_rate, split,
-                             step_cost)
+from onnxflex.budget import (FWD_BWD, MIN_STEPS, STEP_FIXED_FLOPS, WEIGHT_STEP_FLOPS, BlockCost, layer_flops,
+                             measure_rate, split, step_cost)
 from onnxflex.cli import main
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
@@ -67,6 +67,8 @@ def test_a_layer_without_an_inferred_shape_counts_one_output_position():
 def test_step_cost_counts_forward_backward_per_sample_and_the_fixed_overhead():
     assert step_cost(1e6, 32) == FWD_BWD * 32 * 1e6 + STEP_FIXED_FLOPS
     assert step_cost(1e6, 32, micro_batches=4) == FWD_BWD * 32 * 1e6 + 4 * STEP_FIXED_FLOPS
+    # a weight is rounded once per step, whatever the micro-batches
+    assert step_cost(1e6, 32, 4, weights=5000) == FWD_BWD * 32 * 1e6 + 4 * STEP_FIXED_FLOPS + WEIGHT_STEP_FLOPS * 5000
 
 
 def _costs(*scores_and_costs, fixed=()) -> list[BlockCost]:
@@ -198,5 +200,73 @@ def test_a_fixed_batch_models_step_costs_every_micro_batch(tmp_path):
     accumulate = report["reconstruction"]["accumulate"]
     assert report["reconstruction"]["batch_size"] == 1 and accumulate > 1, report["reconstruction"]
     rows = report["step_budget"]["blocks"]
-    assert rows and all(b["step_flops"] == pytest.approx(step_cost(b["flops_per_sample"], accumulate, accumulate))
-                        for b in rows), rows
+    assert rows and all(b["weights"] > 0 and b["step_flops"] == pytest.approx(
+        step_cost(b["flops_per_sample"], accumulate, accumulate, b["weights"])) for b in rows), rows
+
+
+def _lstm_model(steps: int, batch: int = 1) -> onnx.ModelProto:
+    """x[steps, batch, 4] → bidirectional LSTM, hidden 3 (W [2, 12, 4], R [2, 12, 3])."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W", (2, 12, 4)), ("R", (2, 12, 3)))]
+    node = helper.make_node("LSTM", ["x", "W", "R"], ["y", "yh", "yc"], name="lstm", hidden_size=3,
+                            direction="bidirectional")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, batch, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def test_a_recurrent_layer_costs_its_weights_once_per_time_step():
+    """An LSTM multiplies W (on x_t) and R (on h_t-1) at every one of its T steps: 2 × (W + R values) × T per
+    sample, its W and R layers summed under the node's name; without the input's shape, one step."""
+    layers = (QuantLayer("lstm", "LSTM", "W", 1, "x"), QuantLayer("lstm", "LSTM", "R", 1, "x"))
+    model = _lstm_model(7, batch=2)
+    flops = layer_flops(model, layers, {"x": np.zeros((7, 2, 4), np.float32)}, 2)
+    assert flops == {"lstm": 2 * (2 * 12 * 4 + 2 * 12 * 3) * 7}, flops
+    assert layer_flops(model, layers, {}, 2) == {"lstm": 2 * (2 * 12 * 4 + 2 * 12 * 3)}
+
+
+def _reshape_from_shape_model() -> onnx.ModelProto:
+    """x[N, 6, 4] → Reshape to [N·6, 4], the N·6 computed Shape → Gather → Mul (opset 13: Mul carries
+    no values through shape inference) → Gemm (transB) [5, 4] → y[N·6, 5] → z[N, 6, 5]."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "wg"),
+             numpy_helper.from_array(np.array(0, np.int64), "i0"), numpy_helper.from_array(np.array(1, np.int64), "i1"),
+             numpy_helper.from_array(np.array([4], np.int64), "k"), numpy_helper.from_array(np.array([0], np.int64), "ax"),
+             numpy_helper.from_array(np.array([-1, 6, 5], np.int64), "back")]
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "i0"], ["n"], name="gather_n"),
+             helper.make_node("Gather", ["s", "i1"], ["t"], name="gather_t"),
+             helper.make_node("Mul", ["n", "t"], ["nt"], name="mul"),
+             helper.make_node("Unsqueeze", ["nt", "ax"], ["nt1"], name="unsqueeze"),
+             helper.make_node("Concat", ["nt1", "k"], ["target"], name="concat", axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["flat"], name="reshape"),
+             helper.make_node("Gemm", ["flat", "wg"], ["y"], name="gemm", transB=1),
+             helper.make_node("Reshape", ["y", "back"], ["z"], name="unflatten")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 4])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_block_shapes_know_a_reshape_that_whole_model_inference_cannot():
+    from onnxflex.graph import block_shapes, static_shapes
+
+    model = _reshape_from_shape_model()
+    feed = {"x": np.zeros((3, 6, 4), np.float32)}
+    assert "y" not in static_shapes(model, feed), "the case needs a shape whole-model inference leaves unknown"
+    shapes = block_shapes(model, [n.name for n in model.graph.node], feed)
+    assert shapes["flat"][0] == (18, 4) and shapes["y"][0] == (18, 5), shapes
+    layers = (QuantLayer("gemm", "Gemm", "wg", 0, "flat"),)
+    assert layer_flops(model, layers, feed, 3, shapes) == {"gemm": 2 * 4 * (6 * 5)}
+    assert layer_flops(model, layers, feed, 3) == {"gemm": 2 * 4 * 5}, "without them: one output position"
+
+
+def test_the_budget_reads_a_layers_shape_from_its_blocks_captured_inputs(tmp_path):
+    """End to end: the fast preset's budget charges the Gemm after a data-computed Reshape for its six
+    output rows per sample (known_shapes on the captured block inputs), and charges its weight values."""
+    x = np.random.default_rng(3).standard_normal((40, 6, 4)).astype(np.float32)
+    config = QuantConfig(method="flexround", preset="fast", calib_samples=40, verify_samples=8)
+    report = onnxflex.quantize(_reshape_from_shape_model(), {"x": x}, config, progress=False).report
+    rows = report["step_budget"]["blocks"]
+    assert [(b["flops_per_sample"], b["weights"]) for b in rows] == [(2 * 4 * (6 * 5), 20)], rows
+    assert report["step_budget"]["weight_step_flops"] == WEIGHT_STEP_FLOPS

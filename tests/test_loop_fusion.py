@@ -224,3 +224,24 @@ def test_clamp_is_torch_clamp_where_its_gradient_would_not_be_exact():
         != "_ClampBackward"
     out = clamp(y, torch.zeros(10), torch.ones(10))
     assert type(out.grad_fn).__name__ != "_ClampBackward" and torch.equal(out, y.clamp(0.0, 1.0))
+
+
+def test_reused_pages_turn_off_mmap_inside_and_allow_it_again_after():
+    """glibc refuses an mmap threshold above 32 MiB, so larger step tensors would still be mapped fresh:
+    inside, no allocation is mmapped (M_MMAP_MAX 0); after, glibc's default count is back."""
+    assert heap.KEEP[heap.M_MMAP_MAX] == 0 and heap.AFTER[heap.M_MMAP_MAX] == 65536
+
+
+def test_the_whole_block_loop_runs_inside_reused_pages(monkeypatch):
+    """Round-to-nearest learns nothing, yet its calibration and quantized-output runs allocate batch-sized
+    tensors too: the block loop (reconstruct) enters reused_pages once, around every block."""
+    from graphs import gemm_mlp
+    from onnxflex.config import QuantConfig
+
+    libc = _Recorder()
+    monkeypatch.setattr(heap, "_libc", lambda: libc)
+    x = np.random.default_rng(0).standard_normal((24, 32)).astype(np.float32)
+    onnxflex.quantize(gemm_mlp(), {"x": x}, QuantConfig(method="rtn", verify_samples=4), progress=False)
+    keep = [("mallopt", p, v) for p, v in heap.KEEP.items()]
+    after = [("mallopt", p, v) for p, v in heap.AFTER.items()]
+    assert libc.calls == keep + after, libc.calls

@@ -114,3 +114,64 @@ def test_a_resumed_unlearned_run_writes_the_same_bytes(tmp_path, monkeypatch):
     assert rows and set(rows) == {8}, rows
     assert again.model.SerializeToString() == first.model.SerializeToString()
     assert [b["loss_after"] for b in again.report["blocks"]] == [b["loss_after"] for b in first.report["blocks"]]
+
+
+class _Steps:
+    """A step budget's ``iters_of``: the given steps per block."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def iters_of(self, index: int) -> int:
+        return self.steps[index]
+
+
+def test_blocks_after_the_last_that_learns_run_the_quantized_path_on_8_samples():
+    """Under a step budget, the blocks after the last one given steps only report their losses: 8 samples;
+    every block up to it feeds a learner's q: inputs: all of them. A block with no torch converter
+    does not learn."""
+    from types import SimpleNamespace
+
+    from onnxflex.options import resolve
+
+    config = resolve(onnxflex.QuantConfig(method="flexround"))
+    blocks = [SimpleNamespace(unsupported=u) for u in ((), ("Celu (celu)",), (), ())]
+    plan = SimpleNamespace(model=branchy_model(), blocks=blocks)
+    cache = TensorCache(1 << 30)
+    cache.num_samples = 36
+    for steps, expected in (([5, 0, 3, 0], [36, 36, 36, 8]), ([5, 9, 0, 0], [36, 8, 8, 8]),
+                            ([0, 0, 0, 0], [8, 8, 8, 8]), ([0, 0, 0, 2], [36] * 4)):
+        runner = reconstruct.BlockRunner(plan, cache, None, None, config.rounding, None, (), _Steps(steps))
+        assert [runner.loss_samples(i) for i in range(4)] == expected, (steps, expected)
+
+
+def _wide_tail_model() -> onnx.ModelProto:
+    """conv1 3→8 → Relu → conv2 8→8 → Relu → conv3 8→256: the last block costs far more than a budget of
+    20 FP passes pays for its first steps, the first ones far less."""
+    b = graphs._Builder(5)
+    for name, c_in, c_out, x, y in (("conv1", 3, 8, "x", "c1"), ("conv2", 8, 8, "r1", "c2"), ("conv3", 8, 256, "r2", "y")):
+        b.node("Conv", [x, b.conv_weight(f"{name}_w", c_out, c_in, 3), b.small(f"{name}_b", (c_out,))], [y],
+               name=name, pads=[1, 1, 1, 1])
+        if name != "conv3":
+            b.node("Relu", [y], ["r" + y[1:]], name=f"relu_{name}")
+    return b.model("wide_tail", [graphs._image(size=8)], [graphs._out(graphs.N, 256, 8, 8)], opset=13)
+
+
+def test_a_budgeted_run_emits_the_bytes_of_an_all_sample_run(monkeypatch):
+    """--preset fast: what the blocks after the last learner store is read by no learning, so running them
+    on every sample emits the same model."""
+    rows = q_rows(monkeypatch)
+    config = onnxflex.QuantConfig(method="flexround", preset="fast", step_budget=20, seed=0, latency_rules=False,
+                                  granularity="layer")
+    few = onnxflex.quantize(_wide_tail_model(), images(), config, progress=False)
+    planned = [b["steps"] for b in few.report["step_budget"]["blocks"]]
+    samples = few.report["calibration"]["reconstruction_samples"]
+    assert planned[0] and not planned[-1], f"the case needs a block after the last learner: {planned}"
+    last = max(i for i, s in enumerate(planned) if s)
+    assert [b["loss_samples"] for b in few.report["blocks"]] == \
+        [samples] * (last + 1) + [8] * (len(planned) - last - 1), (planned, few.report["blocks"])
+    assert 8 in rows
+    monkeypatch.setattr(reconstruct, "UNLEARNED_LOSS_SAMPLES", 10 ** 6)
+    every = onnxflex.quantize(_wide_tail_model(), images(), config, progress=False)
+    assert {b["loss_samples"] for b in every.report["blocks"]} == {samples}
+    assert few.model.SerializeToString() == every.model.SerializeToString(), "the emitted bytes differ"

@@ -19,8 +19,8 @@ from onnxflex.options import resolve
 from onnxflex.pipeline import build_plan
 from onnxflex.planning import ACCUMULATE_SHARE, plan
 from onnxflex.rounding import reconstruct
-from onnxflex.rounding.reconstruct import (HELD_MIN, BlockRunner, add_block_quantizers, step_backward,
-                                           step_groups, unseen_rows)
+from onnxflex.rounding.reconstruct import (HELD_MIN, BlockData, BlockRunner, add_block_quantizers, rows,
+                                           step_backward, step_groups, unseen_rows)
 from onnxflex.rounding.torchify import BlockModule, QuantState
 from onnxflex.runtimes.targets import get_target
 
@@ -56,6 +56,9 @@ class _Data:
         self.q_inputs, self.fp_outputs = inputs, targets
         self.num_samples = next(iter(inputs.values())).shape[0]
         self.device = CPU
+        self._buffers = {}
+
+    step_rows = BlockData.step_rows
 
     def run(self, module, inputs, observe=None):
         return module(inputs)
@@ -104,6 +107,48 @@ def test_a_step_of_k_micro_batches_has_the_gradient_of_one_batch_of_the_k_sample
     assert any(float(g.abs().max()) > 0 for g in batched), "the block must have gradients to compare"
     worst = max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(accumulated, batched))
     assert worst <= 1e-5, f"accumulated gradient differs from the batch's by {worst:.3g} (relative)"
+
+
+def test_micro_batches_sharing_one_fake_quant_have_the_gradient_of_one_fake_quant_each():
+    """BlockModule.step_weights: the micro-batches of a step round each weight once, and their summed
+    gradient reaches the rounders' parameters as when every micro-batch rounds on its own."""
+    module, data, _ = _block(gemm_mlp())
+    module.train()
+    picked = torch.tensor([3, 9, 9, 61])
+    rounder_calls = []
+    originals = {id(r): r.fake_quant for r in module.own_rounders}
+    for r in module.own_rounders:
+        r.fake_quant = (lambda f: lambda: rounder_calls.append(1) or f())(originals[id(r)])
+    for p in module.parameters():
+        p.grad = None
+    alone = [step_backward(module, data, picked[i:i + 1], len(picked)) for i in range(len(picked))]
+    separate, each = _grads(module), len(rounder_calls)
+    for p in module.parameters():
+        p.grad = None
+    rounder_calls.clear()
+    with module.step_weights():
+        shared = [step_backward(module, data, picked[i:i + 1], len(picked)) for i in range(len(picked))]
+    together = _grads(module)
+    layers = len(module.own_rounders)
+    assert (each, len(rounder_calls)) == (len(picked) * layers, layers), (each, len(rounder_calls))
+    assert shared == alone, (shared, alone)
+    assert any(float(g.abs().max()) > 0 for g in together), "the block must have gradients to compare"
+    worst = max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(together, separate))
+    # the same sum in another float32 order (the micro-batches' weight gradients first)
+    assert worst <= 1e-4, f"shared fake_quant's gradient differs by {worst:.3g} (relative)"
+
+
+def test_step_rows_gather_the_rows_into_one_buffer_per_tensor():
+    module, data, _ = _block(gemm_mlp())
+    first = data.step_rows("q", data.q_inputs, torch.tensor([1, 2, 3]))
+    kept = {k: v.clone() for k, v in first.items()}
+    second = data.step_rows("q", data.q_inputs, torch.tensor([7, 0, 63]))
+    for name, value in data.q_inputs.items():
+        assert torch.equal(kept[name], rows(value, torch.tensor([1, 2, 3])))
+        assert torch.equal(second[name], rows(value, torch.tensor([7, 0, 63])))
+        assert second[name].data_ptr() == first[name].data_ptr(), "the second batch must reuse the first's buffer"
+    other = data.step_rows("q", data.q_inputs, torch.tensor([4, 5]))  # another batch size: a new buffer
+    assert all(torch.equal(other[k], rows(v, torch.tensor([4, 5]))) for k, v in data.q_inputs.items())
 
 
 def test_step_groups_with_one_micro_batch_draw_the_steps_indices():

@@ -1,5 +1,5 @@
-"""Keep freed heap pages in the process while a block learns, so that a step's tensors reuse the memory
-the previous step freed instead of page-faulting fresh pages in.
+"""Keep freed heap pages in the process while blocks are learned and run, so that a step's tensors reuse
+the memory the previous step freed instead of page-faulting fresh pages in.
 
 glibc's malloc serves an allocation above M_MMAP_THRESHOLD with its own mmap and unmaps it on free, and
 returns the top of the heap to the kernel once more than M_TRIM_THRESHOLD of it is free. A training step
@@ -7,12 +7,15 @@ allocates and frees the same few megabyte-sized activations every step, so with 
 touches new pages (a minor fault and a zeroed page each). glibc raises both thresholds by itself once
 it sees large blocks freed, up to 32 MiB (mmap) and 64 MiB (trim), but a step's larger tensors and a
 heap top trimmed between steps still fault. Inside ``reused_pages()`` the trim threshold is 1 GiB and
-the mmap threshold 32 MiB from the first step. On exit both are set to ``AFTER``, glibc's own ceilings:
-setting a threshold turns off its adjustment for the rest of the process, and going back to the fixed
-128 KiB start values (then trimming) made the next block fault its heap in again: on the Paddle
-classifier of BENCHMARKS.md that measured 12,836 faults and 579 ms per step summed over its 25 blocks,
-against 3,770 and 532 ms with these (14,731 and 644 ms without any of this). Memory outside the loop
-then keeps at most 64 MiB of free heap top, which glibc's own adjustment also allows.
+no allocation is served by mmap (M_MMAP_MAX 0): glibc refuses an mmap threshold above 32 MiB, and a
+detector's 32-sample activations (48x80x80 floats: 39 MB) each faulted in anew, 0.5 s per copy of a
+batch of block inputs on the 2-core machine against 2 ms into memory already touched. On exit the
+thresholds are set to ``AFTER``, glibc's own ceilings, and mmap is allowed again: setting a threshold
+turns off its adjustment for the rest of the process, and going back to the fixed 128 KiB start values
+(then trimming) made the next block fault its heap in again: on the Paddle classifier of BENCHMARKS.md
+that measured 12,836 faults and 579 ms per step summed over its 25 blocks, against 3,770 and 532 ms
+with these (14,731 and 644 ms without any of this). Memory outside the loop then keeps at most 64 MiB
+of free heap top, which glibc's own adjustment also allows.
 
 Where the C library is not glibc (macOS, musl, Windows) it does nothing. It changes where memory comes
 from, never what is computed: results are bit for bit the same with and without it.
@@ -25,10 +28,11 @@ import platform
 from contextlib import contextmanager
 
 # mallopt parameter numbers (glibc malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-# glibc refuses an mmap threshold above half its largest heap (32 MiB on 64-bit): larger blocks still mmap
-KEEP = {M_TRIM_THRESHOLD: 1 << 30, M_MMAP_THRESHOLD: 32 << 20}
-AFTER = {M_TRIM_THRESHOLD: 64 << 20, M_MMAP_THRESHOLD: 32 << 20}  # glibc's DEFAULT_MMAP_THRESHOLD_MAX and 2x
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+# glibc refuses an mmap threshold above half its largest heap (32 MiB on 64-bit): no mmap at all instead
+KEEP = {M_TRIM_THRESHOLD: 1 << 30, M_MMAP_THRESHOLD: 32 << 20, M_MMAP_MAX: 0}
+# glibc's DEFAULT_MMAP_THRESHOLD_MAX and 2x, and its default count of mmapped blocks (DEFAULT_MMAP_MAX)
+AFTER = {M_TRIM_THRESHOLD: 64 << 20, M_MMAP_THRESHOLD: 32 << 20, M_MMAP_MAX: 65536}
 
 _depth = 0
 

@@ -85,6 +85,7 @@ class BlockData:
         self.num_samples = cache.num_samples
         self.device = device
         self.max_bytes = cache.max_bytes
+        self._buffers: dict[tuple[str, str], torch.Tensor] = {}  # step_rows' reused batches
 
     def run(self, module, inputs: dict[str, torch.Tensor], observe=None) -> dict[str, torch.Tensor]:
         """``module`` on sample-major ``inputs``; its outputs sample-major."""
@@ -101,6 +102,23 @@ class BlockData:
                  if not isinstance(t, Shared)]
         per_sample = 4 * (sum(sizes) + INNER_TENSORS * max(sizes, default=0))
         return batch_within(size, per_sample, self.max_bytes)
+
+    def step_rows(self, kind: str, values: dict, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``rows(v, idx)`` of each of ``values`` (``kind``: which of the block's dicts, q or fp), a
+        tensor's into the buffer its previous step used: a fresh batch-sized tensor page-faults its
+        memory in anew (a detector's 39 MB batch took 0.5 s to gather on 2 cores, 2 ms into memory
+        already touched). What it returns is overwritten by its next call with the same ``kind``."""
+        out = {}
+        for name, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                out[name] = rows(value, idx)
+                continue
+            shape = (len(idx),) + tuple(value.shape[1:])
+            buffer = self._buffers.get((kind, name))
+            if buffer is None or buffer.shape != shape or buffer.dtype != value.dtype:
+                buffer = self._buffers[(kind, name)] = value.new_empty(shape)
+            out[name] = torch.index_select(value, 0, idx, out=buffer)
+        return out
 
     def largest_sample(self) -> int:
         """Values per sample of the block's largest input or output."""
@@ -275,9 +293,10 @@ def train(module: BlockModule, data: BlockData, config: RoundingOptions, seed: i
     """Minimise the block loss plus the rounders' regularizer over random minibatches of the block's
     samples, with the method's step policy (Adam + cosine decay unless the rounder names another),
     for ``config.iters`` steps or until the loss plateaus (``config.early_stop``). A step sums the
-    gradients of ``config.accumulate`` micro-batches (each loss / accumulate; the regularizer once) and
-    reports their mean loss. Returns the steps run. The module is in training mode only inside this
-    loop (AdaRound rounds softly there)."""
+    gradients of ``config.accumulate`` micro-batches (each loss / accumulate; the regularizer once), with
+    one fake_quant per weight for all of them (BlockModule.step_weights), and reports their mean loss.
+    Returns the steps run. The module is in training mode only inside this loop (AdaRound rounds
+    softly there)."""
     policy = make_policy(config.method, list(module.own_rounders), module.learnable(), config)
     if policy is None:
         return 0
@@ -290,8 +309,9 @@ def train(module: BlockModule, data: BlockData, config: RoundingOptions, seed: i
         for it, group in enumerate(groups):
             policy.zero_grad()
             penalty = policy.penalty(it)
-            losses = [step_backward(module, data, idx, len(group), penalty if k == 0 else 0.0)
-                      for k, idx in enumerate(group)]
+            with module.step_weights() if len(group) > 1 else contextlib.nullcontext():
+                losses = [step_backward(module, data, idx, len(group), penalty if k == 0 else 0.0)
+                          for k, idx in enumerate(group)]
             value = sum(losses) / len(losses)
             policy.step(it, value)
             progress.update(it + 1, f"loss {value:.3g}")
@@ -309,8 +329,8 @@ def step_backward(module: BlockModule, data: BlockData, idx: torch.Tensor, accum
     """Forward and backward of the micro-batch ``idx`` (sample indices): adds the gradients of its block
     loss / ``accumulate``, plus ``extra`` (the step's regularizer), to the parameters' ``.grad``.
     Returns its block loss."""
-    out = data.run(module, {k: rows(v, idx) for k, v in data.q_inputs.items()})
-    loss = block_loss(out, {k: rows(v, idx) for k, v in data.fp_outputs.items()})
+    out = data.run(module, data.step_rows("q", data.q_inputs, idx))
+    loss = block_loss(out, data.step_rows("fp", data.fp_outputs, idx))
     scaled = loss if accumulate == 1 else loss / accumulate  # one micro-batch: the plain loss's gradient
     (scaled + extra).backward()
     return loss.item()
@@ -379,6 +399,7 @@ def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: 
     return total / n
 
 
+@reused_pages()  # calibration and quantized-output runs reuse freed pages too, not only the learning steps
 def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: RoundingOptions,
                 device: torch.device, progress: Progress, providers: tuple[str, ...] = ("CPUExecutionProvider",),
                 checkpoint: Checkpoint | None = None, budget=None) -> tuple[list[BlockResult], list]:
@@ -413,12 +434,23 @@ class BlockRunner:
         self.plan, self.cache, self.state, self.target = plan, cache, state, target
         self.config, self.device, self.providers, self.budget = config, device, providers, budget
         self.sizes = _initializer_sizes(plan.model)
-        learned = reconstructs(config.method)  # else no block learns: the losses need only a few samples
-        self.loss_samples = cache.num_samples if learned else min(UNLEARNED_LOSS_SAMPLES, cache.num_samples)
+        learned = reconstructs(config.method)
+        # a block learns on its inputs' q: rows of every sample; after the last block that learns, the
+        # quantized path only reports each block's loss, which needs only a few samples
+        learners = [i for i, b in enumerate(plan.blocks) if learned and self.iters_of(i) > 0 and not b.unsupported]
+        self.last_learner = max(learners, default=-1)
 
     def iters_of(self, index: int) -> int:
         """The steps block ``index`` learns: the budget's share, else ``config.iters``."""
         return self.config.iters if self.budget is None else self.budget.iters_of(index)
+
+    def loss_samples(self, index: int) -> int:
+        """The samples block ``index``'s quantized path runs on (its q: rows, its losses): all of them up
+        to the last block that learns (its inputs are the earlier blocks' q: rows), UNLEARNED_LOSS_SAMPLES
+        after it (a method that learns nothing, or blocks a step budget gives no steps: only their
+        reported losses read them; the emitted weights and steps are the same either way)."""
+        n = self.cache.num_samples
+        return n if index <= self.last_learner else min(UNLEARNED_LOSS_SAMPLES, n)
 
     def run(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
         """Block ``index`` quantized, learned and frozen; its progress line finished."""
@@ -439,17 +471,16 @@ class BlockRunner:
             progress.start(iters if learns else 0, f"{block.name} ({index + 1}/{len(self.plan.blocks)})")
             before, steps = self.learn(module, data, seed, progress, iters) if learns else (None, 0)
             self.freeze(module, block)
-            after = self.store(module, data)
+            after = self.store(module, data, self.loss_samples(index))
         if before is None:  # nothing changed the block: the loss before is the loss after
             before = after
         runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
         return module, BlockResult(block.name, before, after, steps, time.perf_counter() - started, runtime,
-                                   self.loss_samples)
+                                   self.loss_samples(index))
 
-    def store(self, module: BlockModule | OrtBlock, data: BlockData) -> float:
-        """store_quantized_outputs over the run's ``loss_samples``; returns the block loss on them."""
-        return store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size),
-                                       self.loss_samples)
+    def store(self, module: BlockModule | OrtBlock, data: BlockData, samples: int) -> float:
+        """store_quantized_outputs over ``samples`` samples; returns the block loss on them."""
+        return store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size), samples)
 
     def summary(self, index: int, result: BlockResult) -> str:
         """Block ``index``'s progress line: its loss before and after (and on how many samples, when not
@@ -546,7 +577,7 @@ class BlockRunner:
             for layer in block.layers:
                 module.constants.pop(layer.weight, None)
 
-    def resume(self, block: Block, saved: dict) -> BlockModule | OrtBlock:
+    def resume(self, index: int, block: Block, saved: dict) -> BlockModule | OrtBlock:
         """A finished block rebuilt from its checkpoint (``Checkpoint.load``): frozen weights and restored
         activation steps; its quantized outputs stored again for the next block."""
         with self.loaded(block) as data:
@@ -563,7 +594,7 @@ class BlockRunner:
                 module = BlockModule(block, self.plan.model, default_opset(self.plan.model), self.state, self.device)
                 for layer in block.layers:
                     module.constants.pop(layer.weight, None)
-            self.store(module, data)
+            self.store(module, data, self.loss_samples(index))
         return module
 
     def _add_quantizers(self, block: Block, method: str) -> None:
@@ -580,7 +611,7 @@ class CheckpointedRunner:
     def run(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
         saved = self.checkpoint.load(index, block.name)
         if saved is not None:
-            module = self.runner.resume(block, saved)
+            module = self.runner.resume(index, block, saved)
             progress.finish(f"{block.name}: restored from {self.checkpoint.folder}")
             return module, BlockResult(**saved["result"])
         module, result = self.runner.quantize(index, block, progress)

@@ -231,6 +231,23 @@ class BlockModule(torch.nn.Module):
         finally:
             self._fixed = None
 
+    @contextmanager
+    def step_weights(self):
+        """Within it, every quantized forward reuses one ``fake_quant()`` per weight, taken on entry with
+        gradients: the forwards' backward passes stop at those values and sum their gradients there, and
+        on a normal exit the sum flows back through ``fake_quant`` once, into the rounders' parameters.
+        For the micro-batches of one learning step (the rounders do not change within it), which would
+        otherwise round and back-propagate through every weight once per micro-batch."""
+        taken = {l.weight: self.state.rounders[l.weight].fake_quant() for l in self.block.layers}
+        self._fixed = {name: w.detach().requires_grad_(w.requires_grad) for name, w in taken.items()}
+        try:
+            yield self
+            pairs = [(taken[name], w.grad) for name, w in self._fixed.items() if w.grad is not None]
+        finally:
+            self._fixed = None
+        if pairs:
+            torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
+
     def forward(self, feeds: dict[str, torch.Tensor], observe: Observer | None = None,
                 keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """The block's outputs, plus the tensors named in ``keep`` that its nodes compute (inner tensors
