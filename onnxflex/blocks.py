@@ -76,13 +76,15 @@ class BlockPlan:
     """The canonical model and its ordered blocks. Every node of the graph is in exactly one block,
     except side nodes (masks, position ids: made from constants, int inputs and input shapes) that a
     later block reading their results repeats (passes/partition.py). ``latency_floats``: (node, op type,
-    reduction depth) of the weighted layers the latency rule keeps float (passes/select.latency_floats)."""
+    reduction depth) of the weighted layers the latency rule keeps float (passes/select.latency_floats).
+    ``head_points``: the act points that are a head's output (passes/select.head_outputs)."""
 
     model: onnx.ModelProto
     blocks: tuple[Block, ...]
     act_points: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
     latency_floats: tuple[tuple[str, str, int], ...] = field(default=())
+    head_points: tuple[str, ...] = field(default=())
 
     @property
     def layers(self) -> tuple[QuantLayer, ...]:
@@ -101,4 +103,7 @@ class BlockPlan:
         if self.latency_floats:
             lines.append("kept float by the latency rule (reduction depth): "
                          + ", ".join(f"{op}:{node} ({depth})" for node, op, depth in self.latency_floats))
+        if self.head_points:
+            lines.append("head outputs (range mirrored about 0 where the calibration stays on one side): "
+                         + ", ".join(self.head_points))
         return "\n".join(lines)

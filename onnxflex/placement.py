@@ -12,8 +12,8 @@ from typing import Container, Iterable, Mapping, Sequence
 import onnx
 from onnx import TensorProto
 
-from onnxflex.graph import node_attr
-from onnxflex.runtimes.base import WEIGHTED_OPS
+from onnxflex.graph import all_nodes, node_attr
+from onnxflex.runtimes.base import RECURRENT_OPS, WEIGHTED_OPS
 
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
 """Every floating-point element type: tensors that carry real-valued activations or weights."""
@@ -85,6 +85,29 @@ def output_point(out: str, users: Mapping[str, Sequence[onnx.NodeProto]], absorb
     if out not in kept and len(follow) == 1 and follow[0].op_type in absorb:
         return follow[0].output[0]
     return out
+
+
+LATER_LAYER_OPS = WEIGHTED_OPS + RECURRENT_OPS + ("DynamicQuantizeLSTM",)
+"""Ops that make a tensor they (transitively) read no final output: a later layer absorbs its error."""
+
+
+def final_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Tensors of ``graph`` that reach the graph outputs through no later layer: no node in
+    LATER_LAYER_OPS (nor a control-flow node whose subgraphs hold one) reads them, directly or through
+    the nodes after them. A weighted op whose output point is one of them is the model's head (the
+    Conv before a Sigmoid, the Gemm of the logits): no later layer absorbs its rounding, and its
+    calibrated range clips exactly the outputs (classes, speech frames) that the calibration data did
+    not show. Nodes must be in graph order (ONNX requires it)."""
+    reaches: set[str] = set()
+    for node in reversed(graph.node):
+        inner = [n for attr in node.attribute if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                 for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
+                 for n in all_nodes(sub)]
+        if node.op_type in LATER_LAYER_OPS or any(n.op_type in LATER_LAYER_OPS for n in inner) or \
+                any(o in reaches for o in node.output):
+            reaches.update(i for n in [node, *inner] for i in n.input if i)  # outer reads included
+    produced = {o for n in graph.node for o in n.output if o} | {i.name for i in graph.input}
+    return produced - reaches
 
 
 def residual_skips(nodes: Iterable[onnx.NodeProto], layer_outputs: Container[str],

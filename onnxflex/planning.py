@@ -19,7 +19,8 @@ from onnxflex.passes.control_flow import control_flow_warnings
 from onnxflex.passes.partition import partition
 from onnxflex.passes.pipeline import PassContext, run_passes
 from onnxflex.passes.recurrent import recurrent_layers, state_tensors
-from onnxflex.passes.select import activation_points, latency_floats, select_layers, unmatched_patterns
+from onnxflex.passes.select import (activation_points, head_outputs, latency_floats, select_layers,
+                                    unmatched_patterns)
 from onnxflex.passes.select_inner import select_inner
 from onnxflex.runtimes.targets import get_target
 
@@ -86,13 +87,15 @@ def place(canonical: onnx.ModelProto, config: PlanOptions, warnings: tuple[str, 
     points += tuple(p for p in outer_points if p not in points)
     state = state_tensors(canonical)  # rounding state read back compounds at every call: never quantized
     points = tuple(p for p in points if p not in state)
+    heads = tuple(p for _, p in head_outputs(canonical, layers, target) if p in points)
     placed = partition(canonical, layers + recurrent, points, config.granularity, torch_supported, (),
                        inner_layers, inner_points)
     in_torch = {n for b in placed.blocks if not b.unsupported for n in b.nodes}  # an If there runs in torch
     found.extend(control_flow_warnings(canonical, inner_layers, lambda node: node.name in in_torch))
     found.extend(unmatched_patterns(canonical, layers + recurrent + inner_layers, config))
     return dataclasses.replace(placed, warnings=tuple(found),
-                               latency_floats=tuple((l.node, l.op_type, depth) for l, depth in floats))
+                               latency_floats=tuple((l.node, l.op_type, depth) for l, depth in floats),
+                               head_points=heads)
 
 
 def build_plan(model: onnx.ModelProto, config: PlanOptions) -> BlockPlan:

@@ -31,7 +31,7 @@ def build_report(result, warnings: list[str], total_seconds: float) -> dict:
     return {
         "blocks": blocks,
         "plan": {"blocks": len(plan.blocks), "layers": len(plan.layers), "activation_points": len(plan.act_points),
-                 "granularity": config.plan.granularity},
+                 "granularity": config.plan.granularity, "head_outputs": list(plan.head_points)},
         "verification": verification.to_dict() if verification else {},
         "latency_rules": result.verified.latency,
         **result.refined.sections,

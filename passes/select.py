@@ -13,8 +13,8 @@ from onnxflex.blocks import QuantLayer
 from onnxflex.errors import ConfigError, UnsupportedModelError
 from onnxflex.graph import consumers, graph_input_names, node_attr
 from onnxflex.options import PlanOptions
-from onnxflex.placement import (FLOAT_TYPES, QUANTIZABLE_TYPES, channel_axis, declared_types, output_point,
-                                reduction_depth, residual_skips)
+from onnxflex.placement import (FLOAT_TYPES, QUANTIZABLE_TYPES, channel_axis, declared_types, final_tensors,
+                                output_point, reduction_depth, residual_skips)
 from onnxflex.runtimes.base import Target
 
 
@@ -127,20 +127,33 @@ def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], ta
     skip input of each such Add. Empty for weight-only runs."""
     if config.abits == 0:
         return ()
-    users = consumers(model)
-    outputs = {o.name for o in model.graph.output}
     float_tensors = _float_tensors(model)
-    by_name = {n.name: n for n in model.graph.node}
+    outputs = dict(_output_points(model, layers, target))
     points: list[str] = []
     for layer in layers:
-        node = by_name[layer.node]
-        candidates = [layer.input]
-        if target.quantize_outputs:
-            candidates.append(output_point(node.output[0], users, target.absorb, outputs))
+        candidates = [layer.input] + ([outputs[layer.node]] if layer.node in outputs else [])
         points += [t for t in candidates if t in float_tensors and t not in points]
     if target.quantize_residual_add:
         points += [t for t in residual_inputs(model, layers) if t in float_tensors and t not in points]
     return tuple(points)
+
+
+def head_outputs(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], target: Target) -> tuple[tuple[str, str], ...]:
+    """(layer node, output point) of the ``layers`` whose output point reaches the graph outputs through
+    float ops only (placement.final_tensors): the model's heads, whose calibrated range clips exactly
+    the outputs the calibration data did not reach (rounding/reconstruct.calibrate_activations mirrors a
+    one-sided one). Empty for targets that put no Q on weighted-op outputs."""
+    final = final_tensors(model.graph)
+    return tuple((node, point) for node, point in _output_points(model, layers, target) if point in final)
+
+
+def _output_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], target: Target) -> list[tuple[str, str]]:
+    """(layer node, output point) of each layer, on targets that quantize weighted-op outputs."""
+    if not target.quantize_outputs:
+        return []
+    users, outputs = consumers(model), {o.name for o in model.graph.output}
+    by_name = {n.name: n for n in model.graph.node}
+    return [(l.node, output_point(by_name[l.node].output[0], users, target.absorb, outputs)) for l in layers]
 
 
 def residual_inputs(model: onnx.ModelProto, layers: tuple[QuantLayer, ...]) -> list[str]:

@@ -100,6 +100,11 @@ class PointValues:
             return -edge, edge
         return -self.negative.percentile(), self.positive.percentile()
 
+    @property
+    def one_sided(self) -> bool:
+        """Every value strictly on one side of 0 (a Relu's output, whose minimum is 0, is not)."""
+        return self.hi < 0 or self.lo > 0
+
     def sample(self, names: list[str], gen: torch.Generator) -> torch.Tensor | None:
         """The MSE search's values: the points' thinned values in ``names``' order, then sampled."""
         if not self.keep_sample:

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Container
 
 import numpy as np
 import onnx
@@ -199,9 +200,13 @@ def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: Roundi
 
 
 @torch.no_grad()
-def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed: int) -> None:
+def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed: int,
+                          heads: Container[str] = ()) -> None:
     """Initialise each act point's step from the FP block run on FP inputs, by ``config.act_scale``
-    (rounding/actrange.py: what is kept of the values, and the percentile range). A point the data
+    (rounding/actrange.py: what is kept of the values, and the percentile range). A point in ``heads``
+    (a head's output: BlockPlan.head_points) whose values all lie on one side of 0 gets its range
+    mirrored about 0: the calibration data showed one decision only (no speech, no positive class),
+    and the unmirrored range would clip the other at the threshold. A point the data
     never reaches (inside an If branch never taken) has no values: its quantizer is disabled (the
     tensor stays float, and so does the int32 bias of a layer reading it). Returns those points."""
     acts = module.state.acts
@@ -232,17 +237,24 @@ def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed
             tied.setdefault(id(acts[name]), []).append(name)
     gen = torch.Generator().manual_seed(seed)
     for key, names in tied.items():
-        _calibrate_point(acts[names[0]], pooled[key], names, config.act_scale, gen)
+        mirror = pooled[key].one_sided and any(n in heads for n in names)
+        if mirror:
+            log.info("%s: a head output whose calibration values never cross 0 (%.4g to %.4g); its range "
+                     "is mirrored about 0 so that the other side is not clipped", names[0], pooled[key].lo,
+                     pooled[key].hi)
+        _calibrate_point(acts[names[0]], pooled[key], names, config.act_scale, gen, mirror)
     return unseen
 
 
 def _calibrate_point(act: ActQuantizer, values: PointValues, names: list[str], search: str,
-                     gen: torch.Generator) -> None:
-    """Mutates ``act``: its step and zero point from ``values`` (of the points ``names``) by ``search``."""
-    if search == "percentile":
-        act.calibrate(*values.percentile_range(act.signed), None, "minmax")
-    else:
-        act.calibrate(values.lo, values.hi, values.sample(names, gen), search)
+                     gen: torch.Generator, mirror: bool = False) -> None:
+    """Mutates ``act``: its step and zero point from ``values`` (of the points ``names``) by ``search``;
+    with ``mirror``, over the range widened to [-m, m], m its largest magnitude."""
+    percentile = search == "percentile"
+    lo, hi = values.percentile_range(act.signed) if percentile else (values.lo, values.hi)
+    if mirror:
+        lo, hi = -max(abs(lo), abs(hi)), max(abs(lo), abs(hi))
+    act.calibrate(lo, hi, None if percentile else values.sample(names, gen), "minmax" if percentile else search)
 
 
 def _batches(tensors: dict[str, torch.Tensor], n: int, size: int):
@@ -509,7 +521,7 @@ class BlockRunner:
             self._add_quantizers(block, self.config.method)
             module = BlockModule(block, self.plan.model, default_opset(self.plan.model), self.state, self.device)
             try:
-                unseen = calibrate_activations(module, data, self.config, seed)
+                unseen = calibrate_activations(module, data, self.config, seed, self.plan.head_points)
                 untaken = keep_untaken_rtn(module, self.plan.model, self.config, self.device)
                 _warn_not_reached(block, unseen, untaken)
                 make_room_for_biases(block, self.state)
@@ -520,7 +532,7 @@ class BlockRunner:
                     "exclude its nodes with --exclude-node to keep them in float instead", block.name, problem)
         self._add_quantizers(block, "rtn")
         module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
-        _warn_not_reached(block, calibrate_activations(module, data, self.config, seed))
+        _warn_not_reached(block, calibrate_activations(module, data, self.config, seed, self.plan.head_points))
         make_room_for_biases(block, self.state)
         return module
 
