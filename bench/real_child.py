@@ -8,7 +8,10 @@ QDQ, per channel: ``types`` as ACT_WEIGHT QuantType names, ``calibrate``, ``batc
 each input sliced along its samples axis (``axes``, default 0) and the pinned inputs (``fixed``) fed as
 given. A model below opset 13 is converted to 13 (onnx.version_converter) before quantize_static, whose
 per-channel DequantizeLinear needs the ``axis`` of opset 13 (it writes an invalid model otherwise); the
-row's note says so. Prints one JSON line: the seconds taken, the child's own peak RSS, and for onnxflex
+row's note says so. Weights and biases that the model holds as Constant nodes (Paddle exports do) are
+moved into initializers first: quantize_static quantizes only initializers as weights, and reads any
+other weight input as an activation (uint8, per tensor, whatever weight type was asked), so without
+the move a U8S4 row would run 8-bit weights. The note says so too. Prints one JSON line: the seconds taken, the child's own peak RSS, and for onnxflex
 whether its own verification passed.
 """
 from __future__ import annotations
@@ -66,25 +69,58 @@ def quantize_ort_static(model: str, calib: str, out: str, options: dict) -> dict
 
     act, weight = options["types"].split("_")
     reader = npz_reader(model, calib, options["batch"], options.get("axes", {}), options.get("fixed", {}))
-    source, figures = upgraded(model, out)
+    source, figures = ort_source(model, out)
     quantize_static(source, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=getattr(QuantType, act), weight_type=getattr(QuantType, weight),
                     calibrate_method=getattr(CalibrationMethod, options["calibrate"]))
     return figures
 
 
-def upgraded(model: str, out: str) -> tuple[str, dict]:
-    """(``model``, {}) at opset 13 or above, else (its opset-13 conversion written beside ``out``, a note)."""
+WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (1,), "Gemm": (1, 2)}  # weight, bias
+
+
+def ort_source(model: str, out: str) -> tuple[str, dict]:
+    """(``model``, {}) when quantize_static can take it as it is, else (the model at opset 13 or above with
+    its Constant-node weights and biases as initializers, written beside ``out``, a note saying which)."""
     import onnx
     from onnx import version_converter
 
     loaded = onnx.load(model)
+    notes = []
+    moved = constant_weights_to_initializers(loaded)
+    if moved:
+        notes.append(f"{moved} Constant-node weights made initializers")
     opset = next(o.version for o in loaded.opset_import if o.domain in ("", "ai.onnx"))
-    if opset >= PER_CHANNEL_OPSET:
+    if opset < PER_CHANNEL_OPSET:
+        loaded = version_converter.convert_version(loaded, PER_CHANNEL_OPSET)
+        notes.append(f"opset {opset} converted to {PER_CHANNEL_OPSET} first")
+    if not notes:
         return model, {}
-    path = f"{out}.opset{PER_CHANNEL_OPSET}.onnx"
-    onnx.save(version_converter.convert_version(loaded, PER_CHANNEL_OPSET), path)
-    return path, {"note": f"opset {opset} converted to {PER_CHANNEL_OPSET} first"}
+    path = f"{out}.source.onnx"
+    onnx.save(loaded, path)
+    return path, {"note": ", ".join(notes)}
+
+
+def constant_weights_to_initializers(model) -> int:
+    """Move the Constant nodes (``value`` attribute) that a weighted node of the main graph reads as its
+    weight or bias (WEIGHT_INPUTS) into initializers of the same name; mutates ``model``, returns how many."""
+    graph = model.graph
+    wanted = {node.input[i] for node in graph.node for i in WEIGHT_INPUTS.get(node.op_type, ())
+              if i < len(node.input) and node.input[i]}
+    keep, moved = [], 0
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and node.output[0] in wanted:
+            tensor = type(value)()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            moved += 1
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return moved
 
 
 def quantize_ort_nbits(model: str, calib: str, out: str, options: dict) -> dict:

@@ -233,3 +233,60 @@ def test_matmul_share_counts_constant_node_weights(tmp_path):
     onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
     share = real_models.matmul_share(tmp_path / "m.onnx")
     assert share == pytest.approx(416 / 452), f"MatMul share {share:.3f}"
+
+
+def _constant_weight_cnn(path):
+    """Conv (weight and bias as Constant nodes, as Paddle exports write them) → Relu, saved to ``path``."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32))
+    bias = numpy_helper.from_array(rng.normal(size=(8,)).astype(np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=weight), helper.make_node("Constant", [], ["b"], value=bias),
+         helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([-1], np.int64))),
+         helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["y"], ["r"]),
+         helper.make_node("Reshape", ["r", "shape"], ["out"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return rng
+
+
+def test_constant_node_weights_become_initializers_and_nothing_else():
+    import onnx
+    sys.path.insert(0, str(ROOT / "bench"))
+    import real_child
+
+    from onnx import helper, numpy_helper
+    value = numpy_helper.from_array(np.ones((2, 2), np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=value), helper.make_node("Constant", [], ["k"], value=value),
+         helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Add", ["y", "k"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2, 2])])
+    model = helper.make_model(graph)
+    assert real_child.constant_weights_to_initializers(model) == 1
+    assert [t.name for t in model.graph.initializer] == ["w"], "only the MatMul's weight moves"
+    assert [n.op_type for n in model.graph.node] == ["Constant", "MatMul", "Add"]
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_ort_static_u8s4_writes_4_bit_weights_for_constant_node_weights(tmp_path):
+    import onnx
+
+    rng = _constant_weight_cnn(tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(8, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    got = run_measured([sys.executable, str(ROOT / "bench" / "real_child.py"), "ort_static", str(tmp_path / "m.onnx"),
+                        str(tmp_path / "calib.npz"), str(out),
+                        json.dumps({"batch": 8, "types": "QUInt8_QInt4", "calibrate": "MinMax"})], timeout=120)
+    assert "error" not in got, got
+    assert got.get("note") == "2 Constant-node weights made initializers", got
+    model = onnx.load(str(out))
+    inits = {t.name: t for t in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    dq = next(n for n in model.graph.node if n.output[0] == conv.input[1])
+    assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4, \
+        f"the Conv weight is {onnx.TensorProto.DataType.Name(inits[dq.input[0]].data_type)}, not INT4"
