@@ -104,6 +104,6 @@ class BlockPlan:
             lines.append("kept float by the latency rule (reduction depth): "
                          + ", ".join(f"{op}:{node} ({depth})" for node, op, depth in self.latency_floats))
         if self.head_points:
-            lines.append("head outputs (range mirrored about 0 where the calibration stays on one side): "
+            lines.append("head outputs (range mirrored about 0 where the calibration stays below 0): "
                          + ", ".join(self.head_points))
         return "\n".join(lines)

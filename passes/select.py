@@ -141,8 +141,8 @@ def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], ta
 def head_outputs(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], target: Target) -> tuple[tuple[str, str], ...]:
     """(layer node, output point) of the ``layers`` whose output point reaches the graph outputs through
     float ops only (placement.final_tensors): the model's heads, whose calibrated range clips exactly
-    the outputs the calibration data did not reach (rounding/reconstruct.calibrate_activations mirrors a
-    one-sided one). Empty for targets that put no Q on weighted-op outputs."""
+    the outputs the calibration data did not reach (rounding/reconstruct.calibrate_activations mirrors one
+    whose values all lie below 0). Empty for targets that put no Q on weighted-op outputs."""
     final = final_tensors(model.graph)
     return tuple((node, point) for node, point in _output_points(model, layers, target) if point in final)
 

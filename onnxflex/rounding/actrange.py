@@ -101,9 +101,12 @@ class PointValues:
         return -self.negative.percentile(), self.positive.percentile()
 
     @property
-    def one_sided(self) -> bool:
-        """Every value strictly on one side of 0 (a Relu's output, whose minimum is 0, is not)."""
-        return self.hi < 0 or self.lo > 0
+    def below_zero(self) -> bool:
+        """Every value strictly below 0: a logit whose positive decision the data never showed. Values all
+        above 0 are not counted: a head's output that is positive by construction (a Relu's, whose minimum
+        is 0, or one ahead of a runtime-fused activation, e.g. SqueezeNet's last Conv) would lose half its
+        grid to a mirrored range, and onnxruntime then runs that Conv in float."""
+        return self.hi < 0
 
     def sample(self, names: list[str], gen: torch.Generator) -> torch.Tensor | None:
         """The MSE search's values: the points' thinned values in ``names``' order, then sampled."""

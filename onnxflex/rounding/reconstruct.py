@@ -204,7 +204,7 @@ def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed
                           heads: Container[str] = ()) -> None:
     """Initialise each act point's step from the FP block run on FP inputs, by ``config.act_scale``
     (rounding/actrange.py: what is kept of the values, and the percentile range). A point in ``heads``
-    (a head's output: BlockPlan.head_points) whose values all lie on one side of 0 gets its range
+    (a head's output: BlockPlan.head_points) whose values all lie below 0 gets its range
     mirrored about 0: the calibration data showed one decision only (no speech, no positive class),
     and the unmirrored range would clip the other at the threshold. A point the data
     never reaches (inside an If branch never taken) has no values: its quantizer is disabled (the
@@ -237,9 +237,9 @@ def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed
             tied.setdefault(id(acts[name]), []).append(name)
     gen = torch.Generator().manual_seed(seed)
     for key, names in tied.items():
-        mirror = pooled[key].one_sided and any(n in heads for n in names)
+        mirror = pooled[key].below_zero and any(n in heads for n in names)
         if mirror:
-            log.info("%s: a head output whose calibration values never cross 0 (%.4g to %.4g); its range "
+            log.info("%s: a head output whose calibration values all lie below 0 (%.4g to %.4g); its range "
                      "is mirrored about 0 so that the other side is not clipped", names[0], pooled[key].lo,
                      pooled[key].hi)
         _calibrate_point(acts[names[0]], pooled[key], names, config.act_scale, gen, mirror)
