@@ -78,6 +78,15 @@ def reads(node: onnx.NodeProto) -> list[str]:
     return explicit + [n for n in subgraph_reads(node) if n not in explicit]
 
 
+def read_counts(g: onnx.GraphProto) -> dict[str, int]:
+    """Tensor → how many nodes of ``g`` read it (``reads``: a subgraph's outer-scope read counts)."""
+    counts: dict[str, int] = {}
+    for node in g.node:
+        for name in reads(node):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def count_nodes(*graphs: onnx.GraphProto, ops: tuple[str, ...] | None = None) -> int:
     """The nodes of ``graphs`` at any depth (only those whose op_type is in ``ops``, when given)."""
     return sum((ops is None or n.op_type in ops) + count_nodes(*(g for _, g in subgraphs(n)), ops=ops)

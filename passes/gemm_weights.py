@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from onnxflex.extdata import tensor_array
 from onnxflex.graph import node_attr
-from onnxflex.passes.control_flow import reads
+from onnxflex.passes.control_flow import read_counts
 from onnxflex.passes.context import PassContext
 
 
@@ -24,10 +24,7 @@ def gemm_kn_weights(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto
     if ctx.config.abits:
         return model
     inits = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for n in model.graph.node:  # a read by a subgraph counts too: it would see the transposed weight
-        for name in reads(n):
-            readers[name] = readers.get(name, 0) + 1
+    readers = read_counts(model.graph)  # a read by a subgraph counts too: it would see the transposed weight
     for node in model.graph.node:
         if node.op_type != "Gemm" or not node_attr(node, "transB", 0) or len(node.input) < 2:
             continue

@@ -206,3 +206,32 @@ def test_a_quantized_concat_reads_its_float_inputs_on_its_own_step_and_runs_on_i
     trt = _quantize(model, target="tensorrt")
     concat = next(n for n in trt.model.graph.node if n.op_type == "Concat")
     assert "s" in concat.input, "tensorrt's Concat reads the float Sigmoid output as before"
+
+
+def test_a_concat_that_a_subgraph_also_reads_keeps_its_float_inputs():
+    """The If's branch reads the Concat's output from the outer scope: quantizing the Concat's inputs
+    would hand it rounded values, so the Concat is left as it is; without the If it is rewritten."""
+    from onnx import TensorProto, helper
+
+    from onnxflex.emit.concat import quantize_concat_inputs
+    from onnxflex.graph import NameScope
+
+    def graph(with_if: bool) -> onnx.GraphProto:
+        branch = helper.make_graph([helper.make_node("Identity", ["c"], ["b"])], "branch", [],
+                                   [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)])
+        nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["x"], ["s"]),
+                 helper.make_node("Concat", ["a", "s"], ["c"], axis=1),
+                 helper.make_node("QuantizeLinear", ["c", "scale", "zero"], ["cq"])]
+        if with_if:
+            nodes.append(helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=branch))
+        inits = [helper.make_tensor("scale", TensorProto.FLOAT, [], [0.1]),
+                 helper.make_tensor("zero", TensorProto.UINT8, [], [128])]
+        return helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2]),
+                                              helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                                 [helper.make_tensor_value_info("cq", TensorProto.UINT8, [1, 4])], inits)
+
+    plain, read_inside = graph(False), graph(True)
+    assert quantize_concat_inputs(plain, NameScope.of(helper.make_model(plain))) == 2
+    assert quantize_concat_inputs(read_inside, NameScope.of(helper.make_model(read_inside))) == 0
+    concat = next(n for n in read_inside.node if n.op_type == "Concat")
+    assert list(concat.input) == ["a", "s"]

@@ -16,6 +16,7 @@ import onnx
 from onnx import helper
 
 from onnxflex.graph import NameScope
+from onnxflex.passes.control_flow import read_counts
 
 
 def quantize_concat_inputs(g: onnx.GraphProto, scope: NameScope) -> int:
@@ -26,17 +27,14 @@ def quantize_concat_inputs(g: onnx.GraphProto, scope: NameScope) -> int:
     quantized; the caller sorts the nodes."""
     inits = {t.name for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output if o}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    quantizer = {n.input[0]: n for n in g.node if n.op_type == "QuantizeLinear"}
+    readers = read_counts(g)  # a subgraph reading the Concat would see the quantized values
     outputs = {o.name for o in g.output}
     added: list[onnx.NodeProto] = []
     for node in g.node:
-        users = readers.get(node.output[0], []) if node.op_type == "Concat" else []
-        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or node.output[0] in outputs:
+        q = quantizer.get(node.output[0]) if node.op_type == "Concat" else None
+        if q is None or readers.get(node.output[0]) != 1 or node.output[0] in outputs:
             continue
-        q = users[0]
         if len(q.input) < 3 or q.input[1] not in inits or q.input[2] not in inits:
             continue
         for k, name in enumerate(node.input):

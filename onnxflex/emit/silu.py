@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from onnxflex.passes.control_flow import reads
+from onnxflex.passes.control_flow import read_counts
 
 FUSED_SILU = "QuickGelu"
 SILU_DOMAIN = "com.microsoft"
@@ -25,10 +25,7 @@ def fuse_silus(g: onnx.GraphProto) -> int:
     output) becomes ``QuickGelu(x, alpha=1)`` in SILU_DOMAIN under the Mul's name and output; the
     Sigmoid goes. Returns how many SiLUs it fused (the caller imports SILU_DOMAIN when any)."""
     producer = {o: n for n in g.node for o in n.output if o}
-    readers: dict[str, int] = {}
-    for node in g.node:
-        for name in reads(node):
-            readers[name] = readers.get(name, 0) + 1
+    readers = read_counts(g)
     outputs = {o.name for o in g.output}
     dropped: set[str] = set()  # the fused Sigmoids' outputs
     for node in g.node:

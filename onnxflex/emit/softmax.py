@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from onnxflex.graph import node_attr
-from onnxflex.passes.control_flow import reads
+from onnxflex.passes.control_flow import read_counts
 
 SOFTMAX_OPSET = 13  # Softmax normalises along one axis (not the flattened trailing dims) from this opset on
 
@@ -27,10 +27,7 @@ def softmax_before_transpose(g: onnx.GraphProto) -> int:
     Transpose (the Softmax takes the Transpose's place and name, and the Transpose the Softmax's; the
     graph output name stays). Returns how many it moved."""
     producer = {o: k for k, n in enumerate(g.node) for o in n.output if o}
-    readers: dict[str, int] = {}
-    for node in g.node:
-        for name in reads(node):
-            readers[name] = readers.get(name, 0) + 1
+    readers = read_counts(g)
     outputs = {o.name for o in g.output}
     moved = 0
     for k, node in enumerate(g.node):
