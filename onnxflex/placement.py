@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto
 
 from onnxflex.graph import all_nodes, node_attr
+from onnxflex.passes.control_flow import subgraphs
 from onnxflex.runtimes.base import RECURRENT_OPS, WEIGHTED_OPS
 
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
@@ -100,9 +101,7 @@ def final_tensors(graph: onnx.GraphProto) -> set[str]:
     not show. Nodes must be in graph order (ONNX requires it)."""
     reaches: set[str] = set()
     for node in reversed(graph.node):
-        inner = [n for attr in node.attribute if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                 for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
-                 for n in all_nodes(sub)]
+        inner = [n for _, sub in subgraphs(node) for n in all_nodes(sub)]
         if node.op_type in LATER_LAYER_OPS or any(n.op_type in LATER_LAYER_OPS for n in inner) or \
                 any(o in reaches for o in node.output):
             reaches.update(i for n in [node, *inner] for i in n.input if i)  # outer reads included
