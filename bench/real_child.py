@@ -49,6 +49,9 @@ def npz_reader(model: str, calib: str, batch: int, axes: dict, fixed: dict):
     return NpzReader()
 
 
+WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (1,), "Gemm": (1, 2)}  # weight, bias
+
+
 def quantize_onnxflex(model: str, calib: str, out: str, options: dict) -> dict:
     import onnxflex
     from onnxflex.errors import VerificationError
@@ -73,10 +76,41 @@ def quantize_ort_static(model: str, calib: str, out: str, options: dict) -> dict
     quantize_static(source, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=getattr(QuantType, act), weight_type=getattr(QuantType, weight),
                     calibrate_method=getattr(CalibrationMethod, options["calibrate"]))
-    return figures
+    return with_coverage(figures, out)
 
 
-WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (1,), "Gemm": (1, 2)}  # weight, bias
+def with_coverage(figures: dict, out: str, ops=tuple(WEIGHT_INPUTS)) -> dict:
+    """``figures`` with a note, when onnxruntime's output ``out`` left some of its weighted layers of ``ops``
+    float, saying how many it quantized (a row whose numbers are FP32's is not a quantized result)."""
+    done, total = quantized_layers(out, ops)
+    if done == total:
+        return figures
+    said = f"weights of {done} of {total} weighted layers quantized"
+    return {**figures, "note": f"{figures['note']}, {said}" if "note" in figures else said}
+
+
+def quantized_layers(path: str, ops=tuple(WEIGHT_INPUTS)) -> tuple[int, int]:
+    """(weighted layers whose weight is integer, all weighted layers) of ``ops`` over every graph of the
+    model at ``path``, If/Loop bodies included: a node counts when its weight (WEIGHT_INPUTS) is the output
+    of a DequantizeLinear in its own graph or an enclosing one; a MatMulNBits node always counts."""
+    import onnx
+
+    def walk(graph, outer: dict) -> tuple[int, int]:
+        made = {**outer, **{o: n.op_type for n in graph.node for o in n.output}}
+        done = total = 0
+        for node in graph.node:
+            if node.op_type == "MatMulNBits":
+                done, total = done + 1, total + 1
+            elif node.op_type in ops and len(node.input) > 1:
+                total += 1
+                done += made.get(node.input[WEIGHT_INPUTS[node.op_type][0]]) == "DequantizeLinear"
+            for attr in node.attribute:
+                for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    d, t = walk(body, made)
+                    done, total = done + d, total + t
+        return done, total
+
+    return walk(onnx.load(path, load_external_data=False).graph, {})
 
 
 def ort_source(model: str, out: str) -> tuple[str, dict]:
@@ -133,7 +167,7 @@ def quantize_ort_nbits(model: str, calib: str, out: str, options: dict) -> dict:
                                                                                           is_symmetric=True))
     quantizer.process()
     quantizer.model.save_model_to_file(out, False)
-    return {}
+    return with_coverage({}, out, ops=("MatMul",))
 
 
 KINDS = {"onnxflex": quantize_onnxflex, "ort_static": quantize_ort_static, "ort_nbits": quantize_ort_nbits}

@@ -290,3 +290,30 @@ def test_ort_static_u8s4_writes_4_bit_weights_for_constant_node_weights(tmp_path
     dq = next(n for n in model.graph.node if n.output[0] == conv.input[1])
     assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4, \
         f"the Conv weight is {onnx.TensorProto.DataType.Name(inits[dq.input[0]].data_type)}, not INT4"
+
+
+def test_quantized_layers_counts_if_bodies_and_outer_scope_weights(tmp_path):
+    import onnx
+    from onnx import helper, numpy_helper
+    sys.path.insert(0, str(ROOT / "bench"))
+    import real_child
+
+    w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.int8), "wq")
+    f = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "wf")
+    scale = numpy_helper.from_array(np.ones((2,), np.float32), "s")
+    conv = lambda x, wt, y: helper.make_node("Conv", [x, wt], [y])  # noqa: E731
+    branch = lambda name, wt: helper.make_graph(  # noqa: E731
+        [conv("x", wt, f"{name}_y")], name, [], [helper.make_tensor_value_info(f"{name}_y", onnx.TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["wq", "s"], ["wd"], axis=0), conv("x", "wd", "y0"),
+         helper.make_node("If", ["c"], ["y1"], then_branch=branch("then", "wd"), else_branch=branch("else", "wf"))],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4]),
+              helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y1", onnx.TensorProto.FLOAT, None)], [w, f, scale])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    assert real_child.quantized_layers(str(tmp_path / "m.onnx")) == (2, 3), \
+        "the main Conv and the then-branch Conv read a DequantizeLinear; the else-branch Conv reads a float weight"
+    assert real_child.quantized_layers(str(tmp_path / "m.onnx"), ops=("MatMul",)) == (0, 0)
+    assert real_child.with_coverage({"note": "x"}, str(tmp_path / "m.onnx")) == \
+        {"note": "x, weights of 2 of 3 weighted layers quantized"}
+    assert real_child.with_coverage({}, str(tmp_path / "m.onnx"), ops=("MatMul",)) == {}
