@@ -23,9 +23,11 @@ def capture_batch(per_sample: int, max_bytes: int) -> int:
 
 
 def capture(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, cache: TensorCache,
-            providers: list[str], batch: int = CAPTURE_BATCH, progress=None, observers=None) -> None:
+            providers: list[str], batch: int = CAPTURE_BATCH, progress=None, observers=None,
+            rows: dict[str, int] | None = None) -> None:
     """Run ``model`` over ``data`` and store each tensor in ``cache`` as its FP run (``Key.fp(name)``),
-    samples on dim 0 (a shared tensor once); records each tensor's batch axis in ``cache.layout``.
+    samples on dim 0 (a shared tensor once), of a tensor in ``rows`` its first that many samples only;
+    records each tensor's batch axis in ``cache.layout``.
     ``observers`` (rounding/actcapture.CaptureObservers, or None) also gets each batch's values of its
     ``tensors`` (act points, outputs of the same run), which the cache does not store."""
     observed = list(observers.tensors) if observers is not None else []
@@ -42,7 +44,12 @@ def capture(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, ca
         if observers is not None:
             observers.observe(values, layout, n)
         for name in tensors:
-            cache.write(Key.fp(name), start, layout.to_samples(name, values[name]))
+            limit = n if rows is None else rows.get(name, n)
+            value = layout.to_samples(name, values[name])
+            if layout.shared(name) or limit == n:
+                cache.write(Key.fp(name), start, value)
+            elif start < limit:
+                cache.write(Key.fp(name), start, value[:limit - start], total=limit)
         del values
         start += min(fixed or batch, n - start)
         if progress is not None:

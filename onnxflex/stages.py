@@ -142,7 +142,7 @@ def capture_fp32(original: onnx.ModelProto, refined: Refined, samples: Samples, 
     if observers is not None:
         observers = act_observers(refined, recon, batch)
     capture(refined.plan.model, boundary, recon, cache, device.providers, batch=batch, progress=progress.update,
-            observers=observers)
+            observers=observers, rows=stored_rows(refined, recon, observers))
     layout = cache.layout
     progress.finish(f"captured {len(boundary)} tensors over {recon.num_samples} samples"
                     + (" (spilled to disk)" if cache.spilled else ""))
@@ -150,6 +150,16 @@ def capture_fp32(original: onnx.ModelProto, refined: Refined, samples: Samples, 
     t = time.perf_counter()
     reference = fp_reference(original, samples.held, device.providers, layout)
     return Captured(layout, reference, seconds, _lap(t), observers)
+
+
+def stored_rows(refined: Refined, recon: CalibrationSet, observers) -> dict[str, int]:
+    """rounding/actcapture.stored_rows for this run: fewer FP rows where no block learns."""
+    from onnxflex.rounding.actcapture import stored_rows
+    from onnxflex.rounding.methods import reconstructs
+
+    rounding = refined.config.rounding
+    learns = reconstructs(rounding.method) and rounding.iters > 0
+    return stored_rows(refined.plan, observers, recon.num_samples, learns, fixed_batch(refined.plan.model))
 
 
 def act_observers(refined: Refined, recon: CalibrationSet, batch: int = 1):

@@ -78,3 +78,20 @@ def run_order(block: Block, model: onnx.ModelProto) -> list[str]:
     made = {o: i for i, n in enumerate(model.graph.node) if n.name in set(block.nodes) for o in n.output}
     inputs = [p for p in block.act_points if p in block.inputs]
     return inputs + sorted((p for p in block.act_points if p not in block.inputs), key=lambda p: made.get(p, -1))
+
+
+def stored_rows(plan: BlockPlan, observers: CaptureObservers | None, num_samples: int, learns: bool,
+                fixed: int | None) -> dict[str, int]:
+    """Boundary tensor → the FP rows capture stores of it: where no block learns (``learns`` False: rtn,
+    hqq, 0 steps) the quantized path runs on the first reconstruct.UNLEARNED_LOSS_SAMPLES samples (at
+    least one batch of ``fixed``, the model's fixed batch) and reads no more FP rows, except the inputs
+    of a block that calibrates in torch (``observers`` holds none of its ranges), which reads them all.
+    A tensor left out keeps every row."""
+    from onnxflex.rounding import reconstruct
+
+    if learns:
+        return {}
+    few = min(num_samples, max(reconstruct.UNLEARNED_LOSS_SAMPLES, fixed or 1))
+    every = {t for i, b in enumerate(plan.blocks) if observers is None or observers.of(i) is None
+             for t in b.inputs}
+    return {t: few for b in plan.blocks for t in b.inputs + b.outputs if t not in every}

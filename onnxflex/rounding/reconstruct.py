@@ -64,7 +64,8 @@ class BlockResult:
 
 class BlockData:
     """A block's tensors on the compute device: FP inputs, FP targets and quantized-path inputs, samples
-    on dim 0 (a shared tensor is a Shared value that every batch sees whole). ``run`` calls a block
+    on dim 0 (a shared tensor is a Shared value that every batch sees whole); on the CPU the cache's
+    own arrays, not copies (nothing writes into a block's tensors; the cache replaces an entry whole). ``run`` calls a block
     module in the model's layout (``layout``: the cache's batch axes) and returns sample-major outputs."""
 
     def __init__(self, block: Block, cache: TensorCache, device: torch.device) -> None:
@@ -72,10 +73,10 @@ class BlockData:
 
         def load(name, array):
             if self.layout.shared(name):
-                return Shared(torch.from_numpy(np.array(array)).to(device))
+                return Shared(torch.from_numpy(np.asarray(array)).to(device))
             if isinstance(array, DiskArray):  # spilled: read batch by batch, RAM stays bounded
                 return RowReader(array, device)
-            return torch.from_numpy(np.array(array)).to(device)
+            return torch.from_numpy(np.asarray(array)).to(device)
 
         fp_inputs = cache.fp_inputs(block)
         self.fp_inputs = {n: load(n, a) for n, a in fp_inputs.items()}
