@@ -91,14 +91,20 @@ class PointValues:
             flat = flat.astype(np.float32)
         if not flat.size:
             return
-        lo, hi = float(flat.min()), float(flat.max())
-        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self.sizes.setdefault(name, flat.size)
         bound = self.batches * sum(self.sizes.values())  # the first batch is the largest
         self.count += flat.size
-        for tails, sign, extreme in ((self.positive, 1, hi), (self.negative, -1, lo)):
-            magnitudes, count = _side(flat, sign, extreme, tails.floor(bound), tail_length(bound) + 1)
+        for tails, sign in ((self.positive, 1), (self.negative, -1)):
+            if not tails.top.size:  # no value on this side yet: the batch's extreme says if it has one
+                extreme = float(flat.max() if sign > 0 else flat.min())
+                self.hi, self.lo = (max(self.hi, extreme), self.lo) if sign > 0 else (self.hi, min(self.lo, extreme))
+                if sign * extreme <= 0:  # none (a Relu's negative side): one reduction, no mask
+                    continue
+            magnitudes, count = _side(flat, sign, tails.floor(bound), tail_length(bound) + 1)
             tails.add(magnitudes, bound, count)
+        # a side's largest magnitude is never displaced from its tails: once it has values, its extreme
+        self.hi = float(self.positive.top[0]) if self.positive.top.size else self.hi
+        self.lo = -float(self.negative.top[0]) if self.negative.top.size else self.lo
         if self.keep_sample:
             self.samples.setdefault(name, []).append(_thinned(torch.from_numpy(flat), rows, samples, gen))
 
@@ -124,15 +130,17 @@ class PointValues:
         return sample_values(torch.cat([s for n in names for s in self.samples[n]]), gen)
 
 
-def _side(flat: np.ndarray, sign: int, extreme: float, floor: float, keep: int) -> tuple[np.ndarray, int]:
+def _side(flat: np.ndarray, sign: int, floor: float, keep: int) -> tuple[np.ndarray, int]:
     """(magnitudes of the values of ``flat`` on side ``sign`` (1: > 0, -1: < 0) beyond ``floor`` (≥ 0)
-    in magnitude, the number of values on that side). ``extreme``: the batch's max (side 1) or min
-    (side -1); when it is not beyond ``floor`` no value is, and none is gathered. Of more than ``keep``
-    candidates only the ``keep`` largest are returned (the others cannot be kept)."""
-    count = int(np.count_nonzero(flat > 0 if sign > 0 else flat < 0))
-    if not count or sign * extreme <= floor:
+    in magnitude, the number of values on that side). Of more than ``keep`` candidates only the
+    ``keep`` largest are returned (the others cannot be kept)."""
+    side = flat > 0 if sign > 0 else flat < 0
+    count = int(np.count_nonzero(side))
+    if not count:
         return flat[:0], count
-    picked = flat[flat > floor] if sign > 0 else -flat[flat < -floor]
+    if floor:  # a full side: only the few values beyond its smallest kept one
+        side = flat > floor if sign > 0 else flat < -floor
+    picked = flat[side] if sign > 0 else -flat[side]
     return (_largest(picked, keep) if picked.size > keep else picked), count
 
 
