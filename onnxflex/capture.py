@@ -35,8 +35,10 @@ def capture(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, ca
     sess = session(probed, providers)
     fixed = fixed_batch(model)
     names = list(probes)
-    layout = tensor_layout(sess, names, data, fixed)
     stored = set(tensors)
+    # an observed act point may fold the samples into another axis (a Reshape to [N*6, 4]): its range
+    # does not need them, so it counts as shared; a stored tensor must carry them
+    layout = tensor_layout(sess, names, data, fixed, folded_as_shared={n for n in names if n not in stored})
     cache.record(Layout({k: v for k, v in layout.axes.items() if k in stored}), data.num_samples)
     n, start = data.num_samples, 0
     for feeds in data.batches(fixed or batch):

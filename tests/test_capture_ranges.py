@@ -134,3 +134,19 @@ def test_a_converter_refusing_at_run_time_still_sends_the_block_to_onnxruntime(m
     runtimes = {b["name"]: b["runtime"] for b in result.report["blocks"]}
     assert refused and runtimes[refused[0]] == "onnxruntime", (refused, runtimes)
     assert ran == [], f"blocks calibrated by a torch run: {ran}"
+
+
+def test_a_point_folding_the_samples_into_another_axis_is_observed_in_capture(monkeypatch):
+    """x[N, 6, 4] → Reshape to [N·6, 4] → Gemm: the Gemm's input point carries no sample axis, which a
+    stored tensor must (capture refuses one), but its range needs none: it is observed in the capture
+    run, and its step equals the torch run's."""
+    from test_budget import _reshape_from_shape_model
+
+    x = np.random.default_rng(4).standard_normal((40, 6, 4)).astype(np.float32)
+    config = onnxflex.QuantConfig(method="rtn", verify_samples=0)
+    captured, everything, in_torch = both_ways(monkeypatch, _reshape_from_shape_model(), {"x": x}, config)
+    assert in_torch == [], f"blocks calibrated by a torch run: {in_torch}"
+    ours, theirs = act_steps(captured.model), act_steps(everything.model)
+    assert "flat" in ours and ours.keys() == theirs.keys(), (sorted(ours), sorted(theirs))
+    for name, (s, z) in ours.items():
+        assert s == pytest.approx(theirs[name][0], rel=1e-5) and abs(z - theirs[name][1]) <= 1, name
