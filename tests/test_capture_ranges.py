@@ -150,3 +150,18 @@ def test_a_point_folding_the_samples_into_another_axis_is_observed_in_capture(mo
     assert "flat" in ours and ours.keys() == theirs.keys(), (sorted(ours), sorted(theirs))
     for name, (s, z) in ours.items():
         assert s == pytest.approx(theirs[name][0], rel=1e-5) and abs(z - theirs[name][1]) <= 1, name
+
+
+def test_points_sharing_a_concat_step_pool_in_the_capture_run(monkeypatch):
+    """TensorRT ties the steps of a Concat's inputs: the tied points pool their values in the capture run
+    as their one quantizer does, no block calibrates in torch, and every step equals the torch run's."""
+    from test_tensorrt import two_branch_concat
+
+    model = two_branch_concat()
+    config = onnxflex.QuantConfig(method="rtn", target="tensorrt", verify_samples=0)
+    captured, everything, in_torch = both_ways(monkeypatch, model, graphs.random_calibration(model, 96, 2), config)
+    assert in_torch == [], f"blocks calibrated by a torch run: {in_torch}"
+    ours, theirs = act_steps(captured.model), act_steps(everything.model)
+    assert ours["a"] == ours["b"] and ours.keys() == theirs.keys(), (ours, theirs)
+    for name, (s, z) in ours.items():
+        assert s == pytest.approx(theirs[name][0], rel=1e-5) and z == theirs[name][1], name
