@@ -6,6 +6,7 @@ import onnx
 
 from onnxflex.cache import Key, TensorCache, batch_within
 from onnxflex.calib import CalibrationSet, fixed_batch
+from onnxflex.layout import Layout
 from onnxflex.ort import session
 from onnxflex.probes import tensor_layout, with_probes
 
@@ -22,21 +23,36 @@ def capture_batch(per_sample: int, max_bytes: int) -> int:
 
 
 def capture(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, cache: TensorCache,
-            providers: list[str], batch: int = CAPTURE_BATCH, progress=None) -> None:
+            providers: list[str], batch: int = CAPTURE_BATCH, progress=None, observers=None,
+            rows: dict[str, int] | None = None) -> None:
     """Run ``model`` over ``data`` and store each tensor in ``cache`` as its FP run (``Key.fp(name)``),
-    samples on dim 0 (a shared tensor once); records each tensor's batch axis in ``cache.layout``."""
-    probed, probes = with_probes(model, tensors)
+    samples on dim 0 (a shared tensor once), of a tensor in ``rows`` its first that many samples only;
+    records each tensor's batch axis in ``cache.layout``.
+    ``observers`` (rounding/actcapture.CaptureObservers, or None) also gets each batch's values of its
+    ``tensors`` (act points, outputs of the same run), which the cache does not store."""
+    observed = list(observers.tensors) if observers is not None else []
+    probed, probes = with_probes(model, list(dict.fromkeys(tensors + observed)))
     sess = session(probed, providers)
     fixed = fixed_batch(model)
     names = list(probes)
-    layout = tensor_layout(sess, names, data, fixed)
-    cache.record(layout, data.num_samples)
+    stored = set(tensors)
+    # an observed act point may fold the samples into another axis (a Reshape to [N*6, 4]): its range
+    # does not need them, so it counts as shared; a stored tensor must carry them
+    layout = tensor_layout(sess, names, data, fixed, folded_as_shared={n for n in names if n not in stored})
+    cache.record(Layout({k: v for k, v in layout.axes.items() if k in stored}), data.num_samples)
     n, start = data.num_samples, 0
     for feeds in data.batches(fixed or batch):
-        outs = sess.run(names, feeds)
-        for out_name, value in zip(names, outs):
-            name = probes[out_name]
-            cache.write(Key.fp(name), start, layout.to_samples(name, value))
+        values = {probes[out_name]: value for out_name, value in zip(names, sess.run(names, feeds))}
+        if observers is not None:
+            observers.observe(values, layout, n)
+        for name in tensors:
+            limit = n if rows is None else rows.get(name, n)
+            value = layout.to_samples(name, values[name])
+            if layout.shared(name) or limit == n:
+                cache.write(Key.fp(name), start, value)
+            elif start < limit:
+                cache.write(Key.fp(name), start, value[:limit - start], total=limit)
+        del values
         start += min(fixed or batch, n - start)
         if progress is not None:
             progress(start, n)

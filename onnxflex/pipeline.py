@@ -92,7 +92,7 @@ def run_pipeline(model: Any, calibration: Any, config: QuantConfig, progress: Pr
     with closing(TensorCache(refined.config.capture.max_cache_mb << 20)) as cache:
         captured = capture_fp32(original, refined, samples, cache, device, progress)
         budget = step_budget(refined, samples, device, cache)
-        reconstructed = reconstruct_blocks(refined, cache, checkpoint, device, progress, budget)
+        reconstructed = reconstruct_blocks(refined, cache, checkpoint, device, progress, budget, captured.observers)
     emitted = emit_model(refined, reconstructed)
     verified = verify_model(emitted, refined, reconstructed, captured, samples, device, original)
     return PipelineResult(samples, refined, captured, reconstructed, emitted, verified, prepared)

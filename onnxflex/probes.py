@@ -6,6 +6,8 @@ fallback block, and the refiners that need per-channel ranges (LayerNorm folding
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import onnx
 
@@ -53,13 +55,13 @@ def channel_ranges(model: onnx.ModelProto, tensors: list[str], data: Calibration
 
 
 def tensor_layout(sess, names: list[str], data: CalibrationSet, fixed: int | None, *,
-                  folded_as_shared: bool = False) -> Layout:
+                  folded_as_shared: bool | Collection[str] = False) -> Layout:
     """The batch axis of each of ``sess``'s outputs ``names``: the axis whose length follows the batch
     between runs on 1 and 2 samples of ``data`` (on ``fixed`` samples when the model fixes its batch;
     one run when ``data`` has one sample); a tensor with none is shared. Raises UnsupportedModelError
     for a tensor whose shape changes with the batch on no single axis (samples folded into another),
-    unless ``folded_as_shared`` (statistics over whole batches, as compare takes them): then it counts
-    as shared too."""
+    unless ``folded_as_shared`` (statistics over whole batches, as compare takes them; a collection:
+    for the tensors in it): then it counts as shared too."""
     sizes = [fixed] if fixed else [1, 2] if data.num_samples >= 2 else [1]
     shapes: dict[str, dict[int, tuple[int, ...]]] = {name: {} for name in names}
     for size in sizes:
@@ -68,7 +70,8 @@ def tensor_layout(sess, names: list[str], data: CalibrationSet, fixed: int | Non
     axes = {}
     for name, by_size in shapes.items():
         axis = follows_batch(by_size)
-        if axis == "varies" and folded_as_shared:
+        lenient = folded_as_shared if isinstance(folded_as_shared, bool) else name in folded_as_shared
+        if axis == "varies" and lenient:
             axis = None
         elif axis == "varies":
             raise UnsupportedModelError(

@@ -116,32 +116,63 @@ def open_checkpoint(refined: Refined, samples: Samples):
 @dataclass(frozen=True)
 class Captured:
     """The capture stage's record: the layout (batch axis per tensor) of the captured tensors, now in
-    the cache, and the FP32 model's outputs on the held-out samples (empty without any)."""
+    the cache, the FP32 model's outputs on the held-out samples (empty without any), and the act
+    points' observations of the capture run (rounding/actcapture.CaptureObservers, or None)."""
 
     layout: Layout
     reference: dict[str, np.ndarray]
     seconds: float
     reference_seconds: float
+    observers: Any = None
 
 
 def capture_fp32(original: onnx.ModelProto, refined: Refined, samples: Samples, cache: TensorCache,
                  device: Device, progress: Progress) -> Captured:
     """Runs the refined plan's model over the reconstruction samples with every block boundary probed
-    (into ``cache``, which this mutates), then the FP32 model over the held-out ones."""
+    (into ``cache``, which this mutates), the act points of the blocks it can observe probed too (their
+    ranges: rounding/actcapture.py), then the FP32 model over the held-out ones."""
     t = time.perf_counter()
     boundary = boundary_tensors(refined.plan)
     recon = samples.recon
     progress.start(recon.num_samples, "capture")
-    per_sample = sum(tensor_bytes(refined.plan.model, boundary, recon).values())
+    observers = act_observers(refined, recon)
+    probed = boundary + (observers.tensors if observers is not None else [])
+    per_sample = sum(tensor_bytes(refined.plan.model, list(dict.fromkeys(probed)), recon).values())
     batch = capture_batch(per_sample, refined.config.capture.max_cache_mb * MIB)
-    capture(refined.plan.model, boundary, recon, cache, device.providers, batch=batch, progress=progress.update)
+    if observers is not None:
+        observers = act_observers(refined, recon, batch)
+    capture(refined.plan.model, boundary, recon, cache, device.providers, batch=batch, progress=progress.update,
+            observers=observers, rows=stored_rows(refined, recon, observers))
     layout = cache.layout
     progress.finish(f"captured {len(boundary)} tensors over {recon.num_samples} samples"
                     + (" (spilled to disk)" if cache.spilled else ""))
     seconds = _lap(t)
     t = time.perf_counter()
     reference = fp_reference(original, samples.held, device.providers, layout)
-    return Captured(layout, reference, seconds, _lap(t))
+    return Captured(layout, reference, seconds, _lap(t), observers)
+
+
+def stored_rows(refined: Refined, recon: CalibrationSet, observers) -> dict[str, int]:
+    """rounding/actcapture.stored_rows for this run: fewer FP rows where no block learns."""
+    from onnxflex.rounding.actcapture import stored_rows
+    from onnxflex.rounding.methods import reconstructs
+
+    rounding = refined.config.rounding
+    learns = reconstructs(rounding.method) and rounding.iters > 0
+    return stored_rows(refined.plan, observers, recon.num_samples, learns, fixed_batch(refined.plan.model))
+
+
+def act_observers(refined: Refined, recon: CalibrationSet, batch: int = 1):
+    """The capture run's act point observers (rounding/actcapture.CaptureObservers) for runs of
+    ``batch`` samples (the model's fixed batch where it has one), or None: activations stay float, or
+    the MSE search draws its samples from the torch run."""
+    if not refined.config.rounding.abits or refined.config.rounding.act_scale == "mse":
+        return None
+    from onnxflex.rounding.actcapture import CaptureObservers
+
+    size = fixed_batch(refined.plan.model) or batch
+    target = get_target(refined.config.plan.target)
+    return CaptureObservers(refined.plan, target.shared_concat_scales, -(-recon.num_samples // size))
 
 
 def fp_reference(original: onnx.ModelProto, held: CalibrationSet, providers, layout) -> dict:
@@ -179,9 +210,10 @@ class Reconstructed:
 
 
 def reconstruct_blocks(refined: Refined, cache: TensorCache, checkpoint, device: Device,
-                       progress: Progress, budget=None) -> Reconstructed:
+                       progress: Progress, budget=None, observers=None) -> Reconstructed:
     """rounding/reconstruct.reconstruct over the refined plan, reading (and adding to) ``cache``, each
-    block's steps from ``budget`` (budget.StepBudget; None: the config's iterations)."""
+    block's steps from ``budget`` (budget.StepBudget; None: the config's iterations), the act ranges
+    of the blocks ``observers`` (Captured.observers) holds from the capture run."""
     import torch
 
     from onnxflex.rounding.reconstruct import reconstruct
@@ -191,7 +223,8 @@ def reconstruct_blocks(refined: Refined, cache: TensorCache, checkpoint, device:
     target = get_target(refined.config.plan.target)
     state = QuantState()
     results, modules = reconstruct(refined.plan, cache, state, target, refined.config.rounding,
-                                   torch.device(device.torch_device), progress, device.providers, checkpoint, budget)
+                                   torch.device(device.torch_device), progress, device.providers, checkpoint, budget,
+                                   observers)
     seconds = _lap(t)
     return Reconstructed(tuple(results), tuple(modules), state.export(target.act_dtype), seconds, budget)
 

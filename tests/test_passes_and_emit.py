@@ -145,3 +145,24 @@ def test_mapped_packages_refuse_their_directory_names(tmp_path):
 def test_cuda_device_quantizes_the_cnn():
     result = onnxflex.quantize(CNN, config=QuantConfig(device="cuda", iters=20), progress=False)
     assert result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["logits"] >= 30
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                   np.uint16, np.uint32, np.uint64, np.bool_, np.float16])
+@pytest.mark.parametrize("shape", [(), (0,), (3, 2)])
+def test_a_constant_value_reads_as_the_reference_evaluator_gives_it(dtype, shape):
+    """canonicalize turns Constant nodes into initializers: a plain-typed value read directly is the
+    array the reference evaluator gives, stored raw or in the typed fields; float16 goes through the
+    evaluator itself."""
+    from onnx.reference import ReferenceEvaluator
+
+    from onnxflex.passes.canonicalize import _constant_value
+
+    array = (np.arange(int(np.prod(shape))) - 2).reshape(shape).astype(dtype)
+    stored = [numpy_helper.from_array(array, "v"),
+              helper.make_tensor("v", helper.np_dtype_to_tensor_dtype(array.dtype), shape, array.reshape(-1).tolist())]
+    for tensor in stored:
+        node = helper.make_node("Constant", [], ["c"], value=tensor)
+        ours, reference = _constant_value(node), ReferenceEvaluator(node).run(None, {})[0]
+        assert ours.dtype == reference.dtype and ours.shape == reference.shape, (ours.dtype, reference.dtype)
+        np.testing.assert_array_equal(ours, reference)

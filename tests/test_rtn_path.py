@@ -50,18 +50,39 @@ def images(seed: int = 0) -> dict[str, np.ndarray]:
     return {"x": x + np.linspace(-0.3, 0.3, CALIB, dtype=np.float32)[:, None, None, None]}
 
 
-def q_rows(monkeypatch) -> list[int]:
-    """Spies on TensorCache.write: the rows of every q: entry allocated from then on."""
+def q_rows(monkeypatch, run: Run = Run.Q) -> list[int]:
+    """Spies on TensorCache.write: the rows of every entry of ``run`` allocated from then on."""
     rows: list[int] = []
     write = TensorCache.write
 
     def spy(self, key, start, values, total=None):
-        if key.run is Run.Q and start == 0 and not self.layout.shared(key.tensor):
+        if key.run is run and start == 0 and not self.layout.shared(key.tensor):
             rows.append(self.num_samples if total is None else total)
         return write(self, key, start, values, total)
 
     monkeypatch.setattr(TensorCache, "write", spy)
     return rows
+
+
+def test_an_unlearned_capture_stores_all_rows_only_for_a_block_calibrated_in_torch(monkeypatch):
+    """rtn: the FP capture stores 8 rows of every boundary tensor except the inputs of the If block (its
+    act ranges come from its torch run over every sample); with the constant above the sample count it
+    stores them all, and the emitted bytes are the same."""
+    from onnxflex.pipeline import build_plan
+    from onnxflex.options import resolve
+
+    rows = q_rows(monkeypatch, Run.FP)
+    few = quantized("rtn")
+    samples = few.report["calibration"]["reconstruction_samples"]
+    plan = build_plan(branchy_model(), resolve(onnxflex.QuantConfig(method="rtn", latency_rules=False)).plan)
+    ops = {n.name: n.op_type for n in plan.model.graph.node}
+    full = {t for b in plan.blocks if any(ops[n] == "If" for n in b.nodes) for t in b.inputs}
+    assert full and sorted(rows) == sorted([samples] * len(full) + [8] * (len(rows) - len(full))), (rows, full)
+    rows.clear()
+    monkeypatch.setattr(reconstruct, "UNLEARNED_LOSS_SAMPLES", 10 ** 6)
+    every = quantized("rtn")
+    assert set(rows) == {samples}, rows
+    assert few.model.SerializeToString() == every.model.SerializeToString(), "the emitted bytes differ"
 
 
 def quantized(method: str, **options) -> onnxflex.QuantResult:
@@ -99,9 +120,10 @@ def test_the_report_says_the_losses_are_on_8_samples():
 
 def test_a_learned_method_runs_the_quantized_path_on_every_sample(monkeypatch):
     rows = q_rows(monkeypatch)
+    fp_rows = q_rows(monkeypatch, Run.FP)
     report = quantized("flexround", iters=4, batch_size=8).report
     samples = report["calibration"]["reconstruction_samples"]
-    assert set(rows) == {samples}, rows
+    assert set(rows) == {samples} == set(fp_rows), (rows, fp_rows)
     assert {b["loss_samples"] for b in report["blocks"]} == {samples}, report["blocks"]
     assert "block losses on" not in summary(report)
 

@@ -17,9 +17,13 @@ count times the number of batches). Points that share one quantizer (Concat inpu
 ties their scales) pool their values; their tails are sized by the points seen so far, so a point's
 first batch can be cut shorter than the pooled rank needs and the range then ends at most that far
 inside the pooled percentile.
+
+Values arrive as numpy arrays (onnxruntime's outputs in the capture run, or a torch block's tensors on
+the CPU) and are observed with numpy: a few passes over each batch, and small sorts of the candidates.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from onnxflex.rounding.activation import MAX_SEARCH_VALUES, sample_values
@@ -34,37 +38,36 @@ def tail_length(count: int) -> int:
 
 
 class Tails:
-    """The largest magnitudes of one side of a stream of values (a 1-D float tensor each time)."""
+    """The largest magnitudes of one side of a stream of values (a 1-D float32 array each time)."""
 
     def __init__(self) -> None:
-        self.top = torch.empty(0)  # sorted, largest first
+        self.top = np.empty(0, np.float32)  # sorted, largest first
         self.count = 0
 
     def floor(self, bound: int) -> float:
         """The magnitude a new value must exceed to change what is kept: the smallest kept one once the
         tails hold all the ``tail_length(bound) + 1`` values that ``bound`` needs, else 0."""
-        if self.top.numel() and self.top.numel() >= tail_length(bound) + 1:
+        if self.top.size and self.top.size >= tail_length(bound) + 1:
             return float(self.top[-1])
         return 0.0
 
-    def add(self, magnitudes: torch.Tensor, bound: int, count: int | None = None) -> None:
-        """Mutates: counts ``count`` new values (default: ``magnitudes.numel()``) and keeps the
+    def add(self, magnitudes: np.ndarray, bound: int, count: int | None = None) -> None:
+        """Mutates: counts ``count`` new values (default: ``magnitudes.size``) and keeps the
         ``tail_length(bound) + 1`` largest of what was kept and ``magnitudes`` (> 0). ``magnitudes`` may
         leave out the new values not above ``floor(bound)``: none of them can displace a kept value
         (one equal to the smallest kept adds an equal value), so what is kept is the same multiset."""
-        self.count += magnitudes.numel() if count is None else count
-        if not magnitudes.numel():
+        self.count += magnitudes.size if count is None else count
+        if not magnitudes.size:
             return
-        both = torch.cat([self.top, magnitudes.float()])
-        keep = min(tail_length(bound) + 1, both.numel())
-        self.top = torch.topk(both, keep, sorted=True).values
+        keep = min(tail_length(bound) + 1, self.top.size + magnitudes.size)
+        self.top = _largest(np.concatenate([self.top, magnitudes.astype(np.float32, copy=False)]), keep)
 
     def percentile(self, count: int | None = None) -> float:
         """The p-th percentile of the side's ``count`` values (default: its own count); 0 when empty."""
         count = self.count if count is None else count
-        if count == 0 or not self.top.numel():
+        if count == 0 or not self.top.size:
             return 0.0
-        return float(self.top[min(tail_length(count), self.top.numel() - 1)])
+        return float(self.top[min(tail_length(count), self.top.size - 1)])
 
 
 class PointValues:
@@ -79,19 +82,31 @@ class PointValues:
         self.sizes: dict[str, int] = {}  # per act point: its first batch's value count
         self.samples: dict[str, list[torch.Tensor]] = {}
 
-    def add(self, name: str, flat: torch.Tensor, rows: int, samples: int, gen: torch.Generator) -> None:
-        """``flat``: one batch's values of act point ``name`` on the CPU, ``rows`` of the ``samples``
-        calibration samples (for a shared tensor: 1 of 1)."""
-        lo, hi = (float(v) for v in torch.aminmax(flat))
-        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
-        self.sizes.setdefault(name, flat.numel())
+    def add(self, name: str, flat, rows: int, samples: int, gen: torch.Generator) -> None:
+        """``flat``: one batch's values of act point ``name`` (a 1-D numpy array, or a CPU tensor, which
+        is read without a copy), ``rows`` of the ``samples`` calibration samples (for a shared tensor:
+        1 of 1)."""
+        flat = np.asarray(flat).reshape(-1)
+        if flat.dtype != np.float32:
+            flat = flat.astype(np.float32)
+        if not flat.size:
+            return
+        self.sizes.setdefault(name, flat.size)
         bound = self.batches * sum(self.sizes.values())  # the first batch is the largest
-        self.count += flat.numel()
-        for tails, sign, extreme in ((self.positive, 1, hi), (self.negative, -1, lo)):
-            magnitudes, count = _side(flat, sign, extreme, tails.floor(bound))
+        self.count += flat.size
+        for tails, sign in ((self.positive, 1), (self.negative, -1)):
+            if not tails.top.size:  # no value on this side yet: the batch's extreme says if it has one
+                extreme = float(flat.max() if sign > 0 else flat.min())
+                self.hi, self.lo = (max(self.hi, extreme), self.lo) if sign > 0 else (self.hi, min(self.lo, extreme))
+                if sign * extreme <= 0:  # none (a Relu's negative side): one reduction, no mask
+                    continue
+            magnitudes, count = _side(flat, sign, tails.floor(bound), tail_length(bound) + 1)
             tails.add(magnitudes, bound, count)
+        # a side's largest magnitude is never displaced from its tails: once it has values, its extreme
+        self.hi = float(self.positive.top[0]) if self.positive.top.size else self.hi
+        self.lo = -float(self.negative.top[0]) if self.negative.top.size else self.lo
         if self.keep_sample:
-            self.samples.setdefault(name, []).append(_thinned(flat, rows, samples, gen))
+            self.samples.setdefault(name, []).append(_thinned(torch.from_numpy(flat), rows, samples, gen))
 
     def percentile_range(self, signed: bool) -> tuple[float, float]:
         """(lo, hi) as the module docstring defines them."""
@@ -115,25 +130,32 @@ class PointValues:
         return sample_values(torch.cat([s for n in names for s in self.samples[n]]), gen)
 
 
-def _side(flat: torch.Tensor, sign: int, extreme: float, floor: float) -> tuple[torch.Tensor, int]:
-    """(the magnitudes of the values of ``flat`` on side ``sign`` (1: > 0, -1: < 0) beyond ``floor``
-    (≥ 0) in magnitude, the number of values on that side). ``extreme``: the batch's max (side 1) or
-    min (side -1); when it is not beyond ``floor`` no value is, and none is gathered."""
+def _side(flat: np.ndarray, sign: int, floor: float, keep: int) -> tuple[np.ndarray, int]:
+    """(magnitudes of the values of ``flat`` on side ``sign`` (1: > 0, -1: < 0) beyond ``floor`` (≥ 0)
+    in magnitude, the number of values on that side). Of more than ``keep`` candidates only the
+    ``keep`` largest are returned (the others cannot be kept)."""
     side = flat > 0 if sign > 0 else flat < 0
-    count = int(torch.count_nonzero(side))
-    if not count or sign * extreme <= floor:
-        return flat.new_empty(0), count
+    count = int(np.count_nonzero(side))
+    if not count:
+        return flat[:0], count
     if floor:  # a full side: only the few values beyond its smallest kept one
         side = flat > floor if sign > 0 else flat < -floor
-    picked = flat[side]
-    return (picked if sign > 0 else -picked), count
+    picked = flat[side] if sign > 0 else -flat[side]
+    return (_largest(picked, keep) if picked.size > keep else picked), count
+
+
+def _largest(values: np.ndarray, keep: int) -> np.ndarray:
+    """The ``keep`` largest of ``values`` (1-D), sorted largest first."""
+    if keep < values.size:
+        values = np.partition(values, values.size - keep)[values.size - keep:]
+    return np.sort(values)[::-1]
 
 
 def _merged_percentile(a: Tails, b: Tails, count: int) -> float:
-    both = torch.sort(torch.cat([a.top, b.top]), descending=True).values
-    if count == 0 or not both.numel():
+    both = np.sort(np.concatenate([a.top, b.top]))[::-1]
+    if count == 0 or not both.size:
         return 0.0
-    return float(both[min(tail_length(count), both.numel() - 1)])
+    return float(both[min(tail_length(count), both.size - 1)])
 
 
 def _thinned(flat: torch.Tensor, batch: int, samples: int, gen: torch.Generator) -> torch.Tensor:

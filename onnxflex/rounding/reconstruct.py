@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from onnxflex.blocks import Block, BlockPlan
-from onnxflex.calib import CalibrationSet
+from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.cache import DiskArray, Key, TensorCache, batch_within
 from onnxflex.checkpoint import Checkpoint
 from onnxflex.device import threads_for, torch_threads
@@ -64,7 +64,8 @@ class BlockResult:
 
 class BlockData:
     """A block's tensors on the compute device: FP inputs, FP targets and quantized-path inputs, samples
-    on dim 0 (a shared tensor is a Shared value that every batch sees whole). ``run`` calls a block
+    on dim 0 (a shared tensor is a Shared value that every batch sees whole); on the CPU the cache's
+    own arrays, not copies (nothing writes into a block's tensors; the cache replaces an entry whole). ``run`` calls a block
     module in the model's layout (``layout``: the cache's batch axes) and returns sample-major outputs."""
 
     def __init__(self, block: Block, cache: TensorCache, device: torch.device) -> None:
@@ -72,10 +73,10 @@ class BlockData:
 
         def load(name, array):
             if self.layout.shared(name):
-                return Shared(torch.from_numpy(np.array(array)).to(device))
+                return Shared(torch.from_numpy(np.asarray(array)).to(device))
             if isinstance(array, DiskArray):  # spilled: read batch by batch, RAM stays bounded
                 return RowReader(array, device)
-            return torch.from_numpy(np.array(array)).to(device)
+            return torch.from_numpy(np.asarray(array)).to(device)
 
         fp_inputs = cache.fp_inputs(block)
         self.fp_inputs = {n: load(n, a) for n, a in fp_inputs.items()}
@@ -201,9 +202,11 @@ def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: Roundi
 
 @torch.no_grad()
 def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed: int,
-                          heads: Container[str] = ()) -> None:
+                          heads: Container[str] = (), observed: dict[str, PointValues] | None = None) -> list[str]:
     """Initialise each act point's step from the FP block run on FP inputs, by ``config.act_scale``
-    (rounding/actrange.py: what is kept of the values, and the percentile range). A point in ``heads``
+    (rounding/actrange.py: what is kept of the values, and the percentile range); with ``observed``
+    (act point → its quantizer's values from the capture run: rounding/actcapture.py) from those, and
+    the block is not run, unless they do not pool the points as their quantizers do. A point in ``heads``
     (a head's output: BlockPlan.head_points) whose values all lie below 0 gets its range
     mirrored about 0: the calibration data showed one decision only (no speech, no positive class),
     and the unmirrored range would clip the other at the threshold. A point the data
@@ -213,21 +216,9 @@ def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed
     points = [p for p in module.block.all_points if p in acts]
     if not points:
         return []
-    wanted = set(points)
-    size = data.nograd_batch(config.batch_size)
-    batches = -(-data.num_samples // size)
-    pooled = {id(acts[p]): PointValues(batches, keep_sample=config.act_scale == "mse") for p in points}
-    thin = torch.Generator().manual_seed(seed + 1)
-
-    def observe(name, value):
-        if name in wanted:
-            rows = value.shape[data.layout.axis(name)] if not data.layout.shared(name) and value.ndim else 1
-            pooled[id(acts[name])].add(name, value.detach().reshape(-1).cpu(), rows, data.num_samples, thin)
-
-    module.quantize = False
-    for batch in _batches(data.fp_inputs, data.num_samples, size):
-        data.run(module, batch, observe=observe)
-    module.quantize = True
+    pooled = _pooled(acts, points, observed)
+    if pooled is None:
+        pooled = _observed_run(module, data, config, seed, points)
     unseen = [p for p in points if p not in pooled[id(acts[p])].sizes]
     for name in unseen:
         acts[name].enabled = False
@@ -244,6 +235,51 @@ def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed
                      pooled[key].hi)
         _calibrate_point(acts[names[0]], pooled[key], names, config.act_scale, gen, mirror)
     return unseen
+
+
+def _pooled(acts: dict, points: list[str], observed: dict[str, PointValues] | None) -> dict | None:
+    """Quantizer id → the capture run's values of its points, or None (no observations, or ones that do
+    not pool the points as their quantizers do)."""
+    if observed is None or any(p not in observed for p in points):
+        return None
+    pairs = {(id(acts[p]), id(observed[p])) for p in points}  # one to one, or the pooling differs
+    if len(pairs) != len({q for q, _ in pairs}) or len(pairs) != len({v for _, v in pairs}):
+        return None
+    return {id(acts[p]): observed[p] for p in points}
+
+
+@torch.no_grad()
+def probe_run(module, data: BlockData, size: int) -> None:
+    """The FP block on its first ``size`` samples, for what a converter refuses only when it runs (an
+    attribute it does not support raises NotImplementedError): a block whose act ranges come from the
+    capture run is not otherwise run before it learns."""
+    module.quantize = False
+    try:
+        data.run(module, next(_batches(data.fp_inputs, data.num_samples, size)))
+    finally:
+        module.quantize = True
+
+
+def _observed_run(module, data: BlockData, config: RoundingOptions, seed: int, points: list[str]) -> dict:
+    """Quantizer id → its points' values (PointValues) from the FP block run on FP inputs over every sample."""
+    acts = module.state.acts
+    wanted = set(points)
+    size = data.nograd_batch(config.batch_size)
+    batches = -(-data.num_samples // size)
+    pooled = {id(acts[p]): PointValues(batches, keep_sample=config.act_scale == "mse") for p in points}
+    thin = torch.Generator().manual_seed(seed + 1)
+
+    def observe(name, value):
+        if name in wanted:
+            rows = value.shape[data.layout.axis(name)] if not data.layout.shared(name) and value.ndim else 1
+            flat = value.detach().reshape(-1).float().cpu().numpy()
+            pooled[id(acts[name])].add(name, flat, rows, data.num_samples, thin)
+
+    module.quantize = False
+    for batch in _batches(data.fp_inputs, data.num_samples, size):
+        data.run(module, batch, observe=observe)
+    module.quantize = True
+    return pooled
 
 
 def _calibrate_point(act: ActQuantizer, values: PointValues, names: list[str], search: str,
@@ -414,13 +450,13 @@ def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: 
 @reused_pages()  # calibration and quantized-output runs reuse freed pages too, not only the learning steps
 def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: RoundingOptions,
                 device: torch.device, progress: Progress, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                checkpoint: Checkpoint | None = None, budget=None) -> tuple[list[BlockResult], list]:
+                checkpoint: Checkpoint | None = None, budget=None, observers=None) -> tuple[list[BlockResult], list]:
     """The block loop. Mutates ``state`` (adds and trains quantizers) and ``cache`` (adds q: tensors);
     returns each block's result and its frozen module (a BlockModule, or an OrtBlock for blocks with
     ops the torch side cannot express). With ``checkpoint``, blocks saved there are restored instead
     of learned, and each newly finished block is saved. ``budget`` (budget.StepBudget, or None: every
     block ``config.iters``) gives each block's steps."""
-    runner = BlockRunner(plan, cache, state, target, config, device, providers, budget)
+    runner = BlockRunner(plan, cache, state, target, config, device, providers, budget, observers)
     if checkpoint is not None:
         runner = CheckpointedRunner(runner, checkpoint)
     results, modules = [], []
@@ -442,9 +478,11 @@ class BlockRunner:
     """
 
     def __init__(self, plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target,
-                 config: RoundingOptions, device: torch.device, providers: tuple[str, ...], budget=None) -> None:
+                 config: RoundingOptions, device: torch.device, providers: tuple[str, ...], budget=None,
+                 observers=None) -> None:
         self.plan, self.cache, self.state, self.target = plan, cache, state, target
         self.config, self.device, self.providers, self.budget = config, device, providers, budget
+        self.observers = observers  # rounding/actcapture.CaptureObservers: act ranges from the capture run
         self.sizes = _initializer_sizes(plan.model)
         learned = reconstructs(config.method)
         # a block learns on its inputs' q: rows of every sample; after the last block that learns, the
@@ -477,7 +515,7 @@ class BlockRunner:
         started = time.perf_counter()
         with self.loaded(block) as data:
             seed = self.config.seed * 1000 + index
-            module = self.build(block, data, seed)
+            module = self.build(index, block, data, seed)
             iters = self.iters_of(index)
             learns = isinstance(module, BlockModule) and reconstructs(self.config.method) and iters > 0
             progress.start(iters if learns else 0, f"{block.name} ({index + 1}/{len(self.plan.blocks)})")
@@ -513,15 +551,19 @@ class BlockRunner:
         with torch_threads(threads_for(largest, self.device, self.config.threads)):
             yield data
 
-    def build(self, block: Block, data: BlockData, seed: int) -> BlockModule | OrtBlock:
+    def build(self, index: int, block: Block, data: BlockData, seed: int) -> BlockModule | OrtBlock:
         """A calibrated BlockModule, or an OrtBlock with RTN weights when a node has no torch converter
-        (or its converter rejects an attribute)."""
+        (or its converter rejects an attribute); block ``index``'s act ranges from the capture run where
+        ``observers`` holds them."""
+        observed = self.observers.of(index) if self.observers is not None else None
         problem = f"no torch converter for {', '.join(block.unsupported)}" if block.unsupported else ""
         if not problem:
             self._add_quantizers(block, self.config.method)
             module = BlockModule(block, self.plan.model, default_opset(self.plan.model), self.state, self.device)
             try:
-                unseen = calibrate_activations(module, data, self.config, seed, self.plan.head_points)
+                if observed is not None:
+                    probe_run(module, data, fixed_batch(self.plan.model) or 1)
+                unseen = calibrate_activations(module, data, self.config, seed, self.plan.head_points, observed)
                 untaken = keep_untaken_rtn(module, self.plan.model, self.config, self.device)
                 _warn_not_reached(block, unseen, untaken)
                 make_room_for_biases(block, self.state)
@@ -532,7 +574,8 @@ class BlockRunner:
                     "exclude its nodes with --exclude-node to keep them in float instead", block.name, problem)
         self._add_quantizers(block, "rtn")
         module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
-        _warn_not_reached(block, calibrate_activations(module, data, self.config, seed, self.plan.head_points))
+        _warn_not_reached(block, calibrate_activations(module, data, self.config, seed, self.plan.head_points,
+                                                       observed))
         make_room_for_biases(block, self.state)
         return module
 

@@ -1,0 +1,97 @@
+"""Activation ranges observed in the capture run: the act points of a block are extra outputs of the
+onnxruntime FP32 run (capture.py), and each batch's values go to the same per-quantizer observers
+(actrange.PointValues) that calibration would fill from an FP torch run of the block over every
+sample, which the block then no longer needs.
+
+A block keeps the torch run (reconstruct.calibrate_activations) when its act points cannot all be
+observed here: a node with a subgraph (If, Loop, Scan: their inner points, the branches taken and the
+loop counts come from the torch run), a point that is no top-level tensor of the model, or the MSE
+search (its thinned samples are drawn batch by batch of the torch run). onnxruntime and torch compute
+the same float model, so a range moves at most by float rounding between the two.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxflex.blocks import Block, BlockPlan
+from onnxflex.layout import Layout
+from onnxflex.passes.control_flow import subgraphs
+from onnxflex.passes.select import concat_ties
+from onnxflex.rounding.actrange import PointValues
+
+
+def quantizer_keys(block: Block, ties: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Act point of ``block`` → the key of the quantizer it uses (reconstruct.add_block_quantizers):
+    points read by one Concat share one where ``ties`` (passes.select.concat_ties) is given."""
+    return {p: ("concat", ties[p]) if p in ties else ("point", p) for p in block.all_points}
+
+
+def observable(block: Block, nested: set[str], tensors: set[str]) -> bool:
+    """Whether every act point of ``block`` is one of ``tensors`` (the model's top-level ones) and none of
+    its nodes is in ``nested`` (the nodes with a subgraph)."""
+    return not block.inner_points and set(block.act_points) <= tensors and nested.isdisjoint(block.nodes)
+
+
+class CaptureObservers:
+    """The act points of the plan's observable blocks and their observers, filled by ``observe`` batch
+    by batch; ``of(index)`` hands block ``index``'s to calibration (None: it keeps the torch run).
+    Memory: the observers' tails and ranges only, no act tensor is kept."""
+
+    def __init__(self, plan: BlockPlan, shared_concat_scales: bool, batches: int) -> None:
+        model = plan.model
+        ties = concat_ties(model) if shared_concat_scales else {}
+        top = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+        nested = {n.name for n in model.graph.node if next(subgraphs(n), None) is not None}
+        self._blocks: dict[int, dict[str, PointValues]] = {}
+        self._order: list[tuple[str, PointValues]] = []  # each batch's adds, in the torch run's order
+        for index, block in enumerate(plan.blocks):
+            if not block.act_points or not observable(block, nested, top):
+                continue
+            pooled: dict[tuple[str, str], PointValues] = {}
+            points = {p: pooled.setdefault(key, PointValues(batches, keep_sample=False))
+                      for p, key in quantizer_keys(block, ties).items()}
+            self._blocks[index] = points
+            self._order += [(p, points[p]) for p in run_order(block, model)]
+
+    @property
+    def tensors(self) -> list[str]:
+        """The act points to add as outputs of the capture run (each once)."""
+        return list(dict.fromkeys(name for name, _ in self._order))
+
+    def observe(self, values: dict[str, np.ndarray], layout: Layout, samples: int) -> None:
+        """Mutates the observers: adds one capture batch's ``values`` (by tensor name, the model's
+        layout; ``layout`` their batch axes) of the ``samples`` calibration samples."""
+        for name, pooled in self._order:
+            value = values[name]
+            rows = value.shape[layout.axis(name)] if not layout.shared(name) and value.ndim else 1
+            pooled.add(name, value, rows, samples, None)
+
+    def of(self, index: int) -> dict[str, PointValues] | None:
+        """Block ``index``'s act points → their quantizer's observations, or None when it was not observed."""
+        return self._blocks.get(index)
+
+
+def run_order(block: Block, model: onnx.ModelProto) -> list[str]:
+    """The block's act points in the order its torch run meets them: the input points, then the others
+    as the block's nodes make them (the order matters to points pooled in one quantizer: actrange)."""
+    made = {o: i for i, n in enumerate(model.graph.node) if n.name in set(block.nodes) for o in n.output}
+    inputs = [p for p in block.act_points if p in block.inputs]
+    return inputs + sorted((p for p in block.act_points if p not in block.inputs), key=lambda p: made.get(p, -1))
+
+
+def stored_rows(plan: BlockPlan, observers: CaptureObservers | None, num_samples: int, learns: bool,
+                fixed: int | None) -> dict[str, int]:
+    """Boundary tensor → the FP rows capture stores of it: where no block learns (``learns`` False: rtn,
+    hqq, 0 steps) the quantized path runs on the first reconstruct.UNLEARNED_LOSS_SAMPLES samples (at
+    least one batch of ``fixed``, the model's fixed batch) and reads no more FP rows, except the inputs
+    of a block that calibrates in torch (``observers`` holds none of its ranges), which reads them all.
+    A tensor left out keeps every row."""
+    from onnxflex.rounding import reconstruct
+
+    if learns:
+        return {}
+    few = min(num_samples, max(reconstruct.UNLEARNED_LOSS_SAMPLES, fixed or 1))
+    every = {t for i, b in enumerate(plan.blocks) if observers is None or observers.of(i) is None
+             for t in b.inputs}
+    return {t: few for b in plan.blocks for t in b.inputs + b.outputs if t not in every}
