@@ -191,8 +191,9 @@ def format_row(r: dict) -> str:
     changed = f"{int((~r['agree']).sum())} of {len(r['agree'])}"
     note = f" ({r['note']})" if r.get("verified", True) and "note" in r else \
         "" if r.get("verified", True) else " (onnxflex's own verification failed)"
+    cpu = f" (CPU {r['cpu_seconds']:.0f} s)" if "cpu_seconds" in r else ""
     return (f"{head} {format_metric(r['metric'])}{note} | {changed} | {r.get('paired', '')} | {r['sqnr_db']:.1f} | "
-            f"{r['seconds']:.1f} s | {r['peak_rss_mib']:.0f} MiB | {r['latency_ratio']:.2f} | "
+            f"{r['seconds']:.1f} s{cpu} | {r['peak_rss_mib']:.0f} MiB | {r['latency_ratio']:.2f} | "
             f"{r['bytes'] / 2**20:.1f} MiB |")
 
 
