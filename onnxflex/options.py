@@ -12,7 +12,7 @@ reads its own part and nothing else:
     VerifyOptions    the gate on the emitted model
     DataOptions      calibration and synthetic data, and how many samples are held out
 
-Field names are the QuantConfig's, but for PLANNED_FIELDS, which no option sets, and ``step_cap``, which
+Field names are the QuantConfig's, but for PLANNED_FIELDS, which no option sets, and PRESET_FIELDS, which
 the preset alone sets. A value read by two stages is copied into both records
 (``abits``: plan and rounding; ``seed``: rounding and data; ``fix_inputs``: plan and data; ``wbits`` and
 ``layer_bits``: plan and budgets; ``weight_scale``: rounding and budgets); only ``resolve`` builds the
@@ -196,6 +196,7 @@ class DataOptions(_Record):
 
 
 PLANNED_FIELDS = frozenset({"accumulate"})  # record fields a stage sets, not the user: no QuantConfig option
+PRESET_FIELDS = frozenset({"step_cap"})  # record fields resolve takes from the preset alone: no QuantConfig option
 
 _PARTS = {"plan": PlanOptions, "rounding": RoundingOptions, "capture": CaptureOptions, "refine": RefineOptions,
           "budgets": Budgets, "verify": VerifyOptions, "data": DataOptions}
