@@ -56,8 +56,8 @@ OPTION_HELP: dict[str, str] = {
     "target": "runtime the model is emitted for",
     "preset": "speed against quality of learned rounding, for the options left at -1: fast (at most a quarter "
               "of the method's iterations, early stop on a loss plateau, a step budget of one FP pass), default (the "
-              "method's iterations, its learning capped at about 6 minutes of a 2-core CPU: a model whose full "
-              "schedule costs more gets the cap as its step budget), best (2.5x the iterations, batches of 64, no "
+              "method's iterations, its learning capped at 3e12 FLOPs, at most about 8 minutes of a 2-core CPU: a model whose "
+              "full schedule costs more gets the cap as its step budget), best (2.5x the iterations, batches of 64, no "
               "cap); the report gives what it resolved to",
     "iters": "optimisation steps per block; -1: the method's default (400, signround 200) times the "
              "preset's scale (fast 1/4, best 2.5)",

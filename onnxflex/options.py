@@ -51,11 +51,11 @@ class Preset:
 
 
 FAST_STEP_BUDGET = 1.0  # fast: the learning costs about one more FP pass over the samples than RTN
-# default: at most this much learning work (budget.step_cost's FLOPs); the learning loop does about
-# DEFAULT_CAP_RATE of them per second on a 2-core CPU, so the learning of any model takes at most about
-# DEFAULT_STEP_CAP / DEFAULT_CAP_RATE seconds there
-DEFAULT_CAP_RATE = 30e9
-DEFAULT_STEP_CAP = 6 * 60 * DEFAULT_CAP_RATE
+# default: at most this much learning work (budget.step_cost's FLOPs). On an idle 2-core CPU the learning
+# loop did 6.5 GFLOP/s of them on the slowest of the real models (bench/real_models.py: ppocr_det, whose
+# 736x736 activations cost more than their products; 14 on ppocr_rec, 37-45 on the other detectors),
+# so the cap is about 8 minutes of learning there at worst
+DEFAULT_STEP_CAP = 3e12
 
 PRESET_VALUES = {"fast": Preset(iters_scale=0.25, batch_size=32, patience=0.2, step_budget=FAST_STEP_BUDGET),
                  "default": Preset(iters_scale=1.0, batch_size=32, patience=0.0, step_cap=DEFAULT_STEP_CAP),
