@@ -11,7 +11,8 @@ per-channel DequantizeLinear needs the ``axis`` of opset 13 (it writes an invali
 row's note says so. Weights and biases that the model holds as Constant nodes (Paddle exports do) are
 moved into initializers first: quantize_static quantizes only initializers as weights, and reads any
 other weight input as an activation (uint8, per tensor, whatever weight type was asked), so without
-the move a U8S4 row would run 8-bit weights. The note says so too. Prints one JSON line: the seconds taken, the child's own peak RSS, and for onnxflex
+the move a U8S4 row would run 8-bit weights. The note says so too. Prints one JSON line: the seconds taken, the CPU seconds of all its threads since it started
+(imports included), the child's own peak RSS, and for onnxflex
 whether its own verification passed.
 """
 from __future__ import annotations
@@ -178,7 +179,8 @@ def main() -> None:
     started = time.perf_counter()
     figures = KINDS[kind](model, calib, out, options)
     print()
-    print(json.dumps({"seconds": time.perf_counter() - started, **figures, "peak_rss_mib": peak_rss_mib()}))
+    print(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time(), **figures,
+                      "peak_rss_mib": peak_rss_mib()}))
 
 
 if __name__ == "__main__":

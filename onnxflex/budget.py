@@ -20,7 +20,9 @@ iterations; a block given 0 steps keeps round-to-nearest weights and calibrated 
 
 The budget is ``step_budget`` × the calibration set's FP forward FLOPs (per-sample FLOPs of every
 block × the reconstruction samples), or ``time_budget`` minutes × the FLOP rate ``measure_rate``
-finds on this machine (the output then depends on the machine).
+finds on this machine (the output then depends on the machine), or, with neither, the preset's
+``step_cap`` FLOPs where the full schedule (every learnable block its iterations) would cost more:
+a plan within the cap runs the full schedule, as without a budget.
 """
 from __future__ import annotations
 
@@ -288,14 +290,15 @@ def block_costs(plan, data, config, cache=None) -> list[BlockCost]:
 
 def plan_budget(plan, data, config, device: str = "cpu", cache=None) -> StepBudget | None:
     """The run's StepBudget (module docstring) for ``plan`` on ``data`` under ``config``
-    (options.RoundingOptions: ``step_budget``, ``time_budget``, ``iters`` as each block's cap; ``cache``:
-    the captured tensors, for shapes inference cannot give); None when
-    both budgets are 0 or the method learns nothing, so every block runs ``config.iters`` steps."""
+    (options.RoundingOptions: ``step_budget``, ``time_budget``, ``step_cap``, ``iters`` as each block's
+    cap; ``cache``: the captured tensors, for shapes inference cannot give); None when all three are 0,
+    when the full schedule fits in ``step_cap``, or when the method learns nothing, so every block runs
+    ``config.iters`` steps."""
     import dataclasses
 
     from onnxflex.rounding.methods import reconstructs
 
-    if not reconstructs(config.method) or not (config.step_budget or config.time_budget):
+    if not reconstructs(config.method) or not (config.step_budget or config.time_budget or config.step_cap):
         return None
     costs = block_costs(plan, data, config, cache)
     rate = None
@@ -303,12 +306,24 @@ def plan_budget(plan, data, config, device: str = "cpu", cache=None) -> StepBudg
         rate = measure_rate(device)
         budget = config.time_budget * 60.0 * rate
         basis = f"time_budget {config.time_budget:g} min at the measured {rate / 1e9:.2f} GFLOP/s"
-    else:
+    elif config.step_budget:
         forward = sum(c.flops for c in costs) * data.num_samples
         budget = config.step_budget * forward
         basis = (f"step_budget {config.step_budget:g} x {forward:.4g} FP forward FLOPs "
                  f"({data.num_samples} samples)")
+    else:
+        full = full_schedule_flops(costs, config.iters)
+        if full <= config.step_cap:
+            return None
+        budget = config.step_cap
+        basis = (f"the {config.preset} preset's cap of {budget:.4g} FLOPs: its full schedule ({config.iters} "
+                 f"steps a block) would cost {full:.4g}, {full / budget:.1f}x the cap")
     return dataclasses.replace(split(budget, costs, config.iters), basis=basis, rate=rate)
+
+
+def full_schedule_flops(costs: list[BlockCost], iters: int) -> float:
+    """FLOPs of ``iters`` steps on every block of ``costs`` that can learn."""
+    return sum(iters * c.step_flops for c in costs if not c.fixed)
 
 
 def measure_rate(device: str = "cpu", seconds: float = RATE_SECONDS) -> float:
@@ -332,5 +347,5 @@ def measure_rate(device: str = "cpu", seconds: float = RATE_SECONDS) -> float:
 
 
 __all__ = ["BlockCost", "BlockSteps", "FWD_BWD", "MIN_STEPS", "STEP_FIXED_FLOPS", "StepBudget", "WEIGHT_STEP_FLOPS",
-           "block_costs", "known_shapes", "layer_flops", "measure_rate", "plan_budget", "rtn_error", "split",
+           "block_costs", "full_schedule_flops", "known_shapes", "layer_flops", "measure_rate", "plan_budget", "rtn_error", "split",
            "step_cost", "weight_values"]

@@ -55,8 +55,10 @@ OPTION_HELP: dict[str, str] = {
     "granularity": "reconstruction unit: block (a residual unit) or layer (one weighted op)",
     "target": "runtime the model is emitted for",
     "preset": "speed against quality of learned rounding, for the options left at -1: fast (at most a quarter "
-              "of the method's iterations, early stop on a loss plateau, a step budget of one FP pass), default, best (2.5x the iterations, "
-              "batches of 64); the report gives what it resolved to",
+              "of the method's iterations, early stop on a loss plateau, a step budget of one FP pass), default (the "
+              "method's iterations, its learning capped at 3e12 FLOPs, at most about 8 minutes of a 2-core CPU: a model whose "
+              "full schedule costs more gets the cap as its step budget), best (2.5x the iterations, batches of 64, no "
+              "cap); the report gives what it resolved to",
     "iters": "optimisation steps per block; -1: the method's default (400, signround 200) times the "
              "preset's scale (fast 1/4, best 2.5)",
     "batch_size": "samples per optimisation step; -1: the preset's (32; best 64)",
@@ -67,8 +69,8 @@ OPTION_HELP: dict[str, str] = {
     "step_budget": "optimisation work for the whole reconstruction as a multiple of one FP forward pass over the "
                    "reconstruction samples, shared among the blocks by how much round-to-nearest loses on them per "
                    "FLOP spent (each block at most its iterations; a block left without steps keeps "
-                   "round-to-nearest); 0 = off (every block runs its iterations); -1: the preset's (fast 1, "
-                   "default and best off)",
+                   "round-to-nearest); 0 = off (every block runs its iterations, no cap); -1: the preset's (fast 1, "
+                   "best off, default off within its cap)",
     "time_budget": "minutes of learning for the whole reconstruction, shared among the blocks like step_budget and "
                    "converted to FLOPs with a FLOP rate measured on this machine at the start, so the output "
                    "depends on the machine and its load; 0 = off; replaces the preset's step budget (not both: "

@@ -12,7 +12,8 @@ reads its own part and nothing else:
     VerifyOptions    the gate on the emitted model
     DataOptions      calibration and synthetic data, and how many samples are held out
 
-Field names are the QuantConfig's, but for PLANNED_FIELDS, which no option sets. A value read by two stages is copied into both records
+Field names are the QuantConfig's, but for PLANNED_FIELDS, which no option sets, and PRESET_FIELDS, which
+the preset alone sets. A value read by two stages is copied into both records
 (``abits``: plan and rounding; ``seed``: rounding and data; ``fix_inputs``: plan and data; ``wbits`` and
 ``layer_bits``: plan and budgets; ``weight_scale``: rounding and budgets); only ``resolve`` builds the
 records, so the copies agree (``Resolved.to_dict`` refuses records that disagree). Values a stage
@@ -38,18 +39,26 @@ class Preset:
     ``batch_size`` samples per step, and early stop after ``patience`` × iterations steps without
     improvement (0: off; always off for AdaRound, whose regulariser anneals over every step), and a
     step budget of ``step_budget`` FP forward passes over the samples where ``step_budget`` is -1 (0: off;
-    onnxflex/budget.py)."""
+    onnxflex/budget.py). ``step_cap`` (FLOPs, 0: none) bounds the learning where ``step_budget`` is -1
+    and no time budget is given: a plan whose full schedule costs more is given ``step_cap`` FLOPs as its
+    step budget; a plan within it runs every block's iterations (budget.plan_budget)."""
 
     iters_scale: float
     batch_size: int
     patience: float
     step_budget: float = 0.0
+    step_cap: float = 0.0
 
 
 FAST_STEP_BUDGET = 1.0  # fast: the learning costs about one more FP pass over the samples than RTN
+# default: at most this much learning work (budget.step_cost's FLOPs). On an idle 2-core CPU the learning
+# loop did 6.5 GFLOP/s of them on the slowest of the real models (bench/real_models.py: ppocr_det, whose
+# 736x736 activations cost more than their products; 14 on ppocr_rec, 37-45 on the other detectors),
+# so the cap is about 8 minutes of learning there at worst
+DEFAULT_STEP_CAP = 3e12
 
 PRESET_VALUES = {"fast": Preset(iters_scale=0.25, batch_size=32, patience=0.2, step_budget=FAST_STEP_BUDGET),
-                 "default": Preset(iters_scale=1.0, batch_size=32, patience=0.0),
+                 "default": Preset(iters_scale=1.0, batch_size=32, patience=0.0, step_cap=DEFAULT_STEP_CAP),
                  "best": Preset(iters_scale=2.5, batch_size=64, patience=0.0)}
 
 
@@ -104,7 +113,8 @@ class PlanOptions(_Record):
 class RoundingOptions(_Record):
     """What reconstruction reads: the method with its resolved schedule (``iters``, ``batch_size``,
     ``early_stop``, ``lr``: never -1 here), the step budgets (``step_budget`` never -1 here, 0 with a
-    ``time_budget``; onnxflex/budget.py), step searches, the weight grid (``weight_grid``: 'symmetric'
+    ``time_budget``; ``step_cap``: the preset's cap in FLOPs, 0 where a step or time budget is given;
+    onnxflex/budget.py), step searches, the weight grid (``weight_grid``: 'symmetric'
     or 'asymmetric' here, never 'auto'), the block seed base, threads, checkpoints. ``accumulate``
     (micro-batches of ``batch_size`` summed per step) is no option: planning sets it for a model with
     a fixed batch (planning.fixed_batch_rounding), 1 everywhere else."""
@@ -127,6 +137,7 @@ class RoundingOptions(_Record):
     threads: int
     checkpoint_dir: str
     accumulate: int = 1
+    step_cap: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,6 +196,7 @@ class DataOptions(_Record):
 
 
 PLANNED_FIELDS = frozenset({"accumulate"})  # record fields a stage sets, not the user: no QuantConfig option
+PRESET_FIELDS = frozenset({"step_cap"})  # record fields resolve takes from the preset alone: no QuantConfig option
 
 _PARTS = {"plan": PlanOptions, "rounding": RoundingOptions, "capture": CaptureOptions, "refine": RefineOptions,
           "budgets": Budgets, "verify": VerifyOptions, "data": DataOptions}
@@ -239,7 +251,7 @@ def resolve(config: QuantConfig) -> Resolved:
                   lr=method_lr(config.method, iters) if config.lr == METHOD_DEFAULT else config.lr,
                   bits_budget=as_float(config.bits_budget), size_budget_mb=as_float(config.size_budget_mb),
                   weight_grid=weight_grid_of(config), time_budget=as_float(config.time_budget),
-                  step_budget=_step_budget(config, preset))
+                  step_budget=_step_budget(config, preset), step_cap=_step_cap(config, preset))
     return Resolved(**{part: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)
                                     if f.name not in PLANNED_FIELDS})
                        for part, cls in _PARTS.items()})
@@ -250,6 +262,11 @@ def _step_budget(config: QuantConfig, preset: Preset) -> float:
     if config.step_budget != PRESET_DEFAULT:
         return as_float(config.step_budget)
     return 0.0 if config.time_budget else preset.step_budget
+
+
+def _step_cap(config: QuantConfig, preset: Preset) -> float:
+    """The preset's cap on the learning (FLOPs), where no step or time budget is given; else 0."""
+    return preset.step_cap if config.step_budget == PRESET_DEFAULT and not config.time_budget else 0.0
 
 
 def given_toml(config: QuantConfig) -> str:

@@ -86,13 +86,15 @@ def layer_summary(plan, params) -> list[dict]:
 def reconstruction_summary(config, blocks: list[dict], budget=None) -> dict:
     """What the preset resolved to (``config``: the run's RoundingOptions) and what ran: steps per block at
     most, samples per micro-batch (its ``batch_size``: the model's fixed batch where it has one), micro-batches
-    per step (``accumulate``: more than 1 only on a fixed-batch model), early-stop patience (0: off), the steps
-    the blocks ran in all and how many blocks stopped early (before their own steps: ``budget``'s,
-    a budget.StepBudget, or ``config.iters``)."""
+    per step (``accumulate``: more than 1 only on a fixed-batch model), early-stop patience (0: off), the
+    preset's cap on the learning in FLOPs (``step_cap``, 0: none; the step_budget section says when it
+    bit), the steps the blocks ran in all and how many blocks stopped early (before their own steps:
+    ``budget``'s, a budget.StepBudget, or ``config.iters``)."""
     steps = [b["iters"] for b in blocks]
     planned = [budget.iters_of(i) if budget is not None else config.iters for i in range(len(blocks))]
     return {"preset": config.preset, "iters": config.iters, "batch_size": config.batch_size,
-            "accumulate": config.accumulate, "early_stop": config.early_stop, "steps_run": sum(steps),
+            "accumulate": config.accumulate, "early_stop": config.early_stop, "step_cap": config.step_cap,
+            "steps_run": sum(steps),
             "steps_planned": sum(planned),
             "blocks_stopped_early": sum(0 < s < p for s, p in zip(steps, planned))}
 
@@ -160,8 +162,11 @@ def summary(report: dict) -> str:
     if rec and rec["steps_run"]:
         stop = f"early stop after {rec['early_stop']} flat steps" if rec["early_stop"] else "no early stop"
         size = f"{rec['accumulate']} x {rec['batch_size']}" if rec.get("accumulate", 1) > 1 else rec["batch_size"]
+        within = f", within the preset's cap of {rec['step_cap']:.3g} FLOPs" \
+            if rec.get("step_cap") and not report.get("step_budget") else ""
         lines.append(f"preset {rec['preset']}: up to {rec['iters']} steps per block of {size} samples, "
-                     f"{stop}; {rec['steps_run']} steps run, {rec['blocks_stopped_early']} block(s) stopped early")
+                     f"{stop}{within}; {rec['steps_run']} steps run, {rec['blocks_stopped_early']} block(s) "
+                     "stopped early")
     lines += budget_lines(report.get("step_budget") or {})
     v = report.get("verification", {})
     for name, db in v.get("quantized_vs_fp32_sqnr_db", {}).items():

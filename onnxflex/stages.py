@@ -188,8 +188,9 @@ def fp_reference(original: onnx.ModelProto, held: CalibrationSet, providers, lay
 
 
 def step_budget(refined: Refined, samples: Samples, device: Device, cache: TensorCache | None = None):
-    """The run's budget.StepBudget (steps per block from step_budget or time_budget), or None when
-    both are off or the method learns nothing; ``cache`` (captured) gives the shapes of tensors that
+    """The run's budget.StepBudget (steps per block from step_budget, time_budget or the preset's
+    step_cap), or None when all are off, the full schedule fits the cap, or the method learns nothing;
+    ``cache`` (captured) gives the shapes of tensors that
     shape inference leaves unknown."""
     from onnxflex.budget import plan_budget
 

@@ -15,12 +15,14 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxflex
 from helpers import CNN, run_model
 from onnxflex.blocks import QuantLayer
-from onnxflex.budget import (FWD_BWD, MIN_STEPS, STEP_FIXED_FLOPS, WEIGHT_STEP_FLOPS, BlockCost, layer_flops,
-                             measure_rate, split, step_cost)
+from onnxflex.budget import (FWD_BWD, MIN_STEPS, STEP_FIXED_FLOPS, WEIGHT_STEP_FLOPS, BlockCost, block_costs,
+                             full_schedule_flops, layer_flops, measure_rate, plan_budget, split, step_cost)
+from onnxflex.calib import CalibrationSet
 from onnxflex.cli import main
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
-from onnxflex.options import FAST_STEP_BUDGET, resolve
+from onnxflex.options import DEFAULT_STEP_CAP, FAST_STEP_BUDGET, resolve
+from onnxflex.planning import build_plan
 
 
 def invoke(*args):
@@ -109,7 +111,7 @@ def test_split_tops_up_by_score_caps_at_the_iterations_and_keeps_to_the_total():
 
 def test_fast_sets_a_step_budget_and_a_time_budget_replaces_it():
     assert resolve(QuantConfig(preset="fast")).rounding.step_budget == FAST_STEP_BUDGET == 1.0
-    assert resolve(QuantConfig()).rounding.step_budget == 0.0, "the default preset has no budget"
+    assert resolve(QuantConfig()).rounding.step_budget == 0.0, "the default preset has no step budget, only a cap"
     assert resolve(QuantConfig(step_budget=2)).rounding.step_budget == 2.0
     timed = resolve(QuantConfig(preset="fast", time_budget=1.5)).rounding
     assert (timed.step_budget, timed.time_budget) == (0.0, 1.5)
@@ -270,3 +272,51 @@ def test_the_budget_reads_a_layers_shape_from_its_blocks_captured_inputs(tmp_pat
     rows = report["step_budget"]["blocks"]
     assert [(b["flops_per_sample"], b["weights"]) for b in rows] == [(2 * 4 * (6 * 5), 20)], rows
     assert report["step_budget"]["weight_step_flops"] == WEIGHT_STEP_FLOPS
+
+
+@pytest.mark.parametrize("values, cap", [
+    ({}, DEFAULT_STEP_CAP), (dict(iters=50), DEFAULT_STEP_CAP), (dict(step_budget=0), 0.0),
+    (dict(step_budget=3), 0.0), (dict(time_budget=2.0), 0.0), (dict(preset="fast"), 0.0), (dict(preset="best"), 0.0)])
+def test_only_the_default_preset_caps_the_learning_and_any_budget_replaces_the_cap(values, cap):
+    assert resolve(QuantConfig(**values)).rounding.step_cap == cap, values
+
+
+def _conv_plan(side: int, samples: int = 4):
+    """A plan of one Conv 3->512 3x3 on side x side inputs, and ``samples`` calibration samples."""
+    rng = np.random.default_rng(4)
+    w = numpy_helper.from_array(rng.standard_normal((512, 3, 3, 3)).astype(np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, side, side])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = CalibrationSet({"x": rng.standard_normal((samples, 3, side, side)).astype(np.float32)}, "test")
+    return build_plan(model, resolve(QuantConfig()).plan), data
+
+
+def test_the_default_cap_bites_on_a_big_plan_and_leaves_a_small_one_untouched():
+    config = resolve(QuantConfig()).rounding
+    per_step = 3 * 3 * 3 * 2 * 512 * 4 * FWD_BWD  # FLOPs per output pixel of a step on 4 samples
+    side = int(np.ceil(np.sqrt(3 * config.step_cap / (config.iters * per_step))))  # full schedule ~3x the cap
+    small, small_data = _conv_plan(16)
+    assert full_schedule_flops(block_costs(small, small_data, config), config.iters) < config.step_cap
+    assert plan_budget(small, small_data, config) is None, "a plan within the cap must run the full schedule"
+    big, big_data = _conv_plan(side)
+    full = full_schedule_flops(block_costs(big, big_data, config), config.iters)
+    budget = plan_budget(big, big_data, config)
+    print(f"side {side}: full schedule {full:.3g} FLOPs, cap {config.step_cap:.3g}; steps {budget.iters_of(0)}")
+    assert 2.5 < full / config.step_cap < 3.5, full
+    assert budget is not None and 0 < budget.spent_flops <= config.step_cap == budget.budget_flops
+    assert MIN_STEPS <= budget.iters_of(0) < config.iters, budget.iters_of(0)
+    assert budget.basis.startswith("the default preset's cap of") and "would cost" in budget.basis, budget.basis
+    assert "of 400 steps: its share of the budget" in budget.blocks[0].reason, budget.blocks[0].reason
+    uncapped = resolve(QuantConfig(step_budget=0)).rounding
+    assert plan_budget(big, big_data, uncapped) is None, "--step-budget 0 must give the full schedule"
+
+
+def test_the_default_preset_on_the_cnn_is_within_the_cap_and_unchanged(tmp_path):
+    capped = _model_bytes(tmp_path, "capped")
+    assert capped == _model_bytes(tmp_path, "uncapped", "--step-budget", "0"), \
+        "the default preset's cap must not change a model whose full schedule fits in it"
+    report = json.loads((tmp_path / "capped.onnx.report.json").read_text())
+    assert report["step_budget"] == {} and report["reconstruction"]["step_cap"] == DEFAULT_STEP_CAP
+    assert [b["iters"] for b in report["blocks"]] == [400] * len(report["blocks"]), report["blocks"]

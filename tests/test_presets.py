@@ -20,7 +20,7 @@ from helpers import CNN, run_model, top1
 from onnxflex.cli import main
 from onnxflex.config import QuantConfig
 from onnxflex.errors import ConfigError
-from onnxflex.options import resolve
+from onnxflex.options import DEFAULT_STEP_CAP, resolve
 from onnxflex.rounding.quant import fake_quant, round_ste
 from onnxflex.device import VALUES_PER_THREAD, threads_for, torch_threads
 from onnxflex.rounding.reconstruct import step_indices
@@ -115,7 +115,7 @@ def test_early_stop_in_a_run_records_the_steps_each_block_ran():
     assert steps and all(0 < s < 60 for s in steps), f"steps run per block with early stop 10 of 200: {steps}"
     rec = report["reconstruction"]
     assert rec == {"preset": "default", "iters": 200, "batch_size": 16, "accumulate": 1, "early_stop": 10,
-                   "steps_run": sum(steps), "steps_planned": 200 * len(steps), "blocks_stopped_early": len(steps)}, rec
+                   "step_cap": DEFAULT_STEP_CAP, "steps_run": sum(steps), "steps_planned": 200 * len(steps), "blocks_stopped_early": len(steps)}, rec
     full = onnxflex.quantize(CNN, config=QuantConfig(early_stop=0, **{**frozen, "iters": 30}), progress=False)
     assert [b["iters"] for b in full.report["blocks"]] == [30] * len(steps)
 
