@@ -22,7 +22,7 @@ from onnxflex.cache import DiskArray, Key, TensorCache, batch_within
 from onnxflex.checkpoint import Checkpoint
 from onnxflex.device import threads_for, torch_threads
 from onnxflex.extdata import tensor_array
-from onnxflex.graph import default_opset
+from onnxflex.graph import default_opset, node_attr
 from onnxflex.layout import Layout
 from onnxflex.options import RoundingOptions
 from onnxflex.progress import Progress
@@ -30,6 +30,7 @@ from onnxflex.passes.select import concat_ties
 from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.rounding.actrange import PointValues
+from onnxflex.rounding.bias_correction import ChannelMeans, channel_axis, weight_shaped
 from onnxflex.rounding.heap import reused_pages
 from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.methods import make_policy, make_rounder, reconstructs
@@ -158,7 +159,9 @@ class RowReader:
 def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState, target: Target,
                          config: RoundingOptions, method: str, device: torch.device) -> None:
     """Mutates ``state``: a rounder per layer weight (inner layers' weights read from their subgraph),
-    an activation quantizer per act point (inner points too)."""
+    an activation quantizer per act point (inner points too), and for a layer whose int32 bias follows
+    its weight's rounding (rounding/bias_correction.py) its input's channel axis in ``bias_axes``."""
+    nodes = {n.name: n for n in model.graph.node} if any(l.op_type == "Gemm" for l in block.layers) else {}
     for layer in block.layers:
         inits = initializers_of(model, layer)
         w = layer_weight(layer, model, device)
@@ -169,6 +172,10 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
             b = tensor_array(inits[layer.bias], model).astype(np.float32)
             state.bias_values[layer.bias] = torch.from_numpy(b).to(device)
             state.bias_limits[layer.bias] = bias_limit(w, layer.axis)
+            trans_a = layer.op_type == "Gemm" and bool(node_attr(nodes[layer.node], "transA", 0))
+            axis = None if layer.owner else channel_axis(layer.op_type, layer.bits, trans_a)
+            if axis is not None:
+                state.bias_axes[layer.bias] = axis
     ties = concat_ties(model) if target.shared_concat_scales else {}
     for point in block.all_points:
         partner = next((p for p in state.acts if p != point and point in ties and ties.get(p) == ties[point]), None)
@@ -203,7 +210,8 @@ def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: Roundi
 def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed: int,
                           heads: Container[str] = ()) -> None:
     """Initialise each act point's step from the FP block run on FP inputs, by ``config.act_scale``
-    (rounding/actrange.py: what is kept of the values, and the percentile range). A point in ``heads``
+    (rounding/actrange.py: what is kept of the values, and the percentile range), and the input means
+    of the block's layers whose int32 bias is corrected (``state.bias_means``). A point in ``heads``
     (a head's output: BlockPlan.head_points) whose values all lie below 0 gets its range
     mirrored about 0: the calibration data showed one decision only (no speech, no positive class),
     and the unmirrored range would clip the other at the threshold. A point the data
@@ -218,16 +226,29 @@ def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed
     batches = -(-data.num_samples // size)
     pooled = {id(acts[p]): PointValues(batches, keep_sample=config.act_scale == "mse") for p in points}
     thin = torch.Generator().manual_seed(seed + 1)
+    state = module.state
+    corrected = [l for l in module.block.layers if l.bias in state.bias_axes]
+    means = ChannelMeans({l.input: state.bias_axes[l.bias] for l in corrected})
 
     def observe(name, value):
+        if name not in data.fp_inputs:
+            means.add(name, value)
         if name in wanted:
             rows = value.shape[data.layout.axis(name)] if not data.layout.shared(name) and value.ndim else 1
             pooled[id(acts[name])].add(name, value.detach().reshape(-1).cpu(), rows, data.num_samples, thin)
 
     module.quantize = False
     for batch in _batches(data.fp_inputs, data.num_samples, size):
+        for name, value in batch.items():
+            means.add(name, data.layout.to_model(name, value))
         data.run(module, batch, observe=observe)
     module.quantize = True
+    for layer in corrected:
+        mean = means.mean(layer.input)
+        rounder = state.rounders[layer.weight]
+        shaped = None if mean is None else weight_shaped(mean.to(rounder.weight.device), rounder.weight, rounder.axis)
+        if shaped is not None:
+            state.bias_means[layer.bias] = shaped
     unseen = [p for p in points if p not in pooled[id(acts[p])].sizes]
     for name in unseen:
         acts[name].enabled = False
@@ -580,9 +601,12 @@ class BlockRunner:
 
     def freeze(self, module: BlockModule | OrtBlock, block: Block) -> None:
         """Mutates ``state`` and ``module``: the block's rounders become FrozenRounders of their exported
-        integers, and the float weights the module kept for calibration are dropped. Later blocks, the
+        integers (a corrected bias settles first: QuantState.settle_bias), and the float weights the module
+        kept for calibration are dropped. Later blocks, the
         simulation and a resumed run all see the same integers, and memory keeps int8 weights only."""
         for layer in block.layers:
+            if layer.bias:
+                self.state.settle_bias(layer.bias)
             self.state.rounders[layer.weight] = FrozenRounder(self.state.rounders[layer.weight].export(), self.device)
         if isinstance(module, BlockModule):
             module.own_rounders = torch.nn.ModuleList(self.state.rounders[l.weight] for l in block.layers)
@@ -600,6 +624,8 @@ class BlockRunner:
             for name, act in saved["acts"].items():
                 self.state.acts[name].load_state_dict(act["state"])
                 self.state.acts[name].enabled = act["enabled"]
+            for name, value in saved.get("biases", {}).items():  # corrected: as the block settled them
+                self.state.bias_values[name] = value.to(self.device)
             if runtime == "onnxruntime":
                 module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
             else:
@@ -630,7 +656,8 @@ class CheckpointedRunner:
         state = self.runner.state
         self.checkpoint.save(index, block.name, result, {l.weight: state.rounders[l.weight].export()
                                                          for l in block.layers},
-                             {p: state.acts[p] for p in block.all_points if p in state.acts})
+                             {p: state.acts[p] for p in block.all_points if p in state.acts},
+                             {l.bias: state.bias_values[l.bias] for l in block.layers if l.bias in state.bias_axes})
         progress.finish(self.runner.summary(index, result))
         return module, result
 
@@ -652,7 +679,8 @@ def make_room_for_biases(block: Block, state: QuantState) -> None:
         rounder = state.rounders[layer.weight]
         if layer.bias not in state.int32_biases or act is None or not act.enabled or rounder.group_size:
             continue
-        bias = state.bias_values[layer.bias]
+        with torch.no_grad():
+            bias = state.float_bias(layer.bias)
         if bias.numel() != rounder.init_scale.numel():
             continue
         # 1 % above the least step that fits, so that float rounding of the product cannot tip it over
