@@ -4,7 +4,8 @@
 
 KIND is ``onnxflex`` (OPTIONS are QuantConfig fields), ``ort_static`` (onnxruntime's quantize_static,
 QDQ, per channel: ``types`` as ACT_WEIGHT QuantType names, ``calibrate``, ``batch``) or ``ort_nbits``
-(MatMulNBitsQuantizer's round-to-nearest: ``block_size``). Both onnxruntime kinds read the same npz,
+(MatMulNBitsQuantizer's round-to-nearest: ``block_size``, ``symmetric``; it needs ``pip install -e '.[bench]'``,
+which brings onnx-ir). Both onnxruntime kinds read the same npz,
 each input sliced along its samples axis (``axes``, default 0) and the pinned inputs (``fixed``) fed as
 given. A model below opset 13 is converted to 13 (onnx.version_converter) before quantize_static, whose
 per-channel DequantizeLinear needs the ``axis`` of opset 13 (it writes an invalid model otherwise); the
@@ -127,13 +128,14 @@ def quantize_ort_nbits(model: str, calib: str, out: str, options: dict) -> dict:
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    block = options["block_size"]
-    quantizer = nbits.MatMulNBitsQuantizer(onnx.load(model), bits=4, block_size=block, is_symmetric=True,
+    block, symmetric = options["block_size"], options["symmetric"]
+    quantizer = nbits.MatMulNBitsQuantizer(onnx.load(model), bits=4, block_size=block, is_symmetric=symmetric,
                                            algo_config=nbits.DefaultWeightOnlyQuantConfig(block_size=block,
-                                                                                          is_symmetric=True))
+                                                                                          is_symmetric=symmetric))
     quantizer.process()
     quantizer.model.save_model_to_file(out, False)
-    return {}
+    packed = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node)
+    return {"note": f"{packed} MatMul{'' if packed == 1 else 's'} as MatMulNBits"}
 
 
 KINDS = {"onnxflex": quantize_onnxflex, "ort_static": quantize_ort_static, "ort_nbits": quantize_ort_nbits}

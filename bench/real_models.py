@@ -127,8 +127,9 @@ def candidates(task: Task, args, weight_only: bool) -> list[dict]:
                          "bits": "W4A8" if types == "U8S4" else "W8A8", "kind": "ort_static",
                          "options": {**reader, "types": TYPES[types], "calibrate": calibrate}})
     if weight_only and "W4" in args.bits:
-        rows.append({"toolkit": "onnxruntime", "setting": "MatMulNBits RTN W4 g32", "bits": "W4", "kind": "ort_nbits",
-                     "options": {"block_size": 32}})
+        for grid in ("symmetric", "asymmetric"):
+            rows.append({"toolkit": "onnxruntime", "setting": f"MatMulNBits RTN W4 g32 {grid}", "bits": "W4",
+                         "kind": "ort_nbits", "options": {"block_size": 32, "symmetric": grid == "symmetric"}})
     return rows
 
 

@@ -132,7 +132,8 @@ def test_candidates_follow_the_flags():
                       "quantize_static Entropy U8S8"], labels
     assert "iters" not in rows[0]["options"] and rows[1]["options"]["iters"] == 20
     with_matmuls = [r["setting"] for r in real_models.candidates(task, args, weight_only=True)]
-    assert "rtn W4 g32" in with_matmuls and "MatMulNBits RTN W4 g32" in with_matmuls
+    assert "rtn W4 g32" in with_matmuls and "MatMulNBits RTN W4 g32 symmetric" in with_matmuls \
+        and "MatMulNBits RTN W4 g32 asymmetric" in with_matmuls, with_matmuls
     args.act_scales = ["mse", "percentile"]
     rows = real_models.candidates(task, args, weight_only=True)
     scaled = [(r["setting"], r["options"].get("act_scale")) for r in rows if r["toolkit"] == "onnxflex"]
@@ -211,6 +212,22 @@ def test_real_child_quantizes_the_bundled_cnn(tmp_path, kind, options):
                    for p in (ROOT / "models" / "digits_cnn.onnx", out))
     agree = float((fp32.argmax(-1) == quant.argmax(-1)).mean())
     assert agree >= 0.9, f"{kind}: argmax agreement {agree:.3f} < 0.9 on 16 calibration digits"
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_real_child_packs_the_bundled_vit_matmuls_as_matmulnbits(tmp_path, symmetric):
+    import onnx
+
+    out = tmp_path / "nbits.onnx"
+    model = ROOT / "models" / "digits_vit.onnx"
+    got = run_measured([sys.executable, str(ROOT / "bench" / "real_child.py"), "ort_nbits", str(model),
+                        str(ROOT / "models" / "digits_vit.calib.npz"), str(out),
+                        json.dumps({"block_size": 32, "symmetric": symmetric})], timeout=120)
+    assert "error" not in got, got
+    packed = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"]
+    assert packed and got["note"] == f"{len(packed)} MatMuls as MatMulNBits", (got, len(packed))
+    zero_points = {len(n.input) > 3 and bool(n.input[3]) for n in packed}
+    assert zero_points == {not symmetric}, f"symmetric={symmetric}: zero-point inputs {zero_points}"
 
 
 def test_child_killed_by_a_signal_says_which():
