@@ -134,6 +134,9 @@ def test_candidates_follow_the_flags():
     with_matmuls = [r["setting"] for r in real_models.candidates(task, args, weight_only=True)]
     assert "rtn W4 g32" in with_matmuls and "MatMulNBits RTN W4 g32 symmetric" in with_matmuls \
         and "MatMulNBits RTN W4 g32 asymmetric" in with_matmuls, with_matmuls
+    w4 = next(r for r in real_models.candidates(task, args, weight_only=True) if r["setting"] == "rtn W4 g32")
+    assert "Conv" in w4["options"]["exclude_op_types"] and "LSTM" in w4["options"]["exclude_op_types"] \
+        and not {"MatMul", "Gemm"} & set(w4["options"]["exclude_op_types"]), w4["options"]
     args.act_scales = ["mse", "percentile"]
     rows = real_models.candidates(task, args, weight_only=True)
     scaled = [(r["setting"], r["options"].get("act_scale")) for r in rows if r["toolkit"] == "onnxflex"]
