@@ -546,6 +546,7 @@ class BlockRunner:
                 untaken = keep_untaken_rtn(module, self.plan.model, self.config, self.device)
                 _warn_not_reached(block, unseen, untaken)
                 make_room_for_biases(block, self.state)
+                settle_biases(block, self.state)
                 return module
             except NotImplementedError as exc:
                 problem = str(exc)
@@ -555,6 +556,7 @@ class BlockRunner:
         module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
         _warn_not_reached(block, calibrate_activations(module, data, self.config, seed, self.plan.head_points))
         make_room_for_biases(block, self.state)
+        settle_biases(block, self.state)
         return module
 
     def learn(self, module: BlockModule, data: BlockData, seed: int, progress: Progress,
@@ -601,12 +603,9 @@ class BlockRunner:
 
     def freeze(self, module: BlockModule | OrtBlock, block: Block) -> None:
         """Mutates ``state`` and ``module``: the block's rounders become FrozenRounders of their exported
-        integers (a corrected bias settles first: QuantState.settle_bias), and the float weights the module
-        kept for calibration are dropped. Later blocks, the
+        integers, and the float weights the module kept for calibration are dropped. Later blocks, the
         simulation and a resumed run all see the same integers, and memory keeps int8 weights only."""
         for layer in block.layers:
-            if layer.bias:
-                self.state.settle_bias(layer.bias)
             self.state.rounders[layer.weight] = FrozenRounder(self.state.rounders[layer.weight].export(), self.device)
         if isinstance(module, BlockModule):
             module.own_rounders = torch.nn.ModuleList(self.state.rounders[l.weight] for l in block.layers)
@@ -679,8 +678,7 @@ def make_room_for_biases(block: Block, state: QuantState) -> None:
         rounder = state.rounders[layer.weight]
         if layer.bias not in state.int32_biases or act is None or not act.enabled or rounder.group_size:
             continue
-        with torch.no_grad():
-            bias = state.float_bias(layer.bias)
+        bias = state.float_bias(layer.bias)
         if bias.numel() != rounder.init_scale.numel():
             continue
         # 1 % above the least step that fits, so that float rounding of the product cannot tip it over
@@ -689,6 +687,17 @@ def make_room_for_biases(block: Block, state: QuantState) -> None:
         if raised:
             log.info("%s: raised the weight step of %d channel(s) so that the int32 bias %r fits",
                      layer.node, raised, layer.bias)
+
+
+def settle_biases(block: Block, state: QuantState) -> None:
+    """Mutates ``state``: the block's corrected biases (rounding/bias_correction.py) take the value that
+    corrects the rounding the block starts from, once its steps are final (after make_room_for_biases),
+    and keep it while the block learns: learning then sees the bias it is given, and a learned rounding
+    that moves the output mean is answered by the block loss, not by a bias that moves behind the
+    gradient (AdaRound and SignRound on the bundled CNN learned nothing with a bias that followed)."""
+    for layer in block.layers:
+        if layer.bias:
+            state.settle_bias(layer.bias)
 
 
 def _warn_not_reached(block: Block, unseen: list[str], untaken: list[str] = ()) -> None:

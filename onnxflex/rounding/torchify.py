@@ -60,7 +60,7 @@ class QuantState:
     float value and its integer limit (bias_limit). ``bias_axes``: the biases to correct, each with its
     layer input's channel axis; a bias in ``bias_means`` (its layer's input mean,
     laid out against the weight: rounding/bias_correction.py) follows its weight's rounding error until
-    ``settle_bias`` writes the corrected value into ``bias_values``."""
+    ``settle_bias`` writes the corrected value into ``bias_values``, before the block learns."""
 
     rounders: dict[str, Rounder] = field(default_factory=dict)
     acts: dict[str, ActQuantizer] = field(default_factory=dict)
@@ -89,33 +89,31 @@ class QuantState:
                 biases[bias] = QuantizedBias(ints.astype(np.int32), step.astype(np.float32))
         return QuantParams(weights, biases, acts)
 
-    def quantized_bias(self, bias: str, quantized: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def quantized_bias(self, bias: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(integers, step) of an int32 bias: step = input step × weight step; None while the input
-        has no enabled activation quantizer. ``quantized``: the weight's current ``fake_quant()``
-        where the caller has it (a corrected bias needs it; else it is taken here)."""
+        has no enabled activation quantizer."""
         weight, tensor = self.int32_biases[bias]
         act = self.acts.get(tensor)
         if act is None or not act.enabled:
             return None
         step = (act.scale() * self.rounders[weight].scale()).detach()
         limit = self.bias_limits.get(bias, INT32_MAX)
-        return torch.clamp(torch.round(self.float_bias(bias, quantized).detach() / step), -limit, limit), step
+        return torch.clamp(torch.round(self.float_bias(bias) / step), -limit, limit), step
 
-    def float_bias(self, bias: str, quantized: torch.Tensor | None = None) -> torch.Tensor:
-        """The bias before int32 rounding: its value, less the rounding's shift of the output mean
-        where it is corrected (``bias_means``)."""
+    @torch.no_grad()
+    def float_bias(self, bias: str) -> torch.Tensor:
+        """The bias before int32 rounding: its value, less the shift of the output mean that the
+        weight's rounding as it is now makes, where it is to be corrected (``bias_means``)."""
         mean = self.bias_means.get(bias)
         if mean is None:
             return self.bias_values[bias]
         rounder = self.rounders[self.int32_biases[bias][0]]
-        quantized = rounder.fake_quant() if quantized is None else quantized
-        return self.bias_values[bias] - bias_shift(quantized, rounder.weight, mean, rounder.axis)
+        return self.bias_values[bias] - bias_shift(rounder.fake_quant(), rounder.weight, mean, rounder.axis)
 
     @torch.no_grad()
     def settle_bias(self, bias: str) -> None:
-        """Mutates: a corrected bias's value becomes the corrected one for the weight as it is now, and
-        it stops following the weight (before the rounder is frozen, which keeps no float weight)."""
+        """Mutates: a corrected bias's value becomes the corrected one for the weight's rounding as it is
+        now (reconstruct.settle_biases: the block's start), and it stops following the weight."""
         if bias in self.bias_means:
             self.bias_values[bias] = self.float_bias(bias).clone()
             del self.bias_means[bias]
@@ -379,7 +377,7 @@ class BlockModule(torch.nn.Module):
         if name in weights:
             return weights[name]
         if self.quantize and name in self.state.int32_biases:
-            quantized = self.state.quantized_bias(name, weights.get(self.state.int32_biases[name][0]))
+            quantized = self.state.quantized_bias(name)
             if quantized is not None:
                 return quantized[0] * quantized[1]
         return self.constants[name]
