@@ -4,7 +4,9 @@
 
 KIND is ``onnxflex`` (OPTIONS are QuantConfig fields), ``ort_static`` (onnxruntime's quantize_static,
 QDQ, per channel: ``types`` as ACT_WEIGHT QuantType names, ``calibrate``, ``batch``) or ``ort_nbits``
-(MatMulNBitsQuantizer's round-to-nearest: ``block_size``). Both onnxruntime kinds read the same npz,
+(MatMulNBitsQuantizer's round-to-nearest: ``block_size``, ``symmetric``; it needs ``pip install -e '.[bench]'``,
+which brings onnx-ir; it packs MatMul weights only, so plain Gemms with a weight initializer are made
+MatMul + Add first, and the note says how many). Both onnxruntime kinds read the same npz,
 each input sliced along its samples axis (``axes``, default 0) and the pinned inputs (``fixed``) fed as
 given. A model below opset 13 is converted to 13 (onnx.version_converter) before quantize_static, whose
 per-channel DequantizeLinear needs the ``axis`` of opset 13 (it writes an invalid model otherwise); the
@@ -158,17 +160,53 @@ def constant_weights_to_initializers(model) -> int:
     return moved
 
 
+def gemms_to_matmuls(model) -> int:
+    """Mutates ``model``: each main-graph Gemm with a weight initializer B, ``alpha`` = ``beta`` = 1 and A not
+    transposed becomes MatMul(A, B as [K, N]) then Add(C) (C absent: no Add), the same function; returns
+    how many. MatMulNBitsQuantizer packs MatMul weights only, so a model whose weights sit in a Gemm (a
+    recogniser's classifier) would otherwise run its 4-bit row in float."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes, moved = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or not plain or node.input[1] not in inits:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(
+            np.ascontiguousarray(weight.T if attrs.get("transB", 0) else weight), node.input[1]))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        product = f"{node.output[0]}_matmul" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [product], name=node.name))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}_bias"))
+        moved += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return moved
+
+
 def quantize_ort_nbits(model: str, calib: str, out: str, options: dict) -> dict:
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    block = options["block_size"]
-    quantizer = nbits.MatMulNBitsQuantizer(onnx.load(model), bits=4, block_size=block, is_symmetric=True,
+    block, symmetric = options["block_size"], options["symmetric"]
+    source = onnx.load(model)
+    gemms = gemms_to_matmuls(source)
+    quantizer = nbits.MatMulNBitsQuantizer(source, bits=4, block_size=block, is_symmetric=symmetric,
                                            algo_config=nbits.DefaultWeightOnlyQuantConfig(block_size=block,
-                                                                                          is_symmetric=True))
+                                                                                          is_symmetric=symmetric))
     quantizer.process()
     quantizer.model.save_model_to_file(out, False)
-    return with_coverage({}, out, ops=("MatMul",))
+    packed = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node)
+    note = f"{packed} MatMul{'' if packed == 1 else 's'} as MatMulNBits"
+    if gemms:
+        note += f", {gemms} Gemm{'' if gemms == 1 else 's'} made MatMul first"
+    return with_coverage({"note": note}, out, ops=("MatMul",))
 
 
 KINDS = {"onnxflex": quantize_onnxflex, "ort_static": quantize_ort_static, "ort_nbits": quantize_ort_nbits}

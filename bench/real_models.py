@@ -43,6 +43,7 @@ from child import run_measured  # noqa: E402
 from real_tasks import TASKS, Samples, Task  # noqa: E402
 
 from onnxflex.config import ACT_SCALE_SEARCH  # noqa: E402
+from onnxflex.runtimes.base import RECURRENT_OPS, WEIGHTED_OPS  # noqa: E402
 
 HEADER = "## Real pretrained models against onnxruntime.quantization"
 MARKER = "real-models"
@@ -56,6 +57,8 @@ TIMING_REPEATS = 20
 QUICK_SAMPLES = (4, 8)
 SEED_CALIB, SEED_EVAL = 1, 2
 LATENCY_RULES = {"on": (True,), "off": (False,), "both": (True, False)}  # onnxflex rows per --latency-rules
+# weighted ops the W4 rows keep in float: what onnxruntime's MatMulNBits row packs is MatMul (and Gemm) weights only
+NOT_NBITS = tuple(op for op in WEIGHTED_OPS + RECURRENT_OPS if op not in ("MatMul", "Gemm"))
 
 
 def fetch(wheel: str, cache: Path) -> Path:
@@ -97,7 +100,7 @@ def candidates(task: Task, args, weight_only: bool) -> list[dict]:
     """The rows of one model: toolkit, setting label, bits, child kind and its options, for the bits,
     methods, presets, onnxruntime types and calibrators ``args`` asks for (W4 only where ``weight_only``)."""
     settings = {"W8A8": {"wbits": 8, "abits": 8}, "W4A8": {"wbits": 4, "abits": 8},
-                "W4": {"wbits": 4, "abits": 0, "group_size": 32}}
+                "W4": {"wbits": 4, "abits": 0, "group_size": 32, "exclude_op_types": list(NOT_NBITS)}}
     inputs = {"fix_inputs": list(task.fix_inputs), "batch_axes": list(task.batch_axes)}
     tuning = {} if args.iters < 0 else {"iters": args.iters}
     rows = []
@@ -127,8 +130,9 @@ def candidates(task: Task, args, weight_only: bool) -> list[dict]:
                          "bits": "W4A8" if types == "U8S4" else "W8A8", "kind": "ort_static",
                          "options": {**reader, "types": TYPES[types], "calibrate": calibrate}})
     if weight_only and "W4" in args.bits:
-        rows.append({"toolkit": "onnxruntime", "setting": "MatMulNBits RTN W4 g32", "bits": "W4", "kind": "ort_nbits",
-                     "options": {"block_size": 32}})
+        for grid in ("symmetric", "asymmetric"):
+            rows.append({"toolkit": "onnxruntime", "setting": f"MatMulNBits RTN W4 g32 {grid}", "bits": "W4",
+                         "kind": "ort_nbits", "options": {"block_size": 32, "symmetric": grid == "symmetric"}})
     return rows
 
 
@@ -227,7 +231,8 @@ def report(results: list[dict], args, started: dict, seconds: float) -> str:
             "streamed). onnxflex: `calib_samples=0, verify_samples=0`, the learned rounders at "
             f"{' and '.join('--preset ' + p for p in args.presets)}"
             + ("" if args.iters < 0 else f" cut to {args.iters} iterations per block") +
-            "; weight-only rows only where MatMul/Gemm hold most weights. onnxruntime: "
+            "; weight-only rows only where MatMul/Gemm hold most weights, and on those layers only (the "
+            "others float, as onnxruntime's MatMulNBits row leaves them). onnxruntime: "
             "`quantize_static(quant_format=QDQ, per_channel=True)` (U8S4: uint8 activations, int4 weights), "
             "no `quant_pre_process`. Task metric: recognisers, line and character accuracy of the CTC greedy "
             "decode against the rendered text; classifier, accuracy on the 0/180 labels; DB text detector, IoU "

@@ -76,7 +76,7 @@ def ort_rows(model: Path, group: int) -> dict:
     try:
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
     except ImportError as exc:
-        return {"onnxruntime MatMulNBits": f"does not import ({exc}); pip install onnx_ir"}
+        return {"onnxruntime MatMulNBits": f"does not import ({exc}); pip install -e '.[bench]'"}
     configs = {"RTN symmetric": lambda: nbits.DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=True),
                "RTN asymmetric": lambda: nbits.DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=False),
                "HQQ": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=group, bits=4)}

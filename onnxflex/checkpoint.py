@@ -68,8 +68,9 @@ class Checkpoint:
         return saved
 
     def save(self, index: int, block_name: str, result: Any, weights: dict[str, QuantizedWeight],
-             acts: dict[str, torch.nn.Module]) -> None:
-        """Writes block ``index``'s file atomically: its result, weights and activation quantizers."""
+             acts: dict[str, torch.nn.Module], biases: dict[str, torch.Tensor] | None = None) -> None:
+        """Writes block ``index``'s file atomically: its result, weights, activation quantizers and the
+        float values of the biases its rounding corrected (``biases``)."""
         state = {
             "block": block_name,
             "result": asdict(result),
@@ -80,6 +81,7 @@ class Checkpoint:
                         for name, w in weights.items()},
             "acts": {name: {"state": {k: v.detach().cpu() for k, v in act.state_dict().items()},
                             "enabled": bool(getattr(act, "enabled", True))} for name, act in acts.items()},
+            "biases": {name: value.detach().cpu() for name, value in (biases or {}).items()},
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)

@@ -132,7 +132,11 @@ def test_candidates_follow_the_flags():
                       "quantize_static Entropy U8S8"], labels
     assert "iters" not in rows[0]["options"] and rows[1]["options"]["iters"] == 20
     with_matmuls = [r["setting"] for r in real_models.candidates(task, args, weight_only=True)]
-    assert "rtn W4 g32" in with_matmuls and "MatMulNBits RTN W4 g32" in with_matmuls
+    assert "rtn W4 g32" in with_matmuls and "MatMulNBits RTN W4 g32 symmetric" in with_matmuls \
+        and "MatMulNBits RTN W4 g32 asymmetric" in with_matmuls, with_matmuls
+    w4 = next(r for r in real_models.candidates(task, args, weight_only=True) if r["setting"] == "rtn W4 g32")
+    assert "Conv" in w4["options"]["exclude_op_types"] and "LSTM" in w4["options"]["exclude_op_types"] \
+        and not {"MatMul", "Gemm"} & set(w4["options"]["exclude_op_types"]), w4["options"]
     args.act_scales = ["mse", "percentile"]
     rows = real_models.candidates(task, args, weight_only=True)
     scaled = [(r["setting"], r["options"].get("act_scale")) for r in rows if r["toolkit"] == "onnxflex"]
@@ -211,6 +215,22 @@ def test_real_child_quantizes_the_bundled_cnn(tmp_path, kind, options):
                    for p in (ROOT / "models" / "digits_cnn.onnx", out))
     agree = float((fp32.argmax(-1) == quant.argmax(-1)).mean())
     assert agree >= 0.9, f"{kind}: argmax agreement {agree:.3f} < 0.9 on 16 calibration digits"
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_real_child_packs_the_bundled_vit_matmuls_as_matmulnbits(tmp_path, symmetric):
+    import onnx
+
+    out = tmp_path / "nbits.onnx"
+    model = ROOT / "models" / "digits_vit.onnx"
+    got = run_measured([sys.executable, str(ROOT / "bench" / "real_child.py"), "ort_nbits", str(model),
+                        str(ROOT / "models" / "digits_vit.calib.npz"), str(out),
+                        json.dumps({"block_size": 32, "symmetric": symmetric})], timeout=120)
+    assert "error" not in got, got
+    packed = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"]
+    assert packed and got["note"].startswith(f"{len(packed)} MatMuls as MatMulNBits"), (got, len(packed))
+    zero_points = {len(n.input) > 3 and bool(n.input[3]) for n in packed}
+    assert zero_points == {not symmetric}, f"symmetric={symmetric}: zero-point inputs {zero_points}"
 
 
 def test_child_killed_by_a_signal_says_which():
@@ -317,3 +337,29 @@ def test_quantized_layers_counts_if_bodies_and_outer_scope_weights(tmp_path):
     assert real_child.with_coverage({"note": "x"}, str(tmp_path / "m.onnx")) == \
         {"note": "x, weights of 2 of 3 weighted layers quantized"}
     assert real_child.with_coverage({}, str(tmp_path / "m.onnx"), ops=("MatMul",)) == {}
+
+
+def test_plain_gemms_become_matmul_and_add_with_the_same_outputs():
+    import onnx
+    import onnxruntime as ort
+    sys.path.insert(0, str(ROOT / "bench"))
+    import real_child
+
+    from onnx import helper, numpy_helper
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+             for name, shape in (("b1", (6, 4)), ("c1", (6,)), ("b2", (6, 6)), ("b3", (6, 3)))]
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "b1", "c1"], ["h"], name="g1", transB=1),
+         helper.make_node("Gemm", ["h", "b2"], ["k"], name="g2", alpha=0.5),  # scaled: left as it is
+         helper.make_node("Gemm", ["k", "b3"], ["y"], name="g3")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [5, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [5, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert real_child.gemms_to_matmuls(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "Gemm", "MatMul"]
+    onnx.checker.check_model(model, full_check=True)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(before, after, atol=1e-5), np.abs(before - after).max()

@@ -22,7 +22,7 @@ from onnxflex.cache import DiskArray, Key, TensorCache, batch_within
 from onnxflex.checkpoint import Checkpoint
 from onnxflex.device import threads_for, torch_threads
 from onnxflex.extdata import tensor_array
-from onnxflex.graph import default_opset
+from onnxflex.graph import default_opset, node_attr
 from onnxflex.layout import Layout
 from onnxflex.options import RoundingOptions
 from onnxflex.progress import Progress
@@ -30,6 +30,7 @@ from onnxflex.passes.select import concat_ties
 from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.rounding.actrange import PointValues
+from onnxflex.rounding.bias_correction import ChannelMeans, channel_axis, weight_shaped
 from onnxflex.rounding.heap import reused_pages
 from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.methods import make_policy, make_rounder, reconstructs
@@ -159,7 +160,9 @@ class RowReader:
 def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState, target: Target,
                          config: RoundingOptions, method: str, device: torch.device) -> None:
     """Mutates ``state``: a rounder per layer weight (inner layers' weights read from their subgraph),
-    an activation quantizer per act point (inner points too)."""
+    an activation quantizer per act point (inner points too), and for a layer whose int32 bias follows
+    its weight's rounding (rounding/bias_correction.py) its input's channel axis in ``bias_axes``."""
+    nodes = {n.name: n for n in model.graph.node} if any(l.op_type == "Gemm" for l in block.layers) else {}
     for layer in block.layers:
         inits = initializers_of(model, layer)
         w = layer_weight(layer, model, device)
@@ -170,6 +173,10 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
             b = tensor_array(inits[layer.bias], model).astype(np.float32)
             state.bias_values[layer.bias] = torch.from_numpy(b).to(device)
             state.bias_limits[layer.bias] = bias_limit(w, layer.axis)
+            trans_a = layer.op_type == "Gemm" and bool(node_attr(nodes[layer.node], "transA", 0))
+            axis = None if layer.owner else channel_axis(layer.op_type, layer.bits, trans_a)
+            if axis is not None:
+                state.bias_axes[layer.bias] = axis
     ties = concat_ties(model) if target.shared_concat_scales else {}
     for point in block.all_points:
         partner = next((p for p in state.acts if p != point and point in ties and ties.get(p) == ties[point]), None)
@@ -204,9 +211,11 @@ def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: Roundi
 def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed: int,
                           heads: Container[str] = (), observed: dict[str, PointValues] | None = None) -> list[str]:
     """Initialise each act point's step from the FP block run on FP inputs, by ``config.act_scale``
-    (rounding/actrange.py: what is kept of the values, and the percentile range); with ``observed``
-    (act point → its quantizer's values from the capture run: rounding/actcapture.py) from those, and
-    the block is not run, unless they do not pool the points as their quantizers do. A point in ``heads``
+    (rounding/actrange.py: what is kept of the values, and the percentile range), and the input means
+    of the block's layers whose int32 bias is corrected (``state.bias_means``); with ``observed``
+    (act point → its quantizer's values from the capture run: rounding/actcapture.py) the ranges come
+    from those and the block is not run, unless they do not pool the points as their quantizers do or
+    a layer's bias is corrected (its input means come from the block's run). A point in ``heads``
     (a head's output: BlockPlan.head_points) whose values all lie below 0 gets its range
     mirrored about 0: the calibration data showed one decision only (no speech, no positive class),
     and the unmirrored range would clip the other at the threshold. A point the data
@@ -216,9 +225,19 @@ def calibrate_activations(module, data: BlockData, config: RoundingOptions, seed
     points = [p for p in module.block.all_points if p in acts]
     if not points:
         return []
-    pooled = _pooled(acts, points, observed)
+    state = module.state
+    corrected = [l for l in module.block.layers if l.bias in state.bias_axes]
+    pooled = None if corrected else _pooled(acts, points, observed)
     if pooled is None:
-        pooled = _observed_run(module, data, config, seed, points)
+        means = ChannelMeans({l.input: state.bias_axes[l.bias] for l in corrected})
+        pooled = _observed_run(module, data, config, seed, points, means)
+        for layer in corrected:
+            mean = means.mean(layer.input)
+            rounder = state.rounders[layer.weight]
+            shaped = None if mean is None else weight_shaped(mean.to(rounder.weight.device), rounder.weight,
+                                                             rounder.axis)
+            if shaped is not None:
+                state.bias_means[layer.bias] = shaped
     unseen = [p for p in points if p not in pooled[id(acts[p])].sizes]
     for name in unseen:
         acts[name].enabled = False
@@ -260,8 +279,10 @@ def probe_run(module, data: BlockData, size: int) -> None:
         module.quantize = True
 
 
-def _observed_run(module, data: BlockData, config: RoundingOptions, seed: int, points: list[str]) -> dict:
-    """Quantizer id → its points' values (PointValues) from the FP block run on FP inputs over every sample."""
+def _observed_run(module, data: BlockData, config: RoundingOptions, seed: int, points: list[str],
+                  means: ChannelMeans) -> dict:
+    """Quantizer id → its points' values (PointValues) from the FP block run on FP inputs over every sample;
+    mutates ``means``: the channel means of the tensors it follows, block inputs included."""
     acts = module.state.acts
     wanted = set(points)
     size = data.nograd_batch(config.batch_size)
@@ -270,6 +291,8 @@ def _observed_run(module, data: BlockData, config: RoundingOptions, seed: int, p
     thin = torch.Generator().manual_seed(seed + 1)
 
     def observe(name, value):
+        if name not in data.fp_inputs:
+            means.add(name, value)
         if name in wanted:
             rows = value.shape[data.layout.axis(name)] if not data.layout.shared(name) and value.ndim else 1
             flat = value.detach().reshape(-1).float().cpu().numpy()
@@ -277,6 +300,8 @@ def _observed_run(module, data: BlockData, config: RoundingOptions, seed: int, p
 
     module.quantize = False
     for batch in _batches(data.fp_inputs, data.num_samples, size):
+        for name, value in batch.items():
+            means.add(name, data.layout.to_model(name, value))
         data.run(module, batch, observe=observe)
     module.quantize = True
     return pooled
@@ -567,6 +592,7 @@ class BlockRunner:
                 untaken = keep_untaken_rtn(module, self.plan.model, self.config, self.device)
                 _warn_not_reached(block, unseen, untaken)
                 make_room_for_biases(block, self.state)
+                settle_biases(block, self.state)
                 return module
             except NotImplementedError as exc:
                 problem = str(exc)
@@ -577,6 +603,7 @@ class BlockRunner:
         _warn_not_reached(block, calibrate_activations(module, data, self.config, seed, self.plan.head_points,
                                                        observed))
         make_room_for_biases(block, self.state)
+        settle_biases(block, self.state)
         return module
 
     def learn(self, module: BlockModule, data: BlockData, seed: int, progress: Progress,
@@ -643,6 +670,8 @@ class BlockRunner:
             for name, act in saved["acts"].items():
                 self.state.acts[name].load_state_dict(act["state"])
                 self.state.acts[name].enabled = act["enabled"]
+            for name, value in saved.get("biases", {}).items():  # corrected: as the block settled them
+                self.state.bias_values[name] = value.to(self.device)
             if runtime == "onnxruntime":
                 module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
             else:
@@ -673,7 +702,8 @@ class CheckpointedRunner:
         state = self.runner.state
         self.checkpoint.save(index, block.name, result, {l.weight: state.rounders[l.weight].export()
                                                          for l in block.layers},
-                             {p: state.acts[p] for p in block.all_points if p in state.acts})
+                             {p: state.acts[p] for p in block.all_points if p in state.acts},
+                             {l.bias: state.bias_values[l.bias] for l in block.layers if l.bias in state.bias_axes})
         progress.finish(self.runner.summary(index, result))
         return module, result
 
@@ -695,7 +725,7 @@ def make_room_for_biases(block: Block, state: QuantState) -> None:
         rounder = state.rounders[layer.weight]
         if layer.bias not in state.int32_biases or act is None or not act.enabled or rounder.group_size:
             continue
-        bias = state.bias_values[layer.bias]
+        bias = state.float_bias(layer.bias)
         if bias.numel() != rounder.init_scale.numel():
             continue
         # 1 % above the least step that fits, so that float rounding of the product cannot tip it over
@@ -704,6 +734,17 @@ def make_room_for_biases(block: Block, state: QuantState) -> None:
         if raised:
             log.info("%s: raised the weight step of %d channel(s) so that the int32 bias %r fits",
                      layer.node, raised, layer.bias)
+
+
+def settle_biases(block: Block, state: QuantState) -> None:
+    """Mutates ``state``: the block's corrected biases (rounding/bias_correction.py) take the value that
+    corrects the rounding the block starts from, once its steps are final (after make_room_for_biases),
+    and keep it while the block learns: learning then sees the bias it is given, and a learned rounding
+    that moves the output mean is answered by the block loss, not by a bias that moves behind the
+    gradient (AdaRound and SignRound on the bundled CNN learned nothing with a bias that followed)."""
+    for layer in block.layers:
+        if layer.bias:
+            state.settle_bias(layer.bias)
 
 
 def _warn_not_reached(block: Block, unseen: list[str], untaken: list[str] = ()) -> None:

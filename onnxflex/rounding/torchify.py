@@ -30,6 +30,7 @@ from onnxflex.graph import DEFAULT_DOMAINS
 from onnxflex.passes.control_flow import CONTROL_FLOW, subgraphs
 from onnxflex.qparams import ActParams, QuantizedBias, QuantParams
 from onnxflex.rounding.activation import ActQuantizer
+from onnxflex.rounding.bias_correction import bias_shift
 from onnxflex.rounding.converters import OpNode, find_converter
 from onnxflex.rounding.converters.recurrent import QUANTIZED as QUANTIZED_RECURRENT
 from onnxflex.rounding.fusion import fuse_steps
@@ -56,13 +57,18 @@ def bias_limit(weight: torch.Tensor, axis: int) -> float:
 class QuantState:
     """Model-wide quantizers, keyed by ONNX names: weight initializer → rounder, tensor → activation
     quantizer, bias initializer → (weight name, input tensor) for int32 bias quantization, with its
-    float value and its integer limit (bias_limit)."""
+    float value and its integer limit (bias_limit). ``bias_axes``: the biases to correct, each with its
+    layer input's channel axis; a bias in ``bias_means`` (its layer's input mean,
+    laid out against the weight: rounding/bias_correction.py) follows its weight's rounding error until
+    ``settle_bias`` writes the corrected value into ``bias_values``, before the block learns."""
 
     rounders: dict[str, Rounder] = field(default_factory=dict)
     acts: dict[str, ActQuantizer] = field(default_factory=dict)
     int32_biases: dict[str, tuple[str, str]] = field(default_factory=dict)
     bias_values: dict[str, torch.Tensor] = field(default_factory=dict)
     bias_limits: dict[str, float] = field(default_factory=dict)
+    bias_axes: dict[str, int] = field(default_factory=dict)
+    bias_means: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @torch.no_grad()
     def export(self, act_dtype: int) -> QuantParams:
@@ -92,7 +98,25 @@ class QuantState:
             return None
         step = (act.scale() * self.rounders[weight].scale()).detach()
         limit = self.bias_limits.get(bias, INT32_MAX)
-        return torch.clamp(torch.round(self.bias_values[bias] / step), -limit, limit), step
+        return torch.clamp(torch.round(self.float_bias(bias) / step), -limit, limit), step
+
+    @torch.no_grad()
+    def float_bias(self, bias: str) -> torch.Tensor:
+        """The bias before int32 rounding: its value, less the shift of the output mean that the
+        weight's rounding as it is now makes, where it is to be corrected (``bias_means``)."""
+        mean = self.bias_means.get(bias)
+        if mean is None:
+            return self.bias_values[bias]
+        rounder = self.rounders[self.int32_biases[bias][0]]
+        return self.bias_values[bias] - bias_shift(rounder.fake_quant(), rounder.weight, mean, rounder.axis)
+
+    @torch.no_grad()
+    def settle_bias(self, bias: str) -> None:
+        """Mutates: a corrected bias's value becomes the corrected one for the weight's rounding as it is
+        now (reconstruct.settle_biases: the block's start), and it stops following the weight."""
+        if bias in self.bias_means:
+            self.bias_values[bias] = self.float_bias(bias).clone()
+            del self.bias_means[bias]
 
 
 def torch_supported(node: onnx.NodeProto, opset: int) -> bool:
