@@ -5,8 +5,10 @@ sample, which the block then no longer needs.
 
 A block keeps the torch run (reconstruct.calibrate_activations) when its act points cannot all be
 observed here: a node with a subgraph (If, Loop, Scan: their inner points, the branches taken and the
-loop counts come from the torch run), a point that is no top-level tensor of the model, or the MSE
-search (its thinned samples are drawn batch by batch of the torch run). onnxruntime and torch compute
+loop counts come from the torch run), a point that is no top-level tensor of the model, a layer whose
+int32 bias follows its weight's rounding (its input's channel means come from the torch run:
+rounding/bias_correction.py), or the MSE search (its thinned samples are drawn batch by batch of the
+torch run). onnxruntime and torch compute
 the same float model, so a range moves at most by float rounding between the two.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from onnxflex.layout import Layout
 from onnxflex.passes.control_flow import subgraphs
 from onnxflex.passes.select import concat_ties
 from onnxflex.rounding.actrange import PointValues
+from onnxflex.rounding.bias_correction import channel_axis
 
 
 def quantizer_keys(block: Block, ties: dict[str, str]) -> dict[str, tuple[str, str]]:
@@ -28,9 +31,12 @@ def quantizer_keys(block: Block, ties: dict[str, str]) -> dict[str, tuple[str, s
 
 
 def observable(block: Block, nested: set[str], tensors: set[str]) -> bool:
-    """Whether every act point of ``block`` is one of ``tensors`` (the model's top-level ones) and none of
-    its nodes is in ``nested`` (the nodes with a subgraph)."""
-    return not block.inner_points and set(block.act_points) <= tensors and nested.isdisjoint(block.nodes)
+    """Whether every act point of ``block`` is one of ``tensors`` (the model's top-level ones), none of
+    its nodes is in ``nested`` (the nodes with a subgraph) and none of its layers may get its bias
+    corrected (bias_correction.channel_axis: a bias at 4 bits or fewer)."""
+    corrected = any(l.bias and not l.owner and channel_axis(l.op_type, l.bits) is not None for l in block.layers)
+    return not (block.inner_points or corrected) and set(block.act_points) <= tensors \
+        and nested.isdisjoint(block.nodes)
 
 
 class CaptureObservers:
