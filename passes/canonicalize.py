@@ -2,7 +2,7 @@
 
 Upgrades opsets below 13 (per-channel DequantizeLinear needs 13) with onnx's version converter, names every node uniquely, pins the
 inputs --fix-input names (passes/pin_inputs.py), turns Constant nodes into initializers, drops
-Identity/Dropout, folds nodes whose inputs are all constant (weights fed through Transpose/Cast/Reshape
+Identity/Dropout and single-input Concat, folds nodes whose inputs are all constant (weights fed through Transpose/Cast/Reshape
 become plain initializers), folds the known dims of shapes, inlines the branch an If with a constant
 condition takes (passes/fold_if.py), gives subgraph initializers names of their own and routes outer
 tensors into subgraphs through Identities (passes/control_flow.py), gives each weighted node its own
@@ -138,11 +138,13 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def _remove_identities(model: onnx.ModelProto) -> None:
-    """Mutates: Identity and inference-mode Dropout nodes are bypassed and removed."""
+    """Mutates: Identity, inference-mode Dropout and single-input Concat nodes are bypassed and removed
+    (decoder exports concatenate an empty cache with a lone past key, and the past length their masks
+    take from its Shape must stay the Shape of a graph input: passes/partition.side_tensors)."""
     g = model.graph
     outputs = {o.name for o in g.output}
     implicit = {name for n in g.node for name in subgraph_reads(n)}  # renaming would break subgraphs
-    for node in [n for n in g.node if n.op_type in ("Identity", "Dropout")]:
+    for node in [n for n in g.node if n.op_type in ("Identity", "Dropout") or _lone_concat(n)]:
         if node.op_type == "Dropout" and (len(node.output) > 1 and node.output[1]):
             continue  # the mask is consumed; leave it to the converter
         src, dst = node.input[0], node.output[0]
@@ -155,6 +157,10 @@ def _remove_identities(model: onnx.ModelProto) -> None:
         else:
             _rename_tensor(g, dst, src)
         g.node.remove(node)
+
+
+def _lone_concat(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Concat" and len(node.input) == 1
 
 
 def _rename_tensor(g: onnx.GraphProto, old: str, new: str) -> None:

@@ -15,6 +15,9 @@ as crossing a cut, except float ones that reach a weighted layer's input through
 (token and position embeddings are activations). A block that reads a side tensor made in an earlier
 block recomputes it: the side nodes it needs are repeated in the block, so block inputs stay
 batch-major tensors that capture can store per sample. Every other node belongs to exactly one block.
+
+A decoder's key/value cache inputs and outputs (passes/kv_cache.py) do not count as crossing a cut
+either: each is read or made in one layer, so one decoder layer is one block.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from onnxflex.blocks import Block, BlockPlan, InnerPoint, QuantLayer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import default_opset, graph_input_names
 from onnxflex.passes.control_flow import reads, subgraphs, top_level_owner
+from onnxflex.passes.kv_cache import cache_tensors
 from onnxflex.placement import FLOAT_TYPES, declared_types
 
 IsSupported = Callable[[onnx.NodeProto, int], bool]  # (node, default-domain opset): runs in torch
@@ -53,7 +57,7 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
     for layer in layers:
         layers_of.setdefault(layer.node, []).append(layer)
     side = side_tensors(model, set(layer_of))
-    uncounted = side - _side_activations(model, side, layers)
+    uncounted = (side - _side_activations(model, side, layers)) | cache_tensors(model)
     starts = _layer_starts(nodes, layer_of) if granularity == "layer" else _single_tensor_cuts(model, uncounted)
     segments = _merge_weightless([nodes[a:b] for a, b in zip(starts, starts[1:] + [len(nodes)])], layer_of)
     if granularity == "block":
