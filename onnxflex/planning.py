@@ -16,7 +16,6 @@ from onnxflex.calib import fixed_batch
 from onnxflex.graph import load_model
 from onnxflex.options import PlanOptions, Resolved, RoundingOptions
 from onnxflex.passes.control_flow import control_flow_warnings
-from onnxflex.passes.kv_cache import cache_tensors
 from onnxflex.passes.partition import partition
 from onnxflex.passes.pipeline import PassContext, run_passes
 from onnxflex.passes.recurrent import recurrent_layers, state_tensors
@@ -86,8 +85,7 @@ def place(canonical: onnx.ModelProto, config: PlanOptions, warnings: tuple[str, 
     found.extend(recurrent_warnings)
     inner_layers, inner_points, outer_points = select_inner(canonical, target, config)
     points += tuple(p for p in outer_points if p not in points)
-    # rounding state read back (recurrent state, a decoder's cache) compounds at every call: never quantized
-    state = state_tensors(canonical) | cache_tensors(canonical)
+    state = state_tensors(canonical)  # rounding state read back compounds at every call: never quantized
     points = tuple(p for p in points if p not in state)
     heads = tuple(p for _, p in head_outputs(canonical, layers, target) if p in points)
     placed = partition(canonical, layers + recurrent, points, config.granularity, torch_supported, (),

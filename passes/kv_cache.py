@@ -6,11 +6,10 @@ prompt) and returns the Concat of each with the new step's keys or values as a g
 (``present.0.key`` [N, kv_heads, P + T, head_dim]), which the caller feeds back as the next past.
 
 Cache tensors are those inputs and outputs: the float graph inputs that reach a graph output through
-CACHE_PATH_OPS, and the graph outputs they reach. They are state, like a recurrent model's
-(passes/recurrent.py): none is an activation quant point, since rounding a cache the model reads back
-compounds at every generated token. Each is read or made by one decoder layer only, so partition does
-not count them as crossing a cut (passes/partition.py): a layer's block reads its past straight from
-the graph inputs and its present leaves the graph as it is made.
+CACHE_PATH_OPS, and the graph outputs they reach. Each is read or made by one decoder layer only, so
+partition does not count them as crossing a cut (passes/partition.py): a layer's block reads its past
+straight from the graph inputs and its present leaves the graph as it is made. None is an activation
+quant point (those are the inputs and outputs of weighted ops), so the cache stays float.
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from make_tiny_lm import VOCAB, corpus, encode, perplexity, split_text, unigram_
 
 WIDTH, LAYERS, HEADS, KV_HEADS, MLP_WIDTH, CONTEXT = 64, 2, 4, 2, 128, 64
 HEAD_DIM = WIDTH // HEADS
-STEPS, BATCH_SIZE, CALIB_SIZE = 400, 16, 128
+STEPS, BATCH_SIZE, CALIB_SIZE = 1000, 16, 128
 
 
 def build_model():
