@@ -10,6 +10,7 @@ logits stay within 8 % relative error. Measured on this fixture: W4 g32 RTN 0.93
 """
 from __future__ import annotations
 
+import pathlib
 import re
 import sys
 
@@ -112,6 +113,14 @@ def test_one_block_per_decoder_layer_and_one_for_the_head():
         assert {f"present.{k}.key", f"present.{k}.value"} <= set(block.outputs), block.outputs
         floats = [i for i in block.inputs if i not in PAST and i.startswith("/")]
         assert len(floats) == min(k, 1), f"{block.name}: one hidden state crosses the cut, not {floats}"
+
+
+def test_the_optimum_gpt2_export_also_gets_one_block_per_layer():
+    """The zoo's GPT-2 with past key/values (optimum's export: Gemm layers, its own mask arithmetic)."""
+    model = onnx.load(str(pathlib.Path(__file__).parent / "zoo" / "gpt2_tiny_past.onnx"))
+    plan = build_plan(model, resolve(w4_config("rtn")).plan)
+    layers = [sorted({re.search(r"h\.\d+|lm_head", layer.node).group() for layer in b.layers}) for b in plan.blocks]
+    assert layers == [["h.0"], ["h.1"], ["lm_head"]], plan.describe()
 
 
 def test_canonicalize_removes_a_single_input_concat():
