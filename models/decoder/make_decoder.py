@@ -15,17 +15,19 @@ only read the committed files. Writes, into ``--out-dir`` (default: this script'
   ``position_ids`` 0..63.
 - ``decoder.eval.npz``: ``input_ids`` int64 [M, 64] windows of the held-out text and ``targets``
   (the next character of each position).
-- ``hf/``: the checkpoint (``config.json``, ``generation_config.json``, ``model.safetensors``).
+- ``hf/``: the checkpoint (``config.json``, ``generation_config.json``, ``model.safetensors``) and a
+  character tokenizer (``tokenizer.json``, ``tokenizer_config.json``) that encodes text as ``encode``
+  does, so tools that read a Hugging Face folder (onnxruntime-genai's model builder) take it as it is.
 
 The model is ``transformers.LlamaForCausalLM`` from a config: vocabulary 128 (characters, as
 ``models/make_tiny_lm.py`` encodes the same help texts of Python's standard library), width 64, two
-layers, 4 query heads sharing 2 key/value heads (head dim 16), SiLU-gated MLP of width 128, RMSNorm,
+layers, 4 query heads sharing 2 key/value heads (head dim 16), SiLU-gated MLP of width 192 (not 128:
+onnxruntime-genai's model builder takes any Linear as wide as the vocabulary for the lm_head), RMSNorm,
 rotary embeddings, untied lm_head. Every MatMul weight has an input dimension that is a multiple of 32,
 so weight-only quantization with groups of 32 applies to all of them. Trained with AdamW for STEPS
 steps on 64-character windows; seeded, one thread.
 """
 
-import argparse
 import pathlib
 import sys
 import warnings
@@ -37,11 +39,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from make_tiny_lm import VOCAB, corpus, encode, perplexity, split_text, unigram_perplexity  # noqa: E402
+from make_tiny_lm import (VOCAB, arguments, checked, corpus, encode, learn, perplexity, split_text,  # noqa: E402
+                          unigram_perplexity)
 
-WIDTH, LAYERS, HEADS, KV_HEADS, MLP_WIDTH, CONTEXT = 64, 2, 4, 2, 128, 64
+WIDTH, LAYERS, HEADS, KV_HEADS, MLP_WIDTH, CONTEXT = 64, 2, 4, 2, 192, 64
 HEAD_DIM = WIDTH // HEADS
 STEPS, BATCH_SIZE, CALIB_SIZE = 1000, 16, 128
+EOS = 0  # NUL, which the text never holds: an end token for generation loops (the model never learned one)
 
 
 def build_model():
@@ -50,9 +54,19 @@ def build_model():
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=MLP_WIDTH, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=None, eos_token_id=EOS,
         pad_token_id=None, attn_implementation="eager")
     return LlamaForCausalLM(config)
+
+
+def save_tokenizer(folder: pathlib.Path) -> None:
+    """``tokenizer.json`` (and its config) for the checkpoint: one token per character as ``encode``
+    maps them (a BPE over the 128 ASCII characters without merges, ``?`` for anything else)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    characters = Tokenizer(models.BPE(vocab={chr(i): i for i in range(VOCAB)}, merges=[], unk_token="?"))
+    PreTrainedTokenizerFast(tokenizer_object=characters, unk_token="?", eos_token=chr(EOS)).save_pretrained(folder)
 
 
 class WithCache(nn.Module):
@@ -89,12 +103,7 @@ def train(model: nn.Module, ids: np.ndarray) -> None:
     for _ in range(STEPS):
         starts = torch.randint(0, len(ids) - CONTEXT - 1, (BATCH_SIZE,)).tolist()
         x = torch.stack([data[s:s + CONTEXT] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        learn(model, model(input_ids=x, labels=x).loss, optimizer, schedule)
     model.eval()
 
 
@@ -115,12 +124,7 @@ def export(model: nn.Module, path: pathlib.Path) -> onnx.ModelProto:
             WithCache(model), (ids, mask, positions, *past), str(path), dynamo=False, opset_version=17,
             input_names=["input_ids", "attention_mask", "position_ids", *past_names],
             output_names=["logits", *present_names], dynamic_axes=axes)
-    proto = onnx.load(str(path))
-    # onnx 1.23 stamps IR 14, which onnxruntime 1.31 refuses; use the minimum for the opset.
-    proto.ir_version = onnx.helper.find_min_ir_version_for(proto.opset_import)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
-    return proto
+    return checked(path)
 
 
 def prompt_feeds(ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -146,11 +150,7 @@ def check_cache(session: ort.InferenceSession, model: nn.Module, ids: np.ndarray
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path(__file__).parent,
-                        help="where to write the files (default: this script's folder)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for init, windows and training")
-    args = parser.parse_args()
+    args = arguments(__doc__, __file__)
 
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
@@ -162,6 +162,7 @@ def main() -> None:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out_dir / "hf")
+    save_tokenizer(args.out_dir / "hf")
     onnx_path = args.out_dir / "decoder.onnx"
     proto = export(model, onnx_path)
     rng = np.random.default_rng(args.seed)
