@@ -8,8 +8,9 @@ prompt) and returns the Concat of each with the new step's keys or values as a g
 Cache tensors are those inputs and outputs: the float graph inputs that reach a graph output through
 CACHE_PATH_OPS, and the graph outputs they reach. Each is read or made by one decoder layer only, so
 partition does not count them as crossing a cut (passes/partition.py): a layer's block reads its past
-straight from the graph inputs and its present leaves the graph as it is made. None is an activation
-quant point (those are the inputs and outputs of weighted ops), so the cache stays float.
+straight from the graph inputs and its present leaves the graph as it is made. None gets a Q/DQ of
+its own (activation quant points are the inputs and outputs of weighted ops; with --abits 8 a k/v
+projection's output Q/DQ still rounds what the cache stores).
 """
 from __future__ import annotations
 
