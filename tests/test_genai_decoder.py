@@ -1,0 +1,102 @@
+"""The decoder in onnxruntime-genai's form (models/decoder/genai: the builder's GroupQueryAttention,
+SkipSimplifiedLayerNormalization and SimplifiedLayerNormalization, the last an onnxruntime op written in
+the default domain) through onnxflex: ops onnxruntime registers in the default domain are lowered to
+standard ONNX so the emitted model passes onnx.checker, and a W4 g32 model runs in onnxruntime with
+its cache.
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, parser
+
+from helpers import MODELS
+from onnxflex import QuantConfig, quantize
+from onnxflex.options import resolve
+from onnxflex.passes.pipeline import PassContext, run_passes
+from onnxflex.verify import optimized_op_counts
+
+GENAI = MODELS / "decoder" / "genai" / "model.onnx"
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
+RMS_NORM = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, T, 8] x) => (float[N, T, 8] y) <float[8] gamma = {1.0, 2.0, 0.5, -1.0, 3.0, 0.25, 1.5, -2.0}> {
+        y = SimplifiedLayerNormalization <axis = AXIS, epsilon = 0.01> (x, gamma)
+    }"""
+
+
+def session(model: onnx.ModelProto | str) -> ort.InferenceSession:
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def canonical(model: onnx.ModelProto) -> onnx.ModelProto:
+    return run_passes(model, PassContext(resolve(QuantConfig()).plan))
+
+
+def test_a_default_domain_simplified_layer_norm_becomes_standard_ops_onnxruntime_fuses_back():
+    model = parser.parse_model(RMS_NORM.replace("AXIS", "-1"))
+    with pytest.raises(onnx.checker.ValidationError, match="SimplifiedLayerNormalization"):
+        onnx.checker.check_model(model, full_check=True)
+    lowered = canonical(model)
+    onnx.checker.check_model(lowered, full_check=True)
+    assert [n.op_type for n in lowered.graph.node] == ["Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul"]
+    assert optimized_op_counts(lowered) == {"SimplifiedLayerNormalization": 1}
+    x = {"x": np.random.default_rng(0).normal(0, 3, (2, 5, 8)).astype(np.float32)}
+    expected, got = session(model).run(None, x)[0], session(lowered).run(None, x)[0]
+    assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max(), np.abs(got - expected).max()
+
+
+def test_a_simplified_layer_norm_without_a_lowering_is_kept():
+    """A non-negative axis needs the rank, which a lowering does not assume: the node stays as written."""
+    lowered = canonical(parser.parse_model(RMS_NORM.replace("AXIS", "2")))
+    assert [n.op_type for n in lowered.graph.node] == ["SimplifiedLayerNormalization"]
+
+
+def feeds(ids: np.ndarray, present: dict | None = None, past_len: int = 0) -> dict[str, np.ndarray]:
+    n, t = ids.shape
+    empty = np.zeros((n, KV_HEADS, 0, HEAD_DIM), np.float32)
+    return {"input_ids": ids, "attention_mask": np.ones((n, past_len + t), np.int64),
+            **{f"past_key_values.{i}.{kind}": present[f"present.{i}.{kind}"] if present else empty
+               for i in range(LAYERS) for kind in ("key", "value")}}
+
+
+def generate(sess: ort.InferenceSession, prompt: np.ndarray, steps: int,
+             forced: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy decoding with the cache, one token per run after the prompt, feeding ``forced`` [M, steps]
+    instead of the argmax when given: (argmax tokens [M, steps], last-position logits [M, steps, V])."""
+    names = [o.name for o in sess.get_outputs()]
+    out, tokens, logits = dict(zip(names, sess.run(None, feeds(prompt)))), [], []
+    for step in range(steps):
+        logits.append(out["logits"][:, -1])
+        tokens.append(logits[-1].argmax(-1))
+        fed = tokens[-1] if forced is None else forced[:, step]
+        out = dict(zip(names, sess.run(None, feeds(fed[:, None], out, prompt.shape[1] + step))))
+    return np.stack(tokens, 1), np.stack(logits, 1)
+
+
+def test_w4_g32_rtn_of_the_builder_form_passes_the_checker_and_generates_with_the_cache(tmp_path):
+    calib = dict(np.load(MODELS / "decoder" / "decoder.calib.npz"))
+    del calib["position_ids"]  # the builder's model takes none: GroupQueryAttention counts positions
+    np.savez(tmp_path / "calib.npz", **calib)
+    config = QuantConfig(wbits=4, abits=0, group_size=32, method="rtn", preset="fast", calib_samples=48,
+                         verify_samples=8, latency_rules=False, seed=0)
+    model = quantize(str(GENAI), str(tmp_path / "calib.npz"), config, progress=False).model
+    onnx.checker.check_model(model, full_check=True)
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["SimplifiedLayerNormalization"] == 0 and ops["GroupQueryAttention"] == LAYERS, ops
+    assert optimized_op_counts(model)["MatMulNBits"] == 11
+
+    # as in test_decoder.py: 32 teacher-forced greedy steps (the bounds that file states, RTN's own)
+    prompts = np.load(MODELS / "decoder" / "decoder.eval.npz")["input_ids"][:12, :32]
+    fp_tokens, fp_logits = generate(session(GENAI), prompts, 32)
+    tokens, logits = generate(session(model), prompts, 32, forced=fp_tokens)
+    agree = float((tokens == fp_tokens).mean())
+    error = float(np.linalg.norm(logits - fp_logits) / np.linalg.norm(fp_logits))
+    print(f"\nbuilder form, rtn W4 g32: argmax agreement {agree:.3f}, logits relative error {error:.4f}")
+    assert agree >= 0.83, f"argmax agreement {agree:.3f} < 0.83 over 32 cached steps"
+    assert error < 0.08, f"logits relative error {error:.4f} >= 0.08"
