@@ -4,6 +4,8 @@ Such an export (torch.onnx or optimum from a Hugging Face causal LM) takes, per 
 value as float graph inputs (``past_key_values.0.key`` [N, kv_heads, P, head_dim], P = 0 for a
 prompt) and returns the Concat of each with the new step's keys or values as a graph output
 (``present.0.key`` [N, kv_heads, P + T, head_dim]), which the caller feeds back as the next past.
+onnxruntime-genai's form holds the cache in com.microsoft GroupQueryAttention (CACHE_OPS): the past
+inputs it reads and the present outputs it makes are cache tensors too.
 
 Cache tensors are those inputs and outputs: the float graph inputs that reach a graph output through
 CACHE_PATH_OPS, and the graph outputs they reach. Each is read or made by one decoder layer only, so
@@ -21,6 +23,7 @@ from onnxflex.passes.recurrent import flows_into
 from onnxflex.placement import FLOAT_TYPES
 
 CACHE_PATH_OPS = {"Concat", "Cast"}
+CACHE_OPS = {"GroupQueryAttention": ((3, 4), (1, 2))}  # com.microsoft: (past input, present output) slots
 
 
 def cache_tensors(model: onnx.ModelProto) -> set[str]:
@@ -40,4 +43,9 @@ def cache_tensors(model: onnx.ModelProto) -> set[str]:
         reach = flows_into(vi.name, users, CACHE_PATH_OPS)
         if reach & outputs:
             found |= reach
+    for node in g.node:  # onnxruntime's attention that holds the cache: past in, present out
+        if node.op_type in CACHE_OPS and node.domain == "com.microsoft":
+            past, present = CACHE_OPS[node.op_type]
+            found |= {node.input[i] for i in past if i < len(node.input) and node.input[i] in runtime}
+            found |= {node.output[i] for i in present if i < len(node.output) and node.output[i] in outputs}
     return found
