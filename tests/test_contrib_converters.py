@@ -12,7 +12,8 @@ import pytest
 import torch
 from onnx import helper
 
-from onnxflex.rounding.converters import OpNode, find_converter, supported_ops
+from onnxflex.errors import RegistryError
+from onnxflex.rounding.converters import OpNode, converter, find_converter, supported_ops
 
 RNG = np.random.default_rng(0)
 MS = "com.microsoft"
@@ -120,3 +121,9 @@ def test_every_contrib_converter_has_a_case():
     assert supported_ops(MS) == ["GroupQueryAttention", "SkipSimplifiedLayerNormalization"]
     assert "SimplifiedLayerNormalization" in supported_ops()
     assert "GroupQueryAttention" not in supported_ops() and find_converter("GroupQueryAttention", 22) is None
+
+
+def test_a_converter_for_another_domain_is_refused():
+    with pytest.raises(RegistryError, match="ai.onnx.ml"):
+        converter("TreeEnsemble", domain="ai.onnx.ml")
+    assert find_converter("GroupQueryAttention", 22, "ai.onnx.ml") is None

@@ -13,11 +13,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, parser
+from onnx import parser
 
 from helpers import MODELS
 from onnxflex import QuantConfig, quantize
 from onnxflex.options import resolve
+from onnxflex.passes.kv_cache import cache_tensors
 from onnxflex.passes.pipeline import PassContext, run_passes
 from onnxflex.planning import build_plan
 from onnxflex.verify import optimized_op_counts
@@ -102,6 +103,11 @@ def quantized(tmp_path_factory):
 def prompts_and_fp32():
     prompts = np.load(MODELS / "decoder" / "decoder.eval.npz")["input_ids"][:12, :32]
     return prompts, generate(session(GENAI), prompts, 32)
+
+
+def test_cache_tensors_are_what_group_query_attention_reads_and_returns():
+    past = {f"past_key_values.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "value")}
+    assert cache_tensors(onnx.load(str(GENAI))) == past | {p.replace("past_key_values", "present") for p in past}
 
 
 def test_one_torch_block_per_decoder_layer_and_one_for_the_head():
