@@ -71,6 +71,8 @@ def lower_ort_default_ops(model: onnx.ModelProto) -> int:
     """Mutates ``model``: each top-level default-domain node with a lowering in LOWERINGS (ops ONNX does
     not define at the model's opset) becomes the standard ops of its lowering, its output names kept.
     Reads element types from value_info (run shape inference first). Returns how many it rewrote."""
+    if not any(n.op_type in LOWERINGS and n.domain in DEFAULT_DOMAINS for n in model.graph.node):
+        return 0
     ctx = _Context(model)
     nodes, rewritten = [], 0
     for node in model.graph.node:
