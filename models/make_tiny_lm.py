@@ -148,13 +148,17 @@ def train(model: nn.Module, ids: np.ndarray) -> None:
         starts = torch.randint(0, len(ids) - CONTEXT - 1, (BATCH_SIZE,))
         x = torch.stack([data[s:s + CONTEXT] for s in starts.tolist()])
         y = torch.stack([data[s + 1:s + CONTEXT + 1] for s in starts.tolist()])
-        loss = F.cross_entropy(model(x, ones).reshape(-1, VOCAB), y.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        learn(model, F.cross_entropy(model(x, ones).reshape(-1, VOCAB), y.reshape(-1)), optimizer, schedule)
     model.eval()
+
+
+def learn(model: nn.Module, loss: torch.Tensor, optimizer, schedule) -> None:
+    """One optimisation step on ``loss``, gradients clipped to norm 1; mutates ``model``."""
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
 
 
 def export(model: nn.Module, path: pathlib.Path) -> onnx.ModelProto:
@@ -167,8 +171,13 @@ def export(model: nn.Module, path: pathlib.Path) -> onnx.ModelProto:
             input_names=["input_ids", "attention_mask"], output_names=["logits"],
             dynamic_axes={"input_ids": {0: "N", 1: "T"}, "attention_mask": {0: "N", 1: "T"},
                           "logits": {0: "N", 1: "T"}})
+    return checked(path)
+
+
+def checked(path: pathlib.Path) -> onnx.ModelProto:
+    """The export at ``path``, rewritten with the lowest IR version its opsets allow (onnx 1.23 stamps
+    IR 14, which onnxruntime 1.31 refuses) after a full check."""
     proto = onnx.load(str(path))
-    # onnx 1.23 stamps IR 14, which onnxruntime 1.31 refuses; use the minimum for the opset.
     proto.ir_version = onnx.helper.find_min_ir_version_for(proto.opset_import)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
@@ -188,12 +197,17 @@ def unigram_perplexity(train_ids: np.ndarray, targets: np.ndarray) -> float:
     return float(np.exp(-np.log(counts / counts.sum())[targets].mean()))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path(__file__).parent,
+def arguments(doc: str, script: str) -> argparse.Namespace:
+    """``--out-dir`` (default: the folder of ``script``) and ``--seed``, described by ``doc``'s first line."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path(script).parent,
                         help="where to write the files (default: this script's folder)")
     parser.add_argument("--seed", type=int, default=0, help="seed for init, windows and training")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments(__doc__, __file__)
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)

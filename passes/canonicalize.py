@@ -2,7 +2,8 @@
 
 Upgrades opsets below 13 (per-channel DequantizeLinear needs 13) with onnx's version converter, names every node uniquely, pins the
 inputs --fix-input names (passes/pin_inputs.py), turns Constant nodes into initializers, drops
-Identity/Dropout, folds nodes whose inputs are all constant (weights fed through Transpose/Cast/Reshape
+Identity/Dropout and single-input Concat, lowers the ops onnxruntime writes in the default domain
+that ONNX lacks (passes/ort_default_ops.py), folds nodes whose inputs are all constant (weights fed through Transpose/Cast/Reshape
 become plain initializers), folds the known dims of shapes, inlines the branch an If with a constant
 condition takes (passes/fold_if.py), gives subgraph initializers names of their own and routes outer
 tensors into subgraphs through Identities (passes/control_flow.py), gives each weighted node its own
@@ -28,6 +29,7 @@ from onnxflex.passes.control_flow import (explicit_outer_reads, localize_outer_i
                                            local_layer_inputs, subgraph_reads, subgraphs,
                                            unique_subgraph_initializers)
 from onnxflex.passes.fold_if import fold_constant_ifs
+from onnxflex.passes.ort_default_ops import lower_ort_default_ops
 from onnxflex.passes.pin_inputs import pin_inputs, pinned_values, restore_declarations
 
 QDQ_MIN_OPSET = 13
@@ -54,6 +56,8 @@ def canonicalize(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     _constants_to_initializers(model)
     _remove_identities(model)
     model = _infer(model)
+    if lower_ort_default_ops(model):
+        model = _infer(model)
     _fold_constants(model)
     while fold_constant_ifs(model):  # a folded branch may hold constants and Ifs that fold in turn
         _constants_to_initializers(model)
@@ -148,11 +152,13 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def _remove_identities(model: onnx.ModelProto) -> None:
-    """Mutates: Identity and inference-mode Dropout nodes are bypassed and removed."""
+    """Mutates: Identity, inference-mode Dropout and single-input Concat nodes are bypassed and removed
+    (decoder exports concatenate an empty cache with a lone past key, and the past length their masks
+    take from its Shape must stay the Shape of a graph input: passes/partition.side_tensors)."""
     g = model.graph
     outputs = {o.name for o in g.output}
     implicit = {name for n in g.node for name in subgraph_reads(n)}  # renaming would break subgraphs
-    for node in [n for n in g.node if n.op_type in ("Identity", "Dropout")]:
+    for node in [n for n in g.node if n.op_type in ("Identity", "Dropout") or _lone_concat(n)]:
         if node.op_type == "Dropout" and (len(node.output) > 1 and node.output[1]):
             continue  # the mask is consumed; leave it to the converter
         src, dst = node.input[0], node.output[0]
@@ -165,6 +171,10 @@ def _remove_identities(model: onnx.ModelProto) -> None:
         else:
             _rename_tensor(g, dst, src)
         g.node.remove(node)
+
+
+def _lone_concat(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Concat" and len(node.input) == 1
 
 
 def _rename_tensor(g: onnx.GraphProto, old: str, new: str) -> None:

@@ -15,6 +15,11 @@ as crossing a cut, except float ones that reach a weighted layer's input through
 (token and position embeddings are activations). A block that reads a side tensor made in an earlier
 block recomputes it: the side nodes it needs are repeated in the block, so block inputs stay
 batch-major tensors that capture can store per sample. Every other node belongs to exactly one block.
+
+A decoder's key/value cache inputs and outputs (passes/kv_cache.py) do not count as crossing a cut
+either: each is read or made in one layer, so one decoder layer is one block. In onnxruntime-genai's
+form of a decoder a SkipSimplifiedLayerNormalization's normalised output and its residual sum cross
+each cut between sublayers together; the outputs of one such node count as one tensor.
 """
 from __future__ import annotations
 
@@ -26,13 +31,17 @@ from onnxflex.blocks import Block, BlockPlan, InnerPoint, QuantLayer
 from onnxflex.errors import UnsupportedModelError
 from onnxflex.graph import default_opset, graph_input_names
 from onnxflex.passes.control_flow import reads, subgraphs, top_level_owner
+from onnxflex.passes.kv_cache import cache_tensors
 from onnxflex.placement import FLOAT_TYPES, declared_types
 
 IsSupported = Callable[[onnx.NodeProto, int], bool]  # (node, default-domain opset): runs in torch
 
 SHAPE_OPS = {"Shape", "Size"}
-ATTENTION_OPS = {"Softmax"}
-RESIDUAL_OPS = {"Add", "Sum"}
+ATTENTION_OPS = {"Softmax", "GroupQueryAttention"}
+RESIDUAL_OPS = {"Add", "Sum", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
+# onnxruntime's norms that also return the residual sum they normalise: their normalised output and
+# that sum cross a decoder layer's cut together, and count as one tensor there
+RESIDUAL_NORMS = {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
 # never repeated in a later block: a second run would draw other values, or a subgraph may read any tensor
 NOT_RECOMPUTED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                   "Bernoulli", "If", "Loop", "Scan"}
@@ -53,7 +62,7 @@ def partition(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], act_points
     for layer in layers:
         layers_of.setdefault(layer.node, []).append(layer)
     side = side_tensors(model, set(layer_of))
-    uncounted = side - _side_activations(model, side, layers)
+    uncounted = (side - _side_activations(model, side, layers)) | cache_tensors(model)
     starts = _layer_starts(nodes, layer_of) if granularity == "layer" else _single_tensor_cuts(model, uncounted)
     segments = _merge_weightless([nodes[a:b] for a, b in zip(starts, starts[1:] + [len(nodes)])], layer_of)
     if granularity == "block":
@@ -133,7 +142,8 @@ def _layer_starts(nodes, layer_of) -> list[int]:
 
 
 def _single_tensor_cuts(model: onnx.ModelProto, uncounted: set[str]) -> list[int]:
-    """Positions p where exactly one run-time tensor not in ``uncounted`` crosses from nodes[:p] to nodes[p:]."""
+    """Positions p where exactly one run-time tensor not in ``uncounted`` (or the outputs of one residual
+    norm, RESIDUAL_NORMS) crosses from nodes[:p] to nodes[p:]."""
     nodes = list(model.graph.node)
     inits = {t.name for t in model.graph.initializer}
     last_use: dict[str, int] = {}
@@ -145,12 +155,17 @@ def _single_tensor_cuts(model: onnx.ModelProto, uncounted: set[str]) -> list[int
         last_use[out.name] = len(nodes)
     born = {name: -1 for name in graph_input_names(model)}
     born.update({o: i for i, n in enumerate(nodes) for o in n.output if o})
-    delta = [0] * (len(nodes) + 2)
+    group = {o: n.name for n in nodes if n.op_type in RESIDUAL_NORMS for o in n.output if o}
+    spans: dict[str, tuple[int, int]] = {}  # tensor, or residual norm node -> (born, last use)
     for tensor, b in born.items():
         u = last_use.get(tensor, -1)
         if u > b and tensor not in uncounted:
-            delta[b + 1] += 1
-            delta[u + 1] -= 1
+            key = group.get(tensor, tensor)
+            spans[key] = (b, max(u, spans.get(key, (b, u))[1]))
+    delta = [0] * (len(nodes) + 2)
+    for b, u in spans.values():
+        delta[b + 1] += 1
+        delta[u + 1] -= 1
     cuts, live = [0], 0
     for p in range(len(nodes)):
         live += delta[p]

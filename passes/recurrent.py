@@ -118,15 +118,15 @@ def state_tensors(model: onnx.ModelProto) -> set[str]:
     outputs = {o.name for o in g.output}
     found: set[str] = set()
     for start in [i.name for i in g.input] + finals:
-        reach = _flows_into(start, users)
+        reach = flows_into(start, users)
         ends = outputs if start in finals else state_in
         if reach & ends:
             found |= reach
     return found
 
 
-def _flows_into(tensor: str, users: dict[str, list[onnx.NodeProto]]) -> set[str]:
-    """``tensor`` and every tensor made from it through STATE_PATH_OPS."""
+def flows_into(tensor: str, users: dict[str, list[onnx.NodeProto]], ops: set[str] = STATE_PATH_OPS) -> set[str]:
+    """``tensor`` and every tensor made from it through ``ops`` (``users``: tensor -> the nodes reading it)."""
     seen: set[str] = set()
     stack = [tensor]
     while stack:
@@ -134,5 +134,5 @@ def _flows_into(tensor: str, users: dict[str, list[onnx.NodeProto]]) -> set[str]
         if name in seen:
             continue
         seen.add(name)
-        stack += [o for n in users.get(name, []) if n.op_type in STATE_PATH_OPS for o in n.output if o]
+        stack += [o for n in users.get(name, []) if n.op_type in ops for o in n.output if o]
     return seen

@@ -51,13 +51,24 @@ class OpNode:
 
 
 _CONVERTERS: dict[str, list[tuple[int, Converter]]] = {}
+CONTRIB_DOMAINS = ("com.microsoft",)  # onnxruntime's own ops, which converters may be registered for
 
 
-def converter(op_type: str, since: int = 1) -> Callable[[Converter], Converter]:
-    """Register ``fn`` for ``op_type`` from opset ``since`` until the next registered version."""
+def _key(op_type: str, domain: str) -> str:
+    """Registry key: the op type in the default domain, ``domain:op_type`` in another."""
+    return op_type if domain in ("", "ai.onnx") else f"{domain}:{op_type}"
+
+
+def converter(op_type: str, since: int = 1, domain: str = "") -> Callable[[Converter], Converter]:
+    """Register ``fn`` for ``op_type`` from opset ``since`` until the next registered version. ``domain``:
+    the default (ONNX, whose opset ``since`` counts) or one of CONTRIB_DOMAINS (onnxruntime's ops, one
+    version each: ``since`` is 1)."""
+    if domain not in ("", "ai.onnx", *CONTRIB_DOMAINS):
+        raise RegistryError(f"converter ({op_type!r}) for domain {domain!r}: domains are the default and "
+                            f"{', '.join(CONTRIB_DOMAINS)}")
 
     def decorate(fn: Converter) -> Converter:
-        versions = _CONVERTERS.setdefault(op_type, [])
+        versions = _CONVERTERS.setdefault(_key(op_type, domain), [])
         if any(v == since for v, _ in versions):
             raise RegistryError(f"converter ({op_type!r}, since {since}) is registered twice")
         bisect.insort(versions, (since, fn), key=lambda item: item[0])
@@ -67,16 +78,19 @@ def converter(op_type: str, since: int = 1) -> Callable[[Converter], Converter]:
 
 
 def find_converter(op_type: str, opset: int, domain: str = "") -> Converter | None:
-    """The converter for ``op_type`` in a model of default-domain ``opset``, or None."""
+    """The converter for ``op_type`` of ``domain`` in a model of default-domain ``opset``, or None (a
+    contrib domain's converters are one version each, whatever the default opset)."""
+    versions = _CONVERTERS.get(_key(op_type, domain), [])
     if domain not in ("", "ai.onnx"):
-        return None
-    versions = _CONVERTERS.get(op_type, [])
+        return versions[-1][1] if domain in CONTRIB_DOMAINS and versions else None
     usable = [fn for since, fn in versions if since <= opset]
     return usable[-1] if usable else None
 
 
-def supported_ops() -> list[str]:
-    return sorted(_CONVERTERS)
+def supported_ops(domain: str = "") -> list[str]:
+    """The op types with a converter in ``domain``."""
+    prefix = _key("", domain)
+    return sorted(k[len(prefix):] for k in _CONVERTERS if (":" in k) == bool(prefix) and k.startswith(prefix))
 
 
 def numpy_value(t: Any) -> np.ndarray:

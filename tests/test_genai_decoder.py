@@ -1,0 +1,157 @@
+"""The decoder in onnxruntime-genai's form (models/decoder/genai: the builder's GroupQueryAttention,
+SkipSimplifiedLayerNormalization and SimplifiedLayerNormalization, the last an onnxruntime op written in
+the default domain) through onnxflex: ops onnxruntime registers in the default domain are lowered to
+standard ONNX so the emitted model passes onnx.checker, the model is reconstructed in torch one block
+per decoder layer, and its W4 g32 models (rtn, flexround, signround) run in onnxruntime with the cache.
+"""
+from __future__ import annotations
+
+import collections
+import re
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import parser
+
+from helpers import MODELS
+from onnxflex import QuantConfig, quantize
+from onnxflex.options import resolve
+from onnxflex.passes.kv_cache import cache_tensors
+from onnxflex.passes.pipeline import PassContext, run_passes
+from onnxflex.planning import build_plan
+from onnxflex.verify import optimized_op_counts
+
+GENAI = MODELS / "decoder" / "genai" / "model.onnx"
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
+RMS_NORM = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, T, 8] x) => (float[N, T, 8] y) <float[8] gamma = {1.0, 2.0, 0.5, -1.0, 3.0, 0.25, 1.5, -2.0}> {
+        y = SimplifiedLayerNormalization <axis = AXIS, epsilon = 0.01> (x, gamma)
+    }"""
+
+
+def session(model: onnx.ModelProto | str) -> ort.InferenceSession:
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def canonical(model: onnx.ModelProto) -> onnx.ModelProto:
+    return run_passes(model, PassContext(resolve(QuantConfig()).plan))
+
+
+def test_a_default_domain_simplified_layer_norm_becomes_standard_ops_onnxruntime_fuses_back():
+    model = parser.parse_model(RMS_NORM.replace("AXIS", "-1"))
+    with pytest.raises(onnx.checker.ValidationError, match="SimplifiedLayerNormalization"):
+        onnx.checker.check_model(model, full_check=True)
+    lowered = canonical(model)
+    onnx.checker.check_model(lowered, full_check=True)
+    assert [n.op_type for n in lowered.graph.node] == ["Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul"]
+    assert optimized_op_counts(lowered) == {"SimplifiedLayerNormalization": 1}
+    x = {"x": np.random.default_rng(0).normal(0, 3, (2, 5, 8)).astype(np.float32)}
+    expected, got = session(model).run(None, x)[0], session(lowered).run(None, x)[0]
+    assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max(), np.abs(got - expected).max()
+
+
+def test_a_simplified_layer_norm_without_a_lowering_is_kept():
+    """A non-negative axis needs the rank, which a lowering does not assume: the node stays as written."""
+    lowered = canonical(parser.parse_model(RMS_NORM.replace("AXIS", "2")))
+    assert [n.op_type for n in lowered.graph.node] == ["SimplifiedLayerNormalization"]
+
+
+def feeds(ids: np.ndarray, present: dict | None = None, past_len: int = 0) -> dict[str, np.ndarray]:
+    n, t = ids.shape
+    empty = np.zeros((n, KV_HEADS, 0, HEAD_DIM), np.float32)
+    return {"input_ids": ids, "attention_mask": np.ones((n, past_len + t), np.int64),
+            **{f"past_key_values.{i}.{kind}": present[f"present.{i}.{kind}"] if present else empty
+               for i in range(LAYERS) for kind in ("key", "value")}}
+
+
+def generate(sess: ort.InferenceSession, prompt: np.ndarray, steps: int,
+             forced: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy decoding with the cache, one token per run after the prompt, feeding ``forced`` [M, steps]
+    instead of the argmax when given: (argmax tokens [M, steps], last-position logits [M, steps, V])."""
+    names = [o.name for o in sess.get_outputs()]
+    out, tokens, logits = dict(zip(names, sess.run(None, feeds(prompt)))), [], []
+    for step in range(steps):
+        logits.append(out["logits"][:, -1])
+        tokens.append(logits[-1].argmax(-1))
+        fed = tokens[-1] if forced is None else forced[:, step]
+        out = dict(zip(names, sess.run(None, feeds(fed[:, None], out, prompt.shape[1] + step))))
+    return np.stack(tokens, 1), np.stack(logits, 1)
+
+
+def w4_config(method: str) -> QuantConfig:
+    """test_decoder.py's W4 g32 settings: the learned methods take 40 steps of 8 samples per block."""
+    learned = {} if method == "rtn" else {"iters": 40, "batch_size": 8, "early_stop": 0, "step_budget": 0.0}
+    return QuantConfig(wbits=4, abits=0, group_size=32, method=method, preset="fast", calib_samples=48,
+                       verify_samples=8, latency_rules=False, seed=0, **learned)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    calib = dict(np.load(MODELS / "decoder" / "decoder.calib.npz"))
+    del calib["position_ids"]  # the builder's model takes none: GroupQueryAttention counts positions
+    path = tmp_path_factory.mktemp("genai") / "calib.npz"
+    np.savez(path, **calib)
+    return {method: quantize(str(GENAI), str(path), w4_config(method), progress=False)
+            for method in ("rtn", "flexround", "signround")}
+
+
+@pytest.fixture(scope="module")
+def prompts_and_fp32():
+    prompts = np.load(MODELS / "decoder" / "decoder.eval.npz")["input_ids"][:12, :32]
+    return prompts, generate(session(GENAI), prompts, 32)
+
+
+def test_cache_tensors_are_what_group_query_attention_reads_and_returns():
+    past = {f"past_key_values.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "value")}
+    assert cache_tensors(onnx.load(str(GENAI))) == past | {p.replace("past_key_values", "present") for p in past}
+
+
+def test_one_torch_block_per_decoder_layer_and_one_for_the_head():
+    plan = build_plan(onnx.load(str(GENAI)), resolve(w4_config("rtn")).plan)
+    layers = [sorted({re.search(r"layers\.\d+|lm_head", layer.node).group() for layer in b.layers})
+              for b in plan.blocks]
+    assert layers == [["layers.0"], ["layers.1"], ["lm_head"]], plan.describe()
+    assert not any(b.unsupported for b in plan.blocks), [b.unsupported for b in plan.blocks]
+    for k, block in enumerate(plan.blocks[:LAYERS]):
+        assert {f"past_key_values.{k}.key", f"past_key_values.{k}.value"} <= set(block.inputs), block.inputs
+        assert {f"present.{k}.key", f"present.{k}.value"} <= set(block.outputs), block.outputs
+    crossing = [i for i in plan.blocks[1].inputs if i.startswith("/model/layers")]
+    assert sorted(crossing) == ["/model/layers.1/input_layernorm/output_0",
+                                "/model/layers.1/input_layernorm/output_3"], crossing
+
+
+@pytest.mark.parametrize("method", ["rtn", "flexround", "signround"])
+def test_w4_g32_of_the_builder_form_passes_the_checker_and_generates_with_the_cache(method, quantized,
+                                                                                     prompts_and_fp32):
+    result = quantized[method]
+    model = result.model
+    onnx.checker.check_model(model, full_check=True)
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["SimplifiedLayerNormalization"] == 0 and ops["GroupQueryAttention"] == LAYERS, ops
+    assert optimized_op_counts(model)["MatMulNBits"] == 11
+    assert [b["runtime"] for b in result.report["blocks"]] == ["torch"] * 3, result.report["blocks"]
+    sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]
+    assert min(sim.values()) > 60, f"onnxruntime vs the torch simulation: {sim}"
+
+    # as in test_decoder.py: 32 teacher-forced greedy steps, with that file's bounds
+    prompts, (fp_tokens, fp_logits) = prompts_and_fp32
+    tokens, logits = generate(session(model), prompts, 32, forced=fp_tokens)
+    agree = float((tokens == fp_tokens).mean())
+    error = float(np.linalg.norm(logits - fp_logits) / np.linalg.norm(fp_logits))
+    print(f"\nbuilder form, {method} W4 g32: argmax agreement {agree:.3f}, logits relative error {error:.4f}")
+    assert agree >= 0.83, f"{method}: argmax agreement {agree:.3f} < 0.83 over 32 cached steps"
+    assert error < 0.08, f"{method}: logits relative error {error:.4f} >= 0.08"
+
+
+def test_learned_rounding_beats_rtn_on_the_builder_form(quantized, prompts_and_fp32):
+    prompts, (fp_tokens, fp_logits) = prompts_and_fp32
+    errors = {}
+    for method, result in quantized.items():
+        logits = generate(session(result.model), prompts, 32, forced=fp_tokens)[1]
+        errors[method] = float(np.linalg.norm(logits - fp_logits) / np.linalg.norm(fp_logits))
+    for method in ("flexround", "signround"):
+        assert errors[method] < 0.8 * errors["rtn"], f"{method} does not beat RTN by 20 %: {errors}"
