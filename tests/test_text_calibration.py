@@ -135,10 +135,14 @@ def test_text_needs_a_tokenizer_and_a_tokenizer_needs_text(corpus, tmp_path):
     assert runner.exit_code == 2 and "pass --tokenizer" in runner.output and not out.exists()
 
 
-def test_without_the_tokenizers_library_the_error_names_the_extra(corpus, monkeypatch):
+def test_without_the_tokenizers_library_the_error_names_the_extra(corpus, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(CalibrationError, match=r"pip install 'onnxflex\[text\]'"):
         text_set(DECODER, corpus)
+    runner = CliRunner().invoke(main, ["quantize", str(DECODER), "-o", str(tmp_path / "q.onnx"), "--calib",
+                                       str(corpus), "--tokenizer", str(TOKENIZER), "--seq-len", "32"],
+                                catch_exceptions=False)
+    assert runner.exit_code == 2 and "onnxflex[text]" in runner.output
 
 
 @pytest.mark.parametrize("model", [DECODER, GENAI], ids=["torch-export", "genai-builder"])
