@@ -1,6 +1,7 @@
 """The Python API: ``onnxflex.quantize(model, calibration, config) -> QuantResult``."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ from onnxflex.errors import VerificationError
 from onnxflex.graph import save_model_atomic, write_text_atomic
 from onnxflex.progress import Progress
 from onnxflex.report import build_report, to_json
+from onnxflex.text import genai_config, genai_config_path
 
 log = logging.getLogger("onnxflex")
 
@@ -26,12 +28,36 @@ class QuantResult:
     model: onnx.ModelProto
     report: dict[str, Any]
     params: Any = field(repr=False, default=None)
+    source: Path | None = None  # the input model's path, when it was given as one
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model and ``<path>.report.json`` atomically; returns the model path."""
+        """Write the model and ``<path>.report.json`` atomically, and a copy of the genai_config.json
+        beside the input model (keep_genai_config); returns the model path."""
         path = save_model_atomic(self.model, path)
         write_text_atomic(to_json(self.report), report_path(path))
+        if self.source is not None:
+            keep_genai_config(self.source, path)
         return path
+
+
+def keep_genai_config(source: Path, output: Path) -> Path | None:
+    """Copy the onnxruntime-genai genai_config.json beside ``source`` next to ``output``, its
+    model.decoder.filename naming ``output``, so that onnxruntime-genai loads the quantized model from
+    that folder. One already there that differs is kept, with a warning; returns the copy's path."""
+    config = genai_config(source)
+    if not config:
+        return None
+    decoder = config.get("model", {}).get("decoder")
+    if isinstance(decoder, dict) and decoder.get("filename", output.name) != output.name:
+        decoder["filename"] = output.name
+    text = json.dumps(config, indent=4) + "\n"
+    target = genai_config_path(output)
+    if target.exists() and target.read_text() != text:
+        log.warning("%s is kept as it is (not replaced by the input's genai_config.json naming %s): onnxruntime-genai "
+                    "loads what it names from that folder; write the quantized model to a folder of its own to get "
+                    "a genai_config.json for it", target, output.name)
+        return None
+    return write_text_atomic(text, target)
 
 
 def report_path(model_path: str | os.PathLike) -> Path:
@@ -92,7 +118,8 @@ def _quantize(model: Any, calibration: Any, config: QuantConfig, progress: bool,
 
     t0 = time.perf_counter()
     run = run_pipeline(model, calibration, config, Progress(progress))
-    result = QuantResult(run.model, build_report(run, logged, time.perf_counter() - t0), run.params)
+    source = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    result = QuantResult(run.model, build_report(run, logged, time.perf_counter() - t0), run.params, source)
     failure = run.verification.failure() if run.verification is not None else None
     if failure:
         raise VerificationError(f"{failure}; the simulation, or the place it is compared, is wrong: please report "

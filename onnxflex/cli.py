@@ -142,7 +142,8 @@ def main() -> None:
               help="Output model path [default: MODEL with suffix .q.onnx]; the report goes to OUTPUT.report.json.")
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data: an .npz (one array per model input, samples on dim 0), or a folder of "
-                   ".npy/.npz files or images [default: MODEL's .calib.npz, else synthetic data].")
+                   ".npy/.npz files or images, or a .txt for a decoder (with --tokenizer, --seq-len) "
+                   "[default: MODEL's .calib.npz, else synthetic data].")
 @click.option("--dump-config", is_flag=True,
               help="Print the options as given (-1: the method's or preset's default) as TOML, each resolved "
                    "value as a comment, and exit; edit it and pass it back with --config.")

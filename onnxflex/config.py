@@ -114,7 +114,11 @@ OPTION_HELP: dict[str, str] = {
                   "away (repeatable)",
     "batch_axes": "NAME=AXIS: the axis that carries the samples of an input whose batch is not on axis 0, e.g. "
                   "a recurrent state[2, N, 128] (state=1); found from the data when only one axis fits (repeatable)",
-    "synthetic_samples": "samples generated when no calibration data is given",
+    "synthetic_samples": "samples generated when no calibration data is given (also the number of token windows "
+                         "cut from a .txt calibration when calib_samples is 0)",
+    "tokenizer": "tokenizer.json (the tokenizers library, the text extra) that turns a .txt calibration into "
+                 "token ids; required with a .txt calibration, refused without one",
+    "seq_len": "tokens per window cut from a .txt calibration (0 = the model's fixed input_ids length)",
     "verify_tolerance_db": "least SQNR of onnxruntime vs the torch simulation before the run fails",
     "checkpoint_dir": "folder for per-block checkpoints; a killed run restarted with the same arguments resumes there",
     "optimize_latency": "time every layer as integer and as float in onnxruntime on this machine (one calibration "
@@ -173,6 +177,8 @@ class QuantConfig:
     fix_inputs: tuple[str, ...] = ()
     batch_axes: tuple[str, ...] = ()
     synthetic_samples: int = 128
+    tokenizer: str = ""
+    seq_len: int = 0
     verify_tolerance_db: float = 30.0
     checkpoint_dir: str = ""
     requantize: bool = False
@@ -203,6 +209,9 @@ class QuantConfig:
         _check_range("verify_samples", self.verify_samples, 0, 1 << 20)
         _check_range("verify_tolerance_db", self.verify_tolerance_db, 0.0, 300.0, float)
         _check_range("synthetic_samples", self.synthetic_samples, 1, 1 << 20)
+        _check_range("seq_len", self.seq_len, 0, 1 << 24)
+        if not isinstance(self.tokenizer, str):
+            raise ConfigError(f"tokenizer={self.tokenizer!r} must be a tokenizer.json path (a string; '' = none)")
         _check_range("latency_threads", self.latency_threads, 0, 1024)
         if not isinstance(self.checkpoint_dir, str):
             raise ConfigError(f"checkpoint_dir={self.checkpoint_dir!r} must be a folder path (a string; '' = none)")

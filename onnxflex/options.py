@@ -192,6 +192,8 @@ class DataOptions(_Record):
     input_shapes: tuple[str, ...]
     fix_inputs: tuple[str, ...]
     batch_axes: tuple[str, ...]
+    tokenizer: str
+    seq_len: int
     seed: int
 
 

@@ -32,19 +32,38 @@ def resolve_calibration(calibration: Any, model: onnx.ModelProto, model_source: 
                         config: DataOptions) -> CalibrationSet:
     """Any accepted source (see the module docstring) → a CalibrationSet checked against ``model``, with
     ``config.batch_axes`` and ``config.fix_inputs`` applied (InputOptions). ``--input-shape`` shapes
-    synthetic data only: with real data it is a warning (in the set's ``warnings``)."""
-    if calibration is None:
+    synthetic data only: with real data it is a warning (in the set's ``warnings``). A .txt path is text
+    for a decoder (onnxflex.text), tokenized with ``config.tokenizer`` into windows of ``config.seq_len``."""
+    from onnxflex.text import is_text, load_text
+
+    if not is_text(calibration) and (config.tokenizer or config.seq_len):
+        raise CalibrationError(f"--tokenizer and --seq-len tokenize a .txt calibration, but calibration comes from "
+                               f"{_described(calibration)}: drop them or pass --calib corpus.txt")
+    if is_text(calibration):
+        model_path = Path(model_source) if isinstance(model_source, (str, os.PathLike)) else None
+        data = load_text(Path(calibration), model, model_path, config.tokenizer, config.seq_len,
+                         config.calib_samples or config.synthetic_samples, InputOptions.from_config(config))
+    elif calibration is None:
         found = default_calibration_path(model_source) if isinstance(model_source, (str, os.PathLike)) else None
         if found is None:
             return synthetic_calibration(model, config)
-        calibration = found
-    data = _resolve_given(calibration, model, InputOptions.from_config(config))
+        data = _resolve_given(found, model, InputOptions.from_config(config))
+    else:
+        data = _resolve_given(calibration, model, InputOptions.from_config(config))
     if not config.input_shapes:
         return data
     unused = (f"--input-shape {', '.join(config.input_shapes)} shapes synthetic data only, but calibration comes "
               f"from {data.source}: it changes nothing (drop it)")
     log.warning(unused)
     return replace(data, warnings=data.warnings + (unused,))
+
+
+def _described(calibration: Any) -> str:
+    if calibration is None:
+        return "the model's bundled data or synthetic inputs"
+    if isinstance(calibration, (str, os.PathLike)):
+        return repr(str(calibration))
+    return f"a {type(calibration).__name__}"
 
 
 def _resolve_given(calibration: Any, model: onnx.ModelProto, options: InputOptions) -> CalibrationSet:
