@@ -79,7 +79,8 @@ OPTION_HELP: dict[str, str] = {
           "(flexround 3e-3, adaround 0.1, signround 1/iters)",
     "scale_lr": "learning rate of the weight step sizes (signround steps its clip factors with lr)",
     "act_lr": "learning rate of the activation step sizes",
-    "weight_scale": "initial weight step: min/max or an MSE grid search",
+    "weight_scale": "initial weight step: min/max or an MSE grid search; below 8 bits a symmetric MSE step is "
+                    "then unshrunk (the rounded weight keeps the float weight's projection on itself)",
     "act_scale": "initial activation step: percentile (a signed grid ends at the 99.999th percentile of the "
                  "magnitudes over all calibration values; an unsigned grid clips its maximum at that percentile "
                  "of the positive values and its minimum at that of the negative ones), min/max, or an MSE grid "

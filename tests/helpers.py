@@ -19,6 +19,11 @@ def run_model(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -> li
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
+def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Share of the rows whose argmax is ``reference``'s (the quantized model's decisions against FP32's)."""
+    return float((logits.argmax(-1) == reference.argmax(-1)).mean())
+
+
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return 100.0 * float((logits.argmax(axis=1) == labels).mean())
 

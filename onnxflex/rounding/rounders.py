@@ -27,7 +27,7 @@ from onnxflex.rounding.grid import RATIOS, init_asymmetric_grid, reduce_over
 from onnxflex.rounding.quant import round_ste, signed_range, unsigned_range
 
 SEARCH_CHUNK = 1 << 18  # weight values per step of the grid search
-UNSHRUNK_BITS = 4  # symmetric MSE steps at this many bits or fewer are then unshrunk (unshrunk_step)
+UNSHRUNK_BITS = 7  # symmetric MSE steps below 8 bits are then unshrunk (unshrunk_step)
 UNSHRUNK_ROUNDS = 3
 
 
