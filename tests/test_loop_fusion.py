@@ -245,3 +245,19 @@ def test_the_whole_block_loop_runs_inside_reused_pages(monkeypatch):
     keep = [("mallopt", p, v) for p, v in heap.KEEP.items()]
     after = [("mallopt", p, v) for p, v in heap.AFTER.items()]
     assert libc.calls == keep + after, libc.calls
+
+
+@pytest.mark.parametrize("zero, qmin, qmax", [(128.0, 0, 255), (0.0, -128, 127), (0.0, 0, 255)])
+def test_the_fake_quantizer_without_gradients_gives_the_forward_bit_for_bit(zero, qmin, qmax):
+    """The no-gradient path (in place on one tensor) writes the bits the autograd forward writes."""
+    from onnxflex.rounding.quant import fake_quant
+
+    s = 0.0123
+    edges = [-0.0, 0.0, 1e30, -1e30, 0.5 * s, -0.5 * s, 1.5 * s, 127.5 * s, -128.5 * s, 255.5 * s, 1e-9, -1e-9]
+    x = torch.cat([torch.randn(20_000, generator=torch.Generator().manual_seed(5)) * 3, torch.tensor(edges)])
+    scale, zp = torch.tensor(s), torch.tensor(zero)
+    with torch.no_grad():
+        plain = fake_quant(x, scale, zp, qmin, qmax)
+    graded = _FakeQuant.apply(x.clone().requires_grad_(), scale.clone().requires_grad_(), zp, qmin, qmax)
+    assert torch.equal(_bits(plain), _bits(graded.detach())), "the no-gradient fake_quant differs"
+    assert torch.equal(x[:3], torch.randn(20_000, generator=torch.Generator().manual_seed(5))[:3] * 3), "input written"

@@ -66,8 +66,9 @@ class BlockResult:
 class BlockData:
     """A block's tensors on the compute device: FP inputs, FP targets and quantized-path inputs, samples
     on dim 0 (a shared tensor is a Shared value that every batch sees whole); on the CPU the cache's
-    own arrays, not copies (nothing writes into a block's tensors; the cache replaces an entry whole). ``run`` calls a block
-    module in the model's layout (``layout``: the cache's batch axes) and returns sample-major outputs."""
+    own arrays, not copies (nothing writes into a block's tensors; the cache replaces an entry whole).
+    ``run`` calls a block module in the model's layout (``layout``: the cache's batch axes) and returns
+    sample-major outputs."""
 
     def __init__(self, block: Block, cache: TensorCache, device: torch.device) -> None:
         self.layout = cache.layout
