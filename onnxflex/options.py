@@ -51,10 +51,11 @@ class Preset:
 
 
 FAST_STEP_BUDGET = 1.0  # fast: the learning costs about one more FP pass over the samples than RTN
-# default: at most this much learning work (budget.step_cost's FLOPs). On an idle 2-core CPU the learning
-# loop did 6.5 GFLOP/s of them on the slowest of the real models (bench/real_models.py: ppocr_det, whose
-# 736x736 activations cost more than their products; 14 on ppocr_rec, 37-45 on the other detectors),
-# so the cap is about 8 minutes of learning there at worst
+# default: at most this much learning work (budget.step_cost's FLOPs). On an idle 2-core CPU the fast
+# preset's learning did 6.5 GFLOP/s of them on the slowest of the real models (bench/real_models.py:
+# ppocr_det, most of it in a 3-channel stem on 736x736 inputs whose activations cost more than its
+# products), 14 on ppocr_rec, 37-45 on the other detectors: the cap is about 8 minutes of learning at
+# 6.5, and ppocr_det's default run learned it in about 3 CPU minutes (its split spent it on Conv blocks)
 DEFAULT_STEP_CAP = 3e12
 
 PRESET_VALUES = {"fast": Preset(iters_scale=0.25, batch_size=32, patience=0.2, step_budget=FAST_STEP_BUDGET),
