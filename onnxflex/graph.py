@@ -13,7 +13,6 @@ from onnx import helper, numpy_helper
 
 from onnxflex.errors import ModelLoadError
 from onnxflex.extdata import load_offloaded, needs_file, weights_dir, write_model
-from onnxflex.passes.control_flow import subgraphs
 
 DEFAULT_DOMAINS = ("", "ai.onnx")  # the ONNX operator set, by both of its names
 MIN_OPSET = 1  # onnx's version converter has adapters from opset 1; canonicalize upgrades to 13
@@ -199,7 +198,7 @@ def shape_values(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: dic
     for node in nodes:
         inputs = [i for i in node.input if i]
         shape_of_feed = node.op_type == "Shape" and inputs and inputs[0] in feeds
-        if node.domain in DEFAULT_DOMAINS and not any(subgraphs(node)) and (
+        if node.domain in DEFAULT_DOMAINS and not _has_subgraph(node) and (
                 shape_of_feed or (inputs and all(i in known for i in inputs))):
             steps.append(node)
             known.update(node.output)
@@ -218,6 +217,10 @@ def shape_values(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: dic
         return []
     return [numpy_helper.from_array(np.asarray(v), name) for name, v in zip(produced, values)
             if np.asarray(v).dtype.kind in "iu" and np.asarray(v).size <= SMALL_INIT]
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
 def _inferred_shapes(model: onnx.ModelProto, nodes, typed: list, constants: list, outputs, given: set[str]
