@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+from onnxflex.runtimes.onnxruntime import INTEGER_KERNELS
+
 
 def versions() -> dict[str, str]:
     import onnx
@@ -174,7 +176,7 @@ def summary(report: dict) -> str:
         lines.append(f"output {name}: SQNR vs FP32 {db:.1f} dB, onnxruntime vs simulation {sim:.1f} dB "
                      f"({v['samples']} held-out samples)")
     ops = v.get("optimized_graph_ops", {})
-    kernels = {k: c for k, c in ops.items() if k.startswith("QLinear") or k in ("QGemm", "MatMulNBits", "DynamicQuantizeLSTM")}
+    kernels = {k: c for k, c in ops.items() if k.startswith("QLinear") or k in INTEGER_KERNELS}
     if ops:
         lines.append("onnxruntime integer kernels: " + (", ".join(f"{k}×{c}" for k, c in kernels.items()) or "none"))
     lines += latency_lines(report.get("latency_rules") or {})

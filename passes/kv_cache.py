@@ -11,8 +11,9 @@ Cache tensors are those inputs and outputs: the float graph inputs that reach a 
 CACHE_PATH_OPS, and the graph outputs they reach. Each is read or made by one decoder layer only, so
 partition does not count them as crossing a cut (passes/partition.py): a layer's block reads its past
 straight from the graph inputs and its present leaves the graph as it is made. None gets a Q/DQ of
-its own (activation quant points are the inputs and outputs of weighted ops; with --abits 8 a k/v
-projection's output Q/DQ still rounds what the cache stores).
+its own, and no weighted op whose output the cache stores (a k/v projection, through reshapes,
+rotary and the Concat: ``cache_sources``) gets an output Q/DQ, so with --abits 8 the cache holds the
+layer's float output, as the FP32 model's would for its quantized weights.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from onnxflex.placement import FLOAT_TYPES
 
 CACHE_PATH_OPS = {"Concat", "Cast"}
 CACHE_OPS = {"GroupQueryAttention": ((3, 4), (1, 2))}  # com.microsoft: (past input, present output) slots
+CACHE_VALUE_SLOTS = {"GroupQueryAttention": (0, 1, 2)}  # ... the inputs it stores (query packs q, k, v when 1 is empty)
+SHAPE_OPS = {"Shape", "Size"}  # read only the shape of their input, never its values
 
 
 def cache_tensors(model: onnx.ModelProto) -> set[str]:
@@ -49,3 +52,20 @@ def cache_tensors(model: onnx.ModelProto) -> set[str]:
             found |= {node.input[i] for i in past if i < len(node.input) and node.input[i] in runtime}
             found |= {node.output[i] for i in present if i < len(node.output) and node.output[i] in outputs}
     return found
+
+
+def cache_sources(model: onnx.ModelProto, stop: set[str]) -> set[str]:
+    """Tensors of the top-level graph whose values a cache output stores: the tensors a cache output is
+    made from through nodes other than the ``stop`` ops (the weighted ops that make them) and SHAPE_OPS;
+    a CACHE_OPS node stores only its key/value inputs (CACHE_VALUE_SLOTS; its query only when packed)."""
+    cache = cache_tensors(model)
+    reach = {o.name for o in model.graph.output if o.name in cache}
+    for node in reversed(model.graph.node):
+        if node.op_type in stop or node.op_type in SHAPE_OPS or not any(o in reach for o in node.output):
+            continue
+        inputs = list(node.input)
+        if node.op_type in CACHE_VALUE_SLOTS and node.domain == "com.microsoft":
+            packed = len(inputs) < 2 or not inputs[1]
+            inputs = [inputs[i] for i in CACHE_VALUE_SLOTS[node.op_type] if i < len(inputs) and (i or packed)]
+        reach.update(i for i in inputs if i)
+    return reach

@@ -13,8 +13,9 @@ from onnxflex.blocks import QuantLayer
 from onnxflex.errors import ConfigError, UnsupportedModelError
 from onnxflex.graph import consumers, graph_input_names, node_attr
 from onnxflex.options import PlanOptions
-from onnxflex.placement import (FLOAT_TYPES, QUANTIZABLE_TYPES, channel_axis, declared_types, final_tensors,
-                                output_point, reduction_depth, residual_skips)
+from onnxflex.passes.kv_cache import cache_sources
+from onnxflex.placement import (FLOAT_TYPES, LATER_LAYER_OPS, QUANTIZABLE_TYPES, channel_axis, declared_types,
+                                final_tensors, output_point, reduction_depth, residual_skips)
 from onnxflex.runtimes.base import Target
 
 
@@ -123,12 +124,14 @@ def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, confi
 def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], target: Target,
                       config: PlanOptions) -> tuple[str, ...]:
     """Tensors that get Q/DQ: every layer's activation input; for fusing targets its output (taken
-    after a single following activation in ``target.absorb``); for targets that fuse residual Adds the
+    after a single following activation in ``target.absorb``) unless a decoder's cache stores it
+    (passes/kv_cache.cache_sources); for targets that fuse residual Adds the
     skip input of each such Add. Empty for weight-only runs."""
     if config.abits == 0:
         return ()
     float_tensors = _float_tensors(model)
-    outputs = dict(_output_points(model, layers, target))
+    stored = cache_sources(model, set(LATER_LAYER_OPS))  # a decoder's cache keeps the float k/v outputs
+    outputs = {node: point for node, point in _output_points(model, layers, target) if point not in stored}
     points: list[str] = []
     for layer in layers:
         candidates = [layer.input] + ([outputs[layer.node]] if layer.node in outputs else [])

@@ -27,4 +27,4 @@ ONNXRUNTIME = Target(name="onnxruntime", recurrent_ops=("LSTM",), weight_only_ze
                      fuse_silu=True, softmax_before_transpose=True, quantize_concat_inputs=True)
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulNBits",
-                   "DynamicQuantizeMatMul", "QLinearAdd", "DynamicQuantizeLSTM")
+                   "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearAdd", "DynamicQuantizeLSTM")
