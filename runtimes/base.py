@@ -43,6 +43,8 @@ class Target:
         runtime's Softmax along such an axis pays a general strided transpose (onnxruntime CPU).
     shared_concat_scales: every quantized input of a Concat must use one step (the runtime concatenates
         integers in place).
+    matmul_nbits: a blocked 4-bit weight read by a MatMul that the runtime would not fuse with it (one
+        whose output goes to a Relu or Clip) is written as com.microsoft MatMulNBits (emit/nbits.py).
 
     Versions and checking:
     min_opset / max_opset: default-domain opsets the emitted model may use (per-channel
@@ -72,6 +74,7 @@ class Target:
     fuse_silu: bool = False
     softmax_before_transpose: bool = False
     quantize_concat_inputs: bool = False
+    matmul_nbits: bool = False
     min_opset: int = 13
     max_opset: int = 0
     weighted_ops: tuple[str, ...] = WEIGHTED_OPS

@@ -24,7 +24,8 @@ from __future__ import annotations
 from onnxflex.runtimes.base import Target
 
 ONNXRUNTIME = Target(name="onnxruntime", recurrent_ops=("LSTM",), weight_only_zero_points=True, float_depth=32,
-                     fuse_silu=True, softmax_before_transpose=True, quantize_concat_inputs=True)
+                     fuse_silu=True, softmax_before_transpose=True, quantize_concat_inputs=True,
+                     matmul_nbits=True)
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulNBits",
                    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearAdd", "DynamicQuantizeLSTM")

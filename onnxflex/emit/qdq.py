@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxflex.emit.concat import quantize_concat_inputs
+from onnxflex.emit.nbits import write_unfused
 from onnxflex.emit.pack import int4_initializer
 from onnxflex.emit.silu import SILU_DOMAIN, fuse_silus
 from onnxflex.emit.softmax import SOFTMAX_OPSET, softmax_before_transpose
@@ -27,7 +28,7 @@ from onnxflex.runtimes.base import Target
 
 Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
 STAGES: Registry[Stage] = Registry("emitter stage")
-ORDER = ("recurrent", "weights", "biases", "activations", "concat", "silu", "softmax", "versions")
+ORDER = ("recurrent", "weights", "biases", "activations", "concat", "silu", "softmax", "nbits", "versions")
 NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 
 
@@ -272,6 +273,15 @@ def move_softmaxes(model, params, target):
     if target.softmax_before_transpose and default_opset(model) >= SOFTMAX_OPSET:
         for g in all_graphs(model.graph):
             softmax_before_transpose(g)
+    return model
+
+
+@STAGES.register("nbits")
+def write_matmul_nbits(model, params, target):
+    """On targets with ``matmul_nbits``, the blocked weights of MatMuls the runtime would not fuse
+    become com.microsoft MatMulNBits (emit/nbits.py), in every graph."""
+    if target.matmul_nbits and sum(write_unfused(g) for g in all_graphs(model.graph)):
+        _import_domain(model, "com.microsoft")
     return model
 
 
