@@ -12,7 +12,6 @@ from onnxflex.passes.fold_bn import fold_batchnorm, fold_bias_add
 from onnxflex.passes.gemm_weights import gemm_kn_weights
 from onnxflex.passes.pin_inputs import pin_inputs
 from onnxflex.passes.strip_qdq import strip_qdq
-from onnxflex.passes.tied_heads import untie_heads
 from onnxflex.registry import Registry
 
 __all__ = ["PASSES", "PIPELINE", "Pass", "PassContext", "run_passes"]
@@ -23,10 +22,9 @@ PASSES.register("canonicalize")(canonicalize)
 PASSES.register("pin_inputs")(pin_inputs)
 PASSES.register("fold_batchnorm")(fold_batchnorm)
 PASSES.register("fold_bias_add")(fold_bias_add)
-PASSES.register("untie_heads")(untie_heads)
 PASSES.register("gemm_kn_weights")(gemm_kn_weights)
 
-PIPELINE = ("strip_qdq", "canonicalize", "fold_batchnorm", "fold_bias_add", "untie_heads", "gemm_kn_weights")
+PIPELINE = ("strip_qdq", "canonicalize", "fold_batchnorm", "fold_bias_add", "gemm_kn_weights")
 
 
 def run_passes(model: onnx.ModelProto, ctx: PassContext, names: tuple[str, ...] = PIPELINE) -> onnx.ModelProto:
