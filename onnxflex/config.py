@@ -51,7 +51,7 @@ OPTION_HELP: dict[str, str] = {
     "wbits": "weight bits, 2-8 (below 8 the integers live in an int8 container)",
     "abits": "activation bits: 8, or 0 for weight-only",
     "group_size": "weight-only (abits 0) MatMul and Gemm weights: one step per group of this many input "
-                  "channels (a power of two >= 16 dividing each layer's input dimension), written as blocked 4-bit "
+                  "channels (a power of two >= 16), written as blocked 4-bit "
                   "weights (wbits 2-4) that onnxruntime runs as MatMulNBits; a group wider than the input dimension, or "
                   "one that does not divide it, leaves a short last group (zero padding, as DequantizeLinear and "
                   "MatMulNBits define it); 0 = one step per output channel",

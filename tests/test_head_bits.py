@@ -157,3 +157,25 @@ def test_a_tied_head_is_quantized_and_the_gather_keeps_the_float_table(shared, t
     assert error < 0.15, f"tied head W4 g32 (head 8 bits): logits relative error {error:.4f} over 32 cached steps"
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["logits"]
     assert sim > 60, f"onnxruntime vs the torch simulation {sim:.1f} dB: the Gather reads other values in one of them"
+
+
+def test_head_bits_from_the_cli_and_a_config_file(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxflex.cli import main
+
+    def invoke(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    shown = invoke("inspect", DECODER, "--abits", "0", "--wbits", "4", "--group-size", "128")
+    assert shown.exit_code == 0 and f"heads: {HEADS[DECODER]} (8 bits, groups of 128)" in shown.stdout, shown.stdout
+    floated = invoke("inspect", DECODER, "--abits", "0", "--wbits", "4", "--head-bits", "0")
+    assert f"heads: {HEADS[DECODER]} (float)" in floated.stdout, floated.stdout
+    refused = invoke("inspect", DECODER, "--head-bits", "4")
+    assert refused.exit_code == 2 and "head_bits=4 is for weight-only runs" in refused.stderr, refused.stderr
+    path = tmp_path / "q.toml"
+    path.write_text("abits = 0\nwbits = 3\ngroup_size = 64\nhead_bits = 6\n")
+    assert QuantConfig.from_toml(path).head_bits == 6
+    assert head_of(DECODER, abits=0, wbits=3, group_size=64, head_bits=6) == (6, 64)
+    dumped = invoke("quantize", "--dump-config", "--config", path)
+    assert "head_bits = 6" in dumped.stdout, dumped.stdout
