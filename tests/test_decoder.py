@@ -170,6 +170,7 @@ def test_w4_g32_generation_with_the_cache_tracks_fp32(method, quantized, prompts
     assert all(names[p] == ["N", KV_HEADS, "S", HEAD_DIM] for p in PRESENT), names
     report = check(model, "onnxruntime")
     assert report.ok and report.runtime_ops.get("MatMulNBits") == 15, format_report(report)
+    assert nbits_kernels(model) == {("layer", 4, 32): 14, ("lm_head", 8, 32): 1}, "the lm_head at 8 bits (head_bits)"
 
     fp_tokens, fp_logits = fp32_run
     sess = session(model)

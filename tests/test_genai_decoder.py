@@ -17,7 +17,7 @@ import pytest
 from onnx import parser
 
 from helpers import MODELS
-from test_decoder import check_g128
+from test_decoder import check_g128, nbits_kernels
 from onnxflex import QuantConfig, quantize
 from onnxflex.options import resolve
 from onnxflex.passes.kv_cache import cache_tensors
@@ -140,6 +140,7 @@ def test_w4_g32_of_the_builder_form_passes_the_checker_and_generates_with_the_ca
     ops = collections.Counter(n.op_type for n in model.graph.node)
     assert ops["SimplifiedLayerNormalization"] == 0 and ops["GroupQueryAttention"] == LAYERS, ops
     assert optimized_op_counts(model)["MatMulNBits"] == 11
+    assert nbits_kernels(model) == {("layer", 4, 32): 10, ("lm_head", 8, 32): 1}, "the lm_head at 8 bits (head_bits)"
     assert [b["runtime"] for b in result.report["blocks"]] == ["torch"] * 3, result.report["blocks"]
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]
     assert min(sim.values()) > 60, f"onnxruntime vs the torch simulation: {sim}"

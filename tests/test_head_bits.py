@@ -46,6 +46,8 @@ def test_the_head_gets_8_bits_in_weight_only_runs_below_8_bits(path):
     assert head_of(path, wbits=4, abits=0, group_size=32, head_bits=4) == (4, 32)
     assert head_of(path, wbits=4, abits=0, group_size=32, head_bits=0) is None
     assert head_of(path, wbits=4, abits=8) == (4, 0), "activation-quantized runs treat the head like any layer"
+    assert head_of(path, wbits=4, abits=0, group_size=32, target="tensorrt") == (8, 0), \
+        "tensorrt runs blocked INT4 only: an 8-bit head is per channel there"
 
 
 def test_exclusions_and_layer_bits_win_over_head_bits():
