@@ -77,7 +77,8 @@ class BlockPlan:
     except side nodes (masks, position ids: made from constants, int inputs and input shapes) that a
     later block reading their results repeats (passes/partition.py). ``latency_floats``: (node, op type,
     reduction depth) of the weighted layers the latency rule keeps float (passes/select.latency_floats).
-    ``head_points``: the act points that are a head's output (passes/select.head_outputs)."""
+    ``head_points``: the act points that are a head's output (passes/select.head_outputs). ``heads``: the
+    MatMul/Gemm nodes that write a graph output (placement.head_nodes), quantized or not, in graph order."""
 
     model: onnx.ModelProto
     blocks: tuple[Block, ...]
@@ -85,6 +86,7 @@ class BlockPlan:
     warnings: tuple[str, ...] = field(default=())
     latency_floats: tuple[tuple[str, str, int], ...] = field(default=())
     head_points: tuple[str, ...] = field(default=())
+    heads: tuple[str, ...] = field(default=())
 
     @property
     def layers(self) -> tuple[QuantLayer, ...]:
@@ -103,6 +105,11 @@ class BlockPlan:
         if self.latency_floats:
             lines.append("kept float by the latency rule (reduction depth): "
                          + ", ".join(f"{op}:{node} ({depth})" for node, op, depth in self.latency_floats))
+        if self.heads:
+            bits = {l.node: (l.bits, l.group_size) for l in self.layers}
+            lines.append("heads: " + ", ".join(
+                f"{node} ({bits[node][0]} bits{f', groups of {bits[node][1]}' if bits[node][1] else ''})"
+                if node in bits else f"{node} (float)" for node in self.heads))
         if self.head_points:
             lines.append("head outputs (range mirrored about 0 where the calibration stays below 0): "
                          + ", ".join(self.head_points))

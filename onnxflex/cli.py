@@ -184,8 +184,8 @@ def quantize(model, output, calib, dump_config, quiet, log_level, config_file, *
 
 @main.command(cls=OnnxflexCommand)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@config_options(("wbits", "abits", "granularity", "target", "exclude_nodes", "exclude_op_types", "layer_bits",
-                 "latency_rules"))
+@config_options(("wbits", "abits", "group_size", "head_bits", "granularity", "target", "exclude_nodes",
+                 "exclude_op_types", "layer_bits", "latency_rules"))
 def inspect(model, config_file, **options) -> None:
     """Print MODEL's block plan: blocks, quantizable layers, activation quant points, unsupported ops."""
     from onnxflex.graph import load_model

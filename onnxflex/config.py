@@ -24,6 +24,9 @@ PRESETS = ("fast", "default", "best")  # their values: onnxflex.options.PRESET_V
 MAX_STEP_BUDGET = 1000.0  # step_budget: at most this many FP forward passes over the samples
 MAX_TIME_BUDGET = 10080.0  # time_budget: at most a week, in minutes
 MIN_BUDGET_BITS = 2  # the narrowest width mixed precision gives a layer (onnxflex.mixed)
+HEAD_DEFAULT = -1  # head_bits at -1: 8 in weight-only runs below 8 bits without a budget (options.head_bits_of)
+HEAD_FLOAT = 0  # head_bits 0: the head keeps its float weight
+WEIGHT_ONLY_HEAD_BITS = 8  # the head's default width in weight-only runs below 8 bits
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -48,8 +51,15 @@ OPTION_HELP: dict[str, str] = {
     "wbits": "weight bits, 2-8 (below 8 the integers live in an int8 container)",
     "abits": "activation bits: 8, or 0 for weight-only",
     "group_size": "weight-only (abits 0) MatMul and Gemm weights: one step per group of this many input "
-                  "channels (a power of two >= 16 dividing each layer's input dimension), written as blocked 4-bit "
-                  "weights (wbits 2-4) that onnxruntime runs as MatMulNBits; 0 = one step per output channel",
+                  "channels (a power of two >= 16), written as blocked 4-bit "
+                  "weights (wbits 2-4) that onnxruntime runs as MatMulNBits; a group wider than the input dimension, or "
+                  "one that does not divide it, leaves a short last group (zero padding, as DequantizeLinear and "
+                  "MatMulNBits define it); 0 = one step per output channel",
+    "head_bits": "weight bits of the model's head (each MatMul/Gemm whose output is a graph output, through "
+                 "Reshape/Transpose/Cast/Identity/Squeeze/Unsqueeze/Flatten only: an LM's lm_head) in weight-only runs "
+                 "(abits 0): 2-8, or 0 to keep it float; 5-8 bits with a group size are blocked 8-bit weights that "
+                 "onnxruntime runs as MatMulNBits bits=8, per channel int8 without one; -1: 8 when wbits is below 8 "
+                 "and no mixed-precision budget is set, else wbits; exclude_nodes and layer_bits patterns win",
     "method": "rounding method: rtn (round to nearest, nothing learned), hqq (data-free refined steps) or a "
               "learned rounder",
     "granularity": "reconstruction unit: block (a residual unit) or layer (one weighted op)",
@@ -147,6 +157,7 @@ class QuantConfig:
     wbits: int = 8
     abits: int = 8
     group_size: int = 0
+    head_bits: int = HEAD_DEFAULT
     method: str = "flexround"
     granularity: str = "block"
     target: str = "onnxruntime"
@@ -220,6 +231,7 @@ class QuantConfig:
         self._check_group_size()
         self._check_weight_grid()
         self._check_budgets()
+        self._check_head_bits()
 
     def _check_weight_grid(self) -> None:
         _check_choice("weight_grid", self.weight_grid, WEIGHT_GRIDS)
@@ -301,6 +313,23 @@ class QuantConfig:
         if self.wbits > 4:  # a layer_bits pattern above 4 is refused where it meets a grouped MatMul
             raise ConfigError(f"group_size={g} writes 4-bit weights, but wbits={self.wbits}: use wbits 2-4 "
                               "with a group size, or group_size=0")
+
+    def _check_head_bits(self) -> None:
+        """-1 (the default), 0 (float) or 2-8, set only for weight-only runs; under a budget the head is
+        the allocation's to choose (a layer_bits pattern pins it)."""
+        h = self.head_bits
+        if h not in (HEAD_DEFAULT, HEAD_FLOAT):
+            _check_range("head_bits", h, 2, 8)
+        if h == HEAD_DEFAULT:
+            return
+        if self.abits != 0:
+            raise ConfigError(f"head_bits={h} is for weight-only runs: pass abits=0 (got abits={self.abits}), or "
+                              "leave head_bits at -1 (keep the head float with exclude_nodes, set its bits with "
+                              "layer_bits)")
+        if as_float(self.bits_budget) or as_float(self.size_budget_mb):
+            raise ConfigError(f"head_bits={h} beside a mixed-precision budget: the budget chooses the head's bits "
+                              "too; leave head_bits at -1, and pin the head with layer_bits ('NAME=BITS') or keep "
+                              "it float with exclude_nodes")
 
     def _check_budgets(self) -> None:
         """Mixed-precision budgets: numbers (ints become floats), at most one of them set, an average

@@ -199,7 +199,8 @@ def weight_units(plan: BlockPlan, config: Budgets) -> list[WeightChoice]:
             continue
         shape = shapes[layer.weight]
         params = int(np.prod(shape, dtype=np.int64))
-        steps = params // layer.group_size if layer.group_size else int(shape[layer.axis])
+        k = int(shape[1 - layer.axis]) if layer.group_size else 0  # the blocked input axis; a short last group
+        steps = -(-k // layer.group_size) * int(shape[layer.axis]) if layer.group_size else int(shape[layer.axis])
         units[layer.weight] = WeightChoice(layer.weight, (layer.node,), layer.op_type, params, steps,
                                            bool(layer.group_size), pinned, layer.bits)
     return list(units.values())

@@ -29,7 +29,8 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from onnxflex.config import METHOD_DEFAULT, PRESET_DEFAULT, QuantConfig, as_float, plain, weight_grid_of
+from onnxflex.config import (HEAD_DEFAULT, METHOD_DEFAULT, PRESET_DEFAULT, WEIGHT_ONLY_HEAD_BITS, QuantConfig, as_float,
+                             plain, weight_grid_of)
 from onnxflex.errors import ConfigError
 
 
@@ -92,6 +93,7 @@ class PlanOptions(_Record):
     wbits: int
     abits: int
     group_size: int
+    head_bits: int
     granularity: str
     target: str
     exclude_nodes: tuple[str, ...]
@@ -101,9 +103,11 @@ class PlanOptions(_Record):
     requantize: bool
     latency_rules: bool
 
-    def bits_for(self, node: str) -> int:
-        """Weight bits of ``node``: the first ``layer_bits`` pattern that matches its name, else wbits."""
-        return next((bits for pattern, bits in self.layer_bits if fnmatch.fnmatchcase(node, pattern)), self.wbits)
+    def bits_for(self, node: str, head: bool = False) -> int:
+        """Weight bits of ``node``: the first ``layer_bits`` pattern that matches its name, else
+        ``head_bits`` for a head (0: it stays float), else wbits."""
+        return next((bits for pattern, bits in self.layer_bits if fnmatch.fnmatchcase(node, pattern)),
+                    self.head_bits if head else self.wbits)
 
     def keeps_float(self, node: str, op_type: str) -> bool:
         """True when ``exclude_nodes`` (names or glob patterns) or ``exclude_op_types`` name this node."""
@@ -254,10 +258,23 @@ def resolve(config: QuantConfig) -> Resolved:
                   lr=method_lr(config.method, iters) if config.lr == METHOD_DEFAULT else config.lr,
                   bits_budget=as_float(config.bits_budget), size_budget_mb=as_float(config.size_budget_mb),
                   weight_grid=weight_grid_of(config), time_budget=as_float(config.time_budget),
+                  head_bits=head_bits_of(config),
                   step_budget=_step_budget(config, preset), step_cap=_step_cap(config, preset))
     return Resolved(**{part: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)
                                     if f.name not in PLANNED_FIELDS})
                        for part, cls in _PARTS.items()})
+
+
+def head_bits_of(config: QuantConfig) -> int:
+    """The head's bits in a run with ``config`` (0: float): ``head_bits`` when given; at -1,
+    WEIGHT_ONLY_HEAD_BITS in a weight-only run below that many bits without a budget (mixed precision
+    chooses the head's bits like any layer's), else wbits (the head is no different)."""
+    if config.head_bits != HEAD_DEFAULT:
+        return config.head_bits
+    budget = as_float(config.bits_budget) or as_float(config.size_budget_mb)
+    if config.abits == 0 and config.wbits < WEIGHT_ONLY_HEAD_BITS and not budget:
+        return WEIGHT_ONLY_HEAD_BITS
+    return config.wbits
 
 
 def _step_budget(config: QuantConfig, preset: Preset) -> float:

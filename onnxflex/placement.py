@@ -109,6 +109,32 @@ def final_tensors(graph: onnx.GraphProto) -> set[str]:
     return produced - reaches
 
 
+HEAD_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"})
+"""Ops between a head's MatMul/Gemm and the graph output it writes (the logits): they move or retype values,
+compute nothing."""
+
+
+def head_nodes(graph: onnx.GraphProto) -> set[str]:
+    """Names of the MatMul and Gemm nodes of ``graph`` whose output is a graph output, directly or through
+    HEAD_LAYOUT_OPS (their first input) only: a language model's lm_head, a classifier's last Gemm.
+    Nothing later absorbs their rounding, and an LM's head sets every logit, so weight-only runs give
+    them more bits (``head_bits``)."""
+    producer = {o: n for n in graph.node for o in n.output if o}
+    heads, pending = set(), [o.name for o in graph.output]
+    seen: set[str] = set()
+    while pending:
+        tensor = pending.pop()
+        node = producer.get(tensor)
+        if tensor in seen or node is None:
+            continue
+        seen.add(tensor)
+        if node.op_type in ("MatMul", "Gemm"):
+            heads.add(node.name)
+        elif node.op_type in HEAD_LAYOUT_OPS and node.input:
+            pending.append(node.input[0])
+    return heads
+
+
 def residual_skips(nodes: Iterable[onnx.NodeProto], layer_outputs: Container[str],
                    constants: Container[str]) -> dict[str, onnx.NodeProto]:
     """Skip tensor → its Add, in graph order, for each Add of two run-time tensors (neither in

@@ -22,6 +22,7 @@ from onnxflex.passes.recurrent import recurrent_layers, state_tensors
 from onnxflex.passes.select import (activation_points, head_outputs, latency_floats, select_layers,
                                     unmatched_patterns)
 from onnxflex.passes.select_inner import select_inner
+from onnxflex.placement import head_nodes
 from onnxflex.runtimes.targets import get_target
 
 ACCUMULATE_SHARE = 0.25  # of the requested batch: micro-batches per step on a fixed-batch model
@@ -95,7 +96,8 @@ def place(canonical: onnx.ModelProto, config: PlanOptions, warnings: tuple[str, 
     found.extend(unmatched_patterns(canonical, layers + recurrent + inner_layers, config))
     return dataclasses.replace(placed, warnings=tuple(found),
                                latency_floats=tuple((l.node, l.op_type, depth) for l, depth in floats),
-                               head_points=heads)
+                               head_points=heads,
+                               heads=tuple(sorted(head_nodes(canonical.graph))))
 
 
 def build_plan(model: onnx.ModelProto, config: PlanOptions) -> BlockPlan:

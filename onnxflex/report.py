@@ -46,6 +46,7 @@ def build_report(result, warnings: list[str], total_seconds: float) -> dict:
         "calibration": {"source": samples.source, "reconstruction_samples": samples.recon.num_samples,
                         "verification_samples": samples.held.num_samples},
         "layers": layer_summary(plan, result.params),
+        "heads": head_summary(plan),
         "reconstruction": reconstruction_summary(config.rounding, blocks, budget),
         "step_budget": budget.to_dict() if budget is not None else {},
         "warnings": list(dict.fromkeys(warnings)),
@@ -83,6 +84,22 @@ def layer_summary(plan, params) -> list[dict]:
                        int_min=int(qw.ints.min()), int_max=int(qw.ints.max()))
         rows.append(row)
     return rows
+
+
+def head_summary(plan) -> list[dict]:
+    """What each head (BlockPlan.heads) got: its weight bits (0: float) and group size (0: per channel)."""
+    layers = {layer.node: layer for layer in plan.layers}
+    return [{"node": node, "bits": layers[node].bits if node in layers else 0,
+             "group_size": layers[node].group_size if node in layers else 0} for node in plan.heads]
+
+
+def head_line(heads: list[dict]) -> list[str]:
+    """The summary's line on the heads (none without one)."""
+    if not heads:
+        return []
+    return ["head " + ", ".join(f"{h['node']}: " + (f"{h['bits']} bits" + (f", groups of {h['group_size']}"
+                                                                          if h["group_size"] else "")
+                                                   if h["bits"] else "float") for h in heads)]
 
 
 def reconstruction_summary(config, blocks: list[dict], budget=None) -> dict:
@@ -180,6 +197,7 @@ def summary(report: dict) -> str:
     if ops:
         lines.append("onnxruntime integer kernels: " + (", ".join(f"{k}×{c}" for k, c in kernels.items()) or "none"))
     lines += latency_lines(report.get("latency_rules") or {})
+    lines += head_line(report.get("heads") or [])
     cfg = report["config"]
     group = f" (MatMul/Gemm groups of {cfg['group_size']})" if cfg.get("group_size") else ""
     mixed = report.get("mixed_precision")

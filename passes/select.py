@@ -15,13 +15,16 @@ from onnxflex.graph import consumers, graph_input_names, node_attr
 from onnxflex.options import PlanOptions
 from onnxflex.passes.kv_cache import cache_sources
 from onnxflex.placement import (FLOAT_TYPES, LATER_LAYER_OPS, QUANTIZABLE_TYPES, channel_axis, declared_types,
-                                final_tensors, output_point, reduction_depth, residual_skips)
+                                final_tensors, head_nodes, output_point, reduction_depth, residual_skips)
 from onnxflex.runtimes.base import Target
 
 
 def select_layers(model: onnx.ModelProto, target: Target, config: PlanOptions) -> tuple[QuantLayer, ...]:
-    """The weighted nodes with a constant weight that the config does not exclude, in graph order."""
+    """The weighted nodes with a constant weight that the config does not exclude, in graph order. A
+    head (placement.head_nodes) gets ``head_bits`` unless a layer_bits pattern names it; at 0 it stays
+    float."""
     inits = {t.name: t for t in model.graph.initializer}
+    heads = head_nodes(model.graph)
     layers = []
     for node in model.graph.node:
         if node.op_type not in target.weighted_ops or config.keeps_float(node.name, node.op_type):
@@ -36,8 +39,10 @@ def select_layers(model: onnx.ModelProto, target: Target, config: PlanOptions) -
         if axis is None:
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
-        bits = config.bits_for(node.name)
-        group = _group_size(node, weight, bits, config)
+        bits = config.bits_for(node.name, head=node.name in heads)
+        if not bits:
+            continue
+        group = _group_size(node, weight, bits, config, target, head=node.name in heads)
         layers.append(QuantLayer(node.name, node.op_type, weight.name, axis, node.input[0], bias, bits, group))
     return tuple(layers)
 
@@ -103,22 +108,21 @@ def unmatched_patterns(model: onnx.ModelProto, layers, config: PlanOptions) -> l
     return out
 
 
-def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, config: PlanOptions) -> int:
+def _group_size(node: onnx.NodeProto, weight: onnx.TensorProto, bits: int, config: PlanOptions, target: Target,
+                head: bool = False) -> int:
     """The config's group size for a MatMul, or a Gemm with transB=0, with a constant 2-D weight [K, N]
-    (groups along K); 0 (per channel) for every other op. Raises when K is not a multiple of it or the
-    node's bits exceed 4."""
+    (groups along K, the last one short where the size does not divide K); 0 (per channel) for every
+    other op. A head above 4 bits is blocked where the target runs blocked int8 (onnxruntime:
+    MatMulNBits bits=8), else per channel; any other node above 4 bits raises."""
     if not config.group_size or node.op_type not in ("MatMul", "Gemm") or node_attr(node, "transB", 0):
         return 0
-    k, g = weight.dims[0], config.group_size
-    if k % g:
-        raise UnsupportedModelError(
-            f"node {node.name!r} ({node.op_type}) has weight {weight.name!r} of shape {list(weight.dims)}: its input "
-            f"dimension {k} is not a multiple of group_size={g} — pick a power of two that divides {k}, or "
-            f"keep the node in float with --exclude-node {node.name}")
+    if bits > 4 and head:
+        return config.group_size if onnx.TensorProto.INT8 in target.blocked_weight_dtypes else 0
     if bits > 4:
-        raise ConfigError(f"layer_bits gives node {node.name!r} {bits} bits, but group_size={g} writes 4-bit "
-                          "MatMul/Gemm weights: give it 2-4 bits, or keep it per channel with group_size=0")
-    return g
+        raise ConfigError(f"layer_bits gives node {node.name!r} {bits} bits, but group_size={config.group_size} "
+                          "writes 4-bit MatMul/Gemm weights: give it 2-4 bits, or keep it per channel with "
+                          "group_size=0")
+    return config.group_size
 
 
 def activation_points(model: onnx.ModelProto, layers: tuple[QuantLayer, ...], target: Target,

@@ -21,8 +21,9 @@ class Target:
     weight_only_zero_points: weight-only layers (float activations) may use asymmetric weights, UINT8 per
         channel or blocked UINT4 with a zero point per step (onnxruntime: MatMulNBits with zero_points);
         what ``weight_grid=auto`` reads.
-    blocked_weight_dtypes / blocked_weight_ops: 4-bit types a weight may use with one blocked axis
-        (DequantizeLinear ``block_size``, opset 21), and the ops that run such weights.
+    blocked_weight_dtypes / blocked_weight_ops: integer types a weight may use with one blocked axis
+        (DequantizeLinear ``block_size``, opset 21: INT4/UINT4 for 2-4 bits, and where listed INT8/UINT8
+        for a 5-8 bit head), and the ops that run such weights.
     int32_bias: True → the bias goes in as int32 through DequantizeLinear with scale s_x·s_w;
         False → the bias stays a float initializer (the runtime quantizes it itself).
 

@@ -21,10 +21,14 @@ A Concat whose output is quantized reads its float inputs through Q/DQ on that o
 """
 from __future__ import annotations
 
+from onnx import TensorProto
+
 from onnxflex.runtimes.base import Target
 
+# blocked int8/uint8 (a weight-only head at 8 bits) fuses into MatMulNBits bits=8, which onnxruntime 1.31 runs on CPU
 ONNXRUNTIME = Target(name="onnxruntime", recurrent_ops=("LSTM",), weight_only_zero_points=True, float_depth=32,
                      fuse_silu=True, softmax_before_transpose=True, quantize_concat_inputs=True,
+                     blocked_weight_dtypes=(TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8),
                      matmul_nbits=True)
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "MatMulNBits",

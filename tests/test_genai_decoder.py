@@ -7,6 +7,7 @@ per decoder layer, and its W4 g32 models (rtn, flexround, signround) run in onnx
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from onnx import parser
 
 from helpers import MODELS
+from test_decoder import check_g128, nbits_kernels
 from onnxflex import QuantConfig, quantize
 from onnxflex.options import resolve
 from onnxflex.passes.kv_cache import cache_tensors
@@ -90,12 +92,17 @@ def w4_config(method: str) -> QuantConfig:
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
+def calib_path(tmp_path_factory):
     calib = dict(np.load(MODELS / "decoder" / "decoder.calib.npz"))
     del calib["position_ids"]  # the builder's model takes none: GroupQueryAttention counts positions
     path = tmp_path_factory.mktemp("genai") / "calib.npz"
     np.savez(path, **calib)
-    return {method: quantize(str(GENAI), str(path), w4_config(method), progress=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def quantized(calib_path):
+    return {method: quantize(str(GENAI), calib_path, w4_config(method), progress=False)
             for method in ("rtn", "flexround", "signround")}
 
 
@@ -133,6 +140,7 @@ def test_w4_g32_of_the_builder_form_passes_the_checker_and_generates_with_the_ca
     ops = collections.Counter(n.op_type for n in model.graph.node)
     assert ops["SimplifiedLayerNormalization"] == 0 and ops["GroupQueryAttention"] == LAYERS, ops
     assert optimized_op_counts(model)["MatMulNBits"] == 11
+    assert nbits_kernels(model) == {("layer", 4, 32): 10, ("lm_head", 8, 32): 1}, "the lm_head at 8 bits (head_bits)"
     assert [b["runtime"] for b in result.report["blocks"]] == ["torch"] * 3, result.report["blocks"]
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]
     assert min(sim.values()) > 60, f"onnxruntime vs the torch simulation: {sim}"
@@ -155,3 +163,19 @@ def test_learned_rounding_beats_rtn_on_the_builder_form(quantized, prompts_and_f
         errors[method] = float(np.linalg.norm(logits - fp_logits) / np.linalg.norm(fp_logits))
     for method in ("flexround", "signround"):
         assert errors[method] < 0.8 * errors["rtn"], f"{method} does not beat RTN by 20 %: {errors}"
+
+
+@pytest.fixture(scope="module")
+def quantized_g128(calib_path):
+    return {method: quantize(str(GENAI), calib_path, dataclasses.replace(w4_config(method), group_size=128),
+                             progress=False) for method in ("rtn", "flexround", "signround")}
+
+
+@pytest.mark.parametrize("method", ["flexround", "signround"])
+def test_w4_g128_of_the_builder_form_learns_and_generates_with_the_cache(method, quantized_g128, prompts_and_fp32):
+    """test_decoder.py's g128 check on the builder's form (fused qkv_proj [64, 128]: one short group)."""
+    prompts, (fp_tokens, fp_logits) = prompts_and_fp32
+    runs = {m: generate(session(quantized_g128[m].model), prompts, 32, forced=fp_tokens)[1] for m in ("rtn", method)}
+    onnx.checker.check_model(quantized_g128[method].model, full_check=True)
+    assert quantized_g128[method].report["reconstruction"]["steps_run"] > 0
+    check_g128(quantized_g128[method], fp_logits, runs[method], runs["rtn"], 10)

@@ -13,20 +13,20 @@ from onnxflex.emit.nbits import write_unfused
 from onnxflex.ort import session, session_options
 from onnxflex.verify import optimized_op_counts
 
-K, N, G = 96, 24, 32  # three blocks per column: an odd count pads each column's packed zero points
+N, G = 24, 32
 
 
-def dq_matmul(signed: bool, relu: bool, seed: int = 0) -> onnx.ModelProto:
+def dq_matmul(signed: bool, relu: bool, seed: int = 0, K: int = 96) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     lo, hi = (-8, 8) if signed else (0, 16)
     ints = rng.integers(lo, hi, (K, N))
     kind = TensorProto.INT4 if signed else TensorProto.UINT4
     inits = [helper.make_tensor("w_q", kind, [K, N], ints.reshape(-1).tolist()),
-             numpy_helper.from_array(rng.uniform(0.01, 0.1, (K // G, N)).astype(np.float32), "w_s")]
+             numpy_helper.from_array(rng.uniform(0.01, 0.1, (-(-K // G), N)).astype(np.float32), "w_s")]
     dq_inputs = ["w_q", "w_s"]
     if not signed:
-        inits.append(helper.make_tensor("w_z", TensorProto.UINT4, [K // G, N],
-                                        rng.integers(0, 16, (K // G, N)).reshape(-1).tolist()))
+        inits.append(helper.make_tensor("w_z", TensorProto.UINT4, [-(-K // G), N],
+                                        rng.integers(0, 16, (-(-K // G), N)).reshape(-1).tolist()))
         dq_inputs.append("w_z")
     nodes = [helper.make_node("DequantizeLinear", dq_inputs, ["w"], axis=0, block_size=G),
              helper.make_node("MatMul", ["x", "w"], ["m"], name="mm")]
@@ -52,11 +52,12 @@ def written(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+@pytest.mark.parametrize("k", [96, 80], ids=["three_blocks", "short_last_block"])  # odd counts pad zero points
 @pytest.mark.parametrize("signed", [True, False], ids=["symmetric", "asymmetric"])
-def test_the_written_node_is_the_one_onnxruntime_fuses_without_the_relu(signed, tmp_path):
-    ours = written(dq_matmul(signed, relu=True))
+def test_the_written_node_is_the_one_onnxruntime_fuses_without_the_relu(signed, k, tmp_path):
+    ours = written(dq_matmul(signed, relu=True, K=k))
     assert [n.op_type for n in ours.graph.node] == ["MatMulNBits", "Relu"]
-    theirs = fused_by_onnxruntime(dq_matmul(signed, relu=False), tmp_path)
+    theirs = fused_by_onnxruntime(dq_matmul(signed, relu=False, K=k), tmp_path)
     assert [n.op_type for n in theirs.graph.node] == ["MatMulNBits"], [n.op_type for n in theirs.graph.node]
     mine, fused = ours.graph.node[0], theirs.graph.node[0]
     attrs = lambda node: {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "weight_prepacked"}
@@ -65,7 +66,7 @@ def test_the_written_node_is_the_one_onnxruntime_fuses_without_the_relu(signed, 
     assert len(arrays(ours, mine)) == (2 if signed else 3)
     for a, b in zip(arrays(ours, mine), arrays(theirs, fused), strict=True):
         assert a.dtype == b.dtype and np.array_equal(a.reshape(-1), b.reshape(-1))
-    x = {"x": np.random.default_rng(1).standard_normal((4, K)).astype(np.float32)}
+    x = {"x": np.random.default_rng(1).standard_normal((4, k)).astype(np.float32)}
     got = session(ours, ["CPUExecutionProvider"]).run(None, x)[0]
     want = np.maximum(session(theirs, ["CPUExecutionProvider"]).run(None, x)[0], 0)
     assert np.array_equal(got, want)

@@ -164,7 +164,8 @@ def calib():
 
 @pytest.mark.parametrize("method", ["rtn", "flexround"])
 def test_blocked_asymmetric_weights_emit_uint4_and_fuse_to_matmulnbits_with_zero_points(method, calib, tmp_path):
-    config = QuantConfig(method=method, wbits=4, abits=0, group_size=16, iters=20, batch_size=16, verify_samples=16)
+    config = QuantConfig(method=method, wbits=4, abits=0, group_size=16, head_bits=4, iters=20, batch_size=16,
+                         verify_samples=16)  # head_bits 4: the Gemm writes the output (a head, else 8 bits)
     result = onnxflex.quantize(matmul_gemm_model(), calib, config, progress=False)
     model = result.model
     inits = {t.name: t for t in model.graph.initializer}
@@ -188,7 +189,7 @@ def test_blocked_asymmetric_weights_emit_uint4_and_fuse_to_matmulnbits_with_zero
 
 
 def test_per_channel_asymmetric_weights_are_uint8_with_zero_points(calib):
-    config = QuantConfig(method="rtn", wbits=4, abits=0, verify_samples=16)
+    config = QuantConfig(method="rtn", wbits=4, abits=0, head_bits=4, verify_samples=16)
     result = onnxflex.quantize(matmul_gemm_model(), calib, config, progress=False)
     inits = {t.name: t for t in result.model.graph.initializer}
     for dq in _weight_dqs(result.model):
@@ -205,7 +206,8 @@ def test_per_channel_asymmetric_weights_are_uint8_with_zero_points(calib):
 
 
 def test_symmetric_grid_stays_signed_int4_without_zero_points(calib):
-    config = QuantConfig(method="rtn", wbits=4, abits=0, group_size=16, weight_grid="symmetric", verify_samples=16)
+    config = QuantConfig(method="rtn", wbits=4, abits=0, group_size=16, head_bits=4, weight_grid="symmetric",
+                         verify_samples=16)
     result = onnxflex.quantize(matmul_gemm_model(), calib, config, progress=False)
     inits = {t.name: t for t in result.model.graph.initializer}
     for dq in _weight_dqs(result.model):

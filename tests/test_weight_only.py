@@ -32,6 +32,7 @@ from test_transformers import LM, LM_FEEDS, perplexity
 
 GROUP = 32
 LM_MATMULS = 25  # 6 per layer × 4 layers + the head
+LM_HEAD = "/head/MatMul"  # 8-bit by default in weight-only runs (head_bits), blocked like the others
 # Short reconstruction keeps the file's run time modest; the orderings asserted below hold at these settings.
 LM_WEIGHT_ONLY = dict(abits=0, group_size=GROUP, iters=100, batch_size=16, calib_samples=64, verify_samples=16)
 
@@ -125,7 +126,10 @@ def test_lm_weight_only_runs_as_matmulnbits_and_matches_the_simulation(weight_on
     assert sim >= 60.0, f"{method}: onnxruntime vs simulation SQNR {sim:.1f} dB < 60 dB"
     rows = [r for r in result.report["layers"] if r["op_type"] == "MatMul"]
     assert len(rows) == LM_MATMULS and {r["group_size"] for r in rows} == {GROUP}, rows[:2]
-    assert all(0 <= r["int_min"] and r["int_max"] <= 15 for r in rows)  # asymmetric by default (weight_grid auto)
+    body, head = [r for r in rows if r["node"] != LM_HEAD], [r for r in rows if r["node"] == LM_HEAD]
+    assert all(0 <= r["int_min"] and r["int_max"] <= 15 for r in body)  # asymmetric by default (weight_grid auto)
+    assert [r["bits"] for r in head] == [8] and 15 < head[0]["int_max"] <= 255, head  # head_bits -1: 8 bits
+    assert result.report["heads"] == [{"node": LM_HEAD, "bits": 8, "group_size": GROUP}]
 
 
 def test_verification_session_runs_matmulnbits_at_accuracy_level_0(weight_only_lm, tmp_path):
@@ -159,13 +163,18 @@ def test_lm_weight_only_graph_and_bytes(weight_only_lm):
         attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
         assert len(dq.input) == 3, f"{node.name}: a zero point expected (weight_grid auto: asymmetric at W3)"
         w, s, z = (inits[name] for name in dq.input)
-        assert w.data_type == z.data_type == TensorProto.UINT4 and attrs == {"axis": 0, "block_size": GROUP}, \
+        dtype = TensorProto.UINT8 if node.name == LM_HEAD else TensorProto.UINT4
+        assert w.data_type == z.data_type == dtype and attrs == {"axis": 0, "block_size": GROUP}, \
             (node.name, attrs)
         k, n = w.dims
         assert list(s.dims) == list(z.dims) == [k // GROUP, n] and s.data_type == TensorProto.FLOAT, \
             (node.name, list(s.dims))
-        ints = unpack_int4(np.frombuffer(w.raw_data, np.uint8), k * n, signed=False)
-        assert ints.max() <= 7, f"{node.name}: W3 integers in [{ints.min()}, {ints.max()}]"
+        if node.name == LM_HEAD:
+            ints = numpy_helper.to_array(w)
+            assert ints.max() > 7, f"the head at 8 bits uses [{ints.min()}, {ints.max()}] only"
+        else:
+            ints = unpack_int4(np.frombuffer(w.raw_data, np.uint8), k * n, signed=False)
+            assert ints.max() <= 7, f"{node.name}: W3 integers in [{ints.min()}, {ints.max()}]"
         q_bytes += len(w.raw_data) + numpy_helper.to_array(s).nbytes + len(z.raw_data)
     ratio = fp_bytes / q_bytes
     print(f"\nMatMul weight bytes: FP32 {fp_bytes}, UINT4 + scales + zero points {q_bytes} ({ratio:.2f}x smaller)",
@@ -196,8 +205,8 @@ def test_small_model_blocks_matmul_and_gemm_weights():
     """MatMul and Gemm [K, N] weights both get groups along K and run as MatMulNBits."""
     rng = np.random.default_rng(1)
     calib = {"x": rng.standard_normal((64, 64)).astype(np.float32)}
-    config = QuantConfig(method="flexround", wbits=4, abits=0, group_size=16, iters=20, batch_size=16,
-                         verify_samples=16)
+    config = QuantConfig(method="flexround", wbits=4, abits=0, group_size=16, head_bits=4, iters=20, batch_size=16,
+                         verify_samples=16)  # the Gemm writes the output: a head, 8-bit unless told otherwise
     result = onnxflex.quantize(matmul_gemm_model(), calib, config, progress=False)
     g = result.model.graph
     inits = {t.name: t for t in g.initializer}
@@ -224,7 +233,7 @@ def test_a_transposed_gemm_weight_is_stored_k_by_n_and_runs_as_matmulnbits():
     w2 = next(t for t in model.graph.initializer if t.name == "w2")
     w2.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w2).T.copy(), "w2"))
     calib = {"x": np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)}
-    result = onnxflex.quantize(model, calib, QuantConfig(method="rtn", wbits=4, abits=0, group_size=16,
+    result = onnxflex.quantize(model, calib, QuantConfig(method="rtn", wbits=4, abits=0, group_size=16, head_bits=4,
                                                          verify_samples=16), progress=False)
     emitted = next(n for n in result.model.graph.node if n.op_type == "Gemm")
     assert not any(a.name == "transB" and a.i for a in emitted.attribute), emitted
@@ -248,13 +257,41 @@ def test_bad_group_sizes_are_config_errors(changes, message):
         QuantConfig(**changes)
 
 
-def test_group_size_must_divide_the_matmul_input_dimension():
-    with pytest.raises(UnsupportedModelError, match=r"input dimension 48 is not a multiple of group_size=32"):
-        build_plan(matmul_gemm_model(k=48), resolve(QuantConfig(abits=0, wbits=4, group_size=32)).plan)
+def test_a_group_size_that_does_not_divide_k_leaves_a_short_last_group():
+    """K = 48 at groups of 32: steps [ceil(K/G), N], the last group short, as DequantizeLinear defines it
+    (test_decoder.py's g128 runs, K = 64 and 192, check that onnxruntime fuses such weights)."""
+    plan = build_plan(matmul_gemm_model(k=48), resolve(QuantConfig(abits=0, wbits=4, group_size=32)).plan)
+    assert [(l.op_type, l.group_size) for l in plan.layers] == [("MatMul", 32), ("Gemm", 32)]
     with pytest.raises(ConfigError, match="layer_bits gives node"):
         build_plan(matmul_gemm_model(), resolve(QuantConfig(abits=0, wbits=4, group_size=16, layer_bits=(("*", 8),))).plan)
-    plan = build_plan(matmul_gemm_model(k=48), resolve(QuantConfig(abits=0, wbits=4, group_size=16)).plan)
-    assert [(l.op_type, l.group_size) for l in plan.layers] == [("MatMul", 16), ("Gemm", 16)]
+    calib = {"x": np.random.default_rng(1).standard_normal((64, 48)).astype(np.float32)}
+    result = onnxflex.quantize(matmul_gemm_model(k=48), calib, QuantConfig(method="flexround", wbits=4, abits=0,
+                               group_size=32, iters=20, batch_size=16, verify_samples=16), progress=False)
+    g = result.model.graph
+    inits = {t.name: t for t in g.initializer}
+    nbits = next(n for n in g.node if n.op_type == "MatMulNBits")  # the MatMul before the Relu (emit/nbits.py)
+    assert [list(inits[name].dims) for name in nbits.input[1:]] == [[16, 2, 16], [32], [16]]
+    sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]["y"]
+    assert sim >= 60.0, f"onnxruntime vs simulation SQNR {sim:.1f} dB < 60 dB with a short last group"
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_a_short_last_group_gets_the_step_of_its_own_elements(method, asymmetric):
+    """The zero padding of grouped_view leaves each step what the real elements alone give: the steps of
+    K = 192 at G = 128 are those of rows 0-127 and of rows 128-191 quantized as groups of 64."""
+    import torch
+
+    from onnxflex.rounding.methods import make_rounder
+
+    w = torch.randn(192, 24, generator=torch.Generator().manual_seed(0))
+    whole = make_rounder(method, w, 1, 3, "mse", 128, asymmetric).export()
+    first = make_rounder(method, w[:128], 1, 3, "mse", 128, asymmetric).export()
+    last = make_rounder(method, w[128:], 1, 3, "mse", 64, asymmetric).export()
+    assert whole.scale.shape == (2, 24) and whole.ints.shape == (192, 24)
+    np.testing.assert_allclose(whole.scale, np.concatenate([first.scale, last.scale]), rtol=1e-6)
+    np.testing.assert_array_equal(whole.zero_point, np.concatenate([first.zero_point, last.zero_point]))
+    np.testing.assert_array_equal(whole.ints, np.concatenate([first.ints, last.ints]))
 
 
 def test_blocked_weights_survive_a_checkpoint(tmp_path):

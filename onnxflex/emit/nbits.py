@@ -6,11 +6,12 @@ it then keeps the DequantizeLinear and a float MatMul, which dequantizes the who
 run (a 4096x4096 Relu MLP ran 3.6x slower than FP32). For those MatMuls the emitter writes the node
 onnxruntime's fusion would have made, so the two forms compute the same numbers:
 
-- B: uint8 [N, K / G, G / 2], column n's integers along K in blocks of G, two to a byte, the first in
-  the low nibble, each as the unsigned value (signed integers + 8: the kernel's default zero point);
-- scales: float32 [N * K / G], column-major over (block, column);
-- zero_points (asymmetric only): uint8 [N * ceil((K / G) / 2)], each column's block zero points
-  packed the same way, a column's last high nibble zero when K / G is odd;
+- B: uint8 [N, ceil(K / G), G / 2], column n's integers along K in blocks of G (a short last block
+  padded with zeros), two to a byte, the first in the low nibble, each as the unsigned value (signed
+  integers + 8: the kernel's default zero point);
+- scales: float32 [N * ceil(K / G)], column-major over (block, column);
+- zero_points (asymmetric only): uint8 [N * ceil(ceil(K / G) / 2)], each column's block zero points
+  packed the same way, a column's last high nibble zero when the block count is odd;
 - attributes K, N, bits 4, block_size G and the accuracy level onnxflex's sessions ask the fusion for
   (ort.MATMULNBITS_ACCURACY_LEVEL, 0: float compute, as the simulation computes).
 """
@@ -64,7 +65,7 @@ def _unfused_matmul(dq: onnx.NodeProto, inits: dict, users: dict, producer: dict
     if weight is None or weight.data_type not in (TensorProto.INT4, TensorProto.UINT4) or len(weight.dims) != 2:
         return None
     k = weight.dims[0]
-    if node_attr(dq, "axis", 1) not in (0, -2) or block < MIN_BLOCK or block & (block - 1) or k % block:
+    if node_attr(dq, "axis", 1) not in (0, -2) or block < MIN_BLOCK or block & (block - 1):
         return None
     if any(name and name not in inits for name in dq.input[1:]):
         return None
@@ -89,8 +90,10 @@ def _matmul_nbits(dq: onnx.NodeProto, matmul: onnx.NodeProto, inits: dict, g: on
         ints = ints + 8
     k, n = ints.shape
     block = node_attr(dq, "block_size", 0)
-    blocks = k // block
-    b = _pack_pairs(ints.T.reshape(n, blocks, block))
+    blocks = -(-k // block)  # a short last group is padded (the kernel reads K values of each column)
+    padded = np.zeros((blocks * block, n), np.int16)
+    padded[:k] = ints
+    b = _pack_pairs(padded.T.reshape(n, blocks, block))
     scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32).T.reshape(-1)
     base = matmul.name or matmul.output[0]
     names = [f"{base}_nbits_B", f"{base}_nbits_scales"]

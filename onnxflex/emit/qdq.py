@@ -84,16 +84,22 @@ def _replace_initializer_uses(g: onnx.GraphProto, old: str, new: str) -> None:
 def _blocked_dq_node(g: onnx.GraphProto, scope, base: str, qw: QuantizedWeight) -> str:
     """Adds a packed INT4 initializer (2-4 bit values in the 4-bit container), its float32 scale of
     blocked shape and a DequantizeLinear(axis, block_size) with no zero point (symmetric: 0) to ``g``;
-    an asymmetric weight is UINT4 with a UINT4 zero point of the scale's shape instead. Returns the
+    an asymmetric weight is UINT4 with a UINT4 zero point of the scale's shape instead. 5-8 bit values
+    (a model's head, select.head_nodes) take int8 / uint8 containers the same way. Returns the
     DequantizeLinear's output name. onnxruntime fuses it with a MatMul reading it into MatMulNBits
-    (with zero_points when asymmetric)."""
+    (bits 4 or 8; with zero_points when asymmetric)."""
     q_name, s_name = scope.unique_name(f"{base}_quantized"), scope.unique_name(f"{base}_scale")
-    g.initializer.extend([int4_initializer(qw.ints, q_name, signed=not qw.asymmetric),
-                          numpy_helper.from_array(qw.scale.astype(np.float32), s_name)])
+
+    def integers(values: np.ndarray, name: str) -> onnx.TensorProto:
+        if qw.bits <= 4:
+            return int4_initializer(values, name, signed=not qw.asymmetric)
+        return numpy_helper.from_array(values.astype(np.uint8 if qw.asymmetric else np.int8), name)
+
+    g.initializer.extend([integers(qw.ints, q_name), numpy_helper.from_array(qw.scale.astype(np.float32), s_name)])
     inputs = [q_name, s_name]
     if qw.asymmetric:
         inputs.append(scope.unique_name(f"{base}_zero_point"))
-        g.initializer.append(int4_initializer(qw.zero_point, inputs[-1], signed=False))
+        g.initializer.append(integers(qw.zero_point, inputs[-1]))
     out = scope.unique_name(f"{base}_dequantized")
     g.node.append(helper.make_node("DequantizeLinear", inputs, [out],
                                    name=scope.unique_name(f"{base}_DequantizeLinear"), axis=qw.axis,

@@ -50,6 +50,8 @@ class HQQRounder(Rounder):
         """(step, zero point) of least lp error per channel (group) over the rounds from the asymmetric
         start (``start``'s shape each)."""
         view, dims, shape = grouped_view(self.weight, self.axis, self.group_size)
+        real = grouped_view(torch.ones_like(self.weight), self.axis, self.group_size)[0]  # 0 on the padding
+        count = _sum(real, dims)
         keep = [1 if d in dims else n for d, n in enumerate(view.shape)]
         s, z = start.reshape(keep), zero.reshape(keep)
         best_s, best_z = s, z
@@ -61,7 +63,7 @@ class HQQRounder(Rounder):
             levels = q - z
             num, den = _sum(target * levels, dims), _sum(levels * levels, dims)
             s = torch.where(den > 0, num / den.clamp_min(1e-12), s).clamp_min(1e-12)
-            z = torch.round(_sum(q - target / s, dims) / (view.numel() // s.numel())).clamp(0, self.qmax)
+            z = torch.round(_sum((q - target / s) * real, dims) / count).clamp(0, self.qmax)
             err = rounding_error(view, s, z, dims, self.qmax, self.P)
             better = err < best_err
             best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)

@@ -36,18 +36,26 @@ def grouped_view(w: torch.Tensor, axis: int, group_size: int) -> tuple[torch.Ten
     """(view, dims, scale shape): reducing ``view`` over ``dims`` leaves one value per step.
 
     Per channel (``group_size`` 0): ``w`` itself, every dim but ``axis``, steps [C]. Per group (2-D
-    weights only): the input axis b = 1 - axis of length K split into [K/G, G], dims the G axis,
-    steps of ``blocked_scale_shape(w.shape, b, G)`` ([K/G, N] for a MatMul weight [K, N], axis 1).
+    weights only): the input axis b = 1 - axis of length K split into [ceil(K/G), G], dims the G axis,
+    steps of ``blocked_scale_shape(w.shape, b, G)`` ([ceil(K/G), N] for a MatMul weight [K, N], axis 1).
+    When G does not divide K (a group wider than K, or K = 192 at G = 128) the last group is short and
+    the view is padded with zeros: a zero changes no step's max |w| or (zero-holding) range, rounds to
+    its zero point exactly and adds nothing to a squared error or a projection, so every step is the
+    one of its real elements (HQQ's zero-point mean counts the real elements only).
     """
     if not group_size:
         return w, tuple(d for d in range(w.ndim) if d != axis), (w.shape[axis],)
     b = 1 - axis
-    if w.ndim != 2 or axis not in (0, 1) or w.shape[b] % group_size:
-        raise ValueError(f"groups of {group_size} need a 2-D weight whose input axis {b} is a multiple of "
-                         f"{group_size}; got shape {list(w.shape)}, axis {axis}")
+    if w.ndim != 2 or axis not in (0, 1):
+        raise ValueError(f"groups of {group_size} need a 2-D weight with axis 0 or 1; got shape {list(w.shape)}, "
+                         f"axis {axis}")
     shape = list(w.shape)
-    view = w.reshape(shape[:b] + [shape[b] // group_size, group_size] + shape[b + 1:])
-    return view, (b + 1,), tuple(shape[b] // group_size if d == b else n for d, n in enumerate(shape))
+    groups = -(-shape[b] // group_size)
+    short = groups * group_size - shape[b]
+    if short:
+        w = torch.nn.functional.pad(w, (0, short) if b == 1 else (0, 0, 0, short))
+    view = w.reshape(shape[:b] + [groups, group_size] + shape[b + 1:])
+    return view, (b + 1,), tuple(groups if d == b else n for d, n in enumerate(shape))
 
 
 def absmax_per_step(w: torch.Tensor, axis: int, group_size: int = 0) -> torch.Tensor:
@@ -151,8 +159,9 @@ class Rounder(torch.nn.Module):
 
     def spread(self, steps: torch.Tensor) -> torch.Tensor:
         """A step-shaped tensor made broadcastable against the weight (differentiable)."""
-        if self.group_size:
-            return steps.repeat_interleave(self.group_size, dim=1 - self.axis)
+        if self.group_size:  # a short last group: its step covers the K % G elements there are
+            b = 1 - self.axis
+            return steps.repeat_interleave(self.group_size, dim=b).narrow(b, 0, self.weight.shape[b])
         return steps.reshape(self.shape)
 
     def param_groups(self) -> list[tuple[list[torch.nn.Parameter], str]]:
