@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxflex.calib import read_npz
 from onnxflex.errors import CalibrationError, ModelLoadError, UnsupportedModelError
 from onnxflex.graph import graph_input_names, load_model
 from onnxflex.inputs import NP_TYPES, model_inputs
 from onnxflex.ort import session
 from onnxflex.passes.kv_cache import cache_pairs
-from onnxflex.text import empty_cache_shape, genai_config_path
+from onnxflex.text import empty_cache_shape, genai_config_path, is_text, token_windows
 
 PROVIDERS = ["CPUExecutionProvider"]
 FILLED = ("input_ids", "attention_mask", "position_ids")  # the inputs besides the cache that a step feeds
@@ -170,6 +171,27 @@ def compare_generation(reference: str | os.PathLike, candidate: str | os.PathLik
         result.failures.append(f"greedy token agreement {result.token_agreement:.4f} < {min_token_agreement:g} "
                                f"over {steps} generated tokens")
     return result
+
+
+def generation_ids(data: str | os.PathLike, tokenizer: str = "", seq_len: int = 0, samples: int = 0) -> np.ndarray:
+    """Token sequences [N, L] for compare_generation: the input_ids array of an .npz, or the text of a
+    .txt cut into windows of ``seq_len`` tokens by the tokenizer.json ``tokenizer`` (as quantize --calib
+    corpus.txt cuts them); the first ``samples`` of them (0: all)."""
+    path = Path(data)
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise CalibrationError(f"--data {str(path)!r} {what}; pass an .npz with input_ids or a .txt with --tokenizer")
+    if is_text(path):
+        if not seq_len:
+            raise CalibrationError(f"--data {str(path)!r} is text: pass --seq-len for the length of its windows")
+        return token_windows(path, tokenizer, seq_len, samples)
+    if tokenizer or seq_len:
+        raise CalibrationError(f"--tokenizer and --seq-len cut a .txt into windows, but --data {str(path)!r} is not "
+                               "one: drop them or pass --data corpus.txt")
+    arrays = read_npz(path, {"input_ids"})
+    if "input_ids" not in arrays:
+        raise CalibrationError(f"--data {str(path)!r} has no input_ids array: --generate reads token ids from it")
+    return arrays["input_ids"][:samples or None]
 
 
 def _check_ids(ids: np.ndarray, steps: int, prompt_len: int) -> np.ndarray:
