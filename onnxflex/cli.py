@@ -231,7 +231,8 @@ def inspect(model, config_file, **options) -> None:
 @click.option("--seq-len", type=click.IntRange(0), default=0,
               help="With --generate and a .txt --data: tokens per sequence (non-overlapping windows).")
 @click.option("--min-token-agreement", type=float,
-              help="Gate, with --generate: fail when the fraction of generated tokens equal in both models is below this.")
+              help="Gate, with --generate: fail when the fraction of the reference's greedy tokens that CANDIDATE's "
+                   "argmax matches (fed the reference's tokens) is below this (0-1).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def compare(reference, candidate, data, as_json, **options) -> None:
     """Compare CANDIDATE (e.g. a quantized model) with REFERENCE (its FP32 model) on --data.

@@ -109,14 +109,18 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 @dataclass
 class GenerationComparison:
     """Free-running greedy generation of both models from the same prompts, and a teacher-forced pass of
-    both over held-out sequences. ``first_divergence``: per prompt, the first step whose tokens differ
-    (None: none does). KL and negative log-likelihoods are in nats per predicted token."""
+    both over held-out sequences. ``token_agreement``: the fraction of the reference's greedy tokens that
+    the candidate's argmax matches when fed the reference's tokens (so one early miss does not decide every
+    later step); ``free_running_agreement``: the same fraction for the candidate's own greedy tokens;
+    ``first_divergence``: per prompt, the first step whose tokens differ (None: none does), the same in
+    both runs. KL and negative log-likelihoods are in nats per predicted token."""
 
     reference: str
     candidate: str
     steps: int
     prompt_len: int
     token_agreement: float
+    free_running_agreement: float
     first_divergence: list[int | None]
     heldout_sequences: int
     heldout_tokens: int
@@ -138,7 +142,8 @@ def compare_generation(reference: str | os.PathLike, candidate: str | os.PathLik
                        prompt_len: int = 0, batch_size: int = 16, threads: int = 0,
                        min_token_agreement: float | None = None) -> GenerationComparison:
     """Both decoders on token sequences ``ids`` [N, L]: greedy generation of ``steps`` tokens from each
-    sequence's first ``prompt_len`` tokens [default: L // 2], and one teacher-forced run per sequence
+    sequence's first ``prompt_len`` tokens [default: L // 2] (the candidate's argmax along the
+    reference's tokens, and its own free run; GenerationComparison), and one teacher-forced run per sequence
     (empty cache) giving mean KL(reference || candidate) over the next-token distributions at positions
     0..L-2 and each model's perplexity on tokens 1..L-1. Runs ``batch_size`` sequences at a time."""
     ids = _check_ids(ids, steps, prompt_len)
@@ -147,15 +152,17 @@ def compare_generation(reference: str | os.PathLike, candidate: str | os.PathLik
     models = [load_model(p) for p in paths]
     decoders = [decoder_io(m, f"model {str(p)!r}", (p, *paths)) for m, p in zip(models, paths)]
     sessions = [session(m, PROVIDERS, threads) for m in models]
-    agree, divergence = 0, []
+    agree, free, divergence = 0, 0, []
     kl = 0.0
     nll = [0.0, 0.0]
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
-        ref_tokens, cand_tokens = (greedy(s, d, chunk[:, :prompt_len], steps)[0] for s, d in zip(sessions, decoders))
-        same = ref_tokens == cand_tokens
-        agree += int(same.sum())
-        divergence += [None if row.all() else int(np.argmin(row)) for row in same]
+        prompt = chunk[:, :prompt_len]
+        ref_tokens = greedy(sessions[0], decoders[0], prompt, steps)[0]
+        along = greedy(sessions[1], decoders[1], prompt, steps, forced=ref_tokens)[0] == ref_tokens
+        agree += int(along.sum())
+        free += int((greedy(sessions[1], decoders[1], prompt, steps)[0] == ref_tokens).sum())
+        divergence += [None if row.all() else int(np.argmin(row)) for row in along]
         logp = [log_softmax(s.run([d.logits], step_feeds(d, chunk))[0][:, :-1]) for s, d in zip(sessions, decoders)]
         if logp[0].shape != logp[1].shape:
             raise ModelLoadError(f"the models' logits differ in shape: {list(logp[0].shape)} vs {list(logp[1].shape)}")
@@ -163,8 +170,9 @@ def compare_generation(reference: str | os.PathLike, candidate: str | os.PathLik
         target = chunk[:, 1:, None]
         nll = [total - float(np.take_along_axis(lp, target, -1).sum()) for total, lp in zip(nll, logp)]
     predicted = ids.shape[0] * (ids.shape[1] - 1)
-    result = GenerationComparison(str(reference), str(candidate), steps, prompt_len, agree / (ids.shape[0] * steps),
-                                  divergence, ids.shape[0], predicted, kl / predicted,
+    generated = ids.shape[0] * steps
+    result = GenerationComparison(str(reference), str(candidate), steps, prompt_len, agree / generated,
+                                  free / generated, divergence, ids.shape[0], predicted, kl / predicted,
                                   {"reference": float(np.exp(nll[0] / predicted)),
                                    "candidate": float(np.exp(nll[1] / predicted))})
     if min_token_agreement is not None and result.token_agreement < min_token_agreement:
@@ -216,7 +224,8 @@ def format_generation(result: GenerationComparison) -> str:
     return "\n".join([
         f"reference: {result.reference}", f"candidate: {result.candidate}",
         f"generation: {result.steps} greedy tokens after {result.prompt_len}-token prompts on {n} sequences: "
-        f"token agreement {result.token_agreement:.2%}, {first}",
+        f"token agreement {result.token_agreement:.2%} along the reference's tokens "
+        f"({result.free_running_agreement:.2%} running free), {first}",
         f"held-out: {result.heldout_sequences} sequences, {result.heldout_tokens} predicted tokens: mean "
         f"KL(reference || candidate) {result.mean_kl:.5f} nats/token, perplexity reference {ppl['reference']:.3f}, "
         f"candidate {ppl['candidate']:.3f}"])
