@@ -228,4 +228,5 @@ def format_generation(result: GenerationComparison) -> str:
         f"({result.free_running_agreement:.2%} running free), {first}",
         f"held-out: {result.heldout_sequences} sequences, {result.heldout_tokens} predicted tokens: mean "
         f"KL(reference || candidate) {result.mean_kl:.5f} nats/token, perplexity reference {ppl['reference']:.3f}, "
-        f"candidate {ppl['candidate']:.3f}"])
+        f"candidate {ppl['candidate']:.3f}",
+        "gates: " + ("; ".join(result.failures) if result.failures else "all passed")])

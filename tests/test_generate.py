@@ -115,6 +115,7 @@ def test_cli_gate_and_json(w4_paths):
     failing = invoke(*args[:-1], "--min-token-agreement", agreement + 0.01)
     assert failing.exit_code == 1, failing.output
     assert "gate failed: greedy token agreement" in failing.output and "KL(reference || candidate)" in failing.output
+    assert "gates: greedy token agreement" in failing.output, failing.output
 
 
 
