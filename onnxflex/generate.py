@@ -20,7 +20,7 @@ import onnx
 from onnxflex.calib import read_npz
 from onnxflex.errors import CalibrationError, ModelLoadError, UnsupportedModelError
 from onnxflex.graph import graph_input_names, load_model
-from onnxflex.inputs import NP_TYPES, model_inputs
+from onnxflex.inputs import NP_TYPES, input_dims, model_inputs
 from onnxflex.ort import session
 from onnxflex.passes.kv_cache import cache_pairs
 from onnxflex.text import empty_cache_shape, genai_config_path, is_text, token_windows
@@ -32,13 +32,15 @@ FILLED = ("input_ids", "attention_mask", "position_ids")  # the inputs besides t
 @dataclass(frozen=True)
 class Decoder:
     """How to feed one decoder. ``cache``: past input → the present output fed back as it;
-    ``cache_dims``: past input → (kv heads, head size); ``types``: input → numpy dtype."""
+    ``cache_dims``: past input → (kv heads, head size); ``types``: input → numpy dtype; ``vocab``: the
+    logits' last dim where declared."""
 
     inputs: tuple[str, ...]
     logits: str
     cache: dict[str, str]
     cache_dims: dict[str, tuple[int, int]]
     types: dict[str, type]
+    vocab: int | None = None
 
 
 def decoder_io(model: onnx.ModelProto, name: str, config_dirs: tuple[Path | None, ...] = ()) -> Decoder:
@@ -67,7 +69,8 @@ def decoder_io(model: onnx.ModelProto, name: str, config_dirs: tuple[Path | None
         shape = empty_cache_shape(vis[past], 1, source, fix)
         dims[past] = (shape[1], shape[3])
     types = {i: NP_TYPES[vis[i].type.tensor_type.elem_type] for i in graph_input_names(model)}
-    return Decoder(tuple(graph_input_names(model)), logits, cache, dims, types)
+    logits_dims = input_dims(next(o for o in model.graph.output if o.name == logits))
+    return Decoder(tuple(graph_input_names(model)), logits, cache, dims, types, logits_dims[-1] if logits_dims else None)
 
 
 def step_feeds(decoder: Decoder, ids: np.ndarray, past: dict[str, np.ndarray] | None = None,
@@ -151,6 +154,10 @@ def compare_generation(reference: str | os.PathLike, candidate: str | os.PathLik
     paths = (Path(reference), Path(candidate))
     models = [load_model(p) for p in paths]
     decoders = [decoder_io(m, f"model {str(p)!r}", (p, *paths)) for m, p in zip(models, paths)]
+    vocab = min((d.vocab for d in decoders if d.vocab), default=None)
+    if ids.min() < 0 or (vocab and ids.max() >= vocab):
+        raise CalibrationError(f"token ids run from {ids.min()} to {ids.max()}, outside the models' vocabulary of "
+                               f"{vocab} (the logits' last dim): pass ids from the models' tokenizer")
     sessions = [session(m, PROVIDERS, threads) for m in models]
     agree, free, divergence = 0, 0, []
     kl = 0.0

@@ -137,6 +137,9 @@ def test_bad_input_exits_2_with_the_reason(w4_paths, tmp_path):
     np.savez(tmp_path / "no_ids.npz", tokens=np.zeros((2, 8), np.int64))
     no_ids = invoke("compare", DECODER, w4_paths["export"], "--data", tmp_path / "no_ids.npz", "--generate", 4)
     assert no_ids.exit_code == 2 and "has no input_ids array" in no_ids.output, no_ids.output
+    np.savez(tmp_path / "big_ids.npz", input_ids=np.full((2, 8), 128, np.int64))
+    big = invoke("compare", DECODER, w4_paths["export"], "--data", tmp_path / "big_ids.npz", "--generate", 4)
+    assert big.exit_code == 2 and "outside the models' vocabulary of 128" in big.output, big.output
     mixed = invoke("compare", DECODER, w4_paths["export"], "--data", EVAL, "--generate", 4, "--min-sqnr", 20)
     assert mixed.exit_code == 2 and "--min-sqnr compare outputs" in mixed.output, mixed.output
     alone = invoke("compare", DECODER, w4_paths["export"], "--data", EVAL, "--min-token-agreement", 0.5)
