@@ -222,13 +222,32 @@ def inspect(model, config_file, **options) -> None:
 @click.option("--batch-axis", "batch_axes", multiple=True, metavar="NAME=AXIS", help=OPTION_HELP["batch_axes"])
 @click.option("--fix-input", "fix_inputs", multiple=True, metavar="NAME=VALUE",
               help="NAME=VALUE: feed this value to that input of both models, so --data needs no array for it.")
+@click.option("--generate", type=click.IntRange(0), default=0,
+              help="Compare two decoders with a key/value cache instead: N greedy tokens from each --data sequence's "
+                   "first --prompt-len tokens, and a teacher-forced pass over each sequence (KL, perplexity).")
+@click.option("--prompt-len", type=click.IntRange(0), default=0,
+              help="With --generate: prompt length in tokens (0 = half of each sequence).")
+@click.option("--tokenizer", default="", help="With --generate and a .txt --data: the tokenizer.json that tokenizes it.")
+@click.option("--seq-len", type=click.IntRange(0), default=0,
+              help="With --generate and a .txt --data: tokens per sequence (non-overlapping windows).")
+@click.option("--min-token-agreement", type=float,
+              help="Gate, with --generate: fail when the fraction of the reference's greedy tokens that CANDIDATE's "
+                   "argmax matches (fed the reference's tokens) is below this (0-1).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def compare(reference, candidate, data, as_json, **options) -> None:
     """Compare CANDIDATE (e.g. a quantized model) with REFERENCE (its FP32 model) on --data.
 
     With --min-sqnr, --min-agreement or --max-latency-ratio it is a gate: exit code 1 and a one-line
-    reason when a threshold is not met (2: bad input, 3: an internal error).
+    reason when a threshold is not met (2: bad input, 3: an internal error). With --generate N it
+    compares greedy generation and held-out KL / perplexity of two decoders (gate: --min-token-agreement).
     """
+    generation = {k: options.pop(k) for k in ("generate", "prompt_len", "tokenizer", "seq_len", "min_token_agreement")}
+    if generation["generate"]:
+        _compare_generation(reference, candidate, data, as_json, generation, options)
+        return
+    given = [f"--{k.replace('_', '-')}" for k, v in generation.items() if v]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} apply to --generate N only: add --generate or drop them")
     from onnxflex.inputs import InputOptions
     from onnxflex.compare import GateOptions, compare_models, format_comparison
 
@@ -245,6 +264,33 @@ def compare(reference, candidate, data, as_json, **options) -> None:
             click.echo(f"note: {note}", err=True)
     else:
         click.echo(format_comparison(result))
+    if result.failures:
+        click.echo(f"gate failed: {result.failures[0]}", err=True)
+        sys.exit(FAILED)
+
+
+def _compare_generation(reference, candidate, data, as_json, generation: dict, options: dict) -> None:
+    """compare --generate: onnxflex.generate on both decoders; the output comparison's options do not apply."""
+    from onnxflex.generate import compare_generation, format_generation, generation_ids
+
+    ctx = click.get_current_context()
+    output_only = ("worst", "repeats", "latency_width", "latency_seconds", "batch_axes", "fix_inputs", "min_sqnr",
+                   "min_agreement", "max_latency_ratio")
+    given = [f"--{k.replace('_', '-')}" for k in output_only
+             if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} compare outputs and do not apply to --generate: drop them")
+    _setup_logging("warning")
+    ids = generation_ids(data, generation["tokenizer"], generation["seq_len"], options["samples"])
+    result = compare_generation(reference, candidate, ids, generation["generate"], prompt_len=generation["prompt_len"],
+                                batch_size=options["batch_size"], threads=options["threads"],
+                                min_token_agreement=generation["min_token_agreement"])
+    if as_json:
+        from onnxflex.report import to_json
+
+        click.echo(to_json(result.to_dict()), nl=False)
+    else:
+        click.echo(format_generation(result))
     if result.failures:
         click.echo(f"gate failed: {result.failures[0]}", err=True)
         sys.exit(FAILED)

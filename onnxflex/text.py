@@ -32,24 +32,14 @@ def load_text(path: Path, model: onnx.ModelProto, model_path: Path | None, token
     input_ids [N, seq_len]; attention_mask ones and position_ids 0..seq_len-1 where the model has them;
     every key/value cache input empty: [N, kv_heads, 0, head_dim] (dims the model leaves unknown come
     from the genai_config.json beside ``model_path``)."""
-    if not tokenizer:
-        raise CalibrationError(f"calibration {str(path)!r} is text: pass --tokenizer tokenizer.json to turn it "
-                               "into token ids (and --seq-len for the window length)")
-    ids = _token_ids(path, Path(tokenizer))
     inputs = model_inputs(model)
     if "input_ids" not in inputs:
         raise CalibrationError(f"calibration {str(path)!r} is text, but the model has no input_ids input; its "
                                f"inputs are {', '.join(inputs)}")
     seq_len = seq_len or _fixed_length(input_dims(inputs["input_ids"]))
-    windows = len(ids) // seq_len
-    if windows == 0:
-        raise CalibrationError(f"{str(path)!r} holds {len(ids)} tokens, too few for one window of --seq-len "
-                               f"{seq_len}: give more text or a shorter --seq-len")
-    if windows < count:
-        log.warning("%s holds %d windows of %d tokens, fewer than the %d asked for: calibrating on %d",
-                    path, windows, seq_len, count, windows)
-    n = min(windows, count)
-    arrays = {"input_ids": ids[:n * seq_len].reshape(n, seq_len)}
+    windows = token_windows(path, tokenizer, seq_len, count)
+    n = len(windows)
+    arrays = {"input_ids": windows}
     cache = cache_tensors(model)
     for name, vi in inputs.items():
         if name in options.fixed or name == "input_ids":
@@ -59,7 +49,7 @@ def load_text(path: Path, model: onnx.ModelProto, model_path: Path | None, token
         elif name == "position_ids":
             arrays[name] = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (n, seq_len))
         elif name in cache:
-            arrays[name] = np.zeros(_empty_cache_shape(vi, n, model_path), NP_TYPES[vi.type.tensor_type.elem_type])
+            arrays[name] = np.zeros(empty_cache_shape(vi, n, model_path), NP_TYPES[vi.type.tensor_type.elem_type])
         else:
             raise CalibrationError(f"calibration {str(path)!r} is text, which feeds input_ids, attention_mask, "
                                    f"position_ids and the key/value cache; the model's input {name!r} is none of "
@@ -68,6 +58,24 @@ def load_text(path: Path, model: onnx.ModelProto, model_path: Path | None, token
     source = f"{str(path)!r} ({n} windows of {seq_len} tokens)"
     samples_first = replace(options, batch_axes={**options.batch_axes, **dict.fromkeys(arrays, 0)})
     return check_calibration(arrays, model, source, samples_first)
+
+
+def token_windows(path: Path, tokenizer: str, seq_len: int, count: int = 0) -> np.ndarray:
+    """The first ``count`` (0: all) non-overlapping windows of ``seq_len`` tokens of the text in ``path``,
+    tokenized with the tokenizer.json ``tokenizer``: int64 [n, seq_len]."""
+    if not tokenizer:
+        raise CalibrationError(f"{str(path)!r} is text: pass --tokenizer tokenizer.json to turn it into token ids "
+                               "(and --seq-len for the window length)")
+    ids = _token_ids(path, Path(tokenizer))
+    windows = len(ids) // seq_len
+    if windows == 0:
+        raise CalibrationError(f"{str(path)!r} holds {len(ids)} tokens, too few for one window of --seq-len "
+                               f"{seq_len}: give more text or a shorter --seq-len")
+    if windows < count:
+        log.warning("%s holds %d windows of %d tokens, fewer than the %d asked for: using %d",
+                    path, windows, seq_len, count, windows)
+    n = min(windows, count) if count else windows
+    return ids[:n * seq_len].reshape(n, seq_len)
 
 
 def _token_ids(path: Path, tokenizer: Path) -> np.ndarray:
@@ -92,12 +100,14 @@ def _fixed_length(dims: list[int | None]) -> int:
     raise CalibrationError(f"input_ids has shape {show_dims(dims)} with no fixed sequence length: pass --seq-len")
 
 
-def _empty_cache_shape(vi: onnx.ValueInfoProto, n: int, model_path: Path | None) -> tuple[int, ...]:
-    """[n, kv_heads, 0, head_dim] for cache input ``vi``, declared [batch, kv_heads, past, head_dim]."""
+def empty_cache_shape(vi: onnx.ValueInfoProto, n: int, model_path: Path | None,
+                      fix: str = "calibrate from an .npz with one array per input") -> tuple[int, ...]:
+    """[n, kv_heads, 0, head_dim] for cache input ``vi``, declared [batch, kv_heads, past, head_dim]; ``fix``
+    ends the error for a shape that gives neither."""
     dims = input_dims(vi)
     if len(dims) != 4:
         raise CalibrationError(f"cache input {vi.name!r} has shape {show_dims(dims)}, not [batch, kv_heads, past, "
-                               "head_dim]: calibrate from an .npz with one array per input")
+                               f"head_dim]: {fix}")
     decoder = genai_config(model_path).get("model", {}).get("decoder", {}) if model_path else {}
     shape = [n, dims[1], 0, dims[3]]
     for axis, key in CACHE_CONFIG_DIMS.items():
@@ -105,8 +115,7 @@ def _empty_cache_shape(vi: onnx.ValueInfoProto, n: int, model_path: Path | None)
             shape[axis] = decoder.get(key)
         if not isinstance(shape[axis], int) or shape[axis] <= 0:
             raise CalibrationError(f"cache input {vi.name!r} has shape {show_dims(dims)}: dim {axis} is unknown and "
-                                   f"no genai_config.json beside the model gives model.decoder.{key}; calibrate "
-                                   "from an .npz with one array per input")
+                                   f"no genai_config.json beside the model gives model.decoder.{key}; {fix}")
     return tuple(shape)
 
 

@@ -69,3 +69,28 @@ def cache_sources(model: onnx.ModelProto, stop: set[str]) -> set[str]:
             inputs = [inputs[i] for i in CACHE_VALUE_SLOTS[node.op_type] if i < len(inputs) and (i or packed)]
         reach.update(i for i in inputs if i)
     return reach
+
+
+def cache_pairs(model: onnx.ModelProto) -> dict[str, str]:
+    """Past cache input → the present output a caller feeds back as it on the next step, in graph-input
+    order: the graph output a past reaches through CACHE_PATH_OPS, or the present slot of the CACHE_OPS
+    node that reads it in the matching past slot."""
+    g = model.graph
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    cache, outputs = cache_tensors(model), [o.name for o in g.output]
+    pairs: dict[str, str] = {}
+    for name in graph_input_names(model):
+        if name not in cache:
+            continue
+        reached = [o for o in outputs if o in flows_into(name, users, CACHE_PATH_OPS) and o != name]
+        for node in users.get(name, []):
+            if node.op_type in CACHE_OPS and node.domain == "com.microsoft":
+                past, present = CACHE_OPS[node.op_type]
+                reached += [node.output[p] for i, p in zip(past, present)
+                            if i < len(node.input) and node.input[i] == name and p < len(node.output)]
+        if len(reached) == 1:
+            pairs[name] = reached[0]
+    return pairs

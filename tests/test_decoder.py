@@ -33,6 +33,7 @@ from helpers import MODELS
 from onnxflex import QuantConfig, quantize
 from onnxflex.calib import read_npz
 from onnxflex.check import check, format_report
+from onnxflex.generate import decoder_io, greedy, step_feeds
 from onnxflex.options import resolve
 from onnxflex.ort import session_options
 from onnxflex.passes.kv_cache import cache_tensors
@@ -44,6 +45,7 @@ LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
 PAST = [f"past_key_values.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "value")]
 PRESENT = [name.replace("past_key_values", "present") for name in PAST]
 PROMPT, STEPS = 32, 32
+DECODER_IO = decoder_io(onnx.load(str(DECODER)), "the decoder")
 
 
 def w4_config(method: str) -> QuantConfig:
@@ -78,29 +80,13 @@ def session(model: onnx.ModelProto | str) -> ort.InferenceSession:
 
 
 def prompt_feeds(ids: np.ndarray) -> dict[str, np.ndarray]:
-    m, t = ids.shape
-    empty = np.zeros((m, KV_HEADS, 0, HEAD_DIM), np.float32)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids),
-            "position_ids": np.broadcast_to(np.arange(t), (m, t)).copy(), **{name: empty for name in PAST}}
+    return step_feeds(DECODER_IO, ids)
 
 
 def generate(sess: ort.InferenceSession, prompt: np.ndarray, forced: np.ndarray | None = None):
-    """Greedy decoding with the cache: the prompt with an empty past, then one token per run with the
-    past the previous run returned. Feeds ``forced`` [M, STEPS] instead of the argmax when given.
-    Returns (argmax tokens [M, STEPS], last-position logits [M, STEPS, V])."""
-    names = [o.name for o in sess.get_outputs()]
-    feeds, length = prompt_feeds(prompt), prompt.shape[1]
-    tokens, logits = [], []
-    for step in range(STEPS):
-        out = dict(zip(names, sess.run(None, feeds)))
-        logits.append(out["logits"][:, -1])
-        tokens.append(logits[-1].argmax(-1))
-        fed = tokens[-1] if forced is None else forced[:, step]
-        feeds = {"input_ids": fed[:, None], "attention_mask": np.ones((len(prompt), length + 1), np.int64),
-                 "position_ids": np.full((len(prompt), 1), length, np.int64),
-                 **{past: out[present] for past, present in zip(PAST, PRESENT)}}
-        length += 1
-    return np.stack(tokens, 1), np.stack(logits, 1)
+    """onnxflex.generate's greedy loop with the cache over STEPS steps, ``forced`` [M, STEPS] fed instead
+    of the argmax when given: (argmax tokens [M, STEPS], last-position logits [M, STEPS, V])."""
+    return greedy(sess, DECODER_IO, prompt, STEPS, forced)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from onnx import parser
 from helpers import MODELS
 from test_decoder import check_g128, nbits_kernels
 from onnxflex import QuantConfig, quantize
+from onnxflex.generate import decoder_io, greedy
 from onnxflex.options import resolve
 from onnxflex.passes.kv_cache import cache_tensors
 from onnxflex.passes.pipeline import PassContext, run_passes
@@ -26,7 +27,8 @@ from onnxflex.planning import build_plan
 from onnxflex.verify import optimized_op_counts
 
 GENAI = MODELS / "decoder" / "genai" / "model.onnx"
-LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
+LAYERS = 2
+GENAI_IO = decoder_io(onnx.load(str(GENAI)), "the builder form", (GENAI,))
 RMS_NORM = """
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, T, 8] x) => (float[N, T, 8] y) <float[8] gamma = {1.0, 2.0, 0.5, -1.0, 3.0, 0.25, 1.5, -2.0}> {
@@ -62,26 +64,11 @@ def test_a_simplified_layer_norm_without_a_lowering_is_kept():
     assert [n.op_type for n in lowered.graph.node] == ["SimplifiedLayerNormalization"]
 
 
-def feeds(ids: np.ndarray, present: dict | None = None, past_len: int = 0) -> dict[str, np.ndarray]:
-    n, t = ids.shape
-    empty = np.zeros((n, KV_HEADS, 0, HEAD_DIM), np.float32)
-    return {"input_ids": ids, "attention_mask": np.ones((n, past_len + t), np.int64),
-            **{f"past_key_values.{i}.{kind}": present[f"present.{i}.{kind}"] if present else empty
-               for i in range(LAYERS) for kind in ("key", "value")}}
-
-
 def generate(sess: ort.InferenceSession, prompt: np.ndarray, steps: int,
              forced: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy decoding with the cache, one token per run after the prompt, feeding ``forced`` [M, steps]
-    instead of the argmax when given: (argmax tokens [M, steps], last-position logits [M, steps, V])."""
-    names = [o.name for o in sess.get_outputs()]
-    out, tokens, logits = dict(zip(names, sess.run(None, feeds(prompt)))), [], []
-    for step in range(steps):
-        logits.append(out["logits"][:, -1])
-        tokens.append(logits[-1].argmax(-1))
-        fed = tokens[-1] if forced is None else forced[:, step]
-        out = dict(zip(names, sess.run(None, feeds(fed[:, None], out, prompt.shape[1] + step))))
-    return np.stack(tokens, 1), np.stack(logits, 1)
+    """onnxflex.generate's greedy loop with the cache, ``forced`` [M, steps] fed instead of the argmax
+    when given: (argmax tokens [M, steps], last-position logits [M, steps, V])."""
+    return greedy(sess, GENAI_IO, prompt, steps, forced)
 
 
 def w4_config(method: str) -> QuantConfig:
