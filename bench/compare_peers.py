@@ -395,6 +395,8 @@ def paired_decoders(results: list[dict], learned: tuple[str, ...] = ("flexround"
             here = [r for r in rows if setting_of(r) == label]
             ours = [r for r in here if r["toolkit"] == "onnxflex" and r["setting"].split()[0] in learned]
             if not ours:
+                if any(r["model"] == name and setting_of(r) == label for r in results):  # they failed
+                    lines.append(f"- {name} {label}: no learned onnxflex row to pair (see the table).")
                 continue
             best = min(ours, key=lambda r: r["metric"])
             text = f"- {name} {label}: {best['setting']} {best['metric']:.3f}"

@@ -88,13 +88,16 @@ def test_decoder_pairing_takes_the_best_learned_row_per_setting():
         row("onnxflex", "rtn W3 g64 asym", 4.9, [1, 1, 0, 1, 0]),
         {"model": "decoder", "toolkit": "onnxruntime", "setting": "MatMulNBits RTN W3 g64 sym", "skipped": "no"},
     ]
-    w3, w2 = compare_peers.paired_decoders(results)  # no learned row at W4: no W4 lines
+    w3, w2 = compare_peers.paired_decoders(results)  # no row at all at W4: no W4 lines
     assert w2.startswith("- decoder W2 g64: signround W2 g64 asym 5.500; against onnxflex rtn's best, "
                          "rtn W2 g64 asym 7.000 (-1.500): 2 tokens agree with FP32's argmax only for signround, "
                          "0 only for rtn, exact sign test p = 0.5; against onnxruntime's best, MatMulNBits RTN W2 "
                          "g64 sym 6.500 (-1.000): 2 tokens agree with FP32's argmax only for signround, 0 only "
                          "for MatMulNBits RTN, exact sign test p = 0.5."), w2
     assert w3.endswith("p = 1; no onnxruntime row at W3 g64."), w3
+    failed = {"model": "decoder", "toolkit": "onnxflex", "setting": "flexround W4 g128 asym", "error": "failed"}
+    assert compare_peers.paired_decoders([failed, *results])[0] == \
+        "- decoder W4 g128: no learned onnxflex row to pair (see the table)."
 
 
 def test_decoder_eval_feeds_of_both_forms(tmp_path):
