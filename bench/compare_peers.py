@@ -230,7 +230,8 @@ def decoder_candidates(methods: list[str], samples: int, iters: int,
     rows = []
     for label, bits, group in DECODER_SETTINGS:
         rows += [("onnxflex", f"{method} {label} {grid[:4]}", "onnxflex",
-                  method_options({"wbits": bits, "abits": 0, "group_size": group, "weight_grid": grid},
+                  method_options({"wbits": bits, "abits": 0, "group_size": group, "weight_grid": grid,
+                                  "head_bits": bits},  # the lm_head at the row's bits, as onnxruntime's rows have it
                                  method, samples, iters))
                  for method in methods for grid in grids]
         for algorithm, symmetric in (("RTN", True), ("RTN", False), ("HQQ", False), ("GPTQ", True), ("GPTQ", False)):
@@ -463,8 +464,9 @@ def decoder_report(results: list[dict], args, seconds: float) -> str:
             "exported by torch.onnx with past key/values; `decoder_genai`, the same checkpoint through "
             "onnxruntime-genai's model builder with GroupQueryAttention). Both toolkits calibrate on the first "
             f"{args.calib_samples} prompt windows of `models/decoder/decoder.calib.npz` (empty past); onnxflex "
-            f"rows: `QuantConfig(wbits, abits=0, group_size, weight_grid, calib_samples={args.calib_samples}, "
-            f"verify_samples=0)`, {iters}; `sym`/`asym` is onnxflex's `weight_grid` (symmetric, or asymmetric "
+            f"rows: `QuantConfig(wbits, abits=0, group_size, weight_grid, head_bits=wbits, "
+            f"calib_samples={args.calib_samples}, verify_samples=0)` (the lm_head at the row's bits, like "
+            f"onnxruntime's rows; onnxflex's default gives it 8), {iters}; `sym`/`asym` is onnxflex's `weight_grid` (symmetric, or asymmetric "
             "with zero points). onnxruntime rows: `MatMulNBitsQuantizer(bits, block_size=group, is_symmetric)` "
             "with its default round-to-nearest, `HQQWeightOnlyQuantConfig(block_size, bits)` (always with zero "
             "points) and `GPTQWeightOnlyQuantConfig` (its defaults, the calibration windows in batches of 16; it "
