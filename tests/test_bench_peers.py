@@ -66,8 +66,8 @@ def test_decoder_candidates_say_why_onnxruntime_has_no_row():
     assert made["MatMulNBits RTN W2 g64 asym"] == {"block_size": 64, "bits": 2, "symmetric": False,
                                                     "algorithm": "RTN", "samples": 32, "batch": 16}
     flex = {setting: options for _, setting, kind, options in rows if kind == "onnxflex"}
-    assert flex["flexround W4 g128 symm"] == {"wbits": 4, "abits": 0, "group_size": 128, "weight_grid": "symmetric", "head_bits": 4,
-                                             "method": "flexround", "calib_samples": 32, "verify_samples": 0,
+    assert flex["flexround W4 g128 symm"] == {"wbits": 4, "abits": 0, "group_size": 128, "weight_grid": "symmetric",
+                                             "head_bits": 4, "method": "flexround", "calib_samples": 32, "verify_samples": 0,
                                              "iters": 5}
     assert "iters" not in flex["rtn W4 g128 asym"]
 
