@@ -17,6 +17,10 @@ that measured 12,836 faults and 579 ms per step summed over its 25 blocks, again
 with these (14,731 and 644 ms without any of this). Memory outside the loop then keeps at most 64 MiB
 of free heap top, which glibc's own adjustment also allows.
 
+Between blocks, ``trim_freed()`` gives the free heap back to the kernel once it exceeds TRIM_ABOVE:
+blocks with big weights free more than any step reuses (a 6-layer 4096x4096 MLP at W4 rtn: 1.9 GiB
+resident after its six blocks, 0.2 GiB of it live). Models whose blocks free less keep their pages.
+
 Where the C library is not glibc (macOS, musl, Windows) it does nothing. It changes where memory comes
 from, never what is computed: results are bit for bit the same with and without it.
 """
@@ -34,7 +38,14 @@ KEEP = {M_TRIM_THRESHOLD: 1 << 30, M_MMAP_THRESHOLD: 32 << 20, M_MMAP_MAX: 0}
 # glibc's DEFAULT_MMAP_THRESHOLD_MAX and 2x, and its default count of mmapped blocks (DEFAULT_MMAP_MAX)
 AFTER = {M_TRIM_THRESHOLD: 64 << 20, M_MMAP_THRESHOLD: 32 << 20, M_MMAP_MAX: 65536}
 
+TRIM_ABOVE = 256 << 20  # free heap bytes beyond which trim_freed() gives pages back
+
 _depth = 0
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def _libc():
@@ -66,3 +77,17 @@ def reused_pages():
         if libc is not None:
             for param, value in AFTER.items():
                 libc.mallopt(param, value)
+
+
+def trim_freed(limit: int = TRIM_ABOVE) -> bool:
+    """When glibc's main heap holds more than ``limit`` free bytes, give the free pages of every heap back
+    to the kernel (malloc_trim), inside ``reused_pages()`` too (between blocks, not steps); returns
+    whether it trimmed. A no-op elsewhere, and where glibc is older than 2.33 (no mallinfo2)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return False
+    libc.mallinfo2.restype = _MallInfo2
+    if libc.mallinfo2().fordblks <= limit:
+        return False
+    libc.malloc_trim(ctypes.c_size_t(0))
+    return True

@@ -31,7 +31,7 @@ from onnxflex.passes.select_inner import initializers_of
 from onnxflex.rounding.activation import ActQuantizer
 from onnxflex.rounding.actrange import PointValues
 from onnxflex.rounding.bias_correction import ChannelMeans, channel_axis, weight_shaped
-from onnxflex.rounding.heap import reused_pages
+from onnxflex.rounding.heap import reused_pages, trim_freed
 from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.methods import make_policy, make_rounder, reconstructs
 from onnxflex.rounding.policies import EarlyStop
@@ -548,6 +548,7 @@ class BlockRunner:
             before, steps = self.learn(module, data, seed, progress, iters) if learns else (None, 0)
             self.freeze(module, block)
             after = self.store(module, data, self.loss_samples(index))
+        trim_freed()  # a block with big weights leaves a fragmented free heap behind (rounding/heap.py)
         if before is None:  # nothing changed the block: the loss before is the loss after
             before = after
         runtime = "torch" if isinstance(module, BlockModule) else "onnxruntime"
