@@ -129,3 +129,40 @@ def test_a_resumed_run_restores_the_corrected_biases(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("block*.pt")), "no block was checkpointed"
     again = quantize(4, checkpoint=str(tmp_path / "ckpt"))  # every block restored from the checkpoint
     assert again.SerializeToString() == first.SerializeToString()
+
+
+def learned() -> onnx.ModelProto:
+    config = QuantConfig(method="flexround", wbits=4, abits=8, iters=200, latency_rules=False, verify_samples=0)
+    return onnxflex.quantize(two_convs(), calibration(), config, progress=False).model
+
+
+def test_a_learned_layer_emits_the_bias_that_corrects_its_learned_rounding():
+    """The bias is fixed at the round-to-nearest start's correction while the block learns; what is
+    emitted is corrected again for the learned rounding. Left at the start's value, the learned
+    rounding's own mean shift goes uncorrected (on the PP-OCRv4 recogniser at W4A8 that moved the
+    CTC head towards "blank": learned rounding far behind round-to-nearest). conv2's block keeps
+    what it learned (conv1's does not: next test)."""
+    node, weight, bias = "conv2", W2, B2
+    q, start = learned(), quantize(4)
+    got_w, got_b, step, _ = emitted(q, node)
+    rtn_w, _, _, _ = emitted(start, node)
+    data = calibration()["x"]
+    inputs = torch.nn.functional.conv2d(torch.from_numpy(data), torch.from_numpy(W1), torch.from_numpy(B1)).numpy()
+    w = torch.from_numpy(weight.astype(np.float64))
+    mean = weight_shaped(torch.from_numpy(inputs.mean(axis=(0, 2, 3)).astype(np.float64)), w, 0)
+    shift = bias_shift(torch.from_numpy(got_w), w, mean, 0).numpy()
+    stale = bias_shift(torch.from_numpy(rtn_w), w, mean, 0).numpy()
+    moved = np.abs(shift - stale).max()
+    assert moved > 2 * step.max(), f"{node}: learning moved the mean shift by {moved:.4g} only (step {step.max():.3g})"
+    off = np.abs(got_b - (bias - shift)).max()
+    assert off <= 0.51 * step.max() + 1e-5, f"{node}: emitted bias off b − learned shift by {off:.4g} " \
+                                            f"(step {step.max():.3g}; the start's shift would be {moved:.4g} off)"
+
+
+def test_learning_undone_emits_the_start_s_weight_and_bias():
+    """conv1's block ends learning (with its bias corrected again) above its start's loss: it keeps the
+    round-to-nearest weight and the start's corrected bias, exactly as method rtn emits them."""
+    got, start = emitted(learned(), "conv1"), emitted(quantize(4), "conv1")
+    assert np.array_equal(got[0], start[0]), "conv1: learned weight kept although its loss rose"
+    assert np.array_equal(got[1], start[1]), \
+        f"conv1: bias not the start's (off by {np.abs(got[1] - start[1]).max():.4g})"

@@ -613,36 +613,51 @@ class BlockRunner:
         spans them); (loss before, steps run). Learning is undone, with a warning, keeping the
         round-to-nearest start, when it does not end at a loss <= the one it started from (a higher
         loss, or NaN), or when it raises the loss on the samples no step drew (``held_out_rose``; only
-        where at least HELD_MIN were never drawn)."""
+        where at least HELD_MIN were never drawn). A corrected bias (rounding/bias_correction.py), fixed
+        at its start's value while the block learns, is corrected again for the learned rounding
+        (QuantState.resettle_bias) before the learned loss is taken, so that both checks judge the
+        bias that is emitted; undone learning restores the start's bias too."""
         batch = data.nograd_batch(self.config.batch_size)
         before = evaluate(module, data, batch)
         start = [p.detach().clone() for params, _ in module.learnable() for p in params]
+        settled = {l.bias: self.state.bias_values[l.bias] for l in module.block.layers
+                   if l.bias in self.state.settled_means}
         config = self.config if iters == self.config.iters else self.config.replace(iters=iters)
         steps = train(module, data, config, seed, progress)
+        for bias in settled:
+            self.state.resettle_bias(bias)
         after = evaluate(module, data, batch)
         if not after <= before:
             _restore(module, start)
+            self.state.bias_values.update(settled)
             log.warning("%s: learning ended at loss %.4g, not below its start %.4g; kept the round-to-nearest "
                         "start", module.block.name, after, before)
-        elif self.held_out_rose(module, data, seed, steps, start, config):
+        elif self.held_out_rose(module, data, seed, steps, start, config, settled):
             _restore(module, start)
+            self.state.bias_values.update(settled)
         return before, steps
 
     def held_out_rose(self, module: BlockModule, data: BlockData, seed: int, steps: int,
-                      start: list[torch.Tensor], config: RoundingOptions) -> bool:
+                      start: list[torch.Tensor], config: RoundingOptions,
+                      settled: dict[str, torch.Tensor] | None = None) -> bool:
         """True (with a warning naming the block) when the block loss on the samples that none of the
-        ``steps`` steps of ``config``'s schedule drew (``unseen_rows``) is higher with the learned parameters than with ``start``;
-        False when fewer than HELD_MIN were never drawn. ``module``'s parameters are as learned on return."""
+        ``steps`` steps of ``config``'s schedule drew (``unseen_rows``) is higher with the learned
+        parameters than with ``start`` (and the corrected biases ``settled``, bias → its value at the
+        start); False when fewer than HELD_MIN were never drawn. ``module``'s parameters and the
+        biases are as learned on return."""
         batch = min(config.batch_size, data.num_samples)
         held = unseen_rows(seed, data.num_samples, batch, config, steps)
         if held is None:
             return False
         size = data.nograd_batch(self.config.batch_size)
         learned = [p.detach().clone() for params, _ in module.learnable() for p in params]
+        learned_biases = {b: self.state.bias_values[b] for b in settled or {}}
         after = evaluate_rows(module, data, held, size)
         _restore(module, start)
+        self.state.bias_values.update(settled or {})
         before = evaluate_rows(module, data, held, size)
         _restore(module, learned)
+        self.state.bias_values.update(learned_biases)
         if after <= before:
             return False
         log.warning("%s: learning raised the loss on the %d samples no step drew from %.4g to %.4g; kept the "
@@ -655,6 +670,7 @@ class BlockRunner:
         simulation and a resumed run all see the same integers, and memory keeps int8 weights only."""
         for layer in block.layers:
             self.state.rounders[layer.weight] = FrozenRounder(self.state.rounders[layer.weight].export(), self.device)
+            self.state.settled_means.pop(layer.bias, None)  # final: what the block learned, or its start
         if isinstance(module, BlockModule):
             module.own_rounders = torch.nn.ModuleList(self.state.rounders[l.weight] for l in block.layers)
             for layer in block.layers:
@@ -742,7 +758,8 @@ def settle_biases(block: Block, state: QuantState) -> None:
     corrects the rounding the block starts from, once its steps are final (after make_room_for_biases),
     and keep it while the block learns: learning then sees the bias it is given, and a learned rounding
     that moves the output mean is answered by the block loss, not by a bias that moves behind the
-    gradient (AdaRound and SignRound on the bundled CNN learned nothing with a bias that followed)."""
+    gradient (AdaRound and SignRound on the bundled CNN learned nothing with a bias that followed).
+    Once the block has learned, BlockRunner.learn corrects them again for the learned rounding."""
     for layer in block.layers:
         if layer.bias:
             state.settle_bias(layer.bias)
