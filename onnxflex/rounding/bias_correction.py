@@ -8,13 +8,9 @@ Conv: μ over the batch and spatial axes (channel axis 1), each output channel r
 channels; MatMul and Gemm (A not transposed): over every axis but the last, summed along the weight's
 input axis. Ŵ is first the rounding the block starts from (round-to-nearest, once the steps are final):
 the corrected bias is fixed before the block learns (reconstruct.settle_biases), so that learning sees
-the bias it is given; once the block has learned, Ŵ is the learned rounding and the bias is corrected
-again (QuantState.resettle_bias), and that is what is checked against the start and emitted. Left at
-the start's value, the learned rounding's own mean shift went uncorrected: on the PP-OCRv4
-recogniser at W4A8 the 1x1 Conv before the CTC head learned a lower block loss whose output mean
-moved along what the head reads as "blank" (its logit +1.78 against +0.39 for the other classes,
-round-to-nearest +1.26 against +0.60), and decisions changed vs FP32 rose from 566 (round-to-nearest)
-to 768 with that block learned, 861 with every block; corrected again, 606 and 546.
+the bias it is given. In a block whose outputs a head layer reads (reconstruct.head_feeders), once
+it has learned, Ŵ is the learned rounding and the bias is corrected again
+(QuantState.resettle_bias); that is what is checked against the start and emitted.
 
 Why: at 4 bits a layer's rounding error has a mean per output channel that the next layers read as a
 shifted input; through a deep network those shifts add up (a YOLOX detector at W4A8 lost 80 % of its
