@@ -742,7 +742,8 @@ def head_feeders(plan: BlockPlan) -> set[int]:
     score, which the feeding block's loss, the squared error of its features, weighs as one part in
     its channels (the PP-OCRv4 recogniser's 1x1 Conv before the CTC head learned a lower loss whose
     mean raised the blank logit by 1.78 against 0.39 for the other classes, round-to-nearest 1.26 and
-    0.60: decisions changed vs FP32 566 with round-to-nearest, 768 with that block learned). Elsewhere
+    0.60: decisions changed vs FP32 566 with round-to-nearest, 768 with that block learned, 606 with
+    its bias corrected again; the fast preset's every block, 861 before, 661 with this). Elsewhere
     the start's correction stays and the learned rounding answers the quantized inputs' mean through
     the block loss (corrected again in every block, AdaRound and SignRound on the bundled CNN at W4A8
     fell from 3 dB above round-to-nearest to 24.8 and 22.6 dB against its 24.2)."""
