@@ -129,3 +129,50 @@ def test_a_resumed_run_restores_the_corrected_biases(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("block*.pt")), "no block was checkpointed"
     again = quantize(4, checkpoint=str(tmp_path / "ckpt"))  # every block restored from the checkpoint
     assert again.SerializeToString() == first.SerializeToString()
+
+
+W3 = RNG.normal(0, 0.3, (4, 16, 1, 1)).astype(np.float32)
+B3 = RNG.normal(0, 0.1, 4).astype(np.float32)
+
+
+def three_convs() -> onnx.ModelProto:
+    """two_convs, then a 1x1 Conv head (4) → y [N, 4, 4, 4]: conv2's block feeds the head."""
+    model = two_convs()
+    graph = model.graph
+    graph.node[1].output[0] = "h2"
+    graph.node.append(helper.make_node("Conv", ["h2", "w3", "b3"], ["y"], name="conv3"))
+    graph.output[0].CopyFrom(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 4, 4]))
+    graph.initializer.extend([numpy_helper.from_array(W3, "w3"), numpy_helper.from_array(B3, "b3")])
+    return model
+
+
+def three(method: str, iters: int = -1) -> onnx.ModelProto:
+    config = QuantConfig(method=method, wbits=4, abits=8, iters=iters, latency_rules=False, verify_samples=0)
+    return onnxflex.quantize(three_convs(), calibration(), config, progress=False).model
+
+
+def shifts(q: onnx.ModelProto, start: onnx.ModelProto, node: str, weight: np.ndarray, inputs: np.ndarray):
+    """(emitted bias, its step, b − Σ (Ŵ − W) μ for the emitted Ŵ, the same for the start's Ŵ)."""
+    got_w, got_b, step, _ = emitted(q, node)
+    w = torch.from_numpy(weight.astype(np.float64))
+    mean = weight_shaped(torch.from_numpy(inputs.mean(axis=(0, 2, 3)).astype(np.float64)), w, 0)
+    learned = bias_shift(torch.from_numpy(got_w), w, mean, 0).numpy()
+    start_shift = bias_shift(torch.from_numpy(emitted(start, node)[0]), w, mean, 0).numpy()
+    return got_b, step, learned, start_shift
+
+
+def test_the_block_feeding_the_head_emits_the_bias_of_its_learned_rounding():
+    """conv2's block feeds the head conv3: its bias, fixed at the round-to-nearest start's correction
+    while it learns, is corrected again for the learned rounding. Left at the start's value, the
+    learned rounding's own mean shift reaches the head uncorrected (the PP-OCRv4 recogniser at W4A8:
+    the CTC head drifted towards blank, learned rounding far behind round-to-nearest). (A block
+    that does not feed a head keeps the start's correction: tests/test_rounders_accuracy.py.)"""
+    q, start = three("flexround", 200), three("rtn")
+    data = calibration()["x"]
+    h = torch.nn.functional.conv2d(torch.from_numpy(data), torch.from_numpy(W1), torch.from_numpy(B1)).numpy()
+    got_b, step, learned, stale = shifts(q, start, "conv2", W2, h)
+    moved = np.abs(learned - stale).max()
+    assert moved > 2 * step.max(), f"conv2: learning moved the mean shift by {moved:.4g} only (step {step.max():.3g})"
+    off = np.abs(got_b - (B2 - learned)).max()
+    assert off <= 0.51 * step.max() + 1e-5, f"conv2: emitted bias off b − learned shift by {off:.4g} " \
+                                            f"(step {step.max():.3g}; the start's would be {moved:.4g} off)"

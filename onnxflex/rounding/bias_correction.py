@@ -6,9 +6,11 @@ calibration data:
 
 Conv: μ over the batch and spatial axes (channel axis 1), each output channel reading its group's
 channels; MatMul and Gemm (A not transposed): over every axis but the last, summed along the weight's
-input axis. Ŵ is the rounding the block starts from (round-to-nearest, once the steps are final): the
-corrected bias is fixed before the block learns (reconstruct.settle_biases), so that learning sees
-the bias it is given, and it is what is emitted.
+input axis. Ŵ is first the rounding the block starts from (round-to-nearest, once the steps are final):
+the corrected bias is fixed before the block learns (reconstruct.settle_biases), so that learning sees
+the bias it is given. In a block whose outputs a head layer reads (reconstruct.head_feeders), once
+it has learned, Ŵ is the learned rounding and the bias is corrected again
+(QuantState.resettle_bias); that is what is checked against the start and emitted.
 
 Why: at 4 bits a layer's rounding error has a mean per output channel that the next layers read as a
 shifted input; through a deep network those shifts add up (a YOLOX detector at W4A8 lost 80 % of its

@@ -60,7 +60,9 @@ class QuantState:
     float value and its integer limit (bias_limit). ``bias_axes``: the biases to correct, each with its
     layer input's channel axis; a bias in ``bias_means`` (its layer's input mean,
     laid out against the weight: rounding/bias_correction.py) follows its weight's rounding error until
-    ``settle_bias`` writes the corrected value into ``bias_values``, before the block learns."""
+    ``settle_bias`` writes the corrected value into ``bias_values``, before the block learns;
+    ``settled_means`` then keeps (that mean, the uncorrected bias) until ``resettle_bias`` corrects it
+    again for the rounding the block learned (reconstruct.BlockRunner.learn)."""
 
     rounders: dict[str, Rounder] = field(default_factory=dict)
     acts: dict[str, ActQuantizer] = field(default_factory=dict)
@@ -69,6 +71,7 @@ class QuantState:
     bias_limits: dict[str, float] = field(default_factory=dict)
     bias_axes: dict[str, int] = field(default_factory=dict)
     bias_means: dict[str, torch.Tensor] = field(default_factory=dict)
+    settled_means: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @torch.no_grad()
     def export(self, act_dtype: int) -> QuantParams:
@@ -105,18 +108,31 @@ class QuantState:
         """The bias before int32 rounding: its value, less the shift of the output mean that the
         weight's rounding as it is now makes, where it is to be corrected (``bias_means``)."""
         mean = self.bias_means.get(bias)
-        if mean is None:
-            return self.bias_values[bias]
+        return self.bias_values[bias] if mean is None else self._corrected(bias, self.bias_values[bias], mean)
+
+    def _corrected(self, bias: str, value: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """``value`` less the output-mean shift Σ_in (Ŵ − W) · μ of the bias's weight as rounded now."""
         rounder = self.rounders[self.int32_biases[bias][0]]
-        return self.bias_values[bias] - bias_shift(rounder.fake_quant(), rounder.weight, mean, rounder.axis)
+        return value - bias_shift(rounder.fake_quant(), rounder.weight, mean, rounder.axis)
 
     @torch.no_grad()
     def settle_bias(self, bias: str) -> None:
         """Mutates: a corrected bias's value becomes the corrected one for the weight's rounding as it is
         now (reconstruct.settle_biases: the block's start), and it stops following the weight."""
         if bias in self.bias_means:
+            self.settled_means[bias] = (self.bias_means[bias], self.bias_values[bias])
             self.bias_values[bias] = self.float_bias(bias).clone()
             del self.bias_means[bias]
+
+    @torch.no_grad()
+    def resettle_bias(self, bias: str) -> None:
+        """Mutates: a settled bias's value becomes the one that corrects its weight's rounding as it is
+        now (the learned one), b − Σ_in (Ŵ − W) · μ from the uncorrected b, and the bias is final. A
+        bias ``settle_bias`` never settled keeps its value."""
+        settled = self.settled_means.pop(bias, None)
+        if settled is not None:
+            mean, uncorrected = settled
+            self.bias_values[bias] = self._corrected(bias, uncorrected, mean)
 
 
 def torch_supported(node: onnx.NodeProto, opset: int) -> bool:
