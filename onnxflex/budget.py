@@ -5,14 +5,16 @@ Units are FLOPs (2 per multiply-add). A weighted layer's forward FLOPs per sampl
 2 × reduction depth (placement.reduction_depth) × its output elements (graph.static_shapes on one
 batch); a block's are the sum of its layers'. One optimisation step of a block costs
 
-    FWD_BWD × samples per step × per-sample FLOPs + micro-batches × STEP_FIXED_FLOPS
-        + WEIGHT_STEP_FLOPS × the block's weight elements
+    samples per step × (FWD_BWD × per-sample FLOPs + ACT_STEP_FLOPS × per-sample activation elements)
+        + micro-batches × STEP_FIXED_FLOPS + WEIGHT_STEP_FLOPS × the block's weight elements
 
 (forward and backward are about three forwards; STEP_FIXED_FLOPS is the per-micro-batch overhead of
 the loop measured as FLOP-equivalents; WEIGHT_STEP_FLOPS is what rounding a weight value costs once
 per step, fake_quant forward and backward and the optimiser's update of its parameters, which a block
 with a large weight and few output positions, an 8,210-class Gemm head, spends far more on than on
-its products). A block's score is its relative round-to-nearest weight error
+its products; ACT_STEP_FLOPS is the fake-quant and element-wise work, forward and backward, on each
+output element of the block's nodes, charged by step and time budgets only, as the preset's step_cap
+was set without it). A block's score is its relative round-to-nearest weight error
 (||W − Q_rtn(W)|| / ||W|| over its weights, on the min/max grid) × its FLOPs ÷ its step cost: what
 learning can recover, per FLOP spent. ``split`` gives the blocks in score order MIN_STEPS steps
 each while the budget lasts, then tops them up in proportion to score, each capped at the method's
@@ -40,6 +42,11 @@ STEP_FIXED_FLOPS = 15e6  # per-step overhead of the loop (launches, optimiser, i
 # FLOP-equivalents per weight value per step: FlexRound's fake_quant forward + backward of 0.15-2 M value
 # weights measured 840-1,500 at measure_rate's matmul rate on one thread (an 8 M value weight: 8,000)
 WEIGHT_STEP_FLOPS = 1000
+# FLOP-equivalents per activation element (a block node's output value, per sample) per step, charged by
+# step and time budgets: one fake-quant point and two element-wise nodes forward + backward on 0.26-4 M
+# element tensors measured 1,000-2,000 at measure_rate's matmul rate on one thread (111 GFLOP/s, load 5.7);
+# a block of big activations and few products (a 736x736 detector stage) spends most of its step there
+ACT_STEP_FLOPS = 1000
 MIN_STEPS = 20  # the fewest steps worth taking on a block: below it learning barely moves from the start
 RATE_SIZE = 256  # the rate microbenchmark multiplies two RATE_SIZE² float32 matrices
 RATE_SECONDS = 0.2  # ... for about this long
@@ -48,7 +55,8 @@ RATE_SECONDS = 0.2  # ... for about this long
 @dataclass(frozen=True)
 class BlockCost:
     """What the split reads of one block: per-sample forward FLOPs, relative RTN weight error, the
-    FLOPs of one step, ``fixed``: why the block cannot learn ('' when it can), and its weight values."""
+    FLOPs of one step, ``fixed``: why the block cannot learn ('' when it can), its weight values and its
+    nodes' output elements per sample (``activations``)."""
 
     name: str
     flops: float
@@ -56,6 +64,7 @@ class BlockCost:
     step_flops: float
     fixed: str = ""
     weights: int = 0
+    activations: float = 0.0
 
     @property
     def score(self) -> float:
@@ -94,19 +103,30 @@ class StepBudget:
         """The report's ``step_budget`` section."""
         return {"budget_flops": self.budget_flops, "basis": self.basis, "spent_flops": self.spent_flops,
                 "flop_rate": self.rate, "min_steps": MIN_STEPS, "step_fixed_flops": STEP_FIXED_FLOPS,
-                "weight_step_flops": WEIGHT_STEP_FLOPS,
+                "weight_step_flops": WEIGHT_STEP_FLOPS, "act_step_flops": ACT_STEP_FLOPS,
                 "blocks": [{"name": b.cost.name, "steps": b.steps, "score": b.cost.score,
                             "flops_per_sample": b.cost.flops, "rtn_error": b.cost.error,
-                            "weights": b.cost.weights, "step_flops": b.cost.step_flops, "reason": b.reason}
+                            "weights": b.cost.weights,
+                            "activations": b.cost.activations, "step_flops": b.cost.step_flops, "reason": b.reason}
                            for b in self.blocks]}
 
 
-def step_cost(per_sample_flops: float, samples_per_step: int, micro_batches: int = 1, weights: int = 0) -> float:
-    """FLOPs of one optimisation step of a block of ``per_sample_flops`` forward FLOPs per sample and
-    ``weights`` weight values, over ``samples_per_step`` samples in ``micro_batches`` forward/backward
-    passes (that share one fake_quant per weight)."""
-    return (FWD_BWD * samples_per_step * per_sample_flops + micro_batches * STEP_FIXED_FLOPS
-            + WEIGHT_STEP_FLOPS * weights)
+def step_cost(per_sample_flops: float, samples_per_step: int, micro_batches: int = 1, weights: int = 0,
+              activations: float = 0.0) -> float:
+    """FLOPs of one optimisation step of a block of ``per_sample_flops`` forward FLOPs per sample,
+    ``weights`` weight values and ``activations`` node output elements per sample, over
+    ``samples_per_step`` samples in ``micro_batches`` forward/backward passes (that share one
+    fake_quant per weight)."""
+    return (samples_per_step * (FWD_BWD * per_sample_flops + ACT_STEP_FLOPS * activations)
+            + micro_batches * STEP_FIXED_FLOPS + WEIGHT_STEP_FLOPS * weights)
+
+
+def block_activations(model: onnx.ModelProto, block, shapes: dict, batch: int) -> float:
+    """Output elements per sample of ``block``'s nodes (of ``model``) whose output shape ``shapes`` knows
+    (on ``batch`` samples): the values its fake-quant points and element-wise nodes touch each step."""
+    names = set(block.nodes)
+    outputs = {o for n in model.graph.node if n.name in names for o in n.output}
+    return sum(float(np.prod(shapes[o][0], dtype=np.float64)) for o in outputs if o in shapes) / batch
 
 
 def split(budget_flops: float, blocks: list[BlockCost], cap: int) -> StepBudget:
@@ -269,12 +289,14 @@ def block_costs(plan, data, config, cache=None) -> list[BlockCost]:
     """BlockCost of every block of ``plan`` (blocks.BlockPlan) on the reconstruction samples ``data``
     (calib.CalibrationSet), steps of ``config.accumulate`` micro-batches of ``config.batch_size``
     samples (options.RoundingOptions); ``cache`` (the captured TensorCache, or None) gives the shapes
-    inference cannot (known_shapes)."""
+    inference cannot (known_shapes). Step and time budgets charge the blocks' activations
+    (ACT_STEP_FLOPS); the preset's ``step_cap`` does not."""
     from onnxflex.calib import fixed_batch
 
     batch = fixed_batch(plan.model) or 1
     feed = data.feeds(0, batch)
-    per_layer = layer_flops(plan.model, plan.layers, feed, batch, known_shapes(plan, feed, batch, cache))
+    shapes = known_shapes(plan, feed, batch, cache)
+    per_layer = layer_flops(plan.model, plan.layers, feed, batch, shapes)
     per_step = min(config.batch_size * config.accumulate, data.num_samples)
     sizes = {layer.weight: weight_values(plan.model, layer) for layer in plan.layers}
     costs = []
@@ -283,8 +305,10 @@ def block_costs(plan, data, config, cache=None) -> list[BlockCost]:
         fixed = f"no torch converter for {', '.join(block.unsupported)}" if block.unsupported else ""
         error = 0.0 if fixed else rtn_error(block, plan.model, config.weight_grid)
         weights = sum(sizes[layer.weight] for layer in block.layers)
-        costs.append(BlockCost(block.name, flops, error, step_cost(flops, per_step, config.accumulate, weights), fixed,
-                               weights))
+        # the preset's step_cap is set in the units without activations: its plans stay as they were
+        acts = block_activations(plan.model, block, shapes, batch) if not config.step_cap else 0.0
+        costs.append(BlockCost(block.name, flops, error, step_cost(flops, per_step, config.accumulate, weights, acts),
+                               fixed, weights, acts))
     return costs
 
 
@@ -346,6 +370,6 @@ def measure_rate(device: str = "cpu", seconds: float = RATE_SECONDS) -> float:
     return best
 
 
-__all__ = ["BlockCost", "BlockSteps", "FWD_BWD", "MIN_STEPS", "STEP_FIXED_FLOPS", "StepBudget", "WEIGHT_STEP_FLOPS",
-           "block_costs", "full_schedule_flops", "known_shapes", "layer_flops", "measure_rate", "plan_budget", "rtn_error", "split",
+__all__ = ["ACT_STEP_FLOPS", "BlockCost", "BlockSteps", "FWD_BWD", "MIN_STEPS", "STEP_FIXED_FLOPS", "StepBudget", "WEIGHT_STEP_FLOPS",
+           "block_activations", "block_costs", "full_schedule_flops", "known_shapes", "layer_flops", "measure_rate", "plan_budget", "rtn_error", "split",
            "step_cost", "weight_values"]

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxflex
 from helpers import CNN, run_model
 from onnxflex.blocks import QuantLayer
-from onnxflex.budget import (FWD_BWD, MIN_STEPS, STEP_FIXED_FLOPS, WEIGHT_STEP_FLOPS, BlockCost, block_costs,
+from onnxflex.budget import (ACT_STEP_FLOPS, FWD_BWD, MIN_STEPS, STEP_FIXED_FLOPS, WEIGHT_STEP_FLOPS, BlockCost, block_costs,
                              full_schedule_flops, layer_flops, measure_rate, plan_budget, split, step_cost)
 from onnxflex.calib import CalibrationSet
 from onnxflex.cli import main
@@ -71,6 +71,8 @@ def test_step_cost_counts_forward_backward_per_sample_and_the_fixed_overhead():
     assert step_cost(1e6, 32, micro_batches=4) == FWD_BWD * 32 * 1e6 + 4 * STEP_FIXED_FLOPS
     # a weight is rounded once per step, whatever the micro-batches
     assert step_cost(1e6, 32, 4, weights=5000) == FWD_BWD * 32 * 1e6 + 4 * STEP_FIXED_FLOPS + WEIGHT_STEP_FLOPS * 5000
+    # activation elements are touched once per sample of the step
+    assert step_cost(1e6, 32, activations=700) == 32 * (FWD_BWD * 1e6 + ACT_STEP_FLOPS * 700) + STEP_FIXED_FLOPS
 
 
 def _costs(*scores_and_costs, fixed=()) -> list[BlockCost]:
@@ -202,8 +204,8 @@ def test_a_fixed_batch_models_step_costs_every_micro_batch(tmp_path):
     accumulate = report["reconstruction"]["accumulate"]
     assert report["reconstruction"]["batch_size"] == 1 and accumulate > 1, report["reconstruction"]
     rows = report["step_budget"]["blocks"]
-    assert rows and all(b["weights"] > 0 and b["step_flops"] == pytest.approx(
-        step_cost(b["flops_per_sample"], accumulate, accumulate, b["weights"])) for b in rows), rows
+    assert rows and all(b["weights"] > 0 and b["activations"] > 0 and b["step_flops"] == pytest.approx(
+        step_cost(b["flops_per_sample"], accumulate, accumulate, b["weights"], b["activations"])) for b in rows), rows
 
 
 def _lstm_model(steps: int, batch: int = 1) -> onnx.ModelProto:
@@ -320,3 +322,18 @@ def test_the_default_preset_on_the_cnn_is_within_the_cap_and_unchanged(tmp_path)
     report = json.loads((tmp_path / "capped.onnx.report.json").read_text())
     assert report["step_budget"] == {} and report["reconstruction"]["step_cap"] == DEFAULT_STEP_CAP
     assert [b["iters"] for b in report["blocks"]] == [400] * len(report["blocks"]), report["blocks"]
+
+
+def test_a_step_budget_charges_the_blocks_activations_and_the_default_cap_does_not():
+    """The fast preset's step budget costs each step's output elements (ACT_STEP_FLOPS per sample);
+    the default preset's cap, set without them, costs a block as before."""
+    plan, data = _conv_plan(16)
+    fast = resolve(QuantConfig(preset="fast")).rounding
+    (cost,) = block_costs(plan, data, fast)
+    per_step = min(fast.batch_size * fast.accumulate, data.num_samples)
+    assert cost.activations == 512 * 16 * 16, cost  # the Conv's output [N, 512, 16, 16] per sample
+    assert cost.step_flops == pytest.approx(step_cost(cost.flops, per_step, fast.accumulate, cost.weights, 512 * 16 * 16))
+    default = resolve(QuantConfig()).rounding
+    (capped,) = block_costs(plan, data, default)
+    assert capped.activations == 0.0 and capped.step_flops == pytest.approx(
+        step_cost(capped.flops, per_step, default.accumulate, capped.weights)), capped
