@@ -158,7 +158,7 @@ def test_blocks_after_the_last_that_learns_run_the_quantized_path_on_8_samples()
 
     config = resolve(onnxflex.QuantConfig(method="flexround"))
     blocks = [SimpleNamespace(unsupported=u) for u in ((), ("Celu (celu)",), (), ())]
-    plan = SimpleNamespace(model=branchy_model(), blocks=blocks)
+    plan = SimpleNamespace(model=branchy_model(), blocks=blocks, head_points=())
     cache = TensorCache(1 << 30)
     cache.num_samples = 36
     for steps, expected in (([5, 0, 3, 0], [36, 36, 36, 8]), ([5, 9, 0, 0], [36, 8, 8, 8]),
@@ -188,7 +188,7 @@ def test_a_budgeted_run_emits_the_bytes_of_an_all_sample_run(monkeypatch):
     few = onnxflex.quantize(_wide_tail_model(), images(), config, progress=False)
     planned = [b["steps"] for b in few.report["step_budget"]["blocks"]]
     samples = few.report["calibration"]["reconstruction_samples"]
-    assert planned[0] and not planned[-1], f"the case needs a block after the last learner: {planned}"
+    assert any(planned[:-1]) and not planned[-1], f"the case needs a block after the last learner: {planned}"
     last = max(i for i, s in enumerate(planned) if s)
     assert [b["loss_samples"] for b in few.report["blocks"]] == \
         [samples] * (last + 1) + [8] * (len(planned) - last - 1), (planned, few.report["blocks"])

@@ -749,6 +749,8 @@ def head_feeders(plan: BlockPlan) -> set[int]:
     the block loss (corrected again in every block, AdaRound and SignRound on the bundled CNN at W4A8
     fell from 3 dB above round-to-nearest to 24.8 and 22.6 dB against its 24.2)."""
     heads = set(plan.head_points)
+    if not heads:
+        return set()
     read = {l.input for b in plan.blocks if heads & set(b.act_points) for l in b.layers}
     return {i for i, b in enumerate(plan.blocks) if read & set(b.outputs)}
 
