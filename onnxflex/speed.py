@@ -99,7 +99,8 @@ def measured_ratio(fp32: onnx.ModelProto, quantized: onnx.ModelProto, feed: dict
     seconds = MEASURE_SECONDS if seconds is None else seconds
     reference = load_model(fp32)
     name_nodes_uniquely(reference)
-    sessions = [ort.session(m, list(ort.CPU), threads) for m in (reference, quantized)]
+    opts = [ort.session_options(matmulnbits=False) for _ in range(2)]  # as ort.timing_sessions: the user's level
+    sessions = [ort.session(m, list(ort.CPU), threads, opts=o) for m, o in zip((reference, quantized), opts)]
     feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
     for sess, given in zip(sessions, feeds):
         for _ in range(ort.WARMUP):
