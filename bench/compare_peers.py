@@ -100,9 +100,9 @@ if kind == "onnxflex":
     import onnxflex
     result = onnxflex.quantize(model, calib, onnxflex.QuantConfig(**options), progress=False)
     result.save(out)
-    head = [layer for layer in result.report["layers"] if "lm_head" in layer["node"]]
-    if head:  # what the decoder's lm_head got (its default is not this script's to choose)
-        head = {"head": f"{head[0]['bits']}-bit g{head[0]['group_size']}" if head[0]["bits"] else "float"}
+    heads = [h for h in result.report.get("heads", []) if "lm_head" in h["node"]]
+    if heads:  # what the decoder's lm_head got (its default is not this script's to choose)
+        head = {"head": f"{heads[0]['bits']}-bit g{heads[0]['group_size']}" if heads[0]["bits"] else "float"}
 elif kind == "ort_static":
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 

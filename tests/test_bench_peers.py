@@ -130,3 +130,13 @@ def test_decoder_rows_end_to_end(tmp_path, monkeypatch):
     assert by["rtn W3 g64 asym"]["metric"] > rtn["metric"]
     lines = compare_peers.paired_decoders(rows)
     assert lines[0].startswith("- decoder_genai W4 g32: flexround W4 g32 asym ") and len(lines) == 2, lines
+
+
+def test_a_classifier_row_runs_in_its_child(tmp_path):
+    """The child that quantizes each row, on a bundled classifier (no lm_head): it reports its time and
+    peak RSS and writes the model."""
+    out = tmp_path / "q.onnx"
+    got = compare_peers.run_child("onnxflex", compare_peers.MODELS / "digits_cnn.onnx",
+                                  compare_peers.MODELS / "digits_cnn.calib.npz", out,
+                                  {"method": "rtn", "calib_samples": 16, "verify_samples": 0})
+    assert out.exists() and got["seconds"] > 0 and got["peak_rss_mib"] > 0 and "head" not in got, got
