@@ -61,10 +61,12 @@ def session_options(*, matmulnbits: bool = True, optimized_path: str | None = No
 
 
 def session(model: onnx.ModelProto, providers: list[str], threads: int = 0,
-            opts: ort.SessionOptions | None = None) -> ort.InferenceSession:
+            opts: ort.SessionOptions | None = None, prepack: bool = False) -> ort.InferenceSession:
     """The one way onnxflex opens an onnxruntime session on a model: its header made loadable first
     (for_onnxruntime: unknown dims, IR version, opset; raises UnsupportedModelError), with
-    ``opts`` [default: session_options()] and ``threads`` intra-op threads (0 = onnxruntime's choice)."""
+    ``opts`` [default: session_options()] and ``threads`` intra-op threads (0 = onnxruntime's choice).
+    ``prepack``: keep onnxruntime's weight prepacking on a model that goes by path (a timing session,
+    which must run as a user's does); onnxflex's own sessions there go without it."""
     model = for_onnxruntime(model)
     opts = opts or session_options()
     if threads:
@@ -72,8 +74,10 @@ def session(model: onnx.ModelProto, providers: list[str], threads: int = 0,
     if not needs_file(model):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     # A large model goes by path, its weights as external data that onnxruntime maps from disk;
-    # prepacking would keep a second, packed copy of every weight.
-    opts.add_session_config_entry("session.disable_prepacking", "1")
+    # prepacking would keep a second, packed copy of every weight. Without it MatMulNBits repacks its
+    # weight on every run (a 6x4096 MLP at W4: 224 ms against 10 ms), so timing keeps it.
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     path = runtime_file(model)
     try:
         sess = ort.InferenceSession(str(path), opts, providers=providers)
@@ -91,8 +95,9 @@ def timing_sessions(models: list[onnx.ModelProto], feed: dict, threads: int) -> 
     """CPU sessions of ``models`` for timing on ``feed``, each already run WARMUP times on it. They fuse
     blocked weights into MatMulNBits at onnxruntime's own default accuracy level (4: int8 compute), as a
     user's session does, not at the float level onnxflex's numeric checks ask for (an 8-bit lm_head of
-    8210 classes ran 3.7x slower at level 0 than at 4)."""
-    sessions = [session(model, list(CPU), threads, opts=session_options(matmulnbits=False)) for model in models]
+    8210 classes ran 3.7x slower at level 0 than at 4), and with weight prepacking on however large the model."""
+    sessions = [session(model, list(CPU), threads, opts=session_options(matmulnbits=False), prepack=True)
+                for model in models]
     for sess in sessions:
         for _ in range(WARMUP):
             sess.run(None, feed)

@@ -100,7 +100,7 @@ def measured_ratio(fp32: onnx.ModelProto, quantized: onnx.ModelProto, feed: dict
     reference = load_model(fp32)
     name_nodes_uniquely(reference)
     opts = [ort.session_options(matmulnbits=False) for _ in range(2)]  # as ort.timing_sessions: the user's level
-    sessions = [ort.session(m, list(ort.CPU), threads, opts=o) for m, o in zip((reference, quantized), opts)]
+    sessions = [ort.session(m, list(ort.CPU), threads, opts=o, prepack=True) for m, o in zip((reference, quantized), opts)]
     feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
     for sess, given in zip(sessions, feeds):
         for _ in range(ort.WARMUP):

@@ -148,3 +148,35 @@ def test_disk_array_reads_and_writes_rows(tmp_path):
     np.testing.assert_array_equal(array[np.array([4, 0, 4])], values[[4, 0, 4]])
     np.testing.assert_array_equal(array[3], values[3])
     array.close()
+
+
+def test_timing_sessions_keep_weight_prepacking_on_a_model_given_by_path(monkeypatch):
+    """onnxflex's own sessions on a model that goes by path run without weight prepacking (no second
+    copy of the weights); a timing session keeps it, as a user's session has it (MatMulNBits without
+    its packed weight repacks on every run: a quantized model would time many times slower than it runs)."""
+    from onnxflex import ort as oort
+    from onnxflex import speed
+
+    monkeypatch.setattr(extdata, "SINGLE_FILE_LIMIT", 0)
+    model = conv_matmul_model()
+    feed = {"x": np.zeros((2, 3, 8, 8), np.float32)}
+
+    def prepacking(sess) -> str:
+        try:
+            return sess.get_session_options().get_session_config_entry("session.disable_prepacking")
+        except RuntimeError:  # the entry was never set
+            return "unset"
+
+    assert prepacking(oort.session(model, list(oort.CPU))) == "1"
+    assert all(prepacking(s) != "1" for s in oort.timing_sessions([model, model], feed, threads=1))
+    opened = []
+    real = oort.session
+
+    def spy(*args, **kwargs):
+        sess = real(*args, **kwargs)
+        opened.append(prepacking(sess))
+        return sess
+
+    monkeypatch.setattr(oort, "session", spy)
+    speed.measured_ratio(model, model, feed, threads=1, seconds=0.0)
+    assert len(opened) == 2 and "1" not in opened, opened
