@@ -110,12 +110,44 @@ def tensor_array(tensor: TensorProto, model: onnx.ModelProto) -> np.ndarray:
     if not folder:
         raise ModelLoadError(f"tensor {tensor.name!r} is stored as external data but the model was not loaded "
                              "from its file; pass the model's path instead of a ModelProto")
+    direct = _read_external(tensor, folder)
+    if direct is not None:
+        return direct
     loaded = TensorProto()
     loaded.CopyFrom(tensor)
     load_external_data_for_tensor(loaded, folder)
     loaded.data_location = TensorProto.DEFAULT
     del loaded.external_data[:]
     return numpy_helper.to_array(loaded)
+
+
+def _read_external(tensor: TensorProto, folder: str) -> np.ndarray | None:
+    """The values of an external tensor of a plain numeric type read from its file straight into one
+    array (the proto route holds the bytes twice: a layer of a large model costs three copies at
+    once); None for the types numpy_helper has to unpack (4-bit, strings) or a payload of unexpected size."""
+    dtype = PLAIN_DTYPES.get(tensor.data_type)
+    if dtype is None:
+        return None
+    info = ExternalDataInfo(tensor)
+    if os.path.isabs(info.location) or ".." in Path(info.location).parts:
+        return None  # onnx's own loader checks (and refuses) locations outside the model's folder
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if info.length and info.length != count * dtype.itemsize:
+        return None
+    with open(os.path.join(folder, info.location), "rb") as f:
+        f.seek(info.offset or 0)
+        values = np.fromfile(f, dtype=dtype, count=count)
+    if values.size != count:
+        raise ModelLoadError(f"external data of tensor {tensor.name!r} in {info.location!r} is shorter than its "
+                             f"{count} values")
+    return values.reshape(tuple(tensor.dims))
+
+
+PLAIN_DTYPES = {t: np.dtype(d).newbyteorder("<") for t, d in (
+    (TensorProto.FLOAT, np.float32), (TensorProto.FLOAT16, np.float16), (TensorProto.DOUBLE, np.float64),
+    (TensorProto.INT8, np.int8), (TensorProto.UINT8, np.uint8), (TensorProto.INT16, np.int16),
+    (TensorProto.UINT16, np.uint16), (TensorProto.INT32, np.int32), (TensorProto.UINT32, np.uint32),
+    (TensorProto.INT64, np.int64), (TensorProto.UINT64, np.uint64))}
 
 
 def write_model(model: onnx.ModelProto, path: str | os.PathLike, location: str | None = None,

@@ -180,3 +180,23 @@ def test_timing_sessions_keep_weight_prepacking_on_a_model_given_by_path(monkeyp
     monkeypatch.setattr(oort, "session", spy)
     speed.measured_ratio(model, model, feed, threads=1, seconds=0.0)
     assert len(opened) == 2 and "1" not in opened, opened
+
+
+def test_external_tensors_are_read_straight_from_their_file(external_model):
+    """tensor_array reads a plain numeric external tensor from its file into one array, with the values
+    onnx's own loader gives; a location outside the model's folder is left to onnx's loader to refuse."""
+    model_path, _ = external_model
+    full = onnx.load(str(model_path))
+    skeleton = onnx.load(str(model_path), load_external_data=False)
+    folder = str(model_path.parent)
+    for tensor, loaded in zip(skeleton.graph.initializer, full.graph.initializer):
+        direct = extdata._read_external(tensor, folder)
+        assert direct is not None and direct.flags.writeable, tensor.name
+        np.testing.assert_array_equal(direct, numpy_helper.to_array(loaded))
+        assert direct.dtype == numpy_helper.to_array(loaded).dtype
+    outside = onnx.TensorProto()
+    outside.CopyFrom(skeleton.graph.initializer[0])
+    for entry in outside.external_data:
+        if entry.key == "location":
+            entry.value = "../weights.bin"
+    assert extdata._read_external(outside, folder) is None

@@ -275,3 +275,12 @@ def test_method_defaults_resolve_in_the_config():
     assert (rounding(method="flexround").iters, rounding(method="flexround").lr) == (400, 3e-3)
     assert rounding(method="adaround").lr == 0.1
     assert "iters = 200" in resolve(QuantConfig(method="signround")).to_toml()
+
+
+@pytest.mark.parametrize("shape,axis,group", [((64, 8), 1, 16), ((8, 64), 0, 32), ((48, 8), 1, 32), ((16, 8), 1, 0)])
+def test_frozen_asymmetric_weights_compute_what_the_dequantize_linear_does(shape, axis, group):
+    """FrozenRounder broadcasts each block's step and zero point over the block (a divisible axis) or
+    spreads them (a short last block, per channel); both give DequantizeLinear's (q − z) · s exactly."""
+    q = make_rounder("rtn", weight(shape), axis, 4, "mse", group, True).export()
+    assert q.asymmetric and q.zero_point.any()
+    np.testing.assert_array_equal(FrozenRounder(q).fake_quant().numpy(), q.dequantize())

@@ -310,3 +310,30 @@ def test_blocked_weights_survive_a_checkpoint(tmp_path):
     restored = folder.load(0, "block0")["weights"]["w"]
     assert (restored.axis, restored.bits, restored.block_size) == (0, 3, 16)
     np.testing.assert_array_equal(FrozenRounder(restored).fake_quant().numpy(), q.dequantize())
+
+
+def test_opset_conversion_sets_weight_payloads_aside_and_gives_the_same_model(monkeypatch):
+    """Blocked weights raise the opset to 21 through onnx's version converter, which copies the whole
+    model several times; the emitter hands it the graph without its large payloads and puts them back.
+    The model is the same byte for byte as one converted with every payload in it."""
+    from onnxflex.emit import qdq
+
+    config = QuantConfig(method="rtn", wbits=4, abits=0, group_size=32, verify_samples=0, calib_samples=64)
+    assert onnx.load(str(MODELS / "tiny_lm.onnx"), load_external_data=False).opset_import[0].version < 21
+    held = []
+    restored = qdq._restored
+
+    def spy(model, payloads):
+        held.append(len(payloads))
+        return restored(model, payloads)
+
+    monkeypatch.setattr(qdq, "ASIDE_BYTES", 1 << 62)
+    whole = onnxflex.quantize(str(MODELS / "tiny_lm.onnx"), str(MODELS / "tiny_lm.calib.npz"), config,
+                              progress=False).model
+    monkeypatch.setattr(qdq, "ASIDE_BYTES", 64)
+    monkeypatch.setattr(qdq, "_restored", spy)
+    light = onnxflex.quantize(str(MODELS / "tiny_lm.onnx"), str(MODELS / "tiny_lm.calib.npz"), config,
+                              progress=False).model
+    assert held and held[0] > 0, f"payloads set aside: {held}"
+    assert light.opset_import[0].version == 21 or any(o.version == 21 for o in light.opset_import)
+    assert light.SerializeToString() == whole.SerializeToString()

@@ -18,9 +18,12 @@ def pack_int4(values: np.ndarray, signed: bool) -> np.ndarray:
     row-major), each in [-8, 7] when ``signed`` else [0, 15]. Raises ValueError outside that range or
     for non-integral values."""
     flat = np.asarray(values).reshape(-1)
-    ints = flat.astype(np.int64)
-    if flat.dtype.kind == "f" and not np.array_equal(ints, flat):
-        raise ValueError("pack_int4 takes integers; round the values first")
+    if flat.dtype.kind in "iu":
+        ints = flat  # the emitter's int8 / uint8 integers: no wider copy of a large layer
+    else:
+        ints = flat.astype(np.int64)
+        if flat.dtype.kind == "f" and not np.array_equal(ints, flat):
+            raise ValueError("pack_int4 takes integers; round the values first")
     lo, hi = INT4_RANGE[signed]
     if ints.size and (ints.min() < lo or ints.max() > hi):
         raise ValueError(f"{'signed' if signed else 'unsigned'} 4-bit values must lie in [{lo}, {hi}], "

@@ -7,6 +7,8 @@ and act point is placed in the graph that holds it: the top level or an If branc
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable
 
 import numpy as np
@@ -317,7 +319,9 @@ def _convert_opset(model: onnx.ModelProto, target: Target, version: int) -> onnx
 
     opset = default_opset(model)
     try:
-        return version_converter.convert_version(model, version)
+        with _payloads_aside(model) as held:
+            converted = version_converter.convert_version(model, version)
+        return _restored(converted, held)
     except Exception as exc:  # the converter raises several unrelated types
         if version > opset:
             raise UnsupportedModelError(
@@ -328,6 +332,35 @@ def _convert_opset(model: onnx.ModelProto, target: Target, version: int) -> onnx
             f"the model uses opset {opset} and {target.name} reads at most opset {target.max_opset}; "
             f"onnx's version converter could not convert it ({exc}) — export the model with "
             f"opset {target.max_opset} or lower") from exc
+
+
+ASIDE_BYTES = 1 << 16  # initializer payloads at least this large stay out of the version converter
+
+
+@contextlib.contextmanager
+def _payloads_aside(model: onnx.ModelProto):
+    """Mutates ``model`` while open: the raw payloads of its large top-level initializers are taken out
+    (name -> bytes; a tensor keeps its name, type and dims) and put back on leaving. The converter
+    copies the whole model four times (to bytes, into its graph, back to bytes and to a proto), which
+    for a decoder's packed weights is several times their size; no adapter reads a weight's values."""
+    held = {t.name: t.raw_data for t in model.graph.initializer if len(t.raw_data) >= ASIDE_BYTES}
+    for t in model.graph.initializer:
+        if t.name in held:
+            t.ClearField("raw_data")
+    try:
+        yield held
+    finally:
+        for t in model.graph.initializer:
+            if t.name in held:
+                t.raw_data = held[t.name]
+
+
+def _restored(model: onnx.ModelProto, held: dict[str, bytes]) -> onnx.ModelProto:
+    """``model`` (the converter's output) with the payloads ``_payloads_aside`` took out back in place."""
+    for t in model.graph.initializer:
+        if t.name in held and not t.raw_data and not t.external_data:
+            t.raw_data = held[t.name]
+    return model
 
 
 def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:

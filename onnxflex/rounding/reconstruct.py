@@ -188,7 +188,10 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
 def layer_weight(layer, model: onnx.ModelProto, device: torch.device) -> torch.Tensor:
     """The float32 weight of ``layer`` (its own graph's initializer) on ``device``."""
     init = initializers_of(model, layer)[layer.weight]
-    return torch.from_numpy(tensor_array(init, model).astype(np.float32)).to(device)
+    values = tensor_array(init, model)
+    if values.dtype != np.float32 or not values.flags.writeable:  # an inline tensor's view of its proto
+        values = values.astype(np.float32)
+    return torch.from_numpy(values).to(device)
 
 
 def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: RoundingOptions,

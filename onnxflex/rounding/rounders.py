@@ -313,9 +313,27 @@ class FrozenRounder(torch.nn.Module):
         return self.ints.float() - self.spread(self.zero_point.float())
 
     def fake_quant(self) -> torch.Tensor:
+        blocks = self._blocks()
+        if blocks is not None:  # steps broadcast over each block: no weight-sized copies of them
+            grouped, steps = blocks
+            ints = self.ints.reshape(grouped)
+            if self.symmetric:
+                return (ints * self.step.reshape(steps)).reshape(self.ints.shape)
+            return ints.float().sub_(self.zero_point.float().reshape(steps)).mul_(
+                self.step.reshape(steps)).reshape(self.ints.shape)
         if self.symmetric:  # one pass over the weight: int8 × float promotes to float, values exact
             return self.ints * self.spread(self.step)
         return self.integers() * self.spread(self.step)
+
+    def _blocks(self) -> tuple[list[int], list[int]] | None:
+        """(the integers' shape with the blocked axis split into [blocks, block_size], the steps' shape
+        with a 1 for block_size), or None when the weight is per channel or its last block is short."""
+        axis, size = self.axis, self.block_size
+        shape = list(self.ints.shape)
+        if not size or shape[axis] % size:
+            return None
+        grouped = shape[:axis] + [shape[axis] // size, size] + shape[axis + 1:]
+        return grouped, shape[:axis] + [shape[axis] // size, 1] + shape[axis + 1:]
 
     def export(self) -> QuantizedWeight:
         return self.quantized
