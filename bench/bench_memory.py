@@ -2,12 +2,17 @@
 
     python bench/bench_memory.py big   [--dir /tmp/onnxflex-big]     # a >2 GB model with external data
     python bench/bench_memory.py samples [--dir /tmp/onnxflex-samples] [--counts 128 512 2048]
+    python bench/bench_memory.py decoder [--dir /tmp/onnxflex-decoder] [--limit-mb 1024]
 
 ``big`` builds (bench/make_big_model.py) a stack of 10 MatMul layers of 8192x8192 float32 (2.5 GiB,
 external data) and quantizes it W8A8 with round-to-nearest on 16 samples. ``samples`` builds a conv net
 on 3x32x32 images whose activations are large next to its weights and quantizes it with FlexRound and
---max-cache-mb 32 (so the capture spills to disk) for each sample count. Peak RSS is the child's
-ru_maxrss (from os.wait4). Both print a table and write it into BENCHMARKS.md under "## Memory and scale".
+--max-cache-mb 32 (so the capture spills to disk) for each sample count. ``decoder`` builds
+(bench/make_big_decoder.py) a 1.44 GiB Llama-style decoder with past key/values (external data) and
+quantizes it W4 g32 weight-only under a memory limit of ``--limit-mb``, enforced with a memory cgroup
+where the machine lets this process make one (the child is killed if it goes over), else only
+measured. Peak RSS is the child's ru_maxrss (from os.wait4). Each prints a table and writes it into
+BENCHMARKS.md under "## Memory and scale".
 """
 from __future__ import annotations
 
@@ -41,19 +46,24 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "timings": result.report[
 """
 
 
-def measure(model: Path, calib: Path, out: Path, options: dict) -> dict:
-    """Runs one quantize in a fresh child process; returns its report figures and the child's own
-    peak RSS in MiB (os.wait4 gives that child's rusage alone)."""
+def measure(model: Path, calib: Path, out: Path, options: dict, cgroup: Path | None = None) -> dict:
+    """Runs one quantize in a fresh child process (in the memory cgroup ``cgroup`` when given); returns
+    its report figures and the child's own peak RSS in MiB (os.wait4 gives that child's rusage alone)."""
+    def enter() -> None:
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
     with tempfile.TemporaryFile("w+") as errors:
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(model), str(calib), str(out), json.dumps(options)],
-                                stdout=subprocess.PIPE, stderr=errors, text=True)
+                                stdout=subprocess.PIPE, stderr=errors, text=True,
+                                preexec_fn=enter if cgroup else None)
         stdout = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         errors.seek(0)
         stderr = errors.read()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        raise SystemExit(f"quantize failed:\n{stderr[-4000:]}")
+        killed = " (killed: over the memory limit)" if proc.returncode == -9 and cgroup else ""
+        raise SystemExit(f"quantize failed{killed}, exit {proc.returncode}:\n{stderr[-4000:]}")
     figures = json.loads(stdout.strip().splitlines()[-1])
     figures["peak_rss_mib"] = usage.ru_maxrss / 1024
     return figures
@@ -110,6 +120,68 @@ def bench_big(folder: Path) -> str:
             "output written with external data.\n\n" + "\n".join(rows) +
             f"\n\nStages: {stages}. SQNR vs FP32 on the held-out samples: "
             f"{', '.join(f'{v:.1f} dB' for v in (r['verification'] or {}).values())}.\n")
+    print(text)
+    return text
+
+
+def memory_cgroup(limit_mb: int) -> Path | None:
+    """A new memory cgroup (v2, else v1) limited to ``limit_mb`` MiB with no swap, or None when this
+    machine does not let the process make one."""
+    name = f"onnxflex-bench-{os.getpid()}"
+    kinds = []
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        kinds.append((Path("/sys/fs/cgroup"), "memory.max", "memory.swap.max", "0"))
+    if Path("/sys/fs/cgroup/memory").is_dir():
+        kinds.append((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.memsw.limit_in_bytes",
+                      str(limit_mb << 20)))  # v1: RAM + swap at the RAM limit, so no swap
+    for root, limit, swap, no_swap in kinds:
+        group = root / name
+        try:
+            group.mkdir()
+            (group / limit).write_text(str(limit_mb << 20))
+        except OSError:
+            if group.is_dir():
+                group.rmdir()
+            continue
+        try:
+            (group / swap).write_text(no_swap)
+        except OSError:
+            pass  # no swap accounting: the limit holds for RAM
+        return group
+    return None
+
+
+def bench_decoder(folder: Path, limit_mb: int) -> str:
+    from make_big_decoder import SIZES, build
+
+    model = folder / "decoder.onnx"
+    if not model.exists():
+        build(folder)
+    size = sum(p.stat().st_size for p in folder.glob("decoder.onnx*"))
+    options = {"method": "rtn", "wbits": 4, "abits": 0, "group_size": 32, "verify_samples": 2,
+               "max_cache_mb": 128}
+    group = memory_cgroup(limit_mb)
+    try:
+        r = measure(model, folder / "decoder.calib.npz", folder / "out" / "decoder.q.onnx", options, group)
+    finally:
+        if group:
+            group.rmdir()
+    out_size = sum(p.stat().st_size for p in (folder / "out").glob("decoder.q.onnx*"))
+    enforced = "enforced by a memory cgroup (no swap)" if group else \
+        "not enforced (no memory cgroup could be made here): measured only"
+    rows = [
+        "| model | size on disk | output size | memory limit | peak RSS | peak RSS / model size | wall time |",
+        "|---|---|---|---|---|---|---|",
+        f"| decoder {SIZES['layers']} layers, width {SIZES['width']}, MLP {SIZES['mlp_width']}, fp32 external data "
+        f"| {size / 2**30:.2f} GiB | {out_size / 2**30:.2f} GiB | {limit_mb} MiB | {r['peak_rss_mib']:.0f} MiB | "
+        f"{r['peak_rss_mib'] * 2**20 / size:.2f} | {r['seconds']:.0f} s |",
+    ]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["timings"].items() if k != "total")
+    text = ("### A decoder larger than its memory limit\n\n"
+            "`python bench/bench_memory.py decoder`: W4 g32 weight-only round-to-nearest (lm_head 8-bit), 8 "
+            f"calibration windows of 64 tokens (2 held out), `--max-cache-mb {options['max_cache_mb']}`; the limit "
+            f"is {enforced}. Peak RSS counts the model's mapped weight pages that onnxruntime touched.\n\n"
+            + "\n".join(rows) + f"\n\nStages: {stages}.\n")
     print(text)
     return text
 
@@ -178,13 +250,16 @@ def write_section(key: str, text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["big", "samples"])
+    parser.add_argument("which", choices=["big", "samples", "decoder"])
+    parser.add_argument("--limit-mb", type=int, default=1024, help="decoder: the memory limit of the run")
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--counts", type=int, nargs="+", default=[128, 512, 2048])
     args = parser.parse_args()
     started = time.perf_counter()
     if args.which == "big":
         text = bench_big(args.dir or Path("/tmp/onnxflex-big"))
+    elif args.which == "decoder":
+        text = bench_decoder(args.dir or Path("/tmp/onnxflex-decoder"), args.limit_mb)
     else:
         text = bench_samples(args.dir or Path("/tmp/onnxflex-samples"), args.counts)
     write_section(args.which, text)

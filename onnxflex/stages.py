@@ -286,6 +286,9 @@ def latency_rules(qmodel: onnx.ModelProto, refined: Refined, samples: Samples,
         skipped = "no held-out samples"
     elif not feed:
         skipped = f"fewer held-out samples than the model's batch {batch}"
+    elif float_weight_bytes(original) > config.capture.max_cache_mb * MIB:
+        skipped = (f"the FP32 model's {float_weight_bytes(original) / MIB:.0f} MiB of weights exceed the memory "
+                   f"bound --max-cache-mb {config.capture.max_cache_mb}: its timing session would hold them all")
     else:
         skipped = ""
     timed = {"measured_ratio_vs_fp32": None, "measured": {"skipped": skipped}}
@@ -296,6 +299,14 @@ def latency_rules(qmodel: onnx.ModelProto, refined: Refined, samples: Samples,
             log.debug("timing the emitted model failed", exc_info=True)
             timed["measured"]["skipped"] = f"onnxruntime could not time it: {type(exc).__name__}: {exc}"[:300]
     return latency_section(plan, get_target(config.plan.target), config.plan.latency_rules, feed, timed)
+
+
+def float_weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's top-level float initializers, inline or external."""
+    floats = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+              onnx.TensorProto.DOUBLE: 8}
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * floats[t.data_type]
+               for t in model.graph.initializer if t.data_type in floats)
 
 
 def _verification(qmodel: onnx.ModelProto, refined: Refined, modules, captured: Captured, held: CalibrationSet,

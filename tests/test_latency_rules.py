@@ -196,3 +196,19 @@ net (float[N, 8, 12, 12] x) => (float[N, 8, 12, 12] y) {
     plan = _plan(model)
     assert [layer.node for layer in plan.layers] == ["d"] and plan.latency_floats == ()
     assert any("would keep every one of the 1 layers float" in w for w in plan.warnings), plan.warnings
+
+
+def test_a_model_whose_weights_exceed_the_memory_bound_is_not_timed(monkeypatch):
+    """Timing holds the whole FP32 model in an onnxruntime session: a model whose float weights exceed
+    --max-cache-mb (the run's memory bound) is not timed, and the section says why."""
+    from onnxflex import stages
+
+    model = _model(DEPTHWISE, **DEPTHWISE_WEIGHTS)
+    weights = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    assert stages.float_weight_bytes(model) == weights > 0
+    timed = _quantize(model).report["latency_rules"]
+    assert isinstance(timed["measured_ratio_vs_fp32"], float)
+    monkeypatch.setattr(stages, "float_weight_bytes", lambda m: (2 << 30) + 1)
+    section = _quantize(model, max_cache_mb=2048).report["latency_rules"]
+    assert section["measured_ratio_vs_fp32"] is None
+    assert "exceed the memory bound --max-cache-mb 2048" in section["measured"]["skipped"], section

@@ -48,12 +48,15 @@ STEPS, BATCH_SIZE, CALIB_SIZE = 1000, 16, 128
 EOS = 0  # NUL, which the text never holds: an end token for generation loops (the model never learned one)
 
 
-def build_model():
+def build_model(width: int = WIDTH, layers: int = LAYERS, heads: int = HEADS, kv_heads: int = KV_HEADS,
+                mlp_width: int = MLP_WIDTH):
+    """The bundled decoder's LlamaForCausalLM (random init); other sizes make larger models of the same
+    form (bench/bench_memory.py decoder)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=MLP_WIDTH, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+        vocab_size=VOCAB, hidden_size=width, intermediate_size=mlp_width, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=width // heads,
         max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=None, eos_token_id=EOS,
         pad_token_id=None, attn_implementation="eager")
     return LlamaForCausalLM(config)
@@ -81,7 +84,7 @@ class WithCache(nn.Module):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        for layer in range(LAYERS):
+        for layer in range(self.model.config.num_hidden_layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
@@ -89,8 +92,8 @@ class WithCache(nn.Module):
         return (out.logits, *present)
 
 
-def cache_names(prefix: str) -> list[str]:
-    return [f"{prefix}.{layer}.{kind}" for layer in range(LAYERS) for kind in ("key", "value")]
+def cache_names(prefix: str, layers: int = LAYERS) -> list[str]:
+    return [f"{prefix}.{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")]
 
 
 def train(model: nn.Module, ids: np.ndarray) -> None:
@@ -107,14 +110,17 @@ def train(model: nn.Module, ids: np.ndarray) -> None:
     model.eval()
 
 
-def export(model: nn.Module, path: pathlib.Path) -> onnx.ModelProto:
-    """Trace with a past of 3 and 5 new tokens (so no size is 0 or 1 while tracing); all dims dynamic."""
+def export(model: nn.Module, path: pathlib.Path, check: bool = True) -> onnx.ModelProto | None:
+    """Trace with a past of 3 and 5 new tokens (so no size is 0 or 1 while tracing); all dims dynamic.
+    ``check``: load and check the written file (not for a model too large to hold twice)."""
+    config = model.config
+    layers, kv_heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     n, past_len, new = 2, 3, 5
     ids = torch.zeros(n, new, dtype=torch.int64)
     mask = torch.ones(n, past_len + new, dtype=torch.int64)
     positions = torch.arange(past_len, past_len + new)[None].expand(n, new)
-    past = [torch.zeros(n, KV_HEADS, past_len, HEAD_DIM) for _ in range(2 * LAYERS)]
-    past_names, present_names = cache_names("past_key_values"), cache_names("present")
+    past = [torch.zeros(n, kv_heads, past_len, head_dim) for _ in range(2 * layers)]
+    past_names, present_names = cache_names("past_key_values", layers), cache_names("present", layers)
     axes = {"input_ids": {0: "N", 1: "T"}, "attention_mask": {0: "N", 1: "S"},
             "position_ids": {0: "N", 1: "T"}, "logits": {0: "N", 1: "T"},
             **{name: {0: "N", 2: "P"} for name in past_names}, **{name: {0: "N", 2: "S"} for name in present_names}}
@@ -124,16 +130,17 @@ def export(model: nn.Module, path: pathlib.Path) -> onnx.ModelProto:
             WithCache(model), (ids, mask, positions, *past), str(path), dynamo=False, opset_version=17,
             input_names=["input_ids", "attention_mask", "position_ids", *past_names],
             output_names=["logits", *present_names], dynamic_axes=axes)
-    return checked(path)
+    return checked(path) if check else None
 
 
-def prompt_feeds(ids: np.ndarray) -> dict[str, np.ndarray]:
+def prompt_feeds(ids: np.ndarray, layers: int = LAYERS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM
+                 ) -> dict[str, np.ndarray]:
     """The inputs for prompts ``ids`` [M, T] with an empty past."""
     m, t = ids.shape
-    empty = np.zeros((m, KV_HEADS, 0, HEAD_DIM), np.float32)
+    empty = np.zeros((m, kv_heads, 0, head_dim), np.float32)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids),
             "position_ids": np.broadcast_to(np.arange(t, dtype=np.int64), (m, t)).copy(),
-            **{name: empty for name in cache_names("past_key_values")}}
+            **{name: empty for name in cache_names("past_key_values", layers)}}
 
 
 def check_cache(session: ort.InferenceSession, model: nn.Module, ids: np.ndarray) -> float:
