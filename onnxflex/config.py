@@ -13,6 +13,7 @@ from onnxflex.runtimes.targets import TARGETS as TARGET_TABLE
 
 TARGETS = tuple(TARGET_TABLE)  # --target names, in the table's order
 GRANULARITIES = ("block", "layer")
+BLOCK_INPUTS = ("quantized", "fp")  # what a block learns on: the quantized earlier blocks' output, or the FP input
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_SEARCH = ("minmax", "mse")
 WEIGHT_GRIDS = ("auto", "symmetric", "asymmetric")  # what each means: weight_grid_of
@@ -31,7 +32,7 @@ WEIGHT_ONLY_HEAD_BITS = 8  # the head's default width in weight-only runs below 
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the options that take one of a fixed set."""
-    return {"method": METHODS, "granularity": GRANULARITIES, "target": TARGETS, "device": DEVICES,
+    return {"method": METHODS, "granularity": GRANULARITIES, "block_input": BLOCK_INPUTS, "target": TARGETS, "device": DEVICES,
             "weight_scale": SCALE_SEARCH, "act_scale": ACT_SCALE_SEARCH, "preset": PRESETS, "weight_grid": WEIGHT_GRIDS}
 
 
@@ -63,6 +64,8 @@ OPTION_HELP: dict[str, str] = {
     "method": "rounding method: rtn (round to nearest, nothing learned), hqq (data-free refined steps) or a "
               "learned rounder",
     "granularity": "reconstruction unit: block (a residual unit) or layer (one weighted op)",
+    "block_input": "what each block learns on: quantized (the quantized model's output of the earlier blocks) or fp "
+                   "(the captured FP input, so no block depends on another's result)",
     "target": "runtime the model is emitted for",
     "preset": "speed against quality of learned rounding, for the options left at -1: fast (at most a quarter "
               "of the method's iterations, early stop on a loss plateau, a step budget of one FP pass), default (the "
@@ -160,6 +163,7 @@ class QuantConfig:
     head_bits: int = HEAD_DEFAULT
     method: str = "flexround"
     granularity: str = "block"
+    block_input: str = "quantized"
     target: str = "onnxruntime"
     preset: str = "default"
     iters: int = METHOD_DEFAULT
@@ -208,6 +212,7 @@ class QuantConfig:
         _check_choice("preset", self.preset, PRESETS)
         self._check_defaults()
         _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("block_input", self.block_input, BLOCK_INPUTS)
         _check_choice("target", self.target, TARGETS)
         _check_choice("device", self.device, DEVICES)
         _check_range("threads", self.threads, 0, 4096)

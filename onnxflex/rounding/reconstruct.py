@@ -68,9 +68,10 @@ class BlockData:
     on dim 0 (a shared tensor is a Shared value that every batch sees whole); on the CPU the cache's
     own arrays, not copies (nothing writes into a block's tensors; the cache replaces an entry whole).
     ``run`` calls a block module in the model's layout (``layout``: the cache's batch axes) and returns
-    sample-major outputs."""
+    sample-major outputs. With ``fp_input`` the block learns on its FP inputs: ``q_inputs`` is
+    ``fp_inputs`` (block_input fp)."""
 
-    def __init__(self, block: Block, cache: TensorCache, device: torch.device) -> None:
+    def __init__(self, block: Block, cache: TensorCache, device: torch.device, fp_input: bool = False) -> None:
         self.layout = cache.layout
 
         def load(name, array):
@@ -84,8 +85,8 @@ class BlockData:
         self.fp_inputs = {n: load(n, a) for n, a in fp_inputs.items()}
         self.fp_outputs = {n: load(n, a) for n, a in cache.fp_outputs(block).items()}
         # an input the quantized path leaves as it is is the FP entry: loaded once, shared by both
-        self.q_inputs = {n: self.fp_inputs[n] if a is fp_inputs[n] else load(n, a)
-                         for n, a in cache.q_inputs(block).items()}
+        self.q_inputs = self.fp_inputs if fp_input else \
+            {n: self.fp_inputs[n] if a is fp_inputs[n] else load(n, a) for n, a in cache.q_inputs(block).items()}
         self.num_samples = cache.num_samples
         self.device = device
         self.max_bytes = cache.max_bytes
@@ -577,7 +578,7 @@ class BlockRunner:
     def loaded(self, block: Block):
         """The block's tensors on the device (BlockData), with torch's threads sized for its largest
         tensor while the block computes."""
-        data = BlockData(block, self.cache, self.device)
+        data = BlockData(block, self.cache, self.device, self.config.block_input == "fp")
         largest = max([self.config.batch_size * data.largest_sample()]
                       + [self.sizes.get(l.weight, 0) for l in block.layers])
         with torch_threads(threads_for(largest, self.device, self.config.threads)):
