@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxflex import QuantConfig, quantize
-from onnxflex.emit.nbits import write_unfused
+from onnxflex.emit.nbits import accuracy_level, write_unfused
 from onnxflex.ort import session, session_options
 from onnxflex.verify import optimized_op_counts
 
@@ -105,3 +105,32 @@ def test_a_weight_only_relu_mlp_runs_every_layer_as_matmul_nbits(grid, tmp_path)
     assert [n.op_type for n in result.model.graph.node].count("MatMulNBits") == 2  # the last one onnxruntime fuses
     sqnr = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]
     assert min(sqnr.values()) > 40, sqnr
+
+
+@pytest.mark.parametrize(("k", "n", "level"), [(96, 24, 0), (128, 128, 0), (255, 4096, 0), (4096, 255, 0),
+                                               (256, 256, 4), (256, 8210, 4), (4096, 4096, 4)])
+def test_the_accuracy_level_is_4_from_the_measured_size_up(k, n, level):
+    assert accuracy_level(k, n) == level
+
+
+def test_a_large_written_node_is_the_one_onnxruntime_fuses_at_its_default_level(tmp_path):
+    model = dq_matmul(True, relu=True, K=256)
+    del model.graph.initializer[:]
+    rng = np.random.default_rng(3)
+    model.graph.initializer.extend([
+        helper.make_tensor("w_q", TensorProto.INT4, [256, 256], rng.integers(-8, 8, 256 * 256).tolist()),
+        numpy_helper.from_array(rng.uniform(0.01, 0.1, (256 // G, 256)).astype(np.float32), "w_s")])
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[1].dim_value = 256
+    ours = written(model)
+    mine = ours.graph.node[0]
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    plain.graph.node.pop()
+    plain.graph.output[0].name = "m"
+    path = tmp_path / "optimized.onnx"
+    session(plain, ["CPUExecutionProvider"], opts=session_options(matmulnbits=False, optimized_path=str(path)))
+    fused = onnx.load(str(path)).graph.node[0]
+    assert fused.op_type == "MatMulNBits"
+    attrs = lambda node: {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "weight_prepacked"}
+    assert attrs(mine) == attrs(fused) and attrs(mine)["accuracy_level"] == 4

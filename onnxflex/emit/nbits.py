@@ -12,8 +12,7 @@ onnxruntime's fusion would have made, so the two forms compute the same numbers:
 - scales: float32 [N * ceil(K / G)], column-major over (block, column);
 - zero_points (asymmetric only): uint8 [N * ceil(ceil(K / G) / 2)], each column's block zero points
   packed the same way, a column's last high nibble zero when the block count is odd;
-- attributes K, N, bits 4, block_size G and the accuracy level onnxflex's sessions ask the fusion for
-  (ort.MATMULNBITS_ACCURACY_LEVEL, 0: float compute, as the simulation computes).
+- attributes K, N, bits 4, block_size G and the accuracy level accuracy_level(K, N) picks.
 """
 from __future__ import annotations
 
@@ -22,11 +21,20 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxflex.graph import node_attr
-from onnxflex.ort import MATMULNBITS_ACCURACY_LEVEL
 from onnxflex.passes.control_flow import reads
 
 UNFUSED_AFTER = ("Relu", "Clip")  # a MatMul whose only reader is one of these is not fused (module docstring)
 MIN_BLOCK = 16
+# Accuracy level 4 (int8 activations per block) is used from this K and N up, 0 (float) below. Measured
+# once (onnxruntime 1.31 CPU, 1 thread, one MatMulNBits layer, G 32, M 1 and 16, best of 5, load ~2.6 on
+# 2 cores): at 64x64 and 128x128 level 4 ran 1.0-1.25x level 0's time, at 256x256 0.74-0.77x, at 512x512
+# and above 0.2-0.6x (4096x4096 M 1: 162 vs 671 us); 256x8210 0.32-0.63x.
+LEVEL4_MIN_K = LEVEL4_MIN_N = 256
+
+
+def accuracy_level(k: int, n: int) -> int:
+    """MatMulNBits accuracy level for a K x N layer: 4 where its int8 kernel is faster (constants above)."""
+    return 4 if k >= LEVEL4_MIN_K and n >= LEVEL4_MIN_N else 0
 
 
 def write_unfused(g: onnx.GraphProto) -> int:
@@ -106,7 +114,7 @@ def _matmul_nbits(dq: onnx.NodeProto, matmul: onnx.NodeProto, inits: dict, g: on
         g.initializer.append(numpy_helper.from_array(_pack_pairs(zero).reshape(-1), names[-1]))
     return helper.make_node("MatMulNBits", [matmul.input[0], *names], list(matmul.output), name=matmul.name,
                             domain="com.microsoft", K=k, N=n, bits=4, block_size=block,
-                            accuracy_level=int(MATMULNBITS_ACCURACY_LEVEL))
+                            accuracy_level=accuracy_level(k, n))
 
 
 def _pack_pairs(values: np.ndarray) -> np.ndarray:
