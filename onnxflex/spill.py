@@ -9,6 +9,7 @@ tensors whose shape inference cannot tell are not counted (the estimate is then 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 
@@ -58,3 +59,17 @@ def check_free_disk(model: onnx.ModelProto, tensors: list[str], data: Calibratio
             f"(RAM), spilled to {folder!r}, but its disk has {free / MIB:,.0f} MiB free: set TMPDIR to a "
             "folder on a larger disk, raise --max-cache-mb, or use fewer samples (--calib-samples)")
     log.info("captured tensors will spill about %.0f MiB to %s (%.0f MiB free)", need / MIB, folder, free / MIB)
+
+
+def file_backed(array: np.ndarray) -> np.ndarray:
+    """``array``'s values in a memory map of an unlinked file in the temporary folder: its pages are
+    the page cache's, written back and dropped under memory pressure instead of counting against the
+    run's own memory (the mapping keeps the file until the array is gone)."""
+    fd, path = tempfile.mkstemp(prefix="onnxflex-weights-", suffix=".bin")
+    try:
+        os.close(fd)
+        mapped = np.memmap(path, dtype=array.dtype, mode="w+", shape=array.shape)
+        mapped[...] = array
+    finally:
+        os.unlink(path)
+    return mapped

@@ -200,3 +200,23 @@ def test_external_tensors_are_read_straight_from_their_file(external_model):
         if entry.key == "location":
             entry.value = "../weights.bin"
     assert extdata._read_external(outside, folder) is None
+
+
+def test_frozen_integers_of_an_offloaded_model_live_in_a_file_backed_map(external_model, tmp_path, monkeypatch):
+    """A model whose weights stay on disk keeps its frozen integers in memory maps of unlinked files
+    (spill.file_backed), not in the run's heap; the written model is the same byte for byte."""
+    from onnxflex.rounding import reconstruct
+
+    model_path, feeds = external_model
+    config = QuantConfig(method="rtn", wbits=4, abits=8, verify_samples=16)
+    monkeypatch.setattr(extdata, "INLINE_BELOW_BYTES", 1024)
+    assert reconstruct.is_offloaded(extdata.load_offloaded(model_path))  # its larger weights stay on disk
+    monkeypatch.setattr(reconstruct, "FILE_BACKED_BYTES", 0)  # and its small ones count as large
+    mapped = onnxflex.quantize(str(model_path), feeds, config, progress=False)
+    kinds = {type(qw.ints) for qw in mapped.params.weights.values()}
+    assert kinds == {np.memmap}, kinds
+    monkeypatch.setattr(reconstruct, "is_offloaded", lambda model: False)
+    held = onnxflex.quantize(str(model_path), feeds, config, progress=False)
+    assert {type(qw.ints) for qw in held.params.weights.values()} == {np.ndarray}
+    a, b = mapped.save(tmp_path / "a.onnx"), held.save(tmp_path / "b.onnx")
+    assert onnx.load(str(a)).SerializeToString() == onnx.load(str(b)).SerializeToString()

@@ -7,6 +7,7 @@ to produce the next blocks' quantized inputs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from onnxflex.calib import CalibrationSet, fixed_batch
 from onnxflex.cache import DiskArray, Key, TensorCache, batch_within
 from onnxflex.checkpoint import Checkpoint
 from onnxflex.device import threads_for, torch_threads
-from onnxflex.extdata import tensor_array
+from onnxflex.extdata import is_offloaded, tensor_array
 from onnxflex.graph import default_opset, node_attr
 from onnxflex.layout import Layout
 from onnxflex.options import RoundingOptions
@@ -38,6 +39,7 @@ from onnxflex.rounding.policies import EarlyStop
 from onnxflex.rounding.rounders import FrozenRounder
 from onnxflex.rounding.torchify import BlockModule, QuantState, bias_limit
 from onnxflex.runtimes.base import Target
+from onnxflex.spill import file_backed
 
 log = logging.getLogger("onnxflex")
 
@@ -47,6 +49,7 @@ INNER_TENSORS = 4  # a block run without gradients holds about this many of its 
 # When no block learns (rtn, hqq), the quantized path only reports each block's loss and feeds the next
 # blocks' quantized inputs, which only those losses read: it runs on this many samples, not all.
 UNLEARNED_LOSS_SAMPLES = 8
+FILE_BACKED_BYTES = 1 << 20  # frozen integers at least this large go to a file-backed map (large models)
 
 
 @dataclass(frozen=True)
@@ -514,6 +517,9 @@ class BlockRunner:
         self.config, self.device, self.providers, self.budget = config, device, providers, budget
         self.observers = observers  # rounding/actcapture.CaptureObservers: act ranges from the capture run
         self.sizes = _initializer_sizes(plan.model)
+        # a model whose weights stay on disk keeps its frozen integers on disk too (spill.file_backed):
+        # held in RAM they would grow with the model, a quarter of its float size at one byte each
+        self.file_backed = is_offloaded(plan.model) and device.type == "cpu"
         learned = reconstructs(config.method)
         # a block learns on its inputs' q: rows of every sample; after the last block that learns, the
         # quantized path only reports each block's loss, which needs only a few samples
@@ -677,7 +683,10 @@ class BlockRunner:
         integers, and the float weights the module kept for calibration are dropped. Later blocks, the
         simulation and a resumed run all see the same integers, and memory keeps int8 weights only."""
         for layer in block.layers:
-            self.state.rounders[layer.weight] = FrozenRounder(self.state.rounders[layer.weight].export(), self.device)
+            exported = self.state.rounders[layer.weight].export()
+            if self.file_backed and exported.ints.nbytes >= FILE_BACKED_BYTES:
+                exported = dataclasses.replace(exported, ints=file_backed(exported.ints))
+            self.state.rounders[layer.weight] = FrozenRounder(exported, self.device)
             self.state.settled_means.pop(layer.bias, None)  # final: what the block learned, or its start
         if isinstance(module, BlockModule):
             module.own_rounders = torch.nn.ModuleList(self.state.rounders[l.weight] for l in block.layers)
