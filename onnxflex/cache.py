@@ -99,13 +99,15 @@ class TensorCache:
         return self._arrays[key]
 
     def release(self, tensors) -> None:
-        """Mutates: drops the FP and q: entries of ``tensors`` (names), closing their files; the RAM they
-        held counts free again for later entries. An entry a caller still holds stays valid for it."""
+        """Mutates: drops the FP and q: entries of ``tensors`` (names); a spilled entry's file is removed,
+        and the RAM of the others counts free again for later entries (an array a caller still holds
+        stays valid for it)."""
         for name in tensors:
             for key in (Key.fp(name), Key.q(name)):
                 array = self._arrays.pop(key, None)
                 if isinstance(array, DiskArray):
                     array.close()
+                    Path(array.path).unlink(missing_ok=True)
                 elif array is not None:
                     self.ram_bytes -= array.nbytes
 
