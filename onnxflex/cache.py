@@ -98,6 +98,19 @@ class TensorCache:
     def __getitem__(self, key: Key) -> np.ndarray | DiskArray:
         return self._arrays[key]
 
+    def release(self, tensors) -> None:
+        """Mutates: drops the FP and q: entries of ``tensors`` (names); a spilled entry's file is removed,
+        and the RAM of the others counts free again for later entries (an array a caller still holds
+        stays valid for it)."""
+        for name in tensors:
+            for key in (Key.fp(name), Key.q(name)):
+                array = self._arrays.pop(key, None)
+                if isinstance(array, DiskArray):
+                    array.close()
+                    Path(array.path).unlink(missing_ok=True)
+                elif array is not None:
+                    self.ram_bytes -= array.nbytes
+
     def __contains__(self, key: Key) -> bool:
         return key in self._arrays
 

@@ -87,3 +87,35 @@ def test_a_rewrite_from_sample_zero_replaces_the_entry():
         np.testing.assert_array_equal(np.asarray(cache[Key.fp("y")]), np.ones((6, 5), np.float32))
     finally:
         cache.close()
+
+
+def test_release_drops_both_runs_of_a_tensor_and_frees_its_ram_and_file():
+    x_bytes = 6 * 3 * 2 * 4
+    cache, values = filled(x_bytes)  # x in RAM, y spilled
+    try:
+        held = cache[Key.fp("x")]
+        cache.write(Key.q("x"), 0, values["x"] + 1)  # past the bound: spilled
+        spilled = Path(cache[Key.q("x")].path)
+        cache.release(["x", "absent"])
+        assert Key.fp("x") not in cache and Key.q("x") not in cache, "both runs of x are dropped"
+        assert cache.ram_bytes == 4, f"{cache.ram_bytes} RAM bytes left, only the 0-d rate's 4 should be"
+        assert not spilled.exists(), "the spilled q: entry's file is removed"
+        np.testing.assert_array_equal(held, values["x"])
+        np.testing.assert_array_equal(np.asarray(cache[Key.fp("y")]), values["y"])
+        cache.write(Key.q("y"), 0, values["y"])  # the freed RAM takes the next entry
+        assert isinstance(cache[Key.q("y")], np.ndarray), "the released RAM counts free again"
+    finally:
+        cache.close()
+
+
+def test_dead_after_names_each_tensor_at_the_last_block_that_reads_or_writes_it():
+    import onnx
+
+    from onnxflex.blocks import BlockPlan
+    from onnxflex.rounding.reconstruct import dead_after
+
+    blocks = (Block("b0", ("n0",), inputs=("x",), outputs=("a", "skip"), layers=()),
+              Block("b1", ("n1",), inputs=("a",), outputs=("b",), layers=()),
+              Block("b2", ("n2",), inputs=("b", "skip"), outputs=("y",), layers=()))
+    dead = dead_after(BlockPlan(onnx.ModelProto(), blocks))
+    assert [sorted(names) for names in dead] == [["x"], ["a"], ["b", "skip", "y"]], dead
