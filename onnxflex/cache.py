@@ -62,6 +62,8 @@ class TensorCache:
         self.layout = Layout()  # the model's batch axis of each captured tensor (None: stored once, shared)
         self.num_samples = 0
         self._arrays: dict[Key, np.ndarray | DiskArray] = {}
+        self._released: list[DiskArray] = []  # spilled entries dropped by release, open until close
+        self._files = 0  # spill files made so far
         self._dir: tempfile.TemporaryDirectory | None = None
 
     def record(self, layout: Layout, num_samples: int) -> None:
@@ -99,15 +101,14 @@ class TensorCache:
         return self._arrays[key]
 
     def release(self, tensors) -> None:
-        """Mutates: drops the FP and q: entries of ``tensors`` (names); a spilled entry's file is removed,
-        and the RAM of the others counts free again for later entries (an array a caller still holds
-        stays valid for it)."""
+        """Mutates: drops the FP and q: entries of ``tensors`` (names); the RAM of those held in memory
+        counts free again for later entries. An array a caller still holds stays valid for it: a spilled
+        entry's file stays open until ``close`` (a block's row readers may still hold it)."""
         for name in tensors:
             for key in (Key.fp(name), Key.q(name)):
                 array = self._arrays.pop(key, None)
                 if isinstance(array, DiskArray):
-                    array.close()
-                    Path(array.path).unlink(missing_ok=True)
+                    self._released.append(array)
                 elif array is not None:
                     self.ram_bytes -= array.nbytes
 
@@ -119,10 +120,11 @@ class TensorCache:
         return self._dir is not None
 
     def close(self) -> None:
-        for array in self._arrays.values():
+        for array in [*self._arrays.values(), *self._released]:
             if isinstance(array, DiskArray):
                 array.close()
         self._arrays.clear()
+        self._released.clear()
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
@@ -137,7 +139,8 @@ class TensorCache:
         else:
             if self._dir is None:
                 self._dir = tempfile.TemporaryDirectory(prefix="onnxflex-cache-")
-            array = DiskArray(Path(self._dir.name) / f"{len(self._arrays)}.bin", shape, dtype)
+            self._files += 1  # never reused: entries released earlier may still be open
+            array = DiskArray(Path(self._dir.name) / f"{self._files}.bin", shape, dtype)
         old = self._arrays.get(key)
         if isinstance(old, DiskArray):
             old.close()

@@ -164,9 +164,9 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, location: str |
     folder = weights_dir(model) or ""
     reuse = bool(folder) and path.resolve().parent == Path(folder).resolve()
     skeleton = onnx.ModelProto()
-    _copy_except(skeleton, model, {"graph", "metadata_props"})
+    copy_except(skeleton, model, {"graph", "metadata_props"})
     skeleton.metadata_props.extend(p for p in model.metadata_props if reuse or p.key != WEIGHTS_DIR_KEY)
-    _copy_except(skeleton.graph, model.graph, {"initializer"})
+    copy_except(skeleton.graph, model.graph, {"initializer"})
     with open(data_path, "wb") as data:
         for tensor in model.graph.initializer:
             skeleton.graph.initializer.append(_externalized(tensor, folder, reuse, data, location))
@@ -196,7 +196,7 @@ def _externalized(tensor: TensorProto, folder: str, reuse: bool, data, location:
     if not big:
         return tensor
     out = TensorProto()
-    _copy_except(out, tensor, {"raw_data", "external_data", "data_location"})
+    copy_except(out, tensor, {"raw_data", "external_data", "data_location"})
     offset = data.tell()
     if offset % ALIGN:
         data.write(b"\0" * (ALIGN - offset % ALIGN))
@@ -229,7 +229,7 @@ def external_chunks(tensor: TensorProto, folder: str | os.PathLike) -> Iterator[
                 remaining -= len(chunk)
 
 
-def _copy_except(dst, src, skip: set[str]) -> None:
+def copy_except(dst, src, skip: set[str]) -> None:
     """Copies every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
     for fd, value in src.ListFields():
         if fd.name in skip:

@@ -7,7 +7,6 @@ and act point is placed in the graph that holds it: the top level or an If branc
 """
 from __future__ import annotations
 
-import contextlib
 
 from typing import Callable
 
@@ -21,6 +20,7 @@ from onnxflex.emit.pack import int4_initializer
 from onnxflex.emit.silu import SILU_DOMAIN, fuse_silus
 from onnxflex.emit.softmax import SOFTMAX_OPSET, softmax_before_transpose
 from onnxflex.errors import UnsupportedModelError
+from onnxflex.extdata import copy_except
 from onnxflex.graph import NameScope, default_opset, node_attr, set_default_opset
 from onnxflex.passes.control_flow import reads, rename_outer_reads, subgraphs
 from onnxflex.placement import BLOCKED_OPSET
@@ -319,9 +319,8 @@ def _convert_opset(model: onnx.ModelProto, target: Target, version: int) -> onnx
 
     opset = default_opset(model)
     try:
-        with _payloads_aside(model) as held:
-            converted = version_converter.convert_version(model, version)
-        return _restored(converted, held)
+        light, held = _without_payloads(model)
+        return _restored(version_converter.convert_version(light, version), held)
     except Exception as exc:  # the converter raises several unrelated types
         if version > opset:
             raise UnsupportedModelError(
@@ -334,32 +333,31 @@ def _convert_opset(model: onnx.ModelProto, target: Target, version: int) -> onnx
             f"opset {target.max_opset} or lower") from exc
 
 
-ASIDE_BYTES = 1 << 16  # initializer payloads at least this large stay out of the version converter
+ASIDE_BYTES = 1 << 16  # initializers at least this large go to the version converter without their payload
 
 
-@contextlib.contextmanager
-def _payloads_aside(model: onnx.ModelProto):
-    """Mutates ``model`` while open: the raw payloads of its large top-level initializers are taken out
-    (name -> bytes; a tensor keeps its name, type and dims) and put back on leaving. The converter
-    copies the whole model four times (to bytes, into its graph, back to bytes and to a proto), which
-    for a decoder's packed weights is several times their size; no adapter reads a weight's values."""
-    held = {t.name: t.raw_data for t in model.graph.initializer if len(t.raw_data) >= ASIDE_BYTES}
-    for t in model.graph.initializer:
-        if t.name in held:
-            t.ClearField("raw_data")
-    try:
-        yield held
-    finally:
-        for t in model.graph.initializer:
-            if t.name in held:
-                t.raw_data = held[t.name]
+def _without_payloads(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """(a new model: ``model`` with its large top-level initializers as stubs, their name, type and
+    dims only; those initializers by name). The converter copies the whole model four times (to bytes,
+    into its graph, back to bytes and to a proto), which for a decoder's packed weights is several
+    times their size; no adapter reads a weight's values. ``model`` is not changed."""
+    light, held = onnx.ModelProto(), {}
+    copy_except(light, model, {"graph"})
+    copy_except(light.graph, model.graph, {"initializer"})
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() >= ASIDE_BYTES and tensor.HasField("raw_data"):
+            held[tensor.name] = tensor
+            copy_except(light.graph.initializer.add(), tensor, {"raw_data"})
+        else:
+            light.graph.initializer.append(tensor)
+    return light, held
 
 
-def _restored(model: onnx.ModelProto, held: dict[str, bytes]) -> onnx.ModelProto:
-    """``model`` (the converter's output) with the payloads ``_payloads_aside`` took out back in place."""
+def _restored(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
+    """``model`` (the converter's output) with the payloads ``_without_payloads`` left out back in place."""
     for t in model.graph.initializer:
         if t.name in held and not t.raw_data and not t.external_data:
-            t.raw_data = held[t.name]
+            t.raw_data = held[t.name].raw_data
     return model
 
 
