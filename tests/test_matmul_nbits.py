@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxflex import QuantConfig, quantize
-from onnxflex.emit.nbits import accuracy_level, write_nbits
+from onnxflex.emit.nbits import accuracy_level, write_unfused
 from onnxflex.ort import session, session_options
 from onnxflex.verify import optimized_op_counts
 
@@ -47,7 +47,7 @@ def fused_by_onnxruntime(model: onnx.ModelProto, tmp_path) -> onnx.ModelProto:
 def written(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    assert write_nbits(out.graph) == 1
+    assert write_unfused(out.graph) == 1
     out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out
 
@@ -72,22 +72,10 @@ def test_the_written_node_is_the_one_onnxruntime_fuses_without_the_relu(signed, 
     assert np.array_equal(got, want)
 
 
-def test_pairs_onnxruntime_would_fuse_are_written_too_with_their_own_level():
-    """A pair onnxruntime fuses itself would run at the session's level (4 by default, slower than
-    float on small layers): it is written as well, with the level for its shape."""
+def test_pairs_onnxruntime_fuses_itself_are_left_as_they_are():
     model = dq_matmul(True, relu=False)
-    assert write_nbits(model.graph) == 1
-    node = model.graph.node[0]
-    assert [n.op_type for n in model.graph.node] == ["MatMulNBits"] and node.output[0] == "m"
-    assert {a.name: a.i for a in node.attribute}["accuracy_level"] == accuracy_level(96, N) == 0
-
-
-def test_a_dequantized_weight_with_another_reader_stays_a_dequantize_linear():
-    model = dq_matmul(True, relu=False)
-    model.graph.node.append(helper.make_node("Identity", ["w"], ["w_copy"]))
-    model.graph.output.append(helper.make_tensor_value_info("w_copy", TensorProto.FLOAT, [96, N]))
-    assert write_nbits(model.graph) == 0
-    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul", "Identity"]
+    assert write_unfused(model.graph) == 0
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul"]
 
 
 def relu_mlp(layers: int = 3, width: int = 64) -> onnx.ModelProto:
@@ -114,7 +102,7 @@ def test_a_weight_only_relu_mlp_runs_every_layer_as_matmul_nbits(grid, tmp_path)
                          verify_samples=16, seed=0)
     result = quantize(str(path), str(calib), config, progress=False)
     assert optimized_op_counts(result.model) == {"MatMulNBits": 3, "Relu": 2}
-    assert [n.op_type for n in result.model.graph.node].count("MatMulNBits") == 2  # the last, the head, is 8-bit
+    assert [n.op_type for n in result.model.graph.node].count("MatMulNBits") == 2  # the last one onnxruntime fuses
     sqnr = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]
     assert min(sqnr.values()) > 40, sqnr
 
@@ -146,18 +134,3 @@ def test_a_large_written_node_is_the_one_onnxruntime_fuses_at_its_default_level(
     assert fused.op_type == "MatMulNBits"
     attrs = lambda node: {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "weight_prepacked"}
     assert attrs(mine) == attrs(fused) and attrs(mine)["accuracy_level"] == 4
-
-
-def test_check_lists_the_written_matmul_nbits_as_integer_layers(tmp_path):
-    from onnxflex.check import check, format_report
-
-    path, calib = tmp_path / "mlp.onnx", tmp_path / "calib.npz"
-    onnx.save(relu_mlp(), path)
-    np.savez(calib, x=np.random.default_rng(2).standard_normal((48, 64)).astype(np.float32))
-    config = QuantConfig(wbits=4, abits=0, group_size=32, method="rtn", calib_samples=32, verify_samples=16)
-    report = check(quantize(str(path), str(calib), config, progress=False).model)
-    assert report.ok, format_report(report)
-    layers = {layer.node: layer for layer in report.layers}
-    assert {name: (layers[name].op_type, layers[name].kernel, layers[name].integer)
-            for name in ("matmul0", "matmul1")} == {name: ("MatMulNBits", "MatMulNBits", True)
-                                                    for name in ("matmul0", "matmul1")}, format_report(report)

@@ -1,13 +1,10 @@
-"""Blocked 4-bit weights written as com.microsoft MatMulNBits, each with its own accuracy level.
+"""Blocked 4-bit weights written as com.microsoft MatMulNBits where onnxruntime would not fuse them.
 
 onnxruntime turns DequantizeLinear(INT4/UINT4, axis 0, block_size) → MatMul into its MatMulNBits
-kernel when it loads the model, at the one accuracy level the session asks for (default 4: int8
-activations per block), and (1.31, CPU) not at all when the MatMul's output goes to a Relu or Clip:
+kernel when it loads the model, except (1.31, CPU) when the MatMul's output goes to a Relu or Clip:
 it then keeps the DequantizeLinear and a float MatMul, which dequantizes the whole weight on every
-run (a 4096x4096 Relu MLP ran 3.6x slower than FP32). Level 4 is slower than float on small layers
-(the bundled LM at W4 g32: 1.45-1.64x FP32 fused by the session, 1.00-1.04x with its layers at level 0).
-So the emitter writes every such pair as the node onnxruntime's fusion would make, with the level
-``accuracy_level`` picks for its shape; the two forms compute the same numbers at the same level:
+run (a 4096x4096 Relu MLP ran 3.6x slower than FP32). For those MatMuls the emitter writes the node
+onnxruntime's fusion would have made, so the two forms compute the same numbers:
 
 - B: uint8 [N, ceil(K / G), G / 2], column n's integers along K in blocks of G (a short last block
   padded with zeros), two to a byte, the first in the low nibble, each as the unsigned value (signed
@@ -26,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxflex.graph import node_attr
 from onnxflex.passes.control_flow import reads
 
+UNFUSED_AFTER = ("Relu", "Clip")  # a MatMul whose only reader is one of these is not fused (module docstring)
 MIN_BLOCK = 16
 # Accuracy level 4 (int8 activations per block) is used from this K and N up, 0 (float) below. Measured
 # once (onnxruntime 1.31 CPU, 1 thread, one MatMulNBits layer, G 32, M 1 and 16, best of 5, load ~2.6 on
@@ -39,8 +37,8 @@ def accuracy_level(k: int, n: int) -> int:
     return 4 if k >= LEVEL4_MIN_K and n >= LEVEL4_MIN_N else 0
 
 
-def write_nbits(g: onnx.GraphProto) -> int:
-    """Mutates ``g``: each blocked 4-bit DequantizeLinear → MatMul pair that MatMulNBits can hold
+def write_unfused(g: onnx.GraphProto) -> int:
+    """Mutates ``g``: each DequantizeLinear → MatMul pair that onnxruntime would leave unfused
     becomes one MatMulNBits under the MatMul's name; returns how many. Initializers no other node
     reads are dropped."""
     inits = {t.name: t for t in g.initializer}
@@ -52,7 +50,7 @@ def write_nbits(g: onnx.GraphProto) -> int:
     outputs = {o.name for o in g.output}
     replaced: dict[int, onnx.NodeProto] = {}
     for dq in g.node:
-        matmul = _nbits_matmul(dq, inits, users, producer, outputs)
+        matmul = _unfused_matmul(dq, inits, users, producer, outputs)
         if matmul is not None:
             replaced[id(dq)] = None
             replaced[id(matmul)] = _matmul_nbits(dq, matmul, inits, g)
@@ -67,8 +65,8 @@ def write_nbits(g: onnx.GraphProto) -> int:
     return len(replaced) // 2
 
 
-def _nbits_matmul(dq: onnx.NodeProto, inits: dict, users: dict, producer: dict, outputs: set) -> onnx.NodeProto | None:
-    """The MatMul ``dq`` feeds if MatMulNBits can hold the pair (``dq`` its only reader, B its weight)."""
+def _unfused_matmul(dq: onnx.NodeProto, inits: dict, users: dict, producer: dict, outputs: set) -> onnx.NodeProto | None:
+    """The MatMul ``dq`` feeds if the pair is one onnxruntime leaves unfused and MatMulNBits can hold."""
     if dq.op_type != "DequantizeLinear" or dq.output[0] in outputs:
         return None
     block, weight = node_attr(dq, "block_size", 0), inits.get(dq.input[0])
@@ -85,6 +83,9 @@ def _nbits_matmul(dq: onnx.NodeProto, inits: dict, users: dict, producer: dict, 
     matmul = readers[0]
     a = producer.get(matmul.input[0])
     if matmul.input[1] != dq.output[0] or (a is not None and a.op_type == "DequantizeLinear"):
+        return None
+    after = users.get(matmul.output[0], [])
+    if matmul.output[0] in outputs or len(after) != 1 or after[0].op_type not in UNFUSED_AFTER:
         return None
     return matmul
 

@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxflex.emit.concat import quantize_concat_inputs
-from onnxflex.emit.nbits import write_nbits
+from onnxflex.emit.nbits import write_unfused
 from onnxflex.emit.pack import int4_initializer
 from onnxflex.emit.silu import SILU_DOMAIN, fuse_silus
 from onnxflex.emit.softmax import SOFTMAX_OPSET, softmax_before_transpose
@@ -286,9 +286,9 @@ def move_softmaxes(model, params, target):
 
 @STAGES.register("nbits")
 def write_matmul_nbits(model, params, target):
-    """On targets with ``matmul_nbits``, the blocked 4-bit weights of MatMuls become com.microsoft
-    MatMulNBits with a per-layer accuracy level (emit/nbits.py), in every graph."""
-    if target.matmul_nbits and sum(write_nbits(g) for g in all_graphs(model.graph)):
+    """On targets with ``matmul_nbits``, the blocked weights of MatMuls the runtime would not fuse
+    become com.microsoft MatMulNBits (emit/nbits.py), in every graph."""
+    if target.matmul_nbits and sum(write_unfused(g) for g in all_graphs(model.graph)):
         _import_domain(model, "com.microsoft")
     return model
 
