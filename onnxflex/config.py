@@ -32,8 +32,9 @@ WEIGHT_ONLY_HEAD_BITS = 8  # the head's default width in weight-only runs below 
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the options that take one of a fixed set."""
-    return {"method": METHODS, "granularity": GRANULARITIES, "block_input": BLOCK_INPUTS, "target": TARGETS, "device": DEVICES,
-            "weight_scale": SCALE_SEARCH, "act_scale": ACT_SCALE_SEARCH, "preset": PRESETS, "weight_grid": WEIGHT_GRIDS}
+    return {"method": METHODS, "granularity": GRANULARITIES, "block_input": BLOCK_INPUTS, "target": TARGETS,
+            "device": DEVICES, "weight_scale": SCALE_SEARCH, "act_scale": ACT_SCALE_SEARCH, "preset": PRESETS,
+            "weight_grid": WEIGHT_GRIDS}
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_tensor, uses_external_data
 
 from onnxflex.errors import ModelLoadError
@@ -125,8 +125,11 @@ def _read_external(tensor: TensorProto, folder: str) -> np.ndarray | None:
     """The values of an external tensor of a plain numeric type read from its file straight into one
     array (the proto route holds the bytes twice: a layer of a large model costs three copies at
     once); None for the types numpy_helper has to unpack (4-bit, strings) or a payload of unexpected size."""
-    dtype = PLAIN_DTYPES.get(tensor.data_type)
-    if dtype is None:
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    except (KeyError, TypeError, ValueError):  # an undefined or unknown element type
+        return None
+    if dtype.kind not in "biuf":  # strings, complex and the packed ml_dtypes types numpy_helper unpacks
         return None
     info = ExternalDataInfo(tensor)
     if os.path.isabs(info.location) or ".." in Path(info.location).parts:
@@ -141,13 +144,6 @@ def _read_external(tensor: TensorProto, folder: str) -> np.ndarray | None:
         raise ModelLoadError(f"external data of tensor {tensor.name!r} in {info.location!r} is shorter than its "
                              f"{count} values")
     return values.reshape(tuple(tensor.dims))
-
-
-PLAIN_DTYPES = {t: np.dtype(d).newbyteorder("<") for t, d in (
-    (TensorProto.FLOAT, np.float32), (TensorProto.FLOAT16, np.float16), (TensorProto.DOUBLE, np.float64),
-    (TensorProto.INT8, np.int8), (TensorProto.UINT8, np.uint8), (TensorProto.INT16, np.int16),
-    (TensorProto.UINT16, np.uint16), (TensorProto.INT32, np.int32), (TensorProto.UINT32, np.uint32),
-    (TensorProto.INT64, np.int64), (TensorProto.UINT64, np.uint64))}
 
 
 def write_model(model: onnx.ModelProto, path: str | os.PathLike, location: str | None = None,

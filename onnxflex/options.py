@@ -120,9 +120,10 @@ class RoundingOptions(_Record):
     ``early_stop``, ``lr``: never -1 here), the step budgets (``step_budget`` never -1 here, 0 with a
     ``time_budget``; ``step_cap``: the preset's cap in FLOPs, 0 where a step or time budget is given;
     onnxflex/budget.py), step searches, the weight grid (``weight_grid``: 'symmetric'
-    or 'asymmetric' here, never 'auto'), the block seed base, threads, checkpoints, what each block learns on (``block_input``). ``accumulate``
-    (micro-batches of ``batch_size`` summed per step) is no option: planning sets it for a model with
-    a fixed batch (planning.fixed_batch_rounding), 1 everywhere else."""
+    or 'asymmetric' here, never 'auto'), the block seed base, threads, checkpoints, what each block
+    learns on (``block_input``). ``accumulate`` (micro-batches of ``batch_size`` summed per step) is no
+    option: planning sets it for a model with a fixed batch (planning.fixed_batch_rounding), 1 everywhere
+    else."""
 
     method: str
     preset: str

@@ -92,16 +92,23 @@ WARMUP = 3  # runs of each session before it is timed
 
 
 def timing_sessions(models: list[onnx.ModelProto], feed: dict, threads: int) -> list[ort.InferenceSession]:
-    """CPU sessions of ``models`` for timing on ``feed``, each already run WARMUP times on it. They fuse
-    blocked weights into MatMulNBits at onnxruntime's own default accuracy level (4: int8 compute), as a
-    user's session does, not at the float level onnxflex's numeric checks ask for (an 8-bit lm_head of
-    8210 classes ran 3.7x slower at level 0 than at 4), and with weight prepacking on however large the model."""
+    """CPU sessions of ``models`` for timing on ``feed``, each already run WARMUP times on the inputs of
+    ``feed`` it declares (``declared``). They fuse blocked weights into MatMulNBits at onnxruntime's own
+    default accuracy level (4: int8 compute), as a user's session does, not at the float level
+    onnxflex's numeric checks ask for (an 8-bit lm_head of 8210 classes ran 3.7x slower at level 0 than
+    at 4), and keep weight prepacking however large the model."""
     sessions = [session(model, list(CPU), threads, opts=session_options(matmulnbits=False), prepack=True)
                 for model in models]
     for sess in sessions:
+        given = declared(sess, feed)
         for _ in range(WARMUP):
-            sess.run(None, feed)
+            sess.run(None, given)
     return sessions
+
+
+def declared(sess: ort.InferenceSession, feed: dict) -> dict:
+    """The entries of ``feed`` that ``sess``'s model declares as inputs."""
+    return {i.name: feed[i.name] for i in sess.get_inputs()}
 
 
 def load_error(model: onnx.ModelProto, providers=CPU, opts: ort.SessionOptions | None = None) -> str | None:

@@ -90,21 +90,18 @@ def measured_ratio(fp32: onnx.ModelProto, quantized: onnx.ModelProto, feed: dict
                    threads: int = 0, seconds: float | None = None) -> dict:
     """Times ``fp32`` (the user's model, copied and its nodes named uniquely for onnxruntime) against
     ``quantized`` on ``feed`` (each session given the inputs it declares), CPU, ``threads`` intra-op
-    threads (0: onnxruntime's choice), ort.WARMUP runs each, then rounds alternating which model runs
-    first until ``seconds`` (default MEASURE_SECONDS) have passed (at least MIN_ROUNDS, at most MAX_ROUNDS rounds). Neither
-    model is changed. Returns the median per-round ratio and the medians in milliseconds."""
+    threads (0: onnxruntime's choice), in ort.timing_sessions (warmed up, as a user's session runs), then
+    rounds alternating which model runs first until ``seconds`` (default MEASURE_SECONDS) have passed (at
+    least MIN_ROUNDS, at most MAX_ROUNDS rounds). Neither model is changed. Returns the median per-round
+    ratio and the medians in milliseconds."""
     from onnxflex import ort
     from onnxflex.graph import load_model, name_nodes_uniquely
 
     seconds = MEASURE_SECONDS if seconds is None else seconds
     reference = load_model(fp32)
     name_nodes_uniquely(reference)
-    opts = [ort.session_options(matmulnbits=False) for _ in range(2)]  # as ort.timing_sessions: the user's level
-    sessions = [ort.session(m, list(ort.CPU), threads, opts=o, prepack=True) for m, o in zip((reference, quantized), opts)]
-    feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
-    for sess, given in zip(sessions, feeds):
-        for _ in range(ort.WARMUP):
-            sess.run(None, given)
+    sessions = ort.timing_sessions([reference, quantized], feed, threads)
+    feeds = [ort.declared(s, feed) for s in sessions]
     times: tuple[list[float], list[float]] = ([], [])
     start = time.perf_counter()
     while len(times[0]) < MAX_ROUNDS and (len(times[0]) < MIN_ROUNDS or time.perf_counter() - start < seconds):

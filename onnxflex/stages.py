@@ -288,9 +288,9 @@ def latency_rules(qmodel: onnx.ModelProto, refined: Refined, samples: Samples,
         skipped = "no held-out samples"
     elif not feed:
         skipped = f"fewer held-out samples than the model's batch {batch}"
-    elif float_weight_bytes(original) > config.capture.max_cache_mb * MIB:
-        skipped = (f"the FP32 model's {float_weight_bytes(original) / MIB:.0f} MiB of weights exceed the memory "
-                   f"bound --max-cache-mb {config.capture.max_cache_mb}: its timing session would hold them all")
+    elif (weights := float_weight_bytes(original)) > config.capture.max_cache_mb * MIB:
+        skipped = (f"the FP32 model's {weights / MIB:.0f} MiB of weights exceed the memory bound --max-cache-mb "
+                   f"{config.capture.max_cache_mb}: its timing session would hold them all")
     else:
         skipped = ""
     timed = {"measured_ratio_vs_fp32": None, "measured": {"skipped": skipped}}

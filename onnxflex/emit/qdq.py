@@ -7,7 +7,6 @@ and act point is placed in the graph that holds it: the top level or an If branc
 """
 from __future__ import annotations
 
-
 from typing import Callable
 
 import numpy as np
