@@ -30,6 +30,7 @@ from onnxflex.qparams import QuantizedWeight
 
 FINGERPRINT = "fingerprint.json"
 _CHUNK = 16 << 20
+RUN_ONLY = frozenset({"checkpoint_dir", "workers", "ray_address"})  # options that leave the result as it is
 
 
 class Checkpoint:
@@ -79,8 +80,7 @@ class Checkpoint:
                                "zero_point": torch.from_numpy(np.ascontiguousarray(w.zero_point)),
                                "axis": int(w.axis), "bits": int(w.bits), "block_size": int(w.block_size)}
                         for name, w in weights.items()},
-            "acts": {name: {"state": {k: v.detach().cpu() for k, v in act.state_dict().items()},
-                            "enabled": bool(getattr(act, "enabled", True))} for name, act in acts.items()},
+            "acts": act_states(acts),
             "biases": {name: value.detach().cpu() for name, value in (biases or {}).items()},
         }
         buffer = io.BytesIO()
@@ -88,10 +88,18 @@ class Checkpoint:
         _write_atomic(self.path(index), lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
 
 
+def act_states(acts: dict[str, torch.nn.Module]) -> dict[str, dict]:
+    """Activation quantizers as a block file keeps them (and ``load`` returns them): name → its state
+    dict on the CPU and whether it is enabled."""
+    return {name: {"state": {k: v.detach().cpu() for k, v in act.state_dict().items()},
+                   "enabled": bool(getattr(act, "enabled", True))} for name, act in acts.items()}
+
+
 def fingerprint(model: onnx.ModelProto, config_values: dict[str, Any], datasets: Iterable[Any]) -> dict[str, str]:
     """Hashes of what decides a run's result: the model (graph and every weight byte), the config
-    (``checkpoint_dir`` itself excluded) and the calibration arrays (names, shapes, dtypes, values)."""
-    values = {k: v for k, v in config_values.items() if k != "checkpoint_dir"}
+    (``checkpoint_dir`` itself and the worker options, which do not change the result, excluded) and the
+    calibration arrays (names, shapes, dtypes, values)."""
+    values = {k: v for k, v in config_values.items() if k not in RUN_ONLY}
     return {"model": _model_hash(model),
             "config": hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest(),
             "calibration data": _data_hash(datasets)}
@@ -131,4 +139,4 @@ def _data_hash(datasets: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["Checkpoint", "fingerprint"]
+__all__ = ["Checkpoint", "act_states", "fingerprint"]

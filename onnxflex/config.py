@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,13 @@ OPTION_HELP: dict[str, str] = {
                "tensor, at most torch's count and the CPUs the process may use (small blocks run on one: on "
                "a busy machine their ops lose far more to thread hand-offs than they gain on an idle one); "
                "a seed gives the same output only at one count",
+    "workers": "processes that learn blocks at the same time (block_input fp only: each block is then an independent "
+               "job); each gets max(1, CPUs / workers) torch threads, and the output is byte-identical to one "
+               "worker's where the blocks' thread counts agree (blocks under 256k values per tensor, or --threads at "
+               "most CPUs / workers); a worker that dies has its block run again in a fresh one",
+    "ray_address": "run the block jobs as Ray tasks on the cluster at this address ('auto', 'ray://host:port'), or "
+                   "'local' for a Ray instance on this machine with --workers CPUs (needs pip install onnxflex[ray]; "
+                   "the cluster must see the model's and the spill folder's files); '' = local processes",
     "max_cache_mb": "RAM for captured tensors; beyond it they spill to files in the temporary folder ($TMPDIR), "
                     "and a run whose estimated spill exceeds that disk's free space is refused before it starts",
     "calib_samples": "use at most this many calibration samples (0 = all)",
@@ -182,6 +190,8 @@ class QuantConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
+    workers: int = 1
+    ray_address: str = ""
     max_cache_mb: int = 2048
     calib_samples: int = 0
     verify_samples: int = 32
@@ -217,6 +227,7 @@ class QuantConfig:
         _check_choice("target", self.target, TARGETS)
         _check_choice("device", self.device, DEVICES)
         _check_range("threads", self.threads, 0, 4096)
+        self._check_workers()
         _check_choice("weight_scale", self.weight_scale, SCALE_SEARCH)
         _check_choice("act_scale", self.act_scale, ACT_SCALE_SEARCH)
         self._check_learning()
@@ -238,6 +249,18 @@ class QuantConfig:
         self._check_weight_grid()
         self._check_budgets()
         self._check_head_bits()
+
+    def _check_workers(self) -> None:
+        _check_range("workers", self.workers, 1, 1024)
+        if not isinstance(self.ray_address, str):
+            raise ConfigError(f"ray_address={self.ray_address!r} must be a Ray address or 'local' (a string; '' = none)")
+        if (self.workers > 1 or self.ray_address) and self.block_input != "fp":
+            raise ConfigError(f"workers={self.workers} spreads blocks over workers only when each block learns on its "
+                              "FP input: pass --block-input fp (with the default quantized input each block waits "
+                              "for the one before it)")
+        if self.ray_address and importlib.util.find_spec("ray") is None:
+            raise ConfigError(f"ray_address={self.ray_address!r} needs Ray, which is not installed: "
+                              "pip install onnxflex[ray]")
 
     def _check_weight_grid(self) -> None:
         _check_choice("weight_grid", self.weight_grid, WEIGHT_GRIDS)

@@ -143,6 +143,8 @@ class RoundingOptions(_Record):
     threads: int
     checkpoint_dir: str
     block_input: str = "quantized"
+    workers: int = 1
+    ray_address: str = ""
     accumulate: int = 1
     step_cap: float = 0.0
 

@@ -40,6 +40,7 @@ from onnxflex.rounding.rounders import FrozenRounder
 from onnxflex.rounding.torchify import BlockModule, QuantState, bias_limit
 from onnxflex.runtimes.base import Target
 from onnxflex.spill import file_backed
+from onnxflex.workers import spread
 
 log = logging.getLogger("onnxflex")
 
@@ -490,15 +491,14 @@ def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: 
     of learned, and each newly finished block is saved. ``budget`` (budget.StepBudget, or None: every
     block ``config.iters``) gives each block's steps."""
     runner = BlockRunner(plan, cache, state, target, config, device, providers, budget, observers)
-    if checkpoint is not None:
-        runner = CheckpointedRunner(runner, checkpoint)
     results, modules = [], []
     dead = dead_after(plan)
-    for index, block in enumerate(plan.blocks):
-        module, result = runner.run(index, block, progress)
-        results.append(result)
-        modules.append(module)
-        cache.release(dead[index])  # their pages go to the next blocks' q: rows instead of fresh ones
+    with spread(runner, checkpoint) as runner:  # block_input fp: each block a job, in this process or in workers
+        for index, block in enumerate(plan.blocks):
+            module, result = runner.run(index, block, progress)
+            results.append(result)
+            modules.append(module)
+            cache.release(dead[index])  # their pages go to the next blocks' q: rows instead of fresh ones
     return results, modules
 
 
@@ -750,13 +750,17 @@ class CheckpointedRunner:
             progress.finish(f"{block.name}: restored from {self.checkpoint.folder}")
             return module, BlockResult(**saved["result"])
         module, result = self.runner.quantize(index, block, progress)
-        state = self.runner.state
-        self.checkpoint.save(index, block.name, result, {l.weight: state.rounders[l.weight].export()
-                                                         for l in block.layers},
-                             {p: state.acts[p] for p in block.all_points if p in state.acts},
-                             {l.bias: state.bias_values[l.bias] for l in block.layers if l.bias in state.bias_axes})
+        self.checkpoint.save(index, block.name, result, *finished_state(self.runner.state, block))
         progress.finish(self.runner.summary(index, result))
         return module, result
+
+
+def finished_state(state: QuantState, block: Block) -> tuple[dict, dict, dict]:
+    """A finished block's exported weights, activation quantizers and corrected biases' values, by name:
+    what Checkpoint.save keeps of it and BlockRunner.resume rebuilds it from."""
+    return ({l.weight: state.rounders[l.weight].export() for l in block.layers},
+            {p: state.acts[p] for p in block.all_points if p in state.acts},
+            {l.bias: state.bias_values[l.bias] for l in block.layers if l.bias in state.bias_axes})
 
 
 @torch.no_grad()

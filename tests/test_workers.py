@@ -1,0 +1,82 @@
+"""workers: with block_input fp every block is an independent job; N local worker processes write the
+bytes one process writes, a worker that dies has its block run again, and a job's exception reaches
+the caller as itself. The quantized block input takes one worker only."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import onnxflex
+from helpers import CNN
+from onnxflex.cli import main
+from onnxflex.config import ConfigError, QuantConfig
+from onnxflex.workers import KILL_HOOK, LocalPool
+
+# five blocks that each keep what they learn (40 steps), so that the bytes show the learned rounding
+FP = dict(method="flexround", block_input="fp", iters=40, calib_samples=64, batch_size=16, seed=5, device="cpu",
+          latency_rules=False)
+
+
+def quantize(**options):
+    result = onnxflex.quantize(CNN, None, QuantConfig(**{**FP, **options}), progress=False)
+    return hashlib.sha256(result.model.SerializeToString()).hexdigest(), result.report["blocks"]
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    return quantize(workers=1)
+
+
+def test_one_worker_learns_every_block(one_worker):
+    digest, blocks = one_worker
+    assert digest != quantize(method="rtn")[0]
+    learned = [b for b in blocks if b["iters"] == 40 and b["loss_after"] < b["loss_before"]]
+    assert len(learned) >= 3, blocks
+
+
+def test_two_workers_write_the_bytes_of_one(one_worker):
+    digest, blocks = quantize(workers=2)
+    assert digest == one_worker[0]
+    assert [(b["loss_before"], b["loss_after"]) for b in blocks] == \
+        [(b["loss_before"], b["loss_after"]) for b in one_worker[1]]
+
+
+def test_a_killed_worker_has_its_block_run_again(one_worker, monkeypatch, caplog):
+    monkeypatch.setenv(KILL_HOOK, "2")
+    with caplog.at_level(logging.WARNING, logger="onnxflex"):
+        digest, _ = quantize(workers=2)
+    assert "a worker process died" in caplog.text
+    assert digest == one_worker[0]
+
+
+def test_checkpointed_workers_write_the_same_bytes(one_worker, tmp_path):
+    assert quantize(workers=2, checkpoint_dir=str(tmp_path))[0] == one_worker[0]
+    assert len(list(tmp_path.glob("block*.pt"))) == 5
+    assert quantize(workers=2, checkpoint_dir=str(tmp_path))[0] == one_worker[0]  # every block restored
+
+
+def test_an_exception_in_a_worker_is_raised_as_itself():
+    pool = LocalPool(1, 1, {"wbits": 99})
+    try:
+        pool.submit(0, QuantConfig.from_dict, "job")  # runs QuantConfig.from_dict({"wbits": 99}, "job") there
+        with pytest.raises(ConfigError, match="wbits=99"):
+            pool.result(0)
+    finally:
+        pool.close()
+
+
+def test_workers_need_fp_block_input_and_ray_needs_ray(tmp_path, monkeypatch):
+    out = str(tmp_path / "m.onnx")
+    done = CliRunner().invoke(main, ["quantize", str(CNN), "-o", out, "--workers", "2"])
+    assert done.exit_code == 2 and "--block-input fp" in done.output, done.output
+    done = CliRunner().invoke(main, ["quantize", str(CNN), "-o", out, "--block-input", "fp", "--workers", "2",
+                                     "--dump-config"])
+    assert done.exit_code == 0 and "workers = 2" in done.output, done.output
+    assert QuantConfig().workers == 1 and QuantConfig().ray_address == ""
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    done = CliRunner().invoke(main, ["quantize", str(CNN), "-o", out, "--block-input", "fp", "--ray-address", "local"])
+    assert done.exit_code == 2 and "pip install onnxflex[ray]" in done.output, done.output
