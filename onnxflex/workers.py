@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import pickle
 import tempfile
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -195,6 +196,20 @@ def calibrated_acts(runner) -> dict[str, dict]:
     return act_states(fresh.state.acts)
 
 
+_WORKER_CONTEXT: dict = {}  # in a LocalPool worker process: the path of the run's pickled Context, then it
+
+
+def _start_worker(threads: int, path: str) -> None:
+    _set_threads(threads)
+    _WORKER_CONTEXT["path"] = path
+
+
+def _local_call(fn: Callable, job):
+    if "context" not in _WORKER_CONTEXT:
+        _WORKER_CONTEXT["context"] = pickle.loads(Path(_WORKER_CONTEXT["path"]).read_bytes())
+    return fn(_WORKER_CONTEXT["context"], job)
+
+
 def _set_threads(threads: int) -> None:
     import torch
 
@@ -226,13 +241,18 @@ class InProcessPool:
 
 
 class LocalPool:
-    """``workers`` spawned processes, each with ``threads`` torch threads; ``fn(context, job)`` per job.
-    A worker that dies breaks the process pool: a fresh pool runs every job not finished yet."""
+    """``workers`` spawned processes, each with ``threads`` torch threads and ``context`` (read from a
+    file once); ``fn(context, job)`` per job. A worker that dies breaks the process pool: a fresh pool runs every job not finished yet."""
 
     isolated = True
 
     def __init__(self, workers: int, threads: int, context) -> None:
-        self.workers, self.threads, self.context = workers, threads, context
+        self.workers, self.threads = workers, threads
+        # a file, not the start arguments: those are written to a starting worker's pipe, which blocks
+        # the parent until the worker has imported onnxflex (seconds per worker)
+        self.folder = tempfile.TemporaryDirectory(prefix="onnxflex-workers-")
+        self.context = str(Path(self.folder.name) / "context.pickle")
+        Path(self.context).write_bytes(pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL))
         self.calls: dict[int, tuple[Callable, Any]] = {}
         self.futures: dict[int, Future] = {}
         self.deaths: dict[int, int] = {}
@@ -240,11 +260,11 @@ class LocalPool:
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_set_threads, initargs=(self.threads,))
+                                   initializer=_start_worker, initargs=(self.threads, self.context))
 
     def submit(self, key: int, fn: Callable, job) -> None:
         self.calls[key] = (fn, job)
-        self.futures[key] = self.executor.submit(fn, self.context, job)
+        self.futures[key] = self.executor.submit(_local_call, fn, job)
 
     def result(self, key: int):
         """Job ``key``'s return value, or its exception raised here."""
@@ -268,10 +288,11 @@ class LocalPool:
         log.warning("a worker process died; job(s) %s run again in fresh workers", ", ".join(map(str, broken)))
         self.executor = self._start()
         for k in broken:
-            self.futures[k] = self.executor.submit(self.calls[k][0], self.context, self.calls[k][1])
+            self.futures[k] = self.executor.submit(_local_call, *self.calls[k])
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.folder.cleanup()
 
 
 class RayPool:

@@ -1,0 +1,88 @@
+"""Reconstruction over workers: wall time of ``--workers 1`` against ``--workers 2`` (local processes,
+and a local Ray instance when Ray is installed) in fp block-input mode with a learned method.
+
+    python bench/bench_workers.py [--model models/digits_cnn.onnx] [--method flexround] [--iters 200]
+                                  [--no-ray] [--note TEXT] [--no-write]
+
+Each run is ``onnxflex quantize`` in a fresh process (imports, worker start-up and, for Ray, the Ray
+instance's start included); the emitted files' sha256 must match the one-worker run's, else it exits 1.
+Prints the table, and writes it into BENCHMARKS.md between ``<!-- workers -->`` markers unless
+``--no-write`` (the 1-minute load average during the runs is written beside the numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_memory import machine, write_block  # noqa: E402  (bench/ is not a package)
+
+HEADER = "## Reconstruction over workers"
+MARKER = "workers"
+
+
+def run(model: Path, out: Path, options: list[str]) -> float:
+    """Seconds one ``onnxflex quantize`` of ``model`` to ``out`` with ``options`` takes."""
+    cmd = [sys.executable, "-m", "onnxflex.cli", "quantize", str(model), "-o", str(out), "--quiet", *options]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr[-2000:]}")
+    return seconds
+
+
+def table(rows: list[tuple[str, float, str]], base: float, same: bool, args, load: tuple[float, float]) -> str:
+    lines = [f"`bench/bench_workers.py`: {Path(args.model).name}, {args.method} {args.iters} steps per block, "
+             f"`--block-input fp`; each run a fresh `onnxflex quantize` (imports and worker start included). "
+             f"Machine: {machine()}; 1-minute load {load[0]:.2f} before, {load[1]:.2f} after."
+             + (f" {args.note}" if args.note else ""), "",
+             "| workers | wall s | vs 1 worker | sha256 (first 16) |", "|---|---|---|---|"]
+    for name, seconds, digest in rows:
+        lines.append(f"| {name} | {seconds:.1f} | {base / seconds:.2f}x | `{digest[:16]}` |")
+    lines += ["", "Every output byte-identical to one worker's: " + ("yes" if same else "**no**")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(ROOT / "models" / "digits_cnn.onnx"))
+    parser.add_argument("--method", default="flexround")
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray row even when Ray is installed")
+    parser.add_argument("--note", default="")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+    common = ["--block-input", "fp", "--method", args.method, "--iters", str(args.iters), "--seed", "1",
+              "--device", "cpu"]
+    variants = [("1 (one process)", ["--workers", "1"]), ("2 local processes", ["--workers", "2"])]
+    if not args.no_ray and importlib.util.find_spec("ray") is not None:
+        variants.append(("2 Ray tasks (`--ray-address local`)", ["--workers", "2", "--ray-address", "local"]))
+    load = [os.getloadavg()[0]]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="onnxflex-bench-workers-") as folder:
+        for index, (name, options) in enumerate(variants):
+            out = Path(folder) / f"out{index}.onnx"
+            seconds = run(Path(args.model), out, common + options)
+            rows.append((name, seconds, hashlib.sha256(out.read_bytes()).hexdigest()))
+            print(f"{name}: {seconds:.1f} s", flush=True)
+    load.append(os.getloadavg()[0])
+    same = len({digest for _, _, digest in rows}) == 1
+    text = table(rows, rows[0][1], same, args, tuple(load))
+    print(text)
+    if not args.no_write:
+        write_block(HEADER, MARKER, text)
+    if not same:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
