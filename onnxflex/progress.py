@@ -33,9 +33,10 @@ class Progress:
         self.stream.write(f"\r{self._what} [{bar}] {done}/{self._total} {note}\033[K")
         self.stream.flush()
 
-    def finish(self, summary: str) -> None:
+    def finish(self, summary: str, seconds: float | None = None) -> None:
+        """Logs ``summary`` with the time since ``start``, or ``seconds`` when given (work done elsewhere)."""
         if self.live:
             self.stream.write("\r\033[K")
             self.stream.flush()
         if self.enabled:
-            log.info("%s (%.1fs)", summary, time.perf_counter() - self._t0)
+            log.info("%s (%.1fs)", summary, time.perf_counter() - self._t0 if seconds is None else seconds)

@@ -410,12 +410,11 @@ class ParallelRunner:
         for record in saved.pop("records"):
             if log.isEnabledFor(record.levelno):
                 log.handle(record)
-        progress.start(0, block.name)
         module = self.runner.resume(index, block, saved)
         result = BlockResult(**saved["result"])
         if self.checkpoint is not None:
             self.checkpoint.save(index, block.name, result, *finished_state(self.runner.state, block))
-        progress.finish(self.runner.summary(index, result))
+        progress.finish(self.runner.summary(index, result), result.seconds)  # the job's own time
         return module, result
 
     def _in_order(self, index: int, block, progress: Progress):

@@ -14,7 +14,7 @@ import onnxflex
 from helpers import CNN
 from onnxflex.cli import main
 from onnxflex.config import ConfigError, QuantConfig
-from onnxflex.workers import KILL_HOOK, LocalPool
+from onnxflex.workers import KILL_HOOK, LocalPool, ParallelRunner
 
 # five blocks that each keep what they learn (40 steps), so that the bytes show the learned rounding
 FP = dict(method="flexround", block_input="fp", iters=40, calib_samples=64, batch_size=16, seed=5, device="cpu",
@@ -38,9 +38,13 @@ def test_one_worker_learns_every_block(one_worker):
     assert len(learned) >= 3, blocks
 
 
-def test_two_workers_write_the_bytes_of_one(one_worker):
-    digest, blocks = quantize(workers=2)
+def test_two_workers_write_the_bytes_of_one(one_worker, caplog):
+    with caplog.at_level(logging.INFO, logger="onnxflex"):
+        result = onnxflex.quantize(CNN, None, QuantConfig(**FP, workers=2), progress=True)
+    digest, blocks = hashlib.sha256(result.model.SerializeToString()).hexdigest(), result.report["blocks"]
     assert digest == one_worker[0]
+    lines = [r.getMessage() for r in caplog.records if " -> " in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == [b["name"] for b in blocks], lines  # one per block, in order
     assert [(b["loss_before"], b["loss_after"]) for b in blocks] == \
         [(b["loss_before"], b["loss_after"]) for b in one_worker[1]]
 
@@ -80,3 +84,18 @@ def test_workers_need_fp_block_input_and_ray_needs_ray(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     done = CliRunner().invoke(main, ["quantize", str(CNN), "-o", out, "--block-input", "fp", "--ray-address", "local"])
     assert done.exit_code == 2 and "pip install onnxflex[ray]" in done.output, done.output
+
+
+def test_spilled_entries_reach_the_workers(monkeypatch):
+    carried = []  # the kinds of array the jobs carry
+    job = ParallelRunner._job
+
+    def recording(self, index):
+        made = job(self, index)
+        carried.extend(type(a).__name__ for a in made.arrays.values())
+        return made
+
+    monkeypatch.setattr(ParallelRunner, "_job", recording)
+    one = quantize(workers=1, max_cache_mb=1)[0]  # 1 MiB: the larger conv activations spill to files
+    assert "Spilled" in carried and "ndarray" in carried, carried
+    assert quantize(workers=2, max_cache_mb=1)[0] == one
