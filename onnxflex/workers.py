@@ -236,7 +236,7 @@ class InProcessPool:
         fn, job = self.calls.pop(key)
         return fn(self.context, job)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         self.calls.clear()
 
 
@@ -290,7 +290,12 @@ class LocalPool:
         for k in broken:
             self.futures[k] = self.executor.submit(_local_call, *self.calls[k])
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Stops the workers once their running jobs end; with ``abort`` (an interrupted or failed run)
+        at once."""
+        if abort:
+            for process in list(self.executor._processes.values()):  # no public way before Python 3.14
+                process.terminate()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.folder.cleanup()
 
@@ -324,7 +329,7 @@ class RayPool:
         except self.ray.exceptions.RayTaskError as exc:
             raise exc.cause from None
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         for ref in self.refs.values():
             self.ray.cancel(ref, force=True)
         self.refs.clear()
@@ -449,7 +454,11 @@ def spread(runner, checkpoint=None):
     try:
         parallel = ParallelRunner(runner, pool, config.workers + 1, checkpoint)
         yield parallel
-    finally:
+    except BaseException:  # interrupted (SIGINT, SIGTERM) or failed: the workers' jobs are not waited for
+        pool.close(abort=True)
+        raise
+    else:
         pool.close()
+    finally:
         if parallel is not None:
             parallel.close()

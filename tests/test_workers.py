@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -99,3 +101,17 @@ def test_spilled_entries_reach_the_workers(monkeypatch):
     one = quantize(workers=1, max_cache_mb=1)[0]  # 1 MiB: the larger conv activations spill to files
     assert "Spilled" in carried and "ndarray" in carried, carried
     assert quantize(workers=2, max_cache_mb=1)[0] == one
+
+
+def test_an_aborted_pool_stops_its_running_workers_at_once():
+    pool = LocalPool(1, 1, ["sleep", "60"])
+    pool.submit(0, subprocess.call, -1)  # subprocess.call(["sleep", "60"], -1) in the worker
+    deadline = time.monotonic() + 60
+    while not pool.executor._processes and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = list(pool.executor._processes.values())
+    time.sleep(2)  # the job is running
+    started = time.monotonic()
+    pool.close(abort=True)
+    assert time.monotonic() - started < 20, "close waited for the running job"
+    assert workers and not any(p.is_alive() for p in workers)
