@@ -45,7 +45,7 @@ def table(rows: list[tuple[str, float, str]], base: float, same: bool, args, loa
              f"`--block-input fp`; each run a fresh `onnxflex quantize` (imports and worker start included). "
              f"Machine: {machine()}; 1-minute load {load[0]:.2f} before, {load[1]:.2f} after."
              + (f" {args.note}" if args.note else ""), "",
-             "| workers | wall s | vs 1 worker | sha256 (first 16) |", "|---|---|---|---|"]
+             "| workers | wall s | speed-up (1 worker's wall / this) | sha256 (first 16) |", "|---|---|---|---|"]
     for name, seconds, digest in rows:
         lines.append(f"| {name} | {seconds:.1f} | {base / seconds:.2f}x | `{digest[:16]}` |")
     lines += ["", "Every output byte-identical to one worker's: " + ("yes" if same else "**no**")]

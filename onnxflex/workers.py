@@ -121,7 +121,8 @@ class Observed:
 
 
 class Records(logging.Handler):
-    """Keeps the log records a job emits (message formatted), for the parent to emit in block order."""
+    """Keeps the log records emitted in a worker (message formatted), for the parent to emit in block
+    order (``relay``)."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -132,10 +133,29 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
+def captured(level: int, fn: Callable, context, job) -> tuple[Any, list[logging.LogRecord]]:
+    """In a worker process: ``fn(context, job)`` with onnxflex's log at ``level`` (the parent's), and
+    the records it emitted, kept here instead of printed."""
+    records = Records()
+    log.addHandler(records)
+    log.setLevel(level)
+    log.propagate = False
+    try:
+        return fn(context, job), records.records
+    finally:
+        log.removeHandler(records)
+
+
+def relay(records: list[logging.LogRecord]) -> None:
+    """Emits a worker's log records here, as far as this process's log level lets them through."""
+    for record in records:
+        if log.isEnabledFor(record.levelno):
+            log.handle(record)
+
+
 def learn_block(context: Context, job: Job) -> dict:
-    """Runs in a worker: block ``job.index`` built, learned and frozen (BlockRunner.quantize) on its FP
-    tensors. Returns its state as Checkpoint.load does (block, result, weights, acts, biases) plus
-    ``records``: the log records it emitted."""
+    """Block ``job.index`` built, learned and frozen (BlockRunner.quantize) on its FP tensors, in a
+    worker or here. Returns its state as Checkpoint.load does (block, result, weights, acts, biases)."""
     import torch
 
     from onnxflex.checkpoint import act_states
@@ -147,10 +167,6 @@ def learn_block(context: Context, job: Job) -> dict:
         os._exit(1)
     block = context.plan.blocks[job.index]
     cache = JobCache(context, job)
-    records = Records()
-    log.addHandler(records)
-    level = log.level
-    log.setLevel(logging.INFO)
     try:
         device = torch.device(context.device)
         state = QuantState(acts=load_acts(job.foreign, context.config.abits, context.target, device))
@@ -160,12 +176,9 @@ def learn_block(context: Context, job: Job) -> dict:
         _, result = runner.quantize(job.index, block, Progress(enabled=False))
         weights, acts, biases = finished_state(runner.state, block)
     finally:
-        log.removeHandler(records)
-        log.setLevel(level)
         cache.close()
     return {"block": block.name, "result": dataclasses.asdict(result), "weights": weights,
-            "acts": act_states(acts), "biases": {k: v.detach().cpu() for k, v in biases.items()},
-            "records": records.records}
+            "acts": act_states(acts), "biases": {k: v.detach().cpu() for k, v in biases.items()}}
 
 
 def load_acts(states: dict, bits: int, target, device) -> dict:
@@ -199,15 +212,15 @@ def calibrated_acts(runner) -> dict[str, dict]:
 _WORKER_CONTEXT: dict = {}  # in a LocalPool worker process: the path of the run's pickled Context, then it
 
 
-def _start_worker(threads: int, path: str) -> None:
+def _start_worker(threads: int, level: int, path: str) -> None:
     _set_threads(threads)
-    _WORKER_CONTEXT["path"] = path
+    _WORKER_CONTEXT.update(level=level, path=path)
 
 
 def _local_call(fn: Callable, job):
     if "context" not in _WORKER_CONTEXT:
         _WORKER_CONTEXT["context"] = pickle.loads(Path(_WORKER_CONTEXT["path"]).read_bytes())
-    return fn(_WORKER_CONTEXT["context"], job)
+    return captured(_WORKER_CONTEXT["level"], fn, _WORKER_CONTEXT["context"], job)
 
 
 def _set_threads(threads: int) -> None:
@@ -216,9 +229,9 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _ray_call(threads: int, fn: Callable, context, job):
+def _ray_call(threads: int, level: int, fn: Callable, context, job):
     _set_threads(threads)
-    return fn(context, job)
+    return captured(level, fn, context, job)
 
 
 class InProcessPool:
@@ -260,7 +273,8 @@ class LocalPool:
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_worker, initargs=(self.threads, self.context))
+                                   initializer=_start_worker,
+                                   initargs=(self.threads, log.getEffectiveLevel(), self.context))
 
     def submit(self, key: int, fn: Callable, job) -> None:
         self.calls[key] = (fn, job)
@@ -275,7 +289,8 @@ class LocalPool:
                 self._restart(key)
                 continue
             del self.calls[key], self.futures[key]
-            return value
+            relay(value[1])
+            return value[0]
 
     def _restart(self, key: int) -> None:
         self.deaths[key] = self.deaths.get(key, 0) + 1
@@ -320,14 +335,16 @@ class RayPool:
         self.refs: dict[int, Any] = {}
 
     def submit(self, key: int, fn: Callable, job) -> None:
-        self.refs[key] = self.remote.remote(self.threads, fn, self.context, job)
+        self.refs[key] = self.remote.remote(self.threads, log.getEffectiveLevel(), fn, self.context, job)
 
     def result(self, key: int):
         """Job ``key``'s return value, or its exception (the task's own, not Ray's wrapper) raised here."""
         try:
-            return self.ray.get(self.refs.pop(key))
+            value, records = self.ray.get(self.refs.pop(key))
         except self.ray.exceptions.RayTaskError as exc:
             raise exc.cause from None
+        relay(records)
+        return value
 
     def close(self, abort: bool = False) -> None:
         for ref in self.refs.values():
@@ -412,9 +429,6 @@ class ParallelRunner:
         saved = self.pool.result(index)
         self.submitted.remove(index)
         self._top_up()
-        for record in saved.pop("records"):
-            if log.isEnabledFor(record.levelno):
-                log.handle(record)
         module = self.runner.resume(index, block, saved)
         result = BlockResult(**saved["result"])
         if self.checkpoint is not None:

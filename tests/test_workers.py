@@ -115,3 +115,15 @@ def test_an_aborted_pool_stops_its_running_workers_at_once():
     pool.close(abort=True)
     assert time.monotonic() - started < 20, "close waited for the running job"
     assert workers and not any(p.is_alive() for p in workers)
+
+
+def test_a_workers_warnings_reach_the_parent_as_one_process_logs_them(caplog):
+    def warnings(workers):  # 12 steps: learning is undone in later blocks, each with a warning
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="onnxflex"):
+            quantize(workers=workers, iters=12)
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    one = warnings(1)
+    assert any("learning ended at loss" in w for w in one), one
+    assert warnings(2) == one
