@@ -215,18 +215,20 @@ def reconstruct_blocks(refined: Refined, cache: TensorCache, checkpoint, device:
                        progress: Progress, budget=None, observers=None) -> Reconstructed:
     """rounding/reconstruct.reconstruct over the refined plan, reading (and adding to) ``cache``, each
     block's steps from ``budget`` (budget.StepBudget; None: the config's iterations), the act ranges
-    of the blocks ``observers`` (Captured.observers) holds from the capture run."""
+    of the blocks ``observers`` (Captured.observers) holds from the capture run; with block_input fp
+    each block is a job, in this process or in workers (onnxflex/workers.py)."""
     import torch
 
     from onnxflex.rounding.reconstruct import reconstruct
     from onnxflex.rounding.torchify import QuantState
+    from onnxflex.workers import spread
 
     t = time.perf_counter()
     target = get_target(refined.config.plan.target)
     state = QuantState()
     results, modules = reconstruct(refined.plan, cache, state, target, refined.config.rounding,
                                    torch.device(device.torch_device), progress, device.providers, checkpoint, budget,
-                                   observers)
+                                   observers, spread)
     seconds = _lap(t)
     return Reconstructed(tuple(results), tuple(modules), state.export(target.act_dtype), seconds, budget)
 

@@ -92,8 +92,7 @@ class JobCache:
     def __init__(self, context: Context, job: Job) -> None:
         self.layout = Layout(context.axes)
         self.num_samples, self.max_bytes = context.num_samples, context.max_bytes
-        self.arrays = {name: DiskArray(Path(a.path), a.shape, a.dtype) if isinstance(a, Spilled) else a
-                       for name, a in job.arrays.items()}
+        self.arrays = {name: _reopened(a) if isinstance(a, Spilled) else a for name, a in job.arrays.items()}
 
     def fp_inputs(self, block) -> dict:
         return {name: self.arrays[name] for name in block.inputs}
@@ -108,6 +107,16 @@ class JobCache:
         for array in self.arrays.values():
             if isinstance(array, DiskArray):
                 array.close()
+
+
+def _reopened(entry: Spilled) -> DiskArray:
+    """The spilled entry's file, opened here; an error when this machine does not have it (DiskArray
+    would create it, and the block would learn on zeros)."""
+    if not Path(entry.path).is_file():
+        raise FileNotFoundError(f"the spilled cache entry {entry.path} is not on this worker's disk: a Ray cluster "
+                                "must see the spill folder ($TMPDIR) of the machine running onnxflex, or raise "
+                                "--max-cache-mb so that nothing spills")
+    return DiskArray(Path(entry.path), entry.shape, entry.dtype)
 
 
 class Observed:
@@ -454,11 +463,12 @@ def spread(runner, checkpoint=None):
     """The block loop's runner: in fp mode (``block_input`` fp) a ParallelRunner over the pool the config
     names (one worker: this process), closed (its workers stopped) on leaving; else ``runner`` itself,
     behind ``checkpoint`` when one is given (reconstruct.CheckpointedRunner)."""
-    from onnxflex.rounding.reconstruct import CheckpointedRunner
+    from onnxflex.rounding.reconstruct import checkpointed
 
     config = runner.config
     if config.block_input != "fp":
-        yield runner if checkpoint is None else CheckpointedRunner(runner, checkpoint)
+        with checkpointed(runner, checkpoint) as plain:
+            yield plain
         return
     cache = runner.cache
     context = Context(runner.plan, runner.target, config, runner.device.type, tuple(runner.providers),

@@ -40,7 +40,6 @@ from onnxflex.rounding.rounders import FrozenRounder
 from onnxflex.rounding.torchify import BlockModule, QuantState, bias_limit
 from onnxflex.runtimes.base import Target
 from onnxflex.spill import file_backed
-from onnxflex.workers import spread
 
 log = logging.getLogger("onnxflex")
 
@@ -484,22 +483,31 @@ def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: 
 @reused_pages()  # calibration and quantized-output runs reuse freed pages too, not only the learning steps
 def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: RoundingOptions,
                 device: torch.device, progress: Progress, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                checkpoint: Checkpoint | None = None, budget=None, observers=None) -> tuple[list[BlockResult], list]:
+                checkpoint: Checkpoint | None = None, budget=None, observers=None,
+                runners=None) -> tuple[list[BlockResult], list]:
     """The block loop. Mutates ``state`` (adds and trains quantizers) and ``cache`` (adds q: tensors);
     returns each block's result and its frozen module (a BlockModule, or an OrtBlock for blocks with
     ops the torch side cannot express). With ``checkpoint``, blocks saved there are restored instead
     of learned, and each newly finished block is saved. ``budget`` (budget.StepBudget, or None: every
-    block ``config.iters``) gives each block's steps."""
+    block ``config.iters``) gives each block's steps. ``runners`` (workers.spread: fp block input as
+    jobs, in this process or in workers) makes the runner the loop calls from the BlockRunner and the
+    checkpoint, as a context manager; None: the BlockRunner, behind the checkpoint when there is one."""
     runner = BlockRunner(plan, cache, state, target, config, device, providers, budget, observers)
     results, modules = [], []
     dead = dead_after(plan)
-    with spread(runner, checkpoint) as runner:  # block_input fp: each block a job, in this process or in workers
+    with (runners or checkpointed)(runner, checkpoint) as runner:
         for index, block in enumerate(plan.blocks):
             module, result = runner.run(index, block, progress)
             results.append(result)
             modules.append(module)
             cache.release(dead[index])  # their pages go to the next blocks' q: rows instead of fresh ones
     return results, modules
+
+
+@contextlib.contextmanager
+def checkpointed(runner: BlockRunner, checkpoint: Checkpoint | None):
+    """The block loop's runner without workers: ``runner``, behind ``checkpoint`` when one is given."""
+    yield runner if checkpoint is None else CheckpointedRunner(runner, checkpoint)
 
 
 def dead_after(plan: BlockPlan) -> list[list[str]]:
