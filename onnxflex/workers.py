@@ -8,8 +8,8 @@ as calibrated (``calibrated_acts``, one FP pass per block before any block learn
 block learned it. So each block is a job (``learn_block``) that needs nothing another job computes; a
 worker runs it with the seed the block gets in any run (config.seed × 1000 + its index) and returns
 the block's learned state in the form a checkpoint keeps it. The parent applies the states in plan
-order through BlockRunner.resume, which rebuilds the frozen block and stores its quantized outputs:
-every worker count writes the same bytes. A block whose quantizer or weight another block shares (a
+order through BlockRunner.resume, which rebuilds the frozen block (its quantized outputs are not
+stored: no block reads them in fp mode): every worker count writes the same bytes. A block whose quantizer or weight another block shares (a
 Concat tie on TensorRT, a weight two blocks read) runs in the parent, in order.
 
 A worker that dies (killed, out of memory) has its job run again in a fresh worker, RETRIES times at
@@ -438,7 +438,7 @@ class ParallelRunner:
         saved = self.pool.result(index)
         self.submitted.remove(index)
         self._top_up()
-        module = self.runner.resume(index, block, saved)
+        module = self.runner.resume(index, block, saved, store=False)  # fp mode: no block reads q: rows
         result = BlockResult(**saved["result"])
         if self.checkpoint is not None:
             self.checkpoint.save(index, block.name, result, *finished_state(self.runner.state, block))

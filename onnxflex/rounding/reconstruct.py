@@ -718,10 +718,11 @@ class BlockRunner:
             for layer in block.layers:
                 module.constants.pop(layer.weight, None)
 
-    def resume(self, index: int, block: Block, saved: dict) -> BlockModule | OrtBlock:
+    def resume(self, index: int, block: Block, saved: dict, store: bool = True) -> BlockModule | OrtBlock:
         """A finished block rebuilt from its checkpoint (``Checkpoint.load``): frozen weights and restored
-        activation steps; its quantized outputs stored again for the next block."""
-        with self.loaded(block) as data:
+        activation steps; its quantized outputs stored again for the next block, unless not ``store``
+        (block_input fp: no block reads them)."""
+        with self.loaded(block) if store else contextlib.nullcontext() as data:
             runtime = saved["result"]["runtime"]
             self._add_quantizers(block, "rtn" if runtime == "onnxruntime" else self.config.method)
             for name, weight in saved["weights"].items():
@@ -737,7 +738,8 @@ class BlockRunner:
                 module = BlockModule(block, self.plan.model, default_opset(self.plan.model), self.state, self.device)
                 for layer in block.layers:
                     module.constants.pop(layer.weight, None)
-            self.store(module, data, self.loss_samples(index))
+            if store:
+                self.store(module, data, self.loss_samples(index))
         return module
 
     def _add_quantizers(self, block: Block, method: str) -> None:
