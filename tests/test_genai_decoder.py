@@ -188,10 +188,10 @@ def genai_generate(folder, prompts: np.ndarray, steps: int) -> np.ndarray:
     return np.array(rows)
 
 
-@pytest.mark.parametrize("method", ["rtn", "flexround"])
+@pytest.mark.parametrize("method", ["rtn", "flexround", "signround"])
 def test_the_quantized_builder_form_loads_in_onnxruntime_genai_and_generates_as_onnxruntime_does(
         method, quantized, prompts_and_fp32, tmp_path):
-    """Saved to a folder of its own, the W4 g32 model (MatMulNBits, GroupQueryAttention with the cache) is
+    """Saved to a folder of its own, each W4 g32 model (MatMulNBits, GroupQueryAttention with the cache) is
     what onnxruntime-genai loads: its greedy tokens over 32 steps are those of onnxflex's greedy loop in
     onnxruntime on the same file, and follow FP32's as test_w4_g32... bounds them."""
     path = quantized[method].save(tmp_path / method / "model.onnx")
