@@ -480,7 +480,6 @@ def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: 
     return total / n
 
 
-@reused_pages()  # calibration and quantized-output runs reuse freed pages too, not only the learning steps
 def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: RoundingOptions,
                 device: torch.device, progress: Progress, providers: tuple[str, ...] = ("CPUExecutionProvider",),
                 checkpoint: Checkpoint | None = None, budget=None, observers=None) -> tuple[list[BlockResult], list]:
@@ -494,11 +493,14 @@ def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: 
         runner = CheckpointedRunner(runner, checkpoint)
     results, modules = [], []
     dead = dead_after(plan)
-    for index, block in enumerate(plan.blocks):
-        module, result = runner.run(index, block, progress)
-        results.append(result)
-        modules.append(module)
-        cache.release(dead[index])  # their pages go to the next blocks' q: rows instead of fresh ones
+    # calibration and quantized-output runs reuse freed pages too, not only the learning steps; a model
+    # whose weights stay on disk gives its weight-sized temporaries back (heap.BOUNDED)
+    with reused_pages(bounded=is_offloaded(plan.model)):
+        for index, block in enumerate(plan.blocks):
+            module, result = runner.run(index, block, progress)
+            results.append(result)
+            modules.append(module)
+            cache.release(dead[index])  # their pages go to the next blocks' q: rows instead of fresh ones
     return results, modules
 
 
