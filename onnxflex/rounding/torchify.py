@@ -46,8 +46,8 @@ INT32_MAX = 2_147_483_520.0  # largest float32 below 2**31, so the int32 cast ca
 # A weight of at least this many values is fake-quantized under activation checkpointing while it
 # learns: its rounding graph (the divisor, the quotient, the clamp, the integers: several weight-sized
 # tensors per layer, for FlexRound seven) is not kept from the forward to the backward but run again
-# there, one layer at a time. The gradients are the same bit for bit (the same ops run again); a
-# decoder layer of 13 M weights at W4 then learns in ~6 weight sizes instead of ~13.
+# there, one layer at a time. The gradients are the same bit for bit (the same ops run again). On a
+# 1024-wide decoder layer (12.5 M weights) at W4 g32 the live peak of its learning went 872 -> 713 MiB.
 RECOMPUTE_VALUES = 1 << 20
 
 
