@@ -13,10 +13,10 @@ import onnx
 
 from onnxflex.config import QuantConfig
 from onnxflex.errors import VerificationError
-from onnxflex.graph import save_model_atomic, write_text_atomic
+from onnxflex.graph import copy_file_atomic, save_model_atomic, write_text_atomic
 from onnxflex.progress import Progress
 from onnxflex.report import build_report, to_json
-from onnxflex.text import genai_config, genai_config_path
+from onnxflex.text import TOKENIZER_FILES, genai_config, genai_config_path
 
 log = logging.getLogger("onnxflex")
 
@@ -57,7 +57,21 @@ def keep_genai_config(source: Path, output: Path) -> Path | None:
                     "loads what it names from that folder; write the quantized model to a folder of its own to get "
                     "a genai_config.json for it", target, output.name)
         return None
-    return write_text_atomic(text, target)
+    written = write_text_atomic(text, target)
+    keep_tokenizer_files(source, output)
+    return written
+
+
+def keep_tokenizer_files(source: Path, output: Path) -> list[Path]:
+    """Copy the tokenizer files onnxruntime-genai reads (TOKENIZER_FILES) from beside ``source`` next to
+    ``output``, so that its Tokenizer opens the quantized model's folder too; a file already there is
+    left alone (the same one, or the user's). Returns the copies made."""
+    copies = []
+    for name in TOKENIZER_FILES:
+        origin, target = Path(source).with_name(name), Path(output).with_name(name)
+        if origin.is_file() and not target.exists():
+            copies.append(copy_file_atomic(origin, target))
+    return copies
 
 
 def report_path(model_path: str | os.PathLike) -> Path:

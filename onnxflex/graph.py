@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -87,6 +88,10 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     return _write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def copy_file_atomic(origin: str | os.PathLike, path: str | os.PathLike) -> Path:
+    return _write_atomic(path, lambda tmp: shutil.copyfile(origin, tmp))
 
 
 def node_attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:

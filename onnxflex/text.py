@@ -119,6 +119,11 @@ def empty_cache_shape(vi: onnx.ValueInfoProto, n: int, model_path: Path | None,
     return tuple(shape)
 
 
+# what onnxruntime-genai's Tokenizer reads from a model's folder, beside its genai_config.json
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
 def genai_config_path(model_path: Path) -> Path:
     return Path(model_path).with_name("genai_config.json")
 

@@ -9,8 +9,9 @@ block learned it. So each block is a job (``learn_block``) that needs nothing an
 worker runs it with the seed the block gets in any run (config.seed × 1000 + its index) and returns
 the block's learned state in the form a checkpoint keeps it. The parent applies the states in plan
 order through BlockRunner.resume, which rebuilds the frozen block (its quantized outputs are not
-stored: no block reads them in fp mode): every worker count writes the same bytes. A block whose quantizer or weight another block shares (a
-Concat tie on TensorRT, a weight two blocks read) runs in the parent, in order.
+stored: no block reads them in fp mode): every worker count writes the same bytes. A block whose
+quantizer or weight another block shares (a Concat tie on TensorRT, a weight two blocks read) runs in
+the parent, in order.
 
 A worker that dies (killed, out of memory) has its job run again in a fresh worker, RETRIES times at
 most; an exception a job raises reaches the caller as itself (the same class, so the same exit code).
@@ -168,6 +169,8 @@ def learn_block(context: Context, job: Job) -> dict:
     import torch
 
     from onnxflex.checkpoint import act_states
+    from onnxflex.extdata import is_offloaded
+    from onnxflex.rounding.heap import reused_pages
     from onnxflex.rounding.reconstruct import BlockRunner, finished_state
     from onnxflex.rounding.torchify import QuantState
 
@@ -182,7 +185,8 @@ def learn_block(context: Context, job: Job) -> dict:
         runner = BlockRunner(context.plan, cache, state, context.target, context.config, device,
                              context.providers, context.budget,
                              None if job.observed is None else Observed(job.observed))
-        _, result = runner.quantize(job.index, block, Progress(enabled=False))
+        with reused_pages(bounded=is_offloaded(context.plan.model)):  # as reconstruct's block loop does
+            _, result = runner.quantize(job.index, block, Progress(enabled=False))
         weights, acts, biases = finished_state(runner.state, block)
     finally:
         cache.close()
@@ -264,7 +268,8 @@ class InProcessPool:
 
 class LocalPool:
     """``workers`` spawned processes, each with ``threads`` torch threads and ``context`` (read from a
-    file once); ``fn(context, job)`` per job. A worker that dies breaks the process pool: a fresh pool runs every job not finished yet."""
+    file once); ``fn(context, job)`` per job. A worker that dies breaks the process pool: a fresh pool
+    runs every job not finished yet."""
 
     isolated = True
 

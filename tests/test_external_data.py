@@ -2,6 +2,7 @@
 through one in-memory protobuf, and the output's data file is its own."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -220,3 +221,31 @@ def test_frozen_integers_of_an_offloaded_model_live_in_a_file_backed_map(externa
     assert {type(qw.ints) for qw in held.params.weights.values()} == {np.ndarray}
     a, b = mapped.save(tmp_path / "a.onnx"), held.save(tmp_path / "b.onnx")
     assert onnx.load(str(a)).SerializeToString() == onnx.load(str(b)).SerializeToString()
+
+
+def test_an_offloaded_models_learning_gives_weight_sized_temporaries_back_and_recomputes_rounding(
+        external_model, tmp_path, monkeypatch):
+    """A model whose weights stay on disk learns inside reused_pages(bounded=True) (allocations of
+    heap.BOUNDED_MMAP or more are mmapped, so freed weight-sized tensors leave the process), and with
+    every weight's rounding graph recomputed in the backward (torchify.RECOMPUTE_VALUES 0) FlexRound
+    writes the same model byte for byte as with none recomputed."""
+    from onnxflex.rounding import heap, reconstruct, torchify
+
+    model_path, feeds = external_model
+    config = QuantConfig(method="flexround", wbits=4, abits=8, iters=6, batch_size=8, early_stop=0,
+                         step_budget=0.0, verify_samples=16, seed=3)
+    monkeypatch.setattr(extdata, "INLINE_BELOW_BYTES", 1024)
+    settings = []
+    real = heap.reused_pages
+    monkeypatch.setattr(reconstruct, "reused_pages", lambda bounded=False: settings.append(bounded) or real(bounded))
+    monkeypatch.setattr(torchify, "RECOMPUTE_VALUES", 0)
+    recomputed = onnxflex.quantize(str(model_path), feeds, config, progress=False)
+    assert settings == [True], settings
+    monkeypatch.setattr(torchify, "RECOMPUTE_VALUES", 1 << 40)
+    kept = onnxflex.quantize(str(model_path), feeds, config, progress=False)
+    assert recomputed.report["reconstruction"]["steps_run"] > 0
+    a, b = recomputed.save(tmp_path / "a.onnx"), kept.save(tmp_path / "b.onnx")
+    assert onnx.load(str(a)).SerializeToString() == onnx.load(str(b)).SerializeToString()
+    monkeypatch.setattr(reconstruct, "is_offloaded", lambda model: False)
+    onnxflex.quantize(str(model_path), feeds, dataclasses.replace(config, method="rtn"), progress=False)
+    assert settings == [True, True, False], settings

@@ -166,3 +166,38 @@ def test_w4_g128_of_the_builder_form_learns_and_generates_with_the_cache(method,
     onnx.checker.check_model(quantized_g128[method].model, full_check=True)
     assert quantized_g128[method].report["reconstruction"]["steps_run"] > 0
     check_g128(quantized_g128[method], fp_logits, runs[method], runs["rtn"], 10)
+
+
+def genai_generate(folder, prompts: np.ndarray, steps: int) -> np.ndarray:
+    """onnxruntime-genai's greedy search from ``folder`` (its genai_config.json and tokenizer files):
+    [M, steps] tokens, one prompt at a time."""
+    og = pytest.importorskip("onnxruntime_genai")  # .ci/run installs it; a machine without it skips here
+    model = og.Model(str(folder))
+    og.Tokenizer(model)  # the tokenizer files were copied beside the quantized model
+    rows = []
+    for prompt in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt[None].astype(np.int32))
+        tokens = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        rows.append(tokens)
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("method", ["rtn", "flexround", "signround"])
+def test_the_quantized_builder_form_loads_in_onnxruntime_genai_and_generates_as_onnxruntime_does(
+        method, quantized, prompts_and_fp32, tmp_path):
+    """Saved to a folder of its own, each W4 g32 model (MatMulNBits, GroupQueryAttention with the cache) is
+    what onnxruntime-genai loads: its greedy tokens over 32 steps are those of onnxflex's greedy loop in
+    onnxruntime on the same file, and follow FP32's as test_w4_g32... bounds them."""
+    path = quantized[method].save(tmp_path / method / "model.onnx")
+    prompts = prompts_and_fp32[0][:4]
+    tokens = genai_generate(path.parent, prompts, 32)
+    expected = generate(session(str(path)), prompts, 32)[0]
+    assert tokens.shape == expected.shape == (4, 32)
+    same = float((tokens == expected).mean())
+    assert same >= 0.95, f"onnxruntime-genai vs onnxruntime on the same model: {same:.3f} of the tokens agree"

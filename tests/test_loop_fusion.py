@@ -291,3 +291,33 @@ def test_the_fake_quantizer_without_gradients_gives_the_forward_bit_for_bit(zero
     graded = _FakeQuant.apply(x.clone().requires_grad_(), scale.clone().requires_grad_(), zp, qmin, qmax)
     assert torch.equal(_bits(plain), _bits(graded.detach())), "the no-gradient fake_quant differs"
     assert torch.equal(x[:3], torch.randn(20_000, generator=torch.Generator().manual_seed(5))[:3] * 3), "input written"
+
+
+@pytest.mark.parametrize("method", ["flexround", "adaround", "signround"])
+def test_a_large_weights_rounding_is_recomputed_in_the_backward_with_the_same_gradients(method, monkeypatch):
+    """torchify.quantized_weight: a learning rounder's weight of RECOMPUTE_VALUES or more keeps no
+    weight-sized tensor of its rounding graph from the forward to the backward (checkpointing), and its
+    parameters get the gradients they get without it, bit for bit; without gradients nothing changes."""
+    from onnxflex.rounding import torchify
+    from onnxflex.rounding.methods import make_rounder
+
+    weight = torch.randn(96, 160, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(24, 96, generator=torch.Generator().manual_seed(3))
+    grads, saved = {}, {}
+    for recompute in (True, False):
+        monkeypatch.setattr(torchify, "RECOMPUTE_VALUES", weight.numel() if recompute else weight.numel() + 1)
+        torch.manual_seed(0)
+        rounder = make_rounder(method, weight, 1, 4, "mse", 32)
+        rounder.train(True)
+        held = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: held.append(t.numel()) or t, lambda t: t):
+            loss = (x @ torchify.quantized_weight(rounder)).square().sum()
+        saved[recompute] = sum(held)
+        loss.backward()
+        grads[recompute] = [p.grad.clone() for p in rounder.parameters() if p.grad is not None]
+    assert grads[True] and len(grads[True]) == len(grads[False])
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(_bits(a), _bits(b))
+    assert saved[False] >= 3 * weight.numel() and saved[True] < weight.numel(), saved
+    rounder.train(False)
+    assert torch.equal(torchify.quantized_weight(rounder), rounder.fake_quant())

@@ -172,6 +172,21 @@ def test_the_builder_forms_genai_config_is_copied_naming_the_quantized_file(corp
     assert copied == original
 
 
+def test_the_builder_forms_tokenizer_files_are_copied_and_ones_already_there_kept(tmp_path):
+    """onnxruntime-genai's Tokenizer reads tokenizer.json and tokenizer_config.json from the model's folder."""
+    source = tmp_path / "in" / "model.onnx"
+    source.parent.mkdir()
+    for name in ("genai_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(GENAI.parent / name, source.parent / name)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tokenizer_config.json").write_text("{}")  # the user's: not replaced
+    assert keep_genai_config(source, tmp_path / "out" / "q.onnx") == tmp_path / "out" / "genai_config.json"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["genai_config.json", "tokenizer.json",
+                                                                    "tokenizer_config.json"]
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (GENAI.parent / "tokenizer.json").read_bytes()
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == "{}"
+
+
 def test_a_model_without_genai_config_gets_none(tmp_path):
     out = tmp_path / "q.onnx"
     assert keep_genai_config(DECODER, out) is None

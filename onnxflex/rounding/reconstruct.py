@@ -480,7 +480,6 @@ def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: 
     return total / n
 
 
-@reused_pages()  # calibration and quantized-output runs reuse freed pages too, not only the learning steps
 def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: RoundingOptions,
                 device: torch.device, progress: Progress, providers: tuple[str, ...] = ("CPUExecutionProvider",),
                 checkpoint: Checkpoint | None = None, budget=None, observers=None,
@@ -495,7 +494,9 @@ def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: 
     runner = BlockRunner(plan, cache, state, target, config, device, providers, budget, observers)
     results, modules = [], []
     dead = dead_after(plan)
-    with (runners or checkpointed)(runner, checkpoint) as runner:
+    # calibration and quantized-output runs reuse freed pages too, not only the learning steps; a model
+    # whose weights stay on disk gives its weight-sized temporaries back (heap.BOUNDED)
+    with reused_pages(bounded=is_offloaded(plan.model)), (runners or checkpointed)(runner, checkpoint) as runner:
         for index, block in enumerate(plan.blocks):
             module, result = runner.run(index, block, progress)
             results.append(result)
