@@ -151,15 +151,19 @@ def memory_cgroup(limit_mb: int) -> Path | None:
     return None
 
 
-def bench_decoder(folder: Path, limit_mb: int) -> str:
+def bench_decoder(folder: Path, limit_mb: int, method: str = "rtn", iters: int = 4) -> str:
+    """W4 g32 of the big decoder under ``limit_mb``; a learned ``method`` takes ``iters`` steps of 2
+    windows per block (a memory check of learning at this size, not a quality run)."""
     from make_big_decoder import SIZES, build
 
     model = folder / "decoder.onnx"
     if not model.exists():
         build(folder)
     size = sum(p.stat().st_size for p in folder.glob("decoder.onnx*"))
-    options = {"method": "rtn", "wbits": 4, "abits": 0, "group_size": 32, "verify_samples": 2,
+    options = {"method": method, "wbits": 4, "abits": 0, "group_size": 32, "verify_samples": 2,
                "max_cache_mb": 128}
+    if method != "rtn":
+        options.update(iters=iters, batch_size=2, early_stop=0, step_budget=0.0, preset="fast")
     group = memory_cgroup(limit_mb)
     try:
         r = measure(model, folder / "decoder.calib.npz", folder / "out" / "decoder.q.onnx", options, group)
@@ -167,18 +171,20 @@ def bench_decoder(folder: Path, limit_mb: int) -> str:
         if group:
             group.rmdir()
     out_size = sum(p.stat().st_size for p in (folder / "out").glob("decoder.q.onnx*"))
+    learned = "round-to-nearest" if method == "rtn" else f"{method}, {iters} steps of 2 windows per block"
     enforced = "enforced by a memory cgroup (no swap)" if group else \
         "not enforced (no memory cgroup could be made here): measured only"
     rows = [
-        "| model | size on disk | output size | memory limit | peak RSS | peak RSS / model size | wall time |",
-        "|---|---|---|---|---|---|---|",
+        "| model | method | size on disk | output size | memory limit | peak RSS | peak RSS / model size | wall time |",
+        "|---|---|---|---|---|---|---|---|",
         f"| decoder {SIZES['layers']} layers, width {SIZES['width']}, MLP {SIZES['mlp_width']}, fp32 external data "
-        f"| {size / 2**30:.2f} GiB | {out_size / 2**30:.2f} GiB | {limit_mb} MiB | {r['peak_rss_mib']:.0f} MiB | "
+        f"| {learned} | {size / 2**30:.2f} GiB | {out_size / 2**30:.2f} GiB | {limit_mb} MiB | {r['peak_rss_mib']:.0f} MiB | "
         f"{r['peak_rss_mib'] * 2**20 / size:.2f} | {r['seconds']:.0f} s |",
     ]
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["timings"].items() if k != "total")
-    text = ("### A decoder larger than its memory limit\n\n"
-            "`python bench/bench_memory.py decoder`: W4 g32 weight-only round-to-nearest (lm_head 8-bit), 8 "
+    command = "decoder" if method == "rtn" else f"decoder --method {method} --iters {iters}"
+    text = (f"### A decoder larger than its memory limit: {learned}\n\n"
+            f"`python bench/bench_memory.py {command}`: W4 g32 weight-only, {learned} (lm_head 8-bit), 8 "
             f"calibration windows of 64 tokens (2 held out), `--max-cache-mb {options['max_cache_mb']}`; the limit "
             f"is {enforced}. Peak RSS counts the model's mapped weight pages that onnxruntime touched.\n\n"
             + "\n".join(rows) + f"\n\nStages: {stages}.\n")
@@ -252,6 +258,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=["big", "samples", "decoder"])
     parser.add_argument("--limit-mb", type=int, default=1024, help="decoder: the memory limit of the run")
+    parser.add_argument("--method", default="rtn", help="decoder: rtn, or a learned method (flexround, signround)")
+    parser.add_argument("--iters", type=int, default=4, help="decoder: a learned method's steps per block")
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--counts", type=int, nargs="+", default=[128, 512, 2048])
     args = parser.parse_args()
@@ -259,10 +267,10 @@ def main() -> None:
     if args.which == "big":
         text = bench_big(args.dir or Path("/tmp/onnxflex-big"))
     elif args.which == "decoder":
-        text = bench_decoder(args.dir or Path("/tmp/onnxflex-decoder"), args.limit_mb)
+        text = bench_decoder(args.dir or Path("/tmp/onnxflex-decoder"), args.limit_mb, args.method, args.iters)
     else:
         text = bench_samples(args.dir or Path("/tmp/onnxflex-samples"), args.counts)
-    write_section(args.which, text)
+    write_section(args.which if args.method == "rtn" else f"{args.which}-{args.method}", text)
     print(f"done in {time.perf_counter() - started:.0f} s; results in BENCHMARKS.md")
 
 
