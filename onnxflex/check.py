@@ -154,7 +154,7 @@ def nbits_layers(view: GraphView) -> list[onnx.NodeProto]:
 
 def subgraph_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Weighted nodes inside If branches and Loop/Scan bodies (any depth) whose weight is a constant or
-    a DequantizeLinear of one in their own graph."""
+    a DequantizeLinear of one in their own graph, and the MatMulNBits there (nbits_layers)."""
     found = []
     for node in all_nodes(model.graph):
         for attr in node.attribute:
@@ -162,7 +162,8 @@ def subgraph_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
                 wrapper = onnx.ModelProto()
                 wrapper.graph.CopyFrom(sub)
                 wrapper.opset_import.extend(model.opset_import)
-                found += GraphView(wrapper).layers
+                view = GraphView(wrapper)
+                found += list(view.layers) + nbits_layers(view)
     return found
 
 

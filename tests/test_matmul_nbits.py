@@ -152,6 +152,11 @@ def test_a_weight_in_an_if_branch_is_written_in_that_branch(tmp_path):
     got = session(out, ["CPUExecutionProvider"]).run(None, {"c": np.array(True), "x": x,
                                                              "z": np.zeros((4, N), np.float32)})[0]
     np.testing.assert_allclose(got, np.maximum(x @ qw.dequantize(), 0), rtol=1e-4, atol=1e-4)
+    from onnxflex.check import check, format_report
+
+    report = check(out)
+    layers = {layer.node: (layer.op_type, layer.kernel, layer.integer) for layer in report.layers}
+    assert layers.get("mm") == ("MatMulNBits", "MatMulNBits", True), format_report(report)
 
 
 def relu_mlp(layers: int = 3, width: int = 64) -> onnx.ModelProto:
