@@ -63,18 +63,16 @@ def matmul_nbits(matmul: onnx.NodeProto, qw: QuantizedWeight, names: list[str]) 
     """(the MatMulNBits that computes ``matmul`` with its B quantized as ``qw``, under the MatMul's name
     and output; its initializers B, scales and, for an asymmetric ``qw``, zero_points, named from
     ``names`` in that order) in the module docstring's layout. ``qw`` is one ``nbits_reader`` takes."""
-    ints = qw.ints.astype(np.int16)
-    if not qw.asymmetric:
-        ints += 8
+    ints = qw.ints if qw.asymmetric else (qw.ints + np.int8(8)).view(np.uint8)  # [-8, 7] -> [0, 15]
     k, n = ints.shape
     block = qw.block_size
     blocks = -(-k // block)  # a short last group is padded (the kernel reads K values of each column)
-    padded = np.zeros((n, blocks * block), np.int16)
+    padded = np.zeros((n, blocks * block), np.uint8)
     padded[:, :k] = ints.T
     tensors = [numpy_helper.from_array(_pack_pairs(padded.reshape(n, blocks, block)), names[0]),
                numpy_helper.from_array(qw.scale.astype(np.float32).T.reshape(-1), names[1])]
     if qw.asymmetric:
-        zero = np.zeros((n, blocks + blocks % 2), np.int16)
+        zero = np.zeros((n, blocks + blocks % 2), np.uint8)
         zero[:, :blocks] = qw.zero_point.T
         tensors.append(numpy_helper.from_array(_pack_pairs(zero).reshape(-1), names[2]))
     node = helper.make_node("MatMulNBits", [matmul.input[0], *(t.name for t in tensors)], list(matmul.output),
@@ -84,6 +82,5 @@ def matmul_nbits(matmul: onnx.NodeProto, qw: QuantizedWeight, names: list[str]) 
 
 
 def _pack_pairs(values: np.ndarray) -> np.ndarray:
-    """uint8 of half the last axis: values 2i in the low nibble, 2i + 1 in the high one (each in [0, 15])."""
-    v = values.astype(np.uint8)
-    return v[..., 0::2] | (v[..., 1::2] << 4)
+    """uint8 of half the last axis: values 2i in the low nibble, 2i + 1 in the high one (uint8, each in [0, 15])."""
+    return values[..., 0::2] | (values[..., 1::2] << 4)
