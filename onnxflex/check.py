@@ -83,7 +83,7 @@ def check(model: str | os.PathLike | onnx.ModelProto, target: str = "onnxruntime
     failed = {f.node for f in findings if f.fallback or f.rule == LATENCY_FLOAT}  # float either way
     inner = subgraph_layers(proto)
     layers = tuple(LayerStatus(n.name, n.op_type, n.name not in failed, result.kernels.get(n.name, ""))
-                   for n in list(view.layers) + recurrent_nodes(view, spec) + inner)
+                   for n in list(view.layers) + nbits_layers(view) + recurrent_nodes(view, spec) + inner)
     if inner:
         result = RuntimeResult(result.findings, result.kernels, result.ops, result.not_verified + (
             f"the static rules cover top-level layers; the {len(inner)} layer(s) inside If/Loop/Scan subgraphs "
@@ -131,7 +131,8 @@ def onnxruntime_kernels(model: onnx.ModelProto, view: GraphView) -> RuntimeResul
         optimized = all_nodes(onnx.load(path).graph)  # subgraph kernels too: If branches, Loop/Scan bodies
     counts = dict(sorted(collections.Counter(n.op_type for n in optimized).items()))
     kernels, findings = {}, []
-    for layer in list(view.layers) + recurrent_nodes(view, get_target("onnxruntime")) + subgraph_layers(model):
+    for layer in (list(view.layers) + nbits_layers(view) + recurrent_nodes(view, get_target("onnxruntime"))
+                  + subgraph_layers(model)):
         match = [n for n in optimized if n.name == layer.name or n.name.startswith(layer.name + "_token_")]
         if not match:
             continue
@@ -143,9 +144,17 @@ def onnxruntime_kernels(model: onnx.ModelProto, view: GraphView) -> RuntimeResul
                          ("onnxruntime's CPU execution provider only; other providers fuse differently",))
 
 
+def nbits_layers(view: GraphView) -> list[onnx.NodeProto]:
+    """The com.microsoft MatMulNBits of the top-level graph whose packed weight is a constant: the
+    weight-only layers onnxflex writes in that form (emit/nbits.py). They are integer by construction,
+    so the Q/DQ rules do not apply to them; the runtime check reads their kernel like any layer's."""
+    return [n for n in view.nodes if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"
+            and len(n.input) > 1 and n.input[1] in view.inits]
+
+
 def subgraph_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Weighted nodes inside If branches and Loop/Scan bodies (any depth) whose weight is a constant or
-    a DequantizeLinear of one in their own graph."""
+    a DequantizeLinear of one in their own graph, and the MatMulNBits there (nbits_layers)."""
     found = []
     for node in all_nodes(model.graph):
         for attr in node.attribute:
@@ -153,7 +162,8 @@ def subgraph_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
                 wrapper = onnx.ModelProto()
                 wrapper.graph.CopyFrom(sub)
                 wrapper.opset_import.extend(model.opset_import)
-                found += GraphView(wrapper).layers
+                view = GraphView(wrapper)
+                found += list(view.layers) + nbits_layers(view)
     return found
 
 

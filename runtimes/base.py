@@ -44,8 +44,9 @@ class Target:
         runtime's Softmax along such an axis pays a general strided transpose (onnxruntime CPU).
     shared_concat_scales: every quantized input of a Concat must use one step (the runtime concatenates
         integers in place).
-    matmul_nbits: a blocked 4-bit weight read by a MatMul that the runtime would not fuse with it (one
-        whose output goes to a Relu or Clip) is written as com.microsoft MatMulNBits (emit/nbits.py).
+    matmul_nbits: a blocked 4-bit weight read only by a MatMul with a float A is written, with that
+        MatMul, as one com.microsoft MatMulNBits with the accuracy level its shape runs fastest at
+        (emit/nbits.py), not left to a fusion at the session's one level.
 
     Versions and checking:
     min_opset / max_opset: default-domain opsets the emitted model may use (per-channel

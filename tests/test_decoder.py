@@ -194,6 +194,17 @@ def quantized_g128():
             for method in ("rtn", "flexround", "signround")}
 
 
+def weight_dims(model: onnx.ModelProto, row: dict) -> tuple[int, int]:
+    """(K, N) of a report row's weight in ``model``: from the MatMulNBits onnxflex wrote for its node, or
+    from its blocked DequantizeLinear's integers."""
+    node = next((n for n in model.graph.node if n.name == row["node"] and n.op_type == "MatMulNBits"), None)
+    if node is not None:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        return attrs["K"], attrs["N"]
+    ints = next(t for t in model.graph.initializer if t.name == row["weight"] + "_quantized")
+    return ints.dims[0], ints.dims[1]
+
+
 def check_g128(result, fp32_logits: np.ndarray, logits: np.ndarray, rtn_logits: np.ndarray, layers: int) -> None:
     """A W4 g128 result (decoder or builder form): every layer in groups of 128 (K = 64: one short group,
     K = 192: two), the lm_head at 8 bits, all of them MatMulNBits block_size 128 (the head bits=8), the
@@ -203,10 +214,9 @@ def check_g128(result, fp32_logits: np.ndarray, logits: np.ndarray, rtn_logits: 
     assert {r["group_size"] for r in rows} == {128}, {r["node"]: r["group_size"] for r in rows}
     steps = {r["node"]: r["channels"] for r in rows}
     model = result.model
-    inits = {t.name: t for t in model.graph.initializer}
     for r in rows:
-        k = inits[r["weight"] + "_quantized"].dims[0]
-        assert steps[r["node"]] == -(-k // 128) * inits[r["weight"] + "_quantized"].dims[1], (r["node"], k)
+        k, n = weight_dims(model, r)
+        assert steps[r["node"]] == -(-k // 128) * n, (r["node"], k)
     assert nbits_kernels(model) == {("layer", 4, 128): layers, ("lm_head", 8, 128): 1}, nbits_kernels(model)
     assert result.report["heads"][0]["bits"] == 8
     sim = result.report["verification"]["onnxruntime_vs_simulation_sqnr_db"]

@@ -83,9 +83,11 @@ def test_quantize_method_hqq_weight_only_lm_runs_in_onnxruntime(tmp_path):
     sqnr = 10 * np.log10(np.sum(fp.astype(np.float64) ** 2) / np.sum((fp - q).astype(np.float64) ** 2))
     print(f"\nhqq W4 g32 LM logits in onnxruntime: SQNR vs FP32 {sqnr:.1f} dB", file=sys.stderr)
     assert sqnr >= 20.0, f"hqq W4 g32: onnxruntime logits SQNR vs FP32 {sqnr:.1f} dB < 20 dB"
-    emitted = {t.name: t for t in onnx.load(str(out)).graph.initializer}
-    # weight-only W4 on onnxruntime is asymmetric by default: UINT4 weights, each with UINT4 zero points; the
-    # head (8 bits by default, head_bits) uint8 ones
-    assert sum(t.data_type == onnx.TensorProto.UINT4 for t in emitted.values()) == 48, "24 UINT4 MatMul weights + zps"
+    written = onnx.load(str(out))
+    emitted = {t.name: t for t in written.graph.initializer}
+    # weight-only W4 on onnxruntime is asymmetric by default: the 24 4-bit layers are MatMulNBits with zero
+    # points; the head (8 bits by default, head_bits) a uint8 weight with uint8 zero points
+    nbits = [n for n in written.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 24 and all(len(n.input) == 4 and n.input[3] for n in nbits), "24 4-bit layers with zps"
     assert sum(t.data_type == onnx.TensorProto.UINT8 and t.name.startswith("onnx::MatMul_645_")
                for t in emitted.values()) == 2, "the head's (/head/MatMul) uint8 weight and zero points"

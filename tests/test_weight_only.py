@@ -157,7 +157,8 @@ def test_lm_weight_only_graph_and_bytes(weight_only_lm):
     q_bytes = 0
     weighted = [n for n in g.node if n.op_type == "MatMul" and n.input[1] in producer
                 and producer[n.input[1]].op_type == "DequantizeLinear" and producer[n.input[1]].input[0] in inits]
-    assert len(weighted) == len(fp_matmul) == LM_MATMULS
+    written = [n for n in g.node if n.op_type == "MatMulNBits"]  # the 4-bit layers onnxflex writes itself
+    assert len(weighted) + len(written) == len(fp_matmul) == LM_MATMULS
     for node in weighted:
         dq = producer[node.input[1]]
         attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
@@ -176,6 +177,16 @@ def test_lm_weight_only_graph_and_bytes(weight_only_lm):
             ints = unpack_int4(np.frombuffer(w.raw_data, np.uint8), k * n, signed=False)
             assert ints.max() <= 7, f"{node.name}: W3 integers in [{ints.min()}, {ints.max()}]"
         q_bytes += len(w.raw_data) + numpy_helper.to_array(s).nbytes + len(z.raw_data)
+    for node in written:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert node.name != LM_HEAD and attrs["bits"] == 4 and attrs["block_size"] == GROUP, (node.name, attrs)
+        assert len(node.input) == 4, f"{node.name}: zero points expected (weight_grid auto: asymmetric at W3)"
+        b, s, z = (inits[name] for name in node.input[1:])
+        k, n = attrs["K"], attrs["N"]
+        assert list(b.dims) == [n, k // GROUP, GROUP // 2] and list(s.dims) == [n * k // GROUP], (node.name, b.dims)
+        ints = unpack_int4(numpy_helper.to_array(b).reshape(-1), k * n, signed=False)
+        assert ints.max() <= 7, f"{node.name}: W3 integers in [{ints.min()}, {ints.max()}]"
+        q_bytes += numpy_helper.to_array(b).nbytes + numpy_helper.to_array(s).nbytes + numpy_helper.to_array(z).nbytes
     ratio = fp_bytes / q_bytes
     print(f"\nMatMul weight bytes: FP32 {fp_bytes}, UINT4 + scales + zero points {q_bytes} ({ratio:.2f}x smaller)",
           file=sys.stderr)

@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxflex.emit.concat import quantize_concat_inputs
-from onnxflex.emit.nbits import write_unfused
+from onnxflex.emit.nbits import matmul_nbits, nbits_reader
 from onnxflex.emit.pack import int4_initializer
 from onnxflex.emit.silu import SILU_DOMAIN, fuse_silus
 from onnxflex.emit.softmax import SOFTMAX_OPSET, softmax_before_transpose
@@ -29,7 +29,7 @@ from onnxflex.runtimes.base import Target
 
 Stage = Callable[[onnx.ModelProto, QuantParams, Target], onnx.ModelProto]
 STAGES: Registry[Stage] = Registry("emitter stage")
-ORDER = ("recurrent", "weights", "biases", "activations", "concat", "silu", "softmax", "nbits", "versions")
+ORDER = ("recurrent", "weights", "biases", "activations", "concat", "silu", "softmax", "versions")
 NP_OF = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 
 
@@ -77,9 +77,7 @@ def _replace_initializer_uses(g: onnx.GraphProto, old: str, new: str) -> None:
                 node.input[i] = new
         for _, sub in subgraphs(node):
             rename_outer_reads(sub, old, new)
-    inits = g.initializer
-    for i in reversed([i for i, t in enumerate(inits) if t.name == old]):
-        del inits[i]  # in place: rebuilding the list would copy every weight of the model
+    _drop_initializer(g, old)
 
 
 def _blocked_dq_node(g: onnx.GraphProto, scope, base: str, qw: QuantizedWeight) -> str:
@@ -176,12 +174,21 @@ def quantize_weights(model, params, target):
     """Each quantized weight becomes int8 integers + per-channel DequantizeLinear (symmetric, zp 0), or,
     when it has a block size, INT4 integers + blocked DequantizeLinear (the versions stage then raises
     the opset to 21), in the graph (top level or subgraph) whose initializer it is. Asymmetric weights
-    are uint8 / UINT4 with their zero points."""
+    are uint8 / UINT4 with their zero points. On targets with ``matmul_nbits``, a blocked 4-bit weight
+    that only a MatMul with a float A reads becomes, with that MatMul, one com.microsoft MatMulNBits
+    under the MatMul's name (emit/nbits.py), written from the integers directly."""
     scope = NameScope.of(model)
+    quantized = set(params.acts) | set(params.weights)
+    nbits = 0
     for g in all_graphs(model.graph):
-        own = {t.name for t in g.initializer}
-        for name, qw in params.weights.items():
-            if name not in own:
+        inits = {t.name for t in g.initializer}
+        own = [(name, qw) for name, qw in params.weights.items() if name in inits]
+        fused = _nbits_readers(g, own, quantized) if target.matmul_nbits else {}  # before any node changes
+        for name, qw in own:
+            if name in fused:
+                _write_nbits(g, scope, fused[name], qw)
+                _drop_initializer(g, name)
+                nbits += 1
                 continue
             if qw.block_size:
                 out = _blocked_dq_node(g, scope, name, qw)
@@ -190,7 +197,43 @@ def quantize_weights(model, params, target):
                 out = _dq_node(g, scope, name, qw.ints.astype(dtype), qw.scale.astype(np.float32),
                                qw.zero_point.astype(dtype), qw.axis)
             _replace_initializer_uses(g, name, out)
+    if nbits:
+        _import_domain(model, "com.microsoft")
     return _sorted(model)
+
+
+def _nbits_readers(g: onnx.GraphProto, own: list[tuple[str, QuantizedWeight]],
+                   quantized: set[str]) -> dict[str, onnx.NodeProto]:
+    """Weight name → the MatMul of ``g`` that becomes a MatMulNBits with it (emit/nbits.nbits_reader), for
+    the weights ``own`` of ``g``; ``quantized``: the tensors that get a DequantizeLinear (act points and
+    weights), to which the outputs of ``g``'s DequantizeLinear nodes are added."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in set(reads(node)):  # a node's subgraphs' reads of outer tensors count as its own
+            readers.setdefault(name, []).append(node)
+    quantized = quantized | {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    outputs = {o.name for o in g.output}
+    found = {name: nbits_reader(name, qw, readers.get(name, []), quantized) for name, qw in own
+             if name not in outputs}
+    return {name: matmul for name, matmul in found.items() if matmul is not None}
+
+
+def _write_nbits(g: onnx.GraphProto, scope, matmul: onnx.NodeProto, qw: QuantizedWeight) -> None:
+    """Mutates ``g``: ``matmul`` (one of its nodes) becomes the MatMulNBits of its B quantized as ``qw``,
+    in place (the node order stays), and that node's initializers are added."""
+    base = matmul.name or matmul.output[0]
+    parts = ("B", "scales", "zero_points") if qw.asymmetric else ("B", "scales")
+    names = [scope.unique_name(f"{base}_nbits_{s}") for s in parts]
+    node, tensors = matmul_nbits(matmul, qw, names)
+    g.initializer.extend(tensors)
+    matmul.CopyFrom(node)
+
+
+def _drop_initializer(g: onnx.GraphProto, name: str) -> None:
+    """Removes ``g``'s initializer ``name``, in place: rebuilding the list would copy every weight of the model."""
+    inits = g.initializer
+    for i in reversed([i for i, t in enumerate(inits) if t.name == name]):
+        del inits[i]
 
 
 @STAGES.register("biases")
@@ -280,15 +323,6 @@ def move_softmaxes(model, params, target):
     if target.softmax_before_transpose and default_opset(model) >= SOFTMAX_OPSET:
         for g in all_graphs(model.graph):
             softmax_before_transpose(g)
-    return model
-
-
-@STAGES.register("nbits")
-def write_matmul_nbits(model, params, target):
-    """On targets with ``matmul_nbits``, the blocked weights of MatMuls the runtime would not fuse
-    become com.microsoft MatMulNBits (emit/nbits.py), in every graph."""
-    if target.matmul_nbits and sum(write_unfused(g) for g in all_graphs(model.graph)):
-        _import_domain(model, "com.microsoft")
     return model
 
 
