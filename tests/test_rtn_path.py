@@ -51,16 +51,23 @@ def images(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def q_rows(monkeypatch, run: Run = Run.Q) -> list[int]:
-    """Spies on TensorCache.write: the rows of every entry of ``run`` allocated from then on."""
+    """Spies on TensorCache.write and hold: the rows of every entry of ``run`` made from then on."""
     rows: list[int] = []
-    write = TensorCache.write
+    write, hold = TensorCache.write, TensorCache.hold
 
     def spy(self, key, start, values, total=None):
         if key.run is run and start == 0 and not self.layout.shared(key.tensor):
             rows.append(self.num_samples if total is None else total)
         return write(self, key, start, values, total)
 
+    def held(self, key, array):
+        kept = hold(self, key, array)
+        if kept and key.run is run:
+            rows.append(len(array))
+        return kept
+
     monkeypatch.setattr(TensorCache, "write", spy)
+    monkeypatch.setattr(TensorCache, "hold", held)
     return rows
 
 
