@@ -28,7 +28,7 @@ import onnx
 from onnxflex.blocks import BlockPlan
 from onnxflex.cache import TensorCache
 from onnxflex.config import QuantConfig
-from onnxflex.device import resolve_device
+from onnxflex.device import resolve_device, sleeping_waits
 from onnxflex.graph import load_model
 from onnxflex.options import Resolved, resolve
 from onnxflex.planning import build_plan, plan
@@ -77,6 +77,7 @@ class PipelineResult:
 
 def run_pipeline(model: Any, calibration: Any, config: QuantConfig, progress: Progress) -> PipelineResult:
     """Quantize ``model`` (path or ModelProto) with ``calibration`` (any source onnxflex.sources takes)."""
+    sleeping_waits()
     import torch
 
     original = load_model(model)
