@@ -268,16 +268,30 @@ def known_shapes(plan, feed: dict[str, np.ndarray], batch: int, cache=None) -> d
     shapes = static_shapes(plan.model, feed)
     if cache is None:
         return shapes
-    nodes = {n.name: n for n in plan.model.graph.node}
-    for block in plan.blocks:
-        wanted = [_shape_tensor(nodes[layer.node]) for layer in block.layers if not layer.owner and layer.node in nodes]
-        if all(name in shapes for name in wanted):
-            continue
+    for block in _unknown_blocks(plan, shapes):
         layout = cache.layout
         feeds = {name: layout.to_model(name, np.asarray(value if layout.shared(name) else value[:batch]))
                  for name, value in cache.fp_inputs(block).items()}
         shapes = {**block_shapes(plan.model, block.nodes, feeds), **shapes}
     return shapes
+
+
+def _unknown_blocks(plan, shapes: dict) -> list:
+    """The blocks of ``plan`` with a layer whose shape (``_shape_tensor``) ``shapes`` leaves unknown."""
+    nodes = {n.name: n for n in plan.model.graph.node}
+    return [block for block in plan.blocks
+            if any(_shape_tensor(nodes[layer.node]) not in shapes for layer in block.layers
+                   if not layer.owner and layer.node in nodes)]
+
+
+def needs_captured_shapes(plan, data) -> bool:
+    """Whether block_costs on the samples ``data`` reads captured tensors (known_shapes: a layer whose
+    shape the whole-model inference leaves unknown); without, the budget can be planned before capture."""
+    from onnxflex.calib import fixed_batch
+    from onnxflex.graph import static_shapes
+
+    feed = data.feeds(0, fixed_batch(plan.model) or 1)
+    return bool(_unknown_blocks(plan, static_shapes(plan.model, feed)))
 
 
 def _shape_tensor(node: onnx.NodeProto) -> str:
@@ -371,5 +385,5 @@ def measure_rate(device: str = "cpu", seconds: float = RATE_SECONDS) -> float:
 
 
 __all__ = ["ACT_STEP_FLOPS", "BlockCost", "BlockSteps", "FWD_BWD", "MIN_STEPS", "STEP_FIXED_FLOPS", "StepBudget", "WEIGHT_STEP_FLOPS",
-           "block_activations", "block_costs", "full_schedule_flops", "known_shapes", "layer_flops", "measure_rate", "plan_budget", "rtn_error", "split",
+           "block_activations", "block_costs", "full_schedule_flops", "known_shapes", "layer_flops", "measure_rate", "needs_captured_shapes", "plan_budget", "rtn_error", "split",
            "step_cost", "weight_values"]

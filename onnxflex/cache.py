@@ -84,6 +84,19 @@ class TensorCache:
             self._allocate(key, (self.num_samples if total is None else total,) + rows.shape[1:], rows.dtype)
         self._arrays[key][start:start + len(rows)] = rows
 
+    def hold(self, key: Key, array: np.ndarray) -> bool:
+        """Mutates: keeps ``array`` itself (samples on dim 0; not copied: nothing writes into it) as the
+        entry of ``key`` when the RAM bound allows its bytes, which then count as held; returns whether
+        it did (else the caller writes the entry, which may spill)."""
+        if self.ram_bytes + array.nbytes > self.max_bytes:
+            return False
+        old = self._arrays.get(key)
+        if isinstance(old, DiskArray):
+            old.close()
+        self._arrays[key] = array
+        self.ram_bytes += array.nbytes
+        return True
+
     def fp_inputs(self, block: Block) -> dict[str, np.ndarray | DiskArray]:
         """The block's inputs as the float model computes them, by tensor name."""
         return {name: self[Key.fp(name)] for name in block.inputs}

@@ -41,18 +41,26 @@ def capture(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, ca
     layout = tensor_layout(sess, names, data, fixed, folded_as_shared={n for n in names if n not in stored})
     cache.record(Layout({k: v for k, v in layout.axes.items() if k in stored}), data.num_samples)
     n, start = data.num_samples, 0
+    # a graph input's value is its feed: onnxruntime is not asked to copy it out, and one that carries
+    # its samples on dim 0 is kept as the calibration array itself (no fresh memory written)
+    fed = {probes[o] for o in names} & set(data.arrays)
+    fetched = [o for o in names if probes[o] not in fed]
+    held = {name for name in fed & stored if layout.axis(name) == 0 and not layout.shared(name)
+            and cache.hold(Key.fp(name), data.arrays[name][:n if rows is None else rows.get(name, n)])}
     for feeds in data.batches(fixed or batch):
-        values = {probes[out_name]: value for out_name, value in zip(names, sess.run(names, feeds))}
+        outputs = sess.run(fetched, feeds) if fetched else []  # no names would fetch every output
+        values = {probes[out_name]: value for out_name, value in zip(fetched, outputs)}
+        values.update({name: feeds[name] for name in fed})
         if observers is not None:
             observers.observe(values, layout, n)
-        for name in tensors:
+        for name in (t for t in tensors if t not in held):
             limit = n if rows is None else rows.get(name, n)
             value = layout.to_samples(name, values[name])
             if layout.shared(name) or limit == n:
                 cache.write(Key.fp(name), start, value)
             elif start < limit:
                 cache.write(Key.fp(name), start, value[:limit - start], total=limit)
-        del values
+        del values, outputs
         start += min(fixed or batch, n - start)
         if progress is not None:
             progress(start, n)

@@ -18,6 +18,19 @@ log = logging.getLogger("onnxflex")
 VALUES_PER_THREAD = 1 << 18
 
 
+def sleeping_waits() -> None:
+    """Before torch's first import in the process: its OpenMP threads sleep while they wait for work
+    (OMP_WAIT_POLICY PASSIVE) instead of spinning, unless the caller set the policy. On a machine whose
+    cores other processes hold, a spinning thread burns the time slice its partner needs: ddddocr_det
+    --preset fast at load 4 on 2 cores took 27 s in the block loop (its 8-sample head block 8.9 s),
+    8.6 s (1.35 s) sleeping; results are the same either way. Once torch is imported the policy is
+    fixed (OpenMP reads it when it loads), so this then does nothing."""
+    import sys
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 @dataclass(frozen=True)
 class Device:
     torch_device: str

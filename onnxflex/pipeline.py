@@ -4,8 +4,10 @@
     hold out     stages.hold_out       → Samples      reconstruction / verification split, checks
     refine       refiners.refine       → Refined      latency placement, LayerNorm folding, mixed
                                                       precision: (plan, data) → plan, in REFINERS' order
-    capture      stages.capture_fp32   → Captured     FP32 block boundaries into the cache, FP32 outputs
-    step budget  stages.step_budget    → StepBudget   steps per block (budget.py), None when off
+    step budget  stages.step_budget    → StepBudget   steps per block (budget.py), None when off; after
+                                                      capture when a layer's shape needs captured tensors
+    capture      stages.capture_fp32   → Captured     FP32 block boundaries into the cache (the rows the
+                                                      blocks read), FP32 outputs
     reconstruct  stages.reconstruct_blocks → Reconstructed  the block loop, exported parameters
     emit         stages.emit_model     → Emitted      the QDQ model
     verify       stages.verify_model   → Verified     onnxruntime against the simulation and FP32;
@@ -26,15 +28,16 @@ import onnx
 from onnxflex.blocks import BlockPlan
 from onnxflex.cache import TensorCache
 from onnxflex.config import QuantConfig
-from onnxflex.device import resolve_device
+from onnxflex.device import resolve_device, sleeping_waits
 from onnxflex.graph import load_model
 from onnxflex.options import Resolved, resolve
 from onnxflex.planning import build_plan, plan
 from onnxflex.progress import Progress
 from onnxflex.refiners import RefineContext, Refined, refine
 from onnxflex.sources import resolve_calibration
-from onnxflex.stages import (Captured, Emitted, Reconstructed, Samples, Verified, admit, capture_fp32, emit_model,
-                             hold_out, open_checkpoint, reconstruct_blocks, step_budget, verify_model)
+from onnxflex.stages import (Captured, Emitted, Reconstructed, Samples, Verified, admit, budget_before_capture,
+                             capture_fp32, emit_model, hold_out, learners_of, open_checkpoint, reconstruct_blocks,
+                             step_budget, verify_model)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class PipelineResult:
 
 def run_pipeline(model: Any, calibration: Any, config: QuantConfig, progress: Progress) -> PipelineResult:
     """Quantize ``model`` (path or ModelProto) with ``calibration`` (any source onnxflex.sources takes)."""
+    sleeping_waits()
     import torch
 
     original = load_model(model)
@@ -89,9 +93,13 @@ def run_pipeline(model: Any, calibration: Any, config: QuantConfig, progress: Pr
                      RefineContext(original, planned.pass_warnings, device.providers, progress))
     checkpoint = open_checkpoint(refined, samples)
     prepared = round(time.perf_counter() - t, 3)
+    early = budget_before_capture(refined, samples)
+    budget = step_budget(refined, samples, device) if early else None
     with closing(TensorCache(refined.config.capture.max_cache_mb << 20)) as cache:
-        captured = capture_fp32(original, refined, samples, cache, device, progress)
-        budget = step_budget(refined, samples, device, cache)
+        captured = capture_fp32(original, refined, samples, cache, device, progress,
+                                learners_of(refined, budget) if early else None)
+        if not early:  # a layer's shape comes from captured tensors
+            budget = step_budget(refined, samples, device, cache)
         reconstructed = reconstruct_blocks(refined, cache, checkpoint, device, progress, budget, captured.observers)
     emitted = emit_model(refined, reconstructed)
     verified = verify_model(emitted, refined, reconstructed, captured, samples, device, original)

@@ -130,14 +130,14 @@ def budget_lines(section: dict) -> list[str]:
 
 def loss_sample_lines(report: dict) -> list[str]:
     """The summary's line saying that block losses are on fewer samples than reconstruction has (the
-    blocks after the last one that learns, all of them for a method that learns nothing:
+    blocks that do not learn, all of them for a method that learns nothing:
     rounding/reconstruct.UNLEARNED_LOSS_SAMPLES); none when on all."""
     total = report["calibration"]["reconstruction_samples"]
     counts = {b["loss_samples"] for b in report["blocks"] if 0 < b.get("loss_samples", 0) < total}
     if not counts:
         return []
     return [f"block losses on {', '.join(map(str, sorted(counts)))} of the {total} calibration samples "
-            "(no block after them learns; their losses are only reported)"]
+            "(blocks that do not learn; their losses are only reported)"]
 
 
 def latency_lines(section: dict) -> list[str]:

@@ -128,10 +128,11 @@ class Captured:
 
 
 def capture_fp32(original: onnx.ModelProto, refined: Refined, samples: Samples, cache: TensorCache,
-                 device: Device, progress: Progress) -> Captured:
+                 device: Device, progress: Progress, learners: set[int] | None = None) -> Captured:
     """Runs the refined plan's model over the reconstruction samples with every block boundary probed
-    (into ``cache``, which this mutates), the act points of the blocks it can observe probed too (their
-    ranges: rounding/actcapture.py), then the FP32 model over the held-out ones."""
+    (into ``cache``, which this mutates; of each tensor the rows some block reads, ``learners`` the
+    blocks that learn: ``learners_of``, None: any may), the act points of the blocks it can observe
+    probed too (their ranges: rounding/actcapture.py), then the FP32 model over the held-out ones."""
     t = time.perf_counter()
     boundary = boundary_tensors(refined.plan)
     recon = samples.recon
@@ -143,7 +144,7 @@ def capture_fp32(original: onnx.ModelProto, refined: Refined, samples: Samples, 
     if observers is not None:
         observers = act_observers(refined, recon, batch)
     capture(refined.plan.model, boundary, recon, cache, device.providers, batch=batch, progress=progress.update,
-            observers=observers, rows=stored_rows(refined, recon, observers))
+            observers=observers, rows=stored_rows(refined, recon, observers, learners))
     layout = cache.layout
     progress.finish(f"captured {len(boundary)} tensors over {recon.num_samples} samples"
                     + (" (spilled to disk)" if cache.spilled else ""))
@@ -153,14 +154,32 @@ def capture_fp32(original: onnx.ModelProto, refined: Refined, samples: Samples, 
     return Captured(layout, reference, seconds, _lap(t), observers)
 
 
-def stored_rows(refined: Refined, recon: CalibrationSet, observers) -> dict[str, int]:
-    """rounding/actcapture.stored_rows for this run: fewer FP rows where no block learns."""
+def stored_rows(refined: Refined, recon: CalibrationSet, observers, learners: set[int] | None) -> dict[str, int]:
+    """rounding/actcapture.stored_rows for this run: fewer FP rows of what only blocks that do not learn
+    read."""
     from onnxflex.rounding.actcapture import stored_rows
-    from onnxflex.rounding.methods import reconstructs
 
     rounding = refined.config.rounding
-    learns = reconstructs(rounding.method) and rounding.iters > 0
-    return stored_rows(refined.plan, observers, recon.num_samples, learns, fixed_batch(refined.plan.model))
+    return stored_rows(refined.plan, observers, recon.num_samples, learners, fixed_batch(refined.plan.model),
+                       rounding.block_input == "fp")
+
+
+def learners_of(refined: Refined, budget) -> set[int]:
+    """The blocks that learn under ``budget`` (budget.StepBudget; None: every block ``config.iters``):
+    reconstruct.learning_blocks."""
+    from onnxflex.rounding.reconstruct import learning_blocks
+
+    return set(learning_blocks(refined.plan, refined.config.rounding, budget))
+
+
+def budget_before_capture(refined: Refined, samples: Samples) -> bool:
+    """Whether the step budget can be planned before capture: the method learns nothing (no budget), or
+    no layer's shape needs captured tensors (budget.needs_captured_shapes). Capture then knows which
+    blocks learn and stores fewer rows of what only the others read."""
+    from onnxflex.budget import needs_captured_shapes
+    from onnxflex.rounding.methods import reconstructs
+
+    return not reconstructs(refined.config.rounding.method) or not needs_captured_shapes(refined.plan, samples.recon)
 
 
 def act_observers(refined: Refined, recon: CalibrationSet, batch: int = 1):
@@ -369,6 +388,7 @@ def _lap(t0: float) -> float:
     return round(time.perf_counter() - t0, 3)
 
 
-__all__ = ["Captured", "Emitted", "Reconstructed", "Samples", "Verified", "admit", "capture_fp32",
-           "emit_model", "hold_out", "open_checkpoint", "reconstruct_blocks", "split_calibration",
+__all__ = ["Captured", "Emitted", "Reconstructed", "Samples", "Verified", "admit", "budget_before_capture",
+           "capture_fp32", "emit_model", "hold_out", "learners_of", "open_checkpoint", "reconstruct_blocks",
+           "split_calibration",
            "step_budget", "verify_model"]

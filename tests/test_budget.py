@@ -276,6 +276,18 @@ def test_the_budget_reads_a_layers_shape_from_its_blocks_captured_inputs(tmp_pat
     assert report["step_budget"]["weight_step_flops"] == WEIGHT_STEP_FLOPS
 
 
+def test_only_a_shape_that_needs_captured_tensors_plans_the_budget_after_capture():
+    """needs_captured_shapes: the Gemm after a data-computed Reshape needs its block's captured inputs
+    (the budget is then planned after capture, which stores every row); a Conv's shape does not."""
+    from onnxflex.budget import needs_captured_shapes
+
+    x = np.random.default_rng(3).standard_normal((4, 6, 4)).astype(np.float32)
+    reshaped = build_plan(_reshape_from_shape_model(), resolve(QuantConfig()).plan)
+    assert needs_captured_shapes(reshaped, CalibrationSet({"x": x}, "test"))
+    conv, data = _conv_plan(8)
+    assert not needs_captured_shapes(conv, data)
+
+
 @pytest.mark.parametrize("values, cap", [
     ({}, DEFAULT_STEP_CAP), (dict(iters=50), DEFAULT_STEP_CAP), (dict(step_budget=0), 0.0),
     (dict(step_budget=3), 0.0), (dict(time_budget=2.0), 0.0), (dict(preset="fast"), 0.0), (dict(preset="best"), 0.0)])

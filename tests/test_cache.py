@@ -119,3 +119,42 @@ def test_dead_after_names_each_tensor_at_the_last_block_that_reads_or_writes_it(
               Block("b2", ("n2",), inputs=("b", "skip"), outputs=("y",), layers=()))
     dead = dead_after(BlockPlan(onnx.ModelProto(), blocks))
     assert [sorted(names) for names in dead] == [["x"], ["a"], ["b", "skip", "y"]], dead
+
+
+def test_hold_keeps_the_array_itself_within_the_ram_bound():
+    cache = TensorCache(max_bytes=1000)
+    cache.record(Layout(), 10)
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)  # 160 bytes
+    assert cache.hold(Key.fp("x"), x)
+    assert cache[Key.fp("x")] is x and cache.ram_bytes == x.nbytes
+    big = np.zeros((10, 100), np.float32)  # 4000 bytes: past the bound, the caller writes it instead
+    assert not cache.hold(Key.fp("big"), big) and Key.fp("big") not in cache and cache.ram_bytes == x.nbytes
+    cache.release(["x"])
+    assert cache.ram_bytes == 0
+
+
+def test_capture_keeps_a_graph_input_as_its_calibration_array_and_stores_the_same_values():
+    """A graph input with samples on dim 0 is the calibration array itself, not a copy onnxruntime made;
+    the other boundary tensors are as the run computes them, with or without that shortcut."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onnxflex.calib import CalibrationSet
+    from onnxflex.capture import capture
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    data = CalibrationSet({"x": x}, "test")
+    cache = TensorCache(1 << 20)
+    capture(model, ["x", "r"], data, cache, ["CPUExecutionProvider"], batch=4)
+    assert np.shares_memory(cache[Key.fp("x")], x), "the graph input must be the calibration array, not a copy"
+    assert np.array_equal(cache[Key.fp("x")], x)
+    assert np.array_equal(cache[Key.fp("r")], np.maximum(x, 0))
+    small = TensorCache(x.nbytes - 1)  # x does not fit: written (and spilled) as before
+    capture(model, ["x", "r"], data, small, ["CPUExecutionProvider"], batch=4)
+    assert not isinstance(small[Key.fp("x")], np.ndarray) and np.array_equal(np.asarray(small[Key.fp("x")]), x)
+    small.close()

@@ -51,16 +51,23 @@ def images(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def q_rows(monkeypatch, run: Run = Run.Q) -> list[int]:
-    """Spies on TensorCache.write: the rows of every entry of ``run`` allocated from then on."""
+    """Spies on TensorCache.write and hold: the rows of every entry of ``run`` made from then on."""
     rows: list[int] = []
-    write = TensorCache.write
+    write, hold = TensorCache.write, TensorCache.hold
 
     def spy(self, key, start, values, total=None):
         if key.run is run and start == 0 and not self.layout.shared(key.tensor):
             rows.append(self.num_samples if total is None else total)
         return write(self, key, start, values, total)
 
+    def held(self, key, array):
+        kept = hold(self, key, array)
+        if kept and key.run is run:
+            rows.append(len(array))
+        return kept
+
     monkeypatch.setattr(TensorCache, "write", spy)
+    monkeypatch.setattr(TensorCache, "hold", held)
     return rows
 
 
@@ -119,13 +126,25 @@ def test_the_report_says_the_losses_are_on_8_samples():
 
 
 def test_a_learned_method_runs_the_quantized_path_on_every_sample(monkeypatch):
+    """Every block's quantized path runs on every sample; the block that runs in onnxruntime (Celu, and
+    the If) learns nothing: its loss is on 8 samples, and capture stores 8 FP rows of its output, which
+    only that loss reads. The bytes are those of a run that stores and scores every row."""
     rows = q_rows(monkeypatch)
     fp_rows = q_rows(monkeypatch, Run.FP)
-    report = quantized("flexround", iters=4, batch_size=8).report
+    few = quantized("flexround", iters=4, batch_size=8)
+    report = few.report
     samples = report["calibration"]["reconstruction_samples"]
-    assert set(rows) == {samples} == set(fp_rows), (rows, fp_rows)
-    assert {b["loss_samples"] for b in report["blocks"]} == {samples}, report["blocks"]
-    assert "block losses on" not in summary(report)
+    assert set(rows) == {samples}, rows
+    assert [b["runtime"] for b in report["blocks"]] == ["onnxruntime", "torch"], report["blocks"]
+    assert [b["loss_samples"] for b in report["blocks"]] == [8, samples], report["blocks"]
+    assert sorted(fp_rows) == [8, samples, samples], fp_rows  # x, block0's output (8), y
+    assert f"block losses on 8 of the {samples} calibration samples" in summary(report), summary(report)
+    fp_rows.clear()
+    monkeypatch.setattr(reconstruct, "UNLEARNED_LOSS_SAMPLES", 10 ** 6)
+    every = quantized("flexround", iters=4, batch_size=8)
+    assert set(fp_rows) == {samples}, fp_rows
+    assert {b["loss_samples"] for b in every.report["blocks"]} == {samples}
+    assert few.model.SerializeToString() == every.model.SerializeToString(), "the emitted bytes differ"
 
 
 def test_a_resumed_unlearned_run_writes_the_same_bytes(tmp_path, monkeypatch):
@@ -150,8 +169,8 @@ class _Steps:
 
 def test_blocks_after_the_last_that_learns_run_the_quantized_path_on_8_samples():
     """Under a step budget, the blocks after the last one given steps only report their losses: 8 samples;
-    every block up to it feeds a learner's q: inputs: all of them. A block with no torch converter
-    does not learn."""
+    every block up to it feeds a learner's q: inputs: all of them. A block that does not learn (no steps,
+    or no torch converter) reports its loss on 8 samples wherever it is."""
     from types import SimpleNamespace
 
     from onnxflex.options import resolve
@@ -161,10 +180,13 @@ def test_blocks_after_the_last_that_learns_run_the_quantized_path_on_8_samples()
     plan = SimpleNamespace(model=branchy_model(), blocks=blocks, head_points=())
     cache = TensorCache(1 << 30)
     cache.num_samples = 36
-    for steps, expected in (([5, 0, 3, 0], [36, 36, 36, 8]), ([5, 9, 0, 0], [36, 8, 8, 8]),
-                            ([0, 0, 0, 0], [8, 8, 8, 8]), ([0, 0, 0, 2], [36] * 4)):
+    for steps, path, loss in (([5, 0, 3, 0], [36, 36, 36, 8], [36, 8, 36, 8]),
+                              ([5, 9, 0, 0], [36, 8, 8, 8], [36, 8, 8, 8]),
+                              ([0, 0, 0, 0], [8, 8, 8, 8], [8, 8, 8, 8]),
+                              ([0, 0, 0, 2], [36] * 4, [8, 8, 8, 36])):
         runner = reconstruct.BlockRunner(plan, cache, None, None, config.rounding, None, (), _Steps(steps))
-        assert [runner.loss_samples(i) for i in range(4)] == expected, (steps, expected)
+        assert [runner.path_samples(i) for i in range(4)] == path, (steps, path)
+        assert [runner.loss_samples(i) for i in range(4)] == loss, (steps, loss)
 
 
 def _wide_tail_model() -> onnx.ModelProto:
@@ -180,20 +202,25 @@ def _wide_tail_model() -> onnx.ModelProto:
 
 
 def test_a_budgeted_run_emits_the_bytes_of_an_all_sample_run(monkeypatch):
-    """--preset fast: what the blocks after the last learner store is read by no learning, so running them
-    on every sample emits the same model."""
+    """--preset fast: what the blocks after the last learner store is read by no learning, and the losses
+    of the blocks given no steps are only reported, so running them on every sample, and capturing every
+    FP row of their outputs, emits the same model. The budget is planned before capture, which stores 8
+    FP rows of what only blocks without steps read (block0's output: block1 takes its act ranges from
+    the capture run)."""
     rows = q_rows(monkeypatch)
+    fp_rows = q_rows(monkeypatch, Run.FP)
     config = onnxflex.QuantConfig(method="flexround", preset="fast", step_budget=20, seed=0, latency_rules=False,
                                   granularity="layer")
     few = onnxflex.quantize(_wide_tail_model(), images(), config, progress=False)
     planned = [b["steps"] for b in few.report["step_budget"]["blocks"]]
     samples = few.report["calibration"]["reconstruction_samples"]
-    assert any(planned[:-1]) and not planned[-1], f"the case needs a block after the last learner: {planned}"
-    last = max(i for i, s in enumerate(planned) if s)
-    assert [b["loss_samples"] for b in few.report["blocks"]] == \
-        [samples] * (last + 1) + [8] * (len(planned) - last - 1), (planned, few.report["blocks"])
-    assert 8 in rows
+    assert planned[0] == 0 and planned[1] and not planned[2], f"the case needs an unlearned block first: {planned}"
+    assert [b["loss_samples"] for b in few.report["blocks"]] == [8, samples, 8], (planned, few.report["blocks"])
+    assert sorted(rows) == [8, samples, samples, samples], rows  # q: x, block0 and block1 feed block1 (8: block2)
+    assert sorted(fp_rows) == [8, 8, samples, samples], fp_rows  # x, block0's output (8), block1's, y (8)
+    fp_rows.clear()
     monkeypatch.setattr(reconstruct, "UNLEARNED_LOSS_SAMPLES", 10 ** 6)
     every = onnxflex.quantize(_wide_tail_model(), images(), config, progress=False)
+    assert set(fp_rows) == {samples}, fp_rows
     assert {b["loss_samples"] for b in every.report["blocks"]} == {samples}
     assert few.model.SerializeToString() == every.model.SerializeToString(), "the emitted bytes differ"

@@ -86,18 +86,35 @@ def run_order(block: Block, model: onnx.ModelProto) -> list[str]:
     return inputs + sorted((p for p in block.act_points if p not in block.inputs), key=lambda p: made.get(p, -1))
 
 
-def stored_rows(plan: BlockPlan, observers: CaptureObservers | None, num_samples: int, learns: bool,
-                fixed: int | None) -> dict[str, int]:
-    """Boundary tensor → the FP rows capture stores of it: where no block learns (``learns`` False: rtn,
-    hqq, 0 steps) the quantized path runs on the first reconstruct.UNLEARNED_LOSS_SAMPLES samples (at
-    least one batch of ``fixed``, the model's fixed batch) and reads no more FP rows, except the inputs
-    of a block that calibrates in torch (``observers`` holds none of its ranges), which reads them all.
-    A tensor left out keeps every row."""
+def stored_rows(plan: BlockPlan, observers: CaptureObservers | None, num_samples: int, learners: set[int] | None,
+                fixed: int | None, fp_input: bool = False) -> dict[str, int]:
+    """Boundary tensor → the FP rows capture stores of it, the most any block reads: all of them for the
+    outputs of a block in ``learners`` (the indices of the blocks that learn, reconstruct.learning_blocks;
+    None: not known yet, every block may), for the inputs of a block that calibrates in torch
+    (``observers`` holds none of its ranges) and, with ``fp_input`` (block_input fp), for a learner's
+    inputs. A block that does not learn reports its loss on the first reconstruct.UNLEARNED_LOSS_SAMPLES
+    samples (at least one batch of ``fixed``, the model's fixed batch): that many rows of its outputs.
+    A graph input, and with ``fp_input`` any input, is also what the block's quantized path reads (its
+    path_samples rows: all of them up to the last learner). A block's own act ranges from the capture
+    run leave it only a first-batch probe run on FP inputs. A tensor left out keeps every row."""
     from onnxflex.rounding import reconstruct
 
-    if learns:
+    if learners is None:
         return {}
     few = min(num_samples, max(reconstruct.UNLEARNED_LOSS_SAMPLES, fixed or 1))
-    every = {t for i, b in enumerate(plan.blocks) if observers is None or observers.of(i) is None
-             for t in b.inputs}
-    return {t: few for b in plan.blocks for t in b.inputs + b.outputs if t not in every}
+    last = max(learners, default=-1)
+    made = {t for b in plan.blocks for t in b.outputs}
+    rows: dict[str, int] = {}
+    for index, block in enumerate(plan.blocks):
+        path = num_samples if index <= last else few
+        learns = index in learners
+        in_torch = observers is None or observers.of(index) is None
+        for name in block.outputs:
+            rows[name] = max(rows.get(name, 0), num_samples if learns else few)
+        for name in block.inputs:
+            if in_torch or (fp_input and learns):
+                need = num_samples
+            else:
+                need = path if fp_input or name not in made else few
+            rows[name] = max(rows.get(name, 0), need)
+    return {t: r for t, r in rows.items() if r < num_samples}

@@ -459,25 +459,32 @@ def step_indices(seed: int, n: int, batch: int, steps: int, device: torch.device
 
 
 @torch.no_grad()
-def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: int, samples: int) -> float:
+def store_quantized_outputs(module, data: BlockData, cache: TensorCache, batch: int, samples: int,
+                            scored: int | None = None) -> float:
     """Run the frozen block on the quantized path over the first ``samples`` calibration samples and keep
     its outputs (and quantized graph inputs), batch by batch into the cache as entries of ``samples``
-    rows (it spills to disk beyond its RAM bound). Returns the block loss of those outputs against the
-    FP outputs, as ``evaluate`` computes it."""
+    rows (it spills to disk beyond its RAM bound). Returns the block loss of the first ``scored`` of
+    those outputs (default: all) against the FP outputs, as ``evaluate`` computes it: a block that does
+    not learn reads only that many FP rows (BlockRunner.loss_samples)."""
     n = min(samples, data.num_samples)
+    scored = n if scored is None else min(scored, n)
     total = 0.0
     with fixed_weights(module):
         for start in range(0, n, batch):
             stop = min(start + batch, n)
             inputs = {k: v[start:stop] for k, v in data.q_inputs.items()}
             outputs = dict(data.run(module, inputs))
-            target = {k: v[start:stop] for k, v in data.fp_outputs.items()}
-            total += float(block_loss(outputs, target)) * (stop - start)
+            if start < scored:
+                end = min(stop, scored)
+                target = {k: v[start:end] for k, v in data.fp_outputs.items()}
+                kept = outputs if end == stop else \
+                    {k: v if data.layout.shared(k) else v[:end - start] for k, v in outputs.items()}
+                total += float(block_loss(kept, target)) * (end - start)
             values = dict(outputs)
             values.update({name: module.state.acts[name](inputs[name]) for name in module.input_points})
             for name, value in values.items():
                 cache.write(Key.q(name), start, value.cpu().numpy(), total=n)
-    return total / n
+    return total / scored
 
 
 def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: Target, config: RoundingOptions,
@@ -509,6 +516,15 @@ def reconstruct(plan: BlockPlan, cache: TensorCache, state: QuantState, target: 
 def checkpointed(runner: BlockRunner, checkpoint: Checkpoint | None):
     """The block loop's runner without workers: ``runner``, behind ``checkpoint`` when one is given."""
     yield runner if checkpoint is None else CheckpointedRunner(runner, checkpoint)
+
+
+def learning_blocks(plan: BlockPlan, config: RoundingOptions, budget=None) -> list[int]:
+    """The indices of the blocks that learn: ``config``'s method reconstructs, the block has a torch
+    converter for every node and steps (``budget``'s share, budget.StepBudget; None: ``config.iters``)."""
+    if not reconstructs(config.method):
+        return []
+    return [i for i, b in enumerate(plan.blocks)
+            if (config.iters if budget is None else budget.iters_of(i)) > 0 and not b.unsupported]
 
 
 def dead_after(plan: BlockPlan) -> list[list[str]]:
@@ -546,24 +562,30 @@ class BlockRunner:
         # a model whose weights stay on disk keeps its frozen integers on disk too (spill.file_backed):
         # held in RAM they would grow with the model, a quarter of its float size at one byte each
         self.file_backed = is_offloaded(plan.model) and device.type == "cpu"
-        learned = reconstructs(config.method)
         # a block learns on its inputs' q: rows of every sample; after the last block that learns, the
         # quantized path only reports each block's loss, which needs only a few samples
-        learners = [i for i, b in enumerate(plan.blocks) if learned and self.iters_of(i) > 0 and not b.unsupported]
-        self.last_learner = max(learners, default=-1)
+        self.learners = set(learning_blocks(plan, config, budget))
+        self.last_learner = max(self.learners, default=-1)
         self.head_feeders = head_feeders(plan)
 
     def iters_of(self, index: int) -> int:
         """The steps block ``index`` learns: the budget's share, else ``config.iters``."""
         return self.config.iters if self.budget is None else self.budget.iters_of(index)
 
-    def loss_samples(self, index: int) -> int:
-        """The samples block ``index``'s quantized path runs on (its q: rows, its losses): all of them up
-        to the last block that learns (its inputs are the earlier blocks' q: rows), UNLEARNED_LOSS_SAMPLES
-        after it (a method that learns nothing, or blocks a step budget gives no steps: only their
-        reported losses read them; the emitted weights and steps are the same either way)."""
+    def path_samples(self, index: int) -> int:
+        """The samples block ``index``'s quantized path runs on (its q: rows): all of them up to the last
+        block that learns (its inputs are the earlier blocks' q: rows), UNLEARNED_LOSS_SAMPLES after it
+        (a method that learns nothing, or blocks a step budget gives no steps: only their reported
+        losses read them; the emitted weights and steps are the same either way)."""
         n = self.cache.num_samples
         return n if index <= self.last_learner else min(UNLEARNED_LOSS_SAMPLES, n)
+
+    def loss_samples(self, index: int) -> int:
+        """The samples block ``index``'s reported loss is over: all of them for a block that learns (its
+        loss judges the learning), else UNLEARNED_LOSS_SAMPLES: nothing reads it but the report, and
+        capture then stores that many FP rows of its outputs (actcapture.stored_rows)."""
+        n = self.cache.num_samples
+        return n if index in self.learners else min(UNLEARNED_LOSS_SAMPLES, n)
 
     def run(self, index: int, block: Block, progress: Progress) -> tuple[BlockModule | OrtBlock, BlockResult]:
         """Block ``index`` quantized, learned and frozen; its progress line finished."""
@@ -585,7 +607,7 @@ class BlockRunner:
             before, steps = self.learn(module, data, seed, progress, iters, index in self.head_feeders) \
                 if learns else (None, 0)
             self.freeze(module, block)
-            after = self.store(module, data, self.loss_samples(index))
+            after = self.store(module, data, index)
         trim_freed()  # a block with big weights leaves a fragmented free heap behind (rounding/heap.py)
         if before is None:  # nothing changed the block: the loss before is the loss after
             before = after
@@ -593,9 +615,11 @@ class BlockRunner:
         return module, BlockResult(block.name, before, after, steps, time.perf_counter() - started, runtime,
                                    self.loss_samples(index))
 
-    def store(self, module: BlockModule | OrtBlock, data: BlockData, samples: int) -> float:
-        """store_quantized_outputs over ``samples`` samples; returns the block loss on them."""
-        return store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size), samples)
+    def store(self, module: BlockModule | OrtBlock, data: BlockData, index: int) -> float:
+        """store_quantized_outputs of block ``index`` over its ``path_samples``; returns the block loss on
+        its ``loss_samples``."""
+        return store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size),
+                                       self.path_samples(index), self.loss_samples(index))
 
     def summary(self, index: int, result: BlockResult) -> str:
         """Block ``index``'s progress line: its loss before and after (and on how many samples, when not
@@ -740,7 +764,7 @@ class BlockRunner:
                 for layer in block.layers:
                     module.constants.pop(layer.weight, None)
             if store:
-                self.store(module, data, self.loss_samples(index))
+                self.store(module, data, index)
         return module
 
     def _add_quantizers(self, block: Block, method: str) -> None:
