@@ -226,7 +226,8 @@ def test_frozen_integers_of_an_offloaded_model_live_in_a_file_backed_map(externa
 def test_an_offloaded_models_learning_gives_weight_sized_temporaries_back_and_recomputes_rounding(
         external_model, tmp_path, monkeypatch):
     """A model whose weights stay on disk learns inside reused_pages(bounded=True) (allocations of
-    heap.BOUNDED_MMAP or more are mmapped, so freed weight-sized tensors leave the process), and with
+    heap.BOUNDED_MMAP or more are mmapped, so freed weight-sized tensors leave the process; round to
+    nearest, which learns nothing, keeps the unbounded policy), and with
     every weight's rounding graph recomputed in the backward (torchify.RECOMPUTE_VALUES 0) FlexRound
     writes the same model byte for byte as with none recomputed."""
     from onnxflex.rounding import heap, reconstruct, torchify
@@ -246,6 +247,8 @@ def test_an_offloaded_models_learning_gives_weight_sized_temporaries_back_and_re
     assert recomputed.report["reconstruction"]["steps_run"] > 0
     a, b = recomputed.save(tmp_path / "a.onnx"), kept.save(tmp_path / "b.onnx")
     assert onnx.load(str(a)).SerializeToString() == onnx.load(str(b)).SerializeToString()
-    monkeypatch.setattr(reconstruct, "is_offloaded", lambda model: False)
     onnxflex.quantize(str(model_path), feeds, dataclasses.replace(config, method="rtn"), progress=False)
-    assert settings == [True, True, False], settings
+    assert settings == [True, True, False], "round to nearest holds no temporaries across steps"
+    monkeypatch.setattr(reconstruct, "is_offloaded", lambda model: False)
+    onnxflex.quantize(str(model_path), feeds, config, progress=False)
+    assert settings == [True, True, False, False], settings

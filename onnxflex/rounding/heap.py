@@ -21,9 +21,9 @@ Between blocks, ``trim_freed()`` gives the free heap back to the kernel once it 
 blocks with big weights free more than any step reuses (a 6-layer 4096x4096 MLP at W4 rtn: 1.9 GiB
 resident after its six blocks, 0.2 GiB of it live). Models whose blocks free less keep their pages.
 
-A run whose model keeps its weights on disk (larger than RAM) is bounded by memory, not by page faults:
-there ``reused_pages(bounded=True)`` serves every allocation of BOUNDED_MMAP or more by mmap again, so
-that a freed weight-sized tensor goes back to the kernel at once. Kept in the heap, the freed pieces of
+A run that learns on a model which keeps its weights on disk (larger than RAM) is bounded by memory,
+not by page faults: there ``reused_pages(bounded=True)`` serves every allocation of BOUNDED_MMAP or
+more by mmap again, so that a freed weight-sized tensor goes back to the kernel at once. Kept in the heap, the freed pieces of
 such a block (a 1024-wide decoder layer at W4, FlexRound: its weight-sized temporaries of 11.5 MB) left
 it 1.44 GiB resident after one block whose live peak was 0.71 GiB; with them mmapped, 0.89 GiB.
 
