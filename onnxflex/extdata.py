@@ -240,3 +240,34 @@ def copy_except(dst, src, skip: set[str]) -> None:
 
 __all__ = ["WEIGHTS_DIR_KEY", "is_offloaded", "load_offloaded", "needs_file", "tensor_array", "weights_dir",
            "write_model"]
+
+
+ASIDE_BYTES = 1 << 16  # initializers at least this large go to onnx's converter and inference without their payload
+
+
+def without_payloads(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """(a new model: ``model`` with its large top-level initializers as stubs, their name, type and
+    dims only; those initializers by name), for onnx's version converter and shape inference, which
+    read no weight's values: the converter copies the whole model four times (to bytes, into its graph,
+    back to bytes and to a proto), inference twice, and for a decoder's packed weights or a recogniser's
+    8,210-class head that is several times their size (and 0.5 of 0.9 s of the recogniser's passes).
+    ``model`` is not changed."""
+    light, held = onnx.ModelProto(), {}
+    copy_except(light, model, {"graph"})
+    copy_except(light.graph, model.graph, {"initializer"})
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() >= ASIDE_BYTES and tensor.HasField("raw_data"):
+            held[tensor.name] = tensor
+            copy_except(light.graph.initializer.add(), tensor, {"raw_data"})
+        else:
+            light.graph.initializer.append(tensor)
+    return light, held
+
+
+def with_payloads(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
+    """Mutates and returns ``model`` (made from ``without_payloads``' light model) with the payloads it
+    left out back in place."""
+    for t in model.graph.initializer:
+        if t.name in held and not t.raw_data and not t.external_data:
+            t.raw_data = held[t.name].raw_data
+    return model

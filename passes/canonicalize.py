@@ -19,7 +19,7 @@ from onnx import TensorProto, numpy_helper, shape_inference, version_converter
 from onnx.reference import ReferenceEvaluator
 
 from onnxflex.errors import UnsupportedModelError
-from onnxflex.extdata import tensor_array
+from onnxflex.extdata import tensor_array, with_payloads, without_payloads
 from onnxflex.graph import (DEFAULT_DOMAINS, MIN_OPSET, NameScope, default_opset, drop_unused_initializers,
                             name_nodes_uniquely)
 from onnxflex.inputs import known_dim
@@ -93,7 +93,8 @@ def _upgrade_opset(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     if opset >= QDQ_MIN_OPSET:
         return model
     try:
-        upgraded = version_converter.convert_version(model, QDQ_MIN_OPSET)
+        light, held = without_payloads(model)
+        upgraded = with_payloads(version_converter.convert_version(light, QDQ_MIN_OPSET), held)
     except Exception as exc:
         reason = " ".join(str(exc).split()).rpartition(" failed: ")[2] or type(exc).__name__
         raise UnsupportedModelError(
@@ -188,8 +189,9 @@ def _rename_tensor(g: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    light, held = without_payloads(model)  # its large weights' values are not read
     try:
-        return shape_inference.infer_shapes(model, data_prop=True)
+        return with_payloads(shape_inference.infer_shapes(light, data_prop=True), held)
     except Exception:  # inference is a convenience; a model it cannot handle still quantizes
         return model
 

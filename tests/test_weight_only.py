@@ -327,22 +327,23 @@ def test_opset_conversion_sets_weight_payloads_aside_and_gives_the_same_model(mo
     """Blocked weights raise the opset to 21 through onnx's version converter, which copies the whole
     model several times; the emitter hands it the graph without its large payloads and puts them back.
     The model is the same byte for byte as one converted with every payload in it."""
+    from onnxflex import extdata
     from onnxflex.emit import qdq
 
     config = QuantConfig(method="rtn", wbits=4, abits=0, group_size=32, verify_samples=0, calib_samples=64)
     assert onnx.load(str(MODELS / "tiny_lm.onnx"), load_external_data=False).opset_import[0].version < 21
     held = []
-    restored = qdq._restored
+    restored = qdq.with_payloads
 
     def spy(model, payloads):
         held.append(len(payloads))
         return restored(model, payloads)
 
-    monkeypatch.setattr(qdq, "ASIDE_BYTES", 1 << 62)
+    monkeypatch.setattr(extdata, "ASIDE_BYTES", 1 << 62)
     whole = onnxflex.quantize(str(MODELS / "tiny_lm.onnx"), str(MODELS / "tiny_lm.calib.npz"), config,
                               progress=False).model
-    monkeypatch.setattr(qdq, "ASIDE_BYTES", 64)
-    monkeypatch.setattr(qdq, "_restored", spy)
+    monkeypatch.setattr(extdata, "ASIDE_BYTES", 64)
+    monkeypatch.setattr(qdq, "with_payloads", spy)
     light = onnxflex.quantize(str(MODELS / "tiny_lm.onnx"), str(MODELS / "tiny_lm.calib.npz"), config,
                               progress=False).model
     assert held and held[0] > 0, f"payloads set aside: {held}"

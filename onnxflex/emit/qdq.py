@@ -19,7 +19,7 @@ from onnxflex.emit.pack import int4_initializer
 from onnxflex.emit.silu import SILU_DOMAIN, fuse_silus
 from onnxflex.emit.softmax import SOFTMAX_OPSET, softmax_before_transpose
 from onnxflex.errors import UnsupportedModelError
-from onnxflex.extdata import copy_except
+from onnxflex.extdata import copy_except, with_payloads, without_payloads
 from onnxflex.graph import NameScope, default_opset, node_attr, set_default_opset
 from onnxflex.passes.control_flow import reads, rename_outer_reads, subgraphs
 from onnxflex.placement import BLOCKED_OPSET
@@ -352,8 +352,8 @@ def _convert_opset(model: onnx.ModelProto, target: Target, version: int) -> onnx
 
     opset = default_opset(model)
     try:
-        light, held = _without_payloads(model)
-        return _restored(version_converter.convert_version(light, version), held)
+        light, held = without_payloads(model)
+        return with_payloads(version_converter.convert_version(light, version), held)
     except Exception as exc:  # the converter raises several unrelated types
         if version > opset:
             raise UnsupportedModelError(
@@ -364,34 +364,6 @@ def _convert_opset(model: onnx.ModelProto, target: Target, version: int) -> onnx
             f"the model uses opset {opset} and {target.name} reads at most opset {target.max_opset}; "
             f"onnx's version converter could not convert it ({exc}) — export the model with "
             f"opset {target.max_opset} or lower") from exc
-
-
-ASIDE_BYTES = 1 << 16  # initializers at least this large go to the version converter without their payload
-
-
-def _without_payloads(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
-    """(a new model: ``model`` with its large top-level initializers as stubs, their name, type and
-    dims only; those initializers by name). The converter copies the whole model four times (to bytes,
-    into its graph, back to bytes and to a proto), which for a decoder's packed weights is several
-    times their size; no adapter reads a weight's values. ``model`` is not changed."""
-    light, held = onnx.ModelProto(), {}
-    copy_except(light, model, {"graph"})
-    copy_except(light.graph, model.graph, {"initializer"})
-    for tensor in model.graph.initializer:
-        if tensor.ByteSize() >= ASIDE_BYTES and tensor.HasField("raw_data"):
-            held[tensor.name] = tensor
-            copy_except(light.graph.initializer.add(), tensor, {"raw_data"})
-        else:
-            light.graph.initializer.append(tensor)
-    return light, held
-
-
-def _restored(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
-    """``model`` (the converter's output) with the payloads ``_without_payloads`` left out back in place."""
-    for t in model.graph.initializer:
-        if t.name in held and not t.raw_data and not t.external_data:
-            t.raw_data = held[t.name].raw_data
-    return model
 
 
 def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
