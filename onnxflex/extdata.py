@@ -238,10 +238,6 @@ def copy_except(dst, src, skip: set[str]) -> None:
             setattr(dst, fd.name, value)
 
 
-__all__ = ["WEIGHTS_DIR_KEY", "is_offloaded", "load_offloaded", "needs_file", "tensor_array", "weights_dir",
-           "write_model"]
-
-
 ASIDE_BYTES = 1 << 16  # initializers at least this large go to onnx's converter and inference without their payload
 
 
@@ -271,3 +267,7 @@ def with_payloads(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> 
         if t.name in held and not t.raw_data and not t.external_data:
             t.raw_data = held[t.name].raw_data
     return model
+
+
+__all__ = ["WEIGHTS_DIR_KEY", "copy_except", "is_offloaded", "load_offloaded", "needs_file", "tensor_array",
+           "weights_dir", "with_payloads", "without_payloads", "write_model"]

@@ -324,12 +324,14 @@ def latency_rules(qmodel: onnx.ModelProto, refined: Refined, samples: Samples,
     return latency_section(plan, get_target(config.plan.target), config.plan.latency_rules, feed, timed)
 
 
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+
+
 def float_weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model's top-level float initializers, inline or external."""
-    floats = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
-              onnx.TensorProto.DOUBLE: 8}
-    return sum(int(np.prod(t.dims, dtype=np.int64)) * floats[t.data_type]
-               for t in model.graph.initializer if t.data_type in floats)
+    """Bytes of the model's top-level float initializers, inline or external (element sizes from onnx's
+    own type mapping)."""
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
 
 
 def _verification(qmodel: onnx.ModelProto, refined: Refined, modules, captured: Captured, held: CalibrationSet,

@@ -23,9 +23,10 @@ resident after its six blocks, 0.2 GiB of it live). Models whose blocks free les
 
 A run that learns on a model which keeps its weights on disk (larger than RAM) is bounded by memory,
 not by page faults: there ``reused_pages(bounded=True)`` serves every allocation of BOUNDED_MMAP or
-more by mmap again, so that a freed weight-sized tensor goes back to the kernel at once. Kept in the heap, the freed pieces of
-such a block (a 1024-wide decoder layer at W4, FlexRound: its weight-sized temporaries of 11.5 MB) left
-it 1.44 GiB resident after one block whose live peak was 0.71 GiB; with them mmapped, 0.89 GiB.
+more by mmap again, so that a freed weight-sized tensor goes back to the kernel at once. Kept in the
+heap, the freed pieces of such a block (a 1024-wide decoder layer at W4, FlexRound: its weight-sized
+temporaries of 11.5 MB) left it 1.44 GiB resident after one block whose live peak was 0.71 GiB; with
+them mmapped, 0.89 GiB.
 
 Where the C library is not glibc (macOS, musl, Windows) it does nothing. It changes where memory comes
 from, never what is computed: results are bit for bit the same with and without it.

@@ -525,8 +525,12 @@ def learning_blocks(plan: BlockPlan, config: RoundingOptions, budget=None) -> li
     converter for every node and steps (``budget``'s share, budget.StepBudget; None: ``config.iters``)."""
     if not reconstructs(config.method):
         return []
-    return [i for i, b in enumerate(plan.blocks)
-            if (config.iters if budget is None else budget.iters_of(i)) > 0 and not b.unsupported]
+    return [i for i, b in enumerate(plan.blocks) if block_steps(config, budget, i) > 0 and not b.unsupported]
+
+
+def block_steps(config: RoundingOptions, budget, index: int) -> int:
+    """The steps block ``index`` learns: ``budget``'s share (budget.StepBudget), else ``config.iters``."""
+    return config.iters if budget is None else budget.iters_of(index)
 
 
 def dead_after(plan: BlockPlan) -> list[list[str]]:
@@ -571,8 +575,8 @@ class BlockRunner:
         self.head_feeders = head_feeders(plan)
 
     def iters_of(self, index: int) -> int:
-        """The steps block ``index`` learns: the budget's share, else ``config.iters``."""
-        return self.config.iters if self.budget is None else self.budget.iters_of(index)
+        """The steps block ``index`` learns (block_steps)."""
+        return block_steps(self.config, self.budget, index)
 
     def path_samples(self, index: int) -> int:
         """The samples block ``index``'s quantized path runs on (its q: rows): all of them up to the last
