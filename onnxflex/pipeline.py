@@ -29,6 +29,7 @@ from onnxflex.blocks import BlockPlan
 from onnxflex.cache import TensorCache
 from onnxflex.config import QuantConfig
 from onnxflex.device import resolve_device, sleeping_waits
+from onnxflex.rounding.heap import small_pages
 from onnxflex.graph import load_model
 from onnxflex.options import Resolved, resolve
 from onnxflex.planning import build_plan, plan
@@ -76,8 +77,14 @@ class PipelineResult:
 
 
 def run_pipeline(model: Any, calibration: Any, config: QuantConfig, progress: Progress) -> PipelineResult:
-    """Quantize ``model`` (path or ModelProto) with ``calibration`` (any source onnxflex.sources takes)."""
+    """Quantize ``model`` (path or ModelProto) with ``calibration`` (any source onnxflex.sources takes),
+    without numpy's huge page advice (rounding/heap.small_pages: fresh capture rows stall otherwise)."""
     sleeping_waits()
+    with small_pages():
+        return _run_pipeline(model, calibration, config, progress)
+
+
+def _run_pipeline(model: Any, calibration: Any, config: QuantConfig, progress: Progress) -> PipelineResult:
     import torch
 
     original = load_model(model)

@@ -170,7 +170,7 @@ def learn_block(context: Context, job: Job) -> dict:
 
     from onnxflex.checkpoint import act_states
     from onnxflex.extdata import is_offloaded
-    from onnxflex.rounding.heap import reused_pages
+    from onnxflex.rounding.heap import reused_pages, small_pages
     from onnxflex.rounding.reconstruct import BlockRunner, finished_state
     from onnxflex.rounding.torchify import QuantState
 
@@ -185,7 +185,8 @@ def learn_block(context: Context, job: Job) -> dict:
         runner = BlockRunner(context.plan, cache, state, context.target, context.config, device,
                              context.providers, context.budget,
                              None if job.observed is None else Observed(job.observed))
-        with reused_pages(bounded=is_offloaded(context.plan.model)):  # as reconstruct's block loop does
+        # as reconstruct's block loop does, and the pipeline around it (small_pages)
+        with reused_pages(bounded=is_offloaded(context.plan.model)), small_pages():
             _, result = runner.quantize(job.index, block, Progress(enabled=False))
         weights, acts, biases = finished_state(runner.state, block)
     finally:

@@ -277,6 +277,50 @@ def test_the_whole_block_loop_runs_inside_reused_pages(monkeypatch):
     assert libc.calls == keep + after, libc.calls
 
 
+def _hugepage_advice() -> bool:
+    """numpy's current huge page setting (its switch returns the setting it replaces)."""
+    switch = np._core.multiarray._set_madvise_hugepage
+    now = switch(True)
+    switch(now)
+    return now
+
+
+def test_small_pages_turns_numpys_huge_page_advice_off_inside_and_restores_it(monkeypatch):
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    before = _hugepage_advice()
+    with pytest.raises(RuntimeError):
+        with heap.small_pages():
+            assert _hugepage_advice() is False
+            raise RuntimeError("body failed")
+    assert _hugepage_advice() is before
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")  # the caller chose: left as it is
+    switch = np._core.multiarray._set_madvise_hugepage
+    old = switch(True)
+    try:
+        with heap.small_pages():
+            assert _hugepage_advice() is True
+    finally:
+        switch(old)
+
+
+def test_quantize_captures_and_reconstructs_without_huge_page_advice(monkeypatch):
+    """The pipeline runs inside small_pages: capture's fresh rows would stall on compaction otherwise."""
+    from graphs import gemm_mlp
+    from onnxflex import stages
+    from onnxflex.config import QuantConfig
+
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    seen = []
+    for name in ("capture_fp32", "reconstruct_blocks"):
+        def spy(*args, _real=getattr(stages, name), **kwargs):
+            seen.append(_hugepage_advice())
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(f"onnxflex.pipeline.{name}", spy)
+    x = np.random.default_rng(0).standard_normal((24, 32)).astype(np.float32)
+    onnxflex.quantize(gemm_mlp(), {"x": x}, QuantConfig(method="rtn", verify_samples=4), progress=False)
+    assert seen == [False, False]
+
+
 @pytest.mark.parametrize("zero, qmin, qmax", [(128.0, 0, 255), (0.0, -128, 127), (0.0, 0, 255)])
 def test_the_fake_quantizer_without_gradients_gives_the_forward_bit_for_bit(zero, qmin, qmax):
     """The no-gradient path (in place on one tensor) writes the bits the autograd forward writes."""
