@@ -98,7 +98,27 @@ def needs_file(model: onnx.ModelProto) -> bool:
 
 
 def _inline_bytes(model: onnx.ModelProto) -> int:
-    return sum(t.ByteSize() for t in model.graph.initializer if not uses_external_data(t))
+    return sum(payload_bytes(t) for t in model.graph.initializer if not uses_external_data(t))
+
+
+SUB_BYTE_BITS = {TensorProto.UINT4: 4, TensorProto.INT4: 4, TensorProto.FLOAT4E2M1: 4,
+                 getattr(TensorProto, "UINT2", -1): 2, getattr(TensorProto, "INT2", -1): 2}
+
+
+def payload_bytes(tensor: TensorProto) -> int:
+    """About the bytes an inline initializer takes: of one in raw_data its element count times its element
+    size, read off its dims and type (protobuf's ByteSize serializes the message to count it: 8 ms for a
+    16 MB weight, and the passes ask for every initializer several times), else ByteSize."""
+    if tensor.HasField("raw_data"):
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        bits = SUB_BYTE_BITS.get(tensor.data_type)
+        if bits is None:
+            try:
+                bits = 8 * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            except (KeyError, ValueError, TypeError):
+                return tensor.ByteSize()
+        return (count * bits + 7) // 8
+    return tensor.ByteSize()
 
 
 def tensor_array(tensor: TensorProto, model: onnx.ModelProto) -> np.ndarray:
@@ -188,7 +208,7 @@ def offload(model: onnx.ModelProto) -> onnx.ModelProto:
 def _externalized(tensor: TensorProto, folder: str, reuse: bool, data, location: str) -> TensorProto:
     if uses_external_data(tensor) and reuse:
         return tensor
-    big = uses_external_data(tensor) or (tensor.HasField("raw_data") and tensor.ByteSize() >= EXTERNAL_MIN_BYTES)
+    big = uses_external_data(tensor) or (tensor.HasField("raw_data") and payload_bytes(tensor) >= EXTERNAL_MIN_BYTES)
     if not big:
         return tensor
     out = TensorProto()
@@ -252,7 +272,7 @@ def without_payloads(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
     copy_except(light, model, {"graph"})
     copy_except(light.graph, model.graph, {"initializer"})
     for tensor in model.graph.initializer:
-        if tensor.ByteSize() >= ASIDE_BYTES and tensor.HasField("raw_data"):
+        if tensor.HasField("raw_data") and payload_bytes(tensor) >= ASIDE_BYTES:
             held[tensor.name] = tensor
             copy_except(light.graph.initializer.add(), tensor, {"raw_data"})
         else:
@@ -269,5 +289,5 @@ def with_payloads(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> 
     return model
 
 
-__all__ = ["WEIGHTS_DIR_KEY", "copy_except", "is_offloaded", "load_offloaded", "needs_file", "tensor_array",
+__all__ = ["WEIGHTS_DIR_KEY", "copy_except", "is_offloaded", "load_offloaded", "needs_file", "payload_bytes", "tensor_array",
            "weights_dir", "with_payloads", "without_payloads", "write_model"]

@@ -143,9 +143,8 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     input (the default value of an input, as a pinned input has) stays."""
     g = model.graph
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output} | {i.name for i in g.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    for index in reversed([i for i, t in enumerate(g.initializer) if t.name not in used]):
+        del g.initializer[index]  # in place: re-adding the kept ones would copy every payload
 
 
 def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
