@@ -21,12 +21,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from onnxflex.device import torch_threads
 from onnxflex.qparams import QuantizedWeight, channel_shape
 from onnxflex.rounding.policies import AdamCosine, StepPolicy
-from onnxflex.rounding.grid import RATIOS, init_asymmetric_grid, reduce_over
+from onnxflex.rounding.grid import RATIOS, in_parts, init_asymmetric_grid, reduce_over
 from onnxflex.rounding.quant import round_ste, signed_range, unsigned_range
 
-SEARCH_CHUNK = 1 << 18  # weight values per step of the grid search
 UNSHRUNK_BITS = 7  # symmetric MSE steps below 8 bits are then unshrunk (unshrunk_step)
 UNSHRUNK_ROUNDS = 3
 
@@ -73,17 +73,16 @@ def init_weight_scale(w: torch.Tensor, axis: int, bits: int, search: str, group_
     absmax = (view.abs().amax(dim=dims, keepdim=True) if dims else view.abs()).clamp_min(1e-12)
     if search == "minmax":
         return (absmax / qmax).reshape(shape)
-    # Steps are independent of each other: search a few of them at a time, so that the grid's
-    # temporaries stay in cache instead of allocating (and page-faulting) weight-sized tensors per ratio.
+    # Steps are independent of each other: search a few of them at a time (grid.in_parts, one thread),
+    # so that the grid's temporaries stay in cache instead of allocating weight-sized tensors per ratio.
     keep = next(d for d in range(view.ndim) if d not in dims)
-    count = view.shape[keep]
-    width = max(1, SEARCH_CHUNK // max(1, view.numel() // count)) if keep == 0 else count  # rows are contiguous
     rounds = UNSHRUNK_ROUNDS if bits <= UNSHRUNK_BITS else 0
     parts = []
-    for i in range(0, count, width):
-        part = view.narrow(keep, i, min(width, count - i))
-        step = _grid_search(part, absmax.narrow(keep, i, min(width, count - i)), dims, qmin, qmax)
-        parts.append(unshrunk_step(part, step, dims, qmin, qmax, rounds))
+    with torch_threads(1):
+        for i, n in in_parts(view, keep):
+            part = view.narrow(keep, i, n)
+            step = _grid_search(part, absmax.narrow(keep, i, n), dims, qmin, qmax)
+            parts.append(unshrunk_step(part, step, dims, qmin, qmax, rounds))
     return torch.cat(parts, dim=keep).reshape(shape)
 
 
