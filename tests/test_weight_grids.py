@@ -237,3 +237,27 @@ def test_asymmetric_weights_survive_a_checkpoint(tmp_path):
     assert restored.asymmetric and restored.zero_point.dtype == np.uint8 and restored.block_size == 16
     np.testing.assert_array_equal(restored.zero_point, q.zero_point)
     np.testing.assert_array_equal(FrozenRounder(restored).fake_quant().numpy(), q.dequantize())
+
+
+@pytest.mark.parametrize("shape, axis, group", [((1024, 600), 1, 32), ((1100, 300), 0, 0), ((96, 200), 1, 64),
+                                                ((64, 40, 3, 3), 0, 0)])
+def test_a_step_search_in_parts_equals_the_search_over_the_whole_weight(shape, axis, group, monkeypatch):
+    """grid.in_parts splits the symmetric and asymmetric MSE searches into parts of SEARCH_CHUNK values
+    along their first dim (run on one thread): every step and zero point is bit for bit the one a
+    single part gives."""
+    from onnxflex.rounding import grid, rounders
+
+    monkeypatch.setattr(grid, "SEARCH_CHUNK", 4096)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(shape, generator=gen) * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=gen)
+    view, dims, _ = rounders.grouped_view(w, axis, group)
+    split = ([rounders.init_weight_scale(w, axis, bits, "mse", group) for bits in (3, 8)],
+             [grid.init_asymmetric_grid(view, dims, bits, "mse") for bits in (3, 8)])
+    assert len(grid.in_parts(view, next(d for d in range(view.ndim) if d not in dims))) > 1
+    monkeypatch.setattr(grid, "SEARCH_CHUNK", view.numel())
+    whole = ([rounders.init_weight_scale(w, axis, bits, "mse", group) for bits in (3, 8)],
+             [grid.init_asymmetric_grid(view, dims, bits, "mse") for bits in (3, 8)])
+    for a, b in zip(split[0], whole[0]):
+        assert torch.equal(a, b)
+    for (s1, z1), (s2, z2) in zip(split[1], whole[1]):
+        assert torch.equal(s1, s2) and torch.equal(z1, z2)

@@ -16,7 +16,7 @@ from onnxflex.device import torch_threads
 from onnxflex.rounding.quant import unsigned_range
 
 RATIOS = torch.linspace(0.5, 1.0, 21)  # clip ratios of the weight step searches, symmetric and asymmetric
-SEARCH_CHUNK = 1 << 18  # weight values per part of a step search
+SEARCH_CHUNK = 1 << 18  # weight values per part of a step search (in_parts)
 
 
 def reduce_over(x: torch.Tensor, dims: tuple[int, ...], op: str) -> torch.Tensor:
@@ -57,12 +57,15 @@ def init_asymmetric_grid(view: torch.Tensor, dims: tuple[int, ...], bits: int, s
 
 
 def in_parts(view: torch.Tensor, keep: int) -> list[tuple[int, int]]:
-    """(start, length) along dim ``keep`` of parts of about SEARCH_CHUNK values of ``view``. A search runs
+    """(start, length) along dim ``keep`` of parts of about SEARCH_CHUNK values of ``view`` (one part when
+    ``keep`` is not 0). A search runs
     its parts on one thread (device.torch_threads(1)): a part's ops are small, and with OpenMP's threads
     sleeping between ops (device.sleeping_waits) waking the second costs more than it gains (1024 x 2816
     at g32, asymmetric: 0.21 s on 2 threads, 0.05 s on one; whole weights on 2: 0.21 s too)."""
     count = view.shape[keep]
-    width = max(1, SEARCH_CHUNK // max(1, view.numel() // count))
+    # along the first dim only, whose parts are contiguous: a part of columns reduces its tail in another
+    # order (steps then differ in the last bit from the whole weight's)
+    width = max(1, SEARCH_CHUNK // max(1, view.numel() // count)) if keep == 0 else count
     return [(i, min(width, count - i)) for i in range(0, count, width)]
 
 
