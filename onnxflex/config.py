@@ -111,10 +111,11 @@ OPTION_HELP: dict[str, str] = {
                "tensor, at most torch's count and the CPUs the process may use (small blocks run on one: on "
                "a busy machine their ops lose far more to thread hand-offs than they gain on an idle one); "
                "a seed gives the same output only at one count",
-    "workers": "processes that learn blocks at the same time (block_input fp only: each block is then an independent "
-               "job); each gets max(1, CPUs / workers) torch threads, and the output is byte-identical to one "
-               "worker's where the blocks' thread counts agree (blocks under 256k values per tensor, or --threads at "
-               "most CPUs / workers); a worker that dies has its block run again in a fresh one",
+    "workers": "processes for reconstruction: with block_input fp they learn blocks at the same time (each block an "
+               "independent job); with quantized input blocks learn here in order while the workers build the next "
+               "blocks' weight steps; each gets max(1, CPUs / workers) torch threads, and the output is byte-identical "
+               "to one worker's where the blocks' thread counts agree (blocks under 256k values per tensor, or "
+               "--threads at most CPUs / workers); a worker that dies has its job run again in a fresh one",
     "ray_address": "run the block jobs as Ray tasks on the cluster at this address ('auto', 'ray://host:port'), or "
                    "'local' for a Ray instance on this machine with --workers CPUs (needs pip install onnxflex[ray]; "
                    "the cluster must see the model's and the spill folder's files); '' = local processes",
@@ -254,10 +255,6 @@ class QuantConfig:
         _check_range("workers", self.workers, 1, 1024)
         if not isinstance(self.ray_address, str):
             raise ConfigError(f"ray_address={self.ray_address!r} must be a Ray address or 'local' (a string; '' = none)")
-        if (self.workers > 1 or self.ray_address) and self.block_input != "fp":
-            raise ConfigError(f"workers={self.workers} spreads blocks over workers only when each block learns on its "
-                              "FP input: pass --block-input fp (with the default quantized input each block waits "
-                              "for the one before it)")
         if self.ray_address and importlib.util.find_spec("ray") is None:
             raise ConfigError(f"ray_address={self.ray_address!r} needs Ray, which is not installed: "
                               "pip install onnxflex[ray]")

@@ -1,5 +1,6 @@
 """Block reconstruction as independent jobs (``block_input`` fp), run in this process or spread over
-workers (``workers`` > 1: local processes; ``ray_address``: Ray tasks).
+workers (``workers`` > 1: local processes; ``ray_address``: Ray tasks); with quantized block input,
+the next blocks' rounders built in the workers.
 
 With ``block_input`` fp a block learns on its captured FP inputs against its FP outputs. What else it
 reads of other blocks is the activation step of an input another block quantizes (its layers' int32
@@ -12,6 +13,10 @@ order through BlockRunner.resume, which rebuilds the frozen block (its quantized
 stored: no block reads them in fp mode): every worker count writes the same bytes. A block whose
 quantizer or weight another block shares (a Concat tie on TensorRT, a weight two blocks read) runs in
 the parent, in order.
+
+With the quantized block input (the default) block k+1 learns on block k's quantized outputs, so the
+blocks learn here, in order; with workers a PipelinedRunner has them build the next blocks' rounders
+(``build_rounders``: the step searches, HQQ's fit) while a block learns. Same bytes as one process.
 
 A worker that dies (killed, out of memory) has its job run again in a fresh worker, RETRIES times at
 most; an exception a job raises reaches the caller as itself (the same class, so the same exit code).
@@ -193,6 +198,17 @@ def learn_block(context: Context, job: Job) -> dict:
         cache.close()
     return {"block": block.name, "result": dataclasses.asdict(result), "weights": weights,
             "acts": act_states(acts), "biases": {k: v.detach().cpu() for k, v in biases.items()}}
+
+
+def build_rounders(context: Context, job: Job) -> dict:
+    """Block ``job.index``'s rounders (reconstruct.block_rounders), built from its weights alone, in a
+    worker or here: what PipelinedRunner runs ahead of the block that learns."""
+    from onnxflex.rounding.reconstruct import block_rounders
+
+    if job.kill_marker and not os.path.exists(job.kill_marker):
+        Path(job.kill_marker).touch()
+        os._exit(1)
+    return block_rounders(context.plan.blocks[job.index], context.plan.model, context.config)
 
 
 def load_acts(states: dict, bits: int, target, device) -> dict:
@@ -418,11 +434,7 @@ class ParallelRunner:
         arrays = {name: Spilled(str(a.path), a.shape, a.dtype.str) if isinstance(a, DiskArray) else a
                   for name, a in arrays.items()}
         observers = self.runner.observers
-        marker = ""
-        if self.pool.isolated and os.environ.get(KILL_HOOK) == str(index):
-            path = Path(tempfile.gettempdir()) / f"onnxflex-test-kill-{os.getpid()}-{index}"
-            self.markers.append(path)
-            marker = str(path)
+        marker = _kill_marker(self, index)
         own = set(block.all_points)
         foreign = {l.input: self.calibrated[l.input] for l in block.layers
                    if l.input not in own and l.input in self.calibrated}
@@ -464,15 +476,66 @@ class ParallelRunner:
             path.unlink(missing_ok=True)
 
 
+class PipelinedRunner:
+    """The block loop with quantized block input over ``pool``: each block learns here, in plan order, on
+    the quantized outputs of the blocks before it (the FP tensors of every block were captured in one
+    pass before the loop), while the workers build the rounders of the next ``ahead`` blocks
+    (build_rounders: the step searches and HQQ's fit, which read only the weights). A block saved in
+    ``checkpoint`` is restored and gets no job."""
+
+    def __init__(self, runner, pool, ahead: int, checkpoint=None) -> None:
+        from onnxflex.rounding.reconstruct import CheckpointedRunner
+
+        self.runner, self.pool, self.ahead = runner, pool, ahead
+        self.inner = runner if checkpoint is None else CheckpointedRunner(runner, checkpoint)
+        blocks = runner.plan.blocks
+        # the first block to learn builds its own: the workers are still starting (seconds) then
+        self.queue = [i for i, b in enumerate(blocks) if not b.unsupported and b.layers
+                      and (checkpoint is None or not checkpoint.path(i).is_file())][1:]
+        self.submitted: list[int] = []
+        self.markers: list[Path] = []
+        self._top_up()
+
+    def _top_up(self) -> None:
+        while self.queue and len(self.submitted) < self.ahead:
+            index = self.queue.pop(0)
+            self.pool.submit(index, build_rounders, Job(index, {}, kill_marker=_kill_marker(self, index)))
+            self.submitted.append(index)
+
+    def run(self, index: int, block, progress: Progress):
+        """Block ``index`` built with the rounders its worker made, learned, frozen and stored here."""
+        if index in self.submitted:
+            self.runner.ready.update(self.pool.result(index))
+            self.submitted.remove(index)
+        self._top_up()
+        return self.inner.run(index, block, progress)
+
+    def close(self) -> None:
+        for path in self.markers:
+            path.unlink(missing_ok=True)
+
+
+def _kill_marker(runner, index: int) -> str:
+    """The test hook's marker file for block ``index`` when KILL_HOOK names it and the pool's workers are
+    processes (kept in ``runner.markers`` to be removed), else ''."""
+    if not runner.pool.isolated or os.environ.get(KILL_HOOK) != str(index):
+        return ""
+    path = Path(tempfile.gettempdir()) / f"onnxflex-test-kill-{os.getpid()}-{index}"
+    runner.markers.append(path)
+    return str(path)
+
+
 @contextmanager
 def spread(runner, checkpoint=None):
     """The block loop's runner: in fp mode (``block_input`` fp) a ParallelRunner over the pool the config
-    names (one worker: this process), closed (its workers stopped) on leaving; else ``runner`` itself,
-    behind ``checkpoint`` when one is given (reconstruct.CheckpointedRunner)."""
+    names (one worker: this process); with quantized block input and workers (more than one, or Ray) a
+    PipelinedRunner; each closed (its workers stopped) on leaving. Else ``runner`` itself, behind
+    ``checkpoint`` when one is given (reconstruct.CheckpointedRunner)."""
     from onnxflex.rounding.reconstruct import checkpointed
 
     config = runner.config
-    if config.block_input != "fp":
+    fp = config.block_input == "fp"
+    if not fp and config.workers == 1 and not config.ray_address:
         with checkpointed(runner, checkpoint) as plain:
             yield plain
         return
@@ -482,7 +545,8 @@ def spread(runner, checkpoint=None):
     pool = open_pool(config, context)
     parallel = None
     try:
-        parallel = ParallelRunner(runner, pool, config.workers + 1, checkpoint)
+        parallel = ParallelRunner(runner, pool, config.workers + 1, checkpoint) if fp else \
+            PipelinedRunner(runner, pool, config.workers, checkpoint)
         yield parallel
     except BaseException:  # interrupted (SIGINT, SIGTERM) or failed: the workers' jobs are not waited for
         pool.close(abort=True)

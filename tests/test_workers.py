@@ -1,6 +1,8 @@
 """workers: with block_input fp every block is an independent job; N local worker processes write the
 bytes one process writes, a worker that dies has its block run again, and a job's exception reaches
-the caller as itself. The quantized block input takes one worker only."""
+the caller as itself. With the quantized block input the blocks learn in order here while workers
+build the next blocks' rounders (PipelinedRunner): the same bytes as one process, a killed worker's
+job run again."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +18,7 @@ import onnxflex
 from helpers import CNN
 from onnxflex.cli import main
 from onnxflex.config import ConfigError, QuantConfig
-from onnxflex.workers import KILL_HOOK, LocalPool, ParallelRunner
+from onnxflex.workers import KILL_HOOK, LocalPool, ParallelRunner, PipelinedRunner
 
 # five blocks that each keep what they learn (40 steps), so that the bytes show the learned rounding
 FP = dict(method="flexround", block_input="fp", iters=40, calib_samples=64, batch_size=16, seed=5, device="cpu",
@@ -75,13 +77,47 @@ def test_an_exception_in_a_worker_is_raised_as_itself():
         pool.close()
 
 
-def test_workers_need_fp_block_input_and_ray_needs_ray(tmp_path, monkeypatch):
+# the quantized block input: each block learns on the quantized outputs of the blocks before it; the
+# 4-bit MSE step searches are what the workers build ahead
+QUANTIZED = dict(FP, block_input="quantized", wbits=4, weight_scale="mse", iters=20)
+
+
+@pytest.fixture(scope="module")
+def one_quantized():
+    return quantize(**QUANTIZED, workers=1)
+
+
+def test_with_quantized_input_two_workers_write_the_bytes_of_one(one_quantized, monkeypatch):
+    built = []  # the blocks whose rounders a worker built, as the parent takes them
+    run = PipelinedRunner.run
+
+    def recording(self, index, block, progress):
+        built.extend(i for i in self.submitted if i == index)
+        return run(self, index, block, progress)
+
+    monkeypatch.setattr(PipelinedRunner, "run", recording)
+    digest, blocks = quantize(**QUANTIZED, workers=2)
+    assert digest == one_quantized[0]
+    assert built == [1, 2, 3, 4], built  # every block but the first, which builds its own
+    assert [(b["loss_before"], b["loss_after"]) for b in blocks] == \
+        [(b["loss_before"], b["loss_after"]) for b in one_quantized[1]]
+    assert digest != quantize(**{**QUANTIZED, "block_input": "fp"})[0]  # the quantized input made a difference
+
+
+def test_with_quantized_input_a_killed_worker_has_its_rounders_built_again(one_quantized, monkeypatch, caplog):
+    monkeypatch.setenv(KILL_HOOK, "2")
+    with caplog.at_level(logging.WARNING, logger="onnxflex"):
+        digest, _ = quantize(**QUANTIZED, workers=2)
+    assert "a worker process died; job(s) 2" in caplog.text, caplog.text
+    assert digest == one_quantized[0]
+
+
+def test_workers_take_either_block_input_and_ray_needs_ray(tmp_path, monkeypatch):
     out = str(tmp_path / "m.onnx")
-    done = CliRunner().invoke(main, ["quantize", str(CNN), "-o", out, "--workers", "2"])
-    assert done.exit_code == 2 and "--block-input fp" in done.output, done.output
-    done = CliRunner().invoke(main, ["quantize", str(CNN), "-o", out, "--block-input", "fp", "--workers", "2",
-                                     "--dump-config"])
-    assert done.exit_code == 0 and "workers = 2" in done.output, done.output
+    for block_input in ("fp", "quantized"):
+        done = CliRunner().invoke(main, ["quantize", str(CNN), "-o", out, "--block-input", block_input,
+                                         "--workers", "2", "--dump-config"])
+        assert done.exit_code == 0 and "workers = 2" in done.output, done.output
     assert QuantConfig().workers == 1 and QuantConfig().ray_address == ""
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     done = CliRunner().invoke(main, ["quantize", str(CNN), "-o", out, "--block-input", "fp", "--ray-address", "local"])

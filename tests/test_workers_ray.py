@@ -1,6 +1,6 @@
 """ray_address: the block jobs as Ray tasks on one local Ray instance with 2 CPUs (shared by these
-tests): the bytes of one worker, a killed worker's task run again by Ray, a task's exception raised
-as itself. Skipped only where Ray is not installed (pip install onnxflex[ray]; CI installs it)."""
+tests): the bytes of one worker (fp block input, and quantized with the rounders built in tasks), a
+killed worker's task run again by Ray, a task's exception raised as itself. Skipped only where Ray is not installed (pip install onnxflex[ray]; CI installs it)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray")
 
 from onnxflex.config import ConfigError, QuantConfig  # noqa: E402
 from onnxflex.workers import KILL_HOOK, ParallelRunner, RayPool  # noqa: E402
-from test_workers import quantize  # noqa: E402
+from test_workers import QUANTIZED, quantize  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,10 @@ def one_worker():
 def test_ray_tasks_write_the_bytes_of_one_worker(local_ray, one_worker):
     assert quantize(workers=2, ray_address="local")[0] == one_worker
     assert ray.is_initialized()  # a running instance is used, not shut down
+
+
+def test_ray_tasks_build_the_rounders_ahead_with_quantized_input(local_ray):
+    assert quantize(**QUANTIZED, workers=2, ray_address="local")[0] == quantize(**QUANTIZED, workers=1)[0]
 
 
 def test_ray_runs_a_killed_workers_task_again(local_ray, one_worker, monkeypatch):

@@ -36,7 +36,7 @@ from onnxflex.rounding.heap import reused_pages, trim_freed
 from onnxflex.rounding.ortblock import OrtBlock
 from onnxflex.rounding.methods import make_policy, make_rounder, reconstructs
 from onnxflex.rounding.policies import EarlyStop
-from onnxflex.rounding.rounders import FrozenRounder
+from onnxflex.rounding.rounders import FrozenRounder, Rounder
 from onnxflex.rounding.torchify import BlockModule, QuantState, bias_limit
 from onnxflex.runtimes.base import Target
 from onnxflex.spill import file_backed
@@ -163,16 +163,24 @@ class RowReader:
 
 
 def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState, target: Target,
-                         config: RoundingOptions, method: str, device: torch.device) -> None:
+                         config: RoundingOptions, method: str, device: torch.device,
+                         ready: dict[str, Rounder] | None = None) -> None:
     """Mutates ``state``: a rounder per layer weight (inner layers' weights read from their subgraph),
     an activation quantizer per act point (inner points too), and for a layer whose int32 bias follows
-    its weight's rounding (rounding/bias_correction.py) its input's channel axis in ``bias_axes``."""
+    its weight's rounding (rounding/bias_correction.py) its input's channel axis in ``bias_axes``.
+    ``ready``: rounders of ``method`` built already (block_rounders, in a worker), by weight name; a
+    layer whose weight is there takes it (moved to ``device``) instead of building its own."""
     nodes = {n.name: n for n in model.graph.node} if any(l.op_type == "Gemm" for l in block.layers) else {}
     for layer in block.layers:
         inits = initializers_of(model, layer)
-        w = layer_weight(layer, model, device)
-        state.rounders[layer.weight] = make_rounder(method, w, layer.axis, layer.bits, config.weight_scale,
-                                                    layer.group_size, config.weight_grid == "asymmetric")
+        built = (ready or {}).get(layer.weight)
+        if built is not None:
+            state.rounders[layer.weight] = built.to(device)
+            w = state.rounders[layer.weight].weight
+        else:
+            w = layer_weight(layer, model, device)
+            state.rounders[layer.weight] = make_rounder(method, w, layer.axis, layer.bits, config.weight_scale,
+                                                        layer.group_size, config.weight_grid == "asymmetric")
         if layer.bias and target.int32_bias and config.abits:
             state.int32_biases[layer.bias] = (layer.weight, layer.input)
             b = tensor_array(inits[layer.bias], model).astype(np.float32)
@@ -187,6 +195,16 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
         partner = next((p for p in state.acts if p != point and point in ties and ties.get(p) == ties[point]), None)
         state.acts[point] = state.acts[partner] if partner else \
             ActQuantizer(config.abits, target.act_symmetric).to(device)
+
+
+def block_rounders(block: Block, model: onnx.ModelProto, config: RoundingOptions) -> dict[str, Rounder]:
+    """The rounders of ``config``'s method for the block's layer weights, on the CPU, by weight name:
+    what add_block_quantizers builds from the weights alone (the step search, HQQ's fit), so that a
+    worker can build them for a later block while this one learns (workers.PipelinedRunner)."""
+    cpu = torch.device("cpu")
+    return {layer.weight: make_rounder(config.method, layer_weight(layer, model, cpu), layer.axis, layer.bits,
+                                       config.weight_scale, layer.group_size, config.weight_grid == "asymmetric")
+            for layer in block.layers}
 
 
 def layer_weight(layer, model: onnx.ModelProto, device: torch.device) -> torch.Tensor:
@@ -573,6 +591,7 @@ class BlockRunner:
         self.learners = set(learning_blocks(plan, config, budget))
         self.last_learner = max(self.learners, default=-1)
         self.head_feeders = head_feeders(plan)
+        self.ready: dict[str, Rounder] = {}  # rounders workers built ahead (workers.PipelinedRunner), by weight
 
     def iters_of(self, index: int) -> int:
         """The steps block ``index`` learns (block_steps)."""
@@ -774,7 +793,11 @@ class BlockRunner:
         return module
 
     def _add_quantizers(self, block: Block, method: str) -> None:
-        add_block_quantizers(block, self.plan.model, self.state, self.target, self.config, method, self.device)
+        """add_block_quantizers, with the rounders ``ready`` holds for the block when ``method`` is the
+        config's (then taken out of it; a fallback to rtn builds its own)."""
+        ready = {l.weight: self.ready.pop(l.weight) for l in block.layers if l.weight in self.ready}
+        add_block_quantizers(block, self.plan.model, self.state, self.target, self.config, method, self.device,
+                             ready if method == self.config.method else None)
 
 
 class CheckpointedRunner:
