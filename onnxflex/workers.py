@@ -16,7 +16,8 @@ the parent, in order.
 
 With the quantized block input (the default) block k+1 learns on block k's quantized outputs, so the
 blocks learn here, in order; with workers a PipelinedRunner has them build the next blocks' rounders
-(``build_rounders``: the step searches, HQQ's fit) while a block learns. Same bytes as one process.
+(``build_rounders``: the step searches, HQQ's fit) while a block learns. Same bytes as one process on
+the CPU (a worker builds on the CPU; on a GPU the main process would search there).
 
 A worker that dies (killed, out of memory) has its job run again in a fresh worker, RETRIES times at
 most; an exception a job raises reaches the caller as itself (the same class, so the same exit code).
