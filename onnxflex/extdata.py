@@ -285,7 +285,7 @@ def with_payloads(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> 
     left out back in place."""
     for t in model.graph.initializer:
         if t.name in held and not t.raw_data and not t.external_data:
-            t.raw_data = held[t.name].raw_data
+            t.CopyFrom(held[t.name])  # one copy in C (reading raw_data made a bytes object, then another)
     return model
 
 
