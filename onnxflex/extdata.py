@@ -105,20 +105,24 @@ SUB_BYTE_BITS = {TensorProto.UINT4: 4, TensorProto.INT4: 4, TensorProto.FLOAT4E2
                  getattr(TensorProto, "UINT2", -1): 2, getattr(TensorProto, "INT2", -1): 2}
 
 
+def dims_bytes(tensor: TensorProto) -> int | None:
+    """The bytes of a tensor's values as its dims and type give them (sub-byte types packed), wherever
+    the values are (inline or external); None for a type without a fixed element size (strings)."""
+    bits = SUB_BYTE_BITS.get(tensor.data_type)
+    if bits is None:
+        try:
+            bits = 8 * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            return None
+    return (int(np.prod(tensor.dims, dtype=np.int64)) * bits + 7) // 8
+
+
 def payload_bytes(tensor: TensorProto) -> int:
-    """About the bytes an inline initializer takes: of one in raw_data its element count times its element
-    size, read off its dims and type (protobuf's ByteSize serializes the message to count it: 8 ms for a
-    16 MB weight, and the passes ask for every initializer several times), else ByteSize."""
-    if tensor.HasField("raw_data"):
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        bits = SUB_BYTE_BITS.get(tensor.data_type)
-        if bits is None:
-            try:
-                bits = 8 * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-            except (KeyError, ValueError, TypeError):
-                return tensor.ByteSize()
-        return (count * bits + 7) // 8
-    return tensor.ByteSize()
+    """About the bytes an inline initializer takes: of one in raw_data ``dims_bytes`` (protobuf's ByteSize
+    serializes the message to count it: 8 ms for a 16 MB weight, and the passes ask for every initializer
+    several times), else ByteSize."""
+    size = dims_bytes(tensor) if tensor.HasField("raw_data") else None
+    return tensor.ByteSize() if size is None else size
 
 
 def tensor_array(tensor: TensorProto, model: onnx.ModelProto) -> np.ndarray:
@@ -289,5 +293,5 @@ def with_payloads(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> 
     return model
 
 
-__all__ = ["WEIGHTS_DIR_KEY", "copy_except", "is_offloaded", "load_offloaded", "needs_file", "payload_bytes", "tensor_array",
-           "weights_dir", "with_payloads", "without_payloads", "write_model"]
+__all__ = ["WEIGHTS_DIR_KEY", "copy_except", "dims_bytes", "is_offloaded", "load_offloaded", "needs_file",
+           "payload_bytes", "tensor_array", "weights_dir", "with_payloads", "without_payloads", "write_model"]

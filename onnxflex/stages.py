@@ -20,7 +20,7 @@ from onnxflex.capture import capture, capture_batch
 from onnxflex.device import Device
 from onnxflex.emit import emit
 from onnxflex.errors import CalibrationError
-from onnxflex.extdata import offload
+from onnxflex.extdata import dims_bytes, offload
 from onnxflex.graph import load_model, name_nodes_uniquely
 from onnxflex.layout import Layout
 from onnxflex.options import DataOptions, Resolved, RoundingOptions
@@ -328,10 +328,8 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
 
 
 def float_weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model's top-level float initializers, inline or external (element sizes from onnx's
-    own type mapping)."""
-    return sum(int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-               for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
+    """Bytes of the model's top-level float initializers, inline or external (extdata.dims_bytes)."""
+    return sum(dims_bytes(t) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
 
 
 def _verification(qmodel: onnx.ModelProto, refined: Refined, modules, captured: Captured, held: CalibrationSet,

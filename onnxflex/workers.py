@@ -180,9 +180,7 @@ def learn_block(context: Context, job: Job) -> dict:
     from onnxflex.rounding.reconstruct import BlockRunner, finished_state
     from onnxflex.rounding.torchify import QuantState
 
-    if job.kill_marker and not os.path.exists(job.kill_marker):
-        Path(job.kill_marker).touch()
-        os._exit(1)
+    _exit_if_marked(job)
     block = context.plan.blocks[job.index]
     cache = JobCache(context, job)
     try:
@@ -201,14 +199,19 @@ def learn_block(context: Context, job: Job) -> dict:
             "acts": act_states(acts), "biases": {k: v.detach().cpu() for k, v in biases.items()}}
 
 
+def _exit_if_marked(job: Job) -> None:
+    """The test hook: a job with a kill marker that does not exist yet makes it and ends this worker."""
+    if job.kill_marker and not os.path.exists(job.kill_marker):
+        Path(job.kill_marker).touch()
+        os._exit(1)
+
+
 def build_rounders(context: Context, job: Job) -> dict:
     """Block ``job.index``'s rounders (reconstruct.block_rounders), built from its weights alone, in a
     worker or here: what PipelinedRunner runs ahead of the block that learns."""
     from onnxflex.rounding.reconstruct import block_rounders
 
-    if job.kill_marker and not os.path.exists(job.kill_marker):
-        Path(job.kill_marker).touch()
-        os._exit(1)
+    _exit_if_marked(job)
     return block_rounders(context.plan.blocks[job.index], context.plan.model, context.config)
 
 
@@ -411,7 +414,28 @@ def shared_blocks(plan: BlockPlan, target) -> set[int]:
     return {i for indices in owners.values() if len(indices) > 1 for i in indices}
 
 
-class ParallelRunner:
+class PoolRunner:
+    """What both runners over a pool share: the test hook's marker files (``marker``), removed by
+    ``close``."""
+
+    pool: Any
+    markers: list[Path]
+
+    def marker(self, index: int) -> str:
+        """The test hook's marker file for block ``index`` when KILL_HOOK names it and the pool's workers
+        are processes (kept in ``markers``, to be removed), else ''."""
+        if not self.pool.isolated or os.environ.get(KILL_HOOK) != str(index):
+            return ""
+        path = Path(tempfile.gettempdir()) / f"onnxflex-test-kill-{os.getpid()}-{index}"
+        self.markers.append(path)
+        return str(path)
+
+    def close(self) -> None:
+        for path in self.markers:
+            path.unlink(missing_ok=True)
+
+
+class ParallelRunner(PoolRunner):
     """A BlockRunner whose independent blocks learn as jobs in ``pool``, at most ``ahead`` submitted
     beyond the block being applied (each job holds its block's FP tensors); ``run`` applies them in plan
     order. With ``checkpoint`` a block saved there is restored, not submitted, and each applied block
@@ -435,7 +459,7 @@ class ParallelRunner:
         arrays = {name: Spilled(str(a.path), a.shape, a.dtype.str) if isinstance(a, DiskArray) else a
                   for name, a in arrays.items()}
         observers = self.runner.observers
-        marker = _kill_marker(self, index)
+        marker = self.marker(index)
         own = set(block.all_points)
         foreign = {l.input: self.calibrated[l.input] for l in block.layers
                    if l.input not in own and l.input in self.calibrated}
@@ -472,12 +496,8 @@ class ParallelRunner:
             return CheckpointedRunner(self.runner, self.checkpoint).run(index, block, progress)
         return self.runner.run(index, block, progress)
 
-    def close(self) -> None:
-        for path in self.markers:
-            path.unlink(missing_ok=True)
 
-
-class PipelinedRunner:
+class PipelinedRunner(PoolRunner):
     """The block loop with quantized block input over ``pool``: each block learns here, in plan order, on
     the quantized outputs of the blocks before it (the FP tensors of every block were captured in one
     pass before the loop), while the workers build the rounders of the next ``ahead`` blocks
@@ -500,7 +520,7 @@ class PipelinedRunner:
     def _top_up(self) -> None:
         while self.queue and len(self.submitted) < self.ahead:
             index = self.queue.pop(0)
-            self.pool.submit(index, build_rounders, Job(index, {}, kill_marker=_kill_marker(self, index)))
+            self.pool.submit(index, build_rounders, Job(index, {}, kill_marker=self.marker(index)))
             self.submitted.append(index)
 
     def run(self, index: int, block, progress: Progress):
@@ -510,20 +530,6 @@ class PipelinedRunner:
             self.submitted.remove(index)
         self._top_up()
         return self.inner.run(index, block, progress)
-
-    def close(self) -> None:
-        for path in self.markers:
-            path.unlink(missing_ok=True)
-
-
-def _kill_marker(runner, index: int) -> str:
-    """The test hook's marker file for block ``index`` when KILL_HOOK names it and the pool's workers are
-    processes (kept in ``runner.markers`` to be removed), else ''."""
-    if not runner.pool.isolated or os.environ.get(KILL_HOOK) != str(index):
-        return ""
-    path = Path(tempfile.gettempdir()) / f"onnxflex-test-kill-{os.getpid()}-{index}"
-    runner.markers.append(path)
-    return str(path)
 
 
 @contextmanager

@@ -10,6 +10,8 @@ end of the range, so every level covers its side of 0.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from onnxflex.device import torch_threads
@@ -49,32 +51,28 @@ def init_asymmetric_grid(view: torch.Tensor, dims: tuple[int, ...], bits: int, s
         return grid_at(lo, hi, 1.0, qmax)
     # steps are independent: searched a few rows at a time (in_parts), so that the candidates' temporaries
     # stay in cache (a 1024 x 4096 weight's 22 candidates at once made weight-sized temporaries seven times each)
-    keep = next(d for d in range(view.ndim) if d not in dims)
-    spans = in_parts(view, keep)
-    with torch_threads(part_threads(spans)):
+    with in_parts(view, dims) as (keep, spans):
         parts = [_least_error(view.narrow(keep, i, n), lo.narrow(keep, i, n), hi.narrow(keep, i, n), dims, qmax)
                  for i, n in spans]
     return torch.cat([s for s, _ in parts], dim=keep), torch.cat([z for _, z in parts], dim=keep)
 
 
-def in_parts(view: torch.Tensor, keep: int) -> list[tuple[int, int]]:
-    """(start, length) along dim ``keep`` of parts of about SEARCH_CHUNK values of ``view`` (one part when
-    ``keep`` is not 0). A search runs several parts on one thread (part_threads): a part's ops are small,
-    and with OpenMP's threads sleeping between ops (device.sleeping_waits) waking the second costs more
-    than it gains (1024 x 2816 at g32, asymmetric: 0.21 s on 2 threads, 0.05 s on one; whole weights
-    on 2: 0.21 s too)."""
+@contextmanager
+def in_parts(view: torch.Tensor, dims: tuple[int, ...]):
+    """A step search's parts: (keep, spans), ``keep`` the first dim of ``view`` not in ``dims`` (the one
+    that holds the steps) and ``spans`` the (start, length) along it of parts of about SEARCH_CHUNK
+    values (one part when ``keep`` is not 0: a part of columns reduces its tail in another order, and
+    its steps would differ in the last bit from the whole weight's). Several parts run on one thread:
+    a part's ops are small, and with OpenMP's threads sleeping between ops (device.sleeping_waits) waking
+    the second costs more than it gains (1024 x 2816 at g32, asymmetric: 0.21 s on 2 threads, 0.05 s on
+    one; whole weights on 2: 0.21 s too). One part keeps torch's threads: its ops are long enough for
+    a second thread to pay (512 x 8210 per channel at 8 bits: 0.070 s on one thread, 0.038 s on two)."""
+    keep = next(d for d in range(view.ndim) if d not in dims)
     count = view.shape[keep]
-    # along the first dim only, whose parts are contiguous: a part of columns reduces its tail in another
-    # order (steps then differ in the last bit from the whole weight's)
     width = max(1, SEARCH_CHUNK // max(1, view.numel() // count)) if keep == 0 else count
-    return [(i, min(width, count - i)) for i in range(0, count, width)]
-
-
-def part_threads(spans: list) -> int | None:
-    """The threads a search over ``spans`` (in_parts) runs on: one for several parts, else torch's own
-    (None): a single large part's ops are long enough for a second thread to pay (512 x 8210 per
-    channel at 8 bits: 0.070 s on one thread, 0.038 s on two)."""
-    return 1 if len(spans) > 1 else None
+    spans = [(i, min(width, count - i)) for i in range(0, count, width)]
+    with torch_threads(1 if len(spans) > 1 else None):
+        yield keep, spans
 
 
 def _least_error(view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dims: tuple[int, ...], qmax: int

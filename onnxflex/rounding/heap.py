@@ -103,7 +103,8 @@ def small_pages():
     """Within it numpy gives the kernel no huge page advice for new arrays, unless the caller chose with
     NUMPY_MADVISE_HUGEPAGE (numpy's own switch, read when numpy is imported); the previous setting is
     back on exit, also when the body raises. A no-op on a numpy without the switch."""
-    switch = getattr(getattr(getattr(np, "_core", None) or np.core, "multiarray", None), "_set_madvise_hugepage", None)
+    core = getattr(np, "_core", None) or np.core  # numpy 2, numpy 1
+    switch = getattr(core.multiarray, "_set_madvise_hugepage", None)
     if switch is None or "NUMPY_MADVISE_HUGEPAGE" in os.environ:
         yield
         return

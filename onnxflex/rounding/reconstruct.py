@@ -179,8 +179,7 @@ def add_block_quantizers(block: Block, model: onnx.ModelProto, state: QuantState
             w = state.rounders[layer.weight].weight
         else:
             w = layer_weight(layer, model, device)
-            state.rounders[layer.weight] = make_rounder(method, w, layer.axis, layer.bits, config.weight_scale,
-                                                        layer.group_size, config.weight_grid == "asymmetric")
+            state.rounders[layer.weight] = layer_rounder(method, layer, w, config)
         if layer.bias and target.int32_bias and config.abits:
             state.int32_biases[layer.bias] = (layer.weight, layer.input)
             b = tensor_array(inits[layer.bias], model).astype(np.float32)
@@ -202,9 +201,15 @@ def block_rounders(block: Block, model: onnx.ModelProto, config: RoundingOptions
     what add_block_quantizers builds from the weights alone (the step search, HQQ's fit), so that a
     worker can build them for a later block while this one learns (workers.PipelinedRunner)."""
     cpu = torch.device("cpu")
-    return {layer.weight: make_rounder(config.method, layer_weight(layer, model, cpu), layer.axis, layer.bits,
-                                       config.weight_scale, layer.group_size, config.weight_grid == "asymmetric")
+    return {layer.weight: layer_rounder(config.method, layer, layer_weight(layer, model, cpu), config)
             for layer in block.layers}
+
+
+def layer_rounder(method: str, layer, weight: torch.Tensor, config: RoundingOptions) -> Rounder:
+    """The rounder of ``method`` for ``layer``'s ``weight``: its axis, bits and group, the config's step
+    search and weight grid."""
+    return make_rounder(method, weight, layer.axis, layer.bits, config.weight_scale, layer.group_size,
+                        config.weight_grid == "asymmetric")
 
 
 def layer_weight(layer, model: onnx.ModelProto, device: torch.device) -> torch.Tensor:
@@ -224,9 +229,7 @@ def keep_untaken_rtn(module: BlockModule, model: onnx.ModelProto, config: Roundi
     untaken = [l for l in module.block.layers if l.owner in module.branches
                and (l.owner, l.graph) not in module.ran]
     for layer in untaken:
-        module.state.rounders[layer.weight] = make_rounder(
-            "rtn", layer_weight(layer, model, device), layer.axis, layer.bits, config.weight_scale,
-            layer.group_size, config.weight_grid == "asymmetric")
+        module.state.rounders[layer.weight] = layer_rounder("rtn", layer, layer_weight(layer, model, device), config)
     names = {l.weight for l in untaken}
     module.own_rounders = torch.nn.ModuleList(module.state.rounders[l.weight] for l in module.block.layers
                                               if l.weight not in names)

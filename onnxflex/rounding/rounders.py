@@ -21,10 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from onnxflex.device import torch_threads
 from onnxflex.qparams import QuantizedWeight, channel_shape
 from onnxflex.rounding.policies import AdamCosine, StepPolicy
-from onnxflex.rounding.grid import RATIOS, in_parts, init_asymmetric_grid, part_threads, reduce_over
+from onnxflex.rounding.grid import RATIOS, in_parts, init_asymmetric_grid, reduce_over
 from onnxflex.rounding.quant import round_ste, signed_range, unsigned_range
 
 UNSHRUNK_BITS = 7  # symmetric MSE steps below 8 bits are then unshrunk (unshrunk_step)
@@ -73,13 +72,11 @@ def init_weight_scale(w: torch.Tensor, axis: int, bits: int, search: str, group_
     absmax = (view.abs().amax(dim=dims, keepdim=True) if dims else view.abs()).clamp_min(1e-12)
     if search == "minmax":
         return (absmax / qmax).reshape(shape)
-    # Steps are independent of each other: search a few of them at a time (grid.in_parts, part_threads),
-    # so that the grid's temporaries stay in cache instead of allocating weight-sized tensors per ratio.
-    keep = next(d for d in range(view.ndim) if d not in dims)
+    # Steps are independent of each other: search a few of them at a time (grid.in_parts), so that the
+    # grid's temporaries stay in cache instead of allocating weight-sized tensors per ratio.
     rounds = UNSHRUNK_ROUNDS if bits <= UNSHRUNK_BITS else 0
     parts = []
-    spans = in_parts(view, keep)
-    with torch_threads(part_threads(spans)):
+    with in_parts(view, dims) as (keep, spans):
         for i, n in spans:
             part = view.narrow(keep, i, n)
             step = _grid_search(part, absmax.narrow(keep, i, n), dims, qmin, qmax)
