@@ -32,6 +32,10 @@ class DeviceError(OnnxflexError):
     """The requested compute device is not available."""
 
 
+class ClusterError(OnnxflexError):
+    """The Ray cluster at --ray-address cannot be reached, or refused this process."""
+
+
 class VerificationError(OnnxflexError):
     """The emitted model failed a check it must pass: a failed check, exit code 1. ``result`` is the
     whole api.QuantResult when the model was built and only its comparison with the simulation failed

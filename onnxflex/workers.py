@@ -42,6 +42,7 @@ import numpy as np
 from onnxflex.blocks import BlockPlan
 from onnxflex.cache import DiskArray
 from onnxflex.device import cpu_budget
+from onnxflex.errors import ClusterError
 from onnxflex.layout import Layout
 from onnxflex.passes.select import concat_ties
 from onnxflex.progress import Progress
@@ -364,7 +365,10 @@ class RayPool:
         self.started = not ray.is_initialized()
         if self.started:
             where = {"num_cpus": workers} if address == "local" else {"address": address}
-            ray.init(include_dashboard=False, **where)
+            try:
+                ray.init(include_dashboard=False, **where)
+            except ConnectionError as exc:
+                raise ClusterError(_unreachable(address, exc)) from exc
         self.context = ray.put(context)
         self.remote = ray.remote(num_cpus=1, max_retries=RETRIES)(_ray_call)
         self.refs: dict[int, Any] = {}
@@ -387,6 +391,16 @@ class RayPool:
         self.refs.clear()
         if self.started:
             self.ray.shutdown()
+
+
+def _unreachable(address: str, exc: ConnectionError) -> str:
+    """What to tell a user whose cluster did not take this process's connection."""
+    why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    fix = "check that the cluster runs and that the address is its head node's (host:port, or 'auto' on a node)"
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        fix += ("; a cluster started with token authentication (ray start says so) also needs RAY_AUTH_MODE=token "
+                "in this process's environment, its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
+    return f"--ray-address {address}: {why}; {fix}"
 
 
 def open_pool(config, context):

@@ -1,0 +1,89 @@
+"""--ray-address host:port: a Ray cluster started apart from onnxflex (``ray start --head``, its own
+processes, token authentication on as Ray's ``ray start`` now asks) takes the block jobs of a
+``quantize`` run in another process, which writes the bytes one process writes; a cluster that refuses
+the connection ends the run with exit 2 and says what to set. Skipped only where Ray is not installed
+(CI installs it)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from helpers import CNN  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = secrets.token_hex(16)
+FLAGS = ["--method", "flexround", "--block-input", "quantized", "--wbits", "4", "--weight-scale", "mse",
+         "--iters", "20", "--calib-samples", "64", "--batch-size", "16", "--seed", "5", "--device", "cpu",
+         "--no-latency-rules", "--quiet"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The head node's address, a 2-CPU cluster run by ``ray start --head --block`` in its own session."""
+    port, log = _free_port(), tmp_path_factory.mktemp("ray") / "head.log"
+    ray_cli = Path(sys.executable).with_name("ray")
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+    with open(log, "w") as out:
+        head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
+                                 "--include-dashboard", "false", "--disable-usage-stats"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text():
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start did not start a cluster:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block stops the cluster's processes on SIGTERM
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # its graceful stop can take half a minute
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # ray start's default address
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
+
+
+def _quantize(out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "onnxflex.cli", "quantize", str(CNN), "-o", str(out), *FLAGS, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env or dict(os.environ), capture_output=True, text=True, timeout=600)
+
+
+def test_a_cluster_started_apart_writes_the_bytes_of_one_process(cluster, tmp_path):
+    one = _quantize(tmp_path / "one.onnx")
+    assert one.returncode == 0, one.stderr
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+    done = _quantize(tmp_path / "ray.onnx", "--workers", "2", "--ray-address", cluster, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()
+
+
+def test_a_cluster_that_refuses_the_connection_is_bad_input(cluster, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # no token sent
+    env["RAY_gcs_server_port_wait_time_s"] = "2"  # Ray's connection tries: 2 s, not 20
+    done = _quantize(tmp_path / "refused.onnx", "--workers", "2", "--ray-address", cluster, env=env)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert f"--ray-address {cluster}" in done.stderr and "RAY_AUTH_MODE=token" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "refused.onnx").exists()
