@@ -20,9 +20,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from helpers import CNN  # noqa: E402
+from helpers import CNN, ROOT  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = secrets.token_hex(16)
 FLAGS = ["--method", "flexround", "--block-input", "quantized", "--wbits", "4", "--weight-scale", "mse",
          "--iters", "20", "--calib-samples", "64", "--batch-size", "16", "--seed", "5", "--device", "cpu",
