@@ -117,7 +117,7 @@ OPTION_HELP: dict[str, str] = {
                "to one worker's where the blocks' thread counts agree (blocks under 256k values per tensor, or "
                "--threads at most CPUs / workers); a worker that dies has its job run again in a fresh one",
     "ray_address": "run the block jobs as Ray tasks on the cluster at this address (its head node's host:port, 'auto' "
-                   "on one of its nodes; 'ray://host:port' is not tested), or 'local' for a Ray instance on this "
+                   "on one of its nodes; ray://host:port for its Ray Client server), or 'local' for a Ray instance on this "
                    "machine with --workers CPUs (needs pip install onnxflex[ray]; the cluster's nodes must import "
                    "onnxflex and see the spill folder's files; a cluster with token authentication needs "
                    "RAY_AUTH_MODE=token and its token here too); '' = local processes",
@@ -260,6 +260,9 @@ class QuantConfig:
         if self.ray_address and importlib.util.find_spec("ray") is None:
             raise ConfigError(f"ray_address={self.ray_address!r} needs Ray, which is not installed: "
                               "pip install onnxflex[ray]")
+        if self.ray_address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+            raise ConfigError(f"ray_address={self.ray_address!r} is a Ray Client address, which needs grpcio (not "
+                              "installed): pip install onnxflex[ray]")
 
     def _check_weight_grid(self) -> None:
         _check_choice("weight_grid", self.weight_grid, WEIGHT_GRIDS)

@@ -53,3 +53,21 @@ def test_a_task_exception_is_raised_as_itself(local_ray):
             pool.result(0)
     finally:
         pool.close()
+
+
+def test_a_ray_client_address_without_grpcio_is_refused_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"Ray Client address, which needs grpcio .*onnxflex\[ray\]"):
+        QuantConfig(workers=2, ray_address="ray://127.0.0.1:10001")
+    QuantConfig(workers=2, ray_address="127.0.0.1:6379")  # a head node's address needs no grpcio
+
+
+def test_an_unreachable_ray_client_address_is_told_about_the_client_server_port():
+    from onnxflex.workers import _unreachable
+
+    told = _unreachable("ray://10.0.0.1:10001", ConnectionError("ray client connection timeout"))
+    assert "ray client connection timeout" in told and "--ray-client-server-port" in told
+    assert "--ray-client-server-port" not in _unreachable("10.0.0.1:6379", ConnectionError("refused"))
