@@ -18,17 +18,30 @@ log = logging.getLogger("onnxflex")
 VALUES_PER_THREAD = 1 << 18
 
 
+# OpenMP settings that decide how torch's idle threads wait; a caller who set any of them keeps its own
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+# libgomp (torch's OpenMP in its Linux wheels) spins this many times, a few microseconds, before a
+# waiting thread sleeps: back-to-back ops find it awake, a core another process needs is soon released
+SPIN_COUNT = 1000
+
+
 def sleeping_waits() -> None:
-    """Before torch's first import in the process: its OpenMP threads sleep while they wait for work
-    (OMP_WAIT_POLICY PASSIVE) instead of spinning, unless the caller set the policy. On a machine whose
-    cores other processes hold, a spinning thread burns the time slice its partner needs: ddddocr_det
-    --preset fast at load 4 on 2 cores took 27 s in the block loop (its 8-sample head block 8.9 s),
-    8.6 s (1.35 s) sleeping; results are the same either way. Once torch is imported the policy is
-    fixed (OpenMP reads it when it loads), so this then does nothing."""
+    """Before torch's first import in the process: its OpenMP threads spin briefly while they wait for
+    work (GOMP_SPINCOUNT SPIN_COUNT; Intel's and LLVM's OpenMP, which read KMP_BLOCKTIME instead, sleep
+    at once), unless the caller set how they wait (WAIT_SETTINGS). libgomp's default spins 300,000
+    times, and on a machine whose cores other processes hold a spinning thread burns the time slice its
+    partner needs: ddddocr_det --preset fast at load 4 on 2 cores took 27 s in the block loop (its
+    8-sample head block 8.9 s), 8.6 s (1.35 s) sleeping at once (OMP_WAIT_POLICY PASSIVE). Sleeping at
+    once costs each op's fork a wake-up instead: a whole fast run of that model (in one process, torch's
+    import included) took 8.1-9.9 s on an idle machine, 7.1-8.5 s with 1,000 to 20,000 spins, runs
+    interleaved; under two busy processes the two were within their run-to-run spread (17-28 s).
+    Results are the same either way. Once torch is imported the settings are fixed
+    (OpenMP reads them when it loads), so this then does nothing."""
     import sys
 
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" not in sys.modules and not any(name in os.environ for name in WAIT_SETTINGS):
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+        os.environ["KMP_BLOCKTIME"] = "0"
 
 
 @dataclass(frozen=True)

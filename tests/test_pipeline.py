@@ -84,27 +84,31 @@ def test_the_api_wraps_the_pipeline_result():
     assert api.report.keys() == report.keys() and api.report["layers"] == report["layers"]
 
 
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_a_quantize_run_makes_torchs_waiting_threads_sleep_unless_the_caller_chose(given, expected, tmp_path):
-    """In a fresh process, quantize sets OMP_WAIT_POLICY before it imports torch (device.sleeping_waits),
-    and leaves a policy the caller set; with torch imported first it changes nothing."""
+@pytest.mark.parametrize("given, expected", [
+    ({}, "1000 0 None"),  # libgomp spins briefly, Intel's and LLVM's OpenMP sleep at once
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "None None ACTIVE"),
+    ({"KMP_BLOCKTIME": "5"}, "None 5 None"),
+])
+def test_a_quantize_run_bounds_how_torchs_waiting_threads_spin_unless_the_caller_chose(given, expected):
+    """In a fresh process, quantize sets how OpenMP's idle threads wait before it imports torch
+    (device.sleeping_waits), and leaves alone a caller who set any of it; with torch imported first it
+    changes nothing."""
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given:
-        env["OMP_WAIT_POLICY"] = given
+    from onnxflex.device import WAIT_SETTINGS
+
+    clean = {k: v for k, v in os.environ.items() if k not in WAIT_SETTINGS}
+    show = "print(*(os.environ.get(k) for k in ('GOMP_SPINCOUNT', 'KMP_BLOCKTIME', 'OMP_WAIT_POLICY')))\n"
     script = ("import os, sys, onnxflex\n"
               "assert 'torch' not in sys.modules\n"
               f"onnxflex.quantize({str(CNN)!r}, None, onnxflex.QuantConfig(method='rtn', latency_rules=False),"
-              " progress=False)\n"
-              "print(os.environ.get('OMP_WAIT_POLICY'))\n")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+              " progress=False)\n" + show)
+    out = subprocess.run([sys.executable, "-c", script], env={**clean, **given}, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == expected, out.stdout
+    assert out.stdout.splitlines()[-1] == expected, out.stdout
     first = subprocess.run([sys.executable, "-c", "import torch, os\nfrom onnxflex.device import sleeping_waits\n"
-                            "sleeping_waits()\nprint(os.environ.get('OMP_WAIT_POLICY'))"],
-                           env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
-                           capture_output=True, text=True, timeout=300)
-    assert first.stdout.split()[-1] == "None", first.stdout + first.stderr[-2000:]
+                            "sleeping_waits()\n" + show], env=clean, capture_output=True, text=True, timeout=300)
+    assert first.stdout.splitlines()[-1] == "None None None", first.stdout + first.stderr[-2000:]
