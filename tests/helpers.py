@@ -1,6 +1,8 @@
 """Helpers the tests import (tests/ is on pytest's pythonpath)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,14 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 CNN = MODELS / "digits_cnn.onnx"
+
+
+def run_cli(*args: str, cwd=ROOT, env: dict[str, str] | None = None, timeout: float = 600
+            ) -> subprocess.CompletedProcess:
+    """``python -m onnxflex.cli ARGS`` in a process of its own (``env``: its whole environment, default
+    this one's), its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "onnxflex.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def run_model(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
-from helpers import CNN, ROOT
+from helpers import CNN, run_cli
 from onnxflex.report import timeless
 
 SEED = 3
@@ -19,10 +17,8 @@ SEED = 3
 
 def quantize_in_subprocess(out, hash_seed: int) -> None:
     env = dict(os.environ, PYTHONHASHSEED=str(hash_seed))
-    cmd = [sys.executable, "-m", "onnxflex.cli", "quantize", str(CNN), "-o", str(out), "--method", "flexround",
-           "--iters", "20", "--calib-samples", "64", "--batch-size", "16", "--seed", str(SEED), "--device", "cpu",
-           "--quiet"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = run_cli("quantize", str(CNN), "-o", str(out), "--method", "flexround", "--iters", "20", "--calib-samples",
+                   "64", "--batch-size", "16", "--seed", str(SEED), "--device", "cpu", "--quiet", env=env)
     assert done.returncode == 0, f"quantize failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
 
 

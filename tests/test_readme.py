@@ -12,7 +12,7 @@ import tomllib
 import onnx
 import pytest
 
-from helpers import MODELS, ROOT
+from helpers import MODELS, ROOT, run_cli
 from onnxflex.cli import flag_of, options_markdown
 from onnxflex.config import QuantConfig
 
@@ -34,11 +34,6 @@ def command_blocks(program: str) -> list[list[str]]:
     return [block for block in blocks if block]
 
 
-def run_cli(args: list[str], cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnxflex.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.fixture
 def workdir(tmp_path):
     """The repo's models plus the README's placeholder files model.onnx and calib.npz."""
@@ -57,7 +52,7 @@ def test_readme_has_the_commands_this_suite_runs():
 def test_readme_cli_commands(block, workdir):
     for command in block:
         args = shlex.split(command.replace("/tmp/", f"{workdir}/"))[1:]
-        result = run_cli(args, workdir)
+        result = run_cli(*args, cwd=workdir, timeout=300)
         assert result.returncode == 0, f"{command!r} failed:\n{result.stdout}\n{result.stderr}"
         check_output(args, result.stdout, workdir)
 

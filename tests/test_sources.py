@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -11,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxflex
-from helpers import CNN, MODELS
+from helpers import CNN, MODELS, run_cli
 from onnxflex.config import QuantConfig
 from onnxflex.errors import CalibrationError
 from onnxflex.options import resolve as resolve_options
@@ -49,9 +47,8 @@ def test_cli_reader_and_iterable_give_identical_files(tmp_path, calib_images):
     cli_out = tmp_path / "cli.onnx"
     flags = ["--method", FAST["method"], "--iters", str(FAST["iters"]), "--seed", str(FAST["seed"]),
              "--calib-samples", str(FAST["calib_samples"])]
-    done = subprocess.run([sys.executable, "-m", "onnxflex.cli", "quantize", str(CNN), "--calib",
-                           str(MODELS / "digits_cnn.calib.npz"), "-o", str(cli_out), "--quiet", *flags],
-                          capture_output=True, text=True, timeout=600)
+    done = run_cli("quantize", str(CNN), "--calib", str(MODELS / "digits_cnn.calib.npz"), "-o", str(cli_out),
+                   "--quiet", *flags)
     assert done.returncode == 0, done.stderr
     config = QuantConfig(**FAST)
     reader_out = onnxflex.quantize(CNN, Reader(calib_images, 16), config, progress=False).save(tmp_path / "r.onnx")
@@ -229,7 +226,6 @@ def test_model_without_data_quantizes_on_synthetic_inputs_with_a_warning(tmp_pat
 def test_cli_asks_for_input_shape_on_dynamic_models(tmp_path):
     path = tmp_path / "dyn.onnx"
     onnx.save(_dynamic_conv_model(), str(path))
-    done = subprocess.run([sys.executable, "-m", "onnxflex.cli", "quantize", str(path), "-o",
-                           str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=300)
+    done = run_cli("quantize", str(path), "-o", str(tmp_path / "q.onnx"), timeout=300)
     assert done.returncode == 2
     assert "--input-shape x:1x3xNxN" in done.stderr, done.stderr

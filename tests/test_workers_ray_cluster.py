@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from helpers import CNN, ROOT  # noqa: E402
+from helpers import CNN, run_cli  # noqa: E402
 
 TOKEN = secrets.token_hex(16)
 FLAGS = ["--method", "flexround", "--block-input", "quantized", "--wbits", "4", "--weight-scale", "mse",
@@ -68,8 +68,7 @@ def cluster(tmp_path_factory):
 
 
 def _quantize(out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "onnxflex.cli", "quantize", str(CNN), "-o", str(out), *FLAGS, *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=env or dict(os.environ), capture_output=True, text=True, timeout=600)
+    return run_cli("quantize", str(CNN), "-o", str(out), *FLAGS, *extra, env=env)
 
 
 @pytest.fixture(scope="module")
