@@ -284,3 +284,30 @@ def test_frozen_asymmetric_weights_compute_what_the_dequantize_linear_does(shape
     q = make_rounder("rtn", weight(shape), axis, 4, "mse", group, True).export()
     assert q.asymmetric and q.zero_point.any()
     np.testing.assert_array_equal(FrozenRounder(q).fake_quant().numpy(), q.dequantize())
+
+
+def test_a_frozen_rounder_takes_read_only_integers_without_a_warning_or_a_copy():
+    """File-backed integers and a Ray object's arrays are read-only: the frozen rounder reads them in place,
+    and torch's warning about writing to them (nothing does) does not reach the user. In a fresh process:
+    torch gives that warning once per process, so an earlier test's would hide it."""
+    import subprocess
+    import sys
+
+    script = """
+import warnings
+import numpy as np
+from onnxflex.qparams import QuantizedWeight
+from onnxflex.rounding.rounders import FrozenRounder
+
+ints = np.arange(-8, 8, dtype=np.int8).reshape(4, 4)
+scale, zero = np.full(4, 0.5, np.float32), np.zeros(4, np.int8)
+for a in (ints, scale, zero):
+    a.flags.writeable = False
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    frozen = FrozenRounder(QuantizedWeight(ints, scale, zero, axis=0, bits=8))
+assert np.shares_memory(frozen.ints.numpy(), ints)
+np.testing.assert_array_equal(frozen.fake_quant().numpy(), ints.astype(np.float32) * 0.5)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

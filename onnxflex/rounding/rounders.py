@@ -18,6 +18,8 @@ to them.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -274,6 +276,17 @@ class FlexRounder(Rounder):
         return torch.clamp(self.shift(round_ste(self.weight / self.divisor())), self.qmin, self.qmax)
 
 
+def _read_only_tensor(values: np.ndarray) -> torch.Tensor:
+    """``values`` as a tensor without a copy, also when numpy marks them read-only (file-backed integers,
+    spill.file_backed; a Ray object's arrays): nothing writes into a frozen rounder's buffers, so torch's
+    warning that writing would be undefined is not passed on."""
+    if values.flags.writeable:
+        return torch.from_numpy(values)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(values)
+
+
 class FrozenRounder(torch.nn.Module):
     """A finished layer's weight as exported integers and steps: fake_quant() = (ints − z) · s, the
     values the emitted DequantizeLinear computes (per channel, or blocked). Holds no float weight and
@@ -284,9 +297,8 @@ class FrozenRounder(torch.nn.Module):
         self.quantized = weight
         self.axis, self.bits, self.block_size = weight.axis, weight.bits, weight.block_size
         self.shape = channel_shape(weight.ints.ndim, weight.axis)
-        self.register_buffer("ints", torch.from_numpy(np.ascontiguousarray(weight.ints)).to(device))
-        self.register_buffer("step", torch.from_numpy(np.ascontiguousarray(weight.scale)).to(device))
-        self.register_buffer("zero_point", torch.from_numpy(np.ascontiguousarray(weight.zero_point)).to(device))
+        for name, values in (("ints", weight.ints), ("step", weight.scale), ("zero_point", weight.zero_point)):
+            self.register_buffer(name, _read_only_tensor(np.ascontiguousarray(values)).to(device))
         self.symmetric = not np.any(weight.zero_point)
         self.train(False)
 
