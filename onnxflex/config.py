@@ -117,9 +117,9 @@ OPTION_HELP: dict[str, str] = {
                "to one worker's where the blocks' thread counts agree (blocks under 256k values per tensor, or "
                "--threads at most CPUs / workers); a worker that dies has its job run again in a fresh one",
     "ray_address": "run the block jobs as Ray tasks on the cluster at this address (its head node's host:port, 'auto' "
-                   "on one of its nodes; ray://host:port for its Ray Client server), or 'local' for a Ray instance on this "
-                   "machine with --workers CPUs (needs pip install onnxflex[ray]; the cluster's nodes must import "
-                   "onnxflex and see the spill folder's files; a cluster with token authentication needs "
+                   "on one of its nodes; ray://host:port for its Ray Client server), or 'local' for a Ray instance "
+                   "on this machine with --workers CPUs (needs pip install onnxflex[ray]; the cluster's nodes must "
+                   "import onnxflex and see the spill folder's files; a cluster with token authentication needs "
                    "RAY_AUTH_MODE=token and its token here too); '' = local processes",
     "max_cache_mb": "RAM for captured tensors; beyond it they spill to files in the temporary folder ($TMPDIR), "
                     "and a run whose estimated spill exceeds that disk's free space is refused before it starts",

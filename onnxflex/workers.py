@@ -396,9 +396,11 @@ class RayPool:
 def _unreachable(address: str, exc: ConnectionError) -> str:
     """What to tell a user whose cluster did not take this process's connection."""
     why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    fix = ("check that the cluster runs a Ray Client server at that port (ray start --head "
-           "--ray-client-server-port, 10001 by default)") if address.startswith("ray://") else \
-        "check that the cluster runs and that the address is its head node's (host:port, or 'auto' on a node)"
+    if address.startswith("ray://"):
+        fix = "check that the cluster runs a Ray Client server at that port (ray start --head " \
+              "--ray-client-server-port, 10001 by default)"
+    else:
+        fix = "check that the cluster runs and that the address is its head node's (host:port, or 'auto' on a node)"
     if os.environ.get("RAY_AUTH_MODE") != "token":
         fix += ("; a cluster started with token authentication (ray start says so) also needs RAY_AUTH_MODE=token "
                 "in this process's environment, its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")

@@ -44,7 +44,8 @@ def cluster(tmp_path_factory):
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
     with open(log, "w") as out:
         head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
-                                 "--ray-client-server-port", str(client), "--include-dashboard", "false", "--disable-usage-stats"],
+                                 "--ray-client-server-port", str(client), "--include-dashboard", "false",
+                                 "--disable-usage-stats"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -92,5 +93,6 @@ def test_a_cluster_that_refuses_the_connection_is_bad_input(cluster, tmp_path):
     env["RAY_gcs_server_port_wait_time_s"] = "2"  # Ray's connection tries: 2 s, not 20
     done = _quantize(tmp_path / "refused.onnx", "--workers", "2", "--ray-address", cluster["gcs"], env=env)
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
-    assert f"--ray-address {cluster['gcs']}" in done.stderr and "RAY_AUTH_MODE=token" in done.stderr, done.stderr[-2000:]
+    assert f"--ray-address {cluster['gcs']}" in done.stderr, done.stderr[-2000:]
+    assert "RAY_AUTH_MODE=token" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "refused.onnx").exists()

@@ -298,8 +298,9 @@ def quantize_activations(model, params, target):
     for tensor, act in params.acts.items():
         g = homes.get(tensor)
         if g is not None:
-            wiring = wirings.get(id(g)) or wirings.setdefault(id(g), Wiring(g))
-            _qdq_pair(g, wiring, scope, tensor, act)
+            if id(g) not in wirings:
+                wirings[id(g)] = Wiring(g)
+            _qdq_pair(g, wirings[id(g)], scope, tensor, act)
     return _sorted(model)
 
 

@@ -64,9 +64,10 @@ def in_parts(view: torch.Tensor, dims: tuple[int, ...]):
     values (one part when ``keep`` is not 0: a part of columns reduces its tail in another order, and
     its steps would differ in the last bit from the whole weight's). Several parts run on one thread:
     a part's ops are small, and with OpenMP's threads sleeping between ops (measured when they slept at
-    once; device.sleeping_waits) waking the second costs more than it gains (1024 x 2816 at g32, asymmetric: 0.21 s on 2 threads, 0.05 s on
-    one; whole weights on 2: 0.21 s too). One part keeps torch's threads: its ops are long enough for
-    a second thread to pay (512 x 8210 per channel at 8 bits: 0.070 s on one thread, 0.038 s on two)."""
+    once; device.sleeping_waits) waking the second costs more than it gains (1024 x 2816 at g32,
+    asymmetric: 0.21 s on 2 threads, 0.05 s on one; whole weights on 2: 0.21 s too). One part keeps
+    torch's threads: its ops are long enough for a second thread to pay (512 x 8210 per channel at 8
+    bits: 0.070 s on one thread, 0.038 s on two)."""
     keep = next(d for d in range(view.ndim) if d not in dims)
     count = view.shape[keep]
     width = max(1, SEARCH_CHUNK // max(1, view.numel() // count)) if keep == 0 else count

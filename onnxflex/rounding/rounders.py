@@ -280,8 +280,6 @@ def _read_only_tensor(values: np.ndarray) -> torch.Tensor:
     """``values`` as a tensor without a copy, also when numpy marks them read-only (file-backed integers,
     spill.file_backed; a Ray object's arrays): nothing writes into a frozen rounder's buffers, so torch's
     warning that writing would be undefined is not passed on."""
-    if values.flags.writeable:
-        return torch.from_numpy(values)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
         return torch.from_numpy(values)
