@@ -15,6 +15,7 @@ import onnxflex
 from graphs import gemm_mlp, matmul_bias_mlp
 from onnxflex.config import QuantConfig
 from onnxflex.graph import default_opset
+from onnxflex.layout import Layout
 from onnxflex.options import resolve
 from onnxflex.pipeline import build_plan
 from onnxflex.planning import ACCUMULATE_SHARE, plan
@@ -173,7 +174,7 @@ def test_unseen_rows_are_the_samples_no_step_drew_and_stop_early_on_a_million_st
 
 
 def _runner(config) -> BlockRunner:
-    cache = types.SimpleNamespace(num_samples=64)  # BlockRunner reads only its sample count here
+    cache = types.SimpleNamespace(num_samples=64, layout=Layout())  # what BlockRunner reads of it here
     return BlockRunner(build_plan(gemm_mlp(), resolve(QuantConfig()).plan), cache, QuantState(),
                        get_target("onnxruntime"), config, CPU, ("CPUExecutionProvider",))
 

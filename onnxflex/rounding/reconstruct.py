@@ -26,6 +26,7 @@ from onnxflex.extdata import is_offloaded, tensor_array
 from onnxflex.graph import default_opset, node_attr
 from onnxflex.layout import Layout
 from onnxflex.options import RoundingOptions
+from onnxflex.persample import apart_blocks
 from onnxflex.progress import Progress
 from onnxflex.passes.select import concat_ties
 from onnxflex.passes.select_inner import initializers_of
@@ -594,7 +595,18 @@ class BlockRunner:
         self.learners = set(learning_blocks(plan, config, budget))
         self.last_learner = max(self.learners, default=-1)
         self.head_feeders = head_feeders(plan)
+        # on a fixed-batch model, the blocks whose step micro-batches can run as one batch (persample.py)
+        self.apart = apart_blocks(plan, cache.layout) if config.accumulate > 1 else set()
         self.ready: dict[str, Rounder] = {}  # rounders workers built ahead (workers.PipelinedRunner), by weight
+
+    def rounding_of(self, block: Block) -> RoundingOptions:
+        """The options ``block`` runs with: the run's, or for a block that computes each sample apart on a
+        fixed-batch model (``apart``) its steps' micro-batches as one batch of as many samples (the same
+        samples, loss and gradient, fewer and larger runs), which its other runs take as their batch too."""
+        config = self.config
+        if block.name not in self.apart:
+            return config
+        return config.replace(batch_size=config.batch_size * config.accumulate, accumulate=1)
 
     def iters_of(self, index: int) -> int:
         """The steps block ``index`` learns (block_steps)."""
@@ -646,8 +658,9 @@ class BlockRunner:
     def store(self, module: BlockModule | OrtBlock, data: BlockData, index: int) -> float:
         """store_quantized_outputs of block ``index`` over its ``path_samples``; returns the block loss on
         its ``loss_samples``."""
-        return store_quantized_outputs(module, data, self.cache, data.nograd_batch(self.config.batch_size),
-                                       self.path_samples(index), self.loss_samples(index))
+        batch = data.nograd_batch(self.rounding_of(self.plan.blocks[index]).batch_size)
+        return store_quantized_outputs(module, data, self.cache, batch, self.path_samples(index),
+                                       self.loss_samples(index))
 
     def summary(self, index: int, result: BlockResult) -> str:
         """Block ``index``'s progress line: its loss before and after (and on how many samples, when not
@@ -663,7 +676,7 @@ class BlockRunner:
         """The block's tensors on the device (BlockData), with torch's threads sized for its largest
         tensor while the block computes."""
         data = BlockData(block, self.cache, self.device, self.config.block_input == "fp")
-        largest = max([self.config.batch_size * data.largest_sample()]
+        largest = max([self.rounding_of(block).batch_size * data.largest_sample()]
                       + [self.sizes.get(l.weight, 0) for l in block.layers])
         with torch_threads(threads_for(largest, self.device, self.config.threads)):
             yield data
@@ -680,7 +693,8 @@ class BlockRunner:
             try:
                 if observed is not None:
                     probe_run(module, data, fixed_batch(self.plan.model) or 1)
-                unseen = calibrate_activations(module, data, self.config, seed, self.plan.head_points, observed)
+                unseen = calibrate_activations(module, data, self.rounding_of(block), seed, self.plan.head_points,
+                                               observed)
                 untaken = keep_untaken_rtn(module, self.plan.model, self.config, self.device)
                 _warn_not_reached(block, unseen, untaken)
                 make_room_for_biases(block, self.state)
@@ -692,8 +706,8 @@ class BlockRunner:
                     "exclude its nodes with --exclude-node to keep them in float instead", block.name, problem)
         self._add_quantizers(block, "rtn")
         module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
-        _warn_not_reached(block, calibrate_activations(module, data, self.config, seed, self.plan.head_points,
-                                                       observed))
+        _warn_not_reached(block, calibrate_activations(module, data, self.rounding_of(block), seed,
+                                                       self.plan.head_points, observed))
         make_room_for_biases(block, self.state)
         settle_biases(block, self.state)
         return module
@@ -709,12 +723,13 @@ class BlockRunner:
         while the block learns, is corrected again for the learned rounding (QuantState.resettle_bias)
         before the learned loss is taken, so that both checks judge the bias that is emitted; undone
         learning restores the start's bias too."""
-        batch = data.nograd_batch(self.config.batch_size)
+        config = self.rounding_of(module.block)
+        batch = data.nograd_batch(config.batch_size)
         before = evaluate(module, data, batch)
         start = [p.detach().clone() for params, _ in module.learnable() for p in params]
         settled = {l.bias: self.state.bias_values[l.bias] for l in module.block.layers
                    if resettle and l.bias in self.state.settled_means}
-        config = self.config if iters == self.config.iters else self.config.replace(iters=iters)
+        config = config if iters == config.iters else config.replace(iters=iters)
         steps = train(module, data, config, seed, progress)
         for bias in settled:
             self.state.resettle_bias(bias)
@@ -741,7 +756,7 @@ class BlockRunner:
         held = unseen_rows(seed, data.num_samples, batch, config, steps)
         if held is None:
             return False
-        size = data.nograd_batch(self.config.batch_size)
+        size = data.nograd_batch(config.batch_size)
         learned = [p.detach().clone() for params, _ in module.learnable() for p in params]
         learned_biases = {b: self.state.bias_values[b] for b in settled or {}}
         after = evaluate_rows(module, data, held, size)
