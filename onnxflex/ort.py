@@ -45,12 +45,15 @@ def available_providers() -> list[str]:
 
 
 def session_options(*, matmulnbits: bool = True, optimized_path: str | None = None,
-                    extended_only: bool = False, severity: int = 3) -> ort.SessionOptions:
+                    extended_only: bool = False, severity: int = 3, spinning: bool = True) -> ort.SessionOptions:
     """Options with log severity ``severity`` (3: errors only); ``matmulnbits``: MatMulNBits at
     MATMULNBITS_ACCURACY_LEVEL; ``optimized_path``: onnxruntime writes its optimized graph there;
-    ``extended_only``: optimizations up to ORT_ENABLE_EXTENDED (no layout transforms)."""
+    ``extended_only``: optimizations up to ORT_ENABLE_EXTENDED (no layout transforms); not ``spinning``:
+    its intra-op threads sleep when idle (other work of the process runs between its runs)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = severity
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if extended_only:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if optimized_path is not None:

@@ -139,7 +139,10 @@ def capture_fp32(original: onnx.ModelProto, refined: Refined, samples: Samples, 
     progress.start(recon.num_samples, "capture")
     observers = act_observers(refined, recon)
     probed = boundary + (observers.tensors if observers is not None else [])
-    per_sample = sum(tensor_bytes(refined.plan.model, list(dict.fromkeys(probed)), recon).values())
+    sizes = tensor_bytes(refined.plan.model, list(dict.fromkeys(probed)), recon)
+    # a run's act points stay with the observers while the next run's outputs come back (capture.capture)
+    held = sum(sizes.get(name, 0) for name in dict.fromkeys(observers.tensors)) if observers is not None else 0
+    per_sample = sum(sizes.values()) + held
     batch = capture_batch(per_sample, refined.config.capture.max_cache_mb * MIB)
     if observers is not None:
         observers = act_observers(refined, recon, batch)

@@ -165,3 +165,33 @@ def test_points_sharing_a_concat_step_pool_in_the_capture_run(monkeypatch):
     assert ours["a"] == ours["b"] and ours.keys() == theirs.keys(), (ours, theirs)
     for name, (s, z) in ours.items():
         assert s == pytest.approx(theirs[name][0], rel=1e-5) and z == theirs[name][1], name
+
+
+def test_the_observers_thread_sees_every_batch_in_order_and_its_error_reaches_the_caller(monkeypatch):
+    """capture.capture hands each run's act point values to the observers in a thread of their own while
+    onnxruntime runs the next batch: every batch arrives, in order, and an observer's error stops the run
+    with that error."""
+    from onnxflex import capture
+    from onnxflex.rounding.actcapture import CaptureObservers
+
+    monkeypatch.setattr(capture, "CAPTURE_BATCH", 8)
+    x = np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32)
+    firsts: list[float] = []
+    observe = CaptureObservers.observe
+
+    def recorded(self, values, layout, samples):
+        firsts.append(float(values["x"].reshape(-1)[0]))
+        if len(firsts) == failing:
+            raise RuntimeError("observer failed")
+        return observe(self, values, layout, samples)
+
+    monkeypatch.setattr(CaptureObservers, "observe", recorded)
+    config = onnxflex.QuantConfig(method="rtn", verify_samples=0, calib_samples=0)
+    failing = 0
+    onnxflex.quantize(graphs.hardswish_se(), {"x": x}, config, progress=False)
+    assert firsts == [float(v) for v in x[::8, 0, 0, 0]], firsts
+    firsts.clear()
+    failing = 3
+    with pytest.raises(RuntimeError, match="observer failed"):
+        onnxflex.quantize(graphs.hardswish_se(), {"x": x}, config, progress=False)
+    assert len(firsts) == 3, f"the run went on past the failed batch: {len(firsts)} batches observed"
