@@ -126,3 +126,4 @@ def test_a_step_runs_its_micro_batches_as_one_batch_with_their_loss_and_weights(
     same = [np.mean(numpy_helper.to_array(t) == weights[t.name]) for t in merged.model.graph.initializer
             if t.name in weights]
     assert same and min(same) >= 0.99, f"share of equal int8 weights per tensor: {same}"
+

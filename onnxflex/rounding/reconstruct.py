@@ -657,8 +657,16 @@ class BlockRunner:
 
     def store(self, module: BlockModule | OrtBlock, data: BlockData, index: int) -> float:
         """store_quantized_outputs of block ``index`` over its ``path_samples``; returns the block loss on
-        its ``loss_samples``."""
-        batch = data.nograd_batch(self.rounding_of(self.plan.blocks[index]).batch_size)
+        its ``loss_samples``. A torch block that learns nothing before the last one that does runs its
+        emitted subgraph in onnxruntime there (OrtBlock, on the frozen state): all samples go through it,
+        and onnxruntime's integer kernels compute what the emitted model will, several times faster than
+        the float convolutions of the fake-quantized torch block."""
+        block = self.plan.blocks[index]
+        if isinstance(module, BlockModule) and index not in self.learners and index < self.last_learner:
+            module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
+            batch = data.nograd_batch(self.config.batch_size)
+        else:
+            batch = data.nograd_batch(self.rounding_of(block).batch_size)
         return store_quantized_outputs(module, data, self.cache, batch, self.path_samples(index),
                                        self.loss_samples(index))
 
