@@ -589,7 +589,8 @@ class BlockRunner:
         self.sizes = _initializer_sizes(plan.model)
         # a model whose weights stay on disk keeps its frozen integers on disk too (spill.file_backed):
         # held in RAM they would grow with the model, a quarter of its float size at one byte each
-        self.file_backed = is_offloaded(plan.model) and device.type == "cpu"
+        self.offloaded = is_offloaded(plan.model)
+        self.file_backed = self.offloaded and device.type == "cpu"
         # a block learns on its inputs' q: rows of every sample; after the last block that learns, the
         # quantized path only reports each block's loss, which needs only a few samples
         self.learners = set(learning_blocks(plan, config, budget))
@@ -660,9 +661,11 @@ class BlockRunner:
         its ``loss_samples``. A torch block that learns nothing before the last one that does runs its
         emitted subgraph in onnxruntime there (OrtBlock, on the frozen state): all samples go through it,
         and onnxruntime's integer kernels compute what the emitted model will, several times faster than
-        the float convolutions of the fake-quantized torch block."""
+        the float convolutions of the fake-quantized torch block; not for a model whose weights stay on disk,
+        whose session would hold a copy of the block's weights beside the bounded run's."""
         block = self.plan.blocks[index]
-        if isinstance(module, BlockModule) and index not in self.learners and index < self.last_learner:
+        if isinstance(module, BlockModule) and index not in self.learners and index < self.last_learner \
+                and not self.offloaded:
             module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
             batch = data.nograd_batch(self.config.batch_size)
         else:
