@@ -250,16 +250,20 @@ def external_chunks(tensor: TensorProto, folder: str | os.PathLike) -> Iterator[
 
 
 def copy_except(dst, src, skip: set[str]) -> None:
-    """Copies every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
-    for fd, value in src.ListFields():
+    """Copies every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``, which
+    are never read (ListFields would make a bytes object of a tensor's whole raw_data, only to skip it)."""
+    for fd in src.DESCRIPTOR.fields:
         if fd.name in skip:
             continue
-        if hasattr(value, "extend") and not isinstance(value, (str, bytes)):
-            getattr(dst, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
+        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:  # protobuf 7 / older
+            value = getattr(src, fd.name)
+            if len(value):
+                getattr(dst, fd.name).extend(value)
+        elif src.HasField(fd.name):
+            if fd.message_type is not None:
+                getattr(dst, fd.name).CopyFrom(getattr(src, fd.name))
+            else:
+                setattr(dst, fd.name, getattr(src, fd.name))
 
 
 ASIDE_BYTES = 1 << 16  # initializers at least this large go to onnx's converter and inference without their payload

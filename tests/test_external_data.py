@@ -252,3 +252,20 @@ def test_an_offloaded_models_learning_gives_weight_sized_temporaries_back_and_re
     monkeypatch.setattr(reconstruct, "is_offloaded", lambda model: False)
     onnxflex.quantize(str(model_path), feeds, config, progress=False)
     assert settings == [True, True, False, False], settings
+
+
+def test_copy_except_copies_every_set_field_but_the_skipped_ones():
+    """extdata.copy_except (payload-free copies for onnx's converter and inference): the same message as a
+    full copy with the skipped fields cleared, repeated, message and scalar fields alike."""
+    tensor = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "w")
+    tensor.doc_string = "a weight"
+    tensor.metadata_props.add(key="origin", value="test")
+    model = helper.make_model(helper.make_graph([], "g", [], [], [tensor]), producer_name="p", doc_string="m")
+    model.metadata_props.add(key="k", value="v")
+    for src, skip in ((tensor, {"raw_data"}), (model, {"graph"}), (model.graph, {"initializer"})):
+        copied, expected = type(src)(), type(src)()
+        extdata.copy_except(copied, src, skip)
+        expected.CopyFrom(src)
+        for name in skip:
+            expected.ClearField(name)
+        assert copied == expected and copied.ListFields(), (type(src).__name__, copied, expected)
