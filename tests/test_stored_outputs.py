@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from onnx import TensorProto, helper
 
+import graphs
 import onnxflex
 from graphs import conv_batchnorm
 from onnxflex.cache import Key
@@ -12,18 +14,18 @@ from onnxflex.config import QuantConfig
 from onnxflex.rounding import reconstruct
 
 
-def test_a_block_that_learns_nothing_before_a_learner_stores_through_onnxruntime(monkeypatch):
-    """Its quantized outputs, the next block's inputs, come from its emitted subgraph in onnxruntime (an
-    OrtBlock on the frozen state), and agree with the torch block's fake-quantized outputs to within one
-    activation step, nearly all of them exactly."""
+def stored_against_torch(monkeypatch, model, data, zero: int) -> tuple[list[str], list, dict]:
+    """Quantize ``model`` on ``data`` (flexround, 2 steps) with blocks 0..``zero`` given no steps and the
+    others their iterations: (the blocks that ran in an OrtBlock, (module kind, stored rows, the torch
+    block's rows, act step) for each output of blocks 0..``zero``, the report)."""
     compared = []
     store = reconstruct.BlockRunner.store
 
     def checked(self, module, data, index):
         loss = store(self, module, data, index)
-        if index == 0:
+        if index <= zero:
             with torch.no_grad(), reconstruct.fixed_weights(module):
-                torch_out = data.run(module, dict(data.q_inputs))
+                torch_out = data.run(module, {k: v[:data.num_samples] for k, v in data.q_inputs.items()})
             for name, value in torch_out.items():
                 stored = np.asarray(self.cache[Key.q(name)])
                 step = self.state.acts[name].export()[0] if name in self.state.acts else 1e-3
@@ -31,23 +33,70 @@ def test_a_block_that_learns_nothing_before_a_learner_stores_through_onnxruntime
         return loss
 
     monkeypatch.setattr(reconstruct.BlockRunner, "store", checked)
-    monkeypatch.setattr(reconstruct, "block_steps", lambda config, budget, index: 0 if index == 0 else config.iters)
+    monkeypatch.setattr(reconstruct, "block_steps",
+                        lambda config, budget, index: 0 if index <= zero else config.iters)
     ran = []
-    monkeypatch.setattr(reconstruct.OrtBlock, "__call__", _recording(reconstruct.OrtBlock.__call__, ran))
-    x = np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32)
+    call = reconstruct.OrtBlock.__call__
+
+    def recorded(self, feeds, *args, **kwargs):
+        ran.append(self.block.name)
+        return call(self, feeds, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct.OrtBlock, "__call__", recorded)
     config = QuantConfig(method="flexround", iters=2, early_stop=0, calib_samples=0, verify_samples=8)
-    result = onnxflex.quantize(conv_batchnorm(), {"x": x}, config, progress=False)
-    assert [b["iters"] for b in result.report["blocks"]][:2] == [0, 2], result.report["blocks"]
-    assert ran and set(ran) == {"block0"}, ran
-    assert compared, "block 0's quantized outputs were not compared"
+    report = onnxflex.quantize(model, data, config, progress=False).report
+    assert [b["iters"] for b in report["blocks"]][zero:zero + 2] == [0, 2], report["blocks"]
+    return ran, compared, report
+
+
+def assert_within_a_step(compared: list) -> None:
+    assert compared, "no stored outputs were compared"
     for kind, stored, computed, step in compared:
         assert kind == "BlockModule" and stored.shape == computed.shape, (kind, stored.shape, computed.shape)
         assert np.abs(stored - computed).max() <= step * 1.01, (np.abs(stored - computed).max(), step)
         assert np.mean(np.isclose(stored, computed, atol=step * 1e-3)) >= 0.99
 
 
-def _recording(call, ran: list[str]):
-    def recorded(self, feeds, *args, **kwargs):
-        ran.append(self.block.name)
-        return call(self, feeds, *args, **kwargs)
-    return recorded
+def test_a_block_that_learns_nothing_before_a_learner_stores_through_onnxruntime(monkeypatch):
+    """Its quantized outputs, the next block's inputs, come from its emitted subgraph in onnxruntime (an
+    OrtBlock on the frozen state), and agree with the torch block's fake-quantized outputs to within one
+    activation step, nearly all of them exactly."""
+    x = np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32)
+    ran, compared, _ = stored_against_torch(monkeypatch, conv_batchnorm(), {"x": x}, zero=0)
+    assert ran and set(ran) == {"block0"}, ran
+    assert_within_a_step(compared)
+
+
+def if_then_conv():
+    """conv0 → relu → conv1 → relu → If(sr == 16000) (a Conv or a MatMul branch, weights inside them) →
+    relu → conv2: the If's block sits between two others."""
+    from test_control_flow import _branch
+
+    b = graphs._Builder(3)
+    b.node("Conv", ["x", b.conv_weight("w0", 8, 3, 3), b.small("b0", (8,))], ["c0"], name="conv0", pads=[1, 1, 1, 1])
+    b.node("Relu", ["c0"], ["r0"], name="relu0")
+    b.node("Conv", ["r0", b.conv_weight("w1", 8, 8, 3)], ["c1"], name="conv1", pads=[1, 1, 1, 1])
+    b.node("Relu", ["c1"], ["a"], name="relu1")
+    b.node("Equal", ["sr", b.const("rate", np.array(16000, np.int64))], ["is16k"], name="is16k")
+    then_g, else_g = _branch(b, "conv_16k", "Conv"), _branch(b, "matmul_8k", "MatMul")
+    b.node("If", ["is16k"], ["g"], name="by_rate", then_branch=then_g, else_branch=else_g)
+    b.node("Relu", ["g"], ["r2"], name="relu2")
+    b.node("Conv", ["r2", b.conv_weight("w2", 8, 8, 3)], ["y"], name="conv2", pads=[1, 1, 1, 1])
+    sr = helper.make_tensor_value_info("sr", TensorProto.INT64, [])
+    return b.model("if_then_conv", [graphs._image(size=8), sr], [graphs._out(graphs.N, 8, 8, 8)], opset=13)
+
+
+def test_a_block_holding_an_if_stores_through_onnxruntime_too(monkeypatch):
+    """conv0 → conv1 → If (its branches' weights inside them) → conv2, the blocks up to the If's given no
+    steps: the If's block stores through its emitted subgraph as well (the passes made the branches'
+    outer-scope reads explicit inputs), within one activation step of its torch module."""
+    model = if_then_conv()
+    plan = onnxflex.pipeline.build_plan(model, onnxflex.options.resolve(QuantConfig()).plan)
+    ops = {n.name: n.op_type for n in plan.model.graph.node}
+    holding = [i for i, b in enumerate(plan.blocks) if any(ops[n] == "If" for n in b.nodes)]
+    assert holding and holding[-1] < len(plan.blocks) - 1, [b.nodes for b in plan.blocks]
+    data = {"x": np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32),
+            "sr": np.array(16000, np.int64)}
+    ran, compared, report = stored_against_torch(monkeypatch, model, data, zero=holding[-1])
+    assert plan.blocks[holding[-1]].name in ran, ran
+    assert_within_a_step(compared)
