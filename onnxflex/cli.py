@@ -15,7 +15,7 @@ import click
 
 from onnxflex.config import OPTION_HELP, QuantConfig, choices, read_toml
 from onnxflex.errors import ConfigError, OnnxflexError, VerificationError
-from onnxflex.exits import (FAILED, INTERNAL, SIGINT_EXIT, SIGTERM_EXIT, Terminated, crash_log,
+from onnxflex.exits import (FAILED, INTERNAL, OK, SIGINT_EXIT, SIGTERM_EXIT, Terminated, crash_log, exit_promptly,
                             internal_error_line, sigterm_unwinds)
 from onnxflex.options import given_toml, resolve
 
@@ -324,5 +324,15 @@ def check(model, target, static_only, as_json) -> None:
         sys.exit(FAILED)
 
 
+def run() -> None:
+    """The console entry point (``onnxflex``, ``python -m onnxflex.cli``): ``main`` with its exit code,
+    ended by exits.exit_promptly (no interpreter teardown once the command's work and cleanup are done)."""
+    try:
+        main()
+    except SystemExit as exc:
+        exit_promptly(exc.code)
+    exit_promptly(OK)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -21,11 +21,12 @@ EVAL = MODELS / "digits_cnn.eval.npz"
 
 
 def run_cli(tmp_path: Path, *args, inject: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
-    """``onnxflex ARGS`` in a fresh interpreter whose temporary folder is ``tmp_path/tmp``; ``inject`` is
-    Python run before the CLI starts (to plant a bug)."""
+    """``onnxflex ARGS`` in a fresh interpreter whose temporary folder is ``tmp_path/tmp``, through the
+    console script's entry point (cli.run: its exit skips the interpreter's teardown); ``inject`` is Python
+    run before the CLI starts (to plant a bug)."""
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir(exist_ok=True)
-    code = f"{inject}\nfrom onnxflex.cli import main\nmain()"
+    code = f"{inject}\nfrom onnxflex.cli import run\nrun()"  # the console script's entry point
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
 
@@ -130,3 +131,24 @@ def test_gate_failure_is_1_and_ok_is_0(tmp_path):
     assert ok.returncode == 0, ok.stderr
     check = run_cli(tmp_path, "check", CNN, "--static-only")  # a float model: every layer falls back
     assert check.returncode == 1, check.stdout + check.stderr
+
+
+def test_the_prompt_exit_runs_atexit_handlers_and_flushes_what_was_printed(tmp_path):
+    """cli.run ends the process without the interpreter's teardown (exits.exit_promptly), after the atexit
+    handlers (temporary folders are removed by them) and with stdout and stderr flushed into a pipe."""
+    marker = tmp_path / "atexit-ran"
+    inject = f"import atexit, pathlib\natexit.register(pathlib.Path({str(marker)!r}).write_text, 'ran')"
+    done = run_cli(tmp_path, "quantize", "--help", inject=inject)
+    assert done.returncode == 0 and "--calib" in done.stdout and done.stdout.endswith("\n"), done
+    assert marker.read_text() == "ran"
+    inject = "import sys\nsys.argv[1:] = ['--version']\nimport click\nclick.echo('x' * 200000, nl=False)"
+    done = run_cli(tmp_path, inject=inject)
+    assert done.returncode == 0 and done.stdout.startswith("x" * 200000) and "version" in done.stdout, \
+        (done.returncode, len(done.stdout), done.stdout[-80:])
+
+
+def test_the_prompt_exit_keeps_sys_exit_codes_and_messages(tmp_path):
+    for code, expected, message in ((None, 0, ""), (0, 0, ""), (4, 4, ""), ("went wrong", 1, "went wrong")):
+        inject = f"from onnxflex import exits\nexits.exit_promptly({code!r})"
+        done = run_cli(tmp_path, inject=inject)
+        assert done.returncode == expected and done.stderr.strip() == message, (code, done.returncode, done.stderr)
