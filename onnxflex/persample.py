@@ -49,7 +49,8 @@ def apart_blocks(plan: BlockPlan, layout: Layout) -> set[str]:
     graph = plan.model.graph
     nodes = {n.name: n for n in graph.node}
     ints = {t.name: numpy_helper.to_array(t).reshape(-1).tolist() for t in graph.initializer
-            if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(t.dims) <= 1}
+            if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(t.dims) <= 1
+            and (not t.dims or t.dims[0] <= 16)}
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.value_info, *graph.input, *graph.output)
              if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
     facts = _Facts({t.name: tuple(t.dims) for t in graph.initializer}, ints, ranks)

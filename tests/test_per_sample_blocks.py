@@ -46,7 +46,8 @@ def test_a_block_with_a_reshape_to_the_fixed_batch_does_not():
 
 def _conv_then(op: str, extra: list[onnx.TensorProto | None], out_shape: list[int], second: bool = False, **attrs):
     """x [1,4,8,8] → Conv (4→4, 3x3, same) → ``op`` (its inputs: the conv output, then the conv output
-    again when ``second``, then ``extra`` initializers, None an omitted input) → y of ``out_shape``; batch fixed at 1."""
+    again when ``second``, then ``extra`` initializers, None an omitted input) → y of ``out_shape``; batch
+    fixed at 1."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32) * 0.2, "w")
     inputs = ["c"] + (["c"] if second else []) + [t.name if t is not None else "" for t in extra]
