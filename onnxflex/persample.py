@@ -78,13 +78,15 @@ def _node_apart(node: onnx.NodeProto, made: set[str], facts: _Facts) -> bool:
     op = node.op_type
     if op == "BatchNormalization":  # training mode normalizes by the batch's statistics
         return len(node.output) == 1 and not node_attr(node, "training_mode", 0)
+    if op == "MaxPool" and len(node.output) > 1 and node.output[1]:  # its indices count the batch's values
+        return False
     if op in _APART:
         return op not in ("Conv", "ConvTranspose") or all(i in constants for i in inputs[1:])
     if op in _ELEMENTWISE:
         return _broadcasts(inputs, made, facts)
-    if op in _AXIS_OPS:
-        return all(i in made for i in inputs) and _off_batch(node_attr(node, "axis", 1),
-                                                             facts.ranks.get(node.output[0]))
+    if op in _AXIS_OPS:  # Softmax's default axis: 1 before opset 13, -1 since (both off the batch in 2-D+)
+        axis = node_attr(node, "axis", 1 if op == "Flatten" else -1)
+        return all(i in made for i in inputs) and _off_batch(axis, facts.ranks.get(node.output[0]))
     if op == "Slice":  # opset 10+: starts, ends, axes, steps as inputs; axes must leave the batch's out
         rank = facts.ranks.get(inputs[0])
         axes = facts.ints.get(node.input[3]) if len(node.input) > 3 else None

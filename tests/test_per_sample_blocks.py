@@ -78,12 +78,14 @@ def _floats(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
     (_conv_then("Resize", [None, numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "k")],
                 [1, 4, 16, 16]), True),
     (_conv_then("Resize", [None, None, _ints("k", [1, 4, 16, 16])], [1, 4, 16, 16]), False),  # sizes: batch 1
+    (_conv_then("Softmax", [], [1, 4, 8, 8]), True),
+    (_conv_then("Softmax", [], [1, 4, 8, 8], axis=0), False),
     (_conv_then("Mul", [_floats("k", (1, 4, 1, 1))], [1, 4, 8, 8]), True),
     (_conv_then("Mul", [_floats("k", (4, 1, 1))], [1, 4, 8, 8]), True),
     (_conv_then("Mul", [_floats("k", (2, 4, 8, 8))], [2, 4, 8, 8]), False),  # the constant sets the batch
     (_conv_then("Mul", [_floats("k", (3, 1, 4, 1, 1))], [3, 1, 4, 8, 8]), False),  # it moves the samples
 ], ids=["slice-h", "slice-batch", "slice-last", "concat-c", "concat-batch", "resize-scales", "resize-sizes",
-        "mul-1c11", "mul-c11", "mul-batch", "mul-rank5"])
+        "softmax", "softmax-batch", "mul-1c11", "mul-c11", "mul-batch", "mul-rank5"])
 def test_which_nodes_keep_samples_apart(model, apart):
     planned = _planned(model)
     found = apart_blocks(planned, Layout())
@@ -128,3 +130,14 @@ def test_a_step_runs_its_micro_batches_as_one_batch_with_their_loss_and_weights(
             if t.name in weights]
     assert same and min(same) >= 0.99, f"share of equal int8 weights per tensor: {same}"
 
+
+
+def test_a_max_pool_whose_indices_are_read_does_not():
+    """MaxPool's Indices count positions over the whole tensor, the batch's included: only without them is
+    the pool per sample."""
+    pooled = _conv_then("MaxPool", [], [1, 4, 4, 4], kernel_shape=[2, 2], strides=[2, 2])
+    planned = _planned(pooled)
+    assert apart_blocks(planned, Layout()) == {b.name for b in planned.blocks}
+    pooled.graph.node[-1].output.append("where")
+    pooled.graph.output.append(helper.make_tensor_value_info("where", TensorProto.INT64, [1, 4, 4, 4]))
+    assert not apart_blocks(_planned(pooled), Layout())
