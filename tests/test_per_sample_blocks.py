@@ -141,3 +141,25 @@ def test_a_max_pool_whose_indices_are_read_does_not():
     pooled.graph.node[-1].output.append("where")
     pooled.graph.output.append(helper.make_tensor_value_info("where", TensorProto.INT64, [1, 4, 4, 4]))
     assert not apart_blocks(_planned(pooled), Layout())
+
+
+def test_a_block_that_keeps_samples_apart_but_falls_back_to_onnxruntime_runs_at_the_models_batch(monkeypatch):
+    """A converter refusing at run time sends such a block to onnxruntime (an OrtBlock), whose extracted
+    subgraph holds the model's batch of 1: its calibration and stored outputs run one sample at a time."""
+    from onnxflex.rounding import torchify
+
+    forward = torchify.BlockModule.forward
+    refused = []
+
+    def refusing(self, feeds, *args, **kwargs):
+        if self.block.name == "block0":
+            refused.append(self.block.name)
+            raise NotImplementedError("refused at run time")
+        return forward(self, feeds, *args, **kwargs)
+
+    monkeypatch.setattr(torchify.BlockModule, "forward", refusing)
+    x = np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32)
+    config = QuantConfig(method="flexround", iters=2, early_stop=0, calib_samples=0, verify_samples=8)
+    result = onnxflex.quantize(_fixed(conv_batchnorm()), {"x": x}, config, progress=False)
+    runtimes = {b["name"]: b["runtime"] for b in result.report["blocks"]}
+    assert refused and runtimes["block0"] == "onnxruntime" and runtimes["block1"] == "torch", runtimes

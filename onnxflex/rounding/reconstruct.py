@@ -600,12 +600,13 @@ class BlockRunner:
         self.apart = apart_blocks(plan, cache.layout) if config.accumulate > 1 else set()
         self.ready: dict[str, Rounder] = {}  # rounders workers built ahead (workers.PipelinedRunner), by weight
 
-    def rounding_of(self, block: Block) -> RoundingOptions:
+    def rounding_of(self, block: Block, module=None) -> RoundingOptions:
         """The options ``block`` runs with: the run's, or for a block that computes each sample apart on a
         fixed-batch model (``apart``) its steps' micro-batches as one batch of as many samples (the same
-        samples, loss and gradient, fewer and larger runs), which its other runs take as their batch too."""
+        samples, loss and gradient, fewer and larger runs), which its other runs take as their batch too;
+        not where ``module`` is an OrtBlock: onnxruntime holds the extracted subgraph to the model's batch."""
         config = self.config
-        if block.name not in self.apart:
+        if block.name not in self.apart or isinstance(module, OrtBlock):
             return config
         return config.replace(batch_size=config.batch_size * config.accumulate, accumulate=1)
 
@@ -667,9 +668,7 @@ class BlockRunner:
         if isinstance(module, BlockModule) and index not in self.learners and index < self.last_learner \
                 and not self.offloaded:
             module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
-            batch = data.nograd_batch(self.config.batch_size)
-        else:
-            batch = data.nograd_batch(self.rounding_of(block).batch_size)
+        batch = data.nograd_batch(self.rounding_of(block, module).batch_size)
         return store_quantized_outputs(module, data, self.cache, batch, self.path_samples(index),
                                        self.loss_samples(index))
 
@@ -717,8 +716,8 @@ class BlockRunner:
                     "exclude its nodes with --exclude-node to keep them in float instead", block.name, problem)
         self._add_quantizers(block, "rtn")
         module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
-        _warn_not_reached(block, calibrate_activations(module, data, self.rounding_of(block), seed,
-                                                       self.plan.head_points, observed))
+        _warn_not_reached(block, calibrate_activations(module, data, self.config, seed, self.plan.head_points,
+                                                       observed))
         make_room_for_biases(block, self.state)
         settle_biases(block, self.state)
         return module
