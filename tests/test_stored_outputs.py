@@ -3,10 +3,10 @@ last block that learns, runs its emitted subgraph in onnxruntime (BlockRunner.st
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import helper, numpy_helper
 
-import graphs
 import onnxflex
 from graphs import conv_batchnorm
 from onnxflex.cache import Key
@@ -67,23 +67,22 @@ def test_a_block_that_learns_nothing_before_a_learner_stores_through_onnxruntime
     assert_within_a_step(compared)
 
 
-def if_then_conv():
-    """conv0 → relu → conv1 → relu → If(sr == 16000) (a Conv or a MatMul branch, weights inside them) →
-    relu → conv2: the If's block sits between two others."""
-    from test_control_flow import _branch
+def if_then_conv() -> onnx.ModelProto:
+    """test_capture_ranges.front_then_if (conv0 → conv1 → If(sr == 16000), weights inside the branches)
+    followed by relu → conv2: the If's block sits between two others."""
+    from test_capture_ranges import front_then_if
 
-    b = graphs._Builder(3)
-    b.node("Conv", ["x", b.conv_weight("w0", 8, 3, 3), b.small("b0", (8,))], ["c0"], name="conv0", pads=[1, 1, 1, 1])
-    b.node("Relu", ["c0"], ["r0"], name="relu0")
-    b.node("Conv", ["r0", b.conv_weight("w1", 8, 8, 3)], ["c1"], name="conv1", pads=[1, 1, 1, 1])
-    b.node("Relu", ["c1"], ["a"], name="relu1")
-    b.node("Equal", ["sr", b.const("rate", np.array(16000, np.int64))], ["is16k"], name="is16k")
-    then_g, else_g = _branch(b, "conv_16k", "Conv"), _branch(b, "matmul_8k", "MatMul")
-    b.node("If", ["is16k"], ["g"], name="by_rate", then_branch=then_g, else_branch=else_g)
-    b.node("Relu", ["g"], ["r2"], name="relu2")
-    b.node("Conv", ["r2", b.conv_weight("w2", 8, 8, 3)], ["y"], name="conv2", pads=[1, 1, 1, 1])
-    sr = helper.make_tensor_value_info("sr", TensorProto.INT64, [])
-    return b.model("if_then_conv", [graphs._image(size=8), sr], [graphs._out(graphs.N, 8, 8, 8)], opset=13)
+    model = front_then_if()
+    graph = model.graph
+    branch_out = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = ["g" if o == branch_out else o for o in node.output]
+    w = np.random.default_rng(4).standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.1
+    graph.initializer.append(numpy_helper.from_array(w, "w2"))
+    graph.node.extend([helper.make_node("Relu", ["g"], ["r2"], name="relu2"),
+                       helper.make_node("Conv", ["r2", "w2"], [branch_out], name="conv2", pads=[1, 1, 1, 1])])
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def test_a_block_holding_an_if_stores_through_onnxruntime_too(monkeypatch):
