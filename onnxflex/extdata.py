@@ -255,7 +255,7 @@ def copy_except(dst, src, skip: set[str]) -> None:
     for fd in src.DESCRIPTOR.fields:
         if fd.name in skip:
             continue
-        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:  # protobuf 7 / older
+        if _repeated(fd):
             value = getattr(src, fd.name)
             if len(value):
                 getattr(dst, fd.name).extend(value)
@@ -264,6 +264,11 @@ def copy_except(dst, src, skip: set[str]) -> None:
                 getattr(dst, fd.name).CopyFrom(getattr(src, fd.name))
             else:
                 setattr(dst, fd.name, getattr(src, fd.name))
+
+
+def _repeated(field) -> bool:
+    """Whether protobuf FieldDescriptor ``field`` is repeated (protobuf 7 dropped ``label`` for ``is_repeated``)."""
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
 
 
 ASIDE_BYTES = 1 << 16  # initializers at least this large go to onnx's converter and inference without their payload

@@ -141,7 +141,7 @@ def capture_fp32(original: onnx.ModelProto, refined: Refined, samples: Samples, 
     probed = boundary + (observers.tensors if observers is not None else [])
     sizes = tensor_bytes(refined.plan.model, list(dict.fromkeys(probed)), recon)
     # a run's act points stay with the observers while the next run's outputs come back (capture.capture)
-    held = sum(sizes.get(name, 0) for name in dict.fromkeys(observers.tensors)) if observers is not None else 0
+    held = sum(sizes.get(name, 0) for name in observers.tensors) if observers is not None else 0
     per_sample = sum(sizes.values()) + held
     batch = capture_batch(per_sample, refined.config.capture.max_cache_mb * MIB)
     if observers is not None:

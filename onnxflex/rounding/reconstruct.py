@@ -716,8 +716,8 @@ class BlockRunner:
                     "exclude its nodes with --exclude-node to keep them in float instead", block.name, problem)
         self._add_quantizers(block, "rtn")
         module = OrtBlock(block, self.plan.model, self.state, self.target, self.providers, self.device)
-        _warn_not_reached(block, calibrate_activations(module, data, self.config, seed, self.plan.head_points,
-                                                       observed))
+        _warn_not_reached(block, calibrate_activations(module, data, self.rounding_of(block, module), seed,
+                                                       self.plan.head_points, observed))
         make_room_for_biases(block, self.state)
         settle_biases(block, self.state)
         return module
